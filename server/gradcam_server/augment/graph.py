@@ -1,0 +1,235 @@
+"""Emitting new nodes into an existing ONNX graph.
+
+`GraphBuilder` is the one place that appends nodes, constants and outputs to the graph being
+augmented. It hands out unique tensor names, keeps emitted ops in the default ``ai.onnx`` domain at
+the model's opset, and knows the static rank and element type of forward tensors (from shape
+inference) so rules can ask for them. Shapes are never trusted beyond rank: rules read sizes with
+``Shape`` at run time, because exporters (TF-style "same" padding, dynamic batch) leave them
+unknown.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import AugmentError
+
+
+class GraphBuilder:
+    """Appends nodes to `model.graph`; every name it creates starts with `prefix`."""
+
+    def __init__(self, model: onnx.ModelProto, prefix: str = "gradcam") -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = opset_version(model)
+        self.prefix = prefix
+        self._counter = itertools.count()
+        self._constants: dict[tuple, str] = {}
+        self._taken = tensor_names(self.graph)
+        self.types: dict[str, onnx.TypeProto] = {}
+        inferred = infer_shapes(model)
+        for value in itertools.chain(
+            inferred.graph.input, inferred.graph.output, inferred.graph.value_info
+        ):
+            self.types[value.name] = value.type
+        for init in self.graph.initializer:
+            self.types[init.name] = helper.make_tensor_type_proto(init.data_type, list(init.dims))
+
+    # -- names -------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        """A tensor or node name not used anywhere in the graph."""
+        while True:
+            name = f"{self.prefix}/{hint}_{next(self._counter)}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    # -- facts about forward tensors ---------------------------------------------------------
+    def rank(self, tensor: str) -> int:
+        """Static rank of `tensor`; raises when shape inference could not tell it."""
+        tensor_type = self.types.get(tensor)
+        if tensor_type is None or not tensor_type.tensor_type.HasField("shape"):
+            raise AugmentError(f"the rank of tensor {tensor!r} is unknown after shape inference")
+        return len(tensor_type.tensor_type.shape.dim)
+
+    def static_shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
+        """Static dims of `tensor`: an int where known, the symbol's name for a named symbolic
+        dim, None for an unknown one; None altogether if the rank is unknown."""
+        tensor_type = self.types.get(tensor)
+        if tensor_type is None or not tensor_type.tensor_type.HasField("shape"):
+            return None
+        dims: list[int | str | None] = []
+        for d in tensor_type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            else:
+                dims.append(d.dim_param or None)
+        return tuple(dims)
+
+    def elem_type(self, tensor: str) -> int:
+        tensor_type = self.types.get(tensor)
+        if tensor_type is None or not tensor_type.tensor_type.elem_type:
+            return TensorProto.FLOAT
+        return tensor_type.tensor_type.elem_type
+
+    def initializer_value(self, tensor: str) -> np.ndarray | None:
+        """The value of `tensor` if it is an initializer or a Constant node's output."""
+        for init in self.graph.initializer:
+            if init.name == tensor:
+                return numpy_helper.to_array(init)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.output[0] == tensor:
+                return numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
+        return None
+
+    # -- emitting ----------------------------------------------------------------------------
+    def op(self, op_type: str, inputs: Sequence[str], num_outputs: int = 1, **attrs) -> str:
+        """Append one `ai.onnx` node; returns its (first) output name."""
+        return self.op_multi(op_type, inputs, num_outputs, **attrs)[0]
+
+    def op_multi(
+        self, op_type: str, inputs: Sequence[str], num_outputs: int, **attrs
+    ) -> list[str]:
+        hint = op_type.lower()
+        outputs = [self.fresh(hint) for _ in range(num_outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        node = helper.make_node(op_type, list(inputs), outputs, name=self.fresh(hint), **attrs)
+        self.graph.node.append(node)
+        return outputs
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant tensor (deduplicated by dtype, shape and value)."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = self.fresh("const")
+            self.graph.initializer.append(numpy_helper.from_array(array, name))
+            self.types[name] = helper.make_tensor_type_proto(
+                helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)
+            )
+            self._constants[key] = name
+        return self._constants[key]
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(list(values), np.int64)
+
+    def add_output(self, tensor: str, name: str, elem_type: int, shape: Sequence) -> None:
+        """Expose `tensor` as graph output `name` (through Identity when the names differ)."""
+        if name in tensor_names(self.graph) and name != tensor:
+            raise AugmentError(
+                f"the model already has a tensor named {name!r}; it is reserved for the "
+                "augmented output of that name"
+            )
+        if name != tensor:
+            self.graph.node.append(helper.make_node("Identity", [tensor], [name], name=name))
+        self.graph.output.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    # -- shape helpers used by many rules ----------------------------------------------------
+    def shape(self, tensor: str) -> str:
+        return self.op("Shape", [tensor])
+
+    def shape_slice(self, tensor: str, start: int, end: int | None = None) -> str:
+        end_attr = {} if end is None else {"end": end}
+        return self.op("Shape", [tensor], start=start, **end_attr)
+
+    def zeros_like(self, tensor: str) -> str:
+        return self.op(
+            "ConstantOfShape",
+            [self.shape(tensor)],
+            value=helper.make_tensor("zero", self.elem_type(tensor), [1], [0]),
+        )
+
+    def reduce(self, op_type: str, tensor: str, axes: Sequence[int], keepdims: bool) -> str:
+        """ReduceSum/ReduceMean/ReduceMax over constant axes at this model's opset."""
+        takes_axes_input = op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18
+        if takes_axes_input:
+            return self.op(op_type, [tensor, self.ints(axes)], keepdims=int(keepdims))
+        return self.op(op_type, [tensor], axes=list(axes), keepdims=int(keepdims))
+
+    def sum_to_shape(self, grad: str, like: str, grad_like: str | None = None) -> str:
+        """Sum `grad` down to the shape of forward tensor `like` (undoing numpy broadcasting).
+
+        `grad_like` is a forward tensor with the shape `grad` has. Where the static shapes of the
+        two decide which axes were broadcast, the reduction is built statically (nothing at all
+        when none were); otherwise the axes are found at run time: leading axes `like` lacks,
+        and axes where `like` has size 1 and `grad` does not.
+        """
+        axes = self._broadcast_axes(like, grad_like) if grad_like is not None else None
+        if axes is not None:
+            if not axes:
+                return grad
+            summed = self.reduce("ReduceSum", grad, axes, keepdims=True)
+            return self.op("Reshape", [summed, self.shape(like)])
+        rank_like = self.rank(like)
+        grad_shape = self.shape(grad)
+        rank_grad = self.op("Size", [grad_shape])
+        missing = self.op("Sub", [rank_grad, self.ints([rank_like])])
+        leading_ones = self.op(
+            "ConstantOfShape",
+            [missing],
+            value=helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        )
+        padded = self.op("Concat", [leading_ones, self.shape(like)], axis=0)
+        one = self.ints([1])
+        broadcast = self.op(
+            "And",
+            [self.op("Equal", [padded, one]), self.op("Not", [self.op("Equal", [grad_shape, one])])],
+        )
+        axes_tensor = self.op("Reshape", [self.op("NonZero", [broadcast]), self.ints([-1])])
+        summed = self.op(
+            "ReduceSum", [grad, axes_tensor], keepdims=1, noop_with_empty_axes=1
+        )
+        return self.op("Reshape", [summed, self.shape(like)])
+
+    def _broadcast_axes(self, like: str, grad_like: str) -> list[int] | None:
+        """Axes of `grad_like` that were broadcast from `like`, or None if undecidable."""
+        small, large = self.static_shape(like), self.static_shape(grad_like)
+        if small is None or large is None or len(small) > len(large):
+            return None
+        offset = len(large) - len(small)
+        axes = list(range(offset))
+        for i, dim in enumerate(small):
+            big = large[offset + i]
+            if dim == big and dim is not None:
+                continue
+            if dim == 1:
+                axes.append(offset + i)  # summing a size-1 axis is harmless if it was one
+            elif not isinstance(dim, int):
+                return None  # `like` may be 1 along this axis at run time
+        return axes
+
+    def unsqueeze(self, tensor: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", [tensor, self.ints(axes)])
+
+    def squeeze(self, tensor: str, axes: Sequence[int]) -> str:
+        return self.op("Squeeze", [tensor, self.ints(axes)])
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise AugmentError("the model imports no ai.onnx opset")
+
+
+def tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in itertools.chain(graph.input, graph.output, graph.value_info)}
+    names.update(init.name for init in graph.initializer)
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+    return names
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that tolerates models whose shapes cannot all be inferred."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - partial information is still useful
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)

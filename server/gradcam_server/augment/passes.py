@@ -1,0 +1,183 @@
+"""The augmentation pipeline: small passes over one ModelProto, each with its pre/post-conditions.
+
+1. `upgrade_opset`     requires an ai.onnx opset; ensures opset >= 17 (the rules' semantics).
+2. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
+3. `append_backward`   requires the target layer on the path to the score; ensures d score / d
+                       layer (and, when asked, d score / d image) tensors exist.
+4. `append_cam`        ensures the Grad-CAM ``heatmap`` [N, H, W] in [0, 1] exists.
+5. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
+                       ``input_gradients``) are graph outputs after every original output.
+6. `check`             ensures the result passes `onnx.checker`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper, version_converter
+
+from .backward import build_backward
+from .cam import cam_heatmap, gradcam_weights
+from .errors import AugmentError
+from .graph import GraphBuilder, opset_version
+from .targets import (
+    detect_target_layer,
+    image_input,
+    score_seed,
+    spatial_axes,
+    validate_target_layer,
+)
+
+MIN_OPSET = 17
+_CHECKER_LIMIT_BYTES = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class AugmentedOutputs:
+    """Names of the tensors an augmented model adds."""
+
+    target_class: str = "target_class"
+    activations: str = "activations"
+    gradients: str = "gradients"
+    heatmap: str = "heatmap"
+    input_gradients: str = "input_gradients"
+
+
+NAMES = AugmentedOutputs()
+
+
+def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelProto:
+    """Load a model from a path (external data beside it is loaded too), bytes or a proto."""
+    if isinstance(source, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(source)
+        return copy
+    if isinstance(source, bytes):
+        return onnx.load_from_string(source)
+    path = Path(source)
+    if not path.is_file():
+        raise AugmentError(f"no model file at {path}")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as error:  # noqa: BLE001 - protobuf and external-data errors vary
+        raise AugmentError(f"could not load {path}: {error}") from error
+
+
+def augment_model(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    layer: str | None = None,
+    score: str = "logit",
+    output: str | None = None,
+    input_gradients: bool = False,
+) -> onnx.ModelProto:
+    """Return a copy of `model` that also computes Grad-CAM in the same run.
+
+    Args:
+        model: the exported image model (path, serialized bytes or ModelProto); one 4-D image
+            input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
+        layer: tensor name of the target layer; by default the last 4-D feature map feeding the
+            global pooling in front of the classifier (`detect_target_layer`).
+        score: ``"logit"`` or ``"probability"`` (softmax of the score output).
+        output: the graph output holding the class scores, [N, classes]; default: the first.
+        input_gradients: also continue the backward pass to the image input and expose
+            d score / d image as ``input_gradients`` (what guided backprop builds on).
+
+    The result keeps every original input and output (the batch dimension as the original has
+    it) and adds the input ``target_class`` (INT64 [N]; -1 = top-1 class of that item) and the
+    outputs ``activations`` and ``gradients`` (the target layer and d score / d layer,
+    [N, C, h, w]) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
+    normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.
+    """
+    proto = upgrade_opset(load_model(model))
+    b = GraphBuilder(proto)
+    image = image_input(proto)
+    score_output = output or proto.graph.output[0].name
+    if score_output not in {o.name for o in proto.graph.output}:
+        raise AugmentError(f"{score_output!r} is not an output of the model")
+    target = layer or detect_target_layer(b, score_output)
+    validate_target_layer(b, target, score_output)
+
+    target_class = add_target_class(proto, image)
+    seed, _ = score_seed(b, score_output, target_class, score)
+    wrt = [target] + ([image.name] if input_gradients and target != image.name else [])
+    gradients = append_backward(b, score_output, seed, wrt)
+    heatmap = append_cam(b, target, gradients[target], image)
+    expose_outputs(b, image, target, gradients, heatmap, input_gradients)
+    check(proto)
+    return proto
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Convert models older than opset 17 (the rules use opset-17 forms of Split, Reduce...)."""
+    if opset_version(model) >= MIN_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as error:  # noqa: BLE001 - the converter raises several types
+        raise AugmentError(
+            f"the model uses opset {opset_version(model)} and could not be converted to "
+            f"opset {MIN_OPSET}: {error}"
+        ) from error
+
+
+def add_target_class(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> str:
+    batch = _dim(image.type.tensor_type.shape.dim[0])
+    model.graph.input.append(
+        helper.make_tensor_value_info(NAMES.target_class, TensorProto.INT64, [batch])
+    )
+    return NAMES.target_class
+
+
+def append_backward(
+    b: GraphBuilder, score_output: str, seed: str, wrt: list[str]
+) -> dict[str, str]:
+    return build_backward(b, {score_output: seed}, wrt)
+
+
+def append_cam(
+    b: GraphBuilder, activations: str, gradients: str, image: onnx.ValueInfoProto
+) -> str:
+    if b.rank(activations) != 4:
+        raise AugmentError(
+            f"target layer {activations!r} must be a 4-D feature map [N, C, h, w]; "
+            f"it has rank {b.rank(activations)}"
+        )
+    return cam_heatmap(
+        b, activations, gradcam_weights(b, gradients), image.name, spatial_axes(image)
+    )
+
+
+def expose_outputs(
+    b: GraphBuilder,
+    image: onnx.ValueInfoProto,
+    target: str,
+    gradients: dict[str, str],
+    heatmap: str,
+    input_gradients: bool,
+) -> None:
+    image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
+    batch = image_dims[0]
+    layer_dims = [batch, *(b.static_shape(target) or (None,) * 4)[1:]]
+    dtype = b.elem_type(target)
+    b.add_output(target, NAMES.activations, dtype, layer_dims)
+    b.add_output(gradients[target], NAMES.gradients, dtype, layer_dims)
+    height, width = spatial_axes(image)
+    b.add_output(
+        heatmap, NAMES.heatmap, TensorProto.FLOAT, [batch, image_dims[height], image_dims[width]]
+    )
+    if input_gradients:
+        b.add_output(gradients[image.name], NAMES.input_gradients, dtype, image_dims)
+
+
+def check(model: onnx.ModelProto) -> None:
+    if model.ByteSize() < _CHECKER_LIMIT_BYTES:
+        onnx.checker.check_model(model)
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    return dim.dim_param or None

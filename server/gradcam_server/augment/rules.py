@@ -1,0 +1,804 @@
+"""Reverse-mode rules: one small function per ONNX op type.
+
+Rule contract
+-------------
+A rule is registered with ``@rule("OpType", ...)`` and called as ``rule(ctx)`` for one forward
+node that a gradient reaches. ``ctx`` (a `RuleContext`) gives:
+
+- ``ctx.node``: the forward node; ``ctx.x(i)`` / ``ctx.y(i)`` its input / output names (``""``
+  where an optional one is absent); ``ctx.attr(name, default)`` its attributes;
+- ``ctx.dy(i)``: the name of d score / d output ``i`` (None where no gradient reaches that output;
+  fan-out contributions are already summed by the walker);
+- ``ctx.needs(i)``: whether input ``i`` needs a gradient (it lies on the path from the target
+  layer, so weights, biases and shape inputs never do);
+- ``ctx.b``: the `GraphBuilder` to emit nodes with; ``ctx.guided``: guided-backprop mode.
+
+It returns one entry per input: the name of d score / d input, or None where none is needed or none
+flows (integer inputs, masks, weights). Rules registered with ``broadcasting=True`` may return
+gradients at the shape of output 0; the walker sums them down to each input's shape. Every other
+rule returns gradients already at the input's shape.
+
+Rules emit standard ``ai.onnx`` ops only (never a runtime's private training kernels), read sizes
+with ``Shape`` at run time rather than trusting static shapes, and reuse forward outputs where the
+math allows (Relu masks, Sigmoid, Tanh, Exp, Softmax). A node whose op has no rule is an error only
+when a gradient actually reaches it (`MissingRuleError` names the op, node and opset).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import AugmentError
+from .graph import GraphBuilder
+
+Gradients = Sequence[str | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    fn: Callable[["RuleContext"], Gradients]
+    broadcasting: bool
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str, broadcasting: bool = False):
+    """Register the decorated function as the backward rule of `op_types`."""
+
+    def register(fn: Callable[["RuleContext"], Gradients]):
+        for op_type in op_types:
+            RULES[op_type] = Rule(fn, broadcasting)
+        return fn
+
+    return register
+
+
+@dataclass
+class RuleContext:
+    node: onnx.NodeProto
+    b: GraphBuilder
+    grad_outputs: list[str | None]
+    needs_grad: list[bool]
+    guided: bool = False
+
+    def x(self, i: int) -> str:
+        return self.node.input[i] if i < len(self.node.input) else ""
+
+    def y(self, i: int) -> str:
+        return self.node.output[i] if i < len(self.node.output) else ""
+
+    def dy(self, i: int = 0) -> str | None:
+        return self.grad_outputs[i] if i < len(self.grad_outputs) else None
+
+    def needs(self, i: int) -> bool:
+        return i < len(self.needs_grad) and self.needs_grad[i]
+
+    def attr(self, name: str, default=None):
+        for attribute in self.node.attribute:
+            if attribute.name == name:
+                value = helper.get_attribute_value(attribute)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+    def const_input(self, i: int) -> np.ndarray | None:
+        """The value of input `i` when it is a constant (initializer or Constant node)."""
+        if not self.x(i):
+            return None
+        return self.b.initializer_value(self.x(i))
+
+    def unsupported(self, why: str) -> AugmentError:
+        return AugmentError(
+            f"cannot differentiate {self.node.op_type} node {self.node.name!r} "
+            f"(opset {self.b.opset}): {why}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass-through and shape ops
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("Identity", "Dropout")
+def _identity(ctx: RuleContext) -> Gradients:
+    return [ctx.dy()]
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(ctx: RuleContext) -> Gradients:
+    b = ctx.b
+    return [b.op("Reshape", [ctx.dy(), b.shape(ctx.x(0))])]
+
+
+@rule("Transpose")
+def _transpose(ctx: RuleContext) -> Gradients:
+    perm = ctx.attr("perm") or list(reversed(range(ctx.b.rank(ctx.x(0)))))
+    inverse = [0] * len(perm)
+    for position, axis in enumerate(perm):
+        inverse[axis] = position
+    return [ctx.b.op("Transpose", [ctx.dy()], perm=inverse)]
+
+
+@rule("Expand", broadcasting=True)
+def _expand(ctx: RuleContext) -> Gradients:
+    return [ctx.dy(), None]
+
+
+@rule("Cast")
+def _cast(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("Cast", [ctx.dy()], to=ctx.b.elem_type(ctx.x(0)))]
+
+
+@rule("Concat")
+def _concat(ctx: RuleContext) -> Gradients:
+    b, axis = ctx.b, ctx.attr("axis")
+    sizes = b.op(
+        "Concat",
+        [b.op("Gather", [b.shape(x), b.ints([axis])], axis=0) for x in ctx.node.input],
+        axis=0,
+    )
+    return b.op_multi("Split", [ctx.dy(), sizes], len(ctx.node.input), axis=axis)
+
+
+@rule("Split")
+def _split(ctx: RuleContext) -> Gradients:
+    b = ctx.b
+    pieces = [
+        ctx.dy(i) if ctx.dy(i) is not None else b.zeros_like(ctx.y(i))
+        for i in range(len(ctx.node.output))
+    ]
+    return [b.op("Concat", pieces, axis=ctx.attr("axis", 0)), None]
+
+
+@rule("Slice")
+def _slice(ctx: RuleContext) -> Gradients:
+    """Pad the incoming gradient back to the input's size (unit steps only)."""
+    b, x = ctx.b, ctx.x(0)
+    rank = b.rank(x)
+    steps = ctx.const_input(4)
+    if ctx.x(4) and (steps is None or np.any(steps != 1)):
+        raise ctx.unsupported("only unit steps are supported")
+    axes_value = ctx.const_input(3)
+    if ctx.x(3) and axes_value is None:
+        raise ctx.unsupported("its axes must be constant")
+    axes = [int(a) % rank for a in axes_value] if ctx.x(3) else list(range(rank))
+    axes_tensor = b.ints(axes)
+    dims = b.op("Gather", [b.shape(x), axes_tensor], axis=0)
+    begin = _clamp_index(b, ctx.x(1), dims)
+    end = _clamp_index(b, ctx.x(2), dims)
+    end = b.op("Max", [end, begin])
+    after = b.op("Sub", [dims, end])
+    zeros = b.ints([0] * rank)
+    pads_begin = b.op("ScatterElements", [zeros, axes_tensor, begin], axis=0)
+    pads_end = b.op("ScatterElements", [zeros, axes_tensor, after], axis=0)
+    pads = b.op("Concat", [pads_begin, pads_end], axis=0)
+    return [b.op("Pad", [ctx.dy(), pads]), None, None, None, None]
+
+
+def _clamp_index(b: GraphBuilder, index: str, dims: str) -> str:
+    """Slice's index normalisation: negative counts from the end, then clamp to [0, dim]."""
+    index = b.op("Cast", [index], to=onnx.TensorProto.INT64)
+    wrapped = b.op("Add", [index, dims])
+    index = b.op("Where", [b.op("Less", [index, b.ints([0])]), wrapped, index])
+    return b.op("Min", [b.op("Max", [index, b.ints([0])]), dims])
+
+
+@rule("Pad")
+def _pad(ctx: RuleContext) -> Gradients:
+    """Crop the incoming gradient back to the input (constant mode, non-negative pads)."""
+    b, x = ctx.b, ctx.x(0)
+    mode = ctx.attr("mode", "constant")
+    if mode != "constant":
+        raise ctx.unsupported(f"mode {mode!r} is not supported, only 'constant'")
+    pads_value = ctx.const_input(1)
+    if pads_value is not None and np.any(pads_value < 0):
+        raise ctx.unsupported("negative pads are not supported")
+    rank = b.rank(x)
+    if ctx.x(3):
+        axes_value = ctx.const_input(3)
+        if axes_value is None:
+            raise ctx.unsupported("its axes must be constant")
+        axes = [int(a) % rank for a in axes_value]
+    else:
+        axes = list(range(rank))
+    pads = b.op("Cast", [ctx.x(1)], to=onnx.TensorProto.INT64)
+    starts = b.op("Slice", [pads, b.ints([0]), b.ints([len(axes)])])
+    axes_tensor = b.ints(axes)
+    ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), axes_tensor], axis=0)])
+    return [b.op("Slice", [ctx.dy(), starts, ends, axes_tensor]), None, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise arithmetic (broadcasting: the walker reduces to each input's shape)
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("Add", "Sum", broadcasting=True)
+def _add(ctx: RuleContext) -> Gradients:
+    return [ctx.dy()] * len(ctx.node.input)
+
+
+@rule("Sub", broadcasting=True)
+def _sub(ctx: RuleContext) -> Gradients:
+    return [ctx.dy(), ctx.b.op("Neg", [ctx.dy()]) if ctx.needs(1) else None]
+
+
+@rule("Mul", broadcasting=True)
+def _mul(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()
+    return [
+        b.op("Mul", [dy, ctx.x(1)]) if ctx.needs(0) else None,
+        b.op("Mul", [dy, ctx.x(0)]) if ctx.needs(1) else None,
+    ]
+
+
+@rule("Div", broadcasting=True)
+def _div(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()
+    grad_a = b.op("Div", [dy, ctx.x(1)]) if ctx.needs(0) else None
+    grad_b = None
+    if ctx.needs(1):  # d(a/b)/db = -y/b
+        grad_b = b.op("Neg", [b.op("Div", [b.op("Mul", [dy, ctx.y(0)]), ctx.x(1)])])
+    return [grad_a, grad_b]
+
+
+@rule("Pow", broadcasting=True)
+def _pow(ctx: RuleContext) -> Gradients:
+    b, dy, base, exponent = ctx.b, ctx.dy(), ctx.x(0), ctx.x(1)
+    grad_base = grad_exponent = None
+    if ctx.needs(0):  # e * a^(e-1)
+        exponent_f = b.op("Cast", [exponent], to=b.elem_type(base))
+        lowered = b.op("Sub", [exponent_f, b.const(1.0)])
+        grad_base = b.op("Mul", [dy, b.op("Mul", [exponent_f, b.op("Pow", [base, lowered])])])
+    if ctx.needs(1):  # y * ln(a)
+        grad_exponent = b.op("Mul", [dy, b.op("Mul", [ctx.y(0), b.op("Log", [base])])])
+    return [grad_base, grad_exponent]
+
+
+@rule("Max", "Min", broadcasting=True)
+def _max_min(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()
+    grads: list[str | None] = []
+    for i, x in enumerate(ctx.node.input):
+        if not ctx.needs(i):
+            grads.append(None)
+            continue
+        mask = b.op("Cast", [b.op("Equal", [x, ctx.y(0)])], to=b.elem_type(ctx.y(0)))
+        grads.append(b.op("Mul", [dy, mask]))
+    return grads
+
+
+@rule("Mean", broadcasting=True)
+def _mean(ctx: RuleContext) -> Gradients:
+    scaled = ctx.b.op("Mul", [ctx.dy(), ctx.b.const(1.0 / len(ctx.node.input))])
+    return [scaled] * len(ctx.node.input)
+
+
+@rule("Where", broadcasting=True)
+def _where(ctx: RuleContext) -> Gradients:
+    b, dy, condition = ctx.b, ctx.dy(), ctx.x(0)
+    zeros = b.zeros_like(dy)
+    return [
+        None,
+        b.op("Where", [condition, dy, zeros]) if ctx.needs(1) else None,
+        b.op("Where", [condition, zeros, dy]) if ctx.needs(2) else None,
+    ]
+
+
+@rule("Neg")
+def _neg(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("Neg", [ctx.dy()])]
+
+
+@rule("Abs")
+def _abs(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("Mul", [ctx.dy(), ctx.b.op("Sign", [ctx.x(0)])])]
+
+
+@rule("Floor", "Ceil", "Round", "Sign")
+def _piecewise_constant(ctx: RuleContext) -> Gradients:
+    return [None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("Relu")
+def _relu(ctx: RuleContext) -> Gradients:
+    """dx = dy where y > 0; guided backprop also drops negative incoming gradients."""
+    b, dy = ctx.b, ctx.dy()
+    zero = b.const(0.0)
+    mask = b.op("Greater", [ctx.y(0), zero])
+    if ctx.guided:
+        mask = b.op("And", [mask, b.op("Greater", [dy, zero])])
+    return [b.op("Where", [mask, dy, b.zeros_like(dy)])]
+
+
+@rule("LeakyRelu")
+def _leaky_relu(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()
+    slope = b.const(ctx.attr("alpha", 0.01))
+    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
+    return [b.op("Where", [positive, dy, b.op("Mul", [dy, slope])])]
+
+
+@rule("PRelu", broadcasting=True)
+def _prelu(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()
+    if ctx.needs(1):
+        raise ctx.unsupported("a gradient for the slope input is not supported")
+    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
+    return [b.op("Where", [positive, dy, b.op("Mul", [dy, ctx.x(1)])]), None]
+
+
+@rule("Elu")
+def _elu(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()  # x <= 0: y + alpha
+    alpha = b.const(ctx.attr("alpha", 1.0))
+    negative_slope = b.op("Add", [ctx.y(0), alpha])
+    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
+    return [b.op("Where", [positive, dy, b.op("Mul", [dy, negative_slope])])]
+
+
+@rule("Clip")
+def _clip(ctx: RuleContext) -> Gradients:
+    """dx = dy strictly inside (min, max), as torch's hardtanh/ReLU6 backward."""
+    b, x, dy = ctx.b, ctx.x(0), ctx.dy()
+    bounds = [(ctx.attr("min"), 1, "Greater"), (ctx.attr("max"), 2, "Less")]
+    mask = None
+    for attribute_value, input_index, compare in bounds:
+        if ctx.x(input_index):
+            bound = ctx.x(input_index)
+        elif attribute_value is not None:
+            bound = b.const(attribute_value)
+        else:
+            continue
+        inside = b.op(compare, [x, bound])
+        mask = inside if mask is None else b.op("And", [mask, inside])
+    if mask is None:
+        return [dy, None, None]
+    return [b.op("Where", [mask, dy, b.zeros_like(dy)]), None, None]
+
+
+@rule("Sigmoid")
+def _sigmoid(ctx: RuleContext) -> Gradients:
+    b, y = ctx.b, ctx.y(0)
+    slope = b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])
+    return [b.op("Mul", [ctx.dy(), slope])]
+
+
+@rule("HardSigmoid")
+def _hard_sigmoid(ctx: RuleContext) -> Gradients:
+    """y = clip(alpha x + beta, 0, 1): dx = alpha dy strictly inside the linear part."""
+    b = ctx.b
+    alpha = ctx.attr("alpha", 0.2)
+    linear = b.op("Add", [b.op("Mul", [ctx.x(0), b.const(alpha)]), b.const(ctx.attr("beta", 0.5))])
+    inside = b.op(
+        "And", [b.op("Greater", [linear, b.const(0.0)]), b.op("Less", [linear, b.const(1.0)])]
+    )
+    scaled = b.op("Mul", [ctx.dy(), b.const(alpha)])
+    return [b.op("Where", [inside, scaled, b.zeros_like(scaled)])]
+
+
+@rule("HardSwish")
+def _hard_swish(ctx: RuleContext) -> Gradients:
+    """y = x relu6(x + 3) / 6: slope 0 below -3, x/3 + 1/2 up to 3, 1 above (as torch)."""
+    b, x, dy = ctx.b, ctx.x(0), ctx.dy()
+    middle = b.op("Add", [b.op("Div", [x, b.const(3.0)]), b.const(0.5)])
+    slope = b.op(
+        "Where",
+        [
+            b.op("Less", [x, b.const(-3.0)]),
+            b.const(0.0),
+            b.op("Where", [b.op("LessOrEqual", [x, b.const(3.0)]), middle, b.const(1.0)]),
+        ],
+    )
+    return [b.op("Mul", [dy, slope])]
+
+
+@rule("Tanh")
+def _tanh(ctx: RuleContext) -> Gradients:
+    b, y = ctx.b, ctx.y(0)
+    return [b.op("Mul", [ctx.dy(), b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])]
+
+
+@rule("Exp")
+def _exp(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("Mul", [ctx.dy(), ctx.y(0)])]
+
+
+@rule("Log")
+def _log(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("Div", [ctx.dy(), ctx.x(0)])]
+
+
+@rule("Sqrt")
+def _sqrt(ctx: RuleContext) -> Gradients:
+    b = ctx.b
+    return [b.op("Div", [ctx.dy(), b.op("Mul", [ctx.y(0), b.const(2.0)])])]
+
+
+@rule("Reciprocal")
+def _reciprocal(ctx: RuleContext) -> Gradients:
+    b, y = ctx.b, ctx.y(0)
+    return [b.op("Neg", [b.op("Mul", [ctx.dy(), b.op("Mul", [y, y])])])]
+
+
+@rule("Erf")
+def _erf(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    gaussian = b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])])
+    return [b.op("Mul", [ctx.dy(), b.op("Mul", [gaussian, b.const(2.0 / math.sqrt(math.pi))])])]
+
+
+@rule("Softplus")
+def _softplus(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("Mul", [ctx.dy(), ctx.b.op("Sigmoid", [ctx.x(0)])])]
+
+
+@rule("Gelu")
+def _gelu(ctx: RuleContext) -> Gradients:
+    """Exact Gelu: dx = dy (Phi(x) + x phi(x))."""
+    b, x = ctx.b, ctx.x(0)
+    if ctx.attr("approximate", "none") != "none":
+        raise ctx.unsupported("only approximate='none' is supported")
+    cdf = b.op(
+        "Mul",
+        [b.op("Add", [b.op("Erf", [b.op("Mul", [x, b.const(1 / math.sqrt(2))])]), b.const(1.0)]),
+         b.const(0.5)],
+    )
+    pdf = b.op(
+        "Mul",
+        [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),
+         b.const(1 / math.sqrt(2 * math.pi))],
+    )
+    return [b.op("Mul", [ctx.dy(), b.op("Add", [cdf, b.op("Mul", [x, pdf])])])]
+
+
+@rule("Softmax")
+def _softmax(ctx: RuleContext) -> Gradients:
+    """dx = y (dy - sum(dy y)) along the softmax axis (opset >= 13 semantics)."""
+    b, y, dy = ctx.b, ctx.y(0), ctx.dy()
+    _require_opset(ctx, 13)
+    axis = ctx.attr("axis", -1)
+    dot = b.reduce("ReduceSum", b.op("Mul", [dy, y]), [axis], keepdims=True)
+    return [b.op("Mul", [y, b.op("Sub", [dy, dot])])]
+
+
+@rule("LogSoftmax")
+def _log_softmax(ctx: RuleContext) -> Gradients:
+    b, dy = ctx.b, ctx.dy()
+    _require_opset(ctx, 13)
+    total = b.reduce("ReduceSum", dy, [ctx.attr("axis", -1)], keepdims=True)
+    return [b.op("Sub", [dy, b.op("Mul", [b.op("Exp", [ctx.y(0)]), total])])]
+
+
+def _require_opset(ctx: RuleContext, minimum: int) -> None:
+    if ctx.b.opset < minimum:
+        raise ctx.unsupported(f"its semantics before opset {minimum} are not supported")
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("BatchNormalization")
+def _batch_norm(ctx: RuleContext) -> Gradients:
+    """Inference mode: dx = dy * scale / sqrt(var + eps), per channel (axis 1)."""
+    b, x = ctx.b, ctx.x(0)
+    if ctx.attr("training_mode", 0):
+        raise ctx.unsupported("training_mode=1 is not supported")
+    std = b.op("Sqrt", [b.op("Add", [ctx.x(4), b.const(ctx.attr("epsilon", 1e-5))])])
+    per_channel = b.op("Div", [ctx.x(1), std])
+    per_channel = b.unsqueeze(per_channel, [0, *range(2, b.rank(x))])
+    return [b.op("Mul", [ctx.dy(), per_channel]), None, None, None, None]
+
+
+@rule("InstanceNormalization")
+def _instance_norm(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    rank = b.rank(x)
+    scale = b.unsqueeze(ctx.x(1), list(range(1, rank - 1)))
+    grad = _normalization_grad(b, x, ctx.dy(), scale, list(range(2, rank)), ctx.attr("epsilon", 1e-5))
+    return [grad, None, None]
+
+
+@rule("LayerNormalization")
+def _layer_norm(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    rank = b.rank(x)
+    axis = ctx.attr("axis", -1) % rank
+    if ctx.attr("stash_type", 1) != 1:
+        raise ctx.unsupported("only stash_type=1 (float) is supported")
+    grad = _normalization_grad(
+        b, x, ctx.dy(), ctx.x(1), list(range(axis, rank)), ctx.attr("epsilon", 1e-5)
+    )
+    return [grad, None, None]
+
+
+def _normalization_grad(
+    b: GraphBuilder, x: str, dy: str, scale: str, axes: list[int], epsilon: float
+) -> str:
+    """Input gradient of y = scale (x - mean) / sqrt(var + eps) + bias over `axes`:
+    dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps), with g = dy scale."""
+    mean = b.reduce("ReduceMean", x, axes, keepdims=True)
+    centered = b.op("Sub", [x, mean])
+    variance = b.reduce("ReduceMean", b.op("Mul", [centered, centered]), axes, keepdims=True)
+    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [variance, b.const(epsilon)])])])
+    normalized = b.op("Mul", [centered, inv_std])
+    g = b.op("Mul", [dy, scale])
+    mean_g = b.reduce("ReduceMean", g, axes, keepdims=True)
+    mean_g_xhat = b.reduce("ReduceMean", b.op("Mul", [g, normalized]), axes, keepdims=True)
+    inner = b.op("Sub", [b.op("Sub", [g, mean_g]), b.op("Mul", [normalized, mean_g_xhat])])
+    return b.op("Mul", [inner, inv_std])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions and pooling
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+def _reduce(ctx: RuleContext) -> Gradients:
+    b, x, dy, op_type = ctx.b, ctx.x(0), ctx.dy(), ctx.node.op_type
+    rank = b.rank(x)
+    axes_input = op_type == "ReduceSum" and b.opset >= 13 or b.opset >= 18
+    if axes_input and ctx.x(1):
+        axes_value = ctx.const_input(1)
+        if axes_value is None:
+            raise ctx.unsupported("its axes must be constant")
+        axes = [int(a) % rank for a in axes_value]
+    elif not axes_input and ctx.attr("axes") is not None:
+        axes = [a % rank for a in ctx.attr("axes")]
+    elif ctx.attr("noop_with_empty_axes", 0):
+        return [dy, None]
+    else:
+        axes = list(range(rank))
+    y = ctx.y(0)
+    if not ctx.attr("keepdims", 1):
+        dy = b.unsqueeze(dy, axes)
+        y = b.unsqueeze(y, axes)
+    if op_type in ("ReduceMax", "ReduceMin"):
+        mask = b.op("Cast", [b.op("Equal", [x, y])], to=b.elem_type(x))
+        return [b.op("Mul", [dy, mask]), None]
+    grad = b.op("Expand", [dy, b.shape(x)])
+    if op_type == "ReduceMean":
+        grad = b.op("Mul", [grad, _size_ratio(b, ctx.y(0), x)])
+    return [grad, None]
+
+
+def _size_ratio(b: GraphBuilder, small: str, large: str) -> str:
+    """size(small) / size(large) as a float scalar, static where both are known."""
+    small_shape, large_shape = b.static_shape(small), b.static_shape(large)
+    if small_shape is not None and large_shape is not None:
+        known = [isinstance(d, int) for d in (*small_shape, *large_shape)]
+        if all(known):
+            return b.const(math.prod(small_shape) / math.prod(large_shape))
+    sizes = [b.op("Cast", [b.op("Size", [t])], to=b.elem_type(large)) for t in (small, large)]
+    return b.op("Div", sizes)
+
+
+@rule("GlobalAveragePool")
+def _global_average_pool(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    grad = b.op("Expand", [ctx.dy(), b.shape(x)])
+    return [b.op("Mul", [grad, _size_ratio(b, ctx.y(0), x)])]
+
+
+@rule("GlobalMaxPool")
+def _global_max_pool(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    mask = b.op("Cast", [b.op("Equal", [x, ctx.y(0)])], to=b.elem_type(x))
+    return [b.op("Mul", [ctx.dy(), mask])]
+
+
+@rule("MaxPool")
+def _max_pool(ctx: RuleContext) -> Gradients:
+    """Route each output gradient to its argmax: the forward node is made to emit its Indices
+    (flat over the whole input tensor), then ScatterElements(add) into a zero input."""
+    b, x = ctx.b, ctx.x(0)
+    if ctx.attr("storage_order", 0):
+        raise ctx.unsupported("storage_order=1 is not supported")
+    _require_opset(ctx, 16)
+    if not ctx.y(1):
+        indices = b.fresh("maxpool_indices")
+        del ctx.node.output[1:]
+        ctx.node.output.append(indices)
+    indices = ctx.y(1)
+    flat = b.ints([-1])
+    scattered = b.op(
+        "ScatterElements",
+        [
+            b.op("Reshape", [b.zeros_like(x), flat]),
+            b.op("Reshape", [indices, flat]),
+            b.op("Reshape", [ctx.dy(), flat]),
+        ],
+        axis=0,
+        reduction="add",
+    )
+    return [b.op("Reshape", [scattered, b.shape(x)])]
+
+
+@rule("AveragePool")
+def _average_pool(ctx: RuleContext) -> Gradients:
+    """Spread dy / (window count) back over each window: a ones-kernel ConvTranspose on a
+    [N*C, 1, ...] view, so the channel count never needs to be known."""
+    b, x, dy = ctx.b, ctx.x(0), ctx.dy()
+    kernel = list(ctx.attr("kernel_shape"))
+    window = _Window.of(ctx, kernel)
+    if ctx.attr("count_include_pad", 0) or not any(window.pads):
+        divisor = b.const(float(math.prod(kernel)))
+    else:  # windows overlapping the padding average over their valid elements only
+        ones = b.op(
+            "ConstantOfShape",
+            [b.shape(x)],
+            value=helper.make_tensor("one", b.elem_type(x), [1], [1]),
+        )
+        fraction = b.op(
+            "AveragePool",
+            [ones],
+            **{a.name: helper.get_attribute_value(a) for a in ctx.node.attribute
+               if a.name != "count_include_pad"},
+            count_include_pad=1,
+        )
+        divisor = b.op("Mul", [fraction, b.const(float(math.prod(kernel)))])
+    per_element = b.op("Div", [dy, divisor])
+    planes = b.op("Concat", [b.ints([-1, 1]), b.shape_slice(dy, 2)], axis=0)
+    weight = b.const(np.ones([1, 1, *kernel], dtype=np.float32))
+    spread = _conv_transpose_to_input(
+        b, b.op("Reshape", [per_element, planes]), weight, x, ctx.y(0), window, group=1
+    )
+    return [b.op("Reshape", [spread, b.shape(x)])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("Conv")
+def _conv(ctx: RuleContext) -> Gradients:
+    """dx = ConvTranspose(dy, W) with the conv's strides, dilations and groups, sized back to x.
+    Weight and bias gradients are never built."""
+    b, x, weight = ctx.b, ctx.x(0), ctx.x(1)
+    if ctx.needs(1) or ctx.needs(2):
+        raise ctx.unsupported("gradients for weights or bias are not supported")
+    weight_shape = b.static_shape(weight)
+    kernel = ctx.attr("kernel_shape") or (weight_shape[2:] if weight_shape else None)
+    if kernel is None or not all(isinstance(k, int) for k in kernel):
+        raise ctx.unsupported("its kernel shape is unknown")
+    window = _Window.of(ctx, list(kernel))
+    grad = _conv_transpose_to_input(
+        b, ctx.dy(), weight, x, ctx.y(0), window, group=ctx.attr("group", 1)
+    )
+    return [grad, None, None]
+
+
+@dataclass
+class _Window:
+    """Sliding-window geometry shared by Conv and the pools."""
+
+    kernel: list[int]
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]  # begin..., end...
+    auto_pad: str
+
+    @classmethod
+    def of(cls, ctx: RuleContext, kernel: list[int]) -> "_Window":
+        spatial = len(kernel)
+        return cls(
+            kernel=kernel,
+            strides=list(ctx.attr("strides") or [1] * spatial),
+            dilations=list(ctx.attr("dilations") or [1] * spatial),
+            pads=list(ctx.attr("pads") or [0] * (2 * spatial)),
+            auto_pad=ctx.attr("auto_pad", "NOTSET"),
+        )
+
+
+def _conv_transpose_to_input(
+    b: GraphBuilder, dy: str, weight: str, x: str, y: str, window: _Window, group: int
+) -> str:
+    """ConvTranspose of `dy` whose spatial size comes back exactly to `x`'s.
+
+    With static spatial sizes the exact output_padding is computed; otherwise the full transpose
+    is taken with output_padding = stride - 1 (long enough for any input size) and cropped to
+    ``x`` at run time, starting at the begin pads."""
+    spatial = len(window.kernel)
+    x_shape, y_shape = b.static_shape(x), b.static_shape(y)
+    in_sizes = list(x_shape[2:]) if x_shape else [None] * spatial
+    out_sizes = list(y_shape[2:]) if y_shape else [None] * spatial
+    static = all(isinstance(d, int) for d in in_sizes + out_sizes)
+    pads = list(window.pads)
+    if window.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if not static:
+            raise AugmentError("auto_pad SAME_* needs static spatial sizes to be differentiated")
+        for i in range(spatial):
+            total = max(
+                (out_sizes[i] - 1) * window.strides[i]
+                + (window.kernel[i] - 1) * window.dilations[i] + 1 - in_sizes[i],
+                0,
+            )
+            small, large = total // 2, total - total // 2
+            begin = small if window.auto_pad == "SAME_UPPER" else large
+            pads[i], pads[i + spatial] = begin, total - begin
+    elif window.auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
+    attrs = dict(strides=window.strides, dilations=window.dilations, group=group)
+    if static:
+        output_padding = [
+            in_sizes[i] + pads[i] + pads[i + spatial]
+            - ((out_sizes[i] - 1) * window.strides[i]
+               + (window.kernel[i] - 1) * window.dilations[i] + 1)
+            for i in range(spatial)
+        ]
+        if all(0 <= p < max(s, d) for p, s, d in
+               zip(output_padding, window.strides, window.dilations)):
+            return b.op(
+                "ConvTranspose", [dy, weight], pads=pads, output_padding=output_padding, **attrs
+            )
+    full = b.op(
+        "ConvTranspose",
+        [dy, weight],
+        pads=[0] * (2 * spatial),
+        output_padding=[s - 1 for s in window.strides],
+        **attrs,
+    )
+    starts = b.ints(pads[:spatial])
+    ends = b.op("Add", [starts, b.shape_slice(x, 2)])
+    return b.op("Slice", [full, starts, ends, b.ints(list(range(2, 2 + spatial)))])
+
+
+@rule("Gemm")
+def _gemm(ctx: RuleContext) -> Gradients:
+    """y = alpha op(A) op(B) + beta C."""
+    b, dy, a_in, b_in = ctx.b, ctx.dy(), ctx.x(0), ctx.x(1)
+    alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
+    trans_a, trans_b = ctx.attr("transA", 0), ctx.attr("transB", 0)
+    grad_a = grad_b = grad_c = None
+    if ctx.needs(0):
+        if trans_a:
+            grad_a = b.op("Gemm", [b_in, dy], alpha=alpha, transA=trans_b, transB=1)
+        else:
+            grad_a = b.op("Gemm", [dy, b_in], alpha=alpha, transB=1 - trans_b)
+    if ctx.needs(1):
+        if trans_b:
+            grad_b = b.op("Gemm", [dy, a_in], alpha=alpha, transA=1, transB=trans_a)
+        else:
+            grad_b = b.op("Gemm", [a_in, dy], alpha=alpha, transA=1 - trans_a)
+    if ctx.needs(2):
+        grad_c = b.sum_to_shape(b.op("Mul", [dy, b.const(beta)]), ctx.x(2), ctx.y(0))
+    return [grad_a, grad_b, grad_c]
+
+
+@rule("MatMul")
+def _matmul(ctx: RuleContext) -> Gradients:
+    """dA = dy B^T, dB = A^T dy over the last two axes; broadcast batch axes are summed."""
+    b, dy, a_in, b_in = ctx.b, ctx.dy(), ctx.x(0), ctx.x(1)
+    rank_a, rank_b = b.rank(a_in), b.rank(b_in)
+    if rank_a < 2 or rank_b < 2:
+        raise ctx.unsupported("1-D operands are not supported")
+
+    def swap_last(tensor: str, rank: int) -> str:
+        return b.op("Transpose", [tensor], perm=[*range(rank - 2), rank - 1, rank - 2])
+
+    def batch_reduced(grad: str, operand: str) -> str:
+        if rank_a == rank_b == 2:
+            return grad
+        return b.sum_to_shape(grad, operand)
+
+    grad_a = grad_b = None
+    if ctx.needs(0):
+        grad_a = batch_reduced(b.op("MatMul", [dy, swap_last(b_in, rank_b)]), a_in)
+    if ctx.needs(1):
+        grad_b = batch_reduced(b.op("MatMul", [swap_last(a_in, rank_a), dy]), b_in)
+    return [grad_a, grad_b]

@@ -1,0 +1,123 @@
+"""What is explained: the target layer, and the score whose gradient seeds the backward pass."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto
+
+from .backward import ancestors
+from .errors import AugmentError
+from .graph import GraphBuilder
+
+# Ops between the last feature map and the flattening in front of the classifier.
+_POOLING = {
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "AveragePool",
+    "ReduceMean",
+    "ReduceMax",
+    "Identity",
+    "Dropout",
+}
+SCORES = ("logit", "probability")
+
+
+def detect_target_layer(b: GraphBuilder, score_output: str) -> str:
+    """The last 4-D feature map that feeds the global pooling in front of the classifier.
+
+    Finds the last node (in graph order) that turns a 4-D tensor into one of lower rank on the
+    way to `score_output` (Flatten, Reshape, Squeeze, a ReduceMean without keepdims, ...), then
+    steps back through pooling-like ops (global/average pooling, means, identities) to the 4-D
+    map they pool. Max pooling inside the feature extractor is not stepped over, so VGG's target
+    is its last MaxPool output, as in the Grad-CAM paper.
+    """
+    nodes = list(b.graph.node)
+    producers = {t: node for node in nodes for t in node.output}
+    feeds_score = ancestors(nodes, {score_output})
+    collapse = None
+    for node in nodes:
+        if not node.output or node.output[0] not in feeds_score or not node.input:
+            continue
+        if _rank_or_none(b, node.input[0]) == 4 and _rank_or_none(b, node.output[0]) in (1, 2, 3):
+            collapse = node
+    if collapse is None:
+        raise AugmentError(
+            "could not detect a target layer: no 4-D feature map is flattened on the way to "
+            f"output {score_output!r}; name one with the layer option"
+        )
+    target = collapse.input[0]
+    while target in producers and producers[target].op_type in _POOLING:
+        source = producers[target].input[0]
+        if _rank_or_none(b, source) != 4:
+            break
+        target = source
+    return target
+
+
+def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
+    if layer not in _all_tensors(b.graph):
+        raise AugmentError(f"target layer {layer!r} is not a tensor of the graph")
+    if b.elem_type(layer) not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+        raise AugmentError(f"target layer {layer!r} is not a floating-point tensor")
+    if layer not in ancestors(list(b.graph.node), {score_output}):
+        raise AugmentError(f"output {score_output!r} does not depend on target layer {layer!r}")
+
+
+def score_seed(
+    b: GraphBuilder, logits: str, target_class: str, score: str
+) -> tuple[str, str]:
+    """d score / d logits for each batch item, and the class index actually explained.
+
+    `target_class` is an INT64 [N] tensor; a negative entry means "the top-1 class of that item",
+    decided inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
+    (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)).
+    """
+    if score not in SCORES:
+        raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
+    if b.rank(logits) != 2:
+        raise AugmentError(
+            f"the score output {logits!r} must be [N, classes]; it has rank {b.rank(logits)}"
+        )
+    predicted = b.op("ArgMax", [logits], axis=1, keepdims=0)
+    resolved = b.op("Where", [b.op("Less", [target_class, b.ints([0])]), predicted, target_class])
+    depth = b.shape_slice(logits, 1, 2)
+    dtype = b.elem_type(logits)
+    values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
+    onehot = b.op("OneHot", [resolved, depth, values], axis=-1)
+    if score == "logit":
+        return onehot, resolved
+    probabilities = b.op("Softmax", [logits], axis=1)
+    chosen = b.reduce("ReduceSum", b.op("Mul", [probabilities, onehot]), [1], keepdims=True)
+    return b.op("Mul", [chosen, b.op("Sub", [onehot, probabilities])]), resolved
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The graph input that is not an initializer: the image tensor."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise AugmentError(f"expected one image input, found {len(inputs)}: {names}")
+    if len(inputs[0].type.tensor_type.shape.dim) != 4:
+        raise AugmentError(f"the image input {inputs[0].name!r} must be 4-D")
+    return inputs[0]
+
+
+def spatial_axes(image: onnx.ValueInfoProto) -> tuple[int, int]:
+    """(H, W) axes of the image input: NCHW unless the shape says channels-last."""
+    dims = image.type.tensor_type.shape.dim
+    if dims[1].dim_value not in (1, 3) and dims[3].dim_value in (1, 3):
+        return 1, 2
+    return 2, 3
+
+
+def _rank_or_none(b: GraphBuilder, tensor: str) -> int | None:
+    shape = b.static_shape(tensor)
+    return None if shape is None else len(shape)
+
+
+def _all_tensors(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input}
+    for node in graph.node:
+        names.update(node.output)
+    return names
