@@ -1,0 +1,63 @@
+"""`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR] [--score logit|probability]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import onnx
+
+from .errors import AugmentError
+from .passes import NAMES, augment_model
+from .targets import SCORES
+
+# Protobuf cannot serialize 2 GiB; larger models keep their weights in a data file beside them.
+_SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gradcam-augment",
+        description="Add Grad-CAM outputs (activations, gradients, heatmap) to an ONNX model.",
+    )
+    parser.add_argument("model", type=Path, help="exported ONNX model (external data allowed)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="augmented model path")
+    parser.add_argument("--layer", help="target layer tensor name (default: detected)")
+    parser.add_argument("--score", choices=SCORES, default="logit", help="what is explained")
+    parser.add_argument(
+        "--score-output", help="graph output holding the class scores (default: the first)"
+    )
+    parser.add_argument(
+        "--input-gradients",
+        action="store_true",
+        help=f"also output d score / d image as {NAMES.input_gradients!r}",
+    )
+    args = parser.parse_args(argv)
+    try:
+        augmented = augment_model(
+            args.model,
+            layer=args.layer,
+            score=args.score,
+            output=args.score_output,
+            input_gradients=args.input_gradients,
+        )
+    except AugmentError as error:
+        print(f"gradcam-augment: {error}", file=sys.stderr)
+        return 1
+    save(augmented, args.output)
+    target = next(n for n in augmented.graph.node if n.output == [NAMES.activations]).input[0]
+    print(f"wrote {args.output} (target layer {target!r})")
+    return 0
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() < _SINGLE_FILE_LIMIT_BYTES:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Every backward rule against central finite differences, run by onnxruntime.
+
+Adding an op: write its rule in rules.py and one line here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gradcam_server.augment import AugmentError, MissingRuleError
+from gradcam_server.augment.rules import RULES
+from gradcam_server.augment.backward import build_backward
+from gradcam_server.augment.graph import GraphBuilder
+from gradcheck import OpSpec, Wrt, build_model, check_op
+
+rng = np.random.default_rng(1234)
+
+
+def weights(*shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def ints(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+X4 = Wrt((2, 3, 5, 5))
+POSITIVE = Wrt((2, 3, 4), low=0.5, high=2.0)
+KINK0 = Wrt((2, 3, 4), avoid=(0.0,))
+
+UNARY = [
+    OpSpec("Identity", {"x": X4}),
+    OpSpec("Dropout", {"x": X4}),
+    OpSpec("Neg", {"x": X4}),
+    OpSpec("Abs", {"x": KINK0}),
+    OpSpec("Relu", {"x": KINK0}),
+    OpSpec("LeakyRelu", {"x": KINK0}, attrs={"alpha": 0.1}),
+    OpSpec("Elu", {"x": KINK0}, attrs={"alpha": 0.7}),
+    OpSpec("PRelu", {"x": Wrt((2, 3, 4, 4), avoid=(0.0,))}, consts={"slope": weights(3, 1, 1)}),
+    OpSpec("Clip", {"x": Wrt((2, 3, 4), low=-1, high=7, avoid=(0.0, 6.0))},
+           consts={"lo": np.float32(0), "hi": np.float32(6)}),
+    OpSpec("Clip", {"x": Wrt((2, 3, 4), low=-1, high=7, avoid=(0.0,))},
+           consts={"lo": np.float32(0)}, label="min-only"),
+    OpSpec("Sigmoid", {"x": X4}),
+    OpSpec("HardSigmoid", {"x": Wrt((2, 3, 4), low=-4, high=4, avoid=(-2.5, 2.5))}),
+    OpSpec("HardSwish", {"x": Wrt((2, 3, 4), low=-4, high=4, avoid=(-3.0, 3.0))}),
+    OpSpec("Tanh", {"x": X4}),
+    OpSpec("Exp", {"x": X4}),
+    OpSpec("Log", {"x": POSITIVE}),
+    OpSpec("Sqrt", {"x": POSITIVE}),
+    OpSpec("Reciprocal", {"x": POSITIVE}),
+    OpSpec("Erf", {"x": X4}),
+    OpSpec("Softplus", {"x": X4}),
+    OpSpec("Gelu", {"x": X4}, opset=20),
+    OpSpec("Softmax", {"x": Wrt((2, 3, 4))}, attrs={"axis": 1}),
+    OpSpec("LogSoftmax", {"x": Wrt((2, 3, 4))}, attrs={"axis": -1}),
+    OpSpec("Cast", {"x": X4}, attrs={"to": TensorProto.DOUBLE}),
+]
+
+SHAPES = [
+    OpSpec("Reshape", {"x": X4}, consts={"shape": ints(2, -1)}),
+    OpSpec("Flatten", {"x": X4}, attrs={"axis": 1}),
+    OpSpec("Squeeze", {"x": Wrt((2, 1, 3))}, consts={"axes": ints(1)}),
+    OpSpec("Unsqueeze", {"x": Wrt((2, 3))}, consts={"axes": ints(0, 3)}),
+    OpSpec("Transpose", {"x": Wrt((2, 3, 4))}, attrs={"perm": [2, 0, 1]}),
+    OpSpec("Expand", {"x": Wrt((3, 1))}, consts={"shape": ints(2, 3, 4)}),
+    OpSpec("Concat", {"a": Wrt((2, 3, 4)), "b": Wrt((2, 1, 4))}, attrs={"axis": 1}),
+    OpSpec("Concat", {"a": Wrt((2, 3, 4)), "b": Wrt((2, 1, 4))}, attrs={"axis": 1},
+           symbolic=True, label="symbolic"),
+    OpSpec("Split", {"x": Wrt((2, 5, 3))}, consts={"split": ints(2, 3)}, attrs={"axis": 1},
+           outputs=2),
+    OpSpec("Split", {"x": Wrt((2, 6, 3))}, attrs={"axis": 1, "num_outputs": 3}, outputs=3,
+           opset=18, label="num-outputs"),
+    OpSpec("Slice", {"x": Wrt((4, 6, 5))},
+           consts={"starts": ints(1, -4), "ends": ints(3, 1_000_000), "axes": ints(0, 2)}),
+    OpSpec("Slice", {"x": Wrt((4, 6))}, consts={"starts": ints(0, 2), "ends": ints(-1, 5)},
+           symbolic=True, label="all-axes-symbolic"),
+    OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))}, consts={"pads": ints(0, 0, 1, 0, 0, 0, 2, 1)}),
+    OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))},
+           consts={"pads": ints(1, 2, 0, 1), "value": np.float32(0), "axes": ints(2, 3)},
+           opset=18, label="axes"),
+]
+
+BINARY_SHAPES = [
+    ((2, 3, 4), (2, 3, 4)),
+    ((2, 3, 4), (3, 1)),
+    ((1, 3, 1), (2, 1, 4)),
+    ((4,), (2, 3, 4)),
+    ((2, 3, 4), ()),
+]
+
+
+def binary_specs(op: str, a_domain: dict, b_domain: dict) -> list[OpSpec]:
+    specs = []
+    for shape_a, shape_b in BINARY_SHAPES:
+        for symbolic in (False, True):
+            label = f"{shape_a}x{shape_b}" + ("-symbolic" if symbolic else "")
+            specs.append(
+                OpSpec(op, {"a": Wrt(shape_a, **a_domain), "b": Wrt(shape_b, **b_domain)},
+                       symbolic=symbolic, label=label)
+            )
+    return specs
+
+
+BINARY = [
+    *binary_specs("Add", {}, {}),
+    *binary_specs("Sub", {}, {}),
+    *binary_specs("Mul", {}, {}),
+    *binary_specs("Div", {}, {"low": 0.5, "high": 2.0}),
+    *binary_specs("Pow", {"low": 0.5, "high": 2.0}, {"low": -1.5, "high": 1.5}),
+    *binary_specs("Max", {"distinct": True}, {"low": -2.1, "high": 2.2, "distinct": True}),
+    *binary_specs("Min", {"distinct": True}, {"low": -2.1, "high": 2.2, "distinct": True}),
+    OpSpec("Sum", {"a": Wrt((2, 3, 4)), "b": Wrt((3, 1)), "c": Wrt((4,))}),
+    OpSpec("Mean", {"a": Wrt((2, 3, 4)), "b": Wrt((3, 1))}),
+    OpSpec("Where", {"a": Wrt((2, 3, 4)), "b": Wrt((3, 1))},
+           consts={"cond": rng.random((1, 3, 4)) > 0.5}, inputs=["cond", "a", "b"]),
+]
+
+NORMS = [
+    OpSpec("BatchNormalization", {"x": Wrt((2, 3, 4, 4))},
+           consts={"scale": weights(3), "bias": weights(3), "mean": weights(3),
+                   "var": np.abs(weights(3)) + 0.5}),
+    OpSpec("InstanceNormalization", {"x": Wrt((2, 3, 4, 4))},
+           consts={"scale": weights(3), "bias": weights(3)}),
+    OpSpec("LayerNormalization", {"x": Wrt((2, 3, 4))},
+           consts={"scale": weights(4), "bias": weights(4)}, attrs={"axis": -1}),
+    OpSpec("LayerNormalization", {"x": Wrt((2, 3, 4))},
+           consts={"scale": weights(3, 4), "bias": weights(3, 4)}, attrs={"axis": 1},
+           label="two-axes"),
+]
+
+DISTINCT = Wrt((2, 2, 7, 7), distinct=True)
+POOLS = [
+    OpSpec("GlobalAveragePool", {"x": X4}),
+    OpSpec("GlobalAveragePool", {"x": X4}, symbolic=True, label="symbolic"),
+    OpSpec("GlobalMaxPool", {"x": DISTINCT}),
+    OpSpec("ReduceMean", {"x": X4}, attrs={"axes": [2, 3], "keepdims": 0}, label="opset17"),
+    OpSpec("ReduceMean", {"x": X4}, consts={"axes": ints(-1, -2)}, opset=18, symbolic=True,
+           label="opset18-symbolic"),
+    OpSpec("ReduceSum", {"x": X4}, consts={"axes": ints(1)}, attrs={"keepdims": 1}),
+    OpSpec("ReduceSum", {"x": X4}, label="all-axes"),
+    OpSpec("ReduceMax", {"x": DISTINCT}, attrs={"axes": [1], "keepdims": 0}),
+    OpSpec("ReduceMin", {"x": DISTINCT}, consts={"axes": ints(3)}, opset=18),
+    OpSpec("MaxPool", {"x": DISTINCT}, attrs={"kernel_shape": [3, 3], "strides": [2, 2],
+                                              "pads": [1, 1, 1, 1]}),
+    OpSpec("MaxPool", {"x": DISTINCT}, attrs={"kernel_shape": [2, 2], "strides": [2, 2],
+                                              "ceil_mode": 1}, label="ceil"),
+    OpSpec("MaxPool", {"x": DISTINCT}, attrs={"kernel_shape": [3, 3], "strides": [2, 2],
+                                              "pads": [1, 1, 1, 1]}, symbolic=True,
+           label="symbolic"),
+    OpSpec("AveragePool", {"x": X4}, attrs={"kernel_shape": [2, 2], "strides": [2, 2]}),
+    OpSpec("AveragePool", {"x": X4}, attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1],
+                                            "count_include_pad": 0}, label="exclude-pad"),
+    OpSpec("AveragePool", {"x": X4}, attrs={"kernel_shape": [3, 3], "strides": [2, 2],
+                                            "pads": [1, 1, 1, 1], "count_include_pad": 1},
+           symbolic=True, label="include-pad-symbolic"),
+]
+
+CONV_X = Wrt((2, 4, 7, 7))
+LINEAR = [
+    OpSpec("Conv", {"x": CONV_X}, consts={"w": weights(6, 4, 3, 3), "bias": weights(6)},
+           attrs={"pads": [1, 1, 1, 1]}),
+    OpSpec("Conv", {"x": CONV_X}, consts={"w": weights(6, 4, 3, 3)},
+           attrs={"strides": [2, 2], "pads": [0, 1, 1, 0]}, label="stride2-asymmetric"),
+    OpSpec("Conv", {"x": Wrt((2, 4, 8, 8))}, consts={"w": weights(6, 4, 3, 3)},
+           attrs={"strides": [2, 2], "pads": [1, 1, 1, 1]}, symbolic=True,
+           label="stride2-symbolic"),
+    OpSpec("Conv", {"x": CONV_X}, consts={"w": weights(4, 1, 3, 3)},
+           attrs={"group": 4, "dilations": [2, 2], "pads": [2, 2, 2, 2]}, label="depthwise"),
+    OpSpec("Conv", {"x": CONV_X}, consts={"w": weights(6, 2, 1, 1)},
+           attrs={"group": 2}, label="grouped-1x1"),
+    OpSpec("Conv", {"x": CONV_X}, consts={"w": weights(6, 4, 3, 3)},
+           attrs={"strides": [2, 2], "auto_pad": "SAME_UPPER"}, label="same-upper"),
+    OpSpec("Gemm", {"a": Wrt((3, 4))}, consts={"b": weights(5, 4), "c": weights(5)},
+           attrs={"transB": 1}),
+    OpSpec("Gemm", {"a": Wrt((4, 3)), "b": Wrt((4, 5)), "c": Wrt((1, 5))},
+           attrs={"transA": 1, "alpha": 0.5, "beta": 2.0}, label="transA-all-inputs"),
+    OpSpec("Gemm", {"a": Wrt((3, 4)), "b": Wrt((5, 4))}, attrs={"transB": 1},
+           label="transB-both"),
+    OpSpec("Gemm", {"a": Wrt((4, 3)), "b": Wrt((5, 4))}, attrs={"transA": 1, "transB": 1},
+           label="transA-transB"),
+    OpSpec("MatMul", {"a": Wrt((3, 4)), "b": Wrt((4, 5))}),
+    OpSpec("MatMul", {"a": Wrt((2, 3, 4)), "b": Wrt((4, 5))}, label="batched-broadcast"),
+]
+
+INTEGERS = Wrt((2, 3, 5, 5), avoid=(-2.0, -1.0, 0.0, 1.0, 2.0))
+HALVES = Wrt((2, 3, 5, 5), avoid=(-1.5, -0.5, 0.5, 1.5))
+COMPOSED = [
+    OpSpec("Floor", {"x": INTEGERS}, label="beside-identity", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,5,5] x) => (float[2,3,5,5] y) { f = Floor(x)  y = Add(f, x) }"""),
+    OpSpec("Ceil", {"x": INTEGERS}, label="beside-identity", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,5,5] x) => (float[2,3,5,5] y) { f = Ceil(x)  y = Mul(f, x) }"""),
+    OpSpec("Round", {"x": HALVES}, label="beside-identity", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,5,5] x) => (float[2,3,5,5] y) { f = Round(x)  y = Sub(x, f) }"""),
+    OpSpec("Sign", {"x": INTEGERS}, label="beside-identity", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,5,5] x) => (float[2,3,5,5] y) { f = Sign(x)  y = Mul(f, x) }"""),
+    OpSpec("Reshape", {"x": X4}, label="shape-from-runtime", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,5,5] x) => (float[N,75] y) {
+            s = Shape <end = 1> (x)
+            m = Constant <value = int64[1] {-1}> ()
+            t = Concat <axis = 0> (s, m)
+            y = Reshape(x, t)
+        }"""),
+    OpSpec("Add", {"x": Wrt((2, 3, 5, 5), avoid=(0.0,))}, label="fan-out", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,5,5] x) => (float[2,3,5,5] y) { a = Relu(x)  b = Mul(a, x)  y = Add(b, a) }"""),
+]
+
+SPECS = UNARY + SHAPES + BINARY + NORMS + POOLS + LINEAR + COMPOSED
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
+def test_rule_matches_finite_differences(spec: OpSpec) -> None:
+    check_op(spec)
+
+
+def test_every_rule_has_a_spec_line() -> None:
+    assert set(RULES) <= {spec.op for spec in SPECS}, set(RULES) - {s.op for s in SPECS}
+
+
+def test_binary_specs_cover_every_broadcasting_rule() -> None:
+    broadcasting = {op for op, r in RULES.items() if r.broadcasting}
+    checked = {s.op for s in BINARY if any(w.shape != next(iter(s.wrt.values())).shape
+                                           for w in s.wrt.values())}
+    assert broadcasting - {"Expand", "PRelu"} <= checked
+
+
+def _model(text: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(text)
+
+
+def test_missing_rule_names_op_node_and_opset() -> None:
+    model = _model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] y) { e = Einsum <equation = "ij->ij"> (x)  y = Relu(e) }""")
+    model.graph.node[0].name = "the_einsum"
+    b = GraphBuilder(model)
+    with pytest.raises(MissingRuleError) as error:
+        build_backward(b, {"y": "seed"}, ["x"])
+    message = str(error.value)
+    assert "'Einsum'" in message and "'the_einsum'" in message and "opset 17" in message
+
+
+def test_op_without_rule_off_the_gradient_path_is_fine() -> None:
+    # Einsum and Shape have no rule; only their integer or side outputs meet the path.
+    model = _model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] y, float[2,3] z) {
+            s = Shape(x)
+            r = Reshape(x, s)
+            y = Relu(r)
+            z = Einsum <equation = "ij->ij"> (x)
+        }""")
+    b = GraphBuilder(model)
+    grads = build_backward(b, {"y": "seed"}, ["x"])
+    assert set(grads) == {"x"}
+
+
+def test_score_independent_of_target_is_an_error() -> None:
+    model = _model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x, float[2,3] w) => (float[2,3] y) { f = Floor(x)  y = Add(f, w) }""")
+    with pytest.raises(AugmentError, match="does not depend"):
+        build_backward(GraphBuilder(model), {"y": "seed"}, ["x"])
+
+
+def test_unsupported_attribute_is_a_clear_error() -> None:
+    spec = OpSpec("Pad", {"x": Wrt((2, 3))}, consts={"pads": ints(1, 1, 1, 1)},
+                  attrs={"mode": "reflect"})
+    model = build_model(spec)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    with pytest.raises(AugmentError, match="mode 'reflect'"):
+        build_backward(GraphBuilder(model), {"y0": "seed"}, ["x"])
+
+
+def test_gradients_never_flow_into_weights() -> None:
+    spec = LINEAR[0]
+    model = build_model(spec)
+    before = len(model.graph.node)
+    build_backward(GraphBuilder(model), {"y0": "seed"}, ["x"])
+    emitted = model.graph.node[before:]
+    assert [n.op_type for n in emitted] == ["ConvTranspose"]
