@@ -86,7 +86,8 @@ def augment_model(
             d score / d image as ``input_gradients`` (what guided backprop builds on).
 
     The result keeps every original input and output (the batch dimension as the original has
-    it) and adds the input ``target_class`` (INT64 [N]; -1 = top-1 class of that item) and the
+    it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
+    highest-scoring class of that item, so -1 is its top-1 class) and the
     outputs ``activations`` and ``gradients`` (the target layer and d score / d layer,
     [N, C, h, w]) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
     normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.

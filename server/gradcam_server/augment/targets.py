@@ -68,8 +68,9 @@ def score_seed(
 ) -> tuple[str, str]:
     """d score / d logits for each batch item, and the class index actually explained.
 
-    `target_class` is an INT64 [N] tensor; a negative entry means "the top-1 class of that item",
-    decided inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
+    `target_class` is an INT64 [N] tensor: an entry c >= 0 explains class c; a negative entry
+    -r explains the r-th highest-scoring class of that item (-1: the top-1 class), decided
+    inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
     (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)).
     """
     if score not in SCORES:
@@ -78,8 +79,11 @@ def score_seed(
         raise AugmentError(
             f"the score output {logits!r} must be [N, classes]; it has rank {b.rank(logits)}"
         )
-    predicted = b.op("ArgMax", [logits], axis=1, keepdims=0)
-    resolved = b.op("Where", [b.op("Less", [target_class, b.ints([0])]), predicted, target_class])
+    resolved = b.op(
+        "Where",
+        [b.op("Less", [target_class, b.ints([0])]), _ranked_class(b, logits, target_class),
+         target_class],
+    )
     depth = b.shape_slice(logits, 1, 2)
     dtype = b.elem_type(logits)
     values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
@@ -89,6 +93,16 @@ def score_seed(
     probabilities = b.op("Softmax", [logits], axis=1)
     chosen = b.reduce("ReduceSum", b.op("Mul", [probabilities, onehot]), [1], keepdims=True)
     return b.op("Mul", [chosen, b.op("Sub", [onehot, probabilities])]), resolved
+
+
+def _ranked_class(b: GraphBuilder, logits: str, target_class: str) -> str:
+    """For each item, the class of rank max(-target_class, 1): TopK down to the deepest rank
+    any item asks for, then a gather of each item's own rank."""
+    rank = b.op("Max", [b.op("Neg", [target_class]), b.ints([1])])
+    deepest = b.op("Reshape", [b.op("ReduceMax", [rank], keepdims=1), b.ints([1])])
+    _, top_indices = b.op_multi("TopK", [logits, deepest], 2, axis=1)
+    position = b.unsqueeze(b.op("Sub", [rank, b.ints([1])]), [1])
+    return b.squeeze(b.op("GatherElements", [top_indices, position], axis=1), [1])
 
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:

@@ -1,0 +1,33 @@
+"""Domain errors of the service; the gRPC layer maps each to a status code in one place.
+
+Messages are written for the client: they say what was wrong with the request, never how the
+server is built (no paths, no tracebacks).
+"""
+
+
+class ServiceError(Exception):
+    """Base of every error a client is meant to see."""
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed: bad image, tensor, class index, method or layer."""
+
+
+class ModelNotFound(ServiceError):
+    """No model of that name is served."""
+
+
+class ModelNotReady(ServiceError):
+    """The model exists but failed to load or is not loaded yet."""
+
+
+class QueueFull(ServiceError):
+    """The model's batching queue is full; retry later."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it could run."""
+
+
+class ShuttingDown(ServiceError):
+    """The server is draining and takes no new work."""

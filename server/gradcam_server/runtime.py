@@ -1,0 +1,95 @@
+"""onnxruntime sessions: which execution provider, and the session options every model gets.
+
+The CUDA execution provider is used when it actually works here (onnxruntime-gpu installed,
+CUDA and cuDNN libraries loadable, a device present); otherwise the CPU provider. The probe runs
+once per process with onnxruntime's logger silenced, so a CPU-only machine sees one info line,
+not a screen of library-loading errors, and the choice is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_FATAL_ONLY = 4
+_WARNINGS = 2
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are created. `device` is "auto", "cuda" or "cpu"."""
+
+    device: str = "auto"
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+
+    def providers(self) -> list[str]:
+        if self.device == "cpu":
+            return [CPU]
+        if cuda_usable():
+            return [CUDA, CPU]
+        if self.device == "cuda":
+            raise RuntimeError("the CUDA execution provider was asked for but is not usable")
+        return [CPU]
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """Whether a session can really run on the CUDA provider; probed once, quietly."""
+    if CUDA not in ort.get_available_providers():
+        log.info("execution provider: CPU (this onnxruntime has no CUDA provider)")
+        return False
+    ort.set_default_logger_severity(_FATAL_ONLY)
+    try:
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, if installed
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - absent libraries just mean "no CUDA"
+                pass
+        options = ort.SessionOptions()
+        options.log_severity_level = _FATAL_ONLY
+        session = ort.InferenceSession(
+            _probe_model().SerializeToString(), options, providers=[CUDA, CPU]
+        )
+        usable = session.get_providers()[0] == CUDA
+    except Exception:  # noqa: BLE001 - any failure means the CPU provider
+        usable = False
+    finally:
+        ort.set_default_logger_severity(_WARNINGS)
+    if usable:
+        log.info("execution provider: CUDA (onnxruntime %s)", ort.__version__)
+    else:
+        log.info("execution provider: CPU (CUDA libraries or device not available)")
+    return usable
+
+
+def create_session(
+    model: onnx.ModelProto | bytes | str, options: RuntimeOptions
+) -> ort.InferenceSession:
+    """A session with the chosen provider. Idle intra-op threads do not spin: several sessions
+    share the cores of one process, and spinning pools were seen to double batch-1 latency."""
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.inter_op_num_threads = 1
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session_options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, session_options, providers=options.providers())
+
+
+def _probe_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

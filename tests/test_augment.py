@@ -1,0 +1,216 @@
+"""The augmented model's contract, on a small CNN exported by torch, against torch autograd."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from gradcam_server.augment import AugmentError, augment_model
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.fixture(scope="module")
+def small_cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+def export(model: nn.Module, path: Path, dynamic: bool = True, opset: int = 17, **kwargs) -> Path:
+    torch.onnx.export(
+        model, torch.randn(2, 3, 32, 32), str(path), dynamo=False, opset_version=opset,
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None, **kwargs,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_onnx(small_cnn: SmallCNN, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(small_cnn, tmp_path_factory.mktemp("small") / "small.onnx")
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, target_class) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input": x, "target_class": np.asarray(target_class, dtype=np.int64)}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def torch_reference(model: SmallCNN, x: np.ndarray, classes, probability: bool = False):
+    activations = model.features(torch.from_numpy(x))
+    activations.retain_grad()
+    logits = model.fc(torch.flatten(model.pool(activations), 1))
+    scores = torch.softmax(logits, 1) if probability else logits
+    scores[torch.arange(len(classes)), torch.as_tensor(classes)].sum().backward()
+    return activations.detach().numpy(), activations.grad.numpy(), logits.detach().numpy()
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def batch(n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((n, 3, 32, 32)).astype(np.float32)
+
+
+def test_keeps_original_io_and_adds_the_explanation(small_onnx: Path) -> None:
+    original = onnx.load(small_onnx)
+    augmented = augment_model(small_onnx)
+    inputs = [i.name for i in augmented.graph.input]
+    outputs = [o.name for o in augmented.graph.output]
+    assert inputs[: len(original.graph.input)] == [i.name for i in original.graph.input]
+    assert inputs[-1] == "target_class"
+    assert outputs == ["logits", "activations", "gradients", "heatmap"]
+    batch_dim = augmented.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "N"
+    for output in augmented.graph.output:
+        assert output.type.tensor_type.shape.dim[0].dim_param == "N"
+    onnx.checker.check_model(augmented, full_check=True)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_dynamic_batch_matches_torch(small_cnn: SmallCNN, small_onnx: Path, n: int) -> None:
+    x = batch(n)
+    out = run(augment_model(small_onnx), x, [-1] * n)
+    classes = out["logits"].argmax(1)
+    activations, gradients, logits = torch_reference(small_cnn, x, classes)
+    np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-5)
+    assert rel(out["activations"], activations) < 1e-5
+    assert rel(out["gradients"], gradients) < 1e-5
+    assert out["heatmap"].shape == (n, 32, 32)
+    assert out["heatmap"].min() >= 0 and out["heatmap"].max() <= 1
+
+
+def test_fixed_batch_stays_fixed(small_cnn: SmallCNN, tmp_path: Path) -> None:
+    augmented = augment_model(export(small_cnn, tmp_path / "fixed.onnx", dynamic=False))
+    assert augmented.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    assert augmented.graph.input[-1].type.tensor_type.shape.dim[0].dim_value == 2
+    out = run(augmented, batch(2), [-1, -1])
+    assert out["heatmap"].shape == (2, 32, 32)
+
+
+def test_explicit_and_ranked_target_classes(small_cnn: SmallCNN, small_onnx: Path) -> None:
+    x = np.repeat(batch(1), 3, axis=0)
+    out = run(augment_model(small_onnx), x, [-1, -2, 7])
+    order = np.argsort(-out["logits"][0])
+    _, gradients, _ = torch_reference(small_cnn, x, [order[0], order[1], 7])
+    for i in range(3):
+        assert rel(out["gradients"][i], gradients[i]) < 1e-5
+    assert not np.allclose(out["gradients"][0], out["gradients"][1])
+
+
+def test_probability_score(small_cnn: SmallCNN, small_onnx: Path) -> None:
+    x = batch(2)
+    out = run(augment_model(small_onnx, score="probability"), x, [3, -1])
+    classes = [3, int(out["logits"][1].argmax())]
+    _, gradients, _ = torch_reference(small_cnn, x, classes, probability=True)
+    assert rel(out["gradients"], gradients) < 1e-4
+
+
+def test_heatmap_is_normalised_grad_cam(small_cnn: SmallCNN, small_onnx: Path) -> None:
+    x = batch(2)
+    out = run(augment_model(small_onnx), x, [-1, -1])
+    activations, gradients, _ = torch_reference(small_cnn, x, out["logits"].argmax(1))
+    weights = gradients.mean(axis=(2, 3), keepdims=True)
+    cam = torch.relu(torch.from_numpy((weights * activations).sum(1, keepdims=True)))
+    cam = torch.nn.functional.interpolate(cam, size=(32, 32), mode="bilinear",
+                                          align_corners=False)[:, 0].numpy()
+    for i in range(2):
+        expected = (cam[i] - cam[i].min()) / (cam[i].max() - cam[i].min() + 1e-7)
+        np.testing.assert_allclose(out["heatmap"][i], expected, atol=1e-4)
+
+
+def test_input_gradients_mode(small_cnn: SmallCNN, small_onnx: Path) -> None:
+    x = batch(2)
+    out = run(augment_model(small_onnx, input_gradients=True), x, [1, 2])
+    image = torch.from_numpy(x).requires_grad_(True)
+    small_cnn(image)[torch.arange(2), torch.tensor([1, 2])].sum().backward()
+    assert rel(out["input_gradients"], image.grad.numpy()) < 1e-4
+
+
+def test_named_layer(small_cnn: SmallCNN, small_onnx: Path) -> None:
+    model = onnx.load(small_onnx)
+    first_relu = next(n for n in model.graph.node if n.op_type == "Relu").output[0]
+    out = run(augment_model(small_onnx, layer=first_relu), batch(2), [4, 5])
+    assert out["activations"].shape == (2, 8, 32, 32)
+    image = torch.from_numpy(batch(2))
+    early = small_cnn.features[:3](image)
+    early.retain_grad()
+    logits = small_cnn.fc(torch.flatten(small_cnn.pool(small_cnn.features[3:](early)), 1))
+    logits[torch.arange(2), torch.tensor([4, 5])].sum().backward()
+    assert rel(out["gradients"], early.grad.numpy()) < 1e-4
+
+
+def test_bad_layers_are_clear_errors(small_onnx: Path) -> None:
+    with pytest.raises(AugmentError, match="'nope' is not a tensor"):
+        augment_model(small_onnx, layer="nope")
+    with pytest.raises(AugmentError, match="must be a 4-D feature map"):
+        augment_model(small_onnx, layer=onnx.load(small_onnx).graph.node[-2].output[0])
+    with pytest.raises(AugmentError, match="unknown score"):
+        augment_model(small_onnx, score="margin")
+
+
+def test_external_data_model(small_cnn: SmallCNN, small_onnx: Path, tmp_path: Path) -> None:
+    model = onnx.load(small_onnx)
+    path = tmp_path / "external" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    assert (path.parent / "model.onnx.data").stat().st_size > 5000
+    x = batch(2)
+    np.testing.assert_allclose(
+        run(augment_model(path), x, [-1, -1])["gradients"],
+        run(augment_model(small_onnx), x, [-1, -1])["gradients"],
+    )
+
+
+def test_old_opset_is_upgraded(small_cnn: SmallCNN, tmp_path: Path) -> None:
+    path = export(small_cnn, tmp_path / "opset11.onnx", opset=11)
+    augmented = augment_model(path)
+    assert max(o.version for o in augmented.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    x = batch(2)
+    out = run(augmented, x, [-1, -1])
+    _, gradients, _ = torch_reference(small_cnn, x, out["logits"].argmax(1))
+    assert rel(out["gradients"], gradients) < 1e-5
+
+
+def test_command_line(small_onnx: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.onnx"
+    done = subprocess.run(
+        [sys.executable, "-m", "gradcam_server.augment.cli", str(small_onnx), "-o", str(target),
+         "--score", "probability"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "target layer" in done.stdout
+    assert [o.name for o in onnx.load(target).graph.output][-1] == "heatmap"
+    failed = subprocess.run(
+        [sys.executable, "-m", "gradcam_server.augment.cli", str(small_onnx), "-o",
+         str(target), "--layer", "missing"],
+        capture_output=True, text=True,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == (
+        "gradcam-augment: target layer 'missing' is not a tensor of the graph"
+    )
