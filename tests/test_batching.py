@@ -1,0 +1,277 @@
+"""DynamicBatcher against a recording stand-in for the model: batching, failures, limits, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from gradcam_server.batching import BatchStats, DynamicBatcher
+from gradcam_server.errors import DeadlineExceeded, QueueFull, ShuttingDown
+
+LONG_DELAY_US = 10_000_000  # longer than any test: a batch goes out only when full or closing
+WAIT_S = 5.0  # upper bound on any wait, so a broken batcher fails a test instead of hanging it
+
+
+class Model:
+    """``run_batch`` stand-in: records every batch and answers ``item * 10`` per item.
+
+    With ``hold=True`` each call blocks until `release()`, so a test can keep a batch in flight.
+    """
+
+    def __init__(self, *, hold: bool = False, fail_on: object = None) -> None:
+        self.batches: list[list[object]] = []
+        self.called_at: list[float] = []
+        self.thread_ids: set[int] = set()
+        self.entered = threading.Event()
+        self.fail_on = fail_on
+        self._gate = threading.Event()
+        if not hold:
+            self._gate.set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.called_at.append(time.monotonic())
+        self.thread_ids.add(threading.get_ident())
+        self.entered.set()
+        self._gate.wait(WAIT_S)
+        if self.fail_on in items:
+            raise ValueError(f"cannot run {self.fail_on!r}")
+        return [item * 10 for item in items]
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, WAIT_S), "run_batch was never called"
+
+
+def make_batcher(
+    model: object, *, max_batch_size: int = 8, delay_us: int = LONG_DELAY_US,
+    max_queue_size: int = 64, stats: list[BatchStats] | None = None, name: str = "",
+) -> DynamicBatcher[int, int]:
+    return DynamicBatcher(
+        model,
+        max_batch_size=max_batch_size,
+        max_queue_delay_microseconds=delay_us,
+        max_queue_size=max_queue_size,
+        name=name,
+        on_batch=None if stats is None else stats.append,
+    )
+
+
+def run(coroutine) -> object:
+    return asyncio.run(asyncio.wait_for(coroutine, WAIT_S))
+
+
+def test_concurrent_requests_coalesce_into_one_full_batch_dispatched_at_once():
+    model, stats = Model(), []
+    batcher = make_batcher(model, max_batch_size=4, stats=stats)
+
+    async def scenario():
+        start = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit(item) for item in (1, 2, 3, 4)))
+        elapsed = time.monotonic() - start
+        await batcher.close()
+        return results, elapsed
+
+    results, elapsed = run(scenario())
+    assert results == [10, 20, 30, 40]
+    assert model.batches == [[1, 2, 3, 4]]
+    assert elapsed < 1.0  # full: not held for the 10 s delay
+    (batch,) = stats
+    assert (batch.rows, batch.requests, batch.failed) == (4, 4, False)
+    assert len(batch.queue_seconds) == 4 and batch.run_seconds >= 0
+
+
+def test_batch_rows_never_exceed_max_batch_size_and_oversized_requests_run_alone():
+    model, stats = Model(), []
+    batcher = make_batcher(model, max_batch_size=4, delay_us=20_000, stats=stats)
+
+    async def scenario():
+        sized = [(1, 2), (2, 2), (3, 3), (4, 1), (5, 1), (6, 6), (7, 1)]
+        results = await asyncio.gather(*(batcher.submit(item, size) for item, size in sized))
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [10, 20, 30, 40, 50, 60, 70]
+    assert model.batches == [[1, 2], [3, 4], [5], [6], [7]]
+    assert [batch.rows for batch in stats] == [4, 4, 1, 6, 1]
+
+
+def test_lone_request_waits_for_the_queue_delay():
+    model, stats = Model(), []
+    batcher = make_batcher(model, delay_us=100_000, stats=stats)
+
+    async def scenario():
+        submitted_at = time.monotonic()
+        result = await batcher.submit(7)
+        await batcher.close()
+        return result, model.called_at[0] - submitted_at
+
+    result, waited = run(scenario())
+    assert result == 70
+    assert 0.09 <= waited < 1.0
+    assert 0.09 <= stats[0].queue_seconds[0] < 1.0
+
+
+def test_failed_batch_fails_only_its_own_requests():
+    model, stats = Model(fail_on=2), []
+    batcher = make_batcher(model, max_batch_size=2, stats=stats)
+
+    async def scenario():
+        results = await asyncio.gather(
+            *(batcher.submit(item) for item in (1, 2, 3, 4)), return_exceptions=True
+        )
+        await batcher.close()
+        return results
+
+    first, second, third, fourth = run(scenario())
+    assert isinstance(first, ValueError) and second is first
+    assert str(first) == "cannot run 2"
+    assert (third, fourth) == (30, 40)
+    assert model.batches == [[1, 2], [3, 4]]
+    assert [batch.failed for batch in stats] == [True, False]
+
+
+def test_wrong_number_of_results_fails_the_whole_batch():
+    batches = []
+
+    def drops_the_last(items: list[int]) -> list[int]:
+        batches.append(items)
+        return items[:-1]
+
+    batcher = make_batcher(drops_the_last, max_batch_size=2)
+
+    async def scenario():
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = run(scenario())
+    assert batches == [[1, 2]]
+    for result in results:
+        assert isinstance(result, RuntimeError)
+        assert "1 results for 2 requests" in str(result)
+
+
+def test_full_queue_refuses_at_once_while_queued_requests_still_complete():
+    model = Model(hold=True)
+    batcher = make_batcher(model, max_batch_size=1, max_queue_size=2, name="resnet")
+
+    async def scenario():
+        running = asyncio.create_task(batcher.submit(0))
+        await model.wait_entered()  # 0 is dispatched: no longer pending
+        queued = [asyncio.create_task(batcher.submit(item)) for item in (1, 2)]
+        await asyncio.sleep(0)
+        assert batcher.pending == 2
+        with pytest.raises(QueueFull, match=r"'resnet' queue is full \(2 pending\); retry later"):
+            await batcher.submit(3)
+        model.release()
+        results = await asyncio.gather(running, *queued)
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [0, 10, 20]
+    assert model.batches == [[0], [1], [2]]
+
+
+def test_expired_deadline_is_never_run():
+    model = Model(hold=True)
+    batcher = make_batcher(model, max_batch_size=1)
+
+    async def scenario():
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(9, deadline=time.monotonic() - 1)
+        running = asyncio.create_task(batcher.submit(0))
+        await model.wait_entered()
+        expiring = asyncio.create_task(batcher.submit(1, deadline=time.monotonic() + 0.05))
+        await asyncio.sleep(0.1)  # expires while 0 holds the model
+        model.release()
+        assert await running == 0
+        with pytest.raises(DeadlineExceeded):
+            await expiring
+        await batcher.close()
+
+    run(scenario())
+    assert model.batches == [[0]]
+
+
+def test_cancelled_submit_is_withdrawn_and_never_run():
+    model = Model(hold=True)
+    batcher = make_batcher(model, max_batch_size=1)
+
+    async def scenario():
+        running = asyncio.create_task(batcher.submit(0))
+        await model.wait_entered()
+        abandoned = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0)
+        assert batcher.pending == 1
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        assert batcher.pending == 0
+        later = asyncio.create_task(batcher.submit(2))
+        model.release()
+        results = await asyncio.gather(running, later)
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [0, 20]
+    assert model.batches == [[0], [2]]
+
+
+def test_close_drains_running_and_queued_work_then_refuses_new_work():
+    model = Model(hold=True)
+    batcher = make_batcher(model, max_batch_size=1)
+
+    async def scenario():
+        running = asyncio.create_task(batcher.submit(0))
+        await model.wait_entered()
+        queued = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(2)
+        model.release()
+        await closing  # the 10 s queue delay is not waited for
+        assert running.done() and queued.done()
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(3)
+        return running.result(), queued.result()
+
+    assert run(scenario()) == (0, 10)
+    assert model.batches == [[0], [1]]
+
+
+def test_run_batch_runs_off_the_event_loop_thread():
+    model = Model()
+    batcher = make_batcher(model, delay_us=0)
+
+    async def scenario():
+        await asyncio.gather(*(batcher.submit(item) for item in range(20)))
+        await batcher.close()
+
+    run(scenario())
+    assert model.thread_ids and threading.get_ident() not in model.thread_ids
+
+
+def test_failing_on_batch_callback_does_not_fail_requests():
+    def broken_metrics(stats: BatchStats) -> None:
+        raise RuntimeError("metrics backend down")
+
+    batcher = DynamicBatcher(
+        Model(), max_batch_size=2, max_queue_delay_microseconds=0, max_queue_size=4,
+        on_batch=broken_metrics,
+    )
+
+    async def scenario():
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(2))
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [10, 20]
