@@ -1,0 +1,160 @@
+"""The typed explain API servicer (``gradcam.v1.GradCam``): converts messages to service calls
+and back; all logic lives in `GradCamService`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+
+from gradcam_client.overlay import COLORMAPS, overlay
+from gradcam_proto import gradcam_pb2 as pb
+from gradcam_proto import gradcam_pb2_grpc as pb_grpc
+
+from .errors import InvalidInput
+from .metrics import Metrics
+from .model import METHODS
+from .preprocess import decode_image
+from .service import ClassMap, GradCamService
+from .transport import deadline_of, rpc
+
+METHOD_NAMES = {pb.METHOD_GRADCAM: "gradcam"}
+METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
+DEFAULT_PREDICTIONS = 5
+DEFAULT_CHANNELS = 10
+DEFAULT_OPACITY = 0.5
+
+
+class GradCamServicer(pb_grpc.GradCamServicer):
+    def __init__(self, service: GradCamService, metrics: Metrics) -> None:
+        self.service = service
+        self.metrics = metrics
+
+    @rpc("explain")
+    async def Explain(self, request: pb.ExplainRequest, context, labels) -> pb.ExplainResponse:
+        started = time.perf_counter()
+        model = self.service.model(request.model)
+        labels["model"] = model.name
+        method = _method_name(request.method)
+        labels["method"] = method or model.config.method
+        options = request.options
+        if options.num_predictions < 0 or options.num_channels < 0:
+            raise InvalidInput("num_predictions and num_channels must not be negative")
+        if options.colormap and options.colormap not in COLORMAPS:
+            raise InvalidInput(
+                f"unknown colormap {options.colormap!r}; available: {', '.join(COLORMAPS)}"
+            )
+        if not 0 <= options.overlay_opacity <= 1:
+            raise InvalidInput(f"overlay_opacity must be in [0, 1], got {options.overlay_opacity}")
+        images = [_image(image, index) for index, image in enumerate(request.images)]
+        target = request.target.WhichOneof("kind")
+        explained = await self.service.explain(
+            model,
+            images,
+            method=method,
+            class_index=request.target.class_index if target == "class_index" else None,
+            top_k=request.target.top_k if target == "top_k" else None,
+            layer=request.layer or None,
+            num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
+            num_channels=options.num_channels or DEFAULT_CHANNELS,
+            deadline=deadline_of(context),
+        )
+        response = pb.ExplainResponse(
+            model=model.name, layer=explained.layer, method=METHOD_ENUMS[explained.method]
+        )
+        for image, explanation in zip(images, explained.explanations):
+            message = response.explanations.add()
+            for class_map in explanation.maps:
+                message.heatmaps.append(_heatmap(class_map))
+            for p in explanation.predictions:
+                message.predictions.add(
+                    class_index=p.class_index, label=p.label, score=p.score, logit=p.logit
+                )
+            if options.overlay and isinstance(image, bytes):
+                message.overlay_png = await asyncio.to_thread(
+                    _overlay_png, image, explanation.maps[0].heatmap, options
+                )
+        response.timings.preprocess_seconds = explained.preprocess_seconds
+        response.timings.queue_seconds = explained.queue_seconds
+        response.timings.inference_seconds = explained.inference_seconds
+        response.timings.total_seconds = time.perf_counter() - started
+        return response
+
+    @rpc("explain")
+    async def ListModels(self, request, context, labels) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelStatus(name=s.name, ready=s.ready, reason=s.reason)
+                for s in self.service.repository.statuses()
+            ]
+        )
+
+    @rpc("explain")
+    async def GetModelInfo(self, request, context, labels) -> pb.ModelInfo:
+        model = self.service.model(request.model)
+        labels["model"] = model.name
+        prep = model.config.preprocessing
+        return pb.ModelInfo(
+            name=model.name,
+            input=model.input.name,
+            input_shape=list(model.input.shape),
+            input_size=list(model.input_hw),
+            outputs=[o.name for o in model.outputs],
+            layer=model.default_layer,
+            layer_shape=[-1, *model.layer_shape],
+            num_classes=model.num_classes,
+            has_labels=model.labels is not None,
+            max_batch_size=model.max_batch_size,
+            methods=[METHOD_ENUMS[m] for m in METHODS],
+            mean=list(prep.mean),
+            std=list(prep.std),
+        )
+
+
+def _method_name(method: int) -> str | None:
+    if method == pb.METHOD_UNSPECIFIED:
+        return None
+    if method not in METHOD_NAMES:
+        raise InvalidInput(f"unknown method {method}")
+    return METHOD_NAMES[method]
+
+
+def _image(image: pb.Image, index: int) -> bytes | np.ndarray:
+    kind = image.WhichOneof("source")
+    if kind == "encoded":
+        return image.encoded
+    if kind == "tensor":
+        shape = tuple(image.tensor.shape)
+        count = int(np.prod(shape)) if shape else 0
+        if len(shape) != 3 or count * 4 != len(image.tensor.data):
+            raise InvalidInput(
+                f"image {index}: a tensor must be [C, H, W] float32 with 4 bytes per value; "
+                f"got shape {list(shape)} and {len(image.tensor.data)} bytes"
+            )
+        return np.frombuffer(image.tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
+    raise InvalidInput(f"image {index} is empty: set encoded or tensor")
+
+
+def _heatmap(class_map: ClassMap) -> pb.Heatmap:
+    height, width = class_map.heatmap.shape
+    return pb.Heatmap(
+        class_index=class_map.class_index,
+        label=class_map.label,
+        height=height,
+        width=width,
+        data=np.ascontiguousarray(class_map.heatmap, dtype="<f4").tobytes(),
+        channels=[pb.ChannelImportance(channel=c, weight=w) for c, w in class_map.channels],
+    )
+
+
+def _overlay_png(data: bytes, heatmap: np.ndarray, options: pb.ExplainOptions) -> bytes:
+    image = decode_image(data)
+    blended = overlay(
+        image.convert("RGB"), heatmap, colormap=options.colormap or "jet",
+        opacity=options.overlay_opacity or DEFAULT_OPACITY,
+    )
+    buffer = io.BytesIO()
+    blended.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,269 @@
+"""KServe v2 / Open Inference Protocol servicer (``inference.GRPCInferenceService``).
+
+Contract, for every model:
+
+- inputs: the model's own input tensor by name (FP32, preprocessed, as the graph expects) or
+  ``image`` (BYTES [N], one encoded JPEG/PNG/WebP/BMP per item, preprocessed by the server; all
+  of one pixel size); optional ``target_class`` (INT64 [N]; -1 or absent: the top-1 class);
+- parameters: ``method`` (string, default the model's, "gradcam") and ``target_layer`` (a tensor
+  name of the graph; default from the config or detected);
+- outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
+  size of what was sent). No requested outputs means all of them. A request for the model's own
+  outputs only runs the plain forward graph.
+
+Tensors may come as typed contents or as raw_input_contents (little-endian; BYTES elements with
+a 4-byte length prefix, as tritonclient sends them); outputs go back as raw_output_contents.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from gradcam_proto import grpc_service_pb2 as pb
+from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
+
+from . import __version__
+from .augment.passes import NAMES
+from .errors import InvalidInput
+from .metrics import Metrics
+from .model import ServedModel
+from .service import GradCamService, resize_heatmap
+from .transport import deadline_of, rpc
+
+IMAGE_INPUT = "image"
+HEATMAP_OUTPUT = NAMES.heatmap
+TARGET_CLASS_INPUT = NAMES.target_class
+SERVER_NAME = "gradcam"
+
+_DTYPES = {
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "INT64": np.dtype("<i8"),
+    "INT32": np.dtype("<i4"),
+    "UINT8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_CONTENTS_FIELD = {
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "UINT8": "uint_contents",
+    "BOOL": "bool_contents",
+    "BYTES": "bytes_contents",
+}
+_KNOWN_PARAMETERS = {"method", "target_layer"}
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: GradCamService, metrics: Metrics) -> None:
+        self.service = service
+        self.repository = service.repository
+        self.metrics = metrics
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.repository.ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            self.repository.get(request.name)
+        except Exception:  # noqa: BLE001 - not found or not loaded: not ready
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    @rpc("kserve")
+    async def ModelMetadata(self, request, context, labels):
+        model = self.service.model(request.name)
+        labels["model"] = model.name
+        return model_metadata(model)
+
+    @rpc("kserve")
+    async def ModelInfer(self, request, context, labels):
+        model = self.service.model(request.model_name)
+        labels["model"] = model.name
+        parameters = _parameters(request.parameters)
+        labels["method"] = parameters.get("method") or model.config.method
+        return await self._infer(model, request, parameters, deadline_of(context))
+
+    async def _infer(
+        self, model: ServedModel, request, parameters: dict[str, str], deadline: float | None
+    ) -> pb.ModelInferResponse:
+        inputs = decode_inputs(request)
+        available = [o.name for o in model.outputs] + [HEATMAP_OUTPUT]
+        requested = [o.name for o in request.outputs] or available
+        unknown = [name for name in requested if name not in available]
+        if unknown:
+            raise InvalidInput(
+                f"unknown output {unknown[0]!r}; the model has {', '.join(available)}"
+            )
+        expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT}
+        for name in inputs:
+            if name not in expected:
+                raise InvalidInput(
+                    f"unknown input {name!r}; send {model.input.name!r} (FP32 tensor) or "
+                    f"{IMAGE_INPUT!r} (BYTES, encoded images), and optionally "
+                    f"{TARGET_CLASS_INPUT!r} (INT64)"
+                )
+        if (model.input.name in inputs) == (IMAGE_INPUT in inputs):
+            raise InvalidInput(
+                f"send exactly one of {model.input.name!r} (FP32 tensor) and "
+                f"{IMAGE_INPUT!r} (BYTES, encoded images)"
+            )
+        sizes = None
+        if IMAGE_INPUT in inputs:
+            images = inputs[IMAGE_INPUT]
+            if not isinstance(images, list) or not images:
+                raise InvalidInput(f"input {IMAGE_INPUT!r} must be BYTES holding at least one image")
+            x, sizes = await self.service.images_to_tensor(model, images)
+            if len(set(sizes)) > 1:
+                shown = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
+                raise InvalidInput(
+                    f"images in one request must share one pixel size (got {shown}); send them "
+                    "in separate requests or use the typed Explain API, which takes mixed sizes"
+                )
+        else:
+            x = inputs[model.input.name]
+            if isinstance(x, list):
+                raise InvalidInput(f"input {model.input.name!r} must be FP32, got BYTES")
+            self.service.check_tensor(model, x, f"input {model.input.name!r}")
+        target_class = inputs.get(TARGET_CLASS_INPUT)
+        if isinstance(target_class, list):
+            raise InvalidInput(f"{TARGET_CLASS_INPUT!r} must be INT64, got BYTES")
+        explain = HEATMAP_OUTPUT in requested
+        result = await self.service.run(
+            model,
+            x,
+            explain=explain,
+            target_class=target_class,
+            method=parameters.get("method"),
+            layer=parameters.get("target_layer"),
+            deadline=deadline,
+        )
+        outputs = dict(result.outputs)
+        if explain and sizes is not None:
+            outputs[HEATMAP_OUTPUT] = np.stack(
+                [resize_heatmap(m, size) for m, size in zip(outputs[HEATMAP_OUTPUT], sizes)]
+            )
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version="1", id=request.id
+        )
+        for name in requested:
+            value = np.ascontiguousarray(outputs[name])
+            datatype = _datatype_of(value.dtype)
+            response.outputs.append(
+                pb.ModelInferResponse.InferOutputTensor(
+                    name=name, datatype=datatype, shape=list(value.shape)
+                )
+            )
+            response.raw_output_contents.append(value.astype(_DTYPES[datatype]).tobytes())
+        return response
+
+
+def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
+    TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=["1"],
+        platform="onnxruntime_onnx",
+        inputs=[
+            TensorMetadata(name=model.input.name, datatype="FP32", shape=list(model.input.shape)),
+            TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
+            TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),
+        ],
+        outputs=[
+            *[TensorMetadata(name=o.name, datatype="FP32", shape=list(o.shape))
+              for o in model.outputs],
+            TensorMetadata(name=HEATMAP_OUTPUT, datatype="FP32", shape=[-1, -1, -1]),
+        ],
+    )
+
+
+def decode_inputs(request) -> dict[str, np.ndarray | list[bytes]]:
+    """Input tensors by name: numpy arrays, or lists of bytes for BYTES tensors."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs"
+        )
+    decoded: dict[str, np.ndarray | list[bytes]] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in decoded:
+            raise InvalidInput(f"input {tensor.name!r} is given twice")
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input {tensor.name!r} has a negative dimension {list(shape)}")
+        count = int(np.prod(shape)) if shape else 1
+        if tensor.datatype == "BYTES":
+            items = (
+                _split_bytes(raw[index], tensor.name) if raw
+                else list(tensor.contents.bytes_contents)
+            )
+            if len(items) != count:
+                raise InvalidInput(
+                    f"input {tensor.name!r} holds {len(items)} elements for shape {list(shape)}"
+                )
+            decoded[tensor.name] = items
+            continue
+        dtype = _DTYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidInput(
+                f"input {tensor.name!r} has unsupported datatype {tensor.datatype!r}"
+            )
+        if raw:
+            data = raw[index]
+            if len(data) != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input {tensor.name!r}: {len(data)} bytes do not hold {tensor.datatype} "
+                    f"{list(shape)}"
+                )
+            array = np.frombuffer(data, dtype=dtype)
+        else:
+            values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
+            if len(values) != count:
+                raise InvalidInput(
+                    f"input {tensor.name!r} holds {len(values)} values for shape {list(shape)}"
+                )
+            array = np.asarray(values, dtype=dtype)
+        decoded[tensor.name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return decoded
+
+
+def _split_bytes(data: bytes, name: str) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise InvalidInput(f"input {name!r}: BYTES element length prefix is cut off")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidInput(f"input {name!r}: BYTES element runs past the end of the data")
+        items.append(data[offset:offset + length])
+        offset += length
+    return items
+
+
+def _parameters(parameters) -> dict[str, str]:
+    values = {}
+    for key in _KNOWN_PARAMETERS:
+        if key in parameters:
+            parameter = parameters[key]
+            if parameter.WhichOneof("parameter_choice") != "string_param":
+                raise InvalidInput(f"parameter {key!r} must be a string")
+            if parameter.string_param:
+                values[key] = parameter.string_param
+    return values
+
+
+def _datatype_of(dtype: np.dtype) -> str:
+    for name, known in _DTYPES.items():
+        if np.dtype(dtype).newbyteorder("<") == known or np.dtype(dtype) == known:
+            return name
+    raise TypeError(f"no KServe datatype for {dtype}")

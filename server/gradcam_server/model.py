@@ -1,0 +1,170 @@
+"""One served model: its sessions (plain forward, and one augmented graph per target layer),
+its preprocessing, and the facts clients may ask about it.
+
+Everything here is synchronous and thread-safe: the batchers call `forward` and `explain` from
+their worker threads, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .augment import AugmentError, augment_model, load_model
+from .augment.passes import NAMES
+from .augment.targets import image_input, spatial_axes
+from .config import ModelConfig, read_config
+from .errors import InvalidInput
+from .runtime import RuntimeOptions, create_session
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+METHODS = ("gradcam",)
+DEFAULT_MAX_BATCH_SIZE = 8
+_CACHED_LAYERS = 4  # augmented sessions kept for non-default layers
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # -1 where the graph leaves a dimension free
+
+
+class ServedModel:
+    """A model folder, loaded, augmented for its default layer and warmed up."""
+
+    def __init__(self, name: str, folder: Path, runtime: RuntimeOptions) -> None:
+        self.name = name
+        self.runtime = runtime
+        self._proto = load_model(folder / MODEL_FILE)
+        image = image_input(self._proto)
+        self.input = TensorInfo(image.name, _dims(image))
+        graph_size = tuple(self.input.shape[axis] for axis in spatial_axes(image))
+        self.config: ModelConfig = read_config(
+            folder, graph_size if all(d > 0 for d in graph_size) else None
+        )
+        if self.config.input and self.config.input != image.name:
+            raise AugmentError(
+                f"config input {self.config.input!r} is not the graph's image input {image.name!r}"
+            )
+        self.score_output = self.config.score_output or self._proto.graph.output[0].name
+        self.outputs = tuple(
+            TensorInfo(o.name, _dims(o)) for o in self._proto.graph.output
+        )
+        self.fixed_batch = self.input.shape[0] if self.input.shape[0] > 0 else None
+        self.max_batch_size = self.fixed_batch or self.config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+
+        self._forward = create_session(self._proto, runtime)
+        self._lock = threading.Lock()
+        self._explainers: OrderedDict[str, ort.InferenceSession] = OrderedDict()
+        augmented = augment_model(
+            self._proto, layer=self.config.target_layer, output=self.score_output
+        )
+        self.default_layer = _exposed_layer(augmented)
+        self._default_explainer = create_session(augmented, runtime)
+        del augmented
+        self.providers = tuple(self._forward.get_providers())
+        self.num_classes, self.layer_shape = self._warm_up()
+        if self.config.labels is not None and len(self.config.labels) != self.num_classes:
+            raise AugmentError(
+                f"labels list {len(self.config.labels)} names for {self.num_classes} classes"
+            )
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.config.labels
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels else ""
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(H, W) the graph is fed at: images are resized to this."""
+        return self.config.preprocessing.size
+
+    def validate_method(self, method: str | None) -> str:
+        method = method or self.config.method
+        if method not in METHODS:
+            raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        return method
+
+    # -- running -----------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The plain graph's outputs for a batch [N, ...] of preprocessed images."""
+        return self._run(self._forward, {self.input.name: x})
+
+    def explain(self, x: np.ndarray, target_class: np.ndarray, layer: str | None) -> dict:
+        """The augmented graph's outputs: the model's own, activations, gradients, heatmap."""
+        feeds = {self.input.name: x, NAMES.target_class: target_class}
+        return self._run(self.explainer(layer), feeds)
+
+    def explainer(self, layer: str | None) -> ort.InferenceSession:
+        """The augmented session for `layer` (built on first use; InvalidInput if it can't be)."""
+        if layer is None or layer == self.default_layer:
+            return self._default_explainer
+        with self._lock:
+            if layer in self._explainers:
+                self._explainers.move_to_end(layer)
+                return self._explainers[layer]
+            try:
+                augmented = augment_model(self._proto, layer=layer, output=self.score_output)
+            except AugmentError as error:
+                raise InvalidInput(f"target layer: {error}") from error
+            session = create_session(augmented, self.runtime)
+            self._explainers[layer] = session
+            if len(self._explainers) > _CACHED_LAYERS:
+                self._explainers.popitem(last=False)
+            return session
+
+    def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict:
+        """Run `feeds` (all [N, ...]); a graph with a fixed batch runs them chunk by chunk,
+        the last chunk padded with copies of its first row."""
+        n = len(next(iter(feeds.values())))
+        names = [o.name for o in session.get_outputs()]
+        if self.fixed_batch is None or n == self.fixed_batch:
+            return dict(zip(names, session.run(names, feeds)))
+        chunks = []
+        for start in range(0, n, self.fixed_batch):
+            part = {k: v[start:start + self.fixed_batch] for k, v in feeds.items()}
+            rows = len(next(iter(part.values())))
+            if rows < self.fixed_batch:
+                part = {k: _pad_rows(v, self.fixed_batch) for k, v in part.items()}
+            chunks.append([out[:rows] for out in session.run(names, part)])
+        return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
+
+    def _warm_up(self) -> tuple[int, tuple[int, ...]]:
+        """One run of each session; returns the class count and the default layer's shape."""
+        height, width = self.input_hw
+        channels = self.input.shape[1] if self.input.shape[1] > 0 else 3
+        batch = self.fixed_batch or 1
+        if self.config.preprocessing.layout == "NHWC":
+            x = np.zeros((batch, height, width, self.input.shape[3]), dtype=np.float32)
+        else:
+            x = np.zeros((batch, channels, height, width), dtype=np.float32)
+        scores = self.forward(x)[self.score_output]
+        explained = self.explain(x, np.full(batch, -1, dtype=np.int64), None)
+        return int(scores.shape[1]), tuple(explained[NAMES.activations].shape[1:])
+
+
+def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim
+    )
+
+
+def _exposed_layer(augmented: onnx.ModelProto) -> str:
+    return next(n for n in augmented.graph.node if list(n.output) == [NAMES.activations]).input[0]
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    missing = rows - len(array)
+    return np.concatenate([array, np.repeat(array[:1], missing, axis=0)])

@@ -1,0 +1,97 @@
+"""The model repository: every ``<root>/<name>/model.onnx``, loaded in the background.
+
+A folder that fails to load (bad graph, bad config, no rule for an op on the gradient path) is
+kept with its reason and reported as not ready; it never stops the others. Model names are the
+folder names found at start-up and nothing else: a requested name is only ever looked up in that
+table, never joined to a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .augment import AugmentError
+from .config import ConfigError
+from .errors import ModelNotFound, ModelNotReady
+from .model import MODEL_FILE, ServedModel
+from .runtime import RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+_NAME_SHOWN = 64  # characters of an unknown name echoed back in an error
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    ready: bool
+    reason: str = ""
+
+
+class ModelRepository:
+    def __init__(self, root: Path, runtime: RuntimeOptions) -> None:
+        if not root.is_dir():
+            raise FileNotFoundError(f"model repository {root} is not a directory")
+        self.root = root
+        self.runtime = runtime
+        self.names = tuple(
+            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        )
+        self._models: dict[str, ServedModel] = {}
+        self._failures: dict[str, str] = {}
+        self._loaded = threading.Event()
+
+    def load_all(self) -> None:
+        """Load every folder (blocking); afterwards `loaded` is set."""
+        for name in self.names:
+            try:
+                self._models[name] = self._load(name)
+                log.info("model %s ready (layer %r)", name, self._models[name].default_layer)
+            except (AugmentError, ConfigError, FileNotFoundError) as error:
+                self._failures[name] = str(error)
+                log.error("model %s failed to load: %s", name, error)
+            except Exception as error:  # noqa: BLE001 - one bad folder must not stop the rest
+                self._failures[name] = f"failed to load ({type(error).__name__})"
+                log.exception("model %s failed to load", name)
+        self._loaded.set()
+
+    def _load(self, name: str) -> ServedModel:
+        folder = self.root / name
+        if not (folder / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in the model folder")
+        return ServedModel(name, folder, self.runtime)
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    def ready(self) -> bool:
+        """Loading has finished and at least one model serves."""
+        return self.loaded and bool(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        if name in self._models:
+            return self._models[name]
+        if name in self._failures:
+            raise ModelNotReady(f"model {name!r} is not ready: {self._failures[name]}")
+        if name in self.names:
+            raise ModelNotReady(f"model {name!r} is still loading")
+        shown = name if len(name) <= _NAME_SHOWN else name[:_NAME_SHOWN] + "..."
+        raise ModelNotFound(f"unknown model {shown!r}")
+
+    def statuses(self) -> list[ModelStatus]:
+        result = []
+        for name in self.names:
+            if name in self._models:
+                result.append(ModelStatus(name, True))
+            elif name in self._failures:
+                result.append(ModelStatus(name, False, self._failures[name]))
+            else:
+                result.append(ModelStatus(name, False, "loading"))
+        return result
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())

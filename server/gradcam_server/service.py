@@ -1,0 +1,354 @@
+"""The transport-agnostic core both gRPC APIs call: validation, preprocessing, batching, and
+turning graph outputs into explanations. It knows the repository and nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .augment.passes import NAMES
+from .batching import BatchStats, DynamicBatcher
+from .errors import InvalidInput
+from .model import ServedModel
+from .preprocess import decode_image, to_tensor
+from .repository import ModelRepository
+
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_IMAGES_PER_REQUEST = 64
+
+
+@dataclass
+class _Call:
+    """One request's rows, queued in a batcher."""
+
+    x: np.ndarray
+    target_class: np.ndarray | None
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outputs: dict[str, np.ndarray]
+    queue_seconds: float
+    run_seconds: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    label: str
+    score: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """One heatmap at the image's own size, for one class, with its channel importances."""
+
+    class_index: int
+    label: str
+    heatmap: np.ndarray  # float32 [height, width] in [0, 1]
+    channels: tuple[tuple[int, float], ...]  # (channel, weight), most important first
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    maps: tuple[ClassMap, ...]
+    predictions: tuple[Prediction, ...]
+
+
+@dataclass(frozen=True)
+class Explained:
+    explanations: tuple[ImageExplanation, ...]
+    layer: str
+    method: str
+    preprocess_seconds: float
+    queue_seconds: float
+    inference_seconds: float
+
+
+class GradCamService:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        on_batch=None,
+    ) -> None:
+        self.repository = repository
+        self.max_pixels = max_pixels
+        self._on_batch = on_batch  # (model name, graph, BatchStats) -> None
+        self._batchers: dict[tuple, DynamicBatcher] = {}
+
+    def model(self, name: str) -> ServedModel:
+        return self.repository.get(name)
+
+    # -- inputs ------------------------------------------------------------------------------
+    async def images_to_tensor(
+        self, model: ServedModel, images: Sequence[bytes]
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Decode and preprocess encoded images (off the event loop): [N, ...] at the model's
+        size, and each image's own (width, height)."""
+        _check_count(len(images))
+
+        def prepare() -> tuple[np.ndarray, list[tuple[int, int]]]:
+            tensors, sizes = [], []
+            for index, data in enumerate(images):
+                try:
+                    image = decode_image(data, self.max_pixels)
+                except InvalidInput as error:
+                    raise InvalidInput(f"image {index}: {error}") from error
+                sizes.append(image.size)
+                tensors.append(to_tensor(image, model.config.preprocessing))
+            return np.stack(tensors), sizes
+
+        return await asyncio.to_thread(prepare)
+
+    def check_tensor(self, model: ServedModel, x: np.ndarray, what: str) -> None:
+        """The tensor must be float32 [N, ...] matching the graph's input where it is fixed,
+        and finite."""
+        expected = model.input.shape
+        if x.dtype != np.float32:
+            raise InvalidInput(f"{what} must be FP32, got {x.dtype}")
+        if x.ndim != len(expected):
+            raise InvalidInput(
+                f"{what} must have rank {len(expected)} {_shape(expected)}, got shape {_shape(x.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(expected, x.shape)):
+            if axis == 0:
+                continue
+            if (want > 0 and got != want) or got == 0:
+                raise InvalidInput(
+                    f"{what} has shape {_shape(x.shape)}; the model expects {_shape(expected)}"
+                )
+        _check_count(x.shape[0])
+        if x.shape[0] == 0:
+            raise InvalidInput(f"{what} holds no image (batch dimension 0)")
+        if not np.isfinite(x).all():
+            raise InvalidInput(f"{what} contains NaN or Inf values")
+
+    def check_target_class(
+        self, model: ServedModel, target_class: np.ndarray | None, rows: int
+    ) -> np.ndarray:
+        """INT64 [N]: c in [0, classes) explains class c, -1 the top-1 class (-r the r-th)."""
+        if target_class is None:
+            return np.full(rows, -1, dtype=np.int64)
+        target_class = np.asarray(target_class)
+        if target_class.dtype != np.int64:
+            raise InvalidInput(f"target_class must be INT64, got {target_class.dtype}")
+        if target_class.shape != (rows,):
+            raise InvalidInput(
+                f"target_class must have shape [{rows}] (one per image), "
+                f"got {_shape(target_class.shape)}"
+            )
+        bad = (target_class >= model.num_classes) | (target_class < -model.num_classes)
+        if bad.any():
+            raise InvalidInput(
+                f"target_class {int(target_class[bad][0])} is out of range: the model has "
+                f"{model.num_classes} classes (0..{model.num_classes - 1}, or -1 for the top one)"
+            )
+        return target_class
+
+    # -- running -----------------------------------------------------------------------------
+    async def run(
+        self,
+        model: ServedModel,
+        x: np.ndarray,
+        *,
+        explain: bool,
+        target_class: np.ndarray | None = None,
+        method: str | None = None,
+        layer: str | None = None,
+        deadline: float | None = None,
+    ) -> RunResult:
+        """Run a validated batch through the model's batcher: the plain graph, or (explain)
+        the augmented graph for `layer`."""
+        graph = model.validate_method(method) if explain else "forward"
+        if explain:
+            target_class = self.check_target_class(model, target_class, len(x))
+            layer = layer or model.default_layer
+            if layer != model.default_layer:  # built on first use; InvalidInput if it can't be
+                await asyncio.to_thread(model.explainer, layer)
+        key = (model.name, graph, layer, x.shape[1:])
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = self._batchers[key] = self._make_batcher(model, graph, layer)
+        return await batcher.submit(_Call(x, target_class), size=len(x), deadline=deadline)
+
+    def _make_batcher(self, model: ServedModel, graph: str, layer: str | None):
+        def run_batch(calls: list[_Call]) -> list[RunResult]:
+            start = time.perf_counter()
+            x = np.concatenate([c.x for c in calls]) if len(calls) > 1 else calls[0].x
+            if graph != "forward":
+                classes = np.concatenate([c.target_class for c in calls])
+                outputs = model.explain(x, classes, layer)
+            else:
+                outputs = model.forward(x)
+            run_seconds = time.perf_counter() - start
+            results, row = [], 0
+            for call in calls:
+                rows = slice(row, row + len(call.x))
+                row += len(call.x)
+                results.append(
+                    RunResult(
+                        {name: value[rows] for name, value in outputs.items()},
+                        queue_seconds=start - call.submitted,
+                        run_seconds=run_seconds,
+                    )
+                )
+            return results
+
+        def on_batch(stats: BatchStats) -> None:
+            if self._on_batch is not None:
+                self._on_batch(model.name, graph, stats)
+
+        return DynamicBatcher(
+            run_batch,
+            max_batch_size=model.max_batch_size,
+            max_queue_delay_microseconds=model.config.max_queue_delay_microseconds,
+            max_queue_size=model.config.max_queue_size,
+            name=model.name,
+            on_batch=on_batch,
+        )
+
+    async def close(self) -> None:
+        """Stop taking work and finish what is queued or running."""
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+
+    # -- the typed explain API ---------------------------------------------------------------
+    async def explain(
+        self,
+        model: ServedModel,
+        images: Sequence[bytes | np.ndarray],
+        *,
+        method: str | None = None,
+        class_index: int | None = None,
+        top_k: int | None = None,
+        layer: str | None = None,
+        num_predictions: int = 5,
+        num_channels: int = 10,
+        deadline: float | None = None,
+    ) -> Explained:
+        """Explain images of any sizes: encoded images are preprocessed to the model's size,
+        tensors ([C, H, W]) are taken as they are; images of one shape share a batch."""
+        if not images:
+            raise InvalidInput("the request holds no image")
+        _check_count(len(images))
+        method = model.validate_method(method)
+        if top_k is not None and not 1 <= top_k <= min(model.num_classes, 20):
+            raise InvalidInput(f"top_k must be in 1..{min(model.num_classes, 20)}, got {top_k}")
+        if class_index is not None:
+            self.check_target_class(model, np.array([class_index], dtype=np.int64), 1)
+        ranks = top_k or 1
+        started = time.perf_counter()
+        tensors, sizes = await self._prepare_mixed(model, images)
+        preprocess_seconds = time.perf_counter() - started
+
+        groups: dict[tuple, list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            groups.setdefault(tensor.shape, []).append(index)
+        calls = []
+        for indices in groups.values():
+            x = np.repeat(np.stack([tensors[i] for i in indices]), ranks, axis=0)
+            if class_index is not None:
+                classes = np.full(len(x), class_index, dtype=np.int64)
+            else:
+                classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
+            calls.append(
+                self.run(model, x, explain=True, target_class=classes, method=method,
+                         layer=layer, deadline=deadline)
+            )
+        results = await asyncio.gather(*calls)
+
+        explanations: list[ImageExplanation | None] = [None] * len(images)
+        for indices, result in zip(groups.values(), results):
+            for position, index in enumerate(indices):
+                rows = slice(position * ranks, (position + 1) * ranks)
+                explanations[index] = self._explanation(
+                    model, result.outputs, rows, sizes[index], class_index,
+                    num_predictions, num_channels,
+                )
+        return Explained(
+            explanations=tuple(explanations),
+            layer=layer or model.default_layer,
+            method=method,
+            preprocess_seconds=preprocess_seconds,
+            queue_seconds=max(r.queue_seconds for r in results),
+            inference_seconds=sum(r.run_seconds for r in results),
+        )
+
+    async def _prepare_mixed(
+        self, model: ServedModel, images: Sequence[bytes | np.ndarray]
+    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        encoded = [i for i, image in enumerate(images) if isinstance(image, bytes)]
+        tensors: list[np.ndarray | None] = [None] * len(images)
+        sizes: list[tuple[int, int] | None] = [None] * len(images)
+        if encoded:
+            batch, encoded_sizes = await self.images_to_tensor(model, [images[i] for i in encoded])
+            for position, index in enumerate(encoded):
+                tensors[index], sizes[index] = batch[position], encoded_sizes[position]
+        height_axis, width_axis = (1, 2) if model.config.preprocessing.layout == "NHWC" else (2, 3)
+        for index, image in enumerate(images):
+            if isinstance(image, bytes):
+                continue
+            self.check_tensor(model, image[None], f"image {index}")
+            tensors[index] = image
+            sizes[index] = (image.shape[width_axis - 1], image.shape[height_axis - 1])
+        return tensors, sizes
+
+    def _explanation(
+        self,
+        model: ServedModel,
+        outputs: dict[str, np.ndarray],
+        rows: slice,
+        size: tuple[int, int],
+        class_index: int | None,
+        num_predictions: int,
+        num_channels: int,
+    ) -> ImageExplanation:
+        logits = outputs[model.score_output][rows][0].astype(np.float64)
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        order = np.argsort(-logits, kind="stable")
+        predictions = tuple(
+            Prediction(int(c), model.label(int(c)), float(probabilities[c]), float(logits[c]))
+            for c in order[:num_predictions]
+        )
+        weights = outputs[NAMES.gradients][rows].mean(axis=(2, 3))
+        maps = []
+        for rank, heatmap in enumerate(outputs[NAMES.heatmap][rows]):
+            explained = class_index if class_index is not None else int(order[rank])
+            top = np.argsort(-weights[rank], kind="stable")[:num_channels]
+            maps.append(
+                ClassMap(
+                    class_index=explained,
+                    label=model.label(explained),
+                    heatmap=resize_heatmap(heatmap, size),
+                    channels=tuple((int(c), float(weights[rank][c])) for c in top),
+                )
+            )
+        return ImageExplanation(tuple(maps), predictions)
+
+
+def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a [h, w] map to (width, height), clipped back into [0, 1]."""
+    if heatmap.shape[::-1] == tuple(size):
+        return heatmap.astype(np.float32, copy=False)
+    resized = Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _check_count(count: int) -> None:
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise InvalidInput(
+            f"a request may hold at most {MAX_IMAGES_PER_REQUEST} images, got {count}"
+        )
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"

@@ -1,0 +1,87 @@
+"""What both gRPC APIs share: domain errors mapped to status codes (the one place), request
+metrics, and deadlines.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+
+from .errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    QueueFull,
+    ServiceError,
+    ShuttingDown,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+UNKNOWN_MODEL = "unknown"
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in STATUS_OF:
+            return STATUS_OF[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as a `time.monotonic()` value, if it set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def rpc(api: str):
+    """Wrap a unary servicer method: count it, time it, and turn errors into statuses.
+
+    The servicer has a ``metrics`` attribute (`Metrics`). The wrapped method takes
+    (self, request, context, labels) and fills ``labels`` (a dict with
+    "model" and "method") as soon as it knows them, for the metrics; requests naming no served
+    model are counted under the model label "unknown", so clients cannot grow the label set. Service errors become their
+    status with their message; anything else becomes INTERNAL with a generic message and a
+    logged traceback.
+    """
+
+    def decorate(method):
+        @functools.wraps(method)
+        async def wrapper(self, request, context: grpc.aio.ServicerContext):
+            metrics: Metrics = self.metrics
+            labels = {"model": "", "method": ""}
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            message = ""
+            try:
+                return await method(self, request, context, labels)
+            except ServiceError as error:
+                code, message = status_of(error), str(error)
+            except Exception:  # noqa: BLE001 - never leak internals to a client
+                log.exception("%s failed", method.__qualname__)
+                code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+            finally:
+                model = labels["model"] or UNKNOWN_MODEL
+                metrics.requests.labels(model, api, labels["method"]).inc()
+                metrics.latency.labels(model, api).observe(time.perf_counter() - started)
+                if code != grpc.StatusCode.OK:
+                    metrics.errors.labels(model, api, code.name).inc()
+            await context.abort(code, message)
+
+        return wrapper
+
+    return decorate
