@@ -73,13 +73,28 @@ def test_last_layer_matches_torch(name: str, exporter: str, onnx_zoo) -> None:
     assert zoo.rel_l2(out["activations"], activations.numpy()) <= 1e-4
     assert zoo.rel_l2(out["gradients"], gradients.numpy()) <= 1e-4
     reference = torch_grad_cam(activations, gradients, x.shape[2:])
-    assert out["heatmap"].shape == reference.shape
-    for i in range(len(x)):
-        assert correlation(out["heatmap"][i], reference[i]) >= 0.999
+    assert_same_maps(out["heatmap"], reference)
+
+
+def assert_same_maps(heatmaps: np.ndarray, reference: np.ndarray) -> None:
+    """Correlation >= 0.999 per map; a map that ReLU flattens to zero (every weighted channel
+    sum negative, as random weights allow for a fixed class) must be flat in both."""
+    assert heatmaps.shape == reference.shape
+    informative = 0
+    for ours, theirs in zip(heatmaps, reference):
+        if np.ptp(theirs) == 0:
+            np.testing.assert_allclose(ours, theirs, atol=1e-6)
+            continue
+        assert correlation(ours, theirs) >= 0.999
+        informative += 1
+    assert informative >= 1, "no map carried any signal: the check would be vacuous"
 
 
 @pytest.mark.parametrize(("name", "exporter"), CASES)
 def test_deep_targets_match_float64_torch(name: str, exporter: str, onnx_zoo) -> None:
+    """Bound: 1e-2, or twice torch's own float32 error where float32 rounding alone costs more
+    (ReLU6 and ReLU masks that flip between float32 and float64 forwards: 1.3-1.5 % on
+    mobilenet_v2's mid block). No float32 implementation does better than that floor."""
     path = onnx_zoo(name, exporter)
     x = zoo.sample_batch(2)
     model32 = zoo.build_torch_model(name)
@@ -89,12 +104,18 @@ def test_deep_targets_match_float64_torch(name: str, exporter: str, onnx_zoo) ->
     classes = [int(zoo.torch_logits(name, x)[0].argmax()), EXPLICIT_CLASS]
 
     out = run_augmented(path, x, classes, layer=layer, input_gradients=True)
-    model64 = float64_model(name)
-    _, mid_gradients, input_gradients = torch_gradients(
-        zoo.torch_mid_split(name, model64), torch.from_numpy(x).double(), classes, wrt_input=True
+    reference = torch_gradients(
+        zoo.torch_mid_split(name, float64_model(name)), torch.from_numpy(x).double(), classes,
+        wrt_input=True,
     )
-    assert zoo.rel_l2(out["gradients"], mid_gradients.numpy()) <= 1e-2
-    assert zoo.rel_l2(out["input_gradients"], input_gradients.numpy()) <= 1e-2
+    torch32 = torch_gradients(
+        zoo.torch_mid_split(name, model32), torch.from_numpy(x), classes, wrt_input=True
+    )
+    for ours, theirs, float32_torch in zip(
+        (out["gradients"], out["input_gradients"]), reference[1:], torch32[1:]
+    ):
+        floor = zoo.rel_l2(float32_torch.double().numpy(), theirs.numpy())
+        assert zoo.rel_l2(ours, theirs.numpy()) <= max(1e-2, 2 * floor)
 
 
 def test_pytorch_grad_cam_agrees_on_resnet18(onnx_zoo) -> None:
@@ -107,5 +128,4 @@ def test_pytorch_grad_cam_agrees_on_resnet18(onnx_zoo) -> None:
     classes = [int(out["logits"][0].argmax()), EXPLICIT_CLASS]
     with GradCAM(model=model, target_layers=[model.layer4]) as cam:
         reference = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
-    for i in range(len(x)):
-        assert correlation(out["heatmap"][i], reference[i]) >= 0.999
+    assert_same_maps(out["heatmap"], reference)
