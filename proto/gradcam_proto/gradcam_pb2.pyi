@@ -11,8 +11,18 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     METHOD_UNSPECIFIED: _ClassVar[Method]
     METHOD_GRADCAM: _ClassVar[Method]
+    METHOD_GRADCAM_PLUS_PLUS: _ClassVar[Method]
+    METHOD_XGRADCAM: _ClassVar[Method]
+    METHOD_HIRESCAM: _ClassVar[Method]
+    METHOD_GRADCAM_ELEMENTWISE: _ClassVar[Method]
+    METHOD_LAYERCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
+METHOD_GRADCAM_PLUS_PLUS: Method
+METHOD_XGRADCAM: Method
+METHOD_HIRESCAM: Method
+METHOD_GRADCAM_ELEMENTWISE: Method
+METHOD_LAYERCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -53,20 +63,22 @@ class ExplainOptions(_message.Message):
     def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "method", "target", "layer", "options")
+    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     method: Method
     target: Target
     layer: str
     options: ExplainOptions
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+    counterfactual: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ...) -> None: ...
 
 class ChannelImportance(_message.Message):
     __slots__ = ("channel", "weight")

@@ -20,7 +20,14 @@ from .preprocess import decode_image
 from .service import ClassMap, GradCamService
 from .transport import deadline_of, rpc
 
-METHOD_NAMES = {pb.METHOD_GRADCAM: "gradcam"}
+METHOD_NAMES = {
+    pb.METHOD_GRADCAM: "gradcam",
+    pb.METHOD_GRADCAM_PLUS_PLUS: "gradcam++",
+    pb.METHOD_XGRADCAM: "xgradcam",
+    pb.METHOD_HIRESCAM: "hirescam",
+    pb.METHOD_GRADCAM_ELEMENTWISE: "gradcam-elementwise",
+    pb.METHOD_LAYERCAM: "layercam",
+}
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5
 DEFAULT_CHANNELS = 10
@@ -57,6 +64,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             class_index=request.target.class_index if target == "class_index" else None,
             top_k=request.target.top_k if target == "top_k" else None,
             layer=request.layer or None,
+            counterfactual=request.counterfactual,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
             num_channels=options.num_channels or DEFAULT_CHANNELS,
             deadline=deadline_of(context),

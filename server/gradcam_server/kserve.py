@@ -5,8 +5,9 @@ Contract, for every model:
 - inputs: the model's own input tensor by name (FP32, preprocessed, as the graph expects) or
   ``image`` (BYTES [N], one encoded JPEG/PNG/WebP/BMP per item, preprocessed by the server; all
   of one pixel size); optional ``target_class`` (INT64 [N]; -1 or absent: the top-1 class);
-- parameters: ``method`` (string, default the model's, "gradcam") and ``target_layer`` (a tensor
-  name of the graph; default from the config or detected);
+- parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),
+  ``target_layer`` (a tensor name of the graph; default from the config or detected) and
+  ``counterfactual`` (bool: explain the negated score);
 - outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
   size of what was sent). No requested outputs means all of them. A request for the model's own
   outputs only runs the plain forward graph.
@@ -54,7 +55,11 @@ _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "BYTES": "bytes_contents",
 }
-_KNOWN_PARAMETERS = {"method", "target_layer"}
+_KNOWN_PARAMETERS = {
+    "method": "string_param",
+    "target_layer": "string_param",
+    "counterfactual": "bool_param",
+}
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -90,7 +95,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.service.model(request.model_name)
         labels["model"] = model.name
         parameters = _parameters(request.parameters)
-        labels["method"] = parameters.get("method") or model.config.method
+        labels["method"] = model.validate_method(parameters.get("method"))
         return await self._infer(model, request, parameters, deadline_of(context))
 
     async def _infer(
@@ -145,6 +150,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             target_class=target_class,
             method=parameters.get("method"),
             layer=parameters.get("target_layer"),
+            counterfactual=bool(parameters.get("counterfactual", False)),
             deadline=deadline,
         )
         outputs = dict(result.outputs)
@@ -250,15 +256,19 @@ def _split_bytes(data: bytes, name: str) -> list[bytes]:
     return items
 
 
-def _parameters(parameters) -> dict[str, str]:
-    values = {}
-    for key in _KNOWN_PARAMETERS:
-        if key in parameters:
-            parameter = parameters[key]
-            if parameter.WhichOneof("parameter_choice") != "string_param":
-                raise InvalidInput(f"parameter {key!r} must be a string")
-            if parameter.string_param:
-                values[key] = parameter.string_param
+def _parameters(parameters) -> dict[str, str | bool]:
+    """The request parameters this API reads: `method` and `target_layer` (strings) and
+    `counterfactual` (bool); others are ignored, as KServe servers do."""
+    values: dict[str, str | bool] = {}
+    for key, kind in _KNOWN_PARAMETERS.items():
+        if key not in parameters:
+            continue
+        parameter = parameters[key]
+        if parameter.WhichOneof("parameter_choice") != kind:
+            raise InvalidInput(f"parameter {key!r} must be a {kind.split('_')[0]}")
+        value = getattr(parameter, kind)
+        if value:
+            values[key] = value
     return values
 
 

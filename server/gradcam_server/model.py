@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
+from .augment.cam import METHODS as CAM_METHODS
 from .augment.passes import NAMES
 from .augment.targets import image_input, spatial_axes
 from .config import ModelConfig, read_config
@@ -27,9 +28,10 @@ from .runtime import RuntimeOptions, create_session
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-METHODS = ("gradcam",)
+METHODS = tuple(CAM_METHODS)
+DEFAULT_METHOD = "gradcam"
 DEFAULT_MAX_BATCH_SIZE = 8
-_CACHED_LAYERS = 4  # augmented sessions kept for non-default layers
+_CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,19 @@ class ServedModel:
 
         self._forward = create_session(self._proto, runtime)
         self._lock = threading.Lock()
-        self._explainers: OrderedDict[str, ort.InferenceSession] = OrderedDict()
+        self._explainers: OrderedDict[tuple, ort.InferenceSession] = OrderedDict()
+        if self.config.method not in METHODS:
+            raise AugmentError(
+                f"config method {self.config.method!r} is unknown; available: {', '.join(METHODS)}"
+            )
         augmented = augment_model(
-            self._proto, layer=self.config.target_layer, output=self.score_output
+            self._proto,
+            layer=self.config.target_layer,
+            output=self.score_output,
+            method=self.config.method,
         )
         self.default_layer = _exposed_layer(augmented)
+        self._default_key = (self.config.method, self.default_layer, False)
         self._default_explainer = create_session(augmented, runtime)
         del augmented
         self.providers = tuple(self._forward.get_providers())
@@ -102,26 +112,45 @@ class ServedModel:
         """The plain graph's outputs for a batch [N, ...] of preprocessed images."""
         return self._run(self._forward, {self.input.name: x})
 
-    def explain(self, x: np.ndarray, target_class: np.ndarray, layer: str | None) -> dict:
+    def explain(
+        self,
+        x: np.ndarray,
+        target_class: np.ndarray,
+        layer: str | None,
+        method: str | None = None,
+        counterfactual: bool = False,
+    ) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap."""
         feeds = {self.input.name: x, NAMES.target_class: target_class}
-        return self._run(self.explainer(layer), feeds)
+        return self._run(self.explainer(layer, method, counterfactual), feeds)
 
-    def explainer(self, layer: str | None) -> ort.InferenceSession:
-        """The augmented session for `layer` (built on first use; InvalidInput if it can't be)."""
-        if layer is None or layer == self.default_layer:
+    def is_ready(self, layer: str | None, method: str | None, counterfactual: bool) -> bool:
+        """Whether the session for (method, layer) exists already (no augmentation needed)."""
+        key = (method or self.config.method, layer or self.default_layer, counterfactual)
+        return key == self._default_key or key in self._explainers
+
+    def explainer(
+        self, layer: str | None, method: str | None = None, counterfactual: bool = False
+    ) -> ort.InferenceSession:
+        """The augmented session for (method, layer); built on first use, a few kept. Raises
+        InvalidInput when the graph cannot be augmented for that layer."""
+        key = (method or self.config.method, layer or self.default_layer, counterfactual)
+        if key == self._default_key:
             return self._default_explainer
         with self._lock:
-            if layer in self._explainers:
-                self._explainers.move_to_end(layer)
-                return self._explainers[layer]
+            if key in self._explainers:
+                self._explainers.move_to_end(key)
+                return self._explainers[key]
             try:
-                augmented = augment_model(self._proto, layer=layer, output=self.score_output)
+                augmented = augment_model(
+                    self._proto, layer=key[1], output=self.score_output, method=key[0],
+                    counterfactual=counterfactual,
+                )
             except AugmentError as error:
                 raise InvalidInput(f"target layer: {error}") from error
             session = create_session(augmented, self.runtime)
-            self._explainers[layer] = session
-            if len(self._explainers) > _CACHED_LAYERS:
+            self._explainers[key] = session
+            if len(self._explainers) > _CACHED_SESSIONS:
                 self._explainers.popitem(last=False)
             return session
 

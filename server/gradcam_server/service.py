@@ -164,29 +164,41 @@ class GradCamService:
         target_class: np.ndarray | None = None,
         method: str | None = None,
         layer: str | None = None,
+        counterfactual: bool = False,
         deadline: float | None = None,
     ) -> RunResult:
         """Run a validated batch through the model's batcher: the plain graph, or (explain)
-        the augmented graph for `layer`."""
-        graph = model.validate_method(method) if explain else "forward"
+        the augmented graph for (method, layer, counterfactual)."""
+        graph = "forward"
         if explain:
+            method = model.validate_method(method)
+            graph = f"{method}/counterfactual" if counterfactual else method
             target_class = self.check_target_class(model, target_class, len(x))
             layer = layer or model.default_layer
-            if layer != model.default_layer:  # built on first use; InvalidInput if it can't be
-                await asyncio.to_thread(model.explainer, layer)
+            if not model.is_ready(layer, method, counterfactual):  # InvalidInput if it can't be
+                await asyncio.to_thread(model.explainer, layer, method, counterfactual)
         key = (model.name, graph, layer, x.shape[1:])
         batcher = self._batchers.get(key)
         if batcher is None:
-            batcher = self._batchers[key] = self._make_batcher(model, graph, layer)
+            batcher = self._batchers[key] = self._make_batcher(
+                model, graph, layer, method, counterfactual
+            )
         return await batcher.submit(_Call(x, target_class), size=len(x), deadline=deadline)
 
-    def _make_batcher(self, model: ServedModel, graph: str, layer: str | None):
+    def _make_batcher(
+        self,
+        model: ServedModel,
+        graph: str,
+        layer: str | None,
+        method: str | None,
+        counterfactual: bool,
+    ) -> DynamicBatcher:
         def run_batch(calls: list[_Call]) -> list[RunResult]:
             start = time.perf_counter()
             x = np.concatenate([c.x for c in calls]) if len(calls) > 1 else calls[0].x
             if graph != "forward":
                 classes = np.concatenate([c.target_class for c in calls])
-                outputs = model.explain(x, classes, layer)
+                outputs = model.explain(x, classes, layer, method, counterfactual)
             else:
                 outputs = model.forward(x)
             run_seconds = time.perf_counter() - start
@@ -230,6 +242,7 @@ class GradCamService:
         class_index: int | None = None,
         top_k: int | None = None,
         layer: str | None = None,
+        counterfactual: bool = False,
         num_predictions: int = 5,
         num_channels: int = 10,
         deadline: float | None = None,
@@ -261,7 +274,7 @@ class GradCamService:
                 classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
             calls.append(
                 self.run(model, x, explain=True, target_class=classes, method=method,
-                         layer=layer, deadline=deadline)
+                         layer=layer, counterfactual=counterfactual, deadline=deadline)
             )
         results = await asyncio.gather(*calls)
 

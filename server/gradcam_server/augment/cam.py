@@ -1,32 +1,89 @@
-"""The CAM tail appended as ONNX ops: channel weights, weighted sum, ReLU, resize, normalise.
+"""The CAM methods and their shared tail, appended as ONNX ops.
 
-Grad-CAM (Selvaraju et al., ICCV 2017): with A^k the target layer's feature maps and y^c the
-score, the channel weights are alpha_k = mean over (i, j) of dy^c / dA^k_ij, and the map is
-ReLU(sum_k alpha_k A^k). It is resized bilinearly (half-pixel centres, as cv2 and torch's
-align_corners=False) to the input's H x W and min-max normalised per image with a pinned epsilon,
-(m - min) / (max - min + 1e-7), so each map spans [0, 1] unless the map is flat (all zero).
+Notation: A^k is channel k of the target layer's feature map [N, C, h, w], G^k = dy^c / dA^k the
+gradient of the explained score. Each method turns (A, G) into a raw map M [N, 1, h, w]; most do
+it through channel weights w_k, M = sum_k w_k A^k. The tail is shared: ReLU(M), resized
+bilinearly (half-pixel centres, as cv2 and torch's align_corners=False) to the input's H x W, and
+min-max normalised per image with a pinned epsilon, (m - min) / (max - min + 1e-7), so each map
+spans [0, 1] unless it is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .graph import GraphBuilder
 
 NORMALIZE_EPSILON = 1e-7
+_SPATIAL = [2, 3]
 
 
-def gradcam_weights(b: GraphBuilder, gradients: str) -> str:
-    """alpha_k = mean of the gradients over the spatial axes: [N, C, 1, 1]."""
-    return b.reduce("ReduceMean", gradients, [2, 3], keepdims=True)
+def _weighted_sum(b: GraphBuilder, weights: str, activations: str) -> str:
+    """sum_k weights_k A^k (weights broadcast over what they lack): [N, 1, h, w]."""
+    return b.reduce("ReduceSum", b.op("Mul", [weights, activations]), [1], keepdims=True)
+
+
+def grad_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """Grad-CAM (Selvaraju et al., ICCV 2017): w_k = mean_ij G^k_ij."""
+    return _weighted_sum(b, b.reduce("ReduceMean", g, _SPATIAL, keepdims=True), a)
+
+
+def grad_cam_plus_plus(b: GraphBuilder, a: str, g: str) -> str:
+    """Grad-CAM++ (Chattopadhyay et al., WACV 2018): w_k = sum_ij relu(G_ij) a_ij with
+    a_ij = G^2 / (2 G^2 + sum_ij(A^k) G^3 + 1e-6), and a_ij = 0 where G = 0."""
+    square = b.op("Mul", [g, g])
+    cube = b.op("Mul", [square, g])
+    total = b.reduce("ReduceSum", a, _SPATIAL, keepdims=True)
+    denominator = b.op(
+        "Add",
+        [b.op("Add", [b.op("Mul", [square, b.const(2.0)]), b.op("Mul", [total, cube])]),
+         b.const(1e-6)],
+    )
+    alpha = b.op("Div", [square, denominator])
+    alpha = b.op("Where", [b.op("Equal", [g, b.const(0.0)]), b.const(0.0), alpha])
+    weights = b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), alpha]), _SPATIAL, True)
+    return _weighted_sum(b, weights, a)
+
+
+def x_grad_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """XGrad-CAM (Fu et al., BMVC 2020): w_k = sum_ij G_ij A_ij / (sum_ij A_ij + 1e-7)."""
+    total = b.reduce("ReduceSum", a, _SPATIAL, keepdims=True)
+    share = b.op("Div", [b.op("Mul", [g, a]), b.op("Add", [total, b.const(1e-7)])])
+    return _weighted_sum(b, b.reduce("ReduceSum", share, _SPATIAL, keepdims=True), a)
+
+
+def hires_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """HiResCAM (Draelos and Carin, 2020): M = sum_k G^k * A^k, element-wise."""
+    return b.reduce("ReduceSum", b.op("Mul", [g, a]), [1], keepdims=True)
+
+
+def grad_cam_element_wise(b: GraphBuilder, a: str, g: str) -> str:
+    """Grad-CAM element-wise (pytorch-grad-cam): M = sum_k relu(G^k * A^k)."""
+    return b.reduce("ReduceSum", b.op("Relu", [b.op("Mul", [g, a])]), [1], keepdims=True)
+
+
+def layer_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """LayerCAM (Jiang et al., TIP 2021): M = sum_k relu(G^k) * A^k."""
+    return b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), a]), [1], keepdims=True)
+
+
+CamMethod = Callable[[GraphBuilder, str, str], str]
+METHODS: dict[str, CamMethod] = {
+    "gradcam": grad_cam,
+    "gradcam++": grad_cam_plus_plus,
+    "xgradcam": x_grad_cam,
+    "hirescam": hires_cam,
+    "gradcam-elementwise": grad_cam_element_wise,
+    "layercam": layer_cam,
+}
 
 
 def cam_heatmap(
-    b: GraphBuilder, activations: str, weights: str, image: str, image_hw: tuple[int, int]
+    b: GraphBuilder, raw: str, image: str, image_hw: tuple[int, int]
 ) -> str:
-    """ReLU(sum_k weights_k A^k), resized to `image`'s H x W and normalised: [N, H, W]."""
-    weighted = b.reduce("ReduceSum", b.op("Mul", [weights, activations]), [1], keepdims=True)
-    cam = b.op("Relu", [weighted])
-    image_shape = b.shape(image)
-    image_size = b.op("Gather", [image_shape, b.ints(list(image_hw))], axis=0)
+    """ReLU(raw map [N, 1, h, w]), resized to `image`'s H x W and normalised: [N, H, W]."""
+    cam = b.op("Relu", [raw])
+    image_size = b.op("Gather", [b.shape(image), b.ints(list(image_hw))], axis=0)
     sizes = b.op("Concat", [b.shape_slice(cam, 0, 2), image_size], axis=0)
     resized = b.op(
         "Resize",
@@ -34,8 +91,8 @@ def cam_heatmap(
         mode="linear",
         coordinate_transformation_mode="half_pixel",
     )
-    low = b.reduce("ReduceMin", resized, [2, 3], keepdims=True)
+    low = b.reduce("ReduceMin", resized, _SPATIAL, keepdims=True)
     shifted = b.op("Sub", [resized, low])
-    high = b.reduce("ReduceMax", shifted, [2, 3], keepdims=True)
+    high = b.reduce("ReduceMax", shifted, _SPATIAL, keepdims=True)
     normalized = b.op("Div", [shifted, b.op("Add", [high, b.const(NORMALIZE_EPSILON)])])
     return b.squeeze(normalized, [1])

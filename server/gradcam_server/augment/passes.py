@@ -4,7 +4,7 @@
 2. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
 3. `append_backward`   requires the target layer on the path to the score; ensures d score / d
                        layer (and, when asked, d score / d image) tensors exist.
-4. `append_cam`        ensures the Grad-CAM ``heatmap`` [N, H, W] in [0, 1] exists.
+4. `append_cam`        ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists.
 5. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
                        ``input_gradients``) are graph outputs after every original output.
 6. `check`             ensures the result passes `onnx.checker`.
@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, version_converter
 
 from .backward import build_backward
-from .cam import cam_heatmap, gradcam_weights
+from .cam import METHODS, CamMethod, cam_heatmap
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
 from .targets import (
@@ -72,6 +72,8 @@ def augment_model(
     score: str = "logit",
     output: str | None = None,
     input_gradients: bool = False,
+    method: str = "gradcam",
+    counterfactual: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -84,6 +86,10 @@ def augment_model(
         output: the graph output holding the class scores, [N, classes]; default: the first.
         input_gradients: also continue the backward pass to the image input and expose
             d score / d image as ``input_gradients`` (what guided backprop builds on).
+        method: the CAM method computing the heatmap (`cam.METHODS`: "gradcam", "gradcam++",
+            "xgradcam", "hirescam", "gradcam-elementwise", "layercam").
+        counterfactual: explain the negated score (the seed paper's counterfactual
+            explanation): the regions whose removal would raise the class score.
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
@@ -92,6 +98,8 @@ def augment_model(
     [N, C, h, w]) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
     normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.
     """
+    if method not in METHODS:
+        raise AugmentError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     proto = upgrade_opset(load_model(model))
     b = GraphBuilder(proto)
     image = image_input(proto)
@@ -103,9 +111,11 @@ def augment_model(
 
     target_class = add_target_class(proto, image)
     seed, _ = score_seed(b, score_output, target_class, score)
+    if counterfactual:
+        seed = b.op("Neg", [seed])
     wrt = [target] + ([image.name] if input_gradients and target != image.name else [])
     gradients = append_backward(b, score_output, seed, wrt)
-    heatmap = append_cam(b, target, gradients[target], image)
+    heatmap = append_cam(b, METHODS[method], target, gradients[target], image)
     expose_outputs(b, image, target, gradients, heatmap, input_gradients)
     check(proto)
     return proto
@@ -139,16 +149,19 @@ def append_backward(
 
 
 def append_cam(
-    b: GraphBuilder, activations: str, gradients: str, image: onnx.ValueInfoProto
+    b: GraphBuilder,
+    method: CamMethod,
+    activations: str,
+    gradients: str,
+    image: onnx.ValueInfoProto,
 ) -> str:
     if b.rank(activations) != 4:
         raise AugmentError(
             f"target layer {activations!r} must be a 4-D feature map [N, C, h, w]; "
             f"it has rank {b.rank(activations)}"
         )
-    return cam_heatmap(
-        b, activations, gradcam_weights(b, gradients), image.name, spatial_axes(image)
-    )
+    raw = method(b, activations, gradients)
+    return cam_heatmap(b, raw, image.name, spatial_axes(image))
 
 
 def expose_outputs(

@@ -1,0 +1,89 @@
+"""Every CAM method against pytorch-grad-cam 1.5.7 on the same weights and input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+import zoo
+from gradcam_server.augment import augment_model
+from gradcam_server.augment.cam import METHODS
+
+pytestmark = pytest.mark.slow
+
+REFERENCES = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "hirescam": HiResCAM,
+    "gradcam-elementwise": GradCAMElementWise,
+    "layercam": LayerCAM,
+}
+SUBJECTS = [("resnet18", "torchscript", "layer4"), ("mobilenet_v2", "dynamo", "features")]
+
+
+class NegatedTarget:
+    """The counterfactual score: minus the class logit."""
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return -output[..., self.category]
+
+
+def explain(path, x: np.ndarray, classes, **options) -> np.ndarray:
+    session = zoo.ort_session(augment_model(path, **options).SerializeToString())
+    feeds = {"input": x, "target_class": np.asarray(classes, dtype=np.int64)}
+    return session.run(["heatmap"], feeds)[0]
+
+
+def assert_correlated(ours: np.ndarray, theirs: np.ndarray, minimum: float = 0.99) -> None:
+    informative = 0
+    for a, b in zip(ours, theirs):
+        if np.ptp(b) == 0:
+            np.testing.assert_allclose(a, b, atol=1e-6)
+            continue
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= minimum
+        informative += 1
+    assert informative >= 1
+
+
+def test_every_method_has_a_reference() -> None:
+    assert set(METHODS) == set(REFERENCES)
+
+
+@pytest.mark.parametrize(("name", "exporter", "layer"), SUBJECTS)
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_method_matches_pytorch_grad_cam(name, exporter, layer, method, onnx_zoo) -> None:
+    model = zoo.build_torch_model(name)
+    x = zoo.sample_batch(2)
+    classes = [int(zoo.torch_logits(name, x)[0].argmax()), 7]
+    ours = explain(onnx_zoo(name, exporter), x, classes, method=method)
+    with REFERENCES[method](model=model, target_layers=[getattr(model, layer)]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_counterfactual_negates_the_score(method, onnx_zoo) -> None:
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    classes = [7, 11]  # a top-1 class's negated map is often flat: every region supports it
+    path = onnx_zoo("resnet18", "torchscript")
+    ours = explain(path, x, classes, method=method, counterfactual=True)
+    with REFERENCES[method](model=model, target_layers=[model.layer4]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[NegatedTarget(c) for c in classes])
+    assert_correlated(ours, theirs)
+    factual = explain(path, x, classes, method=method)
+    assert not np.allclose(ours, factual, atol=1e-3)
