@@ -87,3 +87,36 @@ def test_counterfactual_negates_the_score(method, onnx_zoo) -> None:
     assert_correlated(ours, theirs)
     factual = explain(path, x, classes, method=method)
     assert not np.allclose(ours, factual, atol=1e-3)
+
+
+def test_guided_backprop_matches_pytorch_grad_cam_per_image(onnx_zoo) -> None:
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    session = zoo.ort_session(
+        augment_model(onnx_zoo("resnet18", "torchscript"), method="guided-backprop")
+        .SerializeToString()
+    )
+    pixels, heatmap = session.run(
+        ["pixel_map", "heatmap"], {"input": x, "target_class": np.array(classes)}
+    )
+    reference = GuidedBackpropReLUModel(model=model, device="cpu")
+    for i, category in enumerate(classes):
+        theirs = reference(torch.from_numpy(x[i:i + 1]).clone(), target_category=category)
+        assert zoo.rel_l2(pixels[i], theirs.transpose(2, 0, 1)) <= 1e-3
+        expected = np.abs(pixels[i]).max(axis=0)
+        expected = (expected - expected.min()) / (np.ptp(expected) + 1e-7)
+        np.testing.assert_allclose(heatmap[i], expected, atol=1e-5)
+
+
+def test_guided_grad_cam_is_guided_backprop_times_grad_cam(onnx_zoo) -> None:
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    feeds = {"input": x, "target_class": np.array([-1, 7])}
+    guided = zoo.ort_session(augment_model(path, method="guided-backprop").SerializeToString())
+    combined = zoo.ort_session(augment_model(path, method="guided-gradcam").SerializeToString())
+    grad_cam = zoo.ort_session(augment_model(path).SerializeToString())
+    expected = guided.run(["pixel_map"], feeds)[0] * grad_cam.run(["heatmap"], feeds)[0][:, None]
+    assert zoo.rel_l2(combined.run(["pixel_map"], feeds)[0], expected) <= 1e-4

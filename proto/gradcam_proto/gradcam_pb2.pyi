@@ -16,6 +16,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_HIRESCAM: _ClassVar[Method]
     METHOD_GRADCAM_ELEMENTWISE: _ClassVar[Method]
     METHOD_LAYERCAM: _ClassVar[Method]
+    METHOD_GUIDED_BACKPROP: _ClassVar[Method]
+    METHOD_GUIDED_GRADCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -23,6 +25,8 @@ METHOD_XGRADCAM: Method
 METHOD_HIRESCAM: Method
 METHOD_GRADCAM_ELEMENTWISE: Method
 METHOD_LAYERCAM: Method
+METHOD_GUIDED_BACKPROP: Method
+METHOD_GUIDED_GRADCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -27,6 +27,8 @@ METHOD_NAMES = {
     pb.METHOD_HIRESCAM: "hirescam",
     pb.METHOD_GRADCAM_ELEMENTWISE: "gradcam-elementwise",
     pb.METHOD_LAYERCAM: "layercam",
+    pb.METHOD_GUIDED_BACKPROP: "guided-backprop",
+    pb.METHOD_GUIDED_GRADCAM: "guided-gradcam",
 }
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5

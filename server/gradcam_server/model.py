@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
 from .augment.cam import METHODS as CAM_METHODS
+from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .augment.targets import image_input, spatial_axes
 from .config import ModelConfig, read_config
@@ -28,7 +29,7 @@ from .runtime import RuntimeOptions, create_session
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-METHODS = tuple(CAM_METHODS)
+METHODS = (*CAM_METHODS, *PIXEL_METHODS)
 DEFAULT_METHOD = "gradcam"
 DEFAULT_MAX_BATCH_SIZE = 8
 _CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)

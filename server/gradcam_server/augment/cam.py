@@ -78,6 +78,21 @@ METHODS: dict[str, CamMethod] = {
 }
 
 
+# Pixel-level methods: gradients all the way to the input, through guided ReLUs (Springenberg
+# et al., ICLR 2015 workshop: a ReLU passes a gradient only where both its input and the
+# incoming gradient are positive).
+GUIDED_BACKPROP = "guided-backprop"
+GUIDED_GRAD_CAM = "guided-gradcam"  # guided backprop (x) the Grad-CAM map (Selvaraju et al.)
+PIXEL_METHODS = (GUIDED_BACKPROP, GUIDED_GRAD_CAM)
+
+
+def pixel_heatmap(b: GraphBuilder, pixels: str) -> str:
+    """A pixel-level map [N, C, H, W] as a heatmap: max over channels of |value|, min-max
+    normalised per image: [N, H, W]."""
+    magnitude = b.reduce("ReduceMax", b.op("Abs", [pixels]), [1], keepdims=True)
+    return b.squeeze(_normalize(b, magnitude), [1])
+
+
 def cam_heatmap(
     b: GraphBuilder, raw: str, image: str, image_hw: tuple[int, int]
 ) -> str:
@@ -91,8 +106,12 @@ def cam_heatmap(
         mode="linear",
         coordinate_transformation_mode="half_pixel",
     )
-    low = b.reduce("ReduceMin", resized, _SPATIAL, keepdims=True)
-    shifted = b.op("Sub", [resized, low])
+    return b.squeeze(_normalize(b, resized), [1])
+
+
+def _normalize(b: GraphBuilder, maps: str) -> str:
+    """(m - min) / (max - min + eps) per image, over the spatial axes of [N, 1, H, W]."""
+    low = b.reduce("ReduceMin", maps, _SPATIAL, keepdims=True)
+    shifted = b.op("Sub", [maps, low])
     high = b.reduce("ReduceMax", shifted, _SPATIAL, keepdims=True)
-    normalized = b.op("Div", [shifted, b.op("Add", [high, b.const(NORMALIZE_EPSILON)])])
-    return b.squeeze(normalized, [1])
+    return b.op("Div", [shifted, b.op("Add", [high, b.const(NORMALIZE_EPSILON)])])

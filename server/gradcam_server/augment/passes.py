@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, version_converter
 
 from .backward import build_backward
-from .cam import METHODS, CamMethod, cam_heatmap
+from .cam import GUIDED_GRAD_CAM, METHODS, PIXEL_METHODS, CamMethod, cam_heatmap, pixel_heatmap
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
 from .targets import (
@@ -44,6 +44,7 @@ class AugmentedOutputs:
     gradients: str = "gradients"
     heatmap: str = "heatmap"
     input_gradients: str = "input_gradients"
+    pixel_map: str = "pixel_map"
 
 
 NAMES = AugmentedOutputs()
@@ -87,7 +88,10 @@ def augment_model(
         input_gradients: also continue the backward pass to the image input and expose
             d score / d image as ``input_gradients`` (what guided backprop builds on).
         method: the CAM method computing the heatmap (`cam.METHODS`: "gradcam", "gradcam++",
-            "xgradcam", "hirescam", "gradcam-elementwise", "layercam").
+            "xgradcam", "hirescam", "gradcam-elementwise", "layercam"), or a pixel-level method
+            (`cam.PIXEL_METHODS`: "guided-backprop", "guided-gradcam"), which also outputs
+            ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
+            guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|.
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
 
@@ -98,8 +102,9 @@ def augment_model(
     [N, C, h, w]) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
     normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.
     """
-    if method not in METHODS:
-        raise AugmentError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if method not in METHODS and method not in PIXEL_METHODS:
+        known = ", ".join([*METHODS, *PIXEL_METHODS])
+        raise AugmentError(f"unknown method {method!r}; available: {known}")
     proto = upgrade_opset(load_model(model))
     b = GraphBuilder(proto)
     image = image_input(proto)
@@ -115,8 +120,16 @@ def augment_model(
         seed = b.op("Neg", [seed])
     wrt = [target] + ([image.name] if input_gradients and target != image.name else [])
     gradients = append_backward(b, score_output, seed, wrt)
-    heatmap = append_cam(b, METHODS[method], target, gradients[target], image)
+    pixel_map = None
+    if method in PIXEL_METHODS:
+        grad_cam_map = append_cam(b, METHODS["gradcam"], target, gradients[target], image)
+        pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
+    else:
+        heatmap = append_cam(b, METHODS[method], target, gradients[target], image)
     expose_outputs(b, image, target, gradients, heatmap, input_gradients)
+    if pixel_map is not None:
+        b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
+                     [_dim(d) for d in image.type.tensor_type.shape.dim])
     check(proto)
     return proto
 
@@ -162,6 +175,23 @@ def append_cam(
         )
     raw = method(b, activations, gradients)
     return cam_heatmap(b, raw, image.name, spatial_axes(image))
+
+
+def append_pixel_map(
+    b: GraphBuilder,
+    score_output: str,
+    seed: str,
+    image: onnx.ValueInfoProto,
+    method: str,
+    grad_cam_map: str,
+) -> tuple[str, str]:
+    """A second backward pass, guided, to the image: (pixel map, its heatmap)."""
+    guided = build_backward(b, {score_output: seed}, [image.name], guided=True)[image.name]
+    if method == GUIDED_GRAD_CAM:
+        height, width = spatial_axes(image)
+        channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()
+        guided = b.op("Mul", [guided, b.unsqueeze(grad_cam_map, [channel_axis])])
+    return guided, pixel_heatmap(b, guided)
 
 
 def expose_outputs(
