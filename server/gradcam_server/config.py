@@ -107,9 +107,12 @@ def _read_labels(folder: Path, value) -> tuple[str, ...] | None:
         return tuple(value)
     if not isinstance(value, str):
         raise ConfigError(f"{CONFIG_FILE}: 'labels' must be a file name or a list of names")
-    path = (folder / value).resolve()
-    if folder.resolve() not in path.parents:
+    # Checked by name, not by resolving links: the folder may be made of symbolic links (to a
+    # shared copy of the files), but the name must not lead out of it.
+    relative = Path(value)
+    if not value or relative.is_absolute() or ".." in relative.parts:
         raise ConfigError(f"{CONFIG_FILE}: 'labels' must name a file inside the model folder")
+    path = folder / relative
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:

@@ -9,6 +9,7 @@ table, never joined to a path.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +52,20 @@ class ModelRepository:
                 self._models[name] = self._load(name)
                 log.info("model %s ready (layer %r)", name, self._models[name].default_layer)
             except (AugmentError, ConfigError, FileNotFoundError) as error:
-                self._failures[name] = str(error)
+                self._failures[name] = self._client_reason(name, error)
                 log.error("model %s failed to load: %s", name, error)
             except Exception as error:  # noqa: BLE001 - one bad folder must not stop the rest
                 self._failures[name] = f"failed to load ({type(error).__name__})"
                 log.exception("model %s failed to load", name)
         self._loaded.set()
+
+    def _client_reason(self, name: str, error: Exception) -> str:
+        """The error's message for clients: paths of the server's files are shown relative to
+        the model folder (the log keeps them whole)."""
+        message = str(error)
+        for folder in (self.root / name, self.root):
+            message = message.replace(f"{folder}{os.sep}", "")
+        return message
 
     def _load(self, name: str) -> ServedModel:
         folder = self.root / name
