@@ -1,0 +1,7 @@
+"""`python -m gradcam_client` is `gradcam`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

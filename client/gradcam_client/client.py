@@ -1,0 +1,852 @@
+"""The Python SDK: `GradCamClient` (blocking) and `AsyncGradCamClient` (asyncio) over the typed
+explain API (``gradcam.v1.GradCam``) and ``grpc.health.v1``.
+
+    from gradcam_client import GradCamClient
+
+    with GradCamClient("127.0.0.1:8001") as client:
+        result = client.explain("photo.jpg", model="efficientnet_lite0")
+        result.heatmap                  # float32 [height, width] in [0, 1], at the photo's size
+        result.predictions[0].label     # 'Egyptian cat'
+        result.overlay("turbo", opacity=0.4).save("overlay.png")
+
+What `explain` takes, one at a time or as a list (a list gives a list of results):
+
+* a path (``str`` or ``os.PathLike``) or the bytes of an encoded JPEG, PNG, WebP or BMP file;
+* a PIL image, or a ``uint8`` array [H, W], [H, W, 3] (RGB) or [H, W, 4]: an image, preprocessed
+  by the server as the model's config says;
+* a floating-point array [C, H, W]: one tensor already preprocessed as the graph expects, sent
+  as float32; a 4-D float array [N, C, H, W] is N of them (and gives a list).
+
+Heatmaps come back at the image's own size (a tensor's own H and W). Calls carry a deadline
+(30 s unless ``timeout`` says otherwise), are retried with exponential backoff only when the
+server is UNAVAILABLE (not reachable, shutting down, model still loading), and raise the
+`GradCamError` subclasses of `gradcam_client.errors`. Nothing here imports onnx, onnxruntime,
+torch or the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union, overload
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from gradcam_proto import gradcam_pb2 as pb
+from gradcam_proto import gradcam_pb2_grpc as pb_grpc
+
+from .errors import (
+    DeadlineError,
+    GradCamError,
+    InvalidInputError,
+    UnavailableError,
+    error_from_rpc,
+)
+from .overlay import colorize, overlay as blend, side_by_side as put_side_by_side
+
+ImageInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image, np.ndarray]
+"""One image: a path, encoded bytes, a PIL image, a uint8 image array or a float tensor."""
+
+PemInput = Union[bytes, str, os.PathLike[str]]
+"""PEM data as bytes, or the path of a PEM file."""
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubled each time
+MAX_BACKOFF = 5.0
+IMAGES_PER_REQUEST = 16  # a longer list is sent as several requests
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as the server
+CAPTION_PREDICTIONS = 3  # predictions written under a side-by-side overlay
+_METHOD_PREFIX = "METHOD_"
+_KEEP_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # sent as they are; others as RGB
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of an image's top predictions."""
+
+    class_index: int
+    label: str  # empty when the model has no labels
+    score: float  # softmax probability
+    logit: float
+
+
+@dataclass(frozen=True, eq=False)
+class ClassHeatmap:
+    """The map of one explained class."""
+
+    class_index: int
+    label: str
+    heatmap: np.ndarray  # float32 [height, width] in [0, 1], at the image's own size
+    channels: list[tuple[int, float]]  # (channel, importance weight), most important first
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of the request that held an image went (seconds)."""
+
+    preprocess_seconds: float
+    queue_seconds: float
+    inference_seconds: float
+    total_seconds: float  # inside the server
+    round_trip_seconds: float  # seen by the client, retries included
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Everything the server said about one image.
+
+    ``heatmaps`` holds one map per explained class: the top-1 class by default, ``top_k`` maps
+    (highest score first) or the one ``target_class``. ``timings`` are those of the request that
+    held the image (images sent together share them).
+    """
+
+    model: str
+    method: str
+    layer: str
+    heatmaps: list[ClassHeatmap]
+    predictions: list[Prediction]
+    timings: Timings
+    _source: _Source | None = field(default=None, repr=False)
+
+    @property
+    def heatmap(self) -> np.ndarray:
+        """The first map: float32 [height, width] in [0, 1]."""
+        return self.heatmaps[0].heatmap
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The image that was explained, as RGB; None when a tensor was sent."""
+        return self._source.picture() if self._source is not None else None
+
+    def overlay(
+        self,
+        colormap: str = "jet",
+        opacity: float = 0.5,
+        side_by_side: bool = False,
+        *,
+        index: int = 0,
+        image: Image.Image | np.ndarray | None = None,
+    ) -> Image.Image:
+        """The map blended over the image, as an RGB PIL image of the image's size.
+
+        ``colormap`` is "jet" or "turbo"; ``opacity`` in [0, 1] is the heatmap's weight.
+        ``side_by_side`` puts the image on the left and the overlay on the right, with the top
+        predictions written below. ``index`` picks the map (for ``top_k``). The image is the one
+        that was sent; for a tensor pass ``image``, or get the colourised map alone.
+        """
+        heatmap = self.heatmaps[index].heatmap
+        base = image if image is not None else self.image
+        if base is None:
+            if side_by_side:
+                raise ValueError("a tensor was explained: pass image= to put it side by side")
+            return Image.fromarray(colorize(heatmap, colormap), mode="RGB")
+        blended = blend(base, heatmap, colormap=colormap, opacity=opacity)
+        if not side_by_side:
+            return blended
+        return put_side_by_side(base, blended, self._captions(index))
+
+    def _captions(self, index: int) -> list[str]:
+        lines = [
+            f"{p.score:.2f}  {p.label or p.class_index}"
+            for p in self.predictions[:CAPTION_PREDICTIONS]
+        ]
+        explained = self.heatmaps[index]
+        if not self.predictions or self.predictions[0].class_index != explained.class_index:
+            lines.append(f"heatmap: {explained.label or explained.class_index}")
+        return lines
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    ready: bool
+    reason: str  # why it is not ready; empty when ready
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server knows of a model: its input, preprocessing, labels and target layer."""
+
+    name: str
+    input: str
+    input_shape: tuple[int, ...]  # -1 where variable
+    input_size: tuple[int, ...]  # (height, width) images are resized to
+    outputs: tuple[str, ...]
+    layer: str  # default target layer
+    layer_shape: tuple[int, ...]
+    num_classes: int
+    has_labels: bool
+    max_batch_size: int
+    methods: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+class _Source:
+    """What an explanation was computed from, kept to draw its overlay (decoded lazily)."""
+
+    def __init__(self, encoded: bytes | None = None, picture: Image.Image | None = None) -> None:
+        self._encoded = encoded
+        self._picture = picture
+
+    def picture(self) -> Image.Image:
+        if self._picture is None:
+            with Image.open(io.BytesIO(self._encoded or b"")) as opened:
+                self._picture = opened.convert("RGB")
+        elif self._picture.mode != "RGB":
+            self._picture = self._picture.convert("RGB")
+        return self._picture
+
+
+def _is_many(images: Any) -> bool:
+    if isinstance(images, np.ndarray):
+        return images.ndim == 4
+    return isinstance(images, (list, tuple))
+
+
+def _prepare(images: Any) -> list[tuple[pb.Image, _Source | None]]:
+    """Messages for one input or many, each with what its overlay is drawn on."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise InvalidInputError(
+                f"a 4-D array is a batch of preprocessed tensors and must be floating point, "
+                f"got {images.dtype}"
+            )
+        return [_tensor(tensor) for tensor in images]
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise InvalidInputError("no image given")
+    prepared = []
+    for item in items:
+        if isinstance(item, np.ndarray) and item.ndim == 4:
+            raise InvalidInputError("a list item must be one image; pass a 4-D batch on its own")
+        prepared.append(_one(item))
+    return prepared
+
+
+def _one(image: Any) -> tuple[pb.Image, _Source | None]:
+    if isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes()  # FileNotFoundError names the path
+        return pb.Image(encoded=data), _Source(encoded=data)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        return pb.Image(encoded=data), _Source(encoded=data)
+    if isinstance(image, Image.Image):
+        return pb.Image(encoded=_png(image)), _Source(picture=image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            picture = _picture_of(image)
+            return pb.Image(encoded=_png(picture)), _Source(picture=picture)
+        if np.issubdtype(image.dtype, np.floating):
+            return _tensor(image)
+        raise InvalidInputError(
+            f"an array must be a uint8 image or a floating-point tensor, got {image.dtype}"
+        )
+    raise TypeError(
+        "an image must be a path, bytes, a PIL image or a numpy array, "
+        f"got {type(image).__name__}"
+    )
+
+
+def _tensor(tensor: np.ndarray) -> tuple[pb.Image, None]:
+    if tensor.ndim != 3:
+        raise InvalidInputError(
+            f"a preprocessed tensor must be [C, H, W] (or [N, C, H, W]), got shape {tensor.shape}"
+        )
+    data = np.ascontiguousarray(tensor, dtype="<f4").tobytes()
+    return pb.Image(tensor=pb.Tensor(shape=list(tensor.shape), data=data)), None
+
+
+def _picture_of(pixels: np.ndarray) -> Image.Image:
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(pixels), mode="L")
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        mode = "RGB" if pixels.shape[2] == 3 else "RGBA"
+        return Image.fromarray(np.ascontiguousarray(pixels), mode=mode)
+    raise InvalidInputError(
+        f"a uint8 image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {pixels.shape}; "
+        "a preprocessed tensor must be floating point"
+    )
+
+
+def _png(picture: Image.Image) -> bytes:
+    """Lossless and quick: what the server decodes is exactly these pixels."""
+    if picture.mode not in _KEEP_MODES:
+        picture = picture.convert("RGB")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _method_name(value: int) -> str:
+    """The server's name of an API method value: the enum's name without ``METHOD_``, lower
+    case, ``_PLUS_PLUS`` written ``++`` and other underscores as hyphens
+    (METHOD_GRADCAM_PLUS_PLUS is "gradcam++", METHOD_GUIDED_BACKPROP "guided-backprop").
+    A value newer than these stubs reads as its number."""
+    if value not in pb.Method.values():
+        return str(value)
+    name = pb.Method.Name(value).removeprefix(_METHOD_PREFIX).lower()
+    return name.replace("_plus_plus", "++").replace("_", "-")
+
+
+METHOD_OF_NAME: dict[str, int] = {
+    _method_name(value): value for value in pb.Method.values() if value != pb.METHOD_UNSPECIFIED
+}
+"""The method names `explain` takes, and their values in the API."""
+METHODS: tuple[str, ...] = tuple(METHOD_OF_NAME)
+
+
+def _method_enum(method: str | None) -> int:
+    """The API value of a method name (case does not matter)."""
+    if method is None:
+        return pb.METHOD_UNSPECIFIED
+    if method.lower() not in METHOD_OF_NAME:
+        raise InvalidInputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    return METHOD_OF_NAME[method.lower()]
+
+
+def _requests(
+    images: Any,
+    *,
+    model: str,
+    method: str | None,
+    target_class: int | None,
+    top_k: int | None,
+    layer: str | None,
+    counterfactual: bool,
+    num_predictions: int,
+    num_channels: int,
+) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
+    """The requests (at most IMAGES_PER_REQUEST images each) and the sources of their images."""
+    if target_class is not None and top_k is not None:
+        raise InvalidInputError("give target_class or top_k, not both")
+    target = pb.Target()
+    if target_class is not None:
+        target.class_index = int(target_class)
+    elif top_k is not None:
+        target.top_k = int(top_k)
+    options = pb.ExplainOptions(num_predictions=num_predictions, num_channels=num_channels)
+    method_enum = _method_enum(method)
+    prepared = _prepare(images)
+    requests, sources = [], []
+    for start in range(0, len(prepared), IMAGES_PER_REQUEST):
+        chunk = prepared[start : start + IMAGES_PER_REQUEST]
+        requests.append(
+            pb.ExplainRequest(
+                model=model, images=[message for message, _ in chunk], method=method_enum,
+                target=target, layer=layer or "", counterfactual=counterfactual,
+                options=options,
+            )
+        )
+        sources.append([source for _, source in chunk])
+    return requests, sources
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def _explanations(
+    response: pb.ExplainResponse, sources: list[_Source | None], round_trip: float
+) -> list[Explanation]:
+    t = response.timings
+    timings = Timings(
+        t.preprocess_seconds, t.queue_seconds, t.inference_seconds, t.total_seconds, round_trip
+    )
+    method = _method_name(response.method)
+    results = []
+    for message, source in zip(response.explanations, sources):
+        heatmaps = [
+            ClassHeatmap(
+                class_index=h.class_index,
+                label=h.label,
+                heatmap=np.frombuffer(h.data, dtype="<f4")
+                .reshape(h.height, h.width)
+                .astype(np.float32),
+                channels=[(c.channel, c.weight) for c in h.channels],
+            )
+            for h in message.heatmaps
+        ]
+        predictions = [
+            Prediction(p.class_index, p.label, p.score, p.logit) for p in message.predictions
+        ]
+        results.append(
+            Explanation(response.model, method, response.layer, heatmaps, predictions, timings,
+                        source)
+        )
+    return results
+
+
+def _statuses(response: pb.ListModelsResponse) -> list[ModelStatus]:
+    return [ModelStatus(m.name, m.ready, m.reason) for m in response.models]
+
+
+def _model_info(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=message.name,
+        input=message.input,
+        input_shape=tuple(message.input_shape),
+        input_size=tuple(message.input_size),
+        outputs=tuple(message.outputs),
+        layer=message.layer,
+        layer_shape=tuple(message.layer_shape),
+        num_classes=message.num_classes,
+        has_labels=message.has_labels,
+        max_batch_size=message.max_batch_size,
+        methods=tuple(_method_name(m) for m in message.methods),
+        mean=tuple(message.mean),
+        std=tuple(message.std),
+    )
+
+
+def _health_name(status: int) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+# --- connection -----------------------------------------------------------------------------
+
+
+def _pem(value: PemInput | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True)
+class _Connection:
+    """Settings both clients share: where, how securely, deadlines and retries."""
+
+    target: str
+    tls: bool
+    root_certificates: bytes | None
+    client_certificate: bytes | None
+    client_key: bytes | None
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float | None
+    retries: int
+    backoff: float
+    options: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def make(
+        cls,
+        target: str,
+        *,
+        tls: bool | None,
+        root_certificates: PemInput | None,
+        client_certificate: PemInput | None,
+        client_key: PemInput | None,
+        token: str | None,
+        timeout: float | None,
+        retries: int,
+        backoff: float,
+        options: Sequence[tuple[str, Any]],
+    ) -> _Connection:
+        if retries < 0:
+            raise ValueError(f"retries must not be negative, got {retries}")
+        if (client_certificate is None) != (client_key is None):
+            raise ValueError("mutual TLS needs both client_certificate and client_key")
+        secure = tls if tls is not None else any(
+            v is not None for v in (root_certificates, client_certificate)
+        )
+        if not secure and (root_certificates is not None or client_certificate is not None):
+            raise ValueError("certificates were given but tls=False")
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        channel_options = (
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *options,
+        )
+        return cls(
+            target.removeprefix("grpc://").removeprefix("grpcs://"), secure,
+            _pem(root_certificates), _pem(client_certificate), _pem(client_key),
+            metadata, timeout, retries, backoff, channel_options,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.client_key,
+            certificate_chain=self.client_certificate,
+        )
+
+    def deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def delay(self, retry: int, deadline: float | None) -> float | None:
+        """Seconds to wait before retry number ``retry`` (1-based); None: give up."""
+        if retry > self.retries:
+            return None
+        wait = min(self.backoff * 2 ** (retry - 1), MAX_BACKOFF) * random.uniform(0.8, 1.2)
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            return None
+        return wait
+
+    def failure(self, error: grpc.RpcError, attempts: int) -> GradCamError:
+        return error_from_rpc(error, target=self.target, attempts=attempts)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _poll_timeout(deadline: float) -> float:
+    """The deadline of one health check while waiting for SERVING: at most a second."""
+    return min(1.0, max(deadline - time.monotonic(), 0.05))
+
+
+Response = TypeVar("Response")
+
+
+# --- the clients ----------------------------------------------------------------------------
+
+
+class GradCamClient:
+    """A blocking client; use it in a ``with`` block or call `close`. Safe to share between
+    threads.
+
+    ``target`` is "host:port". ``timeout`` (seconds, None: none) is every call's default
+    deadline, retries included; ``retries`` is how many times a call that found the server
+    UNAVAILABLE is tried again, after ``backoff`` seconds doubling each time (with jitter).
+    ``token`` sends ``authorization: Bearer <token>``. TLS is on with ``tls=True`` or when
+    certificates are given: ``root_certificates`` (PEM bytes or a file; default: the system's
+    roots), and ``client_certificate`` with ``client_key`` for mutual TLS. ``options`` are
+    extra gRPC channel options, e.g. ``("grpc.ssl_target_name_override", "gradcam.local")``.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8001",
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        token: str | None = None,
+        tls: bool | None = None,
+        root_certificates: PemInput | None = None,
+        client_certificate: PemInput | None = None,
+        client_key: PemInput | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._connection = _Connection.make(
+            target, tls=tls, root_certificates=root_certificates,
+            client_certificate=client_certificate, client_key=client_key, token=token,
+            timeout=timeout, retries=retries, backoff=backoff, options=options,
+        )
+        c = self._connection
+        if c.tls:
+            self._channel = grpc.secure_channel(c.target, c.credentials(), options=c.options)
+        else:
+            self._channel = grpc.insecure_channel(c.target, options=c.options)
+        self._stub = pb_grpc.GradCamStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self._connection.target
+
+    def __enter__(self) -> GradCamClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @overload
+    def explain(
+        self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
+        model: str, method: str | None = ..., target_class: int | None = ...,
+        top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
+        num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
+    ) -> Explanation: ...
+
+    @overload
+    def explain(
+        self, images: np.ndarray, *, model: str, method: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        timeout: float | None = ...,
+    ) -> Explanation | list[Explanation]: ...
+
+    @overload
+    def explain(
+        self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        timeout: float | None = ...,
+    ) -> list[Explanation]: ...
+
+    def explain(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        model: str,
+        method: str | None = None,
+        target_class: int | None = None,
+        top_k: int | None = None,
+        layer: str | None = None,
+        counterfactual: bool = False,
+        num_predictions: int = 5,
+        num_channels: int = 10,
+        timeout: float | None = None,
+    ) -> Explanation | list[Explanation]:
+        """Explain one image (gives an `Explanation`) or many (a list or a 4-D tensor batch:
+        gives a list, in order).
+
+        ``method`` is a name of `METHODS` (None: the model's default). What is explained: the
+        top-1 class by default, ``target_class`` (a class index) for every image, or the
+        ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
+        (None: the model's default target layer). ``counterfactual`` explains the negated
+        score: the regions whose removal would raise the class score. ``num_predictions`` and
+        ``num_channels`` bound the predictions and channel importances returned. ``timeout``
+        overrides the client's deadline for each request. Raises a `GradCamError` subclass,
+        FileNotFoundError for a missing path, TypeError for something that is not an image.
+        """
+        requests, sources = _requests(
+            images, model=model, method=method, target_class=target_class, top_k=top_k,
+            layer=layer, counterfactual=counterfactual, num_predictions=num_predictions,
+            num_channels=num_channels,
+        )
+        results: list[Explanation] = []
+        for request, request_sources in zip(requests, sources):
+            started = time.perf_counter()
+            response = self._call(self._stub.Explain, request, timeout)
+            results.extend(
+                _explanations(response, request_sources, time.perf_counter() - started)
+            )
+        return results if _is_many(images) else results[0]
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
+        """Every model of the server's repository, with its readiness."""
+        return _statuses(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout))
+
+    def model_info(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        """A model's input, preprocessing, labels and default target layer."""
+        request = pb.GetModelInfoRequest(model=model)
+        return _model_info(self._call(self._stub.GetModelInfo, request, timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The ``grpc.health.v1`` status: "SERVING", "NOT_SERVING" (models still loading, or
+        shutting down) or "SERVICE_UNKNOWN". ``service`` "" is the whole server."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = self._call(self._health.Check, request, timeout)
+        except GradCamError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return _health_name(reply.status)
+
+    def wait_until_ready(self, timeout: float = 60.0, service: str = "") -> None:
+        """Block until health says SERVING; DeadlineError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                last = self.health(service, timeout=_poll_timeout(deadline))
+                if last == "SERVING":
+                    return
+            except (UnavailableError, DeadlineError) as error:
+                last = str(error)
+            if time.monotonic() >= deadline:
+                raise DeadlineError(f"{self.target} not SERVING after {timeout:g} s: {last}")
+            time.sleep(0.1)
+
+    def _call(
+        self, method: Callable[..., Response], request: Any, timeout: float | None
+    ) -> Response:
+        connection = self._connection
+        deadline = connection.deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return method(request, timeout=_remaining(deadline), metadata=connection.metadata)
+            except grpc.RpcError as error:
+                wait = None
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    wait = connection.delay(attempt, deadline)
+                if wait is None:
+                    raise connection.failure(error, attempt) from None
+            time.sleep(wait)
+            attempt += 1
+
+
+class AsyncGradCamClient:
+    """The asyncio client: the same calls as `GradCamClient`, awaited. Use it in an
+    ``async with`` block or await `close`. Inputs are read and encoded off the event loop, and
+    the requests of a long list run concurrently (the server batches them). Its arguments are
+    those of `GradCamClient`.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8001",
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        token: str | None = None,
+        tls: bool | None = None,
+        root_certificates: PemInput | None = None,
+        client_certificate: PemInput | None = None,
+        client_key: PemInput | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._connection = _Connection.make(
+            target, tls=tls, root_certificates=root_certificates,
+            client_certificate=client_certificate, client_key=client_key, token=token,
+            timeout=timeout, retries=retries, backoff=backoff, options=options,
+        )
+        c = self._connection
+        if c.tls:
+            self._channel = grpc.aio.secure_channel(c.target, c.credentials(), options=c.options)
+        else:
+            self._channel = grpc.aio.insecure_channel(c.target, options=c.options)
+        self._stub = pb_grpc.GradCamStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self._connection.target
+
+    async def __aenter__(self) -> AsyncGradCamClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    @overload
+    async def explain(
+        self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
+        model: str, method: str | None = ..., target_class: int | None = ...,
+        top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
+        num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
+    ) -> Explanation: ...
+
+    @overload
+    async def explain(
+        self, images: np.ndarray, *, model: str, method: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        timeout: float | None = ...,
+    ) -> Explanation | list[Explanation]: ...
+
+    @overload
+    async def explain(
+        self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        timeout: float | None = ...,
+    ) -> list[Explanation]: ...
+
+    async def explain(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        model: str,
+        method: str | None = None,
+        target_class: int | None = None,
+        top_k: int | None = None,
+        layer: str | None = None,
+        counterfactual: bool = False,
+        num_predictions: int = 5,
+        num_channels: int = 10,
+        timeout: float | None = None,
+    ) -> Explanation | list[Explanation]:
+        """As `GradCamClient.explain`."""
+        requests, sources = await asyncio.to_thread(
+            _requests, images, model=model, method=method, target_class=target_class,
+            top_k=top_k, layer=layer, counterfactual=counterfactual,
+            num_predictions=num_predictions, num_channels=num_channels,
+        )
+
+        async def send(
+            request: pb.ExplainRequest, request_sources: list[_Source | None]
+        ) -> list[Explanation]:
+            started = time.perf_counter()
+            response = await self._call(self._stub.Explain, request, timeout)
+            return _explanations(response, request_sources, time.perf_counter() - started)
+
+        parts = await asyncio.gather(*(send(r, s) for r, s in zip(requests, sources)))
+        results = [explanation for part in parts for explanation in part]
+        return results if _is_many(images) else results[0]
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
+        """As `GradCamClient.list_models`."""
+        return _statuses(
+            await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        )
+
+    async def model_info(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        """As `GradCamClient.model_info`."""
+        request = pb.GetModelInfoRequest(model=model)
+        return _model_info(await self._call(self._stub.GetModelInfo, request, timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """As `GradCamClient.health`."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = await self._call(self._health.Check, request, timeout)
+        except GradCamError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return _health_name(reply.status)
+
+    async def wait_until_ready(self, timeout: float = 60.0, service: str = "") -> None:
+        """As `GradCamClient.wait_until_ready`."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            try:
+                last = await self.health(service, timeout=_poll_timeout(deadline))
+                if last == "SERVING":
+                    return
+            except (UnavailableError, DeadlineError) as error:
+                last = str(error)
+            if time.monotonic() >= deadline:
+                raise DeadlineError(f"{self.target} not SERVING after {timeout:g} s: {last}")
+            await asyncio.sleep(0.1)
+
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        connection = self._connection
+        deadline = connection.deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return await method(
+                    request, timeout=_remaining(deadline), metadata=connection.metadata
+                )
+            except grpc.aio.AioRpcError as error:
+                wait = None
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    wait = connection.delay(attempt, deadline)
+                if wait is None:
+                    raise connection.failure(error, attempt) from None
+            await asyncio.sleep(wait)
+            attempt += 1

@@ -1,0 +1,600 @@
+"""The SDK, the asyncio SDK and the `gradcam` command against real servers on port 0.
+
+One plain server and one that wants a bearer token serve a repository made of the shipped
+EfficientNet-Lite0 (its files linked into a temporary folder); the sample photo is the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gradcam_client import (
+    METHODS,
+    AsyncGradCamClient,
+    DeadlineError,
+    Explanation,
+    GradCamClient,
+    GradCamError,
+    InvalidInputError,
+    ModelNotFoundError,
+    UnauthenticatedError,
+    UnavailableError,
+    colorize,
+)
+from gradcam_client import client as client_module
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "efficientnet_lite0"
+MODEL = "efficientnet_lite0"
+PHOTO = ROOT / "samples" / "chelsea.jpg"
+WIDTH, HEIGHT = 451, 300
+EGYPTIAN_CAT, TABBY = 285, 281
+EARLIER_LAYER = "/_blocks.15/_swish/Clip_output_0"
+TOKEN = "s3cret-token"
+NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+def _start_server(repository: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradcam_server", "--model-repository", str(repository),
+         "--port", "0", "--metrics-port", "-1", *extra],
+        stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+    )
+    line = process.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if match is None:
+        process.kill()
+        raise RuntimeError(f"the server did not start: {line!r}; see {log}")
+    address = match.group(1)
+    with GradCamClient(address) as client:
+        client.wait_until_ready(timeout=60)
+    return process, address
+
+
+def _stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    folder = root / MODEL
+    folder.mkdir()
+    for name in ("model.onnx", "config.json", "labels.txt"):
+        (folder / name).symlink_to(MODEL_DIR / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, address = _start_server(repository, tmp_path_factory.mktemp("log") / "server.log")
+    yield address
+    _stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def token_server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("log") / "token-server.log"
+    process, address = _start_server(repository, log, "--token", TOKEN)
+    yield address
+    _stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Iterator[GradCamClient]:
+    with GradCamClient(server) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def by_path(client: GradCamClient) -> Explanation:
+    return client.explain(PHOTO, model=MODEL)
+
+
+def _photo() -> Image.Image:
+    with Image.open(PHOTO) as opened:
+        return opened.convert("RGB")
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as opened:
+        return opened.size
+
+
+def _preprocessed() -> np.ndarray:
+    """The photo as models/efficientnet_lite0/config.json says: [3, 224, 224] float32."""
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    assert config["resize"] == "bilinear" and config["channel_order"] == "RGB"
+    height, width = config["size"]
+    pixels = np.asarray(_photo().resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    mean = np.asarray(config["mean"], np.float32)
+    std = np.asarray(config["std"], np.float32)
+    normalised = (pixels * np.float32(config["scale"]) - mean) / std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def _assert_cat(result: Explanation, height: int = HEIGHT, width: int = WIDTH) -> None:
+    assert result.model == MODEL and result.method == "gradcam"
+    assert result.heatmap.shape == (height, width) and result.heatmap.dtype == np.float32
+    assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
+    assert result.heatmap.max() > 0.5
+    top = result.predictions[0]
+    assert (top.class_index, top.label) == (EGYPTIAN_CAT, "Egyptian cat")
+    assert top.score == pytest.approx(0.815, abs=0.01)
+    assert result.heatmaps[0].class_index == EGYPTIAN_CAT
+
+
+# --- the SDK --------------------------------------------------------------------------------
+
+
+def test_client_imports_no_runtime_and_no_server() -> None:
+    code = (
+        "import sys, gradcam_client, gradcam_client.cli\n"
+        "heavy = ('onnx', 'onnxruntime', 'torch', 'gradcam_server')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_explain_a_path(by_path: Explanation) -> None:
+    _assert_cat(by_path)
+    assert len(by_path.heatmaps) == 1 and len(by_path.predictions) == 5
+    scores = [p.score for p in by_path.predictions]
+    assert scores == sorted(scores, reverse=True)
+    assert by_path.layer == "/_swish_1/Clip_output_0"
+    channels = by_path.heatmaps[0].channels
+    assert len(channels) == 10 and all(isinstance(c, int) for c, _ in channels)
+    weights = [w for _, w in channels]
+    assert weights == sorted(weights, reverse=True)
+    t = by_path.timings
+    assert 0 < t.inference_seconds <= t.total_seconds <= t.round_trip_seconds
+
+
+@pytest.mark.parametrize(
+    "kind", ["str path", "bytes", "PIL image", "HWC uint8 array", "grayscale array"]
+)
+def test_explain_each_image_kind(client: GradCamClient, by_path: Explanation, kind: str) -> None:
+    image = {
+        "str path": lambda: str(PHOTO),
+        "bytes": PHOTO.read_bytes,
+        "PIL image": _photo,
+        "HWC uint8 array": lambda: np.asarray(_photo()),
+        "grayscale array": lambda: np.asarray(_photo().convert("L")),
+    }[kind]()
+    result = client.explain(image, model=MODEL)
+    assert result.heatmap.shape == (HEIGHT, WIDTH)
+    if kind == "grayscale array":
+        return  # another picture: only the size must hold
+    _assert_cat(result)
+    # The same pixels reach the graph (JPEG decoded by the same Pillow; PNG is lossless).
+    assert result.predictions[0].score == pytest.approx(by_path.predictions[0].score, abs=1e-5)
+    np.testing.assert_allclose(result.heatmap, by_path.heatmap, atol=1e-4)
+
+
+def test_explain_preprocessed_tensors(client: GradCamClient, by_path: Explanation) -> None:
+    tensor = _preprocessed()
+    one = client.explain(tensor, model=MODEL)
+    assert isinstance(one, Explanation)
+    _assert_cat(one, 224, 224)
+    assert one.predictions[0].score == pytest.approx(by_path.predictions[0].score, abs=1e-4)
+    assert one.image is None
+
+    batch = client.explain(np.stack([tensor, tensor]).astype(np.float64), model=MODEL)
+    assert isinstance(batch, list) and len(batch) == 2
+    for result in batch:
+        _assert_cat(result, 224, 224)
+        np.testing.assert_allclose(result.heatmap, one.heatmap, atol=1e-5)
+
+
+def test_explain_many_keeps_order(client: GradCamClient) -> None:
+    small = _photo().resize((96, 64))
+    images = [PHOTO, small, _preprocessed()]
+    results = client.explain(images, model=MODEL)
+    assert [r.heatmap.shape for r in results] == [(HEIGHT, WIDTH), (64, 96), (224, 224)]
+    assert isinstance(client.explain([PHOTO], model=MODEL), list)
+
+
+def test_explain_more_images_than_one_request_holds(client: GradCamClient) -> None:
+    count = client_module.IMAGES_PER_REQUEST + 1
+    images = [_photo().resize((32 + i, 32)) for i in range(count)]
+    results = client.explain(images, model=MODEL, num_predictions=1, num_channels=1)
+    assert [r.heatmap.shape for r in results] == [(32, 32 + i) for i in range(count)]
+    assert all(len(r.predictions) == 1 and len(r.heatmaps[0].channels) == 1 for r in results)
+
+
+def test_top_k(client: GradCamClient, by_path: Explanation) -> None:
+    result = client.explain(PHOTO, model=MODEL, top_k=3)
+    explained = [h.class_index for h in result.heatmaps]
+    assert explained == [p.class_index for p in by_path.predictions[:3]]
+    assert explained[:2] == [EGYPTIAN_CAT, TABBY]
+    assert [h.label for h in result.heatmaps][:2] == ["Egyptian cat", "tabby"]
+    np.testing.assert_allclose(result.heatmaps[0].heatmap, by_path.heatmap, atol=1e-5)
+    assert all(h.heatmap.shape == (HEIGHT, WIDTH) for h in result.heatmaps)
+
+
+def test_target_class(client: GradCamClient, by_path: Explanation) -> None:
+    result = client.explain(PHOTO, model=MODEL, target_class=TABBY)
+    assert [(h.class_index, h.label) for h in result.heatmaps] == [(TABBY, "tabby")]
+    assert result.predictions[0].class_index == EGYPTIAN_CAT  # predictions do not change
+    assert not np.allclose(result.heatmap, by_path.heatmap, atol=1e-3)
+
+
+def test_method_names_are_the_servers() -> None:
+    from gradcam_server.explain_api import METHOD_NAMES  # the server's table, in this process
+
+    assert {value: name for name, value in client_module.METHOD_OF_NAME.items()} == METHOD_NAMES
+    assert METHODS[0] == "gradcam" and "gradcam++" in METHODS
+
+
+def test_method_and_counterfactual(client: GradCamClient, by_path: Explanation) -> None:
+    plus_plus = client.explain(PHOTO, model=MODEL, method="gradcam++")
+    assert plus_plus.method == "gradcam++" and plus_plus.heatmap.shape == (HEIGHT, WIDTH)
+    assert not np.allclose(plus_plus.heatmap, by_path.heatmap, atol=1e-3)
+    against = client.explain(PHOTO, model=MODEL, counterfactual=True)
+    assert against.heatmaps[0].class_index == EGYPTIAN_CAT
+    assert not np.allclose(against.heatmap, by_path.heatmap, atol=1e-3)
+
+
+def test_layer(client: GradCamClient, by_path: Explanation) -> None:
+    result = client.explain(PHOTO, model=MODEL, layer=EARLIER_LAYER, method="gradcam")
+    assert result.layer == EARLIER_LAYER
+    assert result.heatmap.shape == (HEIGHT, WIDTH)
+    assert not np.allclose(result.heatmap, by_path.heatmap, atol=1e-3)
+
+
+def test_overlays(by_path: Explanation) -> None:
+    photo = np.asarray(_photo())
+    picture = by_path.overlay()
+    assert picture.mode == "RGB" and picture.size == (WIDTH, HEIGHT)
+    np.testing.assert_array_equal(np.asarray(by_path.overlay(opacity=0.0)), photo)
+    np.testing.assert_array_equal(
+        np.asarray(by_path.overlay("turbo", opacity=1.0)), colorize(by_path.heatmap, "turbo")
+    )
+    jet_picture, turbo_picture = by_path.overlay("jet"), by_path.overlay("turbo")
+    assert not np.array_equal(np.asarray(jet_picture), np.asarray(turbo_picture))
+    halfway = np.asarray(by_path.overlay(opacity=0.5), dtype=np.int16)
+    jet = colorize(by_path.heatmap, "jet").astype(np.int16)
+    assert np.abs(2 * halfway - photo.astype(np.int16) - jet).max() <= 1
+
+    panel = by_path.overlay(side_by_side=True)
+    assert panel.width == 2 * WIDTH and panel.height > HEIGHT  # a caption band below
+    np.testing.assert_array_equal(np.asarray(panel)[:HEIGHT, :WIDTH], photo)
+    np.testing.assert_array_equal(np.asarray(panel)[:HEIGHT, WIDTH:], np.asarray(picture))
+    assert by_path._captions(0)[0] == f"{by_path.predictions[0].score:.2f}  Egyptian cat"
+    with pytest.raises(ValueError, match="opacity"):
+        by_path.overlay(opacity=1.5)
+    with pytest.raises(ValueError, match="colormap"):
+        by_path.overlay("viridis")
+
+
+def test_overlay_of_a_tensor(client: GradCamClient) -> None:
+    result = client.explain(_preprocessed(), model=MODEL)
+    alone = result.overlay("turbo")
+    np.testing.assert_array_equal(np.asarray(alone), colorize(result.heatmap, "turbo"))
+    with pytest.raises(ValueError, match="image="):
+        result.overlay(side_by_side=True)
+    base = _photo().resize((224, 224))
+    assert result.overlay(side_by_side=True, image=base).width == 448
+
+
+def test_models_and_health(client: GradCamClient) -> None:
+    statuses = client.list_models()
+    assert [(s.name, s.ready, s.reason) for s in statuses] == [(MODEL, True, "")]
+    info = client.model_info(MODEL)
+    assert info.input_size == (224, 224) and info.num_classes == 1000 and info.has_labels
+    assert info.layer == "/_swish_1/Clip_output_0" and info.methods == METHODS
+    assert client.health() == "SERVING"
+    assert client.health("gradcam.v1.GradCam") == "SERVING"
+    assert client.health("no.such.Service") == "SERVICE_UNKNOWN"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_model(client: GradCamClient) -> None:
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nope'") as caught:
+        client.explain(PHOTO, model="nope")
+    assert isinstance(caught.value, GradCamError) and isinstance(caught.value, LookupError)
+    assert caught.value.attempts == 1 and caught.value.code.name == "NOT_FOUND"
+    with pytest.raises(ModelNotFoundError):
+        client.model_info("nope")
+
+
+def test_bad_input_from_the_server(client: GradCamClient) -> None:
+    with pytest.raises(InvalidInputError, match="image 0") as caught:
+        client.explain(b"this is not an image", model=MODEL)
+    assert caught.value.code.name == "INVALID_ARGUMENT" and "image 0" in caught.value.message
+    with pytest.raises(InvalidInputError, match="out of range"):
+        client.explain(PHOTO, model=MODEL, target_class=1000)
+    with pytest.raises(InvalidInputError, match="nope"):
+        client.explain(PHOTO, model=MODEL, layer="nope")
+    with pytest.raises(InvalidInputError):
+        client.explain(np.zeros((3, 10, 10), np.float32), model=MODEL)  # not 224 x 224
+
+
+def test_bad_input_refused_before_sending(client: GradCamClient) -> None:
+    with pytest.raises(InvalidInputError, match="not both"):
+        client.explain(PHOTO, model=MODEL, target_class=1, top_k=2)
+    with pytest.raises(InvalidInputError, match="unknown method"):
+        client.explain(PHOTO, model=MODEL, method="scorecam")
+    with pytest.raises(InvalidInputError, match="uint8 image or a floating-point"):
+        client.explain(np.zeros((8, 8, 3), np.int64), model=MODEL)
+    with pytest.raises(InvalidInputError, match=r"\[H, W, 3\]"):
+        client.explain(np.zeros((8, 8, 5), np.uint8), model=MODEL)
+    with pytest.raises(InvalidInputError, match="no image"):
+        client.explain([], model=MODEL)
+    with pytest.raises(FileNotFoundError):
+        client.explain(ROOT / "no-such-photo.jpg", model=MODEL)
+    with pytest.raises(TypeError):
+        client.explain(42, model=MODEL)  # type: ignore[call-overload]
+
+
+def test_deadline(client: GradCamClient) -> None:
+    with pytest.raises(DeadlineError):
+        client.explain(PHOTO, model=MODEL, timeout=1e-4)
+
+
+def test_no_server_is_unavailable_after_retries() -> None:
+    with GradCamClient(NO_SERVER, retries=2, backoff=0.05) as unreachable:
+        with pytest.raises(UnavailableError) as caught:
+            unreachable.list_models()
+        assert caught.value.attempts == 3 and NO_SERVER in str(caught.value)
+        with pytest.raises(UnavailableError):
+            unreachable.explain(PHOTO, model=MODEL)
+        with pytest.raises(DeadlineError, match="not SERVING"):
+            unreachable.wait_until_ready(timeout=0.3)
+    with GradCamClient(NO_SERVER, retries=0) as once:
+        with pytest.raises(UnavailableError) as caught:
+            once.health()
+        assert caught.value.attempts == 1
+
+
+def test_token(token_server: str) -> None:
+    with GradCamClient(token_server) as anonymous:
+        assert anonymous.health() == "SERVING"  # health stays open
+        with pytest.raises(UnauthenticatedError, match="bearer token"):
+            anonymous.list_models()
+        with pytest.raises(UnauthenticatedError):
+            anonymous.explain(PHOTO, model=MODEL)
+    with GradCamClient(token_server, token="wrong") as wrong:
+        with pytest.raises(UnauthenticatedError):
+            wrong.list_models()
+    with GradCamClient(token_server, token=TOKEN) as authorised:
+        _assert_cat(authorised.explain(PHOTO, model=MODEL))
+
+
+def test_tls_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="client_certificate and client_key"):
+        GradCamClient("127.0.0.1:1", client_certificate=b"-----BEGIN CERTIFICATE-----")
+    with pytest.raises(ValueError, match="tls=False"):
+        GradCamClient("127.0.0.1:1", tls=False, root_certificates=b"-----BEGIN CERTIFICATE-----")
+
+
+# --- the asyncio SDK ------------------------------------------------------------------------
+
+
+def test_async_client(server: str, token_server: str) -> None:
+    async def scenario() -> None:
+        async with AsyncGradCamClient(server) as client:
+            one = await client.explain(PHOTO, model=MODEL, top_k=2)
+            _assert_cat(one)
+            assert [h.class_index for h in one.heatmaps] == [EGYPTIAN_CAT, TABBY]
+            assert one.overlay(side_by_side=True).width == 2 * WIDTH
+
+            count = client_module.IMAGES_PER_REQUEST + 2  # two requests, run concurrently
+            many = await client.explain(
+                [PHOTO.read_bytes(), np.asarray(_photo()), _preprocessed()] * (count // 3 + 1),
+                model=MODEL,
+            )
+            assert len(many) == 3 * (count // 3 + 1)
+            shapes = [r.heatmap.shape for r in many[:3]]
+            assert shapes == [(HEIGHT, WIDTH), (HEIGHT, WIDTH), (224, 224)]
+            assert all(r.predictions[0].class_index == EGYPTIAN_CAT for r in many)
+
+            assert [s.name for s in await client.list_models()] == [MODEL]
+            assert (await client.model_info(MODEL)).num_classes == 1000
+            assert await client.health() == "SERVING"
+            await client.wait_until_ready(timeout=5)
+            with pytest.raises(ModelNotFoundError):
+                await client.explain(PHOTO, model="nope")
+            with pytest.raises(InvalidInputError):
+                await client.explain(b"not an image", model=MODEL)
+            with pytest.raises(DeadlineError):
+                await client.explain(PHOTO, model=MODEL, timeout=1e-4)
+
+        async with AsyncGradCamClient(NO_SERVER, retries=1, backoff=0.05) as unreachable:
+            with pytest.raises(UnavailableError) as caught:
+                await unreachable.list_models()
+            assert caught.value.attempts == 2
+
+        async with AsyncGradCamClient(token_server) as anonymous:
+            with pytest.raises(UnauthenticatedError):
+                await anonymous.list_models()
+        async with AsyncGradCamClient(token_server, token=TOKEN) as authorised:
+            assert (await authorised.list_models())[0].ready
+
+    asyncio.run(scenario())
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def _gradcam(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gradcam_client", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("GRADCAM_SERVER", "GRADCAM_TOKEN")},
+    )
+
+
+def _assert_one_line_failure(done: subprocess.CompletedProcess, *expected: str) -> None:
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradcam: error: "), done.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def test_cli_one_image(server: str, tmp_path: Path) -> None:
+    overlay, heatmap = tmp_path / "overlay.png", tmp_path / "heatmap.npy"
+    done = _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "-o", overlay,
+                    "--save-npy", heatmap, "--colormap", "turbo", "--opacity", "0.3")
+    assert done.returncode == 0, done.stderr
+    assert "Egyptian cat" in done.stdout and str(overlay) in done.stdout
+    with Image.open(overlay) as written:
+        assert written.format == "PNG" and written.size == (WIDTH, HEIGHT)
+    saved = np.load(heatmap)
+    assert saved.dtype == np.float32 and saved.shape == (HEIGHT, WIDTH)
+    assert 0.0 <= saved.min() and saved.max() <= 1.0
+
+
+def test_cli_top_k_side_by_side(server: str, tmp_path: Path) -> None:
+    overlay, heatmap = tmp_path / "panel.png", tmp_path / "maps.npy"
+    done = _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--top-k", "3",
+                    "--side-by-side", "-o", overlay, "--save-npy", heatmap)
+    assert done.returncode == 0, done.stderr
+    with Image.open(overlay) as written:
+        assert written.width == 2 * WIDTH and written.height > HEIGHT
+    assert np.load(heatmap).shape == (3, HEIGHT, WIDTH)
+
+
+def test_cli_folder(server: str, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cat.jpg").write_bytes(PHOTO.read_bytes())
+    _photo().resize((120, 80)).save(images / "small.png")
+    _photo().convert("L").save(images / "gray.bmp")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    done = _gradcam("explain", images, "--server", server, "--model", MODEL, "-o", out,
+                    "--save-npy", tmp_path / "maps")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "3 images explained, 0 failed"
+    assert "] 1/3 " in done.stderr and f"[{'#' * 24}] 3/3" in done.stderr  # the progress bar
+    sizes = {path.name: _size(path) for path in out.iterdir()}
+    assert sizes == {
+        "cat.png": (WIDTH, HEIGHT), "small.png": (120, 80), "gray.png": (WIDTH, HEIGHT)
+    }
+    assert np.load(tmp_path / "maps" / "small.npy").shape == (80, 120)
+
+
+def test_cli_several_files_with_a_bad_one(server: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    done = _gradcam("explain", PHOTO, broken, "--server", server, "--model", MODEL, "-o", out)
+    assert done.returncode == 1
+    assert done.stdout.strip().splitlines()[-1] == "1 image explained, 1 failed"
+    assert f"skipped {broken}" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in out.iterdir()] == ["chelsea.png"]
+
+
+def test_cli_models_and_health(server: str) -> None:
+    done = _gradcam("models", "--server", server)
+    assert done.returncode == 0, done.stderr
+    assert re.match(rf"{MODEL}\s+ready\s+input input \[-1,3,224,224\]\s+1000 classes", done.stdout)
+    done = _gradcam("health", "--server", server, "--wait", "5")
+    assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
+
+
+def test_cli_token(token_server: str) -> None:
+    _assert_one_line_failure(_gradcam("models", "--server", token_server), "bearer token")
+    done = _gradcam("models", "--server", token_server, "--token", TOKEN)
+    assert done.returncode == 0 and MODEL in done.stdout
+
+
+def test_cli_failures(server: str, tmp_path: Path) -> None:
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", NO_SERVER, "--model", MODEL, "--retries", "1"),
+        NO_SERVER, "unavailable",
+    )
+    _assert_one_line_failure(
+        _gradcam("health", "--server", NO_SERVER, "--retries", "0"), NO_SERVER
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", "nope", "-o", tmp_path / "x.png"),
+        "unknown model 'nope'", f"served: {MODEL}",
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", tmp_path / "missing.jpg", "--server", server, "--model", MODEL),
+        "missing.jpg",
+    )
+    not_an_image = tmp_path / "text.jpg"
+    not_an_image.write_text("hello")
+    _assert_one_line_failure(
+        _gradcam("explain", not_an_image, "--server", server, "--model", MODEL), "text.jpg"
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--layer", "nope"), "nope"
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--opacity", "2"),
+        "--opacity",
+    )
+    assert not (tmp_path / "x.png").exists()
+    usage = _gradcam("explain", PHOTO, "--top-k", "2", "--target-class", "3", "--model", MODEL)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+# --- the README -----------------------------------------------------------------------------
+
+
+def _readme_blocks(language: str) -> list[str]:
+    text = (ROOT / "client" / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_sdk_examples_run(server: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = _readme_blocks("python")
+    assert len(blocks) == 3
+    for block in blocks:
+        code = block.replace("127.0.0.1:8001", server).replace('"samples/', f'"{ROOT}/samples/')
+        exec(compile(code, "client/README.md", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out
+    assert "Egyptian cat 0.81" in printed and "(300, 451) float32" in printed
+    assert (tmp_path / "chelsea-side-by-side.png").is_file()
+    with Image.open(tmp_path / "chelsea-turbo.png") as written:
+        assert written.size == (WIDTH, HEIGHT)
+
+
+def test_readme_cli_examples_run(server: str, tmp_path: Path) -> None:
+    commands = [
+        line for block in _readme_blocks("sh") for line in block.splitlines()
+        if line.startswith("gradcam ")
+    ]
+    assert len(commands) == 5
+    for command in commands:
+        words = [
+            server if word == "127.0.0.1:8001"
+            else str(ROOT / word) if word.split("/")[0] == "samples"
+            else word
+            for word in shlex.split(command)[1:]
+        ]
+        done = _gradcam(*words, cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stderr)
+    assert np.load(tmp_path / "chelsea-heatmap.npy").shape == (HEIGHT, WIDTH)
+    assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["chelsea.png"]
