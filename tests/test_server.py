@@ -428,6 +428,20 @@ def test_explain_class_index_and_options(stub) -> None:
     assert overlay.format == "PNG" and overlay.size == CHELSEA_SIZE
 
 
+def test_explain_negative_class_index_is_a_rank(stub) -> None:
+    def explain(target: pb.Target) -> pb.Explanation:
+        request = pb.ExplainRequest(model=LITE0, images=[pb.Image(encoded=CHELSEA)], target=target)
+        return stub.Explain(request, timeout=CALL_TIMEOUT_S).explanations[0]
+
+    second = explain(pb.Target(class_index=-2))
+    ranked = explain(pb.Target(top_k=2))
+    (heatmap,) = second.heatmaps
+    assert heatmap.class_index == second.predictions[1].class_index
+    assert heatmap.label == second.predictions[1].label
+    np.testing.assert_allclose(heatmap_array(heatmap), heatmap_array(ranked.heatmaps[1]),
+                               atol=1e-4)
+
+
 def test_explain_tensor_matches_kserve(stub, client) -> None:
     x = lite0_tensor(7)
     request = pb.ExplainRequest(

@@ -148,7 +148,7 @@ class ServedModel:
                     counterfactual=counterfactual,
                 )
             except AugmentError as error:
-                raise InvalidInput(f"target layer: {error}") from error
+                raise InvalidInput(str(error)) from error
             session = create_session(augmented, self.runtime)
             self._explainers[key] = session
             if len(self._explainers) > _CACHED_SESSIONS:

@@ -335,7 +335,10 @@ class GradCamService:
         weights = outputs[NAMES.gradients][rows].mean(axis=(2, 3))
         maps = []
         for rank, heatmap in enumerate(outputs[NAMES.heatmap][rows]):
-            explained = class_index if class_index is not None else int(order[rank])
+            if class_index is None:
+                explained = int(order[rank])
+            else:  # -r asks for the r-th highest-scoring class, as the graph resolves it
+                explained = class_index if class_index >= 0 else int(order[-class_index - 1])
             top = np.argsort(-weights[rank], kind="stable")[:num_channels]
             maps.append(
                 ClassMap(
