@@ -138,7 +138,7 @@ def main() -> None:
                     x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
                     tensor = torch.from_numpy(x)
                     m = interleaved({
-                        "pytorch-grad-cam": lambda: cam(tensor),
+                        "pytorch-grad-cam": lambda: cam(tensor, targets=None),
                         "served": lambda: infer(client, x, explain=True),
                     }, args.seconds, minimum=4)
                     print(f"   batch {batch}: {m['pytorch-grad-cam'] * 1e3:7.1f} ms vs "

@@ -562,8 +562,8 @@ def test_cli_failures(server: str, tmp_path: Path) -> None:
 # --- the README -----------------------------------------------------------------------------
 
 
-def _readme_blocks(language: str) -> list[str]:
-    text = (ROOT / "client" / "README.md").read_text()
+def _readme_blocks(language: str, readme: str = "client/README.md") -> list[str]:
+    text = (ROOT / readme).read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
@@ -578,6 +578,17 @@ def test_readme_sdk_examples_run(server: str, tmp_path: Path, monkeypatch, capsy
     assert "Egyptian cat 0.81" in printed and "(300, 451) float32" in printed
     assert (tmp_path / "chelsea-side-by-side.png").is_file()
     with Image.open(tmp_path / "chelsea-turbo.png") as written:
+        assert written.size == (WIDTH, HEIGHT)
+
+
+def test_root_readme_sdk_example_runs(server: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (block,) = _readme_blocks("python", "README.md")
+    code = block.replace("127.0.0.1:8001", server).replace('"samples/', f'"{ROOT}/samples/')
+    namespace = {"__name__": "__main__"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["result"].predictions[0].label == "Egyptian cat"
+    with Image.open(tmp_path / "overlay.png") as written:
         assert written.size == (WIDTH, HEIGHT)
 
 

@@ -20,7 +20,9 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
 ``method``                              default method (default "gradcam")
 ``max_batch_size``                      dynamic batching bound (default 8; a graph with a
                                         fixed batch dimension serves with that size)
-``max_queue_delay_microseconds``        how long a batch waits to fill (default 2000)
+``max_queue_delay_microseconds``        how long a batch waits to fill (default 0: no
+                                        wait; requests that arrive while a batch runs
+                                        still form the next batch together)
 ``max_queue_size``                      pending requests before RESOURCE_EXHAUSTED (default
                                         64)
 ======================================  =====================================================
@@ -61,7 +63,7 @@ class ModelConfig:
     target_layer: str | None = None
     method: str = "gradcam"
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
-    max_queue_delay_microseconds: int = 2000
+    max_queue_delay_microseconds: int = 0
     max_queue_size: int = 64
 
 
@@ -95,7 +97,7 @@ def read_config(folder: Path, graph_size: tuple[int, int] | None) -> ModelConfig
         target_layer=_optional_str(raw, "target_layer"),
         method=_optional_str(raw, "method") or "gradcam",
         max_batch_size=_optional_int(raw, "max_batch_size", minimum=1),
-        max_queue_delay_microseconds=2000 if delay is None else delay,
+        max_queue_delay_microseconds=0 if delay is None else delay,
         max_queue_size=_optional_int(raw, "max_queue_size", minimum=1) or 64,
     )
 

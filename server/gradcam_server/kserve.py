@@ -162,14 +162,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=model.name, model_version="1", id=request.id
         )
         for name in requested:
-            value = np.ascontiguousarray(outputs[name])
+            value = outputs[name]
             datatype = _datatype_of(value.dtype)
             response.outputs.append(
                 pb.ModelInferResponse.InferOutputTensor(
                     name=name, datatype=datatype, shape=list(value.shape)
                 )
             )
-            response.raw_output_contents.append(value.astype(_DTYPES[datatype]).tobytes())
+            little_endian = np.ascontiguousarray(value, dtype=_DTYPES[datatype])
+            response.raw_output_contents.append(little_endian.tobytes())
         return response
 
 
