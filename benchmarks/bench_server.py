@@ -8,7 +8,8 @@ same number of threads, it measures:
 1. served Grad-CAM vs a served forward-only request (KServe v2, FP32 tensor), batch 1 and 8;
 2. served Grad-CAM vs pytorch-grad-cam's GradCAM in this process, batch 1 and 8;
 3. throughput of 8 concurrent batch-1 clients vs one client sending batch-8 requests;
-4. the gRPC round trip vs the same augmented session run in-process, batch 1.
+4. the gRPC round trip vs the same augmented session run in-process, batch 1, with
+   tritonclient and with the generated stub (`bench_round_trip.py`, its own process).
 
 Variants are interleaved where they can be, so that machine noise hits them alike.
 """
@@ -160,8 +161,15 @@ def main() -> None:
                 "in-process": lambda: session.run(None, feeds),
                 "served": lambda: infer(client, x, explain=True),
             }, args.seconds)
-            print(f"   {m['in-process'] * 1e3:.1f} ms vs {m['served'] * 1e3:.1f} ms"
+            print(f"   tritonclient:   {m['in-process'] * 1e3:.1f} ms vs {m['served'] * 1e3:.1f} ms"
                   f"  ratio {m['served'] / m['in-process']:.3f}")
+            del session
+            subprocess.run(
+                [sys.executable, str(Path(__file__).with_name("bench_round_trip.py")), address,
+                 MODEL, str(folder / "model.onnx"), "--threads", str(args.threads),
+                 "--seconds", str(args.seconds)],
+                check=True,
+            )
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
