@@ -18,6 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 import zoo
 from gradcam_server.augment import augment_model
 from gradcam_server.augment.cam import METHODS
+from gradcam_server.augment.passes import ALL_METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +62,7 @@ def assert_correlated(ours: np.ndarray, theirs: np.ndarray, minimum: float = 0.9
 
 def test_every_method_has_a_reference() -> None:
     assert set(METHODS) == set(REFERENCES)
+    assert set(ALL_METHODS) == {*METHODS, "ablationcam", "guided-backprop", "guided-gradcam"}
 
 
 @pytest.mark.parametrize(("name", "exporter", "layer"), SUBJECTS)
@@ -120,3 +122,39 @@ def test_guided_grad_cam_is_guided_backprop_times_grad_cam(onnx_zoo) -> None:
     grad_cam = zoo.ort_session(augment_model(path).SerializeToString())
     expected = guided.run(["pixel_map"], feeds)[0] * grad_cam.run(["heatmap"], feeds)[0][:, None]
     assert zoo.rel_l2(combined.run(["pixel_map"], feeds)[0], expected) <= 1e-4
+
+
+@pytest.mark.parametrize(("name", "exporter"), [("resnet18", "dynamo"), ("vgg11_bn", "torchscript")])
+def test_ablation_cam_matches_the_definition_in_torch(name, exporter, onnx_zoo) -> None:
+    """w_k = (y^c - y^c with channel k zeroed) / y^c, the head re-run in torch per channel."""
+    model = zoo.build_torch_model(name)
+    x = zoo.sample_batch(2)
+    classes = [int(zoo.torch_logits(name, x)[0].argmax()), 7]
+    ours = explain(onnx_zoo(name, exporter), x, classes, method="ablationcam")
+    features_fn, head_fn = zoo.torch_split(name, model)
+    with torch.no_grad():
+        activations = features_fn(torch.from_numpy(x))
+        assert float(activations.min()) == 0.0  # ReLU maps: ablation zeroes the channel
+        reference = []
+        for i, category in enumerate(classes):
+            a = activations[i:i + 1]
+            ablated = a.repeat(a.shape[1], 1, 1, 1) * (1 - torch.eye(a.shape[1]))[:, :, None, None]
+            original = head_fn(a)[0, category]
+            weights = (original - head_fn(ablated)[:, category]) / original
+            cam = torch.relu((weights[None, :, None, None] * a).sum(1, keepdim=True))
+            cam = torch.nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear",
+                                                  align_corners=False)[0, 0]
+            reference.append(((cam - cam.min()) / (cam.max() - cam.min() + 1e-7)).numpy())
+    assert_correlated(ours, np.stack(reference), minimum=0.999)
+
+
+def test_ablation_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    from pytorch_grad_cam import AblationCAM
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(1)
+    ours = explain(onnx_zoo("resnet18", "torchscript"), x, [-1], method="ablationcam")
+    category = int(zoo.torch_logits("resnet18", x)[0].argmax())
+    with AblationCAM(model=model, target_layers=[model.layer4], batch_size=64) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(category)])
+    assert_correlated(ours, theirs)

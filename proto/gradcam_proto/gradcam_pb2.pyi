@@ -18,6 +18,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_LAYERCAM: _ClassVar[Method]
     METHOD_GUIDED_BACKPROP: _ClassVar[Method]
     METHOD_GUIDED_GRADCAM: _ClassVar[Method]
+    METHOD_ABLATIONCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -27,6 +28,7 @@ METHOD_GRADCAM_ELEMENTWISE: Method
 METHOD_LAYERCAM: Method
 METHOD_GUIDED_BACKPROP: Method
 METHOD_GUIDED_GRADCAM: Method
+METHOD_ABLATIONCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

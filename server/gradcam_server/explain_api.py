@@ -29,6 +29,7 @@ METHOD_NAMES = {
     pb.METHOD_LAYERCAM: "layercam",
     pb.METHOD_GUIDED_BACKPROP: "guided-backprop",
     pb.METHOD_GUIDED_GRADCAM: "guided-gradcam",
+    pb.METHOD_ABLATIONCAM: "ablationcam",
 }
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5

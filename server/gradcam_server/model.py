@@ -18,9 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
-from .augment.cam import METHODS as CAM_METHODS
-from .augment.cam import PIXEL_METHODS
-from .augment.passes import NAMES
+from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, spatial_axes
 from .config import ModelConfig, read_config
 from .errors import InvalidInput
@@ -29,7 +27,7 @@ from .runtime import RuntimeOptions, create_session
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-METHODS = (*CAM_METHODS, *PIXEL_METHODS)
+METHODS = ALL_METHODS
 DEFAULT_METHOD = "gradcam"
 DEFAULT_MAX_BATCH_SIZE = 8
 _CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)

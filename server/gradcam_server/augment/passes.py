@@ -20,7 +20,16 @@ import onnx
 from onnx import TensorProto, helper, version_converter
 
 from .backward import build_backward
-from .cam import GUIDED_GRAD_CAM, METHODS, PIXEL_METHODS, CamMethod, cam_heatmap, pixel_heatmap
+from .ablation import ablation_cam
+from .cam import (
+    GUIDED_GRAD_CAM,
+    METHODS,
+    PERTURBATION_METHODS,
+    PIXEL_METHODS,
+    CamMethod,
+    cam_heatmap,
+    pixel_heatmap,
+)
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
 from .targets import (
@@ -32,6 +41,7 @@ from .targets import (
 )
 
 MIN_OPSET = 17
+ALL_METHODS = (*METHODS, *PERTURBATION_METHODS, *PIXEL_METHODS)
 _CHECKER_LIMIT_BYTES = 2_000_000_000
 
 
@@ -91,7 +101,8 @@ def augment_model(
             "xgradcam", "hirescam", "gradcam-elementwise", "layercam"), or a pixel-level method
             (`cam.PIXEL_METHODS`: "guided-backprop", "guided-gradcam"), which also outputs
             ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
-            guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|.
+            guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
+            or "ablationcam" (`ablation.py`: the head re-run with each channel ablated).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
 
@@ -102,9 +113,10 @@ def augment_model(
     [N, C, h, w]) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
     normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.
     """
-    if method not in METHODS and method not in PIXEL_METHODS:
-        known = ", ".join([*METHODS, *PIXEL_METHODS])
-        raise AugmentError(f"unknown method {method!r}; available: {known}")
+    if method not in ALL_METHODS:
+        raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")
+    if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
+        raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
     proto = upgrade_opset(load_model(model))
     b = GraphBuilder(proto)
     image = image_input(proto)
@@ -124,6 +136,9 @@ def augment_model(
     if method in PIXEL_METHODS:
         grad_cam_map = append_cam(b, METHODS["gradcam"], target, gradients[target], image)
         pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
+    elif method in PERTURBATION_METHODS:
+        raw = ablation_cam(b, target, score_output, onehot=seed)
+        heatmap = cam_heatmap(b, raw, image.name, spatial_axes(image))
     else:
         heatmap = append_cam(b, METHODS[method], target, gradients[target], image)
     expose_outputs(b, image, target, gradients, heatmap, input_gradients)
