@@ -1,0 +1,94 @@
+"""Cost of every CAM method inside the session, as ratios measured in one run.
+
+    python benchmarks/bench_methods.py [--model resnet50] [--threads 2] [--seconds 10]
+
+1. each gradient-weighted and pixel-level method against the plain forward, batch 1,
+   interleaved (the same ResNet-50, default last-layer target);
+2. Ablation-CAM in the session against pytorch-grad-cam's AblationCAM on the same weights and
+   threads, batch 1 (the reference runs the whole network once per 32 ablated channels; ours
+   re-runs only the layers after the target layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_augment import export, make_session
+from gradcam_server.augment import augment_model
+from gradcam_server.augment.cli import save
+from gradcam_server.augment.passes import ALL_METHODS
+
+
+def median_seconds(run, seconds: float, minimum: int = 3) -> float:
+    run()
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < minimum:
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    import torch
+    import torchvision
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.set_num_threads(args.threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    feeds = {"input": x, "target_class": np.array([-1], dtype=np.int64)}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_path = Path(tmp, "plain.onnx")
+        export(args.model, plain_path)
+        plain = make_session(plain_path, args.threads)
+        sessions = {}
+        for method in ALL_METHODS:
+            path = Path(tmp, f"{method}.onnx")
+            save(augment_model(plain_path, method=method), path)
+            sessions[method] = make_session(path, args.threads)
+
+        print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")
+        print("\n1. method / plain forward (interleaved rounds)")
+        variants = {"forward": lambda: plain.run(None, {"input": x})}
+        variants |= {m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()}
+        samples = {name: [] for name in variants}
+        for run in variants.values():
+            run()
+        deadline = time.perf_counter() + args.seconds * len(variants)
+        while time.perf_counter() < deadline or min(map(len, samples.values())) < 5:
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in samples.items()}
+        for name, value in medians.items():
+            print(f"   {name:20s} {value * 1e3:8.1f} ms  ratio {value / medians['forward']:.3f}")
+
+        print("\n2. pytorch-grad-cam AblationCAM / Ablation-CAM in the session")
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, args.model)(weights=None).eval()
+        category = int(plain.run(None, {"input": x})[0].argmax())
+        ours = median_seconds(lambda: sessions["ablationcam"].run(None, feeds), args.seconds)
+        with AblationCAM(model=model, target_layers=[model.layer4]) as cam:
+            start = time.perf_counter()
+            cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(category)])
+            theirs = time.perf_counter() - start
+        print(f"   {theirs:.2f} s vs {ours:.3f} s  speed-up {theirs / ours:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
