@@ -255,6 +255,12 @@ def test_method_and_counterfactual(client: GradCamClient, by_path: Explanation) 
     against = client.explain(PHOTO, model=MODEL, counterfactual=True)
     assert against.heatmaps[0].class_index == EGYPTIAN_CAT
     assert not np.allclose(against.heatmap, by_path.heatmap, atol=1e-3)
+    smooth = client.explain(PHOTO, model=MODEL, eigen_smooth=True)
+    assert smooth.heatmap.shape == (HEIGHT, WIDTH) and smooth.heatmap.max() > 0.99
+    assert not np.allclose(smooth.heatmap, by_path.heatmap, atol=1e-3)
+    for method in ("ablationcam", "eigencam"):
+        other = client.explain(PHOTO, model=MODEL, method=method)
+        assert other.method == method and other.heatmap.shape == (HEIGHT, WIDTH)
 
 
 def test_layer(client: GradCamClient, by_path: Explanation) -> None:

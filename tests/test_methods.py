@@ -61,7 +61,7 @@ def assert_correlated(ours: np.ndarray, theirs: np.ndarray, minimum: float = 0.9
 
 
 def test_every_method_has_a_reference() -> None:
-    assert set(METHODS) == set(REFERENCES)
+    assert set(METHODS) == set(REFERENCES) | {"eigencam", "eigengradcam"}
     assert set(ALL_METHODS) == {*METHODS, "ablationcam", "guided-backprop", "guided-gradcam"}
 
 
@@ -158,3 +158,44 @@ def test_ablation_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
     with AblationCAM(model=model, target_layers=[model.layer4], batch_size=64) as cam:
         theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(category)])
     assert_correlated(ours, theirs)
+
+
+def sign_fixed_projection_maps(contributions: np.ndarray, size) -> np.ndarray:
+    """pytorch-grad-cam's get_2d_projection, its sign fixed as ours (largest magnitude positive),
+    then the tail: ReLU, bilinear resize, min-max normalisation."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    maps = []
+    for projection in get_2d_projection(contributions):
+        if projection.max() < -projection.min():
+            projection = -projection
+        cam = torch.relu(torch.from_numpy(projection)[None, None])
+        cam = torch.nn.functional.interpolate(cam, size=size, mode="bilinear",
+                                              align_corners=False)[0, 0].numpy()
+        maps.append((cam - cam.min()) / (cam.max() - cam.min() + 1e-7))
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize(("name", "exporter", "layer"), SUBJECTS)
+@pytest.mark.parametrize(
+    ("method", "eigen_smooth", "contributions"),
+    [
+        ("eigencam", False, lambda a, g: a),
+        ("eigengradcam", False, lambda a, g: g * a),
+        ("gradcam", True, lambda a, g: g.mean(axis=(2, 3), keepdims=True) * a),
+        ("layercam", True, lambda a, g: np.maximum(g, 0) * a),
+    ],
+)
+def test_principal_component_projection(
+    name, exporter, layer, method, eigen_smooth, contributions, onnx_zoo
+) -> None:
+    """The SVD's sign is arbitrary, so pytorch-grad-cam's own maps may be our maps' negatives
+    before the ReLU: the projection is compared with its sign fixed the same way."""
+    x = zoo.sample_batch(2)
+    session = zoo.ort_session(
+        augment_model(onnx_zoo(name, exporter), method=method, eigen_smooth=eigen_smooth)
+        .SerializeToString()
+    )
+    heatmap, a, g = session.run(["heatmap", "activations", "gradients"],
+                                {"input": x, "target_class": np.array([-1, 7])})
+    assert_correlated(heatmap, sign_fixed_projection_maps(contributions(a, g), x.shape[2:]))

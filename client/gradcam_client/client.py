@@ -332,6 +332,7 @@ def _requests(
     top_k: int | None,
     layer: str | None,
     counterfactual: bool,
+    eigen_smooth: bool,
     num_predictions: int,
     num_channels: int,
 ) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
@@ -353,7 +354,7 @@ def _requests(
             pb.ExplainRequest(
                 model=model, images=[message for message, _ in chunk], method=method_enum,
                 target=target, layer=layer or "", counterfactual=counterfactual,
-                options=options,
+                eigen_smooth=eigen_smooth, options=options,
             )
         )
         sources.append([source for _, source in chunk])
@@ -579,6 +580,7 @@ class GradCamClient:
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
+        eigen_smooth: bool = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -586,7 +588,8 @@ class GradCamClient:
     def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
 
@@ -594,7 +597,8 @@ class GradCamClient:
     def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
 
@@ -608,6 +612,7 @@ class GradCamClient:
         top_k: int | None = None,
         layer: str | None = None,
         counterfactual: bool = False,
+        eigen_smooth: bool = False,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -619,15 +624,16 @@ class GradCamClient:
         top-1 class by default, ``target_class`` (a class index) for every image, or the
         ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
         (None: the model's default target layer). ``counterfactual`` explains the negated
-        score: the regions whose removal would raise the class score. ``num_predictions`` and
+        score: the regions whose removal would raise the class score; ``eigen_smooth`` projects
+        the per-channel contributions on their first principal component. ``num_predictions`` and
         ``num_channels`` bound the predictions and channel importances returned. ``timeout``
         overrides the client's deadline for each request. Raises a `GradCamError` subclass,
         FileNotFoundError for a missing path, TypeError for something that is not an image.
         """
         requests, sources = _requests(
             images, model=model, method=method, target_class=target_class, top_k=top_k,
-            layer=layer, counterfactual=counterfactual, num_predictions=num_predictions,
-            num_channels=num_channels,
+            layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
+            num_predictions=num_predictions, num_channels=num_channels,
         )
         results: list[Explanation] = []
         for request, request_sources in zip(requests, sources):
@@ -745,6 +751,7 @@ class AsyncGradCamClient:
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
+        eigen_smooth: bool = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -752,7 +759,8 @@ class AsyncGradCamClient:
     async def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
 
@@ -760,7 +768,8 @@ class AsyncGradCamClient:
     async def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., num_predictions: int = ..., num_channels: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
 
@@ -774,6 +783,7 @@ class AsyncGradCamClient:
         top_k: int | None = None,
         layer: str | None = None,
         counterfactual: bool = False,
+        eigen_smooth: bool = False,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -781,7 +791,7 @@ class AsyncGradCamClient:
         """As `GradCamClient.explain`."""
         requests, sources = await asyncio.to_thread(
             _requests, images, model=model, method=method, target_class=target_class,
-            top_k=top_k, layer=layer, counterfactual=counterfactual,
+            top_k=top_k, layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             num_predictions=num_predictions, num_channels=num_channels,
         )
 

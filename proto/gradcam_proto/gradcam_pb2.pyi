@@ -19,6 +19,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_GUIDED_BACKPROP: _ClassVar[Method]
     METHOD_GUIDED_GRADCAM: _ClassVar[Method]
     METHOD_ABLATIONCAM: _ClassVar[Method]
+    METHOD_EIGENCAM: _ClassVar[Method]
+    METHOD_EIGENGRADCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -29,6 +31,8 @@ METHOD_LAYERCAM: Method
 METHOD_GUIDED_BACKPROP: Method
 METHOD_GUIDED_GRADCAM: Method
 METHOD_ABLATIONCAM: Method
+METHOD_EIGENCAM: Method
+METHOD_EIGENGRADCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -69,7 +73,7 @@ class ExplainOptions(_message.Message):
     def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual")
+    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +81,7 @@ class ExplainRequest(_message.Message):
     LAYER_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
+    EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     method: Method
@@ -84,7 +89,8 @@ class ExplainRequest(_message.Message):
     layer: str
     options: ExplainOptions
     counterfactual: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ...) -> None: ...
+    eigen_smooth: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ...) -> None: ...
 
 class ChannelImportance(_message.Message):
     __slots__ = ("channel", "weight")

@@ -15,7 +15,7 @@ from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
 from .errors import InvalidInput
 from .metrics import Metrics
-from .model import METHODS
+from .model import METHODS, Explaining
 from .preprocess import decode_image
 from .service import ClassMap, GradCamService
 from .transport import deadline_of, rpc
@@ -30,6 +30,8 @@ METHOD_NAMES = {
     pb.METHOD_GUIDED_BACKPROP: "guided-backprop",
     pb.METHOD_GUIDED_GRADCAM: "guided-gradcam",
     pb.METHOD_ABLATIONCAM: "ablationcam",
+    pb.METHOD_EIGENCAM: "eigencam",
+    pb.METHOD_EIGENGRADCAM: "eigengradcam",
 }
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5
@@ -63,11 +65,14 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         explained = await self.service.explain(
             model,
             images,
-            method=method,
+            request=Explaining(
+                method=method,
+                layer=request.layer or None,
+                counterfactual=request.counterfactual,
+                eigen_smooth=request.eigen_smooth,
+            ),
             class_index=request.target.class_index if target == "class_index" else None,
             top_k=request.target.top_k if target == "top_k" else None,
-            layer=request.layer or None,
-            counterfactual=request.counterfactual,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
             num_channels=options.num_channels or DEFAULT_CHANNELS,
             deadline=deadline_of(context),
@@ -118,7 +123,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             num_classes=model.num_classes,
             has_labels=model.labels is not None,
             max_batch_size=model.max_batch_size,
-            methods=[METHOD_ENUMS[m] for m in METHODS],
+            methods=sorted(METHOD_ENUMS[m] for m in METHODS),
             mean=list(prep.mean),
             std=list(prep.std),
         )

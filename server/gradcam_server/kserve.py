@@ -6,8 +6,9 @@ Contract, for every model:
   ``image`` (BYTES [N], one encoded JPEG/PNG/WebP/BMP per item, preprocessed by the server; all
   of one pixel size); optional ``target_class`` (INT64 [N]; -1 or absent: the top-1 class);
 - parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),
-  ``target_layer`` (a tensor name of the graph; default from the config or detected) and
-  ``counterfactual`` (bool: explain the negated score);
+  ``target_layer`` (a tensor name of the graph; default from the config or detected),
+  ``counterfactual`` (bool: explain the negated score) and ``eigen_smooth`` (bool: project the
+  channel contributions on their first principal component);
 - outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
   size of what was sent). No requested outputs means all of them. A request for the model's own
   outputs only runs the plain forward graph.
@@ -29,7 +30,7 @@ from . import __version__
 from .augment.passes import NAMES
 from .errors import InvalidInput
 from .metrics import Metrics
-from .model import ServedModel
+from .model import Explaining, ServedModel
 from .service import GradCamService, resize_heatmap
 from .transport import deadline_of, rpc
 
@@ -59,6 +60,7 @@ _KNOWN_PARAMETERS = {
     "method": "string_param",
     "target_layer": "string_param",
     "counterfactual": "bool_param",
+    "eigen_smooth": "bool_param",
 }
 
 
@@ -95,7 +97,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.service.model(request.model_name)
         labels["model"] = model.name
         parameters = _parameters(request.parameters)
-        labels["method"] = model.validate_method(parameters.get("method"))
+        labels["method"] = model.resolve(Explaining(parameters.get("method"))).method
         return await self._infer(model, request, parameters, deadline_of(context))
 
     async def _infer(
@@ -142,19 +144,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         target_class = inputs.get(TARGET_CLASS_INPUT)
         if isinstance(target_class, list):
             raise InvalidInput(f"{TARGET_CLASS_INPUT!r} must be INT64, got BYTES")
-        explain = HEATMAP_OUTPUT in requested
+        explain = None
+        if HEATMAP_OUTPUT in requested:
+            explain = Explaining(
+                method=parameters.get("method"),
+                layer=parameters.get("target_layer"),
+                counterfactual=bool(parameters.get("counterfactual", False)),
+                eigen_smooth=bool(parameters.get("eigen_smooth", False)),
+            )
         result = await self.service.run(
-            model,
-            x,
-            explain=explain,
-            target_class=target_class,
-            method=parameters.get("method"),
-            layer=parameters.get("target_layer"),
-            counterfactual=bool(parameters.get("counterfactual", False)),
-            deadline=deadline,
+            model, x, explain=explain, target_class=target_class, deadline=deadline
         )
         outputs = dict(result.outputs)
-        if explain and sizes is not None:
+        if explain is not None and sizes is not None:
             outputs[HEATMAP_OUTPUT] = np.stack(
                 [resize_heatmap(m, size) for m, size in zip(outputs[HEATMAP_OUTPUT], sizes)]
             )
@@ -259,7 +261,7 @@ def _split_bytes(data: bytes, name: str) -> list[bytes]:
 
 def _parameters(parameters) -> dict[str, str | bool]:
     """The request parameters this API reads: `method` and `target_layer` (strings) and
-    `counterfactual` (bool); others are ignored, as KServe servers do."""
+    `counterfactual` and `eigen_smooth` (bools); others are ignored, as KServe servers do."""
     values: dict[str, str | bool] = {}
     for key, kind in _KNOWN_PARAMETERS.items():
         if key not in parameters:

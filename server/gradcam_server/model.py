@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,23 @@ METHODS = ALL_METHODS
 DEFAULT_METHOD = "gradcam"
 DEFAULT_MAX_BATCH_SIZE = 8
 _CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)
+
+
+@dataclass(frozen=True)
+class Explaining:
+    """What an explain request asks of the augmented graph; each distinct value is one
+    augmented session. None means the model's default method or layer."""
+
+    method: str | None = None
+    layer: str | None = None
+    counterfactual: bool = False
+    eigen_smooth: bool = False
+
+    @property
+    def graph(self) -> str:
+        """A short name of the graph, for metrics: the method and its options."""
+        options = [o for o in ("counterfactual", "eigen_smooth") if getattr(self, o)]
+        return "/".join([self.method or "default", *options])
 
 
 @dataclass(frozen=True)
@@ -61,23 +78,21 @@ class ServedModel:
             TensorInfo(o.name, _dims(o)) for o in self._proto.graph.output
         )
         self.fixed_batch = self.input.shape[0] if self.input.shape[0] > 0 else None
-        self.max_batch_size = self.fixed_batch or self.config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        self.max_batch_size = (
+            self.fixed_batch or self.config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        )
 
         self._forward = create_session(self._proto, runtime)
         self._lock = threading.Lock()
-        self._explainers: OrderedDict[tuple, ort.InferenceSession] = OrderedDict()
-        if self.config.method not in METHODS:
-            raise AugmentError(
-                f"config method {self.config.method!r} is unknown; available: {', '.join(METHODS)}"
-            )
-        augmented = augment_model(
+        self._explainers: OrderedDict[Explaining, ort.InferenceSession] = OrderedDict()
+        augmented = augment_model(  # AugmentError names an unknown config method
             self._proto,
             layer=self.config.target_layer,
             output=self.score_output,
             method=self.config.method,
         )
         self.default_layer = _exposed_layer(augmented)
-        self._default_key = (self.config.method, self.default_layer, False)
+        self._default = Explaining(self.config.method, self.default_layer)
         self._default_explainer = create_session(augmented, runtime)
         del augmented
         self.providers = tuple(self._forward.get_providers())
@@ -100,41 +115,33 @@ class ServedModel:
         """(H, W) the graph is fed at: images are resized to this."""
         return self.config.preprocessing.size
 
-    def validate_method(self, method: str | None) -> str:
-        method = method or self.config.method
+    def resolve(self, request: Explaining) -> Explaining:
+        """`request` with the model's defaults filled in; InvalidInput for an unknown method."""
+        method = request.method or self.config.method
         if method not in METHODS:
             raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-        return method
+        return replace(request, method=method, layer=request.layer or self.default_layer)
 
     # -- running -----------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The plain graph's outputs for a batch [N, ...] of preprocessed images."""
         return self._run(self._forward, {self.input.name: x})
 
-    def explain(
-        self,
-        x: np.ndarray,
-        target_class: np.ndarray,
-        layer: str | None,
-        method: str | None = None,
-        counterfactual: bool = False,
-    ) -> dict:
+    def explain(self, x: np.ndarray, target_class: np.ndarray, request: Explaining) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap."""
         feeds = {self.input.name: x, NAMES.target_class: target_class}
-        return self._run(self.explainer(layer, method, counterfactual), feeds)
+        return self._run(self.explainer(request), feeds)
 
-    def is_ready(self, layer: str | None, method: str | None, counterfactual: bool) -> bool:
-        """Whether the session for (method, layer) exists already (no augmentation needed)."""
-        key = (method or self.config.method, layer or self.default_layer, counterfactual)
-        return key == self._default_key or key in self._explainers
+    def is_built(self, request: Explaining) -> bool:
+        """Whether the session for `request` exists already (no augmentation needed)."""
+        key = self.resolve(request)
+        return key == self._default or key in self._explainers
 
-    def explainer(
-        self, layer: str | None, method: str | None = None, counterfactual: bool = False
-    ) -> ort.InferenceSession:
-        """The augmented session for (method, layer); built on first use, a few kept. Raises
-        InvalidInput when the graph cannot be augmented for that layer."""
-        key = (method or self.config.method, layer or self.default_layer, counterfactual)
-        if key == self._default_key:
+    def explainer(self, request: Explaining) -> ort.InferenceSession:
+        """The augmented session for `request`; built on first use, a few kept. Raises
+        InvalidInput when the graph cannot be augmented as asked (layer, options)."""
+        key = self.resolve(request)
+        if key == self._default:
             return self._default_explainer
         with self._lock:
             if key in self._explainers:
@@ -142,8 +149,8 @@ class ServedModel:
                 return self._explainers[key]
             try:
                 augmented = augment_model(
-                    self._proto, layer=key[1], output=self.score_output, method=key[0],
-                    counterfactual=counterfactual,
+                    self._proto, layer=key.layer, output=self.score_output, method=key.method,
+                    counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
                 )
             except AugmentError as error:
                 raise InvalidInput(str(error)) from error
@@ -179,7 +186,7 @@ class ServedModel:
         else:
             x = np.zeros((batch, channels, height, width), dtype=np.float32)
         scores = self.forward(x)[self.score_output]
-        explained = self.explain(x, np.full(batch, -1, dtype=np.int64), None)
+        explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default)
         return int(scores.shape[1]), tuple(explained[NAMES.activations].shape[1:])
 
 

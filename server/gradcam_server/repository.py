@@ -50,7 +50,9 @@ class ModelRepository:
         for name in self.names:
             try:
                 self._models[name] = self._load(name)
-                log.info("model %s ready (layer %r)", name, self._models[name].default_layer)
+                model = self._models[name]
+                log.info("model %s ready (layer %r, %s)", name, model.default_layer,
+                         model.providers[0])
             except (AugmentError, ConfigError, FileNotFoundError) as error:
                 self._failures[name] = self._client_reason(name, error)
                 log.error("model %s failed to load: %s", name, error)

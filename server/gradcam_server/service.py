@@ -15,7 +15,7 @@ from PIL import Image
 from .augment.passes import NAMES
 from .batching import BatchStats, DynamicBatcher
 from .errors import InvalidInput
-from .model import ServedModel
+from .model import Explaining, ServedModel
 from .preprocess import decode_image, to_tensor
 from .repository import ModelRepository
 
@@ -160,47 +160,34 @@ class GradCamService:
         model: ServedModel,
         x: np.ndarray,
         *,
-        explain: bool,
+        explain: Explaining | None,
         target_class: np.ndarray | None = None,
-        method: str | None = None,
-        layer: str | None = None,
-        counterfactual: bool = False,
         deadline: float | None = None,
     ) -> RunResult:
-        """Run a validated batch through the model's batcher: the plain graph, or (explain)
-        the augmented graph for (method, layer, counterfactual)."""
-        graph = "forward"
-        if explain:
-            method = model.validate_method(method)
-            graph = f"{method}/counterfactual" if counterfactual else method
+        """Run a validated batch through the model's batcher: the plain graph (`explain` None)
+        or the augmented graph `explain` asks for, built on first use."""
+        if explain is not None:
+            explain = model.resolve(explain)
             target_class = self.check_target_class(model, target_class, len(x))
-            layer = layer or model.default_layer
-            if not model.is_ready(layer, method, counterfactual):  # InvalidInput if it can't be
-                await asyncio.to_thread(model.explainer, layer, method, counterfactual)
-        key = (model.name, graph, layer, x.shape[1:])
+            if not model.is_built(explain):  # InvalidInput if it can't be built
+                await asyncio.to_thread(model.explainer, explain)
+        key = (model.name, explain, x.shape[1:])
         batcher = self._batchers.get(key)
         if batcher is None:
-            batcher = self._batchers[key] = self._make_batcher(
-                model, graph, layer, method, counterfactual
-            )
+            batcher = self._batchers[key] = self._make_batcher(model, explain)
         return await batcher.submit(_Call(x, target_class), size=len(x), deadline=deadline)
 
-    def _make_batcher(
-        self,
-        model: ServedModel,
-        graph: str,
-        layer: str | None,
-        method: str | None,
-        counterfactual: bool,
-    ) -> DynamicBatcher:
+    def _make_batcher(self, model: ServedModel, explain: Explaining | None) -> DynamicBatcher:
+        graph = "forward" if explain is None else explain.graph
+
         def run_batch(calls: list[_Call]) -> list[RunResult]:
             start = time.perf_counter()
             x = np.concatenate([c.x for c in calls]) if len(calls) > 1 else calls[0].x
-            if graph != "forward":
-                classes = np.concatenate([c.target_class for c in calls])
-                outputs = model.explain(x, classes, layer, method, counterfactual)
-            else:
+            if explain is None:
                 outputs = model.forward(x)
+            else:
+                classes = np.concatenate([c.target_class for c in calls])
+                outputs = model.explain(x, classes, explain)
             run_seconds = time.perf_counter() - start
             results, row = [], 0
             for call in calls:
@@ -238,11 +225,9 @@ class GradCamService:
         model: ServedModel,
         images: Sequence[bytes | np.ndarray],
         *,
-        method: str | None = None,
+        request: Explaining = Explaining(),
         class_index: int | None = None,
         top_k: int | None = None,
-        layer: str | None = None,
-        counterfactual: bool = False,
         num_predictions: int = 5,
         num_channels: int = 10,
         deadline: float | None = None,
@@ -252,7 +237,7 @@ class GradCamService:
         if not images:
             raise InvalidInput("the request holds no image")
         _check_count(len(images))
-        method = model.validate_method(method)
+        request = model.resolve(request)
         if top_k is not None and not 1 <= top_k <= min(model.num_classes, 20):
             raise InvalidInput(f"top_k must be in 1..{min(model.num_classes, 20)}, got {top_k}")
         if class_index is not None:
@@ -273,8 +258,7 @@ class GradCamService:
             else:
                 classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
             calls.append(
-                self.run(model, x, explain=True, target_class=classes, method=method,
-                         layer=layer, counterfactual=counterfactual, deadline=deadline)
+                self.run(model, x, explain=request, target_class=classes, deadline=deadline)
             )
         results = await asyncio.gather(*calls)
 
@@ -288,8 +272,8 @@ class GradCamService:
                 )
         return Explained(
             explanations=tuple(explanations),
-            layer=layer or model.default_layer,
-            method=method,
+            layer=request.layer,
+            method=request.method,
             preprocess_seconds=preprocess_seconds,
             queue_seconds=max(r.queue_seconds for r in results),
             inference_seconds=sum(r.run_seconds for r in results),

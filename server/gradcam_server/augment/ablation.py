@@ -26,7 +26,8 @@ ABLATION_OFFSET = 1e7
 def ablation_cam(
     b: GraphBuilder, activations: str, score_output: str, onehot: str
 ) -> str:
-    """The raw Ablation-CAM map [N, 1, h, w]; `onehot` [N, classes] selects each item's class."""
+    """Ablation-CAM's per-channel contributions w_k A^k [N, C, h, w]; `onehot` [N, classes]
+    selects each item's class."""
     nodes = list(b.graph.node)
     head = _head(nodes, activations, score_output)
     lowest = b.reduce("ReduceMin", activations, [1, 2, 3], keepdims=True)
@@ -44,7 +45,7 @@ def ablation_cam(
     original = b.reduce("ReduceSum", b.op("Mul", [score_output, onehot]), [1], keepdims=True)
     drop = b.op("Sub", [original, b.op("Transpose", [scores], perm=[1, 0])])
     weights = b.unsqueeze(b.op("Div", [drop, original]), [2, 3])  # [N, C, 1, 1]
-    return b.reduce("ReduceSum", b.op("Mul", [weights, activations]), [1], keepdims=True)
+    return b.op("Mul", [weights, activations])
 
 
 def _head(nodes: list[onnx.NodeProto], layer: str, score_output: str) -> list[onnx.NodeProto]:

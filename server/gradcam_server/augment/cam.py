@@ -1,11 +1,13 @@
 """The CAM methods and their shared tail, appended as ONNX ops.
 
 Notation: A^k is channel k of the target layer's feature map [N, C, h, w], G^k = dy^c / dA^k the
-gradient of the explained score. Each method turns (A, G) into a raw map M [N, 1, h, w]; most do
-it through channel weights w_k, M = sum_k w_k A^k. The tail is shared: ReLU(M), resized
-bilinearly (half-pixel centres, as cv2 and torch's align_corners=False) to the input's H x W, and
-min-max normalised per image with a pinned epsilon, (m - min) / (max - min + 1e-7), so each map
-spans [0, 1] unless it is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
+gradient of the explained score. Each method turns (A, G) into per-channel contributions
+[N, C, h, w], most as w_k A^k with channel weights w_k; the raw map M [N, 1, h, w] is their sum
+over channels, or, with ``eigen_smooth`` (and always for the Eigen methods), their projection on
+their first principal component. The tail is shared: ReLU(M), resized bilinearly (half-pixel
+centres, as cv2 and torch's align_corners=False) to the input's H x W, and min-max normalised per
+image with a pinned epsilon, (m - min) / (max - min + 1e-7), so each map spans [0, 1] unless it
+is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
 """
 
 from __future__ import annotations
@@ -15,17 +17,13 @@ from collections.abc import Callable
 from .graph import GraphBuilder
 
 NORMALIZE_EPSILON = 1e-7
+POWER_ITERATIONS = 64
 _SPATIAL = [2, 3]
-
-
-def _weighted_sum(b: GraphBuilder, weights: str, activations: str) -> str:
-    """sum_k weights_k A^k (weights broadcast over what they lack): [N, 1, h, w]."""
-    return b.reduce("ReduceSum", b.op("Mul", [weights, activations]), [1], keepdims=True)
 
 
 def grad_cam(b: GraphBuilder, a: str, g: str) -> str:
     """Grad-CAM (Selvaraju et al., ICCV 2017): w_k = mean_ij G^k_ij."""
-    return _weighted_sum(b, b.reduce("ReduceMean", g, _SPATIAL, keepdims=True), a)
+    return b.op("Mul", [b.reduce("ReduceMean", g, _SPATIAL, keepdims=True), a])
 
 
 def grad_cam_plus_plus(b: GraphBuilder, a: str, g: str) -> str:
@@ -42,31 +40,73 @@ def grad_cam_plus_plus(b: GraphBuilder, a: str, g: str) -> str:
     alpha = b.op("Div", [square, denominator])
     alpha = b.op("Where", [b.op("Equal", [g, b.const(0.0)]), b.const(0.0), alpha])
     weights = b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), alpha]), _SPATIAL, True)
-    return _weighted_sum(b, weights, a)
+    return b.op("Mul", [weights, a])
 
 
 def x_grad_cam(b: GraphBuilder, a: str, g: str) -> str:
     """XGrad-CAM (Fu et al., BMVC 2020): w_k = sum_ij G_ij A_ij / (sum_ij A_ij + 1e-7)."""
     total = b.reduce("ReduceSum", a, _SPATIAL, keepdims=True)
     share = b.op("Div", [b.op("Mul", [g, a]), b.op("Add", [total, b.const(1e-7)])])
-    return _weighted_sum(b, b.reduce("ReduceSum", share, _SPATIAL, keepdims=True), a)
+    return b.op("Mul", [b.reduce("ReduceSum", share, _SPATIAL, keepdims=True), a])
 
 
 def hires_cam(b: GraphBuilder, a: str, g: str) -> str:
-    """HiResCAM (Draelos and Carin, 2020): M = sum_k G^k * A^k, element-wise."""
-    return b.reduce("ReduceSum", b.op("Mul", [g, a]), [1], keepdims=True)
+    """HiResCAM (Draelos and Carin, 2020): G^k * A^k, element-wise."""
+    return b.op("Mul", [g, a])
 
 
 def grad_cam_element_wise(b: GraphBuilder, a: str, g: str) -> str:
-    """Grad-CAM element-wise (pytorch-grad-cam): M = sum_k relu(G^k * A^k)."""
-    return b.reduce("ReduceSum", b.op("Relu", [b.op("Mul", [g, a])]), [1], keepdims=True)
+    """Grad-CAM element-wise (pytorch-grad-cam): relu(G^k * A^k)."""
+    return b.op("Relu", [b.op("Mul", [g, a])])
 
 
 def layer_cam(b: GraphBuilder, a: str, g: str) -> str:
-    """LayerCAM (Jiang et al., TIP 2021): M = sum_k relu(G^k) * A^k."""
-    return b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), a]), [1], keepdims=True)
+    """LayerCAM (Jiang et al., TIP 2021): relu(G^k) * A^k."""
+    return b.op("Mul", [b.op("Relu", [g]), a])
 
 
+def eigen_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """EigenCAM (Muhammad and Yeasin, IJCNN 2020): the activations themselves, projected on
+    their first principal component (`principal_projection`). Gradient-free."""
+    return a
+
+
+def eigen_grad_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """EigenGradCAM (pytorch-grad-cam): G * A, projected on its first principal component."""
+    return b.op("Mul", [g, a])
+
+
+def channel_sum(b: GraphBuilder, contributions: str) -> str:
+    """The raw map: sum over channels, [N, 1, h, w]."""
+    return b.reduce("ReduceSum", contributions, [1], keepdims=True)
+
+
+def principal_projection(b: GraphBuilder, x: str) -> str:
+    """The raw map as pytorch-grad-cam's `get_2d_projection`: M = x as [N, h*w, C], centred
+    over positions, projected on its first right singular vector v1: [N, 1, h, w].
+
+    M v1 = s1 u1 with u1 the top eigenvector of the small [h*w, h*w] Gram matrix M M^T, found
+    by power iteration; the tail's min-max normalisation makes s1 irrelevant. The singular
+    vectors' sign is arbitrary (LAPACK picks one): it is fixed so that the projection's largest
+    magnitude is positive."""
+    flat = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, 0, -1])])], perm=[0, 2, 1])
+    centred = b.op("Sub", [flat, b.reduce("ReduceMean", flat, [1], keepdims=True)])
+    gram = b.op("MatMul", [centred, b.op("Transpose", [centred], perm=[0, 2, 1])])
+    vector = b.reduce("ReduceSum", b.op("Mul", [gram, gram]), [2], keepdims=True)  # [N, hw, 1]
+    for _ in range(POWER_ITERATIONS):
+        vector = b.op("MatMul", [gram, vector])
+        norm = b.op("Sqrt", [b.reduce("ReduceSum", b.op("Mul", [vector, vector]), [1], True)])
+        vector = b.op("Div", [vector, b.op("Add", [norm, b.const(1e-30)])])
+    high = b.reduce("ReduceMax", vector, [1], keepdims=True)
+    low = b.reduce("ReduceMin", vector, [1], keepdims=True)
+    sign = b.op("Where", [b.op("Less", [high, b.op("Neg", [low])]), b.const(-1.0),
+                          b.const(1.0)])
+    projection = b.op("Mul", [vector, sign])
+    shape = b.op("Concat", [b.shape_slice(x, 0, 1), b.ints([1]), b.shape_slice(x, 2)], axis=0)
+    return b.op("Reshape", [projection, shape])
+
+
+# (builder, activations, gradients) -> per-channel contributions [N, C, h, w]
 CamMethod = Callable[[GraphBuilder, str, str], str]
 METHODS: dict[str, CamMethod] = {
     "gradcam": grad_cam,
@@ -75,7 +115,10 @@ METHODS: dict[str, CamMethod] = {
     "hirescam": hires_cam,
     "gradcam-elementwise": grad_cam_element_wise,
     "layercam": layer_cam,
+    "eigencam": eigen_cam,
+    "eigengradcam": eigen_grad_cam,
 }
+ALWAYS_PROJECTED = ("eigencam", "eigengradcam")
 
 
 # Perturbation methods: the score re-measured with parts of the layer removed (ablation.py).

@@ -22,13 +22,15 @@ from onnx import TensorProto, helper, version_converter
 from .backward import build_backward
 from .ablation import ablation_cam
 from .cam import (
+    ALWAYS_PROJECTED,
     GUIDED_GRAD_CAM,
     METHODS,
     PERTURBATION_METHODS,
     PIXEL_METHODS,
-    CamMethod,
     cam_heatmap,
+    channel_sum,
     pixel_heatmap,
+    principal_projection,
 )
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
@@ -85,6 +87,7 @@ def augment_model(
     input_gradients: bool = False,
     method: str = "gradcam",
     counterfactual: bool = False,
+    eigen_smooth: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -105,6 +108,8 @@ def augment_model(
             or "ablationcam" (`ablation.py`: the head re-run with each channel ablated).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
+        eigen_smooth: project the method's per-channel contributions on their first
+            principal component instead of summing them (`cam.principal_projection`).
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
@@ -125,6 +130,11 @@ def augment_model(
         raise AugmentError(f"{score_output!r} is not an output of the model")
     target = layer or detect_target_layer(b, score_output)
     validate_target_layer(b, target, score_output)
+    if b.rank(target) != 4:
+        raise AugmentError(
+            f"target layer {target!r} must be a 4-D feature map [N, C, h, w]; "
+            f"it has rank {b.rank(target)}"
+        )
 
     target_class = add_target_class(proto, image)
     seed, _ = score_seed(b, score_output, target_class, score)
@@ -134,13 +144,15 @@ def augment_model(
     gradients = append_backward(b, score_output, seed, wrt)
     pixel_map = None
     if method in PIXEL_METHODS:
-        grad_cam_map = append_cam(b, METHODS["gradcam"], target, gradients[target], image)
+        grad_cam_map = append_cam(b, METHODS["gradcam"](b, target, gradients[target]), image)
         pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
-    elif method in PERTURBATION_METHODS:
-        raw = ablation_cam(b, target, score_output, onehot=seed)
-        heatmap = cam_heatmap(b, raw, image.name, spatial_axes(image))
     else:
-        heatmap = append_cam(b, METHODS[method], target, gradients[target], image)
+        if method in PERTURBATION_METHODS:
+            contributions = ablation_cam(b, target, score_output, onehot=seed)
+        else:
+            contributions = METHODS[method](b, target, gradients[target])
+        project = eigen_smooth or method in ALWAYS_PROJECTED
+        heatmap = append_cam(b, contributions, image, project)
     expose_outputs(b, image, target, gradients, heatmap, input_gradients)
     if pixel_map is not None:
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
@@ -177,18 +189,10 @@ def append_backward(
 
 
 def append_cam(
-    b: GraphBuilder,
-    method: CamMethod,
-    activations: str,
-    gradients: str,
-    image: onnx.ValueInfoProto,
+    b: GraphBuilder, contributions: str, image: onnx.ValueInfoProto, project: bool = False
 ) -> str:
-    if b.rank(activations) != 4:
-        raise AugmentError(
-            f"target layer {activations!r} must be a 4-D feature map [N, C, h, w]; "
-            f"it has rank {b.rank(activations)}"
-        )
-    raw = method(b, activations, gradients)
+    """The heatmap from per-channel contributions: summed (or projected) and the shared tail."""
+    raw = principal_projection(b, contributions) if project else channel_sum(b, contributions)
     return cam_heatmap(b, raw, image.name, spatial_axes(image))
 
 
