@@ -128,6 +128,23 @@ def test_probability_score(small_cnn: SmallCNN, small_onnx: Path) -> None:
     assert rel(out["gradients"], gradients) < 1e-4
 
 
+def test_similarity_to_a_reference_embedding(small_cnn: SmallCNN, tmp_path: Path) -> None:
+    embedder = torch.nn.Sequential(small_cnn.features, small_cnn.pool, torch.nn.Flatten()).eval()
+    augmented = augment_model(export(embedder, tmp_path / "embedder.onnx"), score="similarity")
+    assert augmented.graph.input[-1].name == "reference_embedding"
+    x = batch(2)
+    reference = np.random.default_rng(7).standard_normal((2, 16)).astype(np.float32)
+    session = ort.InferenceSession(augmented.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    gradients, = session.run(["gradients"], {"input": x, "reference_embedding": reference,
+                                             "target_class": np.array([-1, -1])})
+    activations = small_cnn.features(torch.from_numpy(x))
+    activations.retain_grad()
+    embedding = torch.flatten(small_cnn.pool(activations), 1)
+    torch.nn.functional.cosine_similarity(embedding, torch.from_numpy(reference)).sum().backward()
+    assert rel(gradients, activations.grad.numpy()) < 1e-4
+
+
 def test_heatmap_is_normalised_grad_cam(small_cnn: SmallCNN, small_onnx: Path) -> None:
     x = batch(2)
     out = run(augment_model(small_onnx), x, [-1, -1])

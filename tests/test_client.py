@@ -258,6 +258,8 @@ def test_method_and_counterfactual(client: GradCamClient, by_path: Explanation) 
     smooth = client.explain(PHOTO, model=MODEL, eigen_smooth=True)
     assert smooth.heatmap.shape == (HEIGHT, WIDTH) and smooth.heatmap.max() > 0.99
     assert not np.allclose(smooth.heatmap, by_path.heatmap, atol=1e-3)
+    probability = client.explain(PHOTO, model=MODEL, score="probability")
+    assert not np.allclose(probability.heatmap, by_path.heatmap, atol=1e-4)
     for method in ("ablationcam", "eigencam"):
         other = client.explain(PHOTO, model=MODEL, method=method)
         assert other.method == method and other.heatmap.shape == (HEIGHT, WIDTH)

@@ -285,6 +285,7 @@ def test_server_and_model_metadata(client) -> None:
         "input": ("FP32", [-1, 3, 224, 224]),
         "image": ("BYTES", [-1]),
         "target_class": ("INT64", [-1]),
+        "reference_embedding": ("FP32", [-1, -1]),
     }
     assert [(t.name, t.datatype) for t in metadata.outputs] == [
         ("logits", "FP32"), ("heatmap", "FP32")
@@ -369,6 +370,37 @@ def test_model_without_config_uses_detected_defaults(client, stub, repository) -
     served = client.infer("tiny", [image_input(image)], outputs=outputs("logits"),
                           client_timeout=CALL_TIMEOUT_S).as_numpy("logits")
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_similarity_score_to_a_reference_embedding(client, repository) -> None:
+    """The tiny model's 10 outputs taken as an embedding: the served heatmap is the one of the
+    augmented graph for score "similarity", run here on the same tensor and reference."""
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    reference = np.random.default_rng(4).standard_normal(10).astype(np.float32)
+    served = infer_heatmap(
+        client, "tiny", [tensor_input("input", x), tensor_input("reference_embedding", reference)],
+        parameters={"score": "similarity"},
+    )
+    augmented = augment_model(repository / "tiny" / "model.onnx", score="similarity")
+    session = ort.InferenceSession(augmented.SerializeToString())
+    (expected,) = session.run(["heatmap"], {"input": x, "reference_embedding": reference[None],
+                                            "target_class": np.array([-1])})
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    logit = infer_heatmap(client, "tiny", [tensor_input("input", x)])
+    assert not np.allclose(served, logit, atol=1e-3)
+    expect_error(
+        lambda: infer_heatmap(client, "tiny", [tensor_input("input", x)],
+                              parameters={"score": "similarity"}),
+        grpc.StatusCode.INVALID_ARGUMENT, "needs a reference embedding",
+    )
+    expect_error(
+        lambda: infer_heatmap(
+            client, "tiny",
+            [tensor_input("input", x), tensor_input("reference_embedding", reference[:4])],
+            parameters={"score": "similarity"},
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT, "has 4 values per image", "has 10",
+    )
 
 
 # -- 3. the typed API ----------------------------------------------------------------------------

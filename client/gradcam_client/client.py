@@ -333,6 +333,8 @@ def _requests(
     layer: str | None,
     counterfactual: bool,
     eigen_smooth: bool,
+    score: str | None,
+    reference_embedding: np.ndarray | None,
     num_predictions: int,
     num_channels: int,
 ) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
@@ -345,6 +347,10 @@ def _requests(
     elif top_k is not None:
         target.top_k = int(top_k)
     options = pb.ExplainOptions(num_predictions=num_predictions, num_channels=num_channels)
+    reference = None
+    if reference_embedding is not None:
+        array = np.ascontiguousarray(reference_embedding, dtype="<f4")
+        reference = pb.Tensor(shape=list(array.shape), data=array.tobytes())
     method_enum = _method_enum(method)
     prepared = _prepare(images)
     requests, sources = [], []
@@ -354,7 +360,8 @@ def _requests(
             pb.ExplainRequest(
                 model=model, images=[message for message, _ in chunk], method=method_enum,
                 target=target, layer=layer or "", counterfactual=counterfactual,
-                eigen_smooth=eigen_smooth, options=options,
+                eigen_smooth=eigen_smooth, score=score or "", reference_embedding=reference,
+                options=options,
             )
         )
         sources.append([source for _, source in chunk])
@@ -580,7 +587,7 @@ class GradCamClient:
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
-        eigen_smooth: bool = ...,
+        eigen_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -588,7 +595,8 @@ class GradCamClient:
     def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
@@ -597,7 +605,8 @@ class GradCamClient:
     def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
@@ -613,6 +622,8 @@ class GradCamClient:
         layer: str | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
+        score: str | None = None,
+        reference_embedding: Any = None,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -625,15 +636,18 @@ class GradCamClient:
         ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
         (None: the model's default target layer). ``counterfactual`` explains the negated
         score: the regions whose removal would raise the class score; ``eigen_smooth`` projects
-        the per-channel contributions on their first principal component. ``num_predictions`` and
+        the per-channel contributions on their first principal component. ``score`` is
+        "logit" (default), "probability", or "similarity" of the model's output (an embedding)
+        to ``reference_embedding`` ([D] for all images, or [N, D]). ``num_predictions`` and
         ``num_channels`` bound the predictions and channel importances returned. ``timeout``
         overrides the client's deadline for each request. Raises a `GradCamError` subclass,
         FileNotFoundError for a missing path, TypeError for something that is not an image.
         """
         requests, sources = _requests(
             images, model=model, method=method, target_class=target_class, top_k=top_k,
-            layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
-            num_predictions=num_predictions, num_channels=num_channels,
+            layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth, score=score,
+            reference_embedding=reference_embedding, num_predictions=num_predictions,
+            num_channels=num_channels,
         )
         results: list[Explanation] = []
         for request, request_sources in zip(requests, sources):
@@ -751,7 +765,7 @@ class AsyncGradCamClient:
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
-        eigen_smooth: bool = ...,
+        eigen_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -759,7 +773,8 @@ class AsyncGradCamClient:
     async def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
@@ -768,7 +783,8 @@ class AsyncGradCamClient:
     async def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., num_predictions: int = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
@@ -784,6 +800,8 @@ class AsyncGradCamClient:
         layer: str | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
+        score: str | None = None,
+        reference_embedding: Any = None,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -792,6 +810,7 @@ class AsyncGradCamClient:
         requests, sources = await asyncio.to_thread(
             _requests, images, model=model, method=method, target_class=target_class,
             top_k=top_k, layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
+            score=score, reference_embedding=reference_embedding,
             num_predictions=num_predictions, num_channels=num_channels,
         )
 

@@ -73,7 +73,7 @@ class ExplainOptions(_message.Message):
     def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth")
+    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,8 @@ class ExplainRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     method: Method
@@ -90,7 +92,9 @@ class ExplainRequest(_message.Message):
     options: ExplainOptions
     counterfactual: bool
     eigen_smooth: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ...) -> None: ...
+    score: str
+    reference_embedding: Tensor
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ChannelImportance(_message.Message):
     __slots__ = ("channel", "weight")

@@ -70,7 +70,9 @@ class GradCamServicer(pb_grpc.GradCamServicer):
                 layer=request.layer or None,
                 counterfactual=request.counterfactual,
                 eigen_smooth=request.eigen_smooth,
+                score=request.score or "logit",
             ),
+            reference=_reference(request),
             class_index=request.target.class_index if target == "class_index" else None,
             top_k=request.target.top_k if target == "top_k" else None,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
@@ -151,6 +153,20 @@ def _image(image: pb.Image, index: int) -> bytes | np.ndarray:
             )
         return np.frombuffer(image.tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
     raise InvalidInput(f"image {index} is empty: set encoded or tensor")
+
+
+def _reference(request: pb.ExplainRequest) -> np.ndarray | None:
+    if not request.HasField("reference_embedding"):
+        return None
+    tensor = request.reference_embedding
+    shape = tuple(tensor.shape)
+    count = int(np.prod(shape)) if shape else 0
+    if len(shape) not in (1, 2) or count * 4 != len(tensor.data):
+        raise InvalidInput(
+            "reference_embedding must be [D] or [N, D] float32 with 4 bytes per value; got "
+            f"shape {list(shape)} and {len(tensor.data)} bytes"
+        )
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
 
 
 def _heatmap(class_map: ClassMap) -> pb.Heatmap:

@@ -7,8 +7,10 @@ Contract, for every model:
   of one pixel size); optional ``target_class`` (INT64 [N]; -1 or absent: the top-1 class);
 - parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),
   ``target_layer`` (a tensor name of the graph; default from the config or detected),
-  ``counterfactual`` (bool: explain the negated score) and ``eigen_smooth`` (bool: project the
-  channel contributions on their first principal component);
+  ``counterfactual`` (bool: explain the negated score), ``eigen_smooth`` (bool: project the
+  channel contributions on their first principal component) and ``score`` ("logit", default;
+  "probability"; or "similarity" of an embedding output to the FP32 input
+  ``reference_embedding``, [D] or [N, D]);
 - outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
   size of what was sent). No requested outputs means all of them. A request for the model's own
   outputs only runs the plain forward graph.
@@ -37,6 +39,7 @@ from .transport import deadline_of, rpc
 IMAGE_INPUT = "image"
 HEATMAP_OUTPUT = NAMES.heatmap
 TARGET_CLASS_INPUT = NAMES.target_class
+REFERENCE_INPUT = NAMES.reference_embedding
 SERVER_NAME = "gradcam"
 
 _DTYPES = {
@@ -61,6 +64,7 @@ _KNOWN_PARAMETERS = {
     "target_layer": "string_param",
     "counterfactual": "bool_param",
     "eigen_smooth": "bool_param",
+    "score": "string_param",
 }
 
 
@@ -111,13 +115,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(
                 f"unknown output {unknown[0]!r}; the model has {', '.join(available)}"
             )
-        expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT}
+        expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT, REFERENCE_INPUT}
         for name in inputs:
             if name not in expected:
                 raise InvalidInput(
                     f"unknown input {name!r}; send {model.input.name!r} (FP32 tensor) or "
                     f"{IMAGE_INPUT!r} (BYTES, encoded images), and optionally "
-                    f"{TARGET_CLASS_INPUT!r} (INT64)"
+                    f"{TARGET_CLASS_INPUT!r} (INT64) or {REFERENCE_INPUT!r} (FP32)"
                 )
         if (model.input.name in inputs) == (IMAGE_INPUT in inputs):
             raise InvalidInput(
@@ -151,9 +155,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 layer=parameters.get("target_layer"),
                 counterfactual=bool(parameters.get("counterfactual", False)),
                 eigen_smooth=bool(parameters.get("eigen_smooth", False)),
+                score=parameters.get("score", "logit"),
             )
+        reference = inputs.get(REFERENCE_INPUT)
+        if isinstance(reference, list):
+            raise InvalidInput(f"{REFERENCE_INPUT!r} must be FP32, got BYTES")
         result = await self.service.run(
-            model, x, explain=explain, target_class=target_class, deadline=deadline
+            model, x, explain=explain, target_class=target_class, reference=reference,
+            deadline=deadline,
         )
         outputs = dict(result.outputs)
         if explain is not None and sizes is not None:
@@ -186,6 +195,7 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
             TensorMetadata(name=model.input.name, datatype="FP32", shape=list(model.input.shape)),
             TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
             TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),
+            TensorMetadata(name=REFERENCE_INPUT, datatype="FP32", shape=[-1, -1]),
         ],
         outputs=[
             *[TensorMetadata(name=o.name, datatype="FP32", shape=list(o.shape))
@@ -261,7 +271,8 @@ def _split_bytes(data: bytes, name: str) -> list[bytes]:
 
 def _parameters(parameters) -> dict[str, str | bool]:
     """The request parameters this API reads: `method` and `target_layer` (strings) and
-    `counterfactual` and `eigen_smooth` (bools); others are ignored, as KServe servers do."""
+    `counterfactual` and `eigen_smooth` (bools), `score` (string); others are ignored, as
+    KServe servers do."""
     values: dict[str, str | bool] = {}
     for key, kind in _KNOWN_PARAMETERS.items():
         if key not in parameters:

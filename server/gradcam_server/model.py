@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
 from .augment.passes import ALL_METHODS, NAMES
+from .augment.targets import SCORES
 from .augment.targets import image_input, spatial_axes
 from .config import ModelConfig, read_config
 from .errors import InvalidInput
@@ -42,11 +43,14 @@ class Explaining:
     layer: str | None = None
     counterfactual: bool = False
     eigen_smooth: bool = False
+    score: str = "logit"  # or "probability", or "similarity" to a reference embedding
 
     @property
     def graph(self) -> str:
         """A short name of the graph, for metrics: the method and its options."""
         options = [o for o in ("counterfactual", "eigen_smooth") if getattr(self, o)]
+        if self.score != "logit":
+            options.append(self.score)
         return "/".join([self.method or "default", *options])
 
 
@@ -120,6 +124,8 @@ class ServedModel:
         method = request.method or self.config.method
         if method not in METHODS:
             raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        if request.score not in SCORES:
+            raise InvalidInput(f"unknown score {request.score!r}; available: {', '.join(SCORES)}")
         return replace(request, method=method, layer=request.layer or self.default_layer)
 
     # -- running -----------------------------------------------------------------------------
@@ -127,9 +133,18 @@ class ServedModel:
         """The plain graph's outputs for a batch [N, ...] of preprocessed images."""
         return self._run(self._forward, {self.input.name: x})
 
-    def explain(self, x: np.ndarray, target_class: np.ndarray, request: Explaining) -> dict:
-        """The augmented graph's outputs: the model's own, activations, gradients, heatmap."""
+    def explain(
+        self,
+        x: np.ndarray,
+        target_class: np.ndarray,
+        request: Explaining,
+        reference: np.ndarray | None = None,
+    ) -> dict:
+        """The augmented graph's outputs: the model's own, activations, gradients, heatmap.
+        `reference` [N, D] is the reference embedding of the "similarity" score."""
         feeds = {self.input.name: x, NAMES.target_class: target_class}
+        if reference is not None:
+            feeds[NAMES.reference_embedding] = reference
         return self._run(self.explainer(request), feeds)
 
     def is_built(self, request: Explaining) -> bool:
@@ -151,6 +166,7 @@ class ServedModel:
                 augmented = augment_model(
                     self._proto, layer=key.layer, output=self.score_output, method=key.method,
                     counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
+                    score=key.score,
                 )
             except AugmentError as error:
                 raise InvalidInput(str(error)) from error

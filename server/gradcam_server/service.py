@@ -29,6 +29,7 @@ class _Call:
 
     x: np.ndarray
     target_class: np.ndarray | None
+    reference: np.ndarray | None = None
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -154,6 +155,37 @@ class GradCamService:
             )
         return target_class
 
+    def check_reference(
+        self, model: ServedModel, explain: Explaining, reference: np.ndarray | None, rows: int
+    ) -> np.ndarray | None:
+        """The reference embedding, as FP32 [rows, D]: given exactly when the score is
+        "similarity"; a single [D] vector serves every image."""
+        if explain.score != "similarity":
+            if reference is not None:
+                raise InvalidInput("a reference embedding is only used with score 'similarity'")
+            return None
+        if reference is None:
+            raise InvalidInput("score 'similarity' needs a reference embedding")
+        reference = np.asarray(reference)
+        if reference.dtype != np.float32 or reference.ndim not in (1, 2) or reference.size == 0:
+            raise InvalidInput(
+                f"the reference embedding must be FP32 [D] or [N, D], got {reference.dtype} "
+                f"{_shape(reference.shape)}"
+            )
+        width = next(o.shape[-1] for o in model.outputs if o.name == model.score_output)
+        if width > 0 and reference.shape[-1] != width:
+            raise InvalidInput(
+                f"the reference embedding has {reference.shape[-1]} values per image; the "
+                f"model's embedding has {width}"
+            )
+        if reference.ndim == 1:
+            reference = np.broadcast_to(reference, (rows, len(reference)))
+        if len(reference) != rows:
+            raise InvalidInput(f"the reference embedding has {len(reference)} rows for {rows} images")
+        if not np.isfinite(reference).all():
+            raise InvalidInput("the reference embedding contains NaN or Inf values")
+        return np.ascontiguousarray(reference)
+
     # -- running -----------------------------------------------------------------------------
     async def run(
         self,
@@ -162,20 +194,24 @@ class GradCamService:
         *,
         explain: Explaining | None,
         target_class: np.ndarray | None = None,
+        reference: np.ndarray | None = None,
         deadline: float | None = None,
     ) -> RunResult:
         """Run a validated batch through the model's batcher: the plain graph (`explain` None)
-        or the augmented graph `explain` asks for, built on first use."""
+        or the augmented graph `explain` asks for, built on first use. `reference` is the
+        reference embedding of the "similarity" score ([D] or [N, D])."""
         if explain is not None:
             explain = model.resolve(explain)
             target_class = self.check_target_class(model, target_class, len(x))
+            reference = self.check_reference(model, explain, reference, len(x))
             if not model.is_built(explain):  # InvalidInput if it can't be built
                 await asyncio.to_thread(model.explainer, explain)
         key = (model.name, explain, x.shape[1:])
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = self._batchers[key] = self._make_batcher(model, explain)
-        return await batcher.submit(_Call(x, target_class), size=len(x), deadline=deadline)
+        call = _Call(x, target_class, reference)
+        return await batcher.submit(call, size=len(x), deadline=deadline)
 
     def _make_batcher(self, model: ServedModel, explain: Explaining | None) -> DynamicBatcher:
         graph = "forward" if explain is None else explain.graph
@@ -187,7 +223,10 @@ class GradCamService:
                 outputs = model.forward(x)
             else:
                 classes = np.concatenate([c.target_class for c in calls])
-                outputs = model.explain(x, classes, explain)
+                reference = None
+                if explain.score == "similarity":
+                    reference = np.concatenate([c.reference for c in calls])
+                outputs = model.explain(x, classes, explain, reference)
             run_seconds = time.perf_counter() - start
             results, row = [], 0
             for call in calls:
@@ -226,6 +265,7 @@ class GradCamService:
         images: Sequence[bytes | np.ndarray],
         *,
         request: Explaining = Explaining(),
+        reference: np.ndarray | None = None,
         class_index: int | None = None,
         top_k: int | None = None,
         num_predictions: int = 5,
@@ -251,14 +291,23 @@ class GradCamService:
         for index, tensor in enumerate(tensors):
             groups.setdefault(tensor.shape, []).append(index)
         calls = []
+        if reference is not None and reference.ndim == 2:
+            if len(reference) != len(images):
+                raise InvalidInput(
+                    f"the reference embedding has {len(reference)} rows for {len(images)} images"
+                )
         for indices in groups.values():
             x = np.repeat(np.stack([tensors[i] for i in indices]), ranks, axis=0)
+            rows_reference = reference
+            if reference is not None and reference.ndim == 2:
+                rows_reference = np.repeat(reference[indices], ranks, axis=0)
             if class_index is not None:
                 classes = np.full(len(x), class_index, dtype=np.int64)
             else:
                 classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
             calls.append(
-                self.run(model, x, explain=request, target_class=classes, deadline=deadline)
+                self.run(model, x, explain=request, target_class=classes,
+                         reference=rows_reference, deadline=deadline)
             )
         results = await asyncio.gather(*calls)
 

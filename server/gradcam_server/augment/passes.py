@@ -19,8 +19,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, version_converter
 
-from .backward import build_backward
 from .ablation import ablation_cam
+from .backward import build_backward
 from .cam import (
     ALWAYS_PROJECTED,
     GUIDED_GRAD_CAM,
@@ -35,9 +35,11 @@ from .cam import (
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
 from .targets import (
+    SCORES,
     detect_target_layer,
     image_input,
     score_seed,
+    similarity_seed,
     spatial_axes,
     validate_target_layer,
 )
@@ -57,6 +59,7 @@ class AugmentedOutputs:
     heatmap: str = "heatmap"
     input_gradients: str = "input_gradients"
     pixel_map: str = "pixel_map"
+    reference_embedding: str = "reference_embedding"
 
 
 NAMES = AugmentedOutputs()
@@ -96,7 +99,9 @@ def augment_model(
             input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
         layer: tensor name of the target layer; by default the last 4-D feature map feeding the
             global pooling in front of the classifier (`detect_target_layer`).
-        score: ``"logit"`` or ``"probability"`` (softmax of the score output).
+        score: ``"logit"``, ``"probability"`` (softmax of the score output) or
+            ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
+            added input ``reference_embedding`` [N, D]; ``target_class`` is then unused).
         output: the graph output holding the class scores, [N, classes]; default: the first.
         input_gradients: also continue the backward pass to the image input and expose
             d score / d image as ``input_gradients`` (what guided backprop builds on).
@@ -120,6 +125,8 @@ def augment_model(
     """
     if method not in ALL_METHODS:
         raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")
+    if score not in SCORES:
+        raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
     if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
         raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
     proto = upgrade_opset(load_model(model))
@@ -137,7 +144,10 @@ def augment_model(
         )
 
     target_class = add_target_class(proto, image)
-    seed, _ = score_seed(b, score_output, target_class, score)
+    if score == "similarity":
+        seed = similarity_seed(b, score_output, add_reference_embedding(b, image, score_output))
+    else:
+        seed, _ = score_seed(b, score_output, target_class, score)
     if counterfactual:
         seed = b.op("Neg", [seed])
     wrt = [target] + ([image.name] if input_gradients and target != image.name else [])
@@ -180,6 +190,20 @@ def add_target_class(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> str:
         helper.make_tensor_value_info(NAMES.target_class, TensorProto.INT64, [batch])
     )
     return NAMES.target_class
+
+
+def add_reference_embedding(
+    b: GraphBuilder, image: onnx.ValueInfoProto, embedding: str
+) -> str:
+    """The FP32 [N, D] input ``reference_embedding`` (N as the image's, D as the output's)."""
+    width = (b.static_shape(embedding) or (None, None))[-1]
+    b.graph.input.append(
+        helper.make_tensor_value_info(
+            NAMES.reference_embedding, b.elem_type(embedding),
+            [_dim(image.type.tensor_type.shape.dim[0]), width],
+        )
+    )
+    return NAMES.reference_embedding
 
 
 def append_backward(

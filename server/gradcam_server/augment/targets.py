@@ -19,7 +19,7 @@ _POOLING = {
     "Identity",
     "Dropout",
 }
-SCORES = ("logit", "probability")
+SCORES = ("logit", "probability", "similarity")
 
 
 def detect_target_layer(b: GraphBuilder, score_output: str) -> str:
@@ -71,7 +71,8 @@ def score_seed(
     `target_class` is an INT64 [N] tensor: an entry c >= 0 explains class c; a negative entry
     -r explains the r-th highest-scoring class of that item (-1: the top-1 class), decided
     inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
-    (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)).
+    (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)); ``similarity`` is
+    `similarity_seed`'s.
     """
     if score not in SCORES:
         raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
@@ -93,6 +94,29 @@ def score_seed(
     probabilities = b.op("Softmax", [logits], axis=1)
     chosen = b.reduce("ReduceSum", b.op("Mul", [probabilities, onehot]), [1], keepdims=True)
     return b.op("Mul", [chosen, b.op("Sub", [onehot, probabilities])]), resolved
+
+
+def similarity_seed(b: GraphBuilder, embedding: str, reference: str) -> str:
+    """d score / d embedding for score = cos(e, r), the cosine similarity of each item's
+    embedding e [N, D] to its reference r [N, D] (as Gradient Activation Maps explain
+    embedding models): d cos / d e = r / (|e| |r|) - cos e / |e|^2."""
+    if b.rank(embedding) != 2:
+        raise AugmentError(
+            f"the embedding output {embedding!r} must be [N, D]; it has rank {b.rank(embedding)}"
+        )
+
+    def norm(x: str) -> str:
+        squares = b.reduce("ReduceSum", b.op("Mul", [x, x]), [1], keepdims=True)
+        return b.op("Add", [b.op("Sqrt", [squares]), b.const(1e-12)])
+
+    embedding_norm, reference_norm = norm(embedding), norm(reference)
+    scale = b.op("Mul", [embedding_norm, reference_norm])
+    dot = b.reduce("ReduceSum", b.op("Mul", [embedding, reference]), [1], keepdims=True)
+    cosine = b.op("Div", [dot, scale])
+    toward = b.op("Div", [reference, scale])
+    along = b.op("Mul", [cosine, b.op("Div", [embedding,
+                                              b.op("Mul", [embedding_norm, embedding_norm])])])
+    return b.op("Sub", [toward, along])
 
 
 def _ranked_class(b: GraphBuilder, logits: str, target_class: str) -> str:
