@@ -270,6 +270,10 @@ def test_layer(client: GradCamClient, by_path: Explanation) -> None:
     assert result.layer == EARLIER_LAYER
     assert result.heatmap.shape == (HEIGHT, WIDTH)
     assert not np.allclose(result.heatmap, by_path.heatmap, atol=1e-3)
+    fused = client.explain(PHOTO, model=MODEL, layer=[EARLIER_LAYER, by_path.layer])
+    assert fused.layer == EARLIER_LAYER and fused.heatmap.max() > 0.99
+    assert not np.allclose(fused.heatmap, result.heatmap, atol=1e-3)
+    assert not np.allclose(fused.heatmap, by_path.heatmap, atol=1e-3)
 
 
 def test_overlays(by_path: Explanation) -> None:

@@ -199,3 +199,24 @@ def test_principal_component_projection(
     heatmap, a, g = session.run(["heatmap", "activations", "gradients"],
                                 {"input": x, "target_class": np.array([-1, 7])})
     assert_correlated(heatmap, sign_fixed_projection_maps(contributions(a, g), x.shape[2:]))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_several_layers_fused_as_pytorch_grad_cam(method, onnx_zoo) -> None:
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    captured = {}
+    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    hook.remove()
+    layer3 = zoo.find_matching_tensor(path, x, captured["a"].numpy())
+    layer4 = next(n for n in augment_model(path).graph.node if n.output == ["activations"]).input[0]
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    ours = explain(path, x, classes, method=method, layer=[layer3, layer4])
+    with REFERENCES[method](model=model, target_layers=[model.layer3, model.layer4]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(ours, theirs)
+    single = explain(path, x, classes, method=method, layer=layer4)
+    assert not np.allclose(ours, single, atol=1e-3)

@@ -330,7 +330,7 @@ def _requests(
     method: str | None,
     target_class: int | None,
     top_k: int | None,
-    layer: str | None,
+    layer: str | Sequence[str] | None,
     counterfactual: bool,
     eigen_smooth: bool,
     score: str | None,
@@ -359,7 +359,9 @@ def _requests(
         requests.append(
             pb.ExplainRequest(
                 model=model, images=[message for message, _ in chunk], method=method_enum,
-                target=target, layer=layer or "", counterfactual=counterfactual,
+                target=target, layer=layer if isinstance(layer, str) else "",
+                layers=[] if layer is None or isinstance(layer, str) else list(layer),
+                counterfactual=counterfactual,
                 eigen_smooth=eigen_smooth, score=score or "", reference_embedding=reference,
                 options=options,
             )
@@ -586,7 +588,7 @@ class GradCamClient:
     def explain(
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
-        top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
         eigen_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
@@ -594,7 +596,7 @@ class GradCamClient:
     @overload
     def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
@@ -604,7 +606,7 @@ class GradCamClient:
     @overload
     def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
@@ -619,7 +621,7 @@ class GradCamClient:
         method: str | None = None,
         target_class: int | None = None,
         top_k: int | None = None,
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
         score: str | None = None,
@@ -634,7 +636,7 @@ class GradCamClient:
         ``method`` is a name of `METHODS` (None: the model's default). What is explained: the
         top-1 class by default, ``target_class`` (a class index) for every image, or the
         ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
-        (None: the model's default target layer). ``counterfactual`` explains the negated
+        (None: the model's default target layer), or several, whose maps are fused. ``counterfactual`` explains the negated
         score: the regions whose removal would raise the class score; ``eigen_smooth`` projects
         the per-channel contributions on their first principal component. ``score`` is
         "logit" (default), "probability", or "similarity" of the model's output (an embedding)
@@ -764,7 +766,7 @@ class AsyncGradCamClient:
     async def explain(
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
-        top_k: int | None = ..., layer: str | None = ..., counterfactual: bool = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
         eigen_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
@@ -772,7 +774,7 @@ class AsyncGradCamClient:
     @overload
     async def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
@@ -782,7 +784,7 @@ class AsyncGradCamClient:
     @overload
     async def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | None = ...,
+        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
@@ -797,7 +799,7 @@ class AsyncGradCamClient:
         method: str | None = None,
         target_class: int | None = None,
         top_k: int | None = None,
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
         score: str | None = None,

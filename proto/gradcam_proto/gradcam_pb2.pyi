@@ -73,7 +73,7 @@ class ExplainOptions(_message.Message):
     def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding")
+    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding", "layers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class ExplainRequest(_message.Message):
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     method: Method
@@ -94,7 +95,8 @@ class ExplainRequest(_message.Message):
     eigen_smooth: bool
     score: str
     reference_embedding: Tensor
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ChannelImportance(_message.Message):
     __slots__ = ("channel", "weight")
@@ -155,18 +157,20 @@ class Timings(_message.Message):
     def __init__(self, preprocess_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "explanations", "layer", "method", "timings")
+    __slots__ = ("model", "explanations", "layer", "method", "timings", "layers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     layer: str
     method: Method
     timings: Timings
-    def __init__(self, model: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

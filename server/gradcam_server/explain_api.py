@@ -67,7 +67,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             images,
             request=Explaining(
                 method=method,
-                layer=request.layer or None,
+                layer=tuple(request.layers) or request.layer or None,
                 counterfactual=request.counterfactual,
                 eigen_smooth=request.eigen_smooth,
                 score=request.score or "logit",
@@ -79,8 +79,10 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             num_channels=options.num_channels or DEFAULT_CHANNELS,
             deadline=deadline_of(context),
         )
+        layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
         response = pb.ExplainResponse(
-            model=model.name, layer=explained.layer, method=METHOD_ENUMS[explained.method]
+            model=model.name, layer=layers[0], layers=layers,
+            method=METHOD_ENUMS[explained.method],
         )
         for image, explanation in zip(images, explained.explanations):
             message = response.explanations.add()

@@ -40,7 +40,7 @@ class Explaining:
     augmented session. None means the model's default method or layer."""
 
     method: str | None = None
-    layer: str | None = None
+    layer: str | tuple[str, ...] | None = None  # several: their maps are fused
     counterfactual: bool = False
     eigen_smooth: bool = False
     score: str = "logit"  # or "probability", or "similarity" to a reference embedding

@@ -67,7 +67,7 @@ class ImageExplanation:
 @dataclass(frozen=True)
 class Explained:
     explanations: tuple[ImageExplanation, ...]
-    layer: str
+    layer: str | tuple[str, ...]
     method: str
     preprocess_seconds: float
     queue_seconds: float

@@ -137,7 +137,7 @@ def pixel_heatmap(b: GraphBuilder, pixels: str) -> str:
     """A pixel-level map [N, C, H, W] as a heatmap: max over channels of |value|, min-max
     normalised per image: [N, H, W]."""
     magnitude = b.reduce("ReduceMax", b.op("Abs", [pixels]), [1], keepdims=True)
-    return b.squeeze(_normalize(b, magnitude), [1])
+    return b.squeeze(normalize(b, magnitude), [1])
 
 
 def cam_heatmap(
@@ -153,10 +153,10 @@ def cam_heatmap(
         mode="linear",
         coordinate_transformation_mode="half_pixel",
     )
-    return b.squeeze(_normalize(b, resized), [1])
+    return b.squeeze(normalize(b, resized), [1])
 
 
-def _normalize(b: GraphBuilder, maps: str) -> str:
+def normalize(b: GraphBuilder, maps: str) -> str:
     """(m - min) / (max - min + eps) per image, over the spatial axes of [N, 1, H, W]."""
     low = b.reduce("ReduceMin", maps, _SPATIAL, keepdims=True)
     shifted = b.op("Sub", [maps, low])

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .cam import (
     PIXEL_METHODS,
     cam_heatmap,
     channel_sum,
+    normalize,
     pixel_heatmap,
     principal_projection,
 )
@@ -84,7 +86,7 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.Mode
 
 def augment_model(
     model: str | os.PathLike | bytes | onnx.ModelProto,
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     score: str = "logit",
     output: str | None = None,
     input_gradients: bool = False,
@@ -98,7 +100,9 @@ def augment_model(
         model: the exported image model (path, serialized bytes or ModelProto); one 4-D image
             input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
         layer: tensor name of the target layer; by default the last 4-D feature map feeding the
-            global pooling in front of the classifier (`detect_target_layer`).
+            global pooling in front of the classifier (`detect_target_layer`). Several names:
+            each layer's map is computed and the maps are fused (`fuse_maps`); the
+            ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output) or
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
             added input ``reference_embedding`` [N, D]; ``target_class`` is then unused).
@@ -135,13 +139,8 @@ def augment_model(
     score_output = output or proto.graph.output[0].name
     if score_output not in {o.name for o in proto.graph.output}:
         raise AugmentError(f"{score_output!r} is not an output of the model")
-    target = layer or detect_target_layer(b, score_output)
-    validate_target_layer(b, target, score_output)
-    if b.rank(target) != 4:
-        raise AugmentError(
-            f"target layer {target!r} must be a 4-D feature map [N, C, h, w]; "
-            f"it has rank {b.rank(target)}"
-        )
+    layers = _target_layers(b, layer, score_output)
+    target = layers[0]
 
     target_class = add_target_class(proto, image)
     if score == "similarity":
@@ -150,25 +149,57 @@ def augment_model(
         seed, _ = score_seed(b, score_output, target_class, score)
     if counterfactual:
         seed = b.op("Neg", [seed])
-    wrt = [target] + ([image.name] if input_gradients and target != image.name else [])
+    wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, score_output, seed, wrt)
     pixel_map = None
     if method in PIXEL_METHODS:
         grad_cam_map = append_cam(b, METHODS["gradcam"](b, target, gradients[target]), image)
         pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
     else:
-        if method in PERTURBATION_METHODS:
-            contributions = ablation_cam(b, target, score_output, onehot=seed)
-        else:
-            contributions = METHODS[method](b, target, gradients[target])
-        project = eigen_smooth or method in ALWAYS_PROJECTED
-        heatmap = append_cam(b, contributions, image, project)
+        maps = []
+        for each in layers:
+            if method in PERTURBATION_METHODS:
+                contributions = ablation_cam(b, each, score_output, onehot=seed)
+            else:
+                contributions = METHODS[method](b, each, gradients[each])
+            project = eigen_smooth or method in ALWAYS_PROJECTED
+            maps.append(append_cam(b, contributions, image, project))
+        heatmap = maps[0] if len(maps) == 1 else fuse_maps(b, maps)
     expose_outputs(b, image, target, gradients, heatmap, input_gradients)
     if pixel_map is not None:
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
                      [_dim(d) for d in image.type.tensor_type.shape.dim])
     check(proto)
     return proto
+
+
+def _target_layers(
+    b: GraphBuilder, layer: str | Sequence[str] | None, score_output: str
+) -> list[str]:
+    """The target layers, validated: 4-D feature maps that the score depends on."""
+    if layer is None:
+        layers = [detect_target_layer(b, score_output)]
+    elif isinstance(layer, str):
+        layers = [layer]
+    else:
+        layers = list(dict.fromkeys(layer))
+        if not layers:
+            raise AugmentError("no target layer given")
+    for each in layers:
+        validate_target_layer(b, each, score_output)
+        if b.rank(each) != 4:
+            raise AugmentError(
+                f"target layer {each!r} must be a 4-D feature map [N, C, h, w]; "
+                f"it has rank {b.rank(each)}"
+            )
+    return layers
+
+
+def fuse_maps(b: GraphBuilder, maps: list[str]) -> str:
+    """Several layers' heatmaps [N, H, W] fused as pytorch-grad-cam does: their mean,
+    min-max normalised again."""
+    mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
+    return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
 
 
 def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
