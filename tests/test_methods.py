@@ -62,7 +62,9 @@ def assert_correlated(ours: np.ndarray, theirs: np.ndarray, minimum: float = 0.9
 
 def test_every_method_has_a_reference() -> None:
     assert set(METHODS) == set(REFERENCES) | {"eigencam", "eigengradcam"}
-    assert set(ALL_METHODS) == {*METHODS, "ablationcam", "guided-backprop", "guided-gradcam"}
+    assert set(ALL_METHODS) == {
+        *METHODS, "ablationcam", "scorecam", "guided-backprop", "guided-gradcam"
+    }
 
 
 @pytest.mark.parametrize(("name", "exporter", "layer"), SUBJECTS)
@@ -220,3 +222,20 @@ def test_several_layers_fused_as_pytorch_grad_cam(method, onnx_zoo) -> None:
     assert_correlated(ours, theirs)
     single = explain(path, x, classes, method=method, layer=layer4)
     assert not np.allclose(ours, single, atol=1e-3)
+
+
+def test_score_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    """On resnet18's layer2 (128 channels): 128 masked forward passes per image."""
+    from pytorch_grad_cam import ScoreCAM
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "dynamo")
+    with torch.no_grad():
+        layer2 = zoo.torch_mid_split("resnet18", model)[0](torch.from_numpy(x)).numpy()
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    layer = zoo.find_matching_tensor(path, x, layer2)
+    ours = explain(path, x, classes, method="scorecam", layer=layer)
+    with ScoreCAM(model=model, target_layers=[model.layer2]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(ours, theirs)

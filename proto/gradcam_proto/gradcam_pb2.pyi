@@ -21,6 +21,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_ABLATIONCAM: _ClassVar[Method]
     METHOD_EIGENCAM: _ClassVar[Method]
     METHOD_EIGENGRADCAM: _ClassVar[Method]
+    METHOD_SCORECAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -33,6 +34,7 @@ METHOD_GUIDED_GRADCAM: Method
 METHOD_ABLATIONCAM: Method
 METHOD_EIGENCAM: Method
 METHOD_EIGENGRADCAM: Method
+METHOD_SCORECAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -32,6 +32,7 @@ METHOD_NAMES = {
     pb.METHOD_ABLATIONCAM: "ablationcam",
     pb.METHOD_EIGENCAM: "eigencam",
     pb.METHOD_EIGENGRADCAM: "eigengradcam",
+    pb.METHOD_SCORECAM: "scorecam",
 }
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5

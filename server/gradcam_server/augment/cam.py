@@ -123,7 +123,8 @@ ALWAYS_PROJECTED = ("eigencam", "eigengradcam")
 
 # Perturbation methods: the score re-measured with parts of the layer removed (ablation.py).
 ABLATION_CAM = "ablationcam"
-PERTURBATION_METHODS = (ABLATION_CAM,)
+SCORE_CAM = "scorecam"
+PERTURBATION_METHODS = (ABLATION_CAM, SCORE_CAM)
 
 # Pixel-level methods: gradients all the way to the input, through guided ReLUs (Springenberg
 # et al., ICLR 2015 workshop: a ReLU passes a gradient only where both its input and the

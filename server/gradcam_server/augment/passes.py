@@ -23,11 +23,13 @@ from onnx import TensorProto, helper, version_converter
 from .ablation import ablation_cam
 from .backward import build_backward
 from .cam import (
+    ABLATION_CAM,
     ALWAYS_PROJECTED,
     GUIDED_GRAD_CAM,
     METHODS,
     PERTURBATION_METHODS,
     PIXEL_METHODS,
+    SCORE_CAM,
     cam_heatmap,
     channel_sum,
     normalize,
@@ -36,6 +38,7 @@ from .cam import (
 )
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
+from .score import score_cam
 from .targets import (
     SCORES,
     detect_target_layer,
@@ -114,7 +117,9 @@ def augment_model(
             (`cam.PIXEL_METHODS`: "guided-backprop", "guided-gradcam"), which also outputs
             ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
             guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
-            or "ablationcam" (`ablation.py`: the head re-run with each channel ablated).
+            or a perturbation method: "ablationcam" (`ablation.py`: the layers after the target
+            re-run with each channel ablated) or "scorecam" (`score.py`: the network re-run on
+            the image masked by each channel).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
         eigen_smooth: project the method's per-channel contributions on their first
@@ -146,7 +151,7 @@ def augment_model(
     if score == "similarity":
         seed = similarity_seed(b, score_output, add_reference_embedding(b, image, score_output))
     else:
-        seed, _ = score_seed(b, score_output, target_class, score)
+        seed, resolved_class = score_seed(b, score_output, target_class, score)
     if counterfactual:
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
@@ -158,8 +163,12 @@ def augment_model(
     else:
         maps = []
         for each in layers:
-            if method in PERTURBATION_METHODS:
+            if method == ABLATION_CAM:
                 contributions = ablation_cam(b, each, score_output, onehot=seed)
+            elif method == SCORE_CAM:
+                if spatial_axes(image) != (2, 3):
+                    raise AugmentError("scorecam needs an NCHW image input")
+                contributions = score_cam(b, each, image.name, score_output, resolved_class)
             else:
                 contributions = METHODS[method](b, each, gradients[each])
             project = eigen_smooth or method in ALWAYS_PROJECTED

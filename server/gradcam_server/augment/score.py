@@ -1,0 +1,123 @@
+"""Score-CAM inside the graph: the network re-run on the image masked by each channel of the
+target layer, in an ONNX Loop over chunks of channels.
+
+Score-CAM (Wang et al., CVPR-W 2020), as pytorch-grad-cam 1.5.7 computes it: each channel A^k,
+upsampled bilinearly to the input (corner-aligned) and min-max normalised, masks the input
+(x * M^k); the class logit of every masked input is s_k, and w = softmax_k(s_k); the map is
+ReLU(sum_k w_k A^k).
+
+The Loop runs `chunks` iterations per image, each one forward pass of the cloned network on a
+batch of CHUNK masked copies of one image, so memory holds one chunk of masked images, never all
+C of them.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from .backward import ancestors, descendants
+from .errors import AugmentError
+from .graph import GraphBuilder
+
+MAX_CHUNK = 32  # masked images per forward pass
+MASK_EPSILON = 1e-8
+
+
+def score_cam(
+    b: GraphBuilder, activations: str, image: str, score_output: str, resolved_class: str
+) -> str:
+    """Score-CAM's per-channel contributions w_k A^k [N, C, h, w]."""
+    shape = b.static_shape(activations)
+    channels = shape[1] if shape else None
+    if not isinstance(channels, int):
+        raise AugmentError("scorecam needs the target layer's channel count to be static")
+    chunk = max(d for d in range(1, MAX_CHUNK + 1) if channels % d == 0)
+    per_image = channels // chunk
+    batch = b.shape_slice(activations, 0, 1)
+    iterations = b.squeeze(b.op("Mul", [batch, b.ints([per_image])]), [0])
+    scores = b.op(
+        "Loop",
+        [iterations, b.const(True, dtype=bool)],
+        body=_body(b, activations, image, score_output, resolved_class, chunk, per_image),
+    )  # [N * per_image, chunk]
+    logits = b.op("Reshape", [scores, b.op("Concat", [batch, b.ints([channels])], axis=0)])
+    weights = b.unsqueeze(b.op("Softmax", [logits], axis=1), [2, 3])
+    return b.op("Mul", [weights, activations])
+
+
+def _forward(nodes: list[onnx.NodeProto], image: str, score_output: str) -> list[onnx.NodeProto]:
+    """The nodes computing `score_output` from the image, in graph order."""
+    after = descendants(nodes, {image})
+    before = ancestors(nodes, {score_output})
+    return [
+        node for node in nodes
+        if any(t in after for t in node.input) and any(t in before for t in node.output)
+    ]
+
+
+def _body(
+    b: GraphBuilder,
+    activations: str,
+    image: str,
+    score_output: str,
+    resolved_class: str,
+    chunk: int,
+    per_image: int,
+) -> onnx.GraphProto:
+    """Loop body: iteration i -> the logits of image i // per_image masked by its channels
+    chunk * (i % per_image) ... + chunk."""
+    forward = _forward(list(b.graph.node), image, score_output)
+    iteration, condition = b.fresh("step"), b.fresh("condition")
+    nodes: list[onnx.NodeProto] = []
+
+    def emit(op_type: str, inputs: list[str], **attrs) -> str:
+        output = b.fresh(op_type.lower())
+        nodes.append(helper.make_node(op_type, inputs, [output], name=b.fresh(op_type), **attrs))
+        return output
+
+    step = emit("Reshape", [iteration, b.ints([1])])
+    item = emit("Div", [step, b.ints([per_image])])
+    first = emit("Mul", [emit("Mod", [step, b.ints([per_image])]), b.ints([chunk])])
+    starts = emit("Concat", [item, first], axis=0)
+    ends = emit("Add", [starts, b.ints([1, chunk])])
+    maps = emit("Slice", [activations, starts, ends, b.ints([0, 1])])  # [1, chunk, h, w]
+    maps = emit("Transpose", [maps], perm=[1, 0, 2, 3])  # [chunk, 1, h, w]
+    pixels = emit("Slice", [image, item, emit("Add", [item, b.ints([1])]), b.ints([0])])
+    size = emit("Concat", [b.ints([chunk, 1]), b.shape_slice(image, 2)], axis=0)
+    masks = emit("Resize", [maps, "", "", size], mode="linear",
+                 coordinate_transformation_mode="align_corners")
+    def spatial(op_type: str, x: str) -> str:
+        if b.opset >= 18:
+            return emit(op_type, [x, b.ints([2, 3])], keepdims=1)
+        return emit(op_type, [x], axes=[2, 3], keepdims=1)
+
+    low = spatial("ReduceMin", masks)
+    span = emit("Sub", [spatial("ReduceMax", masks), low])
+    masks = emit("Div", [emit("Sub", [masks, low]), emit("Add", [span, b.const(MASK_EPSILON)])])
+    masked = emit("Mul", [pixels, masks])  # [chunk, C_in, H, W]
+
+    renamed = {image: masked}
+    for node in forward:
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = b.fresh("score")
+        for i, name in enumerate(clone.input):
+            clone.input[i] = renamed.get(name, name)
+        for i, name in enumerate(clone.output):
+            if name:
+                renamed[name] = clone.output[i] = b.fresh("score")
+        nodes.append(clone)
+
+    category = emit("Gather", [resolved_class, item], axis=0)  # [1]
+    scores = emit("Gather", [renamed[score_output], category], axis=1)  # [chunk, 1]
+    scores = emit("Reshape", [scores, b.ints([chunk])])
+    condition_out = emit("Identity", [condition])
+    return helper.make_graph(
+        nodes,
+        b.fresh("score_body"),
+        [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
+         helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(condition_out, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(scores, b.elem_type(score_output), [chunk])],
+    )
