@@ -6,7 +6,9 @@
    interleaved (the same ResNet-50, default last-layer target);
 2. Ablation-CAM in the session against pytorch-grad-cam's AblationCAM on the same weights and
    threads, batch 1 (the reference runs the whole network once per 32 ablated channels; ours
-   re-runs only the layers after the target layer).
+   re-runs only the layers after the target layer);
+3. Score-CAM likewise against its ScoreCAM (both run the whole network on every masked copy of
+   the image, in chunks).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from bench_augment import export, make_session
 from gradcam_server.augment import augment_model
 from gradcam_server.augment.cli import save
-from gradcam_server.augment.passes import ALL_METHODS
+from gradcam_server.augment.cam import METHODS, PIXEL_METHODS
 
 
 def median_seconds(run, seconds: float, minimum: int = 3) -> float:
@@ -45,7 +47,7 @@ def main() -> None:
 
     import torch
     import torchvision
-    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam import AblationCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.set_num_threads(args.threads)
@@ -56,7 +58,7 @@ def main() -> None:
         export(args.model, plain_path)
         plain = make_session(plain_path, args.threads)
         sessions = {}
-        for method in ALL_METHODS:
+        for method in (*METHODS, *PIXEL_METHODS, "ablationcam", "scorecam"):
             path = Path(tmp, f"{method}.onnx")
             save(augment_model(plain_path, method=method), path)
             sessions[method] = make_session(path, args.threads)
@@ -64,7 +66,10 @@ def main() -> None:
         print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")
         print("\n1. method / plain forward (interleaved rounds)")
         variants = {"forward": lambda: plain.run(None, {"input": x})}
-        variants |= {m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()}
+        variants |= {
+            m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()
+            if m not in ("ablationcam", "scorecam")
+        }
         samples = {name: [] for name in variants}
         for run in variants.values():
             run()
@@ -78,16 +83,19 @@ def main() -> None:
         for name, value in medians.items():
             print(f"   {name:20s} {value * 1e3:8.1f} ms  ratio {value / medians['forward']:.3f}")
 
-        print("\n2. pytorch-grad-cam AblationCAM / Ablation-CAM in the session")
         torch.manual_seed(0)
         model = getattr(torchvision.models, args.model)(weights=None).eval()
         category = int(plain.run(None, {"input": x})[0].argmax())
-        ours = median_seconds(lambda: sessions["ablationcam"].run(None, feeds), args.seconds)
-        with AblationCAM(model=model, target_layers=[model.layer4]) as cam:
-            start = time.perf_counter()
-            cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(category)])
-            theirs = time.perf_counter() - start
-        print(f"   {theirs:.2f} s vs {ours:.3f} s  speed-up {theirs / ours:.1f}x")
+        for number, (method, reference) in enumerate(
+            [("ablationcam", AblationCAM), ("scorecam", ScoreCAM)], start=2
+        ):
+            print(f"\n{number}. pytorch-grad-cam {reference.__name__} / {method} in the session")
+            ours = median_seconds(lambda: sessions[method].run(None, feeds), 0, minimum=1)
+            with reference(model=model, target_layers=[model.layer4]) as cam:
+                start = time.perf_counter()
+                cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(category)])
+                theirs = time.perf_counter() - start
+            print(f"   {theirs:.2f} s vs {ours:.3f} s  speed-up {theirs / ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR] [--score logit|probability]`."""
+"""`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR ...] [--method M] [--score S]`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from .errors import AugmentError
-from .passes import NAMES, augment_model
+from .passes import ALL_METHODS, NAMES, augment_model
 from .targets import SCORES
 
 # Protobuf cannot serialize 2 GiB; larger models keep their weights in a data file beside them.
@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model", type=Path, help="exported ONNX model (external data allowed)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="augmented model path")
-    parser.add_argument("--layer", help="target layer tensor name (default: detected)")
+    parser.add_argument("--layer", action="append",
+                        help="target layer tensor name (default: detected); repeat to fuse")
+    parser.add_argument("--method", choices=ALL_METHODS, default="gradcam",
+                        help="the CAM method computing the heatmap")
     parser.add_argument("--score", choices=SCORES, default="logit", help="what is explained")
     parser.add_argument(
         "--score-output", help="graph output holding the class scores (default: the first)"
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         augmented = augment_model(
             args.model,
             layer=args.layer,
+            method=args.method,
             score=args.score,
             output=args.score_output,
             input_gradients=args.input_gradients,

@@ -4,7 +4,8 @@
 2. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
 3. `append_backward`   requires the target layer on the path to the score; ensures d score / d
                        layer (and, when asked, d score / d image) tensors exist.
-4. `append_cam`        ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists.
+4. `append_heatmap`    ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
+                       target layer, fused), and ``pixel_map`` for the pixel-level methods.
 5. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
                        ``input_gradients``) are graph outputs after every original output.
 6. `check`             ensures the result passes `onnx.checker`.
@@ -148,6 +149,7 @@ def augment_model(
     target = layers[0]
 
     target_class = add_target_class(proto, image)
+    resolved_class = None
     if score == "similarity":
         seed = similarity_seed(b, score_output, add_reference_embedding(b, image, score_output))
     else:
@@ -156,24 +158,9 @@ def augment_model(
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, score_output, seed, wrt)
-    pixel_map = None
-    if method in PIXEL_METHODS:
-        grad_cam_map = append_cam(b, METHODS["gradcam"](b, target, gradients[target]), image)
-        pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
-    else:
-        maps = []
-        for each in layers:
-            if method == ABLATION_CAM:
-                contributions = ablation_cam(b, each, score_output, onehot=seed)
-            elif method == SCORE_CAM:
-                if spatial_axes(image) != (2, 3):
-                    raise AugmentError("scorecam needs an NCHW image input")
-                contributions = score_cam(b, each, image.name, score_output, resolved_class)
-            else:
-                contributions = METHODS[method](b, each, gradients[each])
-            project = eigen_smooth or method in ALWAYS_PROJECTED
-            maps.append(append_cam(b, contributions, image, project))
-        heatmap = maps[0] if len(maps) == 1 else fuse_maps(b, maps)
+    heatmap, pixel_map = append_heatmap(
+        b, method, layers, gradients, image, score_output, seed, resolved_class, eigen_smooth
+    )
     expose_outputs(b, image, target, gradients, heatmap, input_gradients)
     if pixel_map is not None:
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
@@ -250,6 +237,39 @@ def append_backward(
     b: GraphBuilder, score_output: str, seed: str, wrt: list[str]
 ) -> dict[str, str]:
     return build_backward(b, {score_output: seed}, wrt)
+
+
+def append_heatmap(
+    b: GraphBuilder,
+    method: str,
+    layers: list[str],
+    gradients: dict[str, str],
+    image: onnx.ValueInfoProto,
+    score_output: str,
+    seed: str,
+    resolved_class: str | None,
+    eigen_smooth: bool,
+) -> tuple[str, str | None]:
+    """The method's heatmap [N, H, W] (the layers' maps fused), and its pixel map [N, C, H, W]
+    for the pixel-level methods (None for the others)."""
+    if method in PIXEL_METHODS:
+        target = layers[0]
+        grad_cam_map = append_cam(b, METHODS["gradcam"](b, target, gradients[target]), image)
+        pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
+        return heatmap, pixel_map
+    maps = []
+    for layer in layers:
+        if method == ABLATION_CAM:
+            contributions = ablation_cam(b, layer, score_output, onehot=seed)
+        elif method == SCORE_CAM:
+            if spatial_axes(image) != (2, 3) or resolved_class is None:
+                raise AugmentError("scorecam needs an NCHW image input and a class score")
+            contributions = score_cam(b, layer, image.name, score_output, resolved_class)
+        else:
+            contributions = METHODS[method](b, layer, gradients[layer])
+        project = eigen_smooth or method in ALWAYS_PROJECTED
+        maps.append(append_cam(b, contributions, image, project))
+    return (maps[0] if len(maps) == 1 else fuse_maps(b, maps)), None
 
 
 def append_cam(
