@@ -258,6 +258,9 @@ def test_method_and_counterfactual(client: GradCamClient, by_path: Explanation) 
     smooth = client.explain(PHOTO, model=MODEL, eigen_smooth=True)
     assert smooth.heatmap.shape == (HEIGHT, WIDTH) and smooth.heatmap.max() > 0.99
     assert not np.allclose(smooth.heatmap, by_path.heatmap, atol=1e-3)
+    augmented = client.explain(PHOTO, model=MODEL, aug_smooth=True)
+    assert augmented.heatmap.max() > 0.99
+    assert not np.allclose(augmented.heatmap, by_path.heatmap, atol=1e-3)
     probability = client.explain(PHOTO, model=MODEL, score="probability")
     assert not np.allclose(probability.heatmap, by_path.heatmap, atol=1e-4)
     for method in ("ablationcam", "eigencam"):
@@ -350,7 +353,7 @@ def test_bad_input_refused_before_sending(client: GradCamClient) -> None:
     with pytest.raises(InvalidInputError, match="not both"):
         client.explain(PHOTO, model=MODEL, target_class=1, top_k=2)
     with pytest.raises(InvalidInputError, match="unknown method"):
-        client.explain(PHOTO, model=MODEL, method="scorecam")
+        client.explain(PHOTO, model=MODEL, method="fullgrad")
     with pytest.raises(InvalidInputError, match="uint8 image or a floating-point"):
         client.explain(np.zeros((8, 8, 3), np.int64), model=MODEL)
     with pytest.raises(InvalidInputError, match=r"\[H, W, 3\]"):

@@ -239,3 +239,24 @@ def test_score_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
     with ScoreCAM(model=model, target_layers=[model.layer2]) as cam:
         theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
     assert_correlated(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_aug_smooth_matches_pytorch_grad_cam(method, onnx_zoo) -> None:
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "dynamo")
+    session = zoo.ort_session(augment_model(path, method=method, aug_smooth=True)
+                              .SerializeToString())
+    feeds = {"input": x, "target_class": np.array([-1, 7])}
+    heatmap, logits, activations = session.run(["heatmap", "logits", "activations"], feeds)
+    plain = zoo.ort_session(augment_model(path).SerializeToString())
+    expected_logits, expected_activations = plain.run(["logits", "activations"], feeds)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(activations, expected_activations, rtol=1e-4, atol=1e-4)
+    with REFERENCES[method](model=model, target_layers=[model.layer4]) as cam:
+        # top-1 per transform for the first image, as pytorch-grad-cam does without targets
+        first = cam(torch.from_numpy(x[:1]), targets=None, aug_smooth=True)
+        second = cam(torch.from_numpy(x[1:]), targets=[ClassifierOutputTarget(7)],
+                     aug_smooth=True)
+    assert_correlated(heatmap, np.concatenate([first, second]))

@@ -115,7 +115,7 @@ def _explain_one(
         result = client.explain(
             image, model=args.model, method=args.method, target_class=args.target_class,
             top_k=args.top_k, layer=args.layer, counterfactual=args.counterfactual,
-            eigen_smooth=args.eigen_smooth,
+            eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
         )
     except InvalidInputError as error:
         if _IMAGE_PREFIX.match(error.message):  # about this image, not the whole request
@@ -325,6 +325,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="target layer, a tensor name of the graph (default: the model's)")
     explain.add_argument("--counterfactual", action="store_true",
                          help="explain the negated score: what speaks against the class")
+    explain.add_argument("--aug-smooth", action="store_true",
+                         help="average the maps of flipped and rescaled copies of the image")
     explain.add_argument("--eigen-smooth", action="store_true",
                          help="project the channel contributions on their first principal "
                               "component instead of summing them")

@@ -333,6 +333,7 @@ def _requests(
     layer: str | Sequence[str] | None,
     counterfactual: bool,
     eigen_smooth: bool,
+    aug_smooth: bool,
     score: str | None,
     reference_embedding: np.ndarray | None,
     num_predictions: int,
@@ -362,7 +363,8 @@ def _requests(
                 target=target, layer=layer if isinstance(layer, str) else "",
                 layers=[] if layer is None or isinstance(layer, str) else list(layer),
                 counterfactual=counterfactual,
-                eigen_smooth=eigen_smooth, score=score or "", reference_embedding=reference,
+                eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, score=score or "",
+                reference_embedding=reference,
                 options=options,
             )
         )
@@ -589,7 +591,7 @@ class GradCamClient:
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
-        eigen_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
+        eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -597,7 +599,7 @@ class GradCamClient:
     def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
@@ -607,7 +609,7 @@ class GradCamClient:
     def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
@@ -624,6 +626,7 @@ class GradCamClient:
         layer: str | Sequence[str] | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
+        aug_smooth: bool = False,
         score: str | None = None,
         reference_embedding: Any = None,
         num_predictions: int = 5,
@@ -638,7 +641,8 @@ class GradCamClient:
         ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
         (None: the model's default target layer), or several, whose maps are fused. ``counterfactual`` explains the negated
         score: the regions whose removal would raise the class score; ``eigen_smooth`` projects
-        the per-channel contributions on their first principal component. ``score`` is
+        the per-channel contributions on their first principal component; ``aug_smooth``
+        averages the maps of flipped and rescaled copies of each image. ``score`` is
         "logit" (default), "probability", or "similarity" of the model's output (an embedding)
         to ``reference_embedding`` ([D] for all images, or [N, D]). ``num_predictions`` and
         ``num_channels`` bound the predictions and channel importances returned. ``timeout``
@@ -647,7 +651,8 @@ class GradCamClient:
         """
         requests, sources = _requests(
             images, model=model, method=method, target_class=target_class, top_k=top_k,
-            layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth, score=score,
+            layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth, score=score,
             reference_embedding=reference_embedding, num_predictions=num_predictions,
             num_channels=num_channels,
         )
@@ -767,7 +772,7 @@ class AsyncGradCamClient:
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
-        eigen_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
+        eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -775,7 +780,7 @@ class AsyncGradCamClient:
     async def explain(
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
@@ -785,7 +790,7 @@ class AsyncGradCamClient:
     async def explain(
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., score: str | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
@@ -802,6 +807,7 @@ class AsyncGradCamClient:
         layer: str | Sequence[str] | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
+        aug_smooth: bool = False,
         score: str | None = None,
         reference_embedding: Any = None,
         num_predictions: int = 5,
@@ -812,7 +818,7 @@ class AsyncGradCamClient:
         requests, sources = await asyncio.to_thread(
             _requests, images, model=model, method=method, target_class=target_class,
             top_k=top_k, layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
-            score=score, reference_embedding=reference_embedding,
+            aug_smooth=aug_smooth, score=score, reference_embedding=reference_embedding,
             num_predictions=num_predictions, num_channels=num_channels,
         )
 

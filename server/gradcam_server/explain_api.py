@@ -71,6 +71,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
                 layer=tuple(request.layers) or request.layer or None,
                 counterfactual=request.counterfactual,
                 eigen_smooth=request.eigen_smooth,
+                aug_smooth=request.aug_smooth,
                 score=request.score or "logit",
             ),
             reference=_reference(request),

@@ -8,7 +8,8 @@ Contract, for every model:
 - parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),
   ``target_layer`` (a tensor name of the graph; default from the config or detected),
   ``counterfactual`` (bool: explain the negated score), ``eigen_smooth`` (bool: project the
-  channel contributions on their first principal component) and ``score`` ("logit", default;
+  channel contributions on their first principal component), ``aug_smooth`` (bool: average the
+  maps of flipped and rescaled copies) and ``score`` ("logit", default;
   "probability"; or "similarity" of an embedding output to the FP32 input
   ``reference_embedding``, [D] or [N, D]);
 - outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
@@ -64,6 +65,7 @@ _KNOWN_PARAMETERS = {
     "target_layer": "string_param",
     "counterfactual": "bool_param",
     "eigen_smooth": "bool_param",
+    "aug_smooth": "bool_param",
     "score": "string_param",
 }
 
@@ -155,6 +157,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 layer=parameters.get("target_layer"),
                 counterfactual=bool(parameters.get("counterfactual", False)),
                 eigen_smooth=bool(parameters.get("eigen_smooth", False)),
+                aug_smooth=bool(parameters.get("aug_smooth", False)),
                 score=parameters.get("score", "logit"),
             )
         reference = inputs.get(REFERENCE_INPUT)
@@ -271,7 +274,8 @@ def _split_bytes(data: bytes, name: str) -> list[bytes]:
 
 def _parameters(parameters) -> dict[str, str | bool]:
     """The request parameters this API reads: `method` and `target_layer` (strings) and
-    `counterfactual` and `eigen_smooth` (bools), `score` (string); others are ignored, as
+    `counterfactual`, `eigen_smooth` and `aug_smooth` (bools), `score` (string); others are
+    ignored, as
     KServe servers do."""
     values: dict[str, str | bool] = {}
     for key, kind in _KNOWN_PARAMETERS.items():

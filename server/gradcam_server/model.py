@@ -43,12 +43,15 @@ class Explaining:
     layer: str | tuple[str, ...] | None = None  # several: their maps are fused
     counterfactual: bool = False
     eigen_smooth: bool = False
+    aug_smooth: bool = False
     score: str = "logit"  # or "probability", or "similarity" to a reference embedding
 
     @property
     def graph(self) -> str:
         """A short name of the graph, for metrics: the method and its options."""
-        options = [o for o in ("counterfactual", "eigen_smooth") if getattr(self, o)]
+        options = [
+            o for o in ("counterfactual", "eigen_smooth", "aug_smooth") if getattr(self, o)
+        ]
         if self.score != "logit":
             options.append(self.score)
         return "/".join([self.method or "default", *options])
@@ -166,7 +169,7 @@ class ServedModel:
                 augmented = augment_model(
                     self._proto, layer=key.layer, output=self.score_output, method=key.method,
                     counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
-                    score=key.score,
+                    aug_smooth=key.aug_smooth, score=key.score,
                 )
             except AugmentError as error:
                 raise InvalidInput(str(error)) from error

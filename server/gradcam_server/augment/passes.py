@@ -40,6 +40,7 @@ from .cam import (
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
 from .score import score_cam
+from .smoothing import identity_rows, merge_maps, tile_rows, tile_transforms
 from .targets import (
     SCORES,
     detect_target_layer,
@@ -97,6 +98,7 @@ def augment_model(
     method: str = "gradcam",
     counterfactual: bool = False,
     eigen_smooth: bool = False,
+    aug_smooth: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -125,6 +127,8 @@ def augment_model(
             explanation): the regions whose removal would raise the class score.
         eigen_smooth: project the method's per-channel contributions on their first
             principal component instead of summing them (`cam.principal_projection`).
+        aug_smooth: average the maps of flipped and rescaled copies of each image
+            (`smoothing.py`); the outputs keep the original image's rows.
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
@@ -139,29 +143,43 @@ def augment_model(
         raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
     if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
         raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
+    if aug_smooth and (method in PIXEL_METHODS or input_gradients):
+        raise AugmentError("aug_smooth is not available with pixel-level gradients")
     proto = upgrade_opset(load_model(model))
-    b = GraphBuilder(proto)
     image = image_input(proto)
     score_output = output or proto.graph.output[0].name
     if score_output not in {o.name for o in proto.graph.output}:
         raise AugmentError(f"{score_output!r} is not an output of the model")
-    layers = _target_layers(b, layer, score_output)
+    network_image, network_score = image.name, score_output
+    if aug_smooth:
+        network_image, tiled = tile_transforms(proto, image.name, spatial_axes(image)[1])
+        network_score = tiled[score_output]
+    b = GraphBuilder(proto)
+    layers = _target_layers(b, layer, network_score)
     target = layers[0]
 
     target_class = add_target_class(proto, image)
+    per_row = (lambda t: tile_rows(b, t)) if aug_smooth else (lambda t: t)
     resolved_class = None
     if score == "similarity":
-        seed = similarity_seed(b, score_output, add_reference_embedding(b, image, score_output))
+        reference = add_reference_embedding(b, image, score_output)
+        seed = similarity_seed(b, network_score, per_row(reference))
     else:
-        seed, resolved_class = score_seed(b, score_output, target_class, score)
+        seed, resolved_class = score_seed(b, network_score, per_row(target_class), score)
     if counterfactual:
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
-    gradients = append_backward(b, score_output, seed, wrt)
+    gradients = append_backward(b, network_score, seed, wrt)
     heatmap, pixel_map = append_heatmap(
-        b, method, layers, gradients, image, score_output, seed, resolved_class, eigen_smooth
+        b, method, layers, gradients, image, network_image, network_score, seed,
+        resolved_class, eigen_smooth,
     )
-    expose_outputs(b, image, target, gradients, heatmap, input_gradients)
+    activations = target
+    if aug_smooth:
+        heatmap = merge_maps(b, heatmap, image.name)
+        gradients = {target: identity_rows(b, gradients[target], image.name)}
+        activations = identity_rows(b, target, image.name)
+    expose_outputs(b, image, activations, gradients, heatmap, input_gradients, target)
     if pixel_map is not None:
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
                      [_dim(d) for d in image.type.tensor_type.shape.dim])
@@ -245,6 +263,7 @@ def append_heatmap(
     layers: list[str],
     gradients: dict[str, str],
     image: onnx.ValueInfoProto,
+    network_image: str,
     score_output: str,
     seed: str,
     resolved_class: str | None,
@@ -264,7 +283,7 @@ def append_heatmap(
         elif method == SCORE_CAM:
             if spatial_axes(image) != (2, 3) or resolved_class is None:
                 raise AugmentError("scorecam needs an NCHW image input and a class score")
-            contributions = score_cam(b, layer, image.name, score_output, resolved_class)
+            contributions = score_cam(b, layer, network_image, score_output, resolved_class)
         else:
             contributions = METHODS[method](b, layer, gradients[layer])
         project = eigen_smooth or method in ALWAYS_PROJECTED
@@ -300,17 +319,20 @@ def append_pixel_map(
 def expose_outputs(
     b: GraphBuilder,
     image: onnx.ValueInfoProto,
-    target: str,
+    activations: str,
     gradients: dict[str, str],
     heatmap: str,
     input_gradients: bool,
+    layer: str,
 ) -> None:
+    """Expose `activations` (the values of target `layer`, one row per image), its gradient
+    ``gradients[layer]``, the heatmap and, when asked, the input gradients."""
     image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
     batch = image_dims[0]
-    layer_dims = [batch, *(b.static_shape(target) or (None,) * 4)[1:]]
-    dtype = b.elem_type(target)
-    b.add_output(target, NAMES.activations, dtype, layer_dims)
-    b.add_output(gradients[target], NAMES.gradients, dtype, layer_dims)
+    layer_dims = [batch, *(b.static_shape(layer) or (None,) * 4)[1:]]
+    dtype = b.elem_type(layer)
+    b.add_output(activations, NAMES.activations, dtype, layer_dims)
+    b.add_output(gradients[layer], NAMES.gradients, dtype, layer_dims)
     height, width = spatial_axes(image)
     b.add_output(
         heatmap, NAMES.heatmap, TensorProto.FLOAT, [batch, image_dims[height], image_dims[width]]

@@ -1,0 +1,101 @@
+"""Test-time augmentation smoothing (``aug_smooth``) inside the graph.
+
+As pytorch-grad-cam 1.5.7 does it: the image goes through 6 transforms (horizontal flip or not,
+times 0.9, 1 or 1.1), each transformed image is explained on its own, each map is transformed
+back (flipped back) and the maps are averaged; here the mean is min-max normalised again so the
+heatmap keeps spanning [0, 1].
+
+In the graph: the image input feeds one batch of all transforms [T*N, ...] into the unchanged
+network, so every item of the batch is explained in the same run. The model's own outputs, and
+the ``activations`` and ``gradients`` outputs, are the rows of the identity transform, so their
+meaning and batch size are the original's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .cam import normalize
+from .graph import GraphBuilder
+
+FACTORS = (0.9, 1.0, 1.1)
+TRANSFORMS = tuple((flip, factor) for flip in (False, True) for factor in FACTORS)
+IDENTITY = TRANSFORMS.index((False, 1.0))
+
+
+def tile_transforms(model: onnx.ModelProto, image: str, width_axis: int) -> tuple[str, dict]:
+    """Rewire `model` so its network sees the image under every transform.
+
+    Returns the tiled image tensor and, for each original graph output, the name of its tiled
+    [T*N, ...] tensor; the original output names then hold the identity transform's rows.
+    """
+    b = GraphBuilder(model, prefix="gradcam/tta")
+    tiled = b.fresh("images")
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == image:
+                node.input[i] = tiled
+    flipped = b.fresh("flipped")
+    prologue = [
+        helper.make_node(
+            "Slice", [image, b.ints([-1]), b.ints([-(2**63)]), b.ints([width_axis]),
+                      b.ints([-1])], [flipped], name=b.fresh("flip"),
+        )
+    ]
+    parts = []
+    for flip, factor in TRANSFORMS:
+        part = b.fresh("transform")
+        prologue.append(helper.make_node(
+            "Mul", [flipped if flip else image, b.const(factor)], [part], name=b.fresh("scale")
+        ))
+        parts.append(part)
+    prologue.append(helper.make_node("Concat", parts, [tiled], axis=0, name=b.fresh("tile")))
+    for node in reversed(prologue):
+        model.graph.node.insert(0, node)
+
+    tiled_outputs = {}
+    for output in model.graph.output:
+        full = b.fresh("all_transforms")
+        for node in model.graph.node:
+            for i, name in enumerate(node.output):
+                if name == output.name:
+                    node.output[i] = full
+            for i, name in enumerate(node.input):
+                if name == output.name:
+                    node.input[i] = full
+        model.graph.node.append(
+            helper.make_node("Identity", [identity_rows(b, full, image)], [output.name],
+                             name=b.fresh("identity_rows"))
+        )
+        tiled_outputs[output.name] = full
+    return tiled, tiled_outputs
+
+
+def identity_rows(b: GraphBuilder, tiled: str, image: str) -> str:
+    """The identity transform's rows [N, ...] of a tiled [T*N, ...] tensor."""
+    batch = b.shape_slice(image, 0, 1)
+    start = b.op("Mul", [batch, b.ints([IDENTITY])])
+    return b.op("Slice", [tiled, start, b.op("Add", [start, batch]), b.ints([0])])
+
+
+def tile_rows(b: GraphBuilder, tensor: str) -> str:
+    """A per-item tensor [N, ...] repeated for every transform: [T*N, ...]."""
+    return b.op("Concat", [tensor] * len(TRANSFORMS), axis=0)
+
+
+def merge_maps(b: GraphBuilder, heatmaps: str, image: str) -> str:
+    """Per-transform heatmaps [T*N, H, W] flipped back, averaged and renormalised: [N, H, W]."""
+    batch = b.shape_slice(image, 0, 1)
+    grouped = b.op("Reshape", [heatmaps, b.op("Concat", [b.ints([len(TRANSFORMS)]), batch,
+                                                          b.shape_slice(heatmaps, 1)], axis=0)])
+    maps = []
+    for index, (flip, _) in enumerate(TRANSFORMS):
+        one = b.op("Gather", [grouped, b.const(index, np.int64)], axis=0)  # [N, H, W]
+        if flip:
+            one = b.op("Slice", [one, b.ints([-1]), b.ints([-(2**63)]), b.ints([2]),
+                                 b.ints([-1])])
+        maps.append(one)
+    mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
+    return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
