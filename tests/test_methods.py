@@ -63,7 +63,8 @@ def assert_correlated(ours: np.ndarray, theirs: np.ndarray, minimum: float = 0.9
 def test_every_method_has_a_reference() -> None:
     assert set(METHODS) == set(REFERENCES) | {"eigencam", "eigengradcam"}
     assert set(ALL_METHODS) == {
-        *METHODS, "ablationcam", "scorecam", "guided-backprop", "guided-gradcam"
+        *METHODS, "ablationcam", "scorecam", "integrated-gradcam", "guided-backprop",
+        "guided-gradcam",
     }
 
 
@@ -260,3 +261,31 @@ def test_aug_smooth_matches_pytorch_grad_cam(method, onnx_zoo) -> None:
         second = cam(torch.from_numpy(x[1:]), targets=[ClassifierOutputTarget(7)],
                      aug_smooth=True)
     assert_correlated(heatmap, np.concatenate([first, second]))
+
+
+def test_integrated_grad_cam_follows_the_authors_definition(onnx_zoo) -> None:
+    """Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021) as the authors' code computes it:
+    the ReLU'd Grad-CAM maps of x * i / m (i = 0 .. m - 1, black baseline) for the original
+    image's class, summed; here in torch autograd, one scaled copy at a time."""
+    from gradcam_server.augment.cam import INTEGRATION_STEPS
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    ours = explain(path, x, [-1, 7], method="integrated-gradcam")
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    features_fn, head_fn = zoo.torch_split("resnet18", model)
+    reference = []
+    for i, category in enumerate(classes):
+        total = 0
+        for step in range(INTEGRATION_STEPS):
+            scaled = torch.from_numpy(x[i:i + 1]) * (step / INTEGRATION_STEPS)
+            a = features_fn(scaled)
+            (g,) = torch.autograd.grad(head_fn(a)[0, category], a)
+            total = total + torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+        cam = torch.nn.functional.interpolate(total.detach(), size=x.shape[2:], mode="bilinear",
+                                              align_corners=False)[0, 0]
+        reference.append(((cam - cam.min()) / (cam.max() - cam.min() + 1e-7)).numpy())
+    assert_correlated(ours, np.stack(reference), minimum=0.999)
+    plain = explain(path, x, [-1, 7], method="gradcam")
+    assert not np.allclose(ours, plain, atol=1e-2)  # the path changes the map

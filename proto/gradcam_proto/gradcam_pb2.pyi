@@ -22,6 +22,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_EIGENCAM: _ClassVar[Method]
     METHOD_EIGENGRADCAM: _ClassVar[Method]
     METHOD_SCORECAM: _ClassVar[Method]
+    METHOD_INTEGRATED_GRADCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -35,6 +36,7 @@ METHOD_ABLATIONCAM: Method
 METHOD_EIGENCAM: Method
 METHOD_EIGENGRADCAM: Method
 METHOD_SCORECAM: Method
+METHOD_INTEGRATED_GRADCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

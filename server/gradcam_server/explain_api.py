@@ -33,6 +33,7 @@ METHOD_NAMES = {
     pb.METHOD_EIGENCAM: "eigencam",
     pb.METHOD_EIGENGRADCAM: "eigengradcam",
     pb.METHOD_SCORECAM: "scorecam",
+    pb.METHOD_INTEGRATED_GRADCAM: "integrated-gradcam",
 }
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5

@@ -126,6 +126,13 @@ ABLATION_CAM = "ablationcam"
 SCORE_CAM = "scorecam"
 PERTURBATION_METHODS = (ABLATION_CAM, SCORE_CAM)
 
+# Path methods: Grad-CAM along a path of scaled copies of the image (smoothing.py tiles them).
+# Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021), as the authors' released code computes
+# it: the ReLU'd Grad-CAM maps of x * i / m, i = 0 .. m - 1 (a black baseline), summed.
+INTEGRATED_GRAD_CAM = "integrated-gradcam"
+INTEGRATION_STEPS = 20
+PATH_METHODS = (INTEGRATED_GRAD_CAM,)
+
 # Pixel-level methods: gradients all the way to the input, through guided ReLUs (Springenberg
 # et al., ICLR 2015 workshop: a ReLU passes a gradient only where both its input and the
 # incoming gradient are positive).

@@ -27,7 +27,10 @@ from .cam import (
     ABLATION_CAM,
     ALWAYS_PROJECTED,
     GUIDED_GRAD_CAM,
+    INTEGRATED_GRAD_CAM,
+    INTEGRATION_STEPS,
     METHODS,
+    PATH_METHODS,
     PERTURBATION_METHODS,
     PIXEL_METHODS,
     SCORE_CAM,
@@ -40,7 +43,15 @@ from .cam import (
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
 from .score import score_cam
-from .smoothing import identity_rows, merge_maps, tile_rows, tile_transforms
+from .smoothing import (
+    IDENTITY_TRANSFORM,
+    TRANSFORMS,
+    identity_rows,
+    integration_transforms,
+    merge_maps,
+    tile_rows,
+    tile_transforms,
+)
 from .targets import (
     SCORES,
     detect_target_layer,
@@ -52,7 +63,7 @@ from .targets import (
 )
 
 MIN_OPSET = 17
-ALL_METHODS = (*METHODS, *PERTURBATION_METHODS, *PIXEL_METHODS)
+ALL_METHODS = (*METHODS, *PERTURBATION_METHODS, *PATH_METHODS, *PIXEL_METHODS)
 _CHECKER_LIMIT_BYTES = 2_000_000_000
 
 
@@ -122,7 +133,8 @@ def augment_model(
             guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
             or a perturbation method: "ablationcam" (`ablation.py`: the layers after the target
             re-run with each channel ablated) or "scorecam" (`score.py`: the network re-run on
-            the image masked by each channel).
+            the image masked by each channel), or "integrated-gradcam" (Grad-CAM summed along
+            scaled copies of the image, `cam.INTEGRATED_GRAD_CAM`).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
         eigen_smooth: project the method's per-channel contributions on their first
@@ -143,23 +155,34 @@ def augment_model(
         raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
     if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
         raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
-    if aug_smooth and (method in PIXEL_METHODS or input_gradients):
+    if (aug_smooth or method in PATH_METHODS) and (method in PIXEL_METHODS or input_gradients):
         raise AugmentError("aug_smooth is not available with pixel-level gradients")
+    if aug_smooth and method in PATH_METHODS:
+        raise AugmentError(f"{method} cannot be combined with aug_smooth")
     proto = upgrade_opset(load_model(model))
     image = image_input(proto)
     score_output = output or proto.graph.output[0].name
     if score_output not in {o.name for o in proto.graph.output}:
         raise AugmentError(f"{score_output!r} is not an output of the model")
-    network_image, network_score = image.name, score_output
+    transforms = ()
     if aug_smooth:
-        network_image, tiled = tile_transforms(proto, image.name, spatial_axes(image)[1])
+        transforms = TRANSFORMS
+    elif method in PATH_METHODS:
+        transforms = integration_transforms(INTEGRATION_STEPS)
+    network_image, network_score = image.name, score_output
+    if transforms:
+        network_image, tiled = tile_transforms(
+            proto, image.name, spatial_axes(image)[1], transforms
+        )
         network_score = tiled[score_output]
     b = GraphBuilder(proto)
     layers = _target_layers(b, layer, network_score)
     target = layers[0]
 
     target_class = add_target_class(proto, image)
-    per_row = (lambda t: tile_rows(b, t)) if aug_smooth else (lambda t: t)
+    if method in PATH_METHODS and score != "similarity":  # one class along the path
+        _, target_class = score_seed(b, score_output, target_class, score)
+    per_row = (lambda t: tile_rows(b, t, len(transforms))) if transforms else (lambda t: t)
     resolved_class = None
     if score == "similarity":
         reference = add_reference_embedding(b, image, score_output)
@@ -175,10 +198,12 @@ def augment_model(
         resolved_class, eigen_smooth,
     )
     activations = target
-    if aug_smooth:
-        heatmap = merge_maps(b, heatmap, image.name)
-        gradients = {target: identity_rows(b, gradients[target], image.name)}
-        activations = identity_rows(b, target, image.name)
+    if transforms:
+        if aug_smooth:
+            heatmap = merge_maps(b, heatmap, image.name)
+        identity = transforms.index(IDENTITY_TRANSFORM)
+        gradients = {target: identity_rows(b, gradients[target], image.name, identity)}
+        activations = identity_rows(b, target, image.name, identity)
     expose_outputs(b, image, activations, gradients, heatmap, input_gradients, target)
     if pixel_map is not None:
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
@@ -278,6 +303,9 @@ def append_heatmap(
         return heatmap, pixel_map
     maps = []
     for layer in layers:
+        if method == INTEGRATED_GRAD_CAM:
+            maps.append(append_integrated_map(b, layer, gradients[layer], image))
+            continue
         if method == ABLATION_CAM:
             contributions = ablation_cam(b, layer, score_output, onehot=seed)
         elif method == SCORE_CAM:
@@ -289,6 +317,22 @@ def append_heatmap(
         project = eigen_smooth or method in ALWAYS_PROJECTED
         maps.append(append_cam(b, contributions, image, project))
     return (maps[0] if len(maps) == 1 else fuse_maps(b, maps)), None
+
+
+def append_integrated_map(
+    b: GraphBuilder, layer: str, gradients: str, image: onnx.ValueInfoProto
+) -> str:
+    """Integrated Grad-CAM from the tiled rows [(1 + m) N, ...] (identity first, then the m
+    scaled copies): the scaled copies' ReLU'd Grad-CAM maps summed, then the shared tail."""
+    per_row = b.op("Relu", [channel_sum(b, METHODS["gradcam"](b, layer, gradients))])
+    steps = len(integration_transforms(INTEGRATION_STEPS))
+    grouped = b.op("Reshape", [per_row, b.op(
+        "Concat", [b.ints([steps]), b.shape_slice(image.name, 0, 1), b.shape_slice(per_row, 1)],
+        axis=0,
+    )])
+    path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
+    summed = b.reduce("ReduceSum", path, [0], keepdims=False)
+    return cam_heatmap(b, summed, image.name, spatial_axes(image))
 
 
 def append_cam(

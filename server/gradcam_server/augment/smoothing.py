@@ -1,4 +1,7 @@
-"""Test-time augmentation smoothing (``aug_smooth``) inside the graph.
+"""Several transformed copies of each image explained in one run: test-time augmentation
+smoothing (``aug_smooth``) and the scaled copies of Integrated Grad-CAM.
+
+Test-time augmentation smoothing:
 
 As pytorch-grad-cam 1.5.7 does it: the image goes through 6 transforms (horizontal flip or not,
 times 0.9, 1 or 1.1), each transformed image is explained on its own, each map is transformed
@@ -21,16 +24,28 @@ from .cam import normalize
 from .graph import GraphBuilder
 
 FACTORS = (0.9, 1.0, 1.1)
+IDENTITY_TRANSFORM = (False, 1.0)  # (flip horizontally, intensity factor)
 TRANSFORMS = tuple((flip, factor) for flip in (False, True) for factor in FACTORS)
-IDENTITY = TRANSFORMS.index((False, 1.0))
 
 
-def tile_transforms(model: onnx.ModelProto, image: str, width_axis: int) -> tuple[str, dict]:
-    """Rewire `model` so its network sees the image under every transform.
+def integration_transforms(steps: int) -> tuple[tuple[bool, float], ...]:
+    """The identity (for the model's own outputs), then the path x * i / steps, i < steps."""
+    return (IDENTITY_TRANSFORM, *((False, i / steps) for i in range(steps)))
+
+
+def tile_transforms(
+    model: onnx.ModelProto,
+    image: str,
+    width_axis: int,
+    transforms: tuple[tuple[bool, float], ...] = TRANSFORMS,
+) -> tuple[str, dict]:
+    """Rewire `model` so its network sees the image under every transform, stacked along the
+    batch [T*N, ...]; the transforms must include the identity.
 
     Returns the tiled image tensor and, for each original graph output, the name of its tiled
     [T*N, ...] tensor; the original output names then hold the identity transform's rows.
     """
+    identity = transforms.index(IDENTITY_TRANSFORM)
     b = GraphBuilder(model, prefix="gradcam/tta")
     tiled = b.fresh("images")
     for node in model.graph.node:
@@ -45,7 +60,7 @@ def tile_transforms(model: onnx.ModelProto, image: str, width_axis: int) -> tupl
         )
     ]
     parts = []
-    for flip, factor in TRANSFORMS:
+    for flip, factor in transforms:
         part = b.fresh("transform")
         prologue.append(helper.make_node(
             "Mul", [flipped if flip else image, b.const(factor)], [part], name=b.fresh("scale")
@@ -66,23 +81,25 @@ def tile_transforms(model: onnx.ModelProto, image: str, width_axis: int) -> tupl
                 if name == output.name:
                     node.input[i] = full
         model.graph.node.append(
-            helper.make_node("Identity", [identity_rows(b, full, image)], [output.name],
+            helper.make_node("Identity", [identity_rows(b, full, image, identity)], [output.name],
                              name=b.fresh("identity_rows"))
         )
         tiled_outputs[output.name] = full
     return tiled, tiled_outputs
 
 
-def identity_rows(b: GraphBuilder, tiled: str, image: str) -> str:
-    """The identity transform's rows [N, ...] of a tiled [T*N, ...] tensor."""
+def identity_rows(
+    b: GraphBuilder, tiled: str, image: str, identity: int = TRANSFORMS.index(IDENTITY_TRANSFORM)
+) -> str:
+    """The rows [N, ...] of transform number `identity` in a tiled [T*N, ...] tensor."""
     batch = b.shape_slice(image, 0, 1)
-    start = b.op("Mul", [batch, b.ints([IDENTITY])])
+    start = b.op("Mul", [batch, b.ints([identity])])
     return b.op("Slice", [tiled, start, b.op("Add", [start, batch]), b.ints([0])])
 
 
-def tile_rows(b: GraphBuilder, tensor: str) -> str:
+def tile_rows(b: GraphBuilder, tensor: str, count: int = len(TRANSFORMS)) -> str:
     """A per-item tensor [N, ...] repeated for every transform: [T*N, ...]."""
-    return b.op("Concat", [tensor] * len(TRANSFORMS), axis=0)
+    return b.op("Concat", [tensor] * count, axis=0)
 
 
 def merge_maps(b: GraphBuilder, heatmaps: str, image: str) -> str:
