@@ -57,19 +57,28 @@ def feeds_for(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray
     return feeds
 
 
+def interleaved(variants: dict, seconds: float, minimum: int = 10) -> dict[str, float]:
+    """Median seconds of each zero-argument callable, run in turns (after one warm-up call
+    each) for `seconds` and at least `minimum` times, so machine noise hits all alike."""
+    for run in variants.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or min(map(len, samples.values())) < minimum:
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def time_interleaved(sessions: dict[str, ort.InferenceSession], batch: int, seconds: float):
     feeds = {name: feeds_for(s, batch) for name, s in sessions.items()}
-    for name, s in sessions.items():  # warm-up
-        for _ in range(3):
-            s.run(None, feeds[name])
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or min(len(v) for v in samples.values()) < 10:
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[name])
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}, len(samples["plain"])
+    medians = interleaved(
+        {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()},
+        seconds,
+    )
+    return medians
 
 
 def child_peak_memory(path: Path, threads: int, batch: int) -> dict[str, float]:
@@ -112,12 +121,12 @@ def main() -> None:
             "gradcam": make_session(augmented_path, args.threads),
         }
         print(f"{args.model}, CPU, {args.threads} threads, onnxruntime {ort.__version__}")
-        print("batch  forward ms  grad-cam ms  ratio  (medians, interleaved runs)")
+        print("batch  forward ms  grad-cam ms  ratio  (medians of interleaved runs)")
         for batch in args.batches:
-            medians, runs = time_interleaved(sessions, batch, args.seconds)
+            medians = time_interleaved(sessions, batch, args.seconds)
             ratio = medians["gradcam"] / medians["plain"]
             print(f"{batch:5d}  {medians['plain'] * 1e3:10.1f}  {medians['gradcam'] * 1e3:11.1f}"
-                  f"  {ratio:5.3f}  ({runs} runs each)")
+                  f"  {ratio:5.3f}")
         del sessions
         print("batch  measure  forward MB  grad-cam MB  ratio  (RSS over RSS before the session)")
         for batch in args.batches:

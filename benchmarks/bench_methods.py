@@ -14,28 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_augment import export, make_session
+from bench_augment import export, interleaved, make_session
 from gradcam_server.augment import augment_model
 from gradcam_server.augment.cli import save
 from gradcam_server.augment.cam import METHODS, PIXEL_METHODS
-
-
-def median_seconds(run, seconds: float, minimum: int = 3) -> float:
-    run()
-    samples = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(samples) < minimum:
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -70,16 +58,7 @@ def main() -> None:
             m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()
             if m not in ("ablationcam", "scorecam")
         }
-        samples = {name: [] for name in variants}
-        for run in variants.values():
-            run()
-        deadline = time.perf_counter() + args.seconds * len(variants)
-        while time.perf_counter() < deadline or min(map(len, samples.values())) < 5:
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(values) for name, values in samples.items()}
+        medians = interleaved(variants, args.seconds * len(variants), minimum=5)
         for name, value in medians.items():
             print(f"   {name:20s} {value * 1e3:8.1f} ms  ratio {value / medians['forward']:.3f}")
 
@@ -90,7 +69,7 @@ def main() -> None:
             [("ablationcam", AblationCAM), ("scorecam", ScoreCAM)], start=2
         ):
             print(f"\n{number}. pytorch-grad-cam {reference.__name__} / {method} in the session")
-            ours = median_seconds(lambda: sessions[method].run(None, feeds), 0, minimum=1)
+            ours = interleaved({method: lambda: sessions[method].run(None, feeds)}, 0, 1)[method]
             with reference(model=model, target_layers=[model.layer4]) as cam:
                 start = time.perf_counter()
                 cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(category)])

@@ -12,12 +12,11 @@ two define the same protobuf messages and cannot share a process).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import grpc
 import numpy as np
 
+from bench_augment import interleaved
 from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 from gradcam_server.augment import augment_model
@@ -51,17 +50,9 @@ def main() -> None:
             response = stub.ModelInfer(request, timeout=60)
             np.frombuffer(response.raw_output_contents[1], dtype="<f4")
 
-        variants = {"in-process": lambda: session.run(None, feeds), "served": served}
-        for run in variants.values():
-            run()
-        samples = {name: [] for name in variants}
-        deadline = time.perf_counter() + args.seconds
-        while time.perf_counter() < deadline or min(map(len, samples.values())) < 8:
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - start)
-    m = {name: statistics.median(values) for name, values in samples.items()}
+        m = interleaved(
+            {"in-process": lambda: session.run(None, feeds), "served": served}, args.seconds
+        )
     print(f"   generated stub: {m['in-process'] * 1e3:.1f} ms vs {m['served'] * 1e3:.1f} ms"
           f"  ratio {m['served'] / m['in-process']:.3f}")
 

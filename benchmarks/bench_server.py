@@ -31,7 +31,7 @@ import numpy as np
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench_augment import export
+from bench_augment import export, interleaved
 from gradcam_server.augment import augment_model
 from gradcam_server.runtime import RuntimeOptions, create_session
 
@@ -58,19 +58,6 @@ def infer(client: triton.InferenceServerClient, x: np.ndarray, explain: bool) ->
     tensor.set_data_from_numpy(x)
     names = ["logits", "heatmap"] if explain else ["logits"]
     client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput(n) for n in names])
-
-
-def interleaved(variants: dict, seconds: float, minimum: int = 8) -> dict[str, float]:
-    for run in variants.values():
-        run()
-    samples = {name: [] for name in variants}
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or min(map(len, samples.values())) < minimum:
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def throughput(address: str, clients: int, batch: int, seconds: float) -> float:

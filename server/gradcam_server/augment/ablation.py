@@ -17,7 +17,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .backward import ancestors, descendants
+from .backward import path_nodes
 from .graph import GraphBuilder
 
 ABLATION_OFFSET = 1e7
@@ -28,8 +28,7 @@ def ablation_cam(
 ) -> str:
     """Ablation-CAM's per-channel contributions w_k A^k [N, C, h, w]; `onehot` [N, classes]
     selects each item's class."""
-    nodes = list(b.graph.node)
-    head = _head(nodes, activations, score_output)
+    head = path_nodes(list(b.graph.node), activations, score_output)
     lowest = b.reduce("ReduceMin", activations, [1, 2, 3], keepdims=True)
     ablated_value = b.op(
         "Where",
@@ -46,16 +45,6 @@ def ablation_cam(
     drop = b.op("Sub", [original, b.op("Transpose", [scores], perm=[1, 0])])
     weights = b.unsqueeze(b.op("Div", [drop, original]), [2, 3])  # [N, C, 1, 1]
     return b.op("Mul", [weights, activations])
-
-
-def _head(nodes: list[onnx.NodeProto], layer: str, score_output: str) -> list[onnx.NodeProto]:
-    """The nodes computing `score_output` from `layer`, in graph order."""
-    after = descendants(nodes, {layer})
-    before = ancestors(nodes, {score_output})
-    return [
-        node for node in nodes
-        if any(t in after for t in node.input) and any(t in before for t in node.output)
-    ]
 
 
 def _body(
@@ -86,16 +75,7 @@ def _body(
     nodes.append(helper.make_node("Add", [kept, filled], [ablated]))
 
     renamed = {activations: ablated}
-    for node in head:
-        clone = onnx.NodeProto()
-        clone.CopyFrom(node)
-        clone.name = b.fresh("ablation")
-        for i, name in enumerate(clone.input):
-            clone.input[i] = renamed.get(name, name)
-        for i, name in enumerate(clone.output):
-            if name:
-                renamed[name] = clone.output[i] = b.fresh("ablation")
-        nodes.append(clone)
+    nodes.extend(b.clone(head, renamed))
 
     score, condition_out = b.fresh("ablated_score"), b.fresh("condition_out")
     product = b.fresh("selected")

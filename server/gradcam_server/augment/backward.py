@@ -34,12 +34,7 @@ def build_backward(
     """
     nodes = list(b.graph.node)  # rules may append nodes; walk the forward graph only
     depends_on_wrt = descendants(nodes, set(wrt))
-    feeds_seed = ancestors(nodes, set(seeds))
-    on_path = [
-        node
-        for node in nodes
-        if any(t in depends_on_wrt for t in node.input) and any(t in feeds_seed for t in node.output)
-    ]
+    on_path = path_nodes(nodes, set(wrt), set(seeds))
 
     contributions: dict[str, list[str]] = {t: [g] for t, g in seeds.items()}
     summed: dict[str, str | None] = {}
@@ -106,3 +101,14 @@ def ancestors(nodes: Sequence, start: set[str]) -> set[str]:
         if any(t in reached for t in node.output):
             reached.update(t for t in node.input if t)
     return reached
+
+
+def path_nodes(nodes: Sequence, starts: str | set[str], ends: str | set[str]) -> list:
+    """The nodes computing `ends` from `starts` (those that both depend on a start and feed
+    an end), in graph order."""
+    after = descendants(nodes, {starts} if isinstance(starts, str) else starts)
+    before = ancestors(nodes, {ends} if isinstance(ends, str) else ends)
+    return [
+        node for node in nodes
+        if any(t in after for t in node.input) and any(t in before for t in node.output)
+    ]

@@ -118,6 +118,23 @@ class GraphBuilder:
     def ints(self, values: Sequence[int]) -> str:
         return self.const(list(values), np.int64)
 
+    def clone(self, nodes: Sequence[onnx.NodeProto], renamed: dict[str, str]) -> list:
+        """Copies of `nodes` for a subgraph body: inputs renamed through `renamed` (which
+        seeds the substitutions, e.g. the tensor the copy starts from, and collects each
+        copied output's fresh name); names not in it stay, read from the outer scope."""
+        copies = []
+        for node in nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = self.fresh("copy")
+            for i, name in enumerate(copy.input):
+                copy.input[i] = renamed.get(name, name)
+            for i, name in enumerate(copy.output):
+                if name:
+                    renamed[name] = copy.output[i] = self.fresh("copy")
+            copies.append(copy)
+        return copies
+
     def add_output(self, tensor: str, name: str, elem_type: int, shape: Sequence) -> None:
         """Expose `tensor` as graph output `name` (through Identity when the names differ)."""
         if name in tensor_names(self.graph) and name != tensor:

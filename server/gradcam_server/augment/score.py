@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .backward import ancestors, descendants
+from .backward import path_nodes
 from .errors import AugmentError
 from .graph import GraphBuilder
 
@@ -46,16 +46,6 @@ def score_cam(
     return b.op("Mul", [weights, activations])
 
 
-def _forward(nodes: list[onnx.NodeProto], image: str, score_output: str) -> list[onnx.NodeProto]:
-    """The nodes computing `score_output` from the image, in graph order."""
-    after = descendants(nodes, {image})
-    before = ancestors(nodes, {score_output})
-    return [
-        node for node in nodes
-        if any(t in after for t in node.input) and any(t in before for t in node.output)
-    ]
-
-
 def _body(
     b: GraphBuilder,
     activations: str,
@@ -67,7 +57,7 @@ def _body(
 ) -> onnx.GraphProto:
     """Loop body: iteration i -> the logits of image i // per_image masked by its channels
     chunk * (i % per_image) ... + chunk."""
-    forward = _forward(list(b.graph.node), image, score_output)
+    forward = path_nodes(list(b.graph.node), image, score_output)
     iteration, condition = b.fresh("step"), b.fresh("condition")
     nodes: list[onnx.NodeProto] = []
 
@@ -98,16 +88,7 @@ def _body(
     masked = emit("Mul", [pixels, masks])  # [chunk, C_in, H, W]
 
     renamed = {image: masked}
-    for node in forward:
-        clone = onnx.NodeProto()
-        clone.CopyFrom(node)
-        clone.name = b.fresh("score")
-        for i, name in enumerate(clone.input):
-            clone.input[i] = renamed.get(name, name)
-        for i, name in enumerate(clone.output):
-            if name:
-                renamed[name] = clone.output[i] = b.fresh("score")
-        nodes.append(clone)
+    nodes.extend(b.clone(forward, renamed))
 
     category = emit("Gather", [resolved_class, item], axis=0)  # [1]
     scores = emit("Gather", [renamed[score_output], category], axis=1)  # [chunk, 1]
