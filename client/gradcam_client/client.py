@@ -533,18 +533,10 @@ Response = TypeVar("Response")
 # --- the clients ----------------------------------------------------------------------------
 
 
-class GradCamClient:
-    """A blocking client; use it in a ``with`` block or call `close`. Safe to share between
-    threads.
+class _Client:
+    """What both clients share: the connection settings, one channel, the stubs."""
 
-    ``target`` is "host:port". ``timeout`` (seconds, None: none) is every call's default
-    deadline, retries included; ``retries`` is how many times a call that found the server
-    UNAVAILABLE is tried again, after ``backoff`` seconds doubling each time (with jitter).
-    ``token`` sends ``authorization: Bearer <token>``. TLS is on with ``tls=True`` or when
-    certificates are given: ``root_certificates`` (PEM bytes or a file; default: the system's
-    roots), and ``client_certificate`` with ``client_key`` for mutual TLS. ``options`` are
-    extra gRPC channel options, e.g. ``("grpc.ssl_target_name_override", "gradcam.local")``.
-    """
+    _grpc: Any = grpc  # the module whose channels the client opens (grpc or grpc.aio)
 
     def __init__(
         self,
@@ -567,11 +559,27 @@ class GradCamClient:
         )
         c = self._connection
         if c.tls:
-            self._channel = grpc.secure_channel(c.target, c.credentials(), options=c.options)
+            credentials = c.credentials()
+            self._channel = self._grpc.secure_channel(c.target, credentials, options=c.options)
         else:
-            self._channel = grpc.insecure_channel(c.target, options=c.options)
+            self._channel = self._grpc.insecure_channel(c.target, options=c.options)
         self._stub = pb_grpc.GradCamStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+
+class GradCamClient(_Client):
+    """A blocking client; use it in a ``with`` block or call `close`. Safe to share between
+    threads.
+
+    ``target`` is "host:port". ``timeout`` (seconds, None: none) is every call's default
+    deadline, retries included; ``retries`` is how many times a call that found the server
+    UNAVAILABLE is tried again, after ``backoff`` seconds doubling each time (with jitter).
+    ``token`` sends ``authorization: Bearer <token>``. TLS is on with ``tls=True`` or when
+    certificates are given: ``root_certificates`` (PEM bytes or a file; default: the system's
+    roots), and ``client_certificate`` with ``client_key`` for mutual TLS. ``options`` are
+    extra gRPC channel options, e.g. ``("grpc.ssl_target_name_override", "gradcam.local")``.
+    """
+
 
     @property
     def target(self) -> str:
@@ -720,39 +728,15 @@ class GradCamClient:
             attempt += 1
 
 
-class AsyncGradCamClient:
+class AsyncGradCamClient(_Client):
     """The asyncio client: the same calls as `GradCamClient`, awaited. Use it in an
     ``async with`` block or await `close`. Inputs are read and encoded off the event loop, and
     the requests of a long list run concurrently (the server batches them). Its arguments are
     those of `GradCamClient`.
     """
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:8001",
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retries: int = DEFAULT_RETRIES,
-        backoff: float = DEFAULT_BACKOFF,
-        token: str | None = None,
-        tls: bool | None = None,
-        root_certificates: PemInput | None = None,
-        client_certificate: PemInput | None = None,
-        client_key: PemInput | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._connection = _Connection.make(
-            target, tls=tls, root_certificates=root_certificates,
-            client_certificate=client_certificate, client_key=client_key, token=token,
-            timeout=timeout, retries=retries, backoff=backoff, options=options,
-        )
-        c = self._connection
-        if c.tls:
-            self._channel = grpc.aio.secure_channel(c.target, c.credentials(), options=c.options)
-        else:
-            self._channel = grpc.aio.insecure_channel(c.target, options=c.options)
-        self._stub = pb_grpc.GradCamStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _grpc = grpc.aio
+
 
     @property
     def target(self) -> str:

@@ -130,6 +130,11 @@ class GradCamService:
         _check_count(x.shape[0])
         if x.shape[0] == 0:
             raise InvalidInput(f"{what} holds no image (batch dimension 0)")
+        if x.size // x.shape[0] > 4 * self.max_pixels:  # a few channels of the pixel limit
+            raise InvalidInput(
+                f"{what} holds {x.size // x.shape[0]} values per image, over the limit of "
+                f"{4 * self.max_pixels}"
+            )
         if not np.isfinite(x).all():
             raise InvalidInput(f"{what} contains NaN or Inf values")
 
