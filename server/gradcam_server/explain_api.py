@@ -34,6 +34,7 @@ METHOD_NAMES = {
     pb.METHOD_EIGENGRADCAM: "eigengradcam",
     pb.METHOD_SCORECAM: "scorecam",
     pb.METHOD_INTEGRATED_GRADCAM: "integrated-gradcam",
+    pb.METHOD_GROUPCAM: "groupcam",
 }
 METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5

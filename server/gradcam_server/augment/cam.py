@@ -124,7 +124,8 @@ ALWAYS_PROJECTED = ("eigencam", "eigengradcam")
 # Perturbation methods: the score re-measured with parts of the layer removed (ablation.py).
 ABLATION_CAM = "ablationcam"
 SCORE_CAM = "scorecam"
-PERTURBATION_METHODS = (ABLATION_CAM, SCORE_CAM)
+GROUP_CAM = "groupcam"  # group.py
+PERTURBATION_METHODS = (ABLATION_CAM, SCORE_CAM, GROUP_CAM)
 
 # Path methods: Grad-CAM along a path of scaled copies of the image (smoothing.py tiles them).
 # Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021), as the authors' released code computes

@@ -26,6 +26,7 @@ from .backward import build_backward
 from .cam import (
     ABLATION_CAM,
     ALWAYS_PROJECTED,
+    GROUP_CAM,
     GUIDED_GRAD_CAM,
     INTEGRATED_GRAD_CAM,
     INTEGRATION_STEPS,
@@ -42,6 +43,7 @@ from .cam import (
 )
 from .errors import AugmentError
 from .graph import GraphBuilder, opset_version
+from .group import group_cam
 from .score import score_cam
 from .smoothing import (
     IDENTITY_TRANSFORM,
@@ -132,8 +134,9 @@ def augment_model(
             ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
             guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
             or a perturbation method: "ablationcam" (`ablation.py`: the layers after the target
-            re-run with each channel ablated) or "scorecam" (`score.py`: the network re-run on
-            the image masked by each channel), or "integrated-gradcam" (Grad-CAM summed along
+            re-run with each channel ablated), "scorecam" (`score.py`: the network re-run on
+            the image masked by each channel) or "groupcam" (`group.py`: channel groups as
+            masks over a blurred copy), or "integrated-gradcam" (Grad-CAM summed along
             scaled copies of the image, `cam.INTEGRATED_GRAD_CAM`).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
@@ -305,6 +308,13 @@ def append_heatmap(
     for layer in layers:
         if method == INTEGRATED_GRAD_CAM:
             maps.append(append_integrated_map(b, layer, gradients[layer], image))
+            continue
+        if method == GROUP_CAM:
+            if spatial_axes(image) != (2, 3) or resolved_class is None:
+                raise AugmentError("groupcam needs an NCHW image input and a class score")
+            raw = group_cam(b, layer, gradients[layer], network_image, score_output,
+                            resolved_class)
+            maps.append(cam_heatmap(b, raw, image.name, spatial_axes(image)))
             continue
         if method == ABLATION_CAM:
             contributions = ablation_cam(b, layer, score_output, onehot=seed)
