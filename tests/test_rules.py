@@ -214,7 +214,29 @@ COMPOSED = [
         g (float[2,3,5,5] x) => (float[2,3,5,5] y) { a = Relu(x)  b = Mul(a, x)  y = Add(b, a) }"""),
 ]
 
-SPECS = UNARY + SHAPES + BINARY + NORMS + POOLS + LINEAR + COMPOSED
+EMPTY = np.zeros(0, dtype=np.float32)
+RESIZES = [
+    OpSpec("Resize", {"x": Wrt((2, 3, 4, 5))}, consts={"roi": EMPTY,
+           "scales": np.array([1, 1, 2, 2], np.float32)}, attrs={"mode": "linear"},
+           inputs=["x", "roi", "scales"], label="linear-x2-half-pixel"),
+    OpSpec("Resize", {"x": Wrt((2, 3, 4, 5))}, consts={"roi": EMPTY, "scales": EMPTY,
+           "sizes": ints(2, 3, 7, 3)}, attrs={"mode": "linear",
+           "coordinate_transformation_mode": "align_corners"},
+           inputs=["x", "roi", "scales", "sizes"], label="linear-sizes-align-corners"),
+    OpSpec("Resize", {"x": Wrt((1, 2, 6, 6))}, consts={"roi": EMPTY, "scales": EMPTY,
+           "sizes": ints(1, 2, 4, 9)}, attrs={"mode": "linear",
+           "coordinate_transformation_mode": "pytorch_half_pixel"},
+           inputs=["x", "roi", "scales", "sizes"], symbolic=True, label="linear-down-up"),
+    OpSpec("Resize", {"x": Wrt((2, 3, 4, 5))}, consts={"roi": EMPTY,
+           "scales": np.array([1, 1, 2, 3], np.float32)}, attrs={"mode": "nearest",
+           "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+           inputs=["x", "roi", "scales"], label="nearest-asymmetric"),
+    OpSpec("Resize", {"x": Wrt((2, 3, 4, 5))}, consts={"roi": EMPTY, "scales": EMPTY,
+           "sizes": ints(2, 3, 6, 7)}, attrs={"mode": "nearest"},
+           inputs=["x", "roi", "scales", "sizes"], label="nearest-half-pixel"),
+]
+
+SPECS = UNARY + SHAPES + BINARY + NORMS + POOLS + LINEAR + RESIZES + COMPOSED
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)

@@ -660,6 +660,83 @@ def _average_pool(ctx: RuleContext) -> Gradients:
     return [b.op("Reshape", [spread, b.shape(x)])]
 
 
+@rule("Resize")
+def _resize(ctx: RuleContext) -> Gradients:
+    """Spatial resizing of [N, C, H, W] ("linear" or "nearest") is Y = R_h X R_w^T with
+    interpolation matrices built at run time from ONNX's coordinate mapping, so
+    dX = R_h^T dY R_w."""
+    b, x, y = ctx.b, ctx.x(0), ctx.y(0)
+    mode = ctx.attr("mode", "nearest")
+    transform = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    if b.rank(x) != 4 or mode not in ("linear", "nearest") or ctx.attr("antialias", 0):
+        raise ctx.unsupported("only 4-D linear or nearest resizing without antialias is supported")
+    if transform not in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"):
+        raise ctx.unsupported(f"coordinate_transformation_mode {transform!r} is not supported")
+    if ctx.attr("axes") not in (None, [2, 3]):
+        raise ctx.unsupported("only resizing of the two spatial axes is supported")
+    scales = ctx.x(2) if ctx.x(2) and b.static_shape(ctx.x(2)) != (0,) else None
+    if scales is not None and b.rank(scales) == 1 and ctx.const_input(2) is not None:
+        if np.any(ctx.const_input(2)[:2] != 1):
+            raise ctx.unsupported("only resizing of the two spatial axes is supported")
+    matrices = [
+        _interpolation_matrix(ctx, axis, mode, transform, scales) for axis in (2, 3)
+    ]  # [out, in] each
+    along_height = b.op("MatMul", [b.op("Transpose", [matrices[0]], perm=[1, 0]), ctx.dy()])
+    return [b.op("MatMul", [along_height, matrices[1]]), None, None, None]
+
+
+def _interpolation_matrix(
+    ctx: RuleContext, axis: int, mode: str, transform: str, scales: str | None
+) -> str:
+    """R [out, in] for one axis: row o holds the weights output o takes from each input."""
+    b, x, y = ctx.b, ctx.x(0), ctx.y(0)
+    as_float = dict(to=onnx.TensorProto.FLOAT)
+    size_in = b.op("Cast", [b.shape_slice(x, axis, axis + 1)], **as_float)
+    size_out = b.op("Cast", [b.shape_slice(y, axis, axis + 1)], **as_float)
+    if scales is not None:
+        scale = b.op("Gather", [scales, b.ints([axis])], axis=0)
+    else:
+        scale = b.op("Div", [size_out, size_in])
+    count = b.squeeze(b.shape_slice(y, axis, axis + 1), [0])
+    out_index = b.op("Cast", [b.op("Range", [b.const(0, np.int64), count, b.const(1, np.int64)])],
+                     **as_float)
+    half = b.const(0.5)
+    if transform == "align_corners":
+        span = b.op("Div", [b.op("Sub", [size_in, b.const(1.0)]),
+                            b.op("Max", [b.op("Sub", [size_out, b.const(1.0)]), b.const(1.0)])])
+        source = b.op("Mul", [out_index, span])
+    elif transform == "asymmetric":
+        source = b.op("Div", [out_index, scale])
+    else:
+        source = b.op("Sub", [b.op("Div", [b.op("Add", [out_index, half]), scale]), half])
+        if transform == "pytorch_half_pixel":
+            single = b.op("Equal", [size_out, b.const(1.0)])
+            source = b.op("Where", [single, b.const(0.0), source])
+    last = b.op("Sub", [size_in, b.const(1.0)])
+    depth = b.op("Cast", [size_in], to=onnx.TensorProto.INT64)
+    one_zero = b.const([0.0, 1.0])
+
+    def one_hot(index: str) -> str:
+        integer = b.op("Cast", [index], to=onnx.TensorProto.INT64)
+        return b.op("OneHot", [integer, depth, one_zero], axis=-1)
+
+    if mode == "nearest":
+        nearest_mode = ctx.attr("nearest_mode", "round_prefer_floor")
+        rounded = {
+            "round_prefer_floor": lambda v: b.op("Ceil", [b.op("Sub", [v, half])]),
+            "round_prefer_ceil": lambda v: b.op("Floor", [b.op("Add", [v, half])]),
+            "floor": lambda v: b.op("Floor", [v]),
+            "ceil": lambda v: b.op("Ceil", [v]),
+        }[nearest_mode](source)
+        return one_hot(b.op("Min", [b.op("Max", [rounded, b.const(0.0)]), last]))
+    clamped = b.op("Min", [b.op("Max", [source, b.const(0.0)]), last])
+    low = b.op("Floor", [clamped])
+    high = b.op("Min", [b.op("Add", [low, b.const(1.0)]), last])
+    weight = b.unsqueeze(b.op("Sub", [clamped, low]), [1])
+    keep = b.op("Sub", [b.const(1.0), weight])
+    return b.op("Add", [b.op("Mul", [one_hot(low), keep]), b.op("Mul", [one_hot(high), weight])])
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear layers
 # ---------------------------------------------------------------------------------------------
