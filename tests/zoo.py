@@ -124,7 +124,12 @@ def build_torch_model(name: str) -> torch.nn.Module:
     if name not in ZOO_NAMES:
         raise KeyError(f"unknown zoo model {name!r}; known: {ALL_NAMES}")
     torch.manual_seed(model_seed(name))
-    model = torchvision.models.get_model(name, weights=None)
+    return calibrate_batch_norms(torchvision.models.get_model(name, weights=None))
+
+
+def calibrate_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics from one forward of all PHOTOS (cumulative average); only the
+    BatchNorm layers run in train mode. Returns `model` in eval mode."""
     model.eval()
     batch_norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
     for bn in batch_norms:
@@ -133,8 +138,7 @@ def build_torch_model(name: str) -> torch.nn.Module:
         bn.train()
     with torch.no_grad():
         model(torch.from_numpy(sample_batch(len(PHOTOS), CALIBRATION_SIZE)))
-    model.eval()
-    return model
+    return model.eval()
 
 
 def _build_lite0() -> torch.nn.Module:

@@ -58,6 +58,7 @@ from .targets import (
     SCORES,
     detect_target_layer,
     image_input,
+    region_seed,
     score_seed,
     similarity_seed,
     spatial_axes,
@@ -80,6 +81,7 @@ class AugmentedOutputs:
     input_gradients: str = "input_gradients"
     pixel_map: str = "pixel_map"
     reference_embedding: str = "reference_embedding"
+    target_mask: str = "target_mask"
 
 
 NAMES = AugmentedOutputs()
@@ -122,9 +124,12 @@ def augment_model(
             global pooling in front of the classifier (`detect_target_layer`). Several names:
             each layer's map is computed and the maps are fused (`fuse_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
-        score: ``"logit"``, ``"probability"`` (softmax of the score output) or
+        score: ``"logit"``, ``"probability"`` (softmax of the score output),
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
-            added input ``reference_embedding`` [N, D]; ``target_class`` is then unused).
+            added input ``reference_embedding`` [N, D]; ``target_class`` is then unused) or
+            ``"region"`` (a segmentation output [N, classes, h, w] summed over the added input
+            ``target_mask`` [N, h, w] for the target class; name the layer, since a
+            segmentation network has no global pooling to detect it by).
         output: the graph output holding the class scores, [N, classes]; default: the first.
         input_gradients: also continue the backward pass to the image input and expose
             d score / d image as ``input_gradients`` (what guided backprop builds on).
@@ -183,13 +188,18 @@ def augment_model(
     target = layers[0]
 
     target_class = add_target_class(proto, image)
-    if method in PATH_METHODS and score != "similarity":  # one class along the path
+    if method in PATH_METHODS and score in ("logit", "probability"):  # one class along the path
         _, target_class = score_seed(b, score_output, target_class, score)
     per_row = (lambda t: tile_rows(b, t, len(transforms))) if transforms else (lambda t: t)
     resolved_class = None
     if score == "similarity":
         reference = add_reference_embedding(b, image, score_output)
         seed = similarity_seed(b, network_score, per_row(reference))
+    elif score == "region":
+        mask = add_target_mask(b, image, score_output)
+        seed, resolved_class = region_seed(
+            b, network_score, per_row(target_class), per_row(mask)
+        )
     else:
         seed, resolved_class = score_seed(b, network_score, per_row(target_class), score)
     if counterfactual:
@@ -277,6 +287,18 @@ def add_reference_embedding(
         )
     )
     return NAMES.reference_embedding
+
+
+def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) -> str:
+    """The FP32 [N, h, w] input ``target_mask`` (h, w as the segmentation output's)."""
+    dims = (b.static_shape(scores) or (None,) * 4)[2:]
+    b.graph.input.append(
+        helper.make_tensor_value_info(
+            NAMES.target_mask, b.elem_type(scores),
+            [_dim(image.type.tensor_type.shape.dim[0]), *dims],
+        )
+    )
+    return NAMES.target_mask
 
 
 def append_backward(

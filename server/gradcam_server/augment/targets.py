@@ -19,7 +19,8 @@ _POOLING = {
     "Identity",
     "Dropout",
 }
-SCORES = ("logit", "probability", "similarity")
+_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+SCORES = ("logit", "probability", "similarity", "region")
 
 
 def detect_target_layer(b: GraphBuilder, score_output: str) -> str:
@@ -38,7 +39,11 @@ def detect_target_layer(b: GraphBuilder, score_output: str) -> str:
     for node in nodes:
         if not node.output or node.output[0] not in feeds_score or not node.input:
             continue
-        if _rank_or_none(b, node.input[0]) == 4 and _rank_or_none(b, node.output[0]) in (1, 2, 3):
+        if (
+            _rank_or_none(b, node.input[0]) == 4
+            and _rank_or_none(b, node.output[0]) in (1, 2, 3)
+            and b.elem_type(node.output[0]) in _FLOATS  # not Shape and other index ops
+        ):
             collapse = node
     if collapse is None:
         raise AugmentError(
@@ -71,29 +76,39 @@ def score_seed(
     `target_class` is an INT64 [N] tensor: an entry c >= 0 explains class c; a negative entry
     -r explains the r-th highest-scoring class of that item (-1: the top-1 class), decided
     inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
-    (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)); ``similarity`` is
-    `similarity_seed`'s.
+    (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)); ``similarity`` and
+    ``region`` have seeds of their own (`similarity_seed`, `region_seed`).
     """
-    if score not in SCORES:
-        raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
+    if score not in ("logit", "probability"):
+        raise AugmentError(f"score {score!r} has no class seed; expected logit or probability")
     if b.rank(logits) != 2:
         raise AugmentError(
             f"the score output {logits!r} must be [N, classes]; it has rank {b.rank(logits)}"
         )
-    resolved = b.op(
-        "Where",
-        [b.op("Less", [target_class, b.ints([0])]), _ranked_class(b, logits, target_class),
-         target_class],
-    )
-    depth = b.shape_slice(logits, 1, 2)
-    dtype = b.elem_type(logits)
-    values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
-    onehot = b.op("OneHot", [resolved, depth, values], axis=-1)
+    onehot, resolved = _class_onehot(b, logits, target_class, b.elem_type(logits))
     if score == "logit":
         return onehot, resolved
     probabilities = b.op("Softmax", [logits], axis=1)
     chosen = b.reduce("ReduceSum", b.op("Mul", [probabilities, onehot]), [1], keepdims=True)
     return b.op("Mul", [chosen, b.op("Sub", [onehot, probabilities])]), resolved
+
+
+def region_seed(
+    b: GraphBuilder, scores: str, target_class: str, mask: str
+) -> tuple[str, str]:
+    """d score / d scores for a region of a segmentation output [N, classes, h, w]: score =
+    sum over (i, j) of mask[n, i, j] scores[n, c, i, j] (pytorch-grad-cam's
+    SemanticSegmentationTarget), with `mask` [N, h, w]. A negative class -r ranks the classes
+    by their score summed over the mask. Returns the seed and the class explained."""
+    if b.rank(scores) != 4:
+        raise AugmentError(
+            f"the region score needs a segmentation output [N, classes, h, w]; {scores!r} has "
+            f"rank {b.rank(scores)}"
+        )
+    weights = b.unsqueeze(mask, [1])  # [N, 1, h, w]
+    pooled = b.reduce("ReduceSum", b.op("Mul", [scores, weights]), [2, 3], keepdims=False)
+    onehot, resolved = _class_onehot(b, pooled, target_class, b.elem_type(scores))
+    return b.op("Mul", [b.unsqueeze(onehot, [2, 3]), weights]), resolved
 
 
 def similarity_seed(b: GraphBuilder, embedding: str, reference: str) -> str:
@@ -117,6 +132,21 @@ def similarity_seed(b: GraphBuilder, embedding: str, reference: str) -> str:
     along = b.op("Mul", [cosine, b.op("Div", [embedding,
                                               b.op("Mul", [embedding_norm, embedding_norm])])])
     return b.op("Sub", [toward, along])
+
+
+def _class_onehot(
+    b: GraphBuilder, scores: str, target_class: str, dtype: int
+) -> tuple[str, str]:
+    """The one-hot [N, classes] of each item's class (ranks resolved on `scores` [N, classes]),
+    and the classes."""
+    resolved = b.op(
+        "Where",
+        [b.op("Less", [target_class, b.ints([0])]), _ranked_class(b, scores, target_class),
+         target_class],
+    )
+    values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
+    onehot = b.op("OneHot", [resolved, b.shape_slice(scores, 1, 2), values], axis=-1)
+    return onehot, resolved
 
 
 def _ranked_class(b: GraphBuilder, logits: str, target_class: str) -> str:
