@@ -401,6 +401,11 @@ def test_similarity_score_to_a_reference_embedding(client, repository) -> None:
         ),
         grpc.StatusCode.INVALID_ARGUMENT, "has 4 values per image", "has 10",
     )
+    expect_error(
+        lambda: infer_heatmap(client, "tiny", [tensor_input("input", x)],
+                              parameters={"score": "region"}),
+        grpc.StatusCode.INVALID_ARGUMENT, "unknown score 'region'",
+    )
 
 
 # -- 3. the typed API ----------------------------------------------------------------------------

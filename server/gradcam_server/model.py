@@ -19,7 +19,6 @@ import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
 from .augment.passes import ALL_METHODS, NAMES
-from .augment.targets import SCORES
 from .augment.targets import image_input, spatial_axes
 from .config import ModelConfig, read_config
 from .errors import InvalidInput
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 METHODS = ALL_METHODS
-DEFAULT_METHOD = "gradcam"
+SERVED_SCORES = ("logit", "probability", "similarity")  # "region" is the augmenter's alone
 DEFAULT_MAX_BATCH_SIZE = 8
 _CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)
 
@@ -127,8 +126,10 @@ class ServedModel:
         method = request.method or self.config.method
         if method not in METHODS:
             raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-        if request.score not in SCORES:
-            raise InvalidInput(f"unknown score {request.score!r}; available: {', '.join(SCORES)}")
+        if request.score not in SERVED_SCORES:
+            raise InvalidInput(
+                f"unknown score {request.score!r}; available: {', '.join(SERVED_SCORES)}"
+            )
         return replace(request, method=method, layer=request.layer or self.default_layer)
 
     # -- running -----------------------------------------------------------------------------
