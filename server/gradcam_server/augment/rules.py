@@ -665,7 +665,7 @@ def _resize(ctx: RuleContext) -> Gradients:
     """Spatial resizing of [N, C, H, W] ("linear" or "nearest") is Y = R_h X R_w^T with
     interpolation matrices built at run time from ONNX's coordinate mapping, so
     dX = R_h^T dY R_w."""
-    b, x, y = ctx.b, ctx.x(0), ctx.y(0)
+    b, x = ctx.b, ctx.x(0)
     mode = ctx.attr("mode", "nearest")
     transform = ctx.attr("coordinate_transformation_mode", "half_pixel")
     if b.rank(x) != 4 or mode not in ("linear", "nearest") or ctx.attr("antialias", 0):
