@@ -15,10 +15,9 @@ one channel ablated.
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto, helper
 
 from .backward import path_nodes
-from .graph import GraphBuilder
+from .graph import GraphBuilder, LoopBody
 
 ABLATION_OFFSET = 1e7
 
@@ -36,18 +35,14 @@ def ablation_cam(
          b.op("Sub", [lowest, b.const(ABLATION_OFFSET)])],
     )
     channels = b.shape_slice(activations, 1, 2)
-    scores = b.op(
-        "Loop",
-        [b.squeeze(channels, [0]), b.const(True, dtype=bool)],
-        body=_body(b, head, activations, score_output, onehot, channels, ablated_value),
-    )  # [C, N]
+    scores = _loop(b, head, activations, score_output, onehot, channels, ablated_value)  # [C, N]
     original = b.reduce("ReduceSum", b.op("Mul", [score_output, onehot]), [1], keepdims=True)
     drop = b.op("Sub", [original, b.op("Transpose", [scores], perm=[1, 0])])
     weights = b.unsqueeze(b.op("Div", [drop, original]), [2, 3])  # [N, C, 1, 1]
     return b.op("Mul", [weights, activations])
 
 
-def _body(
+def _loop(
     b: GraphBuilder,
     head: list[onnx.NodeProto],
     activations: str,
@@ -55,39 +50,16 @@ def _body(
     onehot: str,
     channels: str,
     ablated_value: str,
-) -> onnx.GraphProto:
-    """Loop body: (iteration k, condition) -> (condition, score of every item with channel k
-    ablated)."""
-    iteration, condition = b.fresh("channel"), b.fresh("condition")
-    one_zero = b.const([0.0, 1.0])
-    mask, keep, ablated = b.fresh("mask"), b.fresh("keep"), b.fresh("ablated")
-    nodes = [
-        helper.make_node("Reshape", [iteration, b.ints([1])], [b.fresh("k")]),
-    ]
-    nodes.append(helper.make_node("OneHot", [nodes[-1].output[0], channels, one_zero],
-                                  [b.fresh("onehot")], axis=-1))
-    nodes.append(helper.make_node("Unsqueeze", [nodes[-1].output[0], b.ints([2, 3])], [mask]))
-    nodes.append(helper.make_node("Sub", [b.const(1.0), mask], [keep]))
-    kept = b.fresh("kept")
-    nodes.append(helper.make_node("Mul", [activations, keep], [kept]))
-    filled = b.fresh("filled")
-    nodes.append(helper.make_node("Mul", [ablated_value, mask], [filled]))
-    nodes.append(helper.make_node("Add", [kept, filled], [ablated]))
-
+) -> str:
+    """One iteration per channel k: the score of every item with channel k ablated; [C, N]."""
+    body = LoopBody(b, "ablation")
+    k = body.op("Reshape", [body.step, b.ints([1])])
+    mask = body.op("Unsqueeze", [body.op("OneHot", [k, channels, b.const([0.0, 1.0])], axis=-1),
+                                 b.ints([2, 3])])  # [1, C, 1, 1]
+    kept = body.op("Mul", [activations, body.op("Sub", [b.const(1.0), mask])])
+    ablated = body.op("Add", [kept, body.op("Mul", [ablated_value, mask])])
     renamed = {activations: ablated}
-    nodes.extend(b.clone(head, renamed))
-
-    score, condition_out = b.fresh("ablated_score"), b.fresh("condition_out")
-    product = b.fresh("selected")
-    nodes.append(helper.make_node("Mul", [renamed[score_output], onehot], [product]))
-    axes = b.ints([1])
-    nodes.append(helper.make_node("ReduceSum", [product, axes], [score], keepdims=0))
-    nodes.append(helper.make_node("Identity", [condition], [condition_out]))
-    return helper.make_graph(
-        nodes,
-        b.fresh("ablation_body"),
-        [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
-         helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info(condition_out, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(score, b.elem_type(score_output), [None])],
-    )
+    body.clone(head, renamed)
+    selected = body.op("Mul", [renamed[score_output], onehot])
+    score = body.op("ReduceSum", [selected, b.ints([1])], keepdims=0)
+    return body.loop(b.squeeze(channels, [0]), score, b.elem_type(score_output), [None])

@@ -165,6 +165,13 @@ def cam_heatmap(
     return b.squeeze(normalize(b, resized), [1])
 
 
+def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
+    """Heatmaps [N, H, W] averaged and min-max normalised again (pytorch-grad-cam's fusion of
+    several layers, and of augmented copies)."""
+    mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
+    return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
+
+
 def normalize(b: GraphBuilder, maps: str) -> str:
     """(m - min) / (max - min + eps) per image, over the spatial axes of [N, 1, H, W]."""
     low = b.reduce("ReduceMin", maps, _SPATIAL, keepdims=True)

@@ -163,8 +163,7 @@ class GraphBuilder:
 
     def reduce(self, op_type: str, tensor: str, axes: Sequence[int], keepdims: bool) -> str:
         """ReduceSum/ReduceMean/ReduceMax over constant axes at this model's opset."""
-        takes_axes_input = op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18
-        if takes_axes_input:
+        if axes_are_input(op_type, self.opset):
             return self.op(op_type, [tensor, self.ints(axes)], keepdims=int(keepdims))
         return self.op(op_type, [tensor], axes=list(axes), keepdims=int(keepdims))
 
@@ -225,6 +224,59 @@ class GraphBuilder:
 
     def squeeze(self, tensor: str, axes: Sequence[int]) -> str:
         return self.op("Squeeze", [tensor, self.ints(axes)])
+
+
+class LoopBody:
+    """The body of an ONNX Loop with one scan output, built node by node.
+
+    The body reads ``step`` (the INT64 iteration number) and may read any tensor of the outer
+    graph; `loop` appends the Loop node running it `count` times and returns its scan output,
+    the per-iteration outputs stacked along a new first axis.
+    """
+
+    def __init__(self, b: GraphBuilder, hint: str) -> None:
+        self.b = b
+        self.hint = hint
+        self.step = b.fresh(f"{hint}_step")
+        self._condition = b.fresh(f"{hint}_condition")
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type: str, inputs: Sequence[str], **attrs) -> str:
+        output = self.b.fresh(op_type.lower())
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), [output], name=self.b.fresh(op_type), **attrs)
+        )
+        return output
+
+    def reduce(self, op_type: str, tensor: str, axes: Sequence[int], keepdims: bool) -> str:
+        """As `GraphBuilder.reduce`, inside the body."""
+        if axes_are_input(op_type, self.b.opset):
+            return self.op(op_type, [tensor, self.b.ints(axes)], keepdims=int(keepdims))
+        return self.op(op_type, [tensor], axes=list(axes), keepdims=int(keepdims))
+
+    def clone(self, nodes: Sequence[onnx.NodeProto], renamed: dict[str, str]) -> None:
+        """Copies of forward `nodes` into the body (see `GraphBuilder.clone`)."""
+        self.nodes.extend(self.b.clone(nodes, renamed))
+
+    def loop(self, count: str, output: str, elem_type: int, shape: Sequence) -> str:
+        """Run the body `count` (INT64 scalar) times; `output` [shape] is its scan output."""
+        b = self.b
+        condition_out = self.op("Identity", [self._condition])
+        body = helper.make_graph(
+            self.nodes,
+            b.fresh(f"{self.hint}_body"),
+            [helper.make_tensor_value_info(self.step, TensorProto.INT64, []),
+             helper.make_tensor_value_info(self._condition, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(condition_out, TensorProto.BOOL, []),
+             helper.make_tensor_value_info(output, elem_type, list(shape))],
+        )
+        return b.op("Loop", [count, b.const(True, dtype=bool)], body=body)
+
+
+def axes_are_input(op_type: str, opset: int) -> bool:
+    """Whether a Reduce* op takes its axes as an input (ReduceSum from opset 13, the others
+    from 18) rather than as an attribute."""
+    return op_type == "ReduceSum" and opset >= 13 or opset >= 18
 
 
 def opset_version(model: onnx.ModelProto) -> int:

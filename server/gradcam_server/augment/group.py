@@ -17,12 +17,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from .backward import path_nodes
 from .errors import AugmentError
-from .graph import GraphBuilder
+from .graph import GraphBuilder, LoopBody
 
 GROUPS = 32
 PERCENTILE = 70.0
@@ -76,12 +75,7 @@ def group_cam(
     normalised = b.op("Mul", [normalised, b.op("Cast", [varies], to=TensorProto.FLOAT)])
 
     blurred = _gaussian_blur(b, image)
-    batch = b.shape_slice(image, 0, 1)
-    probabilities = b.op(
-        "Loop",
-        [b.squeeze(batch, [0]), b.const(True, dtype=bool)],
-        body=_body(b, image, blurred, normalised, score_output, resolved_class, groups),
-    )  # [N, 1 + G]: the blurred image's, then each blend's
+    probabilities = _loop(b, image, blurred, normalised, score_output, resolved_class, groups)
     baseline = b.op("Slice", [probabilities, b.ints([0]), b.ints([1]), b.ints([1])])
     blends = b.op("Slice", [probabilities, b.ints([1]), b.ints([1 + groups]), b.ints([1])])
     gains = b.unsqueeze(b.op("Sub", [blends, baseline]), [2, 3])  # [N, G, 1, 1]
@@ -108,7 +102,7 @@ def _gaussian_blur(b: GraphBuilder, image: str) -> str:
     return x
 
 
-def _body(
+def _loop(
     b: GraphBuilder,
     image: str,
     blurred: str,
@@ -116,39 +110,27 @@ def _body(
     score_output: str,
     resolved_class: str,
     groups: int,
-) -> onnx.GraphProto:
-    """Loop body: image n -> softmax probabilities of its class for [blurred, G blends]."""
+) -> str:
+    """One iteration per image n: the softmax probability of its class for its blurred copy
+    and its G blends; [N, 1 + G]."""
     forward = path_nodes(list(b.graph.node), image, score_output)
-    iteration, condition = b.fresh("item"), b.fresh("condition")
-    nodes: list[onnx.NodeProto] = []
-
-    def emit(op_type: str, inputs: list[str], **attrs) -> str:
-        output = b.fresh(op_type.lower())
-        nodes.append(helper.make_node(op_type, inputs, [output], name=b.fresh(op_type), **attrs))
-        return output
-
-    start = emit("Reshape", [iteration, b.ints([1])])
-    end = emit("Add", [start, b.ints([1])])
+    body = LoopBody(b, "group")
+    start = body.op("Reshape", [body.step, b.ints([1])])
+    end = body.op("Add", [start, b.ints([1])])
     axis0 = b.ints([0])
-    pixels = emit("Slice", [image, start, end, axis0])  # [1, C, H, W]
-    soft = emit("Slice", [blurred, start, end, axis0])
-    mask = emit("Transpose", [emit("Slice", [masks, start, end, axis0])], perm=[1, 0, 2, 3])
-    kept = emit("Mul", [pixels, mask])  # [G, C, H, W]
-    rest = emit("Mul", [soft, emit("Sub", [b.const(1.0), mask])])
-    batch = emit("Concat", [soft, emit("Add", [kept, rest])], axis=0)  # [1 + G, C, H, W]
+    pixels = body.op("Slice", [image, start, end, axis0])  # [1, C, H, W]
+    soft = body.op("Slice", [blurred, start, end, axis0])
+    mask = body.op("Transpose", [body.op("Slice", [masks, start, end, axis0])],
+                   perm=[1, 0, 2, 3])  # [G, 1, H, W]
+    kept = body.op("Mul", [pixels, mask])  # [G, C, H, W]
+    rest = body.op("Mul", [soft, body.op("Sub", [b.const(1.0), mask])])
+    batch = body.op("Concat", [soft, body.op("Add", [kept, rest])], axis=0)  # [1 + G, C, H, W]
 
     renamed = {image: batch}
-    nodes.extend(b.clone(forward, renamed))
-    probabilities = emit("Softmax", [renamed[score_output]], axis=1)
-    category = emit("Gather", [resolved_class, start], axis=0)
-    chosen = emit("Reshape", [emit("Gather", [probabilities, category], axis=1),
-                              b.ints([1 + groups])])
-    condition_out = emit("Identity", [condition])
-    return helper.make_graph(
-        nodes,
-        b.fresh("group_body"),
-        [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
-         helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info(condition_out, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(chosen, b.elem_type(score_output), [1 + groups])],
-    )
+    body.clone(forward, renamed)
+    probabilities = body.op("Softmax", [renamed[score_output]], axis=1)
+    category = body.op("Gather", [resolved_class, start], axis=0)
+    chosen = body.op("Reshape", [body.op("Gather", [probabilities, category], axis=1),
+                                 b.ints([1 + groups])])
+    count = b.squeeze(b.shape_slice(image, 0, 1), [0])
+    return body.loop(count, chosen, b.elem_type(score_output), [1 + groups])

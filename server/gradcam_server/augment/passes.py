@@ -37,7 +37,7 @@ from .cam import (
     SCORE_CAM,
     cam_heatmap,
     channel_sum,
-    normalize,
+    mean_of_maps,
     pixel_heatmap,
     principal_projection,
 )
@@ -122,7 +122,7 @@ def augment_model(
             input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
         layer: tensor name of the target layer; by default the last 4-D feature map feeding the
             global pooling in front of the classifier (`detect_target_layer`). Several names:
-            each layer's map is computed and the maps are fused (`fuse_maps`); the
+            each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
@@ -247,13 +247,6 @@ def _target_layers(
     return layers
 
 
-def fuse_maps(b: GraphBuilder, maps: list[str]) -> str:
-    """Several layers' heatmaps [N, H, W] fused as pytorch-grad-cam does: their mean,
-    min-max normalised again."""
-    mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
-    return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
-
-
 def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     """Convert models older than opset 17 (the rules use opset-17 forms of Split, Reduce...)."""
     if opset_version(model) >= MIN_OPSET:
@@ -348,7 +341,7 @@ def append_heatmap(
             contributions = METHODS[method](b, layer, gradients[layer])
         project = eigen_smooth or method in ALWAYS_PROJECTED
         maps.append(append_cam(b, contributions, image, project))
-    return (maps[0] if len(maps) == 1 else fuse_maps(b, maps)), None
+    return (maps[0] if len(maps) == 1 else mean_of_maps(b, maps)), None
 
 
 def append_integrated_map(

@@ -35,7 +35,7 @@ import onnx
 from onnx import helper
 
 from .errors import AugmentError
-from .graph import GraphBuilder
+from .graph import GraphBuilder, axes_are_input
 
 Gradients = Sequence[str | None]
 
@@ -551,7 +551,7 @@ def _normalization_grad(
 def _reduce(ctx: RuleContext) -> Gradients:
     b, x, dy, op_type = ctx.b, ctx.x(0), ctx.dy(), ctx.node.op_type
     rank = b.rank(x)
-    axes_input = op_type == "ReduceSum" and b.opset >= 13 or b.opset >= 18
+    axes_input = axes_are_input(op_type, b.opset)
     if axes_input and ctx.x(1):
         axes_value = ctx.const_input(1)
         if axes_value is None:

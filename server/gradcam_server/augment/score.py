@@ -13,12 +13,9 @@ C of them.
 
 from __future__ import annotations
 
-import onnx
-from onnx import TensorProto, helper
-
 from .backward import path_nodes
 from .errors import AugmentError
-from .graph import GraphBuilder
+from .graph import GraphBuilder, LoopBody
 
 MAX_CHUNK = 32  # masked images per forward pass
 MASK_EPSILON = 1e-8
@@ -36,69 +33,47 @@ def score_cam(
     per_image = channels // chunk
     batch = b.shape_slice(activations, 0, 1)
     iterations = b.squeeze(b.op("Mul", [batch, b.ints([per_image])]), [0])
-    scores = b.op(
-        "Loop",
-        [iterations, b.const(True, dtype=bool)],
-        body=_body(b, activations, image, score_output, resolved_class, chunk, per_image),
-    )  # [N * per_image, chunk]
+    scores = _loop(b, iterations, activations, image, score_output, resolved_class, chunk,
+                   per_image)  # [N * per_image, chunk]
     logits = b.op("Reshape", [scores, b.op("Concat", [batch, b.ints([channels])], axis=0)])
     weights = b.unsqueeze(b.op("Softmax", [logits], axis=1), [2, 3])
     return b.op("Mul", [weights, activations])
 
 
-def _body(
+def _loop(
     b: GraphBuilder,
+    iterations: str,
     activations: str,
     image: str,
     score_output: str,
     resolved_class: str,
     chunk: int,
     per_image: int,
-) -> onnx.GraphProto:
-    """Loop body: iteration i -> the logits of image i // per_image masked by its channels
+) -> str:
+    """Iteration i: the class logits of image i // per_image masked by its channels
     chunk * (i % per_image) ... + chunk."""
     forward = path_nodes(list(b.graph.node), image, score_output)
-    iteration, condition = b.fresh("step"), b.fresh("condition")
-    nodes: list[onnx.NodeProto] = []
-
-    def emit(op_type: str, inputs: list[str], **attrs) -> str:
-        output = b.fresh(op_type.lower())
-        nodes.append(helper.make_node(op_type, inputs, [output], name=b.fresh(op_type), **attrs))
-        return output
-
-    step = emit("Reshape", [iteration, b.ints([1])])
-    item = emit("Div", [step, b.ints([per_image])])
-    first = emit("Mul", [emit("Mod", [step, b.ints([per_image])]), b.ints([chunk])])
-    starts = emit("Concat", [item, first], axis=0)
-    ends = emit("Add", [starts, b.ints([1, chunk])])
-    maps = emit("Slice", [activations, starts, ends, b.ints([0, 1])])  # [1, chunk, h, w]
-    maps = emit("Transpose", [maps], perm=[1, 0, 2, 3])  # [chunk, 1, h, w]
-    pixels = emit("Slice", [image, item, emit("Add", [item, b.ints([1])]), b.ints([0])])
-    size = emit("Concat", [b.ints([chunk, 1]), b.shape_slice(image, 2)], axis=0)
-    masks = emit("Resize", [maps, "", "", size], mode="linear",
-                 coordinate_transformation_mode="align_corners")
-    def spatial(op_type: str, x: str) -> str:
-        if b.opset >= 18:
-            return emit(op_type, [x, b.ints([2, 3])], keepdims=1)
-        return emit(op_type, [x], axes=[2, 3], keepdims=1)
-
-    low = spatial("ReduceMin", masks)
-    span = emit("Sub", [spatial("ReduceMax", masks), low])
-    masks = emit("Div", [emit("Sub", [masks, low]), emit("Add", [span, b.const(MASK_EPSILON)])])
-    masked = emit("Mul", [pixels, masks])  # [chunk, C_in, H, W]
+    body = LoopBody(b, "score")
+    step = body.op("Reshape", [body.step, b.ints([1])])
+    item = body.op("Div", [step, b.ints([per_image])])
+    first = body.op("Mul", [body.op("Mod", [step, b.ints([per_image])]), b.ints([chunk])])
+    starts = body.op("Concat", [item, first], axis=0)
+    ends = body.op("Add", [starts, b.ints([1, chunk])])
+    maps = body.op("Slice", [activations, starts, ends, b.ints([0, 1])])  # [1, chunk, h, w]
+    maps = body.op("Transpose", [maps], perm=[1, 0, 2, 3])  # [chunk, 1, h, w]
+    pixels = body.op("Slice", [image, item, body.op("Add", [item, b.ints([1])]), b.ints([0])])
+    size = body.op("Concat", [b.ints([chunk, 1]), b.shape_slice(image, 2)], axis=0)
+    masks = body.op("Resize", [maps, "", "", size], mode="linear",
+                    coordinate_transformation_mode="align_corners")
+    low = body.reduce("ReduceMin", masks, [2, 3], keepdims=True)
+    span = body.op("Sub", [body.reduce("ReduceMax", masks, [2, 3], keepdims=True), low])
+    masks = body.op("Div", [body.op("Sub", [masks, low]),
+                            body.op("Add", [span, b.const(MASK_EPSILON)])])
+    masked = body.op("Mul", [pixels, masks])  # [chunk, C_in, H, W]
 
     renamed = {image: masked}
-    nodes.extend(b.clone(forward, renamed))
-
-    category = emit("Gather", [resolved_class, item], axis=0)  # [1]
-    scores = emit("Gather", [renamed[score_output], category], axis=1)  # [chunk, 1]
-    scores = emit("Reshape", [scores, b.ints([chunk])])
-    condition_out = emit("Identity", [condition])
-    return helper.make_graph(
-        nodes,
-        b.fresh("score_body"),
-        [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
-         helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info(condition_out, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(scores, b.elem_type(score_output), [chunk])],
-    )
+    body.clone(forward, renamed)
+    category = body.op("Gather", [resolved_class, item], axis=0)  # [1]
+    scores = body.op("Gather", [renamed[score_output], category], axis=1)  # [chunk, 1]
+    scores = body.op("Reshape", [scores, b.ints([chunk])])
+    return body.loop(iterations, scores, b.elem_type(score_output), [chunk])

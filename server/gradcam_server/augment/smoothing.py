@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .cam import normalize
+from .cam import mean_of_maps
 from .graph import GraphBuilder
 
 FACTORS = (0.9, 1.0, 1.1)
@@ -114,5 +114,4 @@ def merge_maps(b: GraphBuilder, heatmaps: str, image: str) -> str:
             one = b.op("Slice", [one, b.ints([-1]), b.ints([-(2**63)]), b.ints([2]),
                                  b.ints([-1])])
         maps.append(one)
-    mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
-    return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
+    return mean_of_maps(b, maps)
