@@ -292,6 +292,6 @@ def _parameters(parameters) -> dict[str, str | bool]:
 
 def _datatype_of(dtype: np.dtype) -> str:
     for name, known in _DTYPES.items():
-        if np.dtype(dtype).newbyteorder("<") == known or np.dtype(dtype) == known:
+        if np.dtype(dtype).newbyteorder("<") == known:
             return name
     raise TypeError(f"no KServe datatype for {dtype}")

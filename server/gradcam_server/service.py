@@ -343,13 +343,14 @@ class GradCamService:
             batch, encoded_sizes = await self.images_to_tensor(model, [images[i] for i in encoded])
             for position, index in enumerate(encoded):
                 tensors[index], sizes[index] = batch[position], encoded_sizes[position]
-        height_axis, width_axis = (1, 2) if model.config.preprocessing.layout == "NHWC" else (2, 3)
+        channels_last = model.config.preprocessing.layout == "NHWC"
         for index, image in enumerate(images):
             if isinstance(image, bytes):
                 continue
             self.check_tensor(model, image[None], f"image {index}")
             tensors[index] = image
-            sizes[index] = (image.shape[width_axis - 1], image.shape[height_axis - 1])
+            height, width = image.shape[:2] if channels_last else image.shape[1:]
+            sizes[index] = (width, height)
         return tensors, sizes
 
     def _explanation(
