@@ -231,3 +231,80 @@ def test_command_line(small_onnx: Path, tmp_path: Path) -> None:
     assert failed.stderr.strip() == (
         "gradcam-augment: target layer 'missing' is not a tensor of the graph"
     )
+
+
+class TwoInputsTwoOutputs(nn.Module):
+    """(metadata, image) -> (class logits, attribute logits scaled by the metadata)."""
+
+    def __init__(self, small_cnn: SmallCNN) -> None:
+        super().__init__()
+        self.cnn = small_cnn
+        self.attributes = nn.Linear(16, 4)
+
+    def forward(self, meta: torch.Tensor, image: torch.Tensor):
+        features = self.cnn.features(image)
+        pooled = torch.flatten(self.cnn.pool(features), 1)
+        return self.cnn.fc(pooled), self.attributes(pooled) * meta
+
+
+@pytest.fixture(scope="module")
+def two_io_onnx(small_cnn: SmallCNN, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("two_io") / "two_io.onnx"
+    torch.manual_seed(3)
+    torch.onnx.export(
+        TwoInputsTwoOutputs(small_cnn).eval(), (torch.ones(2, 1), torch.randn(2, 3, 32, 32)),
+        str(path), dynamo=False, opset_version=17, input_names=["meta", "image"],
+        output_names=["classes", "attributes"],
+        dynamic_axes={n: {0: "N"} for n in ("meta", "image", "classes", "attributes")},
+    )
+    return path
+
+
+def test_input_and_output_chosen_by_name_or_index(small_cnn: SmallCNN, two_io_onnx: Path) -> None:
+    """The second output explained, the image being the second input; the other input stays an
+    input of the augmented graph. Against torch autograd of attributes[n, c]."""
+    with pytest.raises(AugmentError, match="expected one image input, found 2: meta, image"):
+        augment_model(two_io_onnx)
+    torch.manual_seed(3)
+    model = TwoInputsTwoOutputs(small_cnn).eval()
+    x, meta = batch(2), np.array([[0.5], [2.0]], dtype=np.float32)
+    features = small_cnn.features(torch.from_numpy(x))
+    features.retain_grad()
+    attributes = model.attributes(torch.flatten(small_cnn.pool(features), 1)) * torch.from_numpy(meta)
+    attributes[torch.arange(2), torch.tensor([1, 3])].sum().backward()
+
+    by_index = augment_model(two_io_onnx, input=1, output=1)
+    by_name = augment_model(two_io_onnx, input="image", output="attributes")
+    for augmented in (by_index, by_name):
+        assert [i.name for i in augmented.graph.input] == ["meta", "image", "target_class"]
+        session = ort.InferenceSession(augmented.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        gradients, = session.run(["gradients"], {
+            "meta": meta, "image": x, "target_class": np.array([1, 3]),
+        })
+        assert rel(gradients, features.grad.numpy()) < 1e-4
+
+
+def test_bad_input_or_output_choices_are_clear_errors(two_io_onnx: Path) -> None:
+    with pytest.raises(AugmentError, match="no input at index 2; the model's inputs are: meta, image"):
+        augment_model(two_io_onnx, input=2)
+    with pytest.raises(AugmentError, match="'x' is not an input of the model"):
+        augment_model(two_io_onnx, input="x")
+    with pytest.raises(AugmentError, match="the image input 'meta' must be 4-D"):
+        augment_model(two_io_onnx, input="meta")
+    with pytest.raises(AugmentError, match="no output at index 5; the model's outputs are: "
+                                           "classes, attributes"):
+        augment_model(two_io_onnx, input=1, output=5)
+    with pytest.raises(AugmentError, match="scorecam .* also depends on the input.s. meta"):
+        augment_model(two_io_onnx, input=1, output=1, method="scorecam")
+
+
+def test_command_line_takes_indices(two_io_onnx: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.onnx"
+    done = subprocess.run(
+        [sys.executable, "-m", "gradcam_server.augment.cli", str(two_io_onnx), "-o", str(target),
+         "--input", "1", "--score-output", "attributes"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [i.name for i in onnx.load(target).graph.input] == ["meta", "image", "target_class"]

@@ -85,6 +85,77 @@ def test_region_score_gradients_match_torch(segmenter: Segmenter, exported: Path
     assert out["heatmap"].shape == (2, 224, 224)
 
 
-def test_region_score_needs_a_named_layer(exported: Path) -> None:
-    with pytest.raises(AugmentError, match="could not detect a target layer"):
-        augment_model(exported, score="region")
+def _torch_region_gradients(
+    segmenter: Segmenter, x: np.ndarray, weights: torch.Tensor, classes: list[int]
+) -> np.ndarray:
+    """d (sum of weights[n] * scores[n, classes[n]]) / d p, by torch autograd, for the head's
+    coarsest map p = cbr(high) * s with s = scale(high) > 0 (a sigmoid): the gradient reaching
+    cbr's output is (d / d p) * s."""
+    head, captured = segmenter.net.classifier, {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["cbr"] = output
+
+    hooks = [head.cbr.register_forward_hook(keep), head.scale.register_forward_hook(
+        lambda module, inputs, output: captured.update(scale=output.detach()))]
+    scores = segmenter(torch.from_numpy(x))
+    for hook in hooks:
+        hook.remove()
+    masked = (scores * weights[:, None]).sum((2, 3))
+    masked[torch.arange(len(x)), torch.tensor(classes)].sum().backward()
+    return (captured["cbr"].grad / captured["scale"]).numpy()
+
+
+def test_detected_layer_is_the_coarsest_map_of_the_head(
+    segmenter: Segmenter, exported: Path
+) -> None:
+    """No layer named: the target is the last 14 x 14 map (output stride 16), the head's
+    cbr(high) * scale(high) before it is upsampled, not the 1 x 1 pooled scale branch."""
+    x = zoo.sample_batch(2)
+    head = segmenter.net.classifier
+    captured = {}
+    hook = segmenter.net.backbone.register_forward_hook(
+        lambda module, inputs, output: captured.update(high=output["high"])
+    )
+    with torch.no_grad():
+        segmenter(torch.from_numpy(x))
+        hook.remove()
+        coarsest = head.cbr(captured["high"]) * head.scale(captured["high"])
+    session = zoo.ort_session(augment_model(exported, score="region").SerializeToString())
+    mask = np.ones((2, 224, 224), dtype=np.float32)
+    activations = session.run(
+        ["activations"], {"input": x, "target_class": np.array([1, 2]), "target_mask": mask}
+    )[0]
+    assert activations.shape == (2, 128, 14, 14)
+    assert zoo.rel_l2(activations, coarsest.numpy()) <= 1e-4
+
+
+def test_negative_mask_explains_the_predicted_region(
+    segmenter: Segmenter, exported: Path
+) -> None:
+    """An all-negative mask row stands for the pixels predicted as the class (the mask
+    pytorch-grad-cam's segmentation tutorial builds); class -1 is then the class with the
+    largest predicted area."""
+    x = zoo.sample_batch(2)
+    session = zoo.ort_session(augment_model(exported, score="region").SerializeToString())
+    feeds = {"input": x, "target_mask": np.full((2, 224, 224), -1.0, dtype=np.float32)}
+    scores = session.run(["out"], feeds | {"target_class": np.array([0, 0])})[0]
+    # The region is the arg-max of the graph's own scores: torch's float32 differs from
+    # onnxruntime's at a few near-tied pixels, which would move them between regions.
+    predicted = torch.from_numpy(scores.argmax(1))
+    areas = torch.stack([torch.bincount(p.flatten(), minlength=21) for p in predicted])
+    largest = int(areas[1].argmax())
+    present = int(torch.argsort(areas[0], descending=True)[1])  # a class with some pixels
+    assert areas[0, present] > 0
+    classes = [present, largest]
+    weights = torch.stack([(predicted[n] == c).float() for n, c in enumerate(classes)])
+
+    gradients = session.run(["gradients"], feeds | {"target_class": np.array([present, -1])})[0]
+    reference = _torch_region_gradients(segmenter, x, weights, classes)
+    assert zoo.rel_l2(gradients, reference) <= 1e-4
+
+
+def test_a_classifier_score_on_a_segmentation_output_is_refused(exported: Path) -> None:
+    with pytest.raises(AugmentError, match=r"must be \[N, classes\]"):
+        augment_model(exported, layer=None, score="logit")

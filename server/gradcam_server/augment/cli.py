@@ -1,4 +1,5 @@
-"""`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR ...] [--method M] [--score S]`."""
+"""`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR ...] [--method M] [--score S]
+[--score-output NAME|INDEX] [--input NAME|INDEX]`."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CAM method computing the heatmap")
     parser.add_argument("--score", choices=SCORES, default="logit", help="what is explained")
     parser.add_argument(
-        "--score-output", help="graph output holding the class scores (default: the first)"
+        "--score-output", type=name_or_index,
+        help="graph output explained, by name or index (default: the first)",
+    )
+    parser.add_argument(
+        "--input", type=name_or_index,
+        help="the image input, by name or index among the inputs (needed when there are several)",
     )
     parser.add_argument(
         "--input-gradients",
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             score=args.score,
             output=args.score_output,
             input_gradients=args.input_gradients,
+            input=args.input,
         )
     except AugmentError as error:
         print(f"gradcam-augment: {error}", file=sys.stderr)
@@ -53,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     target = next(n for n in augmented.graph.node if n.output == [NAMES.activations]).input[0]
     print(f"wrote {args.output} (target layer {target!r})")
     return 0
+
+
+def name_or_index(text: str) -> str | int:
+    """A tensor's name, or its position when the text is a non-negative integer."""
+    return int(text) if text.isdigit() else text
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:

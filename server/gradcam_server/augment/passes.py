@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, version_converter
 
 from .ablation import ablation_cam
-from .backward import build_backward
+from .backward import ancestors, build_backward
 from .cam import (
     ABLATION_CAM,
     ALWAYS_PROJECTED,
@@ -59,6 +59,7 @@ from .targets import (
     detect_target_layer,
     image_input,
     region_seed,
+    score_output_name,
     score_seed,
     similarity_seed,
     spatial_axes,
@@ -108,29 +109,33 @@ def augment_model(
     model: str | os.PathLike | bytes | onnx.ModelProto,
     layer: str | Sequence[str] | None = None,
     score: str = "logit",
-    output: str | None = None,
+    output: str | int | None = None,
     input_gradients: bool = False,
     method: str = "gradcam",
     counterfactual: bool = False,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
+    input: str | int | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
     Args:
-        model: the exported image model (path, serialized bytes or ModelProto); one 4-D image
-            input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
+        model: the exported image model (path, serialized bytes or ModelProto) with a 4-D
+            image input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
         layer: tensor name of the target layer; by default the last 4-D feature map feeding the
-            global pooling in front of the classifier (`detect_target_layer`). Several names:
+            global pooling in front of the classifier, or a segmentation network's coarsest
+            feature map (`detect_target_layer`). Several names:
             each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
             added input ``reference_embedding`` [N, D]; ``target_class`` is then unused) or
             ``"region"`` (a segmentation output [N, classes, h, w] summed over the added input
-            ``target_mask`` [N, h, w] for the target class; name the layer, since a
-            segmentation network has no global pooling to detect it by).
-        output: the graph output holding the class scores, [N, classes]; default: the first.
+            ``target_mask`` [N, h, w] for the target class; an all-negative mask row stands for
+            the class's predicted region, `targets.region_seed`).
+        output: the graph output explained (name, or index among the outputs); default: the
+            first. Class scores [N, classes], an embedding [N, D] for "similarity", or a
+            segmentation map [N, classes, h, w] for "region".
         input_gradients: also continue the backward pass to the image input and expose
             d score / d image as ``input_gradients`` (what guided backprop builds on).
         method: the CAM method computing the heatmap (`cam.METHODS`: "gradcam", "gradcam++",
@@ -149,6 +154,10 @@ def augment_model(
             principal component instead of summing them (`cam.principal_projection`).
         aug_smooth: average the maps of flipped and rescaled copies of each image
             (`smoothing.py`); the outputs keep the original image's rows.
+        input: the image input (name, or index among the inputs that are not initializers);
+            needed when the model has several. The others stay inputs of the result, fed as
+            for the original, except for the methods that re-run the network on copies of the
+            image (perturbation methods, integrated-gradcam, aug_smooth), which refuse them.
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
@@ -168,10 +177,10 @@ def augment_model(
     if aug_smooth and method in PATH_METHODS:
         raise AugmentError(f"{method} cannot be combined with aug_smooth")
     proto = upgrade_opset(load_model(model))
-    image = image_input(proto)
-    score_output = output or proto.graph.output[0].name
-    if score_output not in {o.name for o in proto.graph.output}:
-        raise AugmentError(f"{score_output!r} is not an output of the model")
+    image = image_input(proto, input)
+    score_output = score_output_name(proto, output)
+    if aug_smooth or method in (*PERTURBATION_METHODS, *PATH_METHODS):
+        _refuse_other_inputs(proto, image.name, score_output, method)
     transforms = ()
     if aug_smooth:
         transforms = TRANSFORMS
@@ -184,7 +193,7 @@ def augment_model(
         )
         network_score = tiled[score_output]
     b = GraphBuilder(proto)
-    layers = _target_layers(b, layer, network_score)
+    layers = _target_layers(b, layer, network_score, network_image)
     target = layers[0]
 
     target_class = add_target_class(proto, image)
@@ -225,12 +234,29 @@ def augment_model(
     return proto
 
 
+def _refuse_other_inputs(
+    model: onnx.ModelProto, image: str, score_output: str, method: str
+) -> None:
+    """Methods that run the network on copies of the image rows cannot copy other inputs."""
+    initializers = {init.name for init in model.graph.initializer}
+    feeding = ancestors(list(model.graph.node), {score_output})
+    others = [
+        i.name for i in model.graph.input
+        if i.name not in initializers and i.name != image and i.name in feeding
+    ]
+    if others:
+        raise AugmentError(
+            f"{method} (or aug_smooth) re-runs the network on copies of the image alone; the "
+            f"score also depends on the input(s) {', '.join(others)}"
+        )
+
+
 def _target_layers(
-    b: GraphBuilder, layer: str | Sequence[str] | None, score_output: str
+    b: GraphBuilder, layer: str | Sequence[str] | None, score_output: str, image: str
 ) -> list[str]:
     """The target layers, validated: 4-D feature maps that the score depends on."""
     if layer is None:
-        layers = [detect_target_layer(b, score_output)]
+        layers = [detect_target_layer(b, score_output, image)]
     elif isinstance(layer, str):
         layers = [layer]
     else:

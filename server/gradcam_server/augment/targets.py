@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from .backward import ancestors
+from .backward import ancestors, descendants
 from .errors import AugmentError
 from .graph import GraphBuilder
 
@@ -23,15 +23,20 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorPro
 SCORES = ("logit", "probability", "similarity", "region")
 
 
-def detect_target_layer(b: GraphBuilder, score_output: str) -> str:
-    """The last 4-D feature map that feeds the global pooling in front of the classifier.
+def detect_target_layer(b: GraphBuilder, score_output: str, image: str) -> str:
+    """The default target layer: for a classifier (any score output but a 4-D one) the last
+    4-D feature map that feeds the global pooling in front of the classifier; for a
+    segmentation network (a 4-D score output [N, classes, h, w]) its coarsest feature map
+    (`_coarsest_feature_map`).
 
-    Finds the last node (in graph order) that turns a 4-D tensor into one of lower rank on the
-    way to `score_output` (Flatten, Reshape, Squeeze, a ReduceMean without keepdims, ...), then
-    steps back through pooling-like ops (global/average pooling, means, identities) to the 4-D
-    map they pool. Max pooling inside the feature extractor is not stepped over, so VGG's target
-    is its last MaxPool output, as in the Grad-CAM paper.
+    For a classifier: finds the last node (in graph order) that turns a 4-D tensor into one of
+    lower rank on the way to `score_output` (Flatten, Reshape, Squeeze, a ReduceMean without
+    keepdims, ...), then steps back through pooling-like ops (global/average pooling, means,
+    identities) to the 4-D map they pool. Max pooling inside the feature extractor is not
+    stepped over, so VGG's target is its last MaxPool output, as in the Grad-CAM paper.
     """
+    if _rank_or_none(b, score_output) == 4:
+        return _coarsest_feature_map(b, score_output, image)
     nodes = list(b.graph.node)
     producers = {t: node for node in nodes for t in node.output}
     feeds_score = ancestors(nodes, {score_output})
@@ -57,6 +62,35 @@ def detect_target_layer(b: GraphBuilder, score_output: str) -> str:
             break
         target = source
     return target
+
+
+def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str:
+    """A segmentation network's default target: of the 4-D float maps on the way from the
+    image to the output whose spatial size shape inference knows, the last (in graph order)
+    of the smallest size above 1 x 1 (globally pooled context branches are skipped): the end of
+    the encoder, where pytorch-grad-cam's segmentation tutorial targets the backbone."""
+    nodes = list(b.graph.node)
+    on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
+    best, best_area = None, None
+    for node in nodes:
+        for tensor in node.output:
+            shape = b.static_shape(tensor)
+            if (
+                tensor not in on_path or shape is None or len(shape) != 4
+                or b.elem_type(tensor) not in _FLOATS
+                or not all(isinstance(d, int) for d in shape[2:])
+            ):
+                continue
+            area = shape[2] * shape[3]
+            if area > 1 and (best_area is None or area <= best_area):
+                best, best_area = tensor, area
+    if best is None:
+        raise AugmentError(
+            "could not detect a target layer: no 4-D feature map of known size lies between "
+            f"the image and the segmentation output {score_output!r}; name one with the layer "
+            "option"
+        )
+    return best
 
 
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
@@ -99,15 +133,32 @@ def region_seed(
     """d score / d scores for a region of a segmentation output [N, classes, h, w]: score =
     sum over (i, j) of mask[n, i, j] scores[n, c, i, j] (pytorch-grad-cam's
     SemanticSegmentationTarget), with `mask` [N, h, w]. A negative class -r ranks the classes
-    by their score summed over the mask. Returns the seed and the class explained."""
+    by their score summed over the mask. A mask whose values are all negative asks for the
+    class's predicted region instead (the pixels whose arg-max class is c, as that tutorial
+    builds its mask), and -r then ranks the classes by their predicted area. Returns the seed
+    and the class explained."""
     if b.rank(scores) != 4:
         raise AugmentError(
             f"the region score needs a segmentation output [N, classes, h, w]; {scores!r} has "
             f"rank {b.rank(scores)}"
         )
-    weights = b.unsqueeze(mask, [1])  # [N, 1, h, w]
-    pooled = b.reduce("ReduceSum", b.op("Mul", [scores, weights]), [2, 3], keepdims=False)
-    onehot, resolved = _class_onehot(b, pooled, target_class, b.elem_type(scores))
+    dtype = b.elem_type(scores)
+    predicted_class = b.op("ArgMax", [scores], axis=1, keepdims=0)  # [N, h, w]
+    values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
+    classes = b.shape_slice(scores, 1, 2)
+    area = b.reduce("ReduceSum", b.op("OneHot", [predicted_class, classes, values], axis=1),
+                    [2, 3], keepdims=False)  # [N, classes]
+    given = b.unsqueeze(mask, [1])  # [N, 1, h, w]
+    pooled = b.reduce("ReduceSum", b.op("Mul", [scores, given]), [2, 3], keepdims=False)
+    use_predicted = b.op("Less", [  # [N, 1]
+        b.reduce("ReduceMax", mask, [1, 2], keepdims=False), b.op("Cast", [b.const(0.0)], to=dtype)
+    ])
+    use_predicted = b.unsqueeze(use_predicted, [1])
+    ranking = b.op("Where", [use_predicted, area, pooled])
+    onehot, resolved = _class_onehot(b, ranking, target_class, dtype)
+    region = b.op("Cast", [b.op("Equal", [predicted_class, b.unsqueeze(resolved, [1, 2])])],
+                  to=dtype)
+    weights = b.op("Where", [b.unsqueeze(use_predicted, [2, 3]), b.unsqueeze(region, [1]), given])
     return b.op("Mul", [b.unsqueeze(onehot, [2, 3]), weights]), resolved
 
 
@@ -159,16 +210,46 @@ def _ranked_class(b: GraphBuilder, logits: str, target_class: str) -> str:
     return b.squeeze(b.op("GatherElements", [top_indices, position], axis=1), [1])
 
 
-def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The graph input that is not an initializer: the image tensor."""
+def image_input(model: onnx.ModelProto, name: str | int | None = None) -> onnx.ValueInfoProto:
+    """The image tensor: the graph input named `name`, or at position `name` among the inputs
+    that are not initializers; by default the only such input."""
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs)
-        raise AugmentError(f"expected one image input, found {len(inputs)}: {names}")
-    if len(inputs[0].type.tensor_type.shape.dim) != 4:
-        raise AugmentError(f"the image input {inputs[0].name!r} must be 4-D")
-    return inputs[0]
+    names = ", ".join(i.name for i in inputs)
+    if isinstance(name, int):
+        if not 0 <= name < len(inputs):
+            raise AugmentError(f"no input at index {name}; the model's inputs are: {names}")
+        image = inputs[name]
+    elif name is not None:
+        image = next((i for i in inputs if i.name == name), None)
+        if image is None:
+            raise AugmentError(f"{name!r} is not an input of the model; its inputs are: {names}")
+    elif len(inputs) != 1:
+        raise AugmentError(
+            f"expected one image input, found {len(inputs)}: {names}; name the image input"
+        )
+    else:
+        image = inputs[0]
+    if len(image.type.tensor_type.shape.dim) != 4:
+        raise AugmentError(f"the image input {image.name!r} must be 4-D")
+    return image
+
+
+def score_output_name(model: onnx.ModelProto, output: str | int | None) -> str:
+    """The output explained: named, at a position among the graph outputs, or the first."""
+    outputs = [o.name for o in model.graph.output]
+    if output is None:
+        return outputs[0]
+    if isinstance(output, int):
+        if not 0 <= output < len(outputs):
+            raise AugmentError(
+                f"no output at index {output}; the model's outputs are: {', '.join(outputs)}"
+            )
+        return outputs[output]
+    if output not in outputs:
+        raise AugmentError(f"{output!r} is not an output of the model; its outputs are: "
+                           f"{', '.join(outputs)}")
+    return output
 
 
 def spatial_axes(image: onnx.ValueInfoProto) -> tuple[int, int]:
