@@ -1,8 +1,8 @@
 """Helpers for tests that talk to a real `gradcam-server` process over gRPC.
 
-- Model folders for a repository: small torch CNNs exported with the TorchScript exporter, a slow
-  model, a file of garbage bytes, and a graph whose gradient path holds an op with no backward
-  rule.
+- Model folders for a repository: small torch CNNs exported with the TorchScript exporter (a
+  classifier, a segmenter, a model with two inputs and two outputs), a slow model, a file of
+  garbage bytes, and a graph whose gradient path holds an op with no backward rule.
 - `ServerProcess`: ``python -m gradcam_server ... --port 0 --metrics-port 0`` as a subprocess,
   its bound ports read back from what it prints, readiness waited for through grpc.health.v1.
 - Self-signed TLS material made with `cryptography`.
@@ -35,6 +35,7 @@ LITE0_DIR = ROOT / "models" / "efficientnet_lite0"
 SAMPLE = ROOT / "samples" / "chelsea.jpg"
 TINY_SIZE = 32
 TINY_CLASSES = 10
+SEGMENT_CLASSES = 4
 SLOW_SIZE = 256
 START_TIMEOUT_S = 60.0
 
@@ -69,6 +70,66 @@ class SlowCnn(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class TinySegmenter(torch.nn.Module):
+    """Two stride-2 conv-relus, a 1x1 classifier over SEGMENT_CLASSES and a bilinear upsample
+    back to the input: [N, 3, 32, 32] -> [N, SEGMENT_CLASSES, 32, 32]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.classifier = torch.nn.Conv2d(16, SEGMENT_CLASSES, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.classifier(self.features(x))
+        return torch.nn.functional.interpolate(
+            scores, size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+
+
+class TwoHeads(torch.nn.Module):
+    """(meta [N, 1], image) -> (class logits, attribute logits scaled by meta): a model with
+    two inputs, the image second, and two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = TinyCnn()
+        self.attributes = torch.nn.Linear(16, 4)
+
+    def forward(self, meta: torch.Tensor, image: torch.Tensor):
+        x = torch.relu(self.cnn.conv2(torch.relu(self.cnn.conv1(image))))
+        pooled = x.mean(dim=(2, 3))
+        return self.cnn.fc(pooled), self.attributes(pooled) * meta
+
+
+def export_segmenter(path: Path, seed: int = 0) -> TinySegmenter:
+    torch.manual_seed(seed)
+    model = TinySegmenter().eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, 3, TINY_SIZE, TINY_SIZE),), str(path), dynamo=False,
+        opset_version=17, input_names=["input"], output_names=["scores"],
+        dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}},
+    )
+    return model
+
+
+def export_two_heads(path: Path, seed: int = 0) -> TwoHeads:
+    torch.manual_seed(seed)
+    model = TwoHeads().eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (torch.ones(1, 1), torch.zeros(1, 3, TINY_SIZE, TINY_SIZE)), str(path),
+        dynamo=False, opset_version=17, input_names=["meta", "image"],
+        output_names=["logits", "attributes"],
+        dynamic_axes={name: {0: "N"} for name in ("meta", "image", "logits", "attributes")},
+    )
+    return model
 
 
 def export_torch(

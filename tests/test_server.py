@@ -286,6 +286,7 @@ def test_server_and_model_metadata(client) -> None:
         "image": ("BYTES", [-1]),
         "target_class": ("INT64", [-1]),
         "reference_embedding": ("FP32", [-1, -1]),
+        "target_mask": ("FP32", [-1, -1, -1]),
     }
     assert [(t.name, t.datatype) for t in metadata.outputs] == [
         ("logits", "FP32"), ("heatmap", "FP32")
@@ -404,7 +405,7 @@ def test_similarity_score_to_a_reference_embedding(client, repository) -> None:
     expect_error(
         lambda: infer_heatmap(client, "tiny", [tensor_input("input", x)],
                               parameters={"score": "region"}),
-        grpc.StatusCode.INVALID_ARGUMENT, "unknown score 'region'",
+        grpc.StatusCode.INVALID_ARGUMENT, "the region score needs a segmentation output",
     )
 
 

@@ -12,9 +12,12 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
 ``layout``                              "NCHW" (default) or "NHWC"
 ``labels``                              a file in the folder, one class name per line, or
                                         a list of names
-``input``                               the graph's image input (default: its only one)
-``score_output``                        the graph output holding class scores (default: the
-                                        first)
+``input``                               the graph's image input, a name or an index among
+                                        its inputs (default: its only one); other inputs
+                                        are fed by name through the KServe API
+``score_output``                        the graph output explained by default, a name or an
+                                        index (default: the first): class scores [N, K],
+                                        or a segmentation map [N, K, h, w]
 ``target_layer``                        default Grad-CAM layer, a tensor name (default:
                                         detected)
 ``method``                              default method (default "gradcam")
@@ -58,8 +61,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     preprocessing: Preprocessing
     labels: tuple[str, ...] | None = None
-    input: str | None = None
-    score_output: str | None = None
+    input: str | int | None = None  # a name, or an index among the graph's inputs
+    score_output: str | int | None = None  # a name, or an index among the graph's outputs
     target_layer: str | None = None
     method: str = "gradcam"
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
@@ -92,8 +95,8 @@ def read_config(folder: Path, graph_size: tuple[int, int] | None) -> ModelConfig
     return ModelConfig(
         preprocessing=preprocessing,
         labels=_read_labels(folder, raw.get("labels")),
-        input=_optional_str(raw, "input"),
-        score_output=_optional_str(raw, "score_output"),
+        input=_name_or_index(raw, "input"),
+        score_output=_name_or_index(raw, "score_output"),
         target_layer=_optional_str(raw, "target_layer"),
         method=_optional_str(raw, "method") or "gradcam",
         max_batch_size=_optional_int(raw, "max_batch_size", minimum=1),
@@ -127,6 +130,12 @@ def _optional_str(raw: dict, key: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ConfigError(f"{CONFIG_FILE}: {key!r} must be a non-empty string")
     return value
+
+
+def _name_or_index(raw: dict, key: str) -> str | int | None:
+    if isinstance(raw.get(key), int) and not isinstance(raw.get(key), bool):
+        return _optional_int(raw, key, minimum=0)
+    return _optional_str(raw, key)
 
 
 def _optional_int(raw: dict, key: str, minimum: int) -> int | None:

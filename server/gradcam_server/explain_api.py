@@ -74,9 +74,11 @@ class GradCamServicer(pb_grpc.GradCamServicer):
                 counterfactual=request.counterfactual,
                 eigen_smooth=request.eigen_smooth,
                 aug_smooth=request.aug_smooth,
-                score=request.score or "logit",
+                score=request.score or None,
+                output=request.output or None,
             ),
-            reference=_reference(request),
+            reference=_tensor(request, "reference_embedding", (1, 2), "[D] or [N, D]"),
+            mask=_tensor(request, "target_mask", (2, 3), "[h, w] or [N, h, w]"),
             class_index=request.target.class_index if target == "class_index" else None,
             top_k=request.target.top_k if target == "top_k" else None,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
@@ -134,6 +136,8 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             methods=sorted(METHOD_ENUMS[m] for m in METHODS),
             mean=list(prep.mean),
             std=list(prep.std),
+            default_score=model.resolve(Explaining()).score,
+            other_inputs=[i.name for i in model.other_inputs],
         )
 
 
@@ -161,16 +165,19 @@ def _image(image: pb.Image, index: int) -> bytes | np.ndarray:
     raise InvalidInput(f"image {index} is empty: set encoded or tensor")
 
 
-def _reference(request: pb.ExplainRequest) -> np.ndarray | None:
-    if not request.HasField("reference_embedding"):
+def _tensor(
+    request: pb.ExplainRequest, field: str, ranks: tuple[int, ...], shapes: str
+) -> np.ndarray | None:
+    """The float32 tensor `field` of the request, of one of `ranks`; None when unset."""
+    if not request.HasField(field):
         return None
-    tensor = request.reference_embedding
+    tensor = getattr(request, field)
     shape = tuple(tensor.shape)
     count = int(np.prod(shape)) if shape else 0
-    if len(shape) not in (1, 2) or count * 4 != len(tensor.data):
+    if len(shape) not in ranks or count * 4 != len(tensor.data):
         raise InvalidInput(
-            "reference_embedding must be [D] or [N, D] float32 with 4 bytes per value; got "
-            f"shape {list(shape)} and {len(tensor.data)} bytes"
+            f"{field} must be {shapes} float32 with 4 bytes per value; got shape {list(shape)} "
+            f"and {len(tensor.data)} bytes"
         )
     return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
 

@@ -2,16 +2,21 @@
 
 Contract, for every model:
 
-- inputs: the model's own input tensor by name (FP32, preprocessed, as the graph expects) or
+- inputs: the model's own image input by name (FP32, preprocessed, as the graph expects) or
   ``image`` (BYTES [N], one encoded JPEG/PNG/WebP/BMP per item, preprocessed by the server; all
-  of one pixel size); optional ``target_class`` (INT64 [N]; -1 or absent: the top-1 class);
+  of one pixel size); the model's other inputs by name, if it has any; optional
+  ``target_class`` (INT64 [N]; -1 or absent: the top-1 class); optional ``target_mask`` (FP32
+  [h, w] or [N, h, w], any size: the region of the "region" score; absent: each class's
+  predicted region);
 - parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),
   ``target_layer`` (a tensor name of the graph; default from the config or detected),
   ``counterfactual`` (bool: explain the negated score), ``eigen_smooth`` (bool: project the
   channel contributions on their first principal component), ``aug_smooth`` (bool: average the
-  maps of flipped and rescaled copies) and ``score`` ("logit", default;
-  "probability"; or "similarity" of an embedding output to the FP32 input
-  ``reference_embedding``, [D] or [N, D]);
+  maps of flipped and rescaled copies), ``score`` ("logit", the default for class scores;
+  "probability"; "similarity" of an embedding output to the FP32 input
+  ``reference_embedding``, [D] or [N, D]; "region", the default for a segmentation output
+  [N, classes, h, w]) and ``output`` (the output explained, a name or an INT64 index;
+  default: the model's score output);
 - outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
   size of what was sent). No requested outputs means all of them. A request for the model's own
   outputs only runs the plain forward graph.
@@ -41,6 +46,7 @@ IMAGE_INPUT = "image"
 HEATMAP_OUTPUT = NAMES.heatmap
 TARGET_CLASS_INPUT = NAMES.target_class
 REFERENCE_INPUT = NAMES.reference_embedding
+MASK_INPUT = NAMES.target_mask
 SERVER_NAME = "gradcam"
 
 _DTYPES = {
@@ -60,13 +66,14 @@ _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "BYTES": "bytes_contents",
 }
-_KNOWN_PARAMETERS = {
-    "method": "string_param",
-    "target_layer": "string_param",
-    "counterfactual": "bool_param",
-    "eigen_smooth": "bool_param",
-    "aug_smooth": "bool_param",
-    "score": "string_param",
+_KNOWN_PARAMETERS = {  # the kinds each may come as
+    "method": ("string_param",),
+    "target_layer": ("string_param",),
+    "counterfactual": ("bool_param",),
+    "eigen_smooth": ("bool_param",),
+    "aug_smooth": ("bool_param",),
+    "score": ("string_param",),
+    "output": ("string_param", "int64_param"),
 }
 
 
@@ -117,25 +124,43 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(
                 f"unknown output {unknown[0]!r}; the model has {', '.join(available)}"
             )
-        expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT, REFERENCE_INPUT}
+        others = [i.name for i in model.other_inputs]
+        expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT, REFERENCE_INPUT,
+                    MASK_INPUT, *others}
         for name in inputs:
             if name not in expected:
+                also = f", the model's other input(s) {', '.join(others)}" if others else ""
                 raise InvalidInput(
                     f"unknown input {name!r}; send {model.input.name!r} (FP32 tensor) or "
-                    f"{IMAGE_INPUT!r} (BYTES, encoded images), and optionally "
-                    f"{TARGET_CLASS_INPUT!r} (INT64) or {REFERENCE_INPUT!r} (FP32)"
+                    f"{IMAGE_INPUT!r} (BYTES, encoded images){also}, and optionally "
+                    f"{TARGET_CLASS_INPUT!r} (INT64), {REFERENCE_INPUT!r} or {MASK_INPUT!r} "
+                    "(FP32)"
                 )
-        if (model.input.name in inputs) == (IMAGE_INPUT in inputs):
+        for name in (TARGET_CLASS_INPUT, REFERENCE_INPUT, MASK_INPUT, *others):
+            if isinstance(inputs.get(name), list):
+                raise InvalidInput(f"input {name!r} must be a numeric tensor, got BYTES")
+        # A model whose image input is itself named "image" takes both under that name, told
+        # apart by datatype: BYTES are encoded images, numbers the tensor.
+        encoded = inputs.get(IMAGE_INPUT)
+        if not isinstance(encoded, list):
+            if encoded is not None and model.input.name != IMAGE_INPUT:
+                raise InvalidInput(f"input {IMAGE_INPUT!r} must be BYTES holding encoded images")
+            encoded = None
+        x = inputs.get(model.input.name)
+        if isinstance(x, list):
+            if model.input.name != IMAGE_INPUT:
+                raise InvalidInput(f"input {model.input.name!r} must be FP32, got BYTES")
+            x = None
+        if (x is None) == (encoded is None):
             raise InvalidInput(
                 f"send exactly one of {model.input.name!r} (FP32 tensor) and "
                 f"{IMAGE_INPUT!r} (BYTES, encoded images)"
             )
         sizes = None
-        if IMAGE_INPUT in inputs:
-            images = inputs[IMAGE_INPUT]
-            if not isinstance(images, list) or not images:
-                raise InvalidInput(f"input {IMAGE_INPUT!r} must be BYTES holding at least one image")
-            x, sizes = await self.service.images_to_tensor(model, images)
+        if encoded is not None:
+            if not encoded:
+                raise InvalidInput(f"input {IMAGE_INPUT!r} must hold at least one image")
+            x, sizes = await self.service.images_to_tensor(model, encoded)
             if len(set(sizes)) > 1:
                 shown = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
                 raise InvalidInput(
@@ -143,13 +168,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "in separate requests or use the typed Explain API, which takes mixed sizes"
                 )
         else:
-            x = inputs[model.input.name]
-            if isinstance(x, list):
-                raise InvalidInput(f"input {model.input.name!r} must be FP32, got BYTES")
             self.service.check_tensor(model, x, f"input {model.input.name!r}")
-        target_class = inputs.get(TARGET_CLASS_INPUT)
-        if isinstance(target_class, list):
-            raise InvalidInput(f"{TARGET_CLASS_INPUT!r} must be INT64, got BYTES")
         explain = None
         if HEATMAP_OUTPUT in requested:
             explain = Explaining(
@@ -158,13 +177,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 counterfactual=bool(parameters.get("counterfactual", False)),
                 eigen_smooth=bool(parameters.get("eigen_smooth", False)),
                 aug_smooth=bool(parameters.get("aug_smooth", False)),
-                score=parameters.get("score", "logit"),
+                score=parameters.get("score"),
+                output=parameters.get("output"),
             )
-        reference = inputs.get(REFERENCE_INPUT)
-        if isinstance(reference, list):
-            raise InvalidInput(f"{REFERENCE_INPUT!r} must be FP32, got BYTES")
         result = await self.service.run(
-            model, x, explain=explain, target_class=target_class, reference=reference,
+            model, x, explain=explain, target_class=inputs.get(TARGET_CLASS_INPUT),
+            reference=inputs.get(REFERENCE_INPUT), mask=inputs.get(MASK_INPUT),
+            others={name: inputs[name] for name in others if name in inputs},
             deadline=deadline,
         )
         outputs = dict(result.outputs)
@@ -199,6 +218,9 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
             TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
             TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),
             TensorMetadata(name=REFERENCE_INPUT, datatype="FP32", shape=[-1, -1]),
+            TensorMetadata(name=MASK_INPUT, datatype="FP32", shape=[-1, -1, -1]),
+            *[TensorMetadata(name=i.name, datatype=_datatype_of(i.dtype), shape=list(i.shape))
+              for i in model.other_inputs],
         ],
         outputs=[
             *[TensorMetadata(name=o.name, datatype="FP32", shape=list(o.shape))
@@ -272,20 +294,21 @@ def _split_bytes(data: bytes, name: str) -> list[bytes]:
     return items
 
 
-def _parameters(parameters) -> dict[str, str | bool]:
-    """The request parameters this API reads: `method` and `target_layer` (strings) and
-    `counterfactual`, `eigen_smooth` and `aug_smooth` (bools), `score` (string); others are
-    ignored, as
+def _parameters(parameters) -> dict[str, str | bool | int]:
+    """The request parameters this API reads (`_KNOWN_PARAMETERS`); others are ignored, as
     KServe servers do."""
-    values: dict[str, str | bool] = {}
-    for key, kind in _KNOWN_PARAMETERS.items():
+    values: dict[str, str | bool | int] = {}
+    for key, kinds in _KNOWN_PARAMETERS.items():
         if key not in parameters:
             continue
         parameter = parameters[key]
-        if parameter.WhichOneof("parameter_choice") != kind:
-            raise InvalidInput(f"parameter {key!r} must be a {kind.split('_')[0]}")
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind not in kinds:
+            raise InvalidInput(
+                f"parameter {key!r} must be a " + " or ".join(k.split("_")[0] for k in kinds)
+            )
         value = getattr(parameter, kind)
-        if value:
+        if value or kind == "int64_param":
             values[key] = value
     return values
 

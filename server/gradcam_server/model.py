@@ -1,6 +1,10 @@
 """One served model: its sessions (plain forward, and one augmented graph per target layer),
 its preprocessing, and the facts clients may ask about it.
 
+A model explains one of its outputs: class scores [N, classes] (scores "logit",
+"probability"), an embedding [N, D] ("similarity") or a segmentation map [N, classes, h, w]
+("region", the default for such an output). Inputs other than the image are fed as they are.
+
 Everything here is synchronous and thread-safe: the batchers call `forward` and `explain` from
 their worker threads, never from the event loop.
 """
@@ -19,7 +23,7 @@ import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
 from .augment.passes import ALL_METHODS, NAMES
-from .augment.targets import image_input, spatial_axes
+from .augment.targets import image_input, score_output_name, spatial_axes
 from .config import ModelConfig, read_config
 from .errors import InvalidInput
 from .runtime import RuntimeOptions, create_session
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 METHODS = ALL_METHODS
-SERVED_SCORES = ("logit", "probability", "similarity")  # "region" is the augmenter's alone
+SERVED_SCORES = ("logit", "probability", "similarity", "region")
 DEFAULT_MAX_BATCH_SIZE = 8
 _CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)
 
@@ -43,7 +47,9 @@ class Explaining:
     counterfactual: bool = False
     eigen_smooth: bool = False
     aug_smooth: bool = False
-    score: str = "logit"  # or "probability", or "similarity" to a reference embedding
+    score: str | None = None  # "logit" (or "region" for a segmentation output) when None
+    output: str | int | None = None  # the output explained: a name or an index
+
 
     @property
     def graph(self) -> str:
@@ -51,7 +57,7 @@ class Explaining:
         options = [
             o for o in ("counterfactual", "eigen_smooth", "aug_smooth") if getattr(self, o)
         ]
-        if self.score != "logit":
+        if self.score not in (None, "logit", "region"):
             options.append(self.score)
         return "/".join([self.method or "default", *options])
 
@@ -60,6 +66,7 @@ class Explaining:
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # -1 where the graph leaves a dimension free
+    dtype: np.dtype = np.dtype(np.float32)
 
 
 class ServedModel:
@@ -69,19 +76,18 @@ class ServedModel:
         self.name = name
         self.runtime = runtime
         self._proto = load_model(folder / MODEL_FILE)
-        image = image_input(self._proto)
-        self.input = TensorInfo(image.name, _dims(image))
-        graph_size = tuple(self.input.shape[axis] for axis in spatial_axes(image))
-        self.config: ModelConfig = read_config(
-            folder, graph_size if all(d > 0 for d in graph_size) else None
-        )
-        if self.config.input and self.config.input != image.name:
-            raise AugmentError(
-                f"config input {self.config.input!r} is not the graph's image input {image.name!r}"
-            )
-        self.score_output = self.config.score_output or self._proto.graph.output[0].name
-        self.outputs = tuple(
-            TensorInfo(o.name, _dims(o)) for o in self._proto.graph.output
+        graph_input = image_input(self._proto) if _single_input(self._proto) else None
+        self.config: ModelConfig = read_config(folder, _static_size(graph_input))
+        image = image_input(self._proto, self.config.input)
+        if graph_input is None:
+            self.config = read_config(folder, _static_size(image))
+        self.input = _info(image)
+        self.score_output = score_output_name(self._proto, self.config.score_output)
+        self.outputs = tuple(_info(o) for o in self._proto.graph.output)
+        initializers = {init.name for init in self._proto.graph.initializer}
+        self.other_inputs = tuple(  # fed as they are, by name
+            _info(i) for i in self._proto.graph.input
+            if i.name not in initializers and i.name != image.name
         )
         self.fixed_batch = self.input.shape[0] if self.input.shape[0] > 0 else None
         self.max_batch_size = (
@@ -96,13 +102,16 @@ class ServedModel:
             layer=self.config.target_layer,
             output=self.score_output,
             method=self.config.method,
+            score=self.default_score(self.score_output),
+            input=self.input.name,
         )
         self.default_layer = _exposed_layer(augmented)
-        self._default = Explaining(self.config.method, self.default_layer)
+        self._default = self.resolve(Explaining(self.config.method, self.default_layer))
         self._default_explainer = create_session(augmented, runtime)
         del augmented
         self.providers = tuple(self._forward.get_providers())
-        self.num_classes, self.layer_shape = self._warm_up()
+        self.output_shapes, self.layer_shape = self._warm_up()  # shapes at `input_hw`
+        self.num_classes = self.output_shapes[self.score_output][0]
         if self.config.labels is not None and len(self.config.labels) != self.num_classes:
             raise AugmentError(
                 f"labels list {len(self.config.labels)} names for {self.num_classes} classes"
@@ -113,29 +122,48 @@ class ServedModel:
     def labels(self) -> tuple[str, ...] | None:
         return self.config.labels
 
-    def label(self, index: int) -> str:
-        return self.labels[index] if self.labels else ""
+    def label(self, index: int, output: str) -> str:
+        """The name of class `index` of `output`; labels name the default output's classes."""
+        return self.labels[index] if self.labels and output == self.score_output else ""
 
     @property
     def input_hw(self) -> tuple[int, int]:
         """(H, W) the graph is fed at: images are resized to this."""
         return self.config.preprocessing.size
 
+    def default_score(self, output: str) -> str:
+        """"region" for a segmentation output [N, classes, h, w], else "logit"."""
+        return "region" if len(self.output_info(output).shape) == 4 else "logit"
+
+    def output_info(self, name: str) -> TensorInfo:
+        return next(o for o in self.outputs if o.name == name)
+
+    def is_segmentation(self, request: Explaining) -> bool:
+        return self.resolve(request).score == "region"
+
     def resolve(self, request: Explaining) -> Explaining:
-        """`request` with the model's defaults filled in; InvalidInput for an unknown method."""
+        """`request` with the model's defaults filled in; InvalidInput for an unknown method,
+        score or output."""
         method = request.method or self.config.method
         if method not in METHODS:
             raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-        if request.score not in SERVED_SCORES:
+        try:
+            output = score_output_name(self._proto, request.output or self.score_output)
+        except AugmentError as error:
+            raise InvalidInput(str(error)) from error
+        score = request.score or self.default_score(output)
+        if score not in SERVED_SCORES:
             raise InvalidInput(
-                f"unknown score {request.score!r}; available: {', '.join(SERVED_SCORES)}"
+                f"unknown score {score!r}; available: {', '.join(SERVED_SCORES)}"
             )
-        return replace(request, method=method, layer=request.layer or self.default_layer)
+        return replace(request, method=method, layer=request.layer or self.default_layer,
+                       score=score, output=output)
 
     # -- running -----------------------------------------------------------------------------
-    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """The plain graph's outputs for a batch [N, ...] of preprocessed images."""
-        return self._run(self._forward, {self.input.name: x})
+    def forward(self, x: np.ndarray, others: dict[str, np.ndarray] | None = None) -> dict:
+        """The plain graph's outputs for a batch [N, ...] of preprocessed images (and the
+        model's other inputs, [N, ...] each)."""
+        return self._run(self._forward, {self.input.name: x, **(others or {})})
 
     def explain(
         self,
@@ -143,12 +171,17 @@ class ServedModel:
         target_class: np.ndarray,
         request: Explaining,
         reference: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        others: dict[str, np.ndarray] | None = None,
     ) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap.
-        `reference` [N, D] is the reference embedding of the "similarity" score."""
-        feeds = {self.input.name: x, NAMES.target_class: target_class}
+        `reference` [N, D] is the reference embedding of the "similarity" score, `mask`
+        [N, h, w] the region of the "region" score (all negative: the predicted region)."""
+        feeds = {self.input.name: x, NAMES.target_class: target_class, **(others or {})}
         if reference is not None:
             feeds[NAMES.reference_embedding] = reference
+        if mask is not None:
+            feeds[NAMES.target_mask] = mask
         return self._run(self.explainer(request), feeds)
 
     def is_built(self, request: Explaining) -> bool:
@@ -168,9 +201,9 @@ class ServedModel:
                 return self._explainers[key]
             try:
                 augmented = augment_model(
-                    self._proto, layer=key.layer, output=self.score_output, method=key.method,
+                    self._proto, layer=key.layer, output=key.output, method=key.method,
                     counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
-                    aug_smooth=key.aug_smooth, score=key.score,
+                    aug_smooth=key.aug_smooth, score=key.score, input=self.input.name,
                 )
             except AugmentError as error:
                 raise InvalidInput(str(error)) from error
@@ -196,8 +229,9 @@ class ServedModel:
             chunks.append([out[:rows] for out in session.run(names, part)])
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
-    def _warm_up(self) -> tuple[int, tuple[int, ...]]:
-        """One run of each session; returns the class count and the default layer's shape."""
+    def _warm_up(self) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
+        """One run of each session on blank inputs; returns each output's shape past the batch
+        axis, and the default layer's."""
         height, width = self.input_hw
         channels = self.input.shape[1] if self.input.shape[1] > 0 else 3
         batch = self.fixed_batch or 1
@@ -205,9 +239,37 @@ class ServedModel:
             x = np.zeros((batch, height, width, self.input.shape[3]), dtype=np.float32)
         else:
             x = np.zeros((batch, channels, height, width), dtype=np.float32)
-        scores = self.forward(x)[self.score_output]
-        explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default)
-        return int(scores.shape[1]), tuple(explained[NAMES.activations].shape[1:])
+        others = {
+            i.name: np.zeros((batch, *(max(d, 1) for d in i.shape[1:])), dtype=i.dtype)
+            for i in self.other_inputs
+        }
+        shapes = {name: value.shape[1:] for name, value in self.forward(x, others).items()}
+        mask = None
+        if self._default.score == "region":
+            mask = np.full((batch, *shapes[self.score_output][1:]), -1.0, dtype=np.float32)
+        explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default,
+                                 mask=mask, others=others)
+        return shapes, tuple(explained[NAMES.activations].shape[1:])
+
+
+def _single_input(model: onnx.ModelProto) -> bool:
+    initializers = {init.name for init in model.graph.initializer}
+    return sum(i.name not in initializers for i in model.graph.input) == 1
+
+
+def _static_size(image: onnx.ValueInfoProto | None) -> tuple[int, int] | None:
+    """The graph's static (H, W) for `image`, if both are fixed."""
+    if image is None:
+        return None
+    dims = _dims(image)
+    size = tuple(dims[axis] for axis in spatial_axes(image))
+    return size if all(d > 0 for d in size) else None
+
+
+def _info(value: onnx.ValueInfoProto) -> TensorInfo:
+    elem_type = value.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+    return TensorInfo(value.name, _dims(value),
+                      np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:

@@ -30,6 +30,8 @@ class _Call:
     x: np.ndarray
     target_class: np.ndarray | None
     reference: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    others: dict[str, np.ndarray] = field(default_factory=dict)
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -42,6 +44,9 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Prediction:
+    """A class the model predicts: for a classifier its softmax probability and logit; for a
+    segmentation map the share of pixels predicted as the class and its mean score."""
+
     class_index: int
     label: str
     score: float
@@ -139,9 +144,10 @@ class GradCamService:
             raise InvalidInput(f"{what} contains NaN or Inf values")
 
     def check_target_class(
-        self, model: ServedModel, target_class: np.ndarray | None, rows: int
+        self, model: ServedModel, explain: Explaining, target_class: np.ndarray | None, rows: int
     ) -> np.ndarray:
         """INT64 [N]: c in [0, classes) explains class c, -1 the top-1 class (-r the r-th)."""
+        classes = model.output_shapes[model.resolve(explain).output][0]
         if target_class is None:
             return np.full(rows, -1, dtype=np.int64)
         target_class = np.asarray(target_class)
@@ -152,11 +158,11 @@ class GradCamService:
                 f"target_class must have shape [{rows}] (one per image), "
                 f"got {_shape(target_class.shape)}"
             )
-        bad = (target_class >= model.num_classes) | (target_class < -model.num_classes)
+        bad = (target_class >= classes) | (target_class < -classes)
         if bad.any():
             raise InvalidInput(
                 f"target_class {int(target_class[bad][0])} is out of range: the model has "
-                f"{model.num_classes} classes (0..{model.num_classes - 1}, or -1 for the top one)"
+                f"{classes} classes (0..{classes - 1}, or -1 for the top one)"
             )
         return target_class
 
@@ -177,7 +183,7 @@ class GradCamService:
                 f"the reference embedding must be FP32 [D] or [N, D], got {reference.dtype} "
                 f"{_shape(reference.shape)}"
             )
-        width = next(o.shape[-1] for o in model.outputs if o.name == model.score_output)
+        width = model.output_shapes[explain.output][-1]
         if width > 0 and reference.shape[-1] != width:
             raise InvalidInput(
                 f"the reference embedding has {reference.shape[-1]} values per image; the "
@@ -191,6 +197,56 @@ class GradCamService:
             raise InvalidInput("the reference embedding contains NaN or Inf values")
         return np.ascontiguousarray(reference)
 
+    def check_mask(
+        self, model: ServedModel, explain: Explaining, mask: np.ndarray | None, rows: int
+    ) -> np.ndarray | None:
+        """The region of the "region" score as FP32 [rows, h, w] at the segmentation output's
+        size: a given [h', w'] (every image) or [N, h', w'] mask of any size is resized to it
+        (nearest pixel: a region stays a set of pixels); none means each class's predicted
+        region (all -1)."""
+        if explain.score != "region":
+            if mask is not None:
+                raise InvalidInput("a target mask is only used with score 'region'")
+            return None
+        size = model.output_shapes[explain.output][1:]
+        if mask is None:
+            return np.full((rows, *size), -1.0, dtype=np.float32)
+        mask = np.asarray(mask)
+        if mask.dtype != np.float32 or mask.ndim not in (2, 3) or 0 in mask.shape:
+            raise InvalidInput(
+                f"the target mask must be FP32 [h, w] or [N, h, w], got {mask.dtype} "
+                f"{_shape(mask.shape)}"
+            )
+        if mask.ndim == 3 and len(mask) != rows:
+            raise InvalidInput(f"the target mask has {len(mask)} rows for {rows} images")
+        if mask.shape[-2] * mask.shape[-1] > self.max_pixels:
+            raise InvalidInput(f"the target mask is over the limit of {self.max_pixels} pixels")
+        if not np.isfinite(mask).all():
+            raise InvalidInput("the target mask contains NaN or Inf values")
+        rows_of = mask if mask.ndim == 3 else [mask] * rows
+        return np.stack([_resize(m, size[::-1], Image.NEAREST) for m in rows_of])
+
+    def check_other_inputs(
+        self, model: ServedModel, others: dict[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
+        """The model's inputs besides the image: each one given, [rows, ...] of its dtype."""
+        missing = [i.name for i in model.other_inputs if i.name not in others]
+        if missing:
+            raise InvalidInput(f"the model also needs the input(s) {', '.join(missing)}")
+        checked = {}
+        for info in model.other_inputs:
+            value = np.asarray(others[info.name])
+            if value.dtype != info.dtype:
+                raise InvalidInput(f"input {info.name!r} must be {info.dtype}, got {value.dtype}")
+            fixed = all(w < 0 or w == g for w, g in zip(info.shape[1:], value.shape[1:]))
+            if value.ndim != len(info.shape) or len(value) != rows or not fixed:
+                raise InvalidInput(
+                    f"input {info.name!r} has shape {_shape(value.shape)}; the model expects "
+                    f"{_shape(info.shape)} with {rows} rows"
+                )
+            checked[info.name] = value
+        return checked
+
     # -- running -----------------------------------------------------------------------------
     async def run(
         self,
@@ -200,22 +256,27 @@ class GradCamService:
         explain: Explaining | None,
         target_class: np.ndarray | None = None,
         reference: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        others: dict[str, np.ndarray] | None = None,
         deadline: float | None = None,
     ) -> RunResult:
         """Run a validated batch through the model's batcher: the plain graph (`explain` None)
         or the augmented graph `explain` asks for, built on first use. `reference` is the
-        reference embedding of the "similarity" score ([D] or [N, D])."""
+        reference embedding of the "similarity" score ([D] or [N, D]), `mask` the region of
+        the "region" score (`check_mask`), `others` the model's other inputs by name."""
+        others = self.check_other_inputs(model, others or {}, len(x))
         if explain is not None:
             explain = model.resolve(explain)
-            target_class = self.check_target_class(model, target_class, len(x))
+            target_class = self.check_target_class(model, explain, target_class, len(x))
             reference = self.check_reference(model, explain, reference, len(x))
+            mask = self.check_mask(model, explain, mask, len(x))
             if not model.is_built(explain):  # InvalidInput if it can't be built
                 await asyncio.to_thread(model.explainer, explain)
         key = (model.name, explain, x.shape[1:])
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = self._batchers[key] = self._make_batcher(model, explain)
-        call = _Call(x, target_class, reference)
+        call = _Call(x, target_class, reference, mask, others)
         return await batcher.submit(call, size=len(x), deadline=deadline)
 
     def _make_batcher(self, model: ServedModel, explain: Explaining | None) -> DynamicBatcher:
@@ -224,14 +285,17 @@ class GradCamService:
         def run_batch(calls: list[_Call]) -> list[RunResult]:
             start = time.perf_counter()
             x = np.concatenate([c.x for c in calls]) if len(calls) > 1 else calls[0].x
+            others = {n: np.concatenate([c.others[n] for c in calls]) for n in calls[0].others}
             if explain is None:
-                outputs = model.forward(x)
+                outputs = model.forward(x, others)
             else:
                 classes = np.concatenate([c.target_class for c in calls])
-                reference = None
+                reference = mask = None
                 if explain.score == "similarity":
                     reference = np.concatenate([c.reference for c in calls])
-                outputs = model.explain(x, classes, explain, reference)
+                if explain.score == "region":
+                    mask = np.concatenate([c.mask for c in calls])
+                outputs = model.explain(x, classes, explain, reference, mask, others)
             run_seconds = time.perf_counter() - start
             results, row = [], 0
             for call in calls:
@@ -271,6 +335,7 @@ class GradCamService:
         *,
         request: Explaining = Explaining(),
         reference: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
         class_index: int | None = None,
         top_k: int | None = None,
         num_predictions: int = 5,
@@ -278,15 +343,18 @@ class GradCamService:
         deadline: float | None = None,
     ) -> Explained:
         """Explain images of any sizes: encoded images are preprocessed to the model's size,
-        tensors ([C, H, W]) are taken as they are; images of one shape share a batch."""
+        tensors ([C, H, W]) are taken as they are; images of one shape share a batch.
+        `mask` is the region of the "region" score ([h, w] or [N, h, w], `check_mask`)."""
         if not images:
             raise InvalidInput("the request holds no image")
         _check_count(len(images))
         request = model.resolve(request)
-        if top_k is not None and not 1 <= top_k <= min(model.num_classes, 20):
-            raise InvalidInput(f"top_k must be in 1..{min(model.num_classes, 20)}, got {top_k}")
+        classes = model.output_shapes[request.output][0]
+        if top_k is not None and not 1 <= top_k <= min(classes, 20):
+            raise InvalidInput(f"top_k must be in 1..{min(classes, 20)}, got {top_k}")
         if class_index is not None:
-            self.check_target_class(model, np.array([class_index], dtype=np.int64), 1)
+            self.check_target_class(model, request, np.array([class_index], dtype=np.int64), 1)
+        mask = self.check_mask(model, request, mask, len(images))
         ranks = top_k or 1
         started = time.perf_counter()
         tensors, sizes = await self._prepare_mixed(model, images)
@@ -306,13 +374,14 @@ class GradCamService:
             rows_reference = reference
             if reference is not None and reference.ndim == 2:
                 rows_reference = np.repeat(reference[indices], ranks, axis=0)
+            rows_mask = None if mask is None else np.repeat(mask[indices], ranks, axis=0)
             if class_index is not None:
                 classes = np.full(len(x), class_index, dtype=np.int64)
             else:
                 classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
             calls.append(
                 self.run(model, x, explain=request, target_class=classes,
-                         reference=rows_reference, deadline=deadline)
+                         reference=rows_reference, mask=rows_mask, deadline=deadline)
             )
         results = await asyncio.gather(*calls)
 
@@ -321,8 +390,9 @@ class GradCamService:
             for position, index in enumerate(indices):
                 rows = slice(position * ranks, (position + 1) * ranks)
                 explanations[index] = self._explanation(
-                    model, result.outputs, rows, sizes[index], class_index,
+                    model, request, result.outputs, rows, sizes[index], class_index,
                     num_predictions, num_channels,
+                    mask[index] if mask is not None and mask[index].max() >= 0 else None,
                 )
         return Explained(
             explanations=tuple(explanations),
@@ -356,21 +426,40 @@ class GradCamService:
     def _explanation(
         self,
         model: ServedModel,
+        request: Explaining,
         outputs: dict[str, np.ndarray],
         rows: slice,
         size: tuple[int, int],
         class_index: int | None,
         num_predictions: int,
         num_channels: int,
+        mask: np.ndarray | None,
     ) -> ImageExplanation:
-        logits = outputs[model.score_output][rows][0].astype(np.float64)
-        probabilities = np.exp(logits - logits.max())
-        probabilities /= probabilities.sum()
-        order = np.argsort(-logits, kind="stable")
-        predictions = tuple(
-            Prediction(int(c), model.label(int(c)), float(probabilities[c]), float(logits[c]))
-            for c in order[:num_predictions]
-        )
+        """One image's maps and predictions. Classes are ranked as the graph ranks them: by
+        score; for a segmentation map by predicted area, or by score summed over `mask`."""
+        scores = outputs[request.output][rows][0].astype(np.float64)
+
+        def prediction(c: int, score: float, logit: float) -> Prediction:
+            return Prediction(int(c), model.label(int(c), request.output), score, logit)
+
+        if scores.ndim == 3:  # [classes, h, w]
+            predicted = np.bincount(scores.argmax(0).ravel(), minlength=len(scores))
+            shares = predicted / predicted.sum()
+            means = scores.mean(axis=(1, 2))
+            ranking = shares if mask is None else (scores * mask).sum(axis=(1, 2))
+            order = np.argsort(-ranking, kind="stable")
+            predictions = tuple(
+                prediction(c, float(shares[c]), float(means[c]))
+                for c in np.argsort(-shares, kind="stable")[:num_predictions]
+            )
+        else:
+            probabilities = np.exp(scores - scores.max())
+            probabilities /= probabilities.sum()
+            order = np.argsort(-scores, kind="stable")
+            predictions = tuple(
+                prediction(c, float(probabilities[c]), float(scores[c]))
+                for c in order[:num_predictions]
+            )
         weights = outputs[NAMES.gradients][rows].mean(axis=(2, 3))
         maps = []
         for rank, heatmap in enumerate(outputs[NAMES.heatmap][rows]):
@@ -382,7 +471,7 @@ class GradCamService:
             maps.append(
                 ClassMap(
                     class_index=explained,
-                    label=model.label(explained),
+                    label=model.label(explained, request.output),
                     heatmap=resize_heatmap(heatmap, size),
                     channels=tuple((int(c), float(weights[rank][c])) for c in top),
                 )
@@ -392,10 +481,17 @@ class GradCamService:
 
 def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a [h, w] map to (width, height), clipped back into [0, 1]."""
-    if heatmap.shape[::-1] == tuple(size):
-        return heatmap.astype(np.float32, copy=False)
-    resized = Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    return np.clip(_resize(heatmap, size), 0.0, 1.0)
+
+
+def _resize(
+    values: np.ndarray, size: tuple[int, int], resample: int = Image.BILINEAR
+) -> np.ndarray:
+    """Resize of a float [h, w] array to (width, height)."""
+    if values.shape[::-1] == tuple(size):
+        return values.astype(np.float32, copy=False)
+    resized = Image.fromarray(values.astype(np.float32)).resize(size, resample)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def _check_count(count: int) -> None:

@@ -67,10 +67,13 @@ def detect_target_layer(b: GraphBuilder, score_output: str, image: str) -> str:
 def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str:
     """A segmentation network's default target: of the 4-D float maps on the way from the
     image to the output whose spatial size shape inference knows, the last (in graph order)
-    of the smallest size above 1 x 1 (globally pooled context branches are skipped): the end of
-    the encoder, where pytorch-grad-cam's segmentation tutorial targets the backbone."""
+    of the smallest size above 1 x 1: the end of the encoder, where pytorch-grad-cam's
+    segmentation tutorial targets the backbone. Globally pooled context branches (1 x 1) are
+    skipped, and so are maps with one channel per class (the class scores before they are
+    upsampled, whose map would only repeat the score)."""
     nodes = list(b.graph.node)
     on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
+    classes = (b.static_shape(score_output) or (None, None))[1]
     best, best_area = None, None
     for node in nodes:
         for tensor in node.output:
@@ -79,6 +82,7 @@ def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str
                 tensor not in on_path or shape is None or len(shape) != 4
                 or b.elem_type(tensor) not in _FLOATS
                 or not all(isinstance(d, int) for d in shape[2:])
+                or shape[1] == classes
             ):
                 continue
             area = shape[2] * shape[3]
