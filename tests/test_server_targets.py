@@ -279,3 +279,20 @@ def test_bad_two_input_requests_are_refused(client, stub) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest(model="two_heads"), timeout=CALL_TIMEOUT_S)
     assert list(info.other_inputs) == ["meta"]
     assert info.input == "image"
+
+
+def test_client_sdk_sends_masks_per_image_and_the_output(server, stub, segmenter) -> None:
+    """The SDK takes an [N, h, w] mask (split with the images across requests) and an output
+    name; each image's explained class is the one of highest score over its own mask."""
+    from gradcam_client import GradCamClient
+
+    x = images(2, seed=5)
+    masks = np.zeros((2, SIZE, SIZE), dtype=np.float32)
+    masks[0, :, : SIZE // 2] = 1.0  # left half
+    masks[1, :, SIZE // 2:] = 1.0  # right half
+    with torch.no_grad():
+        scores = segmenter(torch.from_numpy(x))
+    best = (scores * torch.from_numpy(masks)[:, None]).sum((2, 3)).argmax(1).tolist()
+    with GradCamClient(server.address) as client:
+        explained = client.explain(x, model="segmenter", target_mask=masks, output="scores")
+    assert [e.heatmaps[0].class_index for e in explained] == best

@@ -336,6 +336,8 @@ def _requests(
     aug_smooth: bool,
     score: str | None,
     reference_embedding: np.ndarray | None,
+    target_mask: np.ndarray | None,
+    output: str | None,
     num_predictions: int,
     num_channels: int,
 ) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
@@ -348,15 +350,12 @@ def _requests(
     elif top_k is not None:
         target.top_k = int(top_k)
     options = pb.ExplainOptions(num_predictions=num_predictions, num_channels=num_channels)
-    reference = None
-    if reference_embedding is not None:
-        array = np.ascontiguousarray(reference_embedding, dtype="<f4")
-        reference = pb.Tensor(shape=list(array.shape), data=array.tobytes())
     method_enum = _method_enum(method)
     prepared = _prepare(images)
     requests, sources = [], []
     for start in range(0, len(prepared), IMAGES_PER_REQUEST):
         chunk = prepared[start : start + IMAGES_PER_REQUEST]
+        rows = slice(start, start + len(chunk))
         requests.append(
             pb.ExplainRequest(
                 model=model, images=[message for message, _ in chunk], method=method_enum,
@@ -364,12 +363,25 @@ def _requests(
                 layers=[] if layer is None or isinstance(layer, str) else list(layer),
                 counterfactual=counterfactual,
                 eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, score=score or "",
-                reference_embedding=reference,
+                reference_embedding=_rows_tensor(reference_embedding, 2, rows),
+                target_mask=_rows_tensor(target_mask, 3, rows), output=output or "",
                 options=options,
             )
         )
         sources.append([source for _, source in chunk])
     return requests, sources
+
+
+def _rows_tensor(value: Any, batched_rank: int, rows: slice) -> pb.Tensor | None:
+    """`value` as a float32 Tensor message; of `batched_rank` (one row per image), only the
+    `rows` of this request's images."""
+    if value is None:
+        return None
+    array = np.asarray(value, dtype="<f4")
+    if array.ndim == batched_rank:
+        array = array[rows]
+    array = np.ascontiguousarray(array)
+    return pb.Tensor(shape=list(array.shape), data=array.tobytes())
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -600,6 +612,7 @@ class GradCamClient(_Client):
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
         eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
+        target_mask: Any = ..., output: str | None = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -608,7 +621,8 @@ class GradCamClient(_Client):
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ..., num_predictions: int = ...,
+        reference_embedding: Any = ...,
+        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
@@ -618,7 +632,8 @@ class GradCamClient(_Client):
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ..., num_predictions: int = ...,
+        reference_embedding: Any = ...,
+        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
@@ -637,6 +652,8 @@ class GradCamClient(_Client):
         aug_smooth: bool = False,
         score: str | None = None,
         reference_embedding: Any = None,
+        target_mask: Any = None,
+        output: str | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -651,8 +668,12 @@ class GradCamClient(_Client):
         score: the regions whose removal would raise the class score; ``eigen_smooth`` projects
         the per-channel contributions on their first principal component; ``aug_smooth``
         averages the maps of flipped and rescaled copies of each image. ``score`` is
-        "logit" (default), "probability", or "similarity" of the model's output (an embedding)
-        to ``reference_embedding`` ([D] for all images, or [N, D]). ``num_predictions`` and
+        "logit" (the default for classifiers), "probability", "similarity" of the model's
+        output (an embedding) to ``reference_embedding`` ([D] for all images, or [N, D]), or
+        "region" (the default for segmentation models): the class's scores summed over
+        ``target_mask`` ([h, w] for all images or [N, h, w], any size; None: each class's
+        predicted region). ``output`` names the graph output explained (None: the model's
+        score output). ``num_predictions`` and
         ``num_channels`` bound the predictions and channel importances returned. ``timeout``
         overrides the client's deadline for each request. Raises a `GradCamError` subclass,
         FileNotFoundError for a missing path, TypeError for something that is not an image.
@@ -661,8 +682,8 @@ class GradCamClient(_Client):
             images, model=model, method=method, target_class=target_class, top_k=top_k,
             layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             aug_smooth=aug_smooth, score=score,
-            reference_embedding=reference_embedding, num_predictions=num_predictions,
-            num_channels=num_channels,
+            reference_embedding=reference_embedding, target_mask=target_mask, output=output,
+            num_predictions=num_predictions, num_channels=num_channels,
         )
         results: list[Explanation] = []
         for request, request_sources in zip(requests, sources):
@@ -757,6 +778,7 @@ class AsyncGradCamClient(_Client):
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
         eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
+        target_mask: Any = ..., output: str | None = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -765,7 +787,8 @@ class AsyncGradCamClient(_Client):
         self, images: np.ndarray, *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ..., num_predictions: int = ...,
+        reference_embedding: Any = ...,
+        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
@@ -775,7 +798,8 @@ class AsyncGradCamClient(_Client):
         self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ..., num_predictions: int = ...,
+        reference_embedding: Any = ...,
+        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
@@ -794,6 +818,8 @@ class AsyncGradCamClient(_Client):
         aug_smooth: bool = False,
         score: str | None = None,
         reference_embedding: Any = None,
+        target_mask: Any = None,
+        output: str | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -803,6 +829,7 @@ class AsyncGradCamClient(_Client):
             _requests, images, model=model, method=method, target_class=target_class,
             top_k=top_k, layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             aug_smooth=aug_smooth, score=score, reference_embedding=reference_embedding,
+            target_mask=target_mask, output=output,
             num_predictions=num_predictions, num_channels=num_channels,
         )
 
