@@ -46,7 +46,12 @@ def exported(segmenter: Segmenter, tmp_path_factory: pytest.TempPathFactory) -> 
     return path
 
 
-def test_region_score_gradients_match_torch(segmenter: Segmenter, exported: Path) -> None:
+@pytest.mark.parametrize("mask_scale", [1, 2])
+def test_region_score_gradients_match_torch(
+    segmenter: Segmenter, exported: Path, mask_scale: int
+) -> None:
+    """The mask given at the output's size, or at half of it (resized in the graph: nearest,
+    exact for this block mask)."""
     x = zoo.sample_batch(2)
     captured = {}
     hook = segmenter.net.backbone.register_forward_hook(
@@ -63,9 +68,10 @@ def test_region_score_gradients_match_torch(segmenter: Segmenter, exported: Path
     session = zoo.ort_session(
         augment_model(exported, layer=layer, score="region").SerializeToString()
     )
+    given = mask[:, ::mask_scale, ::mask_scale]
     out = dict(zip(
         [o.name for o in session.get_outputs()],
-        session.run(None, {"input": x, "target_class": np.array([3, -1]), "target_mask": mask}),
+        session.run(None, {"input": x, "target_class": np.array([3, -1]), "target_mask": given}),
     ))
 
     image = torch.from_numpy(x)

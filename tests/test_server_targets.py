@@ -295,4 +295,41 @@ def test_client_sdk_sends_masks_per_image_and_the_output(server, stub, segmenter
     best = (scores * torch.from_numpy(masks)[:, None]).sum((2, 3)).argmax(1).tolist()
     with GradCamClient(server.address) as client:
         explained = client.explain(x, model="segmenter", target_mask=masks, output="scores")
+        info = client.model_info("segmenter")
     assert [e.heatmaps[0].class_index for e in explained] == best
+    assert (info.default_score, info.other_inputs) == ("region", ())
+
+
+def test_command_line_mask_is_a_picture(server, tmp_path: Path) -> None:
+    """`gradcam explain --mask PICTURE`: the picture's non-black pixels are the region; the
+    saved heatmap is the SDK's for the same 0/1 mask."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from gradcam_client import GradCamClient
+
+    photo = tmp_path / "photo.png"
+    pixels = np.random.default_rng(6).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photo)
+    region = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    region[4:20, 10:30] = 200
+    Image.fromarray(region).save(tmp_path / "mask.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "gradcam_client", "explain", str(photo), "--model", "segmenter",
+         "--method", "hirescam", "--mask", str(tmp_path / "mask.png"),
+         "--save-npy", str(tmp_path / "map.npy"), "--server", server.address],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with GradCamClient(server.address) as client:
+        expected = client.explain(photo, model="segmenter", method="hirescam",
+                                  target_mask=(region > 0).astype(np.float32))
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected.heatmap, atol=1e-6)
+    missing = subprocess.run(
+        [sys.executable, "-m", "gradcam_client", "explain", str(photo), "--model", "segmenter",
+         "--mask", str(tmp_path / "absent.png"), "--server", server.address],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert missing.returncode == 1 and "cannot read the mask" in missing.stderr

@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
     if not 0.0 <= args.opacity <= 1.0:
         raise CommandError(f"--opacity must be in [0, 1], got {args.opacity:g}")
+    if args.mask is not None:
+        args.mask = _read_mask(args.mask)
     images, many = _collect(args.images)
     if not many:
         _explain_one(client, args, images[0], args.output, args.save_npy)
@@ -103,6 +105,15 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _read_mask(path: Path) -> np.ndarray:
+    """A region mask from a picture: its non-black pixels, as float32 [h, w] of 0 and 1."""
+    try:
+        with Image.open(path) as picture:
+            return (np.asarray(picture.convert("L")) > 0).astype(np.float32)
+    except OSError as error:
+        raise CommandError(f"cannot read the mask {path}: {_os_message(error)}") from None
+
+
 def _explain_one(
     client: GradCamClient,
     args: argparse.Namespace,
@@ -116,6 +127,7 @@ def _explain_one(
             image, model=args.model, method=args.method, target_class=args.target_class,
             top_k=args.top_k, layer=args.layer, counterfactual=args.counterfactual,
             eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
+            target_mask=args.mask, output=args.score_output,
         )
     except InvalidInputError as error:
         if _IMAGE_PREFIX.match(error.message):  # about this image, not the whole request
@@ -330,6 +342,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--eigen-smooth", action="store_true",
                          help="project the channel contributions on their first principal "
                               "component instead of summing them")
+    explain.add_argument("--mask", type=Path, metavar="PICTURE",
+                         help="segmentation models: explain the class over this region, the "
+                              "picture's non-black pixels (default: its predicted region)")
+    explain.add_argument("--score-output", metavar="NAME",
+                         help="the graph output explained (default: the model's)")
     explain.add_argument("-o", "--output", type=Path, metavar="PATH",
                          help="overlay file (one image) or folder (several)")
     explain.add_argument("--save-npy", type=Path, metavar="PATH",

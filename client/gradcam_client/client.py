@@ -193,6 +193,8 @@ class ModelInfo:
     methods: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    default_score: str  # "logit", or "region" for a segmentation model
+    other_inputs: tuple[str, ...]  # graph inputs besides the image (fed through KServe only)
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -437,6 +439,8 @@ def _model_info(message: pb.ModelInfo) -> ModelInfo:
         methods=tuple(_method_name(m) for m in message.methods),
         mean=tuple(message.mean),
         std=tuple(message.std),
+        default_score=message.default_score,
+        other_inputs=tuple(message.other_inputs),
     )
 
 

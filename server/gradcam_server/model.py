@@ -50,7 +50,6 @@ class Explaining:
     score: str | None = None  # "logit" (or "region" for a segmentation output) when None
     output: str | int | None = None  # the output explained: a name or an index
 
-
     @property
     def graph(self) -> str:
         """A short name of the graph, for metrics: the method and its options."""
@@ -138,9 +137,6 @@ class ServedModel:
     def output_info(self, name: str) -> TensorInfo:
         return next(o for o in self.outputs if o.name == name)
 
-    def is_segmentation(self, request: Explaining) -> bool:
-        return self.resolve(request).score == "region"
-
     def resolve(self, request: Explaining) -> Explaining:
         """`request` with the model's defaults filled in; InvalidInput for an unknown method,
         score or output."""
@@ -176,7 +172,8 @@ class ServedModel:
     ) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap.
         `reference` [N, D] is the reference embedding of the "similarity" score, `mask`
-        [N, h, w] the region of the "region" score (all negative: the predicted region)."""
+        [N, h, w] (any size) the region of the "region" score (all negative: the predicted
+        region)."""
         feeds = {self.input.name: x, NAMES.target_class: target_class, **(others or {})}
         if reference is not None:
             feeds[NAMES.reference_embedding] = reference
@@ -246,7 +243,7 @@ class ServedModel:
         shapes = {name: value.shape[1:] for name, value in self.forward(x, others).items()}
         mask = None
         if self._default.score == "region":
-            mask = np.full((batch, *shapes[self.score_output][1:]), -1.0, dtype=np.float32)
+            mask = np.full((batch, 1, 1), -1.0, dtype=np.float32)  # the predicted regions
         explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default,
                                  mask=mask, others=others)
         return shapes, tuple(explained[NAMES.activations].shape[1:])

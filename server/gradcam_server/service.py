@@ -198,17 +198,17 @@ class GradCamService:
         return np.ascontiguousarray(reference)
 
     def check_mask(
-        self, model: ServedModel, explain: Explaining, mask: np.ndarray | None, rows: int
+        self, model: ServedModel, explain: Explaining, mask: np.ndarray | None, x: np.ndarray
     ) -> np.ndarray | None:
-        """The region of the "region" score as FP32 [rows, h, w] at the segmentation output's
-        size: a given [h', w'] (every image) or [N, h', w'] mask of any size is resized to it
-        (nearest pixel: a region stays a set of pixels); none means each class's predicted
-        region (all -1)."""
+        """The region of the "region" score for the images `x`, as FP32 [N, H, W] at their
+        pixel size (the graph resizes it to the output's): a given [h, w] (every image) or
+        [N, h, w] mask of any size is resized to it (nearest pixel: a region stays a set of
+        pixels); none means each class's predicted region (all -1)."""
         if explain.score != "region":
             if mask is not None:
                 raise InvalidInput("a target mask is only used with score 'region'")
             return None
-        size = model.output_shapes[explain.output][1:]
+        rows, size = len(x), _pixel_size(model, x)
         if mask is None:
             return np.full((rows, *size), -1.0, dtype=np.float32)
         mask = np.asarray(mask)
@@ -269,7 +269,7 @@ class GradCamService:
             explain = model.resolve(explain)
             target_class = self.check_target_class(model, explain, target_class, len(x))
             reference = self.check_reference(model, explain, reference, len(x))
-            mask = self.check_mask(model, explain, mask, len(x))
+            mask = self.check_mask(model, explain, mask, x)
             if not model.is_built(explain):  # InvalidInput if it can't be built
                 await asyncio.to_thread(model.explainer, explain)
         key = (model.name, explain, x.shape[1:])
@@ -349,12 +349,13 @@ class GradCamService:
             raise InvalidInput("the request holds no image")
         _check_count(len(images))
         request = model.resolve(request)
-        classes = model.output_shapes[request.output][0]
-        if top_k is not None and not 1 <= top_k <= min(classes, 20):
-            raise InvalidInput(f"top_k must be in 1..{min(classes, 20)}, got {top_k}")
+        class_count = model.output_shapes[request.output][0]
+        if top_k is not None and not 1 <= top_k <= min(class_count, 20):
+            raise InvalidInput(f"top_k must be in 1..{min(class_count, 20)}, got {top_k}")
         if class_index is not None:
             self.check_target_class(model, request, np.array([class_index], dtype=np.int64), 1)
-        mask = self.check_mask(model, request, mask, len(images))
+        if mask is not None and mask.ndim == 3 and len(mask) != len(images):
+            raise InvalidInput(f"the target mask has {len(mask)} rows for {len(images)} images")
         ranks = top_k or 1
         started = time.perf_counter()
         tensors, sizes = await self._prepare_mixed(model, images)
@@ -363,7 +364,7 @@ class GradCamService:
         groups: dict[tuple, list[int]] = {}
         for index, tensor in enumerate(tensors):
             groups.setdefault(tensor.shape, []).append(index)
-        calls = []
+        calls, masks = [], []  # masks: each group's, at its images' pixel size
         if reference is not None and reference.ndim == 2:
             if len(reference) != len(images):
                 raise InvalidInput(
@@ -374,7 +375,9 @@ class GradCamService:
             rows_reference = reference
             if reference is not None and reference.ndim == 2:
                 rows_reference = np.repeat(reference[indices], ranks, axis=0)
-            rows_mask = None if mask is None else np.repeat(mask[indices], ranks, axis=0)
+            group_mask = mask[indices] if mask is not None and mask.ndim == 3 else mask
+            masks.append(self.check_mask(model, request, group_mask, x[::ranks]))
+            rows_mask = None if masks[-1] is None else np.repeat(masks[-1], ranks, axis=0)
             if class_index is not None:
                 classes = np.full(len(x), class_index, dtype=np.int64)
             else:
@@ -386,13 +389,13 @@ class GradCamService:
         results = await asyncio.gather(*calls)
 
         explanations: list[ImageExplanation | None] = [None] * len(images)
-        for indices, result in zip(groups.values(), results):
+        for indices, result, group_mask in zip(groups.values(), results, masks):
             for position, index in enumerate(indices):
                 rows = slice(position * ranks, (position + 1) * ranks)
+                given = group_mask is not None and group_mask[position].max() >= 0
                 explanations[index] = self._explanation(
                     model, request, result.outputs, rows, sizes[index], class_index,
-                    num_predictions, num_channels,
-                    mask[index] if mask is not None and mask[index].max() >= 0 else None,
+                    num_predictions, num_channels, group_mask[position] if given else None,
                 )
         return Explained(
             explanations=tuple(explanations),
@@ -436,7 +439,8 @@ class GradCamService:
         mask: np.ndarray | None,
     ) -> ImageExplanation:
         """One image's maps and predictions. Classes are ranked as the graph ranks them: by
-        score; for a segmentation map by predicted area, or by score summed over `mask`."""
+        score; for a segmentation map by predicted area, or by score summed over `mask` (at
+        the image's pixel size, resized to the map's as the graph does)."""
         scores = outputs[request.output][rows][0].astype(np.float64)
 
         def prediction(c: int, score: float, logit: float) -> Prediction:
@@ -446,6 +450,8 @@ class GradCamService:
             predicted = np.bincount(scores.argmax(0).ravel(), minlength=len(scores))
             shares = predicted / predicted.sum()
             means = scores.mean(axis=(1, 2))
+            if mask is not None:
+                mask = _resize(mask, scores.shape[:0:-1], Image.NEAREST)
             ranking = shares if mask is None else (scores * mask).sum(axis=(1, 2))
             order = np.argsort(-ranking, kind="stable")
             predictions = tuple(
@@ -492,6 +498,11 @@ def _resize(
         return values.astype(np.float32, copy=False)
     resized = Image.fromarray(values.astype(np.float32)).resize(size, resample)
     return np.asarray(resized, dtype=np.float32)
+
+
+def _pixel_size(model: ServedModel, x: np.ndarray) -> tuple[int, int]:
+    """(H, W) of a batch of preprocessed images."""
+    return x.shape[1:3] if model.config.preprocessing.layout == "NHWC" else x.shape[2:4]
 
 
 def _check_count(count: int) -> None:

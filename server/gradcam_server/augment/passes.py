@@ -131,8 +131,9 @@ def augment_model(
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
             added input ``reference_embedding`` [N, D]; ``target_class`` is then unused) or
             ``"region"`` (a segmentation output [N, classes, h, w] summed over the added input
-            ``target_mask`` [N, h, w] for the target class; an all-negative mask row stands for
-            the class's predicted region, `targets.region_seed`).
+            ``target_mask`` [N, h', w'] (any size, resized to the output's) for the target
+            class; an all-negative mask row stands for the class's predicted region,
+            `targets.region_seed`).
         output: the graph output explained (name, or index among the outputs); default: the
             first. Class scores [N, classes], an embedding [N, D] for "similarity", or a
             segmentation map [N, classes, h, w] for "region".
@@ -309,12 +310,11 @@ def add_reference_embedding(
 
 
 def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) -> str:
-    """The FP32 [N, h, w] input ``target_mask`` (h, w as the segmentation output's)."""
-    dims = (b.static_shape(scores) or (None,) * 4)[2:]
+    """The FP32 [N, h', w'] input ``target_mask``, of any size (`targets.region_seed`)."""
     b.graph.input.append(
         helper.make_tensor_value_info(
             NAMES.target_mask, b.elem_type(scores),
-            [_dim(image.type.tensor_type.shape.dim[0]), *dims],
+            [_dim(image.type.tensor_type.shape.dim[0]), "mask_height", "mask_width"],
         )
     )
     return NAMES.target_mask

@@ -136,17 +136,23 @@ def region_seed(
 ) -> tuple[str, str]:
     """d score / d scores for a region of a segmentation output [N, classes, h, w]: score =
     sum over (i, j) of mask[n, i, j] scores[n, c, i, j] (pytorch-grad-cam's
-    SemanticSegmentationTarget), with `mask` [N, h, w]. A negative class -r ranks the classes
-    by their score summed over the mask. A mask whose values are all negative asks for the
-    class's predicted region instead (the pixels whose arg-max class is c, as that tutorial
-    builds its mask), and -r then ranks the classes by their predicted area. Returns the seed
-    and the class explained."""
+    SemanticSegmentationTarget), with `mask` [N, h', w'] of any size, resized to h x w first
+    (nearest pixel, as PIL's: source (i + 0.5) h' / h, floored). A negative class -r ranks the
+    classes by their score summed over the mask. A mask whose values are all negative asks for
+    the class's predicted region instead (the pixels whose arg-max class is c, as that
+    tutorial builds its mask), and -r then ranks the classes by their predicted area. Returns
+    the seed and the class explained."""
     if b.rank(scores) != 4:
         raise AugmentError(
             f"the region score needs a segmentation output [N, classes, h, w]; {scores!r} has "
             f"rank {b.rank(scores)}"
         )
     dtype = b.elem_type(scores)
+    size = b.op("Concat", [b.shape_slice(mask, 0, 1), b.ints([1]), b.shape_slice(scores, 2)],
+                axis=0)
+    mask = b.squeeze(b.op("Resize", [b.unsqueeze(mask, [1]), "", "", size], mode="nearest",
+                          coordinate_transformation_mode="tf_half_pixel_for_nn",
+                          nearest_mode="floor"), [1])
     predicted_class = b.op("ArgMax", [scores], axis=1, keepdims=0)  # [N, h, w]
     values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
     classes = b.shape_slice(scores, 1, 2)
