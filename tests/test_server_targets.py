@@ -34,7 +34,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("targets")
     servers.export_segmenter(root / "segmenter" / "model.onnx")  # model.onnx alone
     servers.export_two_heads(root / "two_heads" / "model.onnx")
-    servers.write_config(root / "two_heads", input=1, size=[SIZE, SIZE])
+    servers.write_config(root / "two_heads", input=1, score_output=1, size=[SIZE, SIZE])
     return root
 
 
@@ -76,7 +76,7 @@ def images(count: int, seed: int = 0) -> np.ndarray:
 
 
 def tensor(name: str, value: np.ndarray) -> triton.InferInput:
-    datatype = {np.float32: "FP32", np.int64: "INT64"}[value.dtype.type]
+    datatype = {np.float32: "FP32", np.int64: "INT64", np.float16: "FP16"}[value.dtype.type]
     item = triton.InferInput(name, list(value.shape), datatype)
     item.set_data_from_numpy(value)
     return item
@@ -235,26 +235,31 @@ def test_bad_segmentation_requests_are_refused(client, stub) -> None:
 
 
 def test_other_input_fed_and_output_chosen_by_index(client, repository) -> None:
-    """config.json names the image input by index; the request picks the second output by
-    index (an INT64 parameter) and by name, and feeds the other input by name."""
+    """config.json names the image input and the default output by index; a request picks an
+    output by index (an INT64 parameter, 0 included) or by name, and feeds the other input by
+    name."""
     x = images(2, seed=4)
     meta = np.array([[0.5], [2.0]], dtype=np.float32)
     inputs = [tensor("image", x), tensor("meta", meta),
               tensor("target_class", np.array([1, 3]))]
-    by_index = infer(client, "two_heads", inputs, outputs=("heatmap", "attributes"), output=1)
+    default = infer(client, "two_heads", inputs, outputs=("heatmap", "attributes"))
     by_name = infer(client, "two_heads", inputs, output="attributes")
+    logits = infer(client, "two_heads", inputs, output=0)
     expected = direct(repository / "two_heads" / "model.onnx", {
         "image": x, "meta": meta, "target_class": np.array([1, 3]),
     }, input="image", output="attributes")
-    np.testing.assert_allclose(by_index["heatmap"], expected, atol=1e-5)
+    np.testing.assert_allclose(default["heatmap"], expected, atol=1e-5)
     np.testing.assert_allclose(by_name["heatmap"], expected, atol=1e-5)
+    np.testing.assert_allclose(logits["heatmap"], direct(
+        repository / "two_heads" / "model.onnx",
+        {"image": x, "meta": meta, "target_class": np.array([1, 3])}, input=1, output=0,
+    ), atol=1e-5)
+    assert not np.allclose(logits["heatmap"], expected, atol=1e-3)
     torch.manual_seed(0)
     model = servers.TwoHeads().eval()
     with torch.no_grad():
         attributes = model(torch.from_numpy(meta), torch.from_numpy(x))[1].numpy()
-    np.testing.assert_allclose(by_index["attributes"], attributes, atol=1e-5)
-    default = infer(client, "two_heads", inputs)["heatmap"]  # the first output, the logits
-    assert not np.allclose(default, expected, atol=1e-3)
+    np.testing.assert_allclose(default["attributes"], attributes, atol=1e-5)
 
 
 def test_bad_two_input_requests_are_refused(client, stub) -> None:
@@ -265,6 +270,11 @@ def test_bad_two_input_requests_are_refused(client, stub) -> None:
         lambda: infer(client, "two_heads",
                       [tensor("image", x), tensor("meta", np.ones((1, 1), np.int64))]),
         "input 'meta' must be float32",
+    )
+    expect_invalid(
+        lambda: infer(client, "two_heads",
+                      [tensor("image", x), tensor("meta", np.ones((1, 1), np.float16))]),
+        "input 'meta' must be float32, got float16",
     )
     expect_invalid(
         lambda: infer(client, "two_heads",

@@ -52,16 +52,23 @@ SERVER_NAME = "gradcam"
 _DTYPES = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
+    "FP16": np.dtype("<f2"),
     "INT64": np.dtype("<i8"),
     "INT32": np.dtype("<i4"),
+    "INT16": np.dtype("<i2"),
+    "INT8": np.dtype("i1"),
+    "UINT16": np.dtype("<u2"),
     "UINT8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_CONTENTS_FIELD = {
+_CONTENTS_FIELD = {  # FP16 has none: it comes as raw_input_contents only
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
     "INT64": "int64_contents",
     "INT32": "int_contents",
+    "INT16": "int_contents",
+    "INT8": "int_contents",
+    "UINT16": "uint_contents",
     "UINT8": "uint_contents",
     "BOOL": "bool_contents",
     "BYTES": "bytes_contents",
@@ -270,6 +277,11 @@ def decode_inputs(request) -> dict[str, np.ndarray | list[bytes]]:
                 )
             array = np.frombuffer(data, dtype=dtype)
         else:
+            if tensor.datatype not in _CONTENTS_FIELD:
+                raise InvalidInput(
+                    f"input {tensor.name!r}: {tensor.datatype} tensors come as "
+                    "raw_input_contents"
+                )
             values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
             if len(values) != count:
                 raise InvalidInput(

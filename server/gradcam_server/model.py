@@ -144,7 +144,9 @@ class ServedModel:
         if method not in METHODS:
             raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         try:
-            output = score_output_name(self._proto, request.output or self.score_output)
+            output = score_output_name(
+                self._proto, self.score_output if request.output is None else request.output
+            )
         except AugmentError as error:
             raise InvalidInput(str(error)) from error
         score = request.score or self.default_score(output)
