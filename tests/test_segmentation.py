@@ -46,13 +46,8 @@ def exported(segmenter: Segmenter, tmp_path_factory: pytest.TempPathFactory) -> 
     return path
 
 
-@pytest.mark.parametrize("mask_scale", [1, 2])
-def test_region_score_gradients_match_torch(
-    segmenter: Segmenter, exported: Path, mask_scale: int
-) -> None:
-    """The mask given at the output's size, or at half of it (resized in the graph: nearest,
-    exact for this block mask)."""
-    x = zoo.sample_batch(2)
+def _backbone_high(segmenter: Segmenter, x: np.ndarray) -> torch.Tensor:
+    """The backbone's "high" features (output stride 16) for the images `x`."""
     captured = {}
     hook = segmenter.net.backbone.register_forward_hook(
         lambda module, inputs, output: captured.update(high=output["high"])
@@ -60,7 +55,17 @@ def test_region_score_gradients_match_torch(
     with torch.no_grad():
         segmenter(torch.from_numpy(x))
     hook.remove()
-    layer = zoo.find_matching_tensor(exported, x, captured["high"].numpy())
+    return captured["high"]
+
+
+@pytest.mark.parametrize("mask_scale", [1, 2])
+def test_region_score_gradients_match_torch(
+    segmenter: Segmenter, exported: Path, mask_scale: int
+) -> None:
+    """The mask given at the output's size, or at half of it (resized in the graph: nearest,
+    exact for this block mask)."""
+    x = zoo.sample_batch(2)
+    layer = zoo.find_matching_tensor(exported, x, _backbone_high(segmenter, x).numpy())
 
     mask = np.zeros((2, 224, 224), dtype=np.float32)
     mask[0, 60:160, 40:120] = 1
@@ -119,15 +124,9 @@ def test_detected_layer_is_the_coarsest_map_of_the_head(
     """No layer named: the target is the last 14 x 14 map (output stride 16), the head's
     cbr(high) * scale(high) before it is upsampled, not the 1 x 1 pooled scale branch."""
     x = zoo.sample_batch(2)
-    head = segmenter.net.classifier
-    captured = {}
-    hook = segmenter.net.backbone.register_forward_hook(
-        lambda module, inputs, output: captured.update(high=output["high"])
-    )
+    head, high = segmenter.net.classifier, _backbone_high(segmenter, x)
     with torch.no_grad():
-        segmenter(torch.from_numpy(x))
-        hook.remove()
-        coarsest = head.cbr(captured["high"]) * head.scale(captured["high"])
+        coarsest = head.cbr(high) * head.scale(high)
     session = zoo.ort_session(augment_model(exported, score="region").SerializeToString())
     mask = np.ones((2, 224, 224), dtype=np.float32)
     activations = session.run(
