@@ -160,10 +160,9 @@ def region_seed(
                     [2, 3], keepdims=False)  # [N, classes]
     given = b.unsqueeze(mask, [1])  # [N, 1, h, w]
     pooled = b.reduce("ReduceSum", b.op("Mul", [scores, given]), [2, 3], keepdims=False)
-    use_predicted = b.op("Less", [  # [N, 1]
+    use_predicted = b.unsqueeze(b.op("Less", [  # [N, 1]: an all-negative mask row
         b.reduce("ReduceMax", mask, [1, 2], keepdims=False), b.op("Cast", [b.const(0.0)], to=dtype)
-    ])
-    use_predicted = b.unsqueeze(use_predicted, [1])
+    ]), [1])
     ranking = b.op("Where", [use_predicted, area, pooled])
     onehot, resolved = _class_onehot(b, ranking, target_class, dtype)
     region = b.op("Cast", [b.op("Equal", [predicted_class, b.unsqueeze(resolved, [1, 2])])],
