@@ -343,3 +343,43 @@ def test_command_line_mask_is_a_picture(server, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert missing.returncode == 1 and "cannot read the mask" in missing.stderr
+
+
+def test_typed_api_and_sdk_feed_other_inputs(client, stub, server) -> None:
+    """The typed API takes the other input as a TypedTensor (one row per image, here a mix of
+    tensor sizes in two batches), and the SDK as an array; both give KServe's heatmaps."""
+    from gradcam_client import GradCamClient
+
+    x = images(3, seed=7)
+    meta = np.array([[0.5], [2.0], [-1.0]], dtype=np.float32)
+    kserve = infer(client, "two_heads", [tensor("image", x), tensor("meta", meta)])["heatmap"]
+    typed = explain(
+        stub, model="two_heads", images=[proto_image(i) for i in x],
+        inputs={"meta": pb.TypedTensor(datatype="FP32", shape=[3, 1], data=meta.tobytes())},
+    )
+    for served, expected in zip(typed.explanations, kserve):
+        heatmap = np.frombuffer(served.heatmaps[0].data, dtype="<f4").reshape(SIZE, SIZE)
+        np.testing.assert_allclose(heatmap, expected, atol=1e-5)
+    with GradCamClient(server.address) as sdk:
+        explained = sdk.explain(x, model="two_heads", inputs={"meta": meta})
+    np.testing.assert_allclose(np.stack([e.heatmap for e in explained]), kserve, atol=1e-5)
+
+    expect_invalid(
+        lambda: explain(stub, model="two_heads", images=[proto_image(x[0])], inputs={
+            "meta": pb.TypedTensor(datatype="FP32", shape=[2, 1], data=meta[:2].tobytes()),
+        }),
+        "input 'meta' must have one row per image (1)",
+    )
+    expect_invalid(
+        lambda: explain(stub, model="two_heads", images=[proto_image(x[0])], inputs={
+            "meta": pb.TypedTensor(datatype="FP32", shape=[1, 1], data=meta[:1].tobytes()),
+            "extra": pb.TypedTensor(datatype="INT64", shape=[1], data=b"\0" * 8),
+        }),
+        "unknown input 'extra'",
+    )
+    expect_invalid(
+        lambda: explain(stub, model="two_heads", images=[proto_image(x[0])], inputs={
+            "meta": pb.TypedTensor(datatype="COMPLEX", shape=[1, 1], data=b"\0" * 8),
+        }),
+        "unsupported datatype 'COMPLEX'",
+    )

@@ -194,7 +194,7 @@ class ModelInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     default_score: str  # "logit", or "region" for a segmentation model
-    other_inputs: tuple[str, ...]  # graph inputs besides the image (fed through KServe only)
+    other_inputs: tuple[str, ...]  # graph inputs besides the image, sent with `inputs=`
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -340,6 +340,7 @@ def _requests(
     reference_embedding: np.ndarray | None,
     target_mask: np.ndarray | None,
     output: str | None,
+    inputs: dict[str, Any] | None,
     num_predictions: int,
     num_channels: int,
 ) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
@@ -367,6 +368,7 @@ def _requests(
                 eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, score=score or "",
                 reference_embedding=_rows_tensor(reference_embedding, 2, rows),
                 target_mask=_rows_tensor(target_mask, 3, rows), output=output or "",
+                inputs={name: _typed_rows(value, rows) for name, value in (inputs or {}).items()},
                 options=options,
             )
         )
@@ -384,6 +386,24 @@ def _rows_tensor(value: Any, batched_rank: int, rows: slice) -> pb.Tensor | None
         array = array[rows]
     array = np.ascontiguousarray(array)
     return pb.Tensor(shape=list(array.shape), data=array.tobytes())
+
+
+_DATATYPES = {"float32": "FP32", "float64": "FP64", "float16": "FP16", "int64": "INT64",
+              "int32": "INT32", "int16": "INT16", "int8": "INT8", "uint16": "UINT16",
+              "uint8": "UINT8", "bool": "BOOL"}
+
+
+def _typed_rows(value: Any, rows: slice) -> pb.TypedTensor:
+    """The `rows` of a model input [N, ...] (one row per image), in its own datatype."""
+    array = np.asarray(value)
+    datatype = _DATATYPES.get(array.dtype.name)
+    if datatype is None or array.ndim == 0:
+        raise InvalidInputError(
+            f"a model input must be an array with one row per image, of a numeric dtype; got "
+            f"{array.dtype} {list(array.shape)}"
+        )
+    part = np.ascontiguousarray(array[rows], dtype=array.dtype.newbyteorder("<"))
+    return pb.TypedTensor(datatype=datatype, shape=list(part.shape), data=part.tobytes())
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -616,7 +636,7 @@ class GradCamClient(_Client):
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
         eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ...,
+        target_mask: Any = ..., output: str | None = ..., inputs: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -626,7 +646,7 @@ class GradCamClient(_Client):
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
+        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
@@ -637,7 +657,7 @@ class GradCamClient(_Client):
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
+        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
@@ -658,6 +678,7 @@ class GradCamClient(_Client):
         reference_embedding: Any = None,
         target_mask: Any = None,
         output: str | None = None,
+        inputs: dict[str, Any] | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -677,7 +698,8 @@ class GradCamClient(_Client):
         "region" (the default for segmentation models): the class's scores summed over
         ``target_mask`` ([h, w] for all images or [N, h, w], any size; None: each class's
         predicted region). ``output`` names the graph output explained (None: the model's
-        score output). ``num_predictions`` and
+        score output); ``inputs`` gives the model's other inputs by name, arrays with one row
+        per image. ``num_predictions`` and
         ``num_channels`` bound the predictions and channel importances returned. ``timeout``
         overrides the client's deadline for each request. Raises a `GradCamError` subclass,
         FileNotFoundError for a missing path, TypeError for something that is not an image.
@@ -687,7 +709,7 @@ class GradCamClient(_Client):
             layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             aug_smooth=aug_smooth, score=score,
             reference_embedding=reference_embedding, target_mask=target_mask, output=output,
-            num_predictions=num_predictions, num_channels=num_channels,
+            inputs=inputs, num_predictions=num_predictions, num_channels=num_channels,
         )
         results: list[Explanation] = []
         for request, request_sources in zip(requests, sources):
@@ -782,7 +804,7 @@ class AsyncGradCamClient(_Client):
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
         eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ...,
+        target_mask: Any = ..., output: str | None = ..., inputs: Any = ...,
         num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -792,7 +814,7 @@ class AsyncGradCamClient(_Client):
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
+        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
@@ -803,7 +825,7 @@ class AsyncGradCamClient(_Client):
         target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
         reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., num_predictions: int = ...,
+        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
@@ -824,6 +846,7 @@ class AsyncGradCamClient(_Client):
         reference_embedding: Any = None,
         target_mask: Any = None,
         output: str | None = None,
+        inputs: dict[str, Any] | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
         timeout: float | None = None,
@@ -833,7 +856,7 @@ class AsyncGradCamClient(_Client):
             _requests, images, model=model, method=method, target_class=target_class,
             top_k=top_k, layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             aug_smooth=aug_smooth, score=score, reference_embedding=reference_embedding,
-            target_mask=target_mask, output=output,
+            target_mask=target_mask, output=output, inputs=inputs,
             num_predictions=num_predictions, num_channels=num_channels,
         )
 

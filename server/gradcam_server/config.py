@@ -14,7 +14,7 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
                                         a list of names
 ``input``                               the graph's image input, a name or an index among
                                         its inputs (default: its only one); other inputs
-                                        are fed by name through the KServe API
+                                        are sent by name with each request
 ``score_output``                        the graph output explained by default, a name or an
                                         index (default: the first): class scores [N, K],
                                         or a segmentation map [N, K, h, w]

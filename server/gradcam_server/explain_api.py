@@ -13,6 +13,7 @@ from gradcam_client.overlay import COLORMAPS, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
+from .datatypes import from_bytes
 from .errors import InvalidInput
 from .metrics import Metrics
 from .model import METHODS, Explaining
@@ -79,6 +80,10 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             ),
             reference=_tensor(request, "reference_embedding", (1, 2), "[D] or [N, D]"),
             mask=_tensor(request, "target_mask", (2, 3), "[h, w] or [N, h, w]"),
+            others={
+                name: from_bytes(t.data, t.datatype, tuple(t.shape), f"input {name!r}")
+                for name, t in request.inputs.items()
+            },
             class_index=request.target.class_index if target == "class_index" else None,
             top_k=request.target.top_k if target == "top_k" else None,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,

@@ -36,6 +36,7 @@ from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .augment.passes import NAMES
+from .datatypes import DATATYPES, datatype_of, from_bytes
 from .errors import InvalidInput
 from .metrics import Metrics
 from .model import Explaining, ServedModel
@@ -49,18 +50,6 @@ REFERENCE_INPUT = NAMES.reference_embedding
 MASK_INPUT = NAMES.target_mask
 SERVER_NAME = "gradcam"
 
-_DTYPES = {
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "FP16": np.dtype("<f2"),
-    "INT64": np.dtype("<i8"),
-    "INT32": np.dtype("<i4"),
-    "INT16": np.dtype("<i2"),
-    "INT8": np.dtype("i1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
 _CONTENTS_FIELD = {  # FP16 has none: it comes as raw_input_contents only
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
@@ -203,13 +192,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         for name in requested:
             value = outputs[name]
-            datatype = _datatype_of(value.dtype)
+            datatype = datatype_of(value.dtype)
             response.outputs.append(
                 pb.ModelInferResponse.InferOutputTensor(
                     name=name, datatype=datatype, shape=list(value.shape)
                 )
             )
-            little_endian = np.ascontiguousarray(value, dtype=_DTYPES[datatype])
+            little_endian = np.ascontiguousarray(value, dtype=DATATYPES[datatype])
             response.raw_output_contents.append(little_endian.tobytes())
         return response
 
@@ -226,7 +215,7 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
             TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),
             TensorMetadata(name=REFERENCE_INPUT, datatype="FP32", shape=[-1, -1]),
             TensorMetadata(name=MASK_INPUT, datatype="FP32", shape=[-1, -1, -1]),
-            *[TensorMetadata(name=i.name, datatype=_datatype_of(i.dtype), shape=list(i.shape))
+            *[TensorMetadata(name=i.name, datatype=datatype_of(i.dtype), shape=list(i.shape))
               for i in model.other_inputs],
         ],
         outputs=[
@@ -263,31 +252,26 @@ def decode_inputs(request) -> dict[str, np.ndarray | list[bytes]]:
                 )
             decoded[tensor.name] = items
             continue
-        dtype = _DTYPES.get(tensor.datatype)
+        if raw:
+            decoded[tensor.name] = from_bytes(
+                raw[index], tensor.datatype, shape, f"input {tensor.name!r}"
+            )
+            continue
+        dtype = DATATYPES.get(tensor.datatype)
         if dtype is None:
             raise InvalidInput(
                 f"input {tensor.name!r} has unsupported datatype {tensor.datatype!r}"
             )
-        if raw:
-            data = raw[index]
-            if len(data) != count * dtype.itemsize:
-                raise InvalidInput(
-                    f"input {tensor.name!r}: {len(data)} bytes do not hold {tensor.datatype} "
-                    f"{list(shape)}"
-                )
-            array = np.frombuffer(data, dtype=dtype)
-        else:
-            if tensor.datatype not in _CONTENTS_FIELD:
-                raise InvalidInput(
-                    f"input {tensor.name!r}: {tensor.datatype} tensors come as "
-                    "raw_input_contents"
-                )
-            values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
-            if len(values) != count:
-                raise InvalidInput(
-                    f"input {tensor.name!r} holds {len(values)} values for shape {list(shape)}"
-                )
-            array = np.asarray(values, dtype=dtype)
+        if tensor.datatype not in _CONTENTS_FIELD:
+            raise InvalidInput(
+                f"input {tensor.name!r}: {tensor.datatype} tensors come as raw_input_contents"
+            )
+        values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
+        if len(values) != count:
+            raise InvalidInput(
+                f"input {tensor.name!r} holds {len(values)} values for shape {list(shape)}"
+            )
+        array = np.asarray(values, dtype=dtype)
         decoded[tensor.name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
     return decoded
 
@@ -323,10 +307,3 @@ def _parameters(parameters) -> dict[str, str | bool | int]:
         if value or kind == "int64_param":
             values[key] = value
     return values
-
-
-def _datatype_of(dtype: np.dtype) -> str:
-    for name, known in _DTYPES.items():
-        if np.dtype(dtype).newbyteorder("<") == known:
-            return name
-    raise TypeError(f"no KServe datatype for {dtype}")

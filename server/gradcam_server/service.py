@@ -230,6 +230,13 @@ class GradCamService:
         self, model: ServedModel, others: dict[str, np.ndarray], rows: int
     ) -> dict[str, np.ndarray]:
         """The model's inputs besides the image: each one given, [rows, ...] of its dtype."""
+        names = [i.name for i in model.other_inputs]
+        unknown = sorted(set(others) - set(names))
+        if unknown:
+            raise InvalidInput(
+                f"unknown input {unknown[0]!r}; the model's inputs besides the image: "
+                f"{', '.join(names) or 'none'}"
+            )
         missing = [i.name for i in model.other_inputs if i.name not in others]
         if missing:
             raise InvalidInput(f"the model also needs the input(s) {', '.join(missing)}")
@@ -336,6 +343,7 @@ class GradCamService:
         request: Explaining = Explaining(),
         reference: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        others: dict[str, np.ndarray] | None = None,
         class_index: int | None = None,
         top_k: int | None = None,
         num_predictions: int = 5,
@@ -344,7 +352,8 @@ class GradCamService:
     ) -> Explained:
         """Explain images of any sizes: encoded images are preprocessed to the model's size,
         tensors ([C, H, W]) are taken as they are; images of one shape share a batch.
-        `mask` is the region of the "region" score ([h, w] or [N, h, w], `check_mask`)."""
+        `mask` is the region of the "region" score ([h, w] or [N, h, w], `check_mask`);
+        `others` the model's other inputs by name, one row per image."""
         if not images:
             raise InvalidInput("the request holds no image")
         _check_count(len(images))
@@ -356,6 +365,13 @@ class GradCamService:
             self.check_target_class(model, request, np.array([class_index], dtype=np.int64), 1)
         if mask is not None and mask.ndim == 3 and len(mask) != len(images):
             raise InvalidInput(f"the target mask has {len(mask)} rows for {len(images)} images")
+        others = others or {}
+        for name, value in others.items():
+            if value.ndim == 0 or len(value) != len(images):
+                raise InvalidInput(
+                    f"input {name!r} must have one row per image ({len(images)}), got shape "
+                    f"{_shape(value.shape)}"
+                )
         ranks = top_k or 1
         started = time.perf_counter()
         tensors, sizes = await self._prepare_mixed(model, images)
@@ -382,9 +398,11 @@ class GradCamService:
                 classes = np.full(len(x), class_index, dtype=np.int64)
             else:
                 classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
+            rows_others = {n: np.repeat(v[indices], ranks, axis=0) for n, v in others.items()}
             calls.append(
                 self.run(model, x, explain=request, target_class=classes,
-                         reference=rows_reference, mask=rows_mask, deadline=deadline)
+                         reference=rows_reference, mask=rows_mask, others=rows_others,
+                         deadline=deadline)
             )
         results = await asyncio.gather(*calls)
 

@@ -1,0 +1,42 @@
+"""KServe's tensor datatype names and the numpy dtypes they stand for, for both gRPC APIs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidInput
+
+DATATYPES = {  # little-endian, as the wire carries them
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "FP16": np.dtype("<f2"),
+    "INT64": np.dtype("<i8"),
+    "INT32": np.dtype("<i4"),
+    "INT16": np.dtype("<i2"),
+    "INT8": np.dtype("i1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The datatype name of a numpy dtype (either byte order)."""
+    for name, known in DATATYPES.items():
+        if np.dtype(dtype).newbyteorder("<") == known:
+            return name
+    raise TypeError(f"no KServe datatype for {dtype}")
+
+
+def from_bytes(data: bytes, datatype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """The array `data` holds as `datatype` [shape], in native byte order; InvalidInput when
+    the datatype is unknown or the byte count does not match."""
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"{what} has unsupported datatype {datatype!r}")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{what} has a negative dimension {list(shape)}")
+    count = int(np.prod(shape)) if shape else 1
+    if len(data) != count * dtype.itemsize:
+        raise InvalidInput(f"{what}: {len(data)} bytes do not hold {datatype} {list(shape)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
