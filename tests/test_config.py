@@ -21,7 +21,7 @@ def test_labels_may_be_a_symbolic_link_to_a_file_elsewhere(tmp_path: Path) -> No
     folder.mkdir()
     (folder / "labels.txt").symlink_to(shared)
     write(folder, labels="labels.txt")
-    assert read_config(folder, (32, 32)).labels == ("cat", "dog")
+    assert read_config(folder, lambda image: (32, 32)).labels == ("cat", "dog")
 
 
 @pytest.mark.parametrize("name", ["../labels.txt", "sub/../../labels.txt", "/etc/hostname", ""])
@@ -31,4 +31,4 @@ def test_labels_must_not_lead_out_of_the_folder(tmp_path: Path, name: str) -> No
     folder.mkdir()
     write(folder, labels=name)
     with pytest.raises(ConfigError, match="inside the model folder"):
-        read_config(folder, (32, 32))
+        read_config(folder, lambda image: (32, 32))

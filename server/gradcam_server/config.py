@@ -34,6 +34,7 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,11 @@ class ModelConfig:
     max_queue_size: int = 64
 
 
-def read_config(folder: Path, graph_size: tuple[int, int] | None) -> ModelConfig:
-    """Read ``folder/config.json`` if present; `graph_size` is the graph's static (H, W)."""
+def read_config(
+    folder: Path, graph_size: Callable[[str | int | None], tuple[int, int] | None]
+) -> ModelConfig:
+    """Read ``folder/config.json`` if present. `graph_size(input)` is the static (H, W) of the
+    graph's image input as the config names it (None: the only one), or None if not static."""
     path = folder / CONFIG_FILE
     raw: dict = {}
     if path.is_file():
@@ -84,10 +88,11 @@ def read_config(folder: Path, graph_size: tuple[int, int] | None) -> ModelConfig
     unknown = set(raw) - _PREPROCESSING_KEYS - _SERVING_KEYS
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: unknown key(s) {', '.join(sorted(unknown))}")
+    image = _name_or_index(raw, "input")
     try:
         preprocessing = Preprocessing.from_config(
             {k: v for k, v in raw.items() if k in _PREPROCESSING_KEYS},
-            default_size=graph_size or (224, 224),
+            default_size=graph_size(image) or (224, 224),
         )
     except ValueError as error:
         raise ConfigError(f"{CONFIG_FILE}: {error}") from error
@@ -95,7 +100,7 @@ def read_config(folder: Path, graph_size: tuple[int, int] | None) -> ModelConfig
     return ModelConfig(
         preprocessing=preprocessing,
         labels=_read_labels(folder, raw.get("labels")),
-        input=_name_or_index(raw, "input"),
+        input=image,
         score_output=_name_or_index(raw, "score_output"),
         target_layer=_optional_str(raw, "target_layer"),
         method=_optional_str(raw, "method") or "gradcam",

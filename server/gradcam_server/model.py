@@ -75,11 +75,10 @@ class ServedModel:
         self.name = name
         self.runtime = runtime
         self._proto = load_model(folder / MODEL_FILE)
-        graph_input = image_input(self._proto) if _single_input(self._proto) else None
-        self.config: ModelConfig = read_config(folder, _static_size(graph_input))
+        self.config: ModelConfig = read_config(
+            folder, lambda name: _static_size(image_input(self._proto, name))
+        )
         image = image_input(self._proto, self.config.input)
-        if graph_input is None:
-            self.config = read_config(folder, _static_size(image))
         self.input = _info(image)
         self.score_output = score_output_name(self._proto, self.config.score_output)
         self.outputs = tuple(_info(o) for o in self._proto.graph.output)
@@ -251,15 +250,8 @@ class ServedModel:
         return shapes, tuple(explained[NAMES.activations].shape[1:])
 
 
-def _single_input(model: onnx.ModelProto) -> bool:
-    initializers = {init.name for init in model.graph.initializer}
-    return sum(i.name not in initializers for i in model.graph.input) == 1
-
-
-def _static_size(image: onnx.ValueInfoProto | None) -> tuple[int, int] | None:
+def _static_size(image: onnx.ValueInfoProto) -> tuple[int, int] | None:
     """The graph's static (H, W) for `image`, if both are fixed."""
-    if image is None:
-        return None
     dims = _dims(image)
     size = tuple(dims[axis] for axis in spatial_axes(image))
     return size if all(d > 0 for d in size) else None
