@@ -308,3 +308,29 @@ def test_command_line_takes_indices(two_io_onnx: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert [i.name for i in onnx.load(target).graph.input] == ["meta", "image", "target_class"]
+
+
+def test_loop_bodies_copy_weights_within_one_budget(
+    small_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Score-CAM on two fused layers has two Loop bodies; with room for one copy of the
+    network's weights, the first body holds its own and the second reads the outer ones.
+    The heatmap is the same either way."""
+    from gradcam_server.augment import graph
+
+    model = onnx.load(small_onnx)
+    relus = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    weights = sum(init.ByteSize() for init in model.graph.initializer)
+
+    def bodies(augmented: onnx.ModelProto) -> list[int]:
+        return [len(n.attribute[0].g.initializer) for n in augmented.graph.node
+                if n.op_type == "Loop"]
+
+    copied = augment_model(small_onnx, layer=relus, method="scorecam")
+    monkeypatch.setattr(graph, "MAX_COPIED_WEIGHT_BYTES", weights)
+    bounded = augment_model(small_onnx, layer=relus, method="scorecam")
+    assert len(bodies(copied)) == 2 and all(bodies(copied))
+    assert bodies(bounded)[0] > 0 and bodies(bounded)[1] == 0
+    x = batch(2)
+    np.testing.assert_allclose(run(bounded, x, [1, 2])["heatmap"],
+                               run(copied, x, [1, 2])["heatmap"], atol=1e-5)

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import AugmentError
 
-MAX_COPIED_WEIGHT_BYTES = 256 * 2**20  # weights a Loop body may copy (see `LoopBody.clone`)
+MAX_COPIED_WEIGHT_BYTES = 256 * 2**20  # weights Loop bodies may copy in all (`LoopBody.clone`)
 _NOT_CONSTANT = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                  "Multinomial", "Bernoulli"}
 _GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -36,6 +36,7 @@ class GraphBuilder:
         self._counter = itertools.count()
         self._constants: dict[tuple, str] = {}
         self._taken = tensor_names(self.graph)
+        self.copied_weight_bytes = 0  # by `LoopBody.clone`, for all bodies together
         self.types: dict[str, onnx.TypeProto] = {}
         inferred = infer_shapes(model)
         for value in itertools.chain(
@@ -305,11 +306,14 @@ class LoopBody:
         copies a masked forward pass runs as fast as the main graph's (ResNet-50: 1.5x faster)
         for one more copy of those weights in the model and in the session (which holds about
         four bytes per weight byte: ResNet-50's Score-CAM session 831 MB resident instead of
-        440 MB). Past `MAX_COPIED_WEIGHT_BYTES` the body reads the outer weights instead, to
-        bound that memory and keep the model under protobuf's 2 GiB.
+        440 MB). Once the bodies of the model would copy more than `MAX_COPIED_WEIGHT_BYTES`
+        in all (several fused layers each have a body), a body reads the outer weights
+        instead, to bound that memory and keep the model under protobuf's 2 GiB.
         """
         ancestors, initializers = self.b.constant_inputs(nodes, set(renamed))
-        if sum(_nbytes(i) for i in initializers) <= MAX_COPIED_WEIGHT_BYTES:
+        size = sum(_nbytes(i) for i in initializers)
+        if self.b.copied_weight_bytes + size <= MAX_COPIED_WEIGHT_BYTES:
+            self.b.copied_weight_bytes += size
             for init in initializers:
                 local = onnx.TensorProto()
                 local.CopyFrom(init)
