@@ -5,6 +5,8 @@
   garbage bytes, and a graph whose gradient path holds an op with no backward rule.
 - `ServerProcess`: ``python -m gradcam_server ... --port 0 --metrics-port 0`` as a subprocess,
   its bound ports read back from what it prints, readiness waited for through grpc.health.v1.
+- `expect_error`: a call must fail with a status code and a message that names the problem
+  and leaks nothing of the server's internals.
 - Self-signed TLS material made with `cryptography`.
 """
 
@@ -20,15 +22,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import onnx
+import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[1]
 LITE0_DIR = ROOT / "models" / "efficientnet_lite0"
@@ -202,6 +207,33 @@ def link_lite0(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("model.onnx", "config.json", "labels.txt"):
         (folder / name).symlink_to(LITE0_DIR / name)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+# A client must never see how the server is built: no traceback, no source file, no path.
+LEAK = re.compile(r"Traceback|\.py\b|/(work|tmp)")
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """(code, message) of a tritonclient or grpc error."""
+    if isinstance(error, InferenceServerException):
+        return grpc.StatusCode[error.status().removeprefix("StatusCode.")], error.message() or ""
+    assert isinstance(error, grpc.RpcError), error
+    return error.code(), error.details() or ""
+
+
+def expect_error(call: Callable[[], object], code: grpc.StatusCode, *fragments: str) -> str:
+    """Run `call`: it must fail with `code` and a message holding every fragment, and leak
+    nothing of the server's internals. Returns the message."""
+    with pytest.raises((InferenceServerException, grpc.RpcError)) as raised:
+        call()
+    got, message = status_of(raised.value)
+    assert got == code, f"{got.name}: {message}"
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not LEAK.search(message), message
+    return message
 
 
 # -- TLS material --------------------------------------------------------------------------------

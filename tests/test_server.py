@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import re
 import struct
 import subprocess
 import sys
@@ -38,14 +37,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from PIL import Image
-from tritonclient.utils import InferenceServerException
 
 import servers
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from gradcam_server.augment import augment_model
 from gradcam_server.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from servers import ServerProcess, sample
+from servers import LEAK, ServerProcess, expect_error, sample, status_of
 
 LITE0 = "efficientnet_lite0"
 CHELSEA = servers.SAMPLE.read_bytes()
@@ -57,8 +55,6 @@ GOOD_MODELS = ("batched", "bounded", LITE0, "tiny")
 FAILED_MODELS = ("broken", "norule")
 TOKEN = "secret"
 CALL_TIMEOUT_S = 60.0  # only so that a broken server fails a test instead of hanging it
-# A client must never see how the server is built: no traceback, no source file, no path.
-LEAK = re.compile(r"Traceback|\.py\b|/(work|tmp)")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -200,27 +196,6 @@ def infer_heatmap(client, model: str, inputs, **options) -> np.ndarray:
     result = client.infer(model, inputs, outputs=outputs("heatmap"),
                           client_timeout=CALL_TIMEOUT_S, **options)
     return result.as_numpy("heatmap")
-
-
-def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """(code, message) of a tritonclient or grpc error."""
-    if isinstance(error, InferenceServerException):
-        return grpc.StatusCode[error.status().removeprefix("StatusCode.")], error.message() or ""
-    assert isinstance(error, grpc.RpcError), error
-    return error.code(), error.details() or ""
-
-
-def expect_error(call: Callable[[], object], code: grpc.StatusCode, *fragments: str) -> str:
-    """Run `call`: it must fail with `code` and a message holding every fragment, and leak
-    nothing of the server's internals. Returns the message."""
-    with pytest.raises((InferenceServerException, grpc.RpcError)) as raised:
-        call()
-    got, message = status_of(raised.value)
-    assert got == code, f"{got.name}: {message}"
-    for fragment in fragments:
-        assert fragment in message, message
-    assert not LEAK.search(message), message
-    return message
 
 
 def assert_still_serving(client) -> None:

@@ -9,6 +9,8 @@ which classes are explained, and the predictions, are checked against the torch 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -17,12 +19,14 @@ import onnxruntime as ort
 import pytest
 import torch
 import tritonclient.grpc as triton
-from tritonclient.utils import InferenceServerException
+from PIL import Image
 
 import servers
+from gradcam_client import GradCamClient
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from gradcam_server.augment import augment_model
+from servers import expect_error
 
 CALL_TIMEOUT_S = 60.0
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -110,17 +114,6 @@ def proto_image(value: np.ndarray) -> pb.Image:
     return pb.Image(tensor=proto_tensor(value))
 
 
-def expect_invalid(call, *fragments: str) -> None:
-    with pytest.raises((InferenceServerException, grpc.RpcError)) as raised:
-        call()
-    error = raised.value
-    code = error.code() if isinstance(error, grpc.RpcError) else error.status()
-    message = error.details() if isinstance(error, grpc.RpcError) else error.message()
-    assert code in (INVALID, "StatusCode.INVALID_ARGUMENT"), (code, message)
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 # -- a segmentation model ------------------------------------------------------------------------
 
 
@@ -202,32 +195,32 @@ def test_typed_mask_ranks_classes_by_masked_score(stub, segmenter, repository) -
 
 def test_bad_segmentation_requests_are_refused(client, stub) -> None:
     x = images(1)
-    expect_invalid(
+    expect_error(
         lambda: infer(client, "segmenter", [tensor("input", x)], score="logit"),
-        "must be [N, classes]",
+        INVALID, "must be [N, classes]",
     )
-    expect_invalid(
+    expect_error(
         lambda: infer(client, "segmenter", [
             tensor("input", x), tensor("target_mask", np.ones((2, SIZE, SIZE), np.float32)),
         ]),
-        "target mask has 2 rows for 1 images",
+        INVALID, "target mask has 2 rows for 1 images",
     )
-    expect_invalid(
+    expect_error(
         lambda: explain(stub, model="segmenter", images=[proto_image(x[0])],
                         target_mask=pb.Tensor(shape=[SIZE], data=b"\0" * 4 * SIZE)),
-        "target_mask must be [h, w] or [N, h, w]",
+        INVALID, "target_mask must be [h, w] or [N, h, w]",
     )
-    expect_invalid(
+    expect_error(
         lambda: explain(stub, model="segmenter", images=[proto_image(x[0])],
                         target_mask=proto_tensor(np.full((4, 4), np.nan, np.float32))),
-        "target mask contains NaN",
+        INVALID, "target mask contains NaN",
     )
-    expect_invalid(
+    expect_error(
         lambda: infer(client, "two_heads", [
             tensor("image", x), tensor("meta", np.ones((1, 1), np.float32)),
             tensor("target_mask", np.ones((SIZE, SIZE), np.float32)),
         ]),
-        "only used with score 'region'",
+        INVALID, "only used with score 'region'",
     )
 
 
@@ -264,27 +257,27 @@ def test_other_input_fed_and_output_chosen_by_index(client, repository) -> None:
 
 def test_bad_two_input_requests_are_refused(client, stub) -> None:
     x = images(1)
-    expect_invalid(lambda: infer(client, "two_heads", [tensor("image", x)]),
-                   "also needs the input(s) meta")
-    expect_invalid(
+    expect_error(lambda: infer(client, "two_heads", [tensor("image", x)]),
+                   INVALID, "also needs the input(s) meta")
+    expect_error(
         lambda: infer(client, "two_heads",
                       [tensor("image", x), tensor("meta", np.ones((1, 1), np.int64))]),
-        "input 'meta' must be float32",
+        INVALID, "input 'meta' must be float32",
     )
-    expect_invalid(
+    expect_error(
         lambda: infer(client, "two_heads",
                       [tensor("image", x), tensor("meta", np.ones((1, 1), np.float16))]),
-        "input 'meta' must be float32, got float16",
+        INVALID, "input 'meta' must be float32, got float16",
     )
-    expect_invalid(
+    expect_error(
         lambda: infer(client, "two_heads",
                       [tensor("image", x), tensor("meta", np.ones((1, 1), np.float32))],
                       output=7),
-        "no output at index 7",
+        INVALID, "no output at index 7",
     )
-    expect_invalid(
+    expect_error(
         lambda: explain(stub, model="two_heads", images=[proto_image(x[0])]),
-        "also needs the input(s) meta",
+        INVALID, "also needs the input(s) meta",
     )
     info = stub.GetModelInfo(pb.GetModelInfoRequest(model="two_heads"), timeout=CALL_TIMEOUT_S)
     assert list(info.other_inputs) == ["meta"]
@@ -294,8 +287,6 @@ def test_bad_two_input_requests_are_refused(client, stub) -> None:
 def test_client_sdk_sends_masks_per_image_and_the_output(server, stub, segmenter) -> None:
     """The SDK takes an [N, h, w] mask (split with the images across requests) and an output
     name; each image's explained class is the one of highest score over its own mask."""
-    from gradcam_client import GradCamClient
-
     x = images(2, seed=5)
     masks = np.zeros((2, SIZE, SIZE), dtype=np.float32)
     masks[0, :, : SIZE // 2] = 1.0  # left half
@@ -313,13 +304,6 @@ def test_client_sdk_sends_masks_per_image_and_the_output(server, stub, segmenter
 def test_command_line_mask_is_a_picture(server, tmp_path: Path) -> None:
     """`gradcam explain --mask PICTURE`: the picture's non-black pixels are the region; the
     saved heatmap is the SDK's for the same 0/1 mask."""
-    import subprocess
-    import sys
-
-    from PIL import Image
-
-    from gradcam_client import GradCamClient
-
     photo = tmp_path / "photo.png"
     pixels = np.random.default_rng(6).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(photo)
@@ -348,8 +332,6 @@ def test_command_line_mask_is_a_picture(server, tmp_path: Path) -> None:
 def test_typed_api_and_sdk_feed_other_inputs(client, stub, server) -> None:
     """The typed API takes the other input as a TypedTensor (one row per image, here a mix of
     tensor sizes in two batches), and the SDK as an array; both give KServe's heatmaps."""
-    from gradcam_client import GradCamClient
-
     x = images(3, seed=7)
     meta = np.array([[0.5], [2.0], [-1.0]], dtype=np.float32)
     kserve = infer(client, "two_heads", [tensor("image", x), tensor("meta", meta)])["heatmap"]
@@ -364,22 +346,22 @@ def test_typed_api_and_sdk_feed_other_inputs(client, stub, server) -> None:
         explained = sdk.explain(x, model="two_heads", inputs={"meta": meta})
     np.testing.assert_allclose(np.stack([e.heatmap for e in explained]), kserve, atol=1e-5)
 
-    expect_invalid(
+    expect_error(
         lambda: explain(stub, model="two_heads", images=[proto_image(x[0])], inputs={
             "meta": pb.TypedTensor(datatype="FP32", shape=[2, 1], data=meta[:2].tobytes()),
         }),
-        "input 'meta' must have one row per image (1)",
+        INVALID, "input 'meta' must have one row per image (1)",
     )
-    expect_invalid(
+    expect_error(
         lambda: explain(stub, model="two_heads", images=[proto_image(x[0])], inputs={
             "meta": pb.TypedTensor(datatype="FP32", shape=[1, 1], data=meta[:1].tobytes()),
             "extra": pb.TypedTensor(datatype="INT64", shape=[1], data=b"\0" * 8),
         }),
-        "unknown input 'extra'",
+        INVALID, "unknown input 'extra'",
     )
-    expect_invalid(
+    expect_error(
         lambda: explain(stub, model="two_heads", images=[proto_image(x[0])], inputs={
             "meta": pb.TypedTensor(datatype="COMPLEX", shape=[1, 1], data=b"\0" * 8),
         }),
-        "unsupported datatype 'COMPLEX'",
+        INVALID, "unsupported datatype 'COMPLEX'",
     )
