@@ -363,6 +363,10 @@ class GradCamService:
             raise InvalidInput(f"top_k must be in 1..{min(class_count, 20)}, got {top_k}")
         if class_index is not None:
             self.check_target_class(model, request, np.array([class_index], dtype=np.int64), 1)
+        if reference is not None and reference.ndim == 2 and len(reference) != len(images):
+            raise InvalidInput(
+                f"the reference embedding has {len(reference)} rows for {len(images)} images"
+            )
         if mask is not None and mask.ndim == 3 and len(mask) != len(images):
             raise InvalidInput(f"the target mask has {len(mask)} rows for {len(images)} images")
         others = others or {}
@@ -381,11 +385,6 @@ class GradCamService:
         for index, tensor in enumerate(tensors):
             groups.setdefault(tensor.shape, []).append(index)
         calls, masks = [], []  # masks: each group's, at its images' pixel size
-        if reference is not None and reference.ndim == 2:
-            if len(reference) != len(images):
-                raise InvalidInput(
-                    f"the reference embedding has {len(reference)} rows for {len(images)} images"
-                )
         for indices in groups.values():
             x = np.repeat(np.stack([tensors[i] for i in indices]), ranks, axis=0)
             rows_reference = reference
