@@ -2,14 +2,22 @@
 
 The CUDA execution provider is used when it actually works here (onnxruntime-gpu installed,
 CUDA and cuDNN libraries loadable, a device present); otherwise the CPU provider. The probe runs
-once per process with onnxruntime's logger silenced, so a CPU-only machine sees one info line,
-not a screen of library-loading errors, and the choice is logged once.
+once per process with onnxruntime's logger silenced and the process's standard error (file
+descriptor 2) captured, since the dynamic loader and the CUDA provider print library-loading
+errors there directly: a CPU-only machine sees one info line with the provider chosen, and the
+captured text goes to the debug log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -49,6 +57,21 @@ def cuda_usable() -> bool:
         return False
     ort.set_default_logger_severity(_FATAL_ONLY)
     try:
+        with _captured_stderr() as captured:
+            usable = _cuda_session_runs()
+    finally:
+        ort.set_default_logger_severity(_WARNINGS)
+    if captured.text:
+        log.debug("CUDA probe printed: %s", captured.text.strip())
+    if usable:
+        log.info("execution provider: CUDA (onnxruntime %s)", ort.__version__)
+    else:
+        log.info("execution provider: CPU (CUDA libraries or device not available)")
+    return usable
+
+
+def _cuda_session_runs() -> bool:
+    try:
         if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, if installed
             try:
                 ort.preload_dlls()
@@ -59,16 +82,36 @@ def cuda_usable() -> bool:
         session = ort.InferenceSession(
             _probe_model().SerializeToString(), options, providers=[CUDA, CPU]
         )
-        usable = session.get_providers()[0] == CUDA
+        return session.get_providers()[0] == CUDA
     except Exception:  # noqa: BLE001 - any failure means the CPU provider
-        usable = False
-    finally:
-        ort.set_default_logger_severity(_WARNINGS)
-    if usable:
-        log.info("execution provider: CUDA (onnxruntime %s)", ort.__version__)
-    else:
-        log.info("execution provider: CPU (CUDA libraries or device not available)")
-    return usable
+        return False
+
+
+@dataclass
+class _Captured:
+    text: str = ""
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[_Captured]:
+    """Redirect file descriptor 2 (what C libraries write to) into a temporary file; the
+    text is in the yielded object afterwards."""
+    captured = _Captured()
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode(errors="replace")
 
 
 def create_session(
