@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from PIL import Image
 
 from gradcam_server.augment import augment_model
@@ -42,10 +43,40 @@ def config() -> dict:
     return json.loads((MODEL_DIR / "config.json").read_text())
 
 
-def test_export_script_reproduces_the_committed_model(tmp_path: Path) -> None:
+# BatchNorm folding in the exporter differs by ~2e-6 between processors, so the re-export is
+# compared by value: the same graph, weights within WEIGHT_TOLERANCE of the committed ones
+# (relative to each tensor's largest magnitude), and logits within LOGIT_TOLERANCE on the photo.
+WEIGHT_TOLERANCE = 1e-5
+LOGIT_TOLERANCE = 1e-3
+
+
+def test_export_script_reproduces_the_committed_model(tmp_path: Path, config: dict) -> None:
     load_export_script().main([str(tmp_path)])
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert digest(tmp_path / "model.onnx") == digest(MODEL_DIR / "model.onnx")
+    exported = onnx.load(tmp_path / "model.onnx")
+    committed = onnx.load(MODEL_DIR / "model.onnx")
+    signature = lambda m: (  # noqa: E731
+        [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node],
+        [(v.name, v.type) for v in (*m.graph.input, *m.graph.output)],
+        [(o.domain, o.version) for o in m.opset_import],
+    )
+    assert signature(exported) == signature(committed)
+    weights = {i.name: numpy_helper.to_array(i) for i in committed.graph.initializer}
+    assert sorted(i.name for i in exported.graph.initializer) == sorted(weights)
+    for initializer in exported.graph.initializer:
+        expected = weights[initializer.name]
+        value = numpy_helper.to_array(initializer)
+        assert value.dtype == expected.dtype and value.shape == expected.shape, initializer.name
+        scale = max(float(np.abs(expected).max(initial=0.0)), 1.0)
+        assert np.abs(value.astype(np.float64) - expected).max(initial=0.0) <= (
+            WEIGHT_TOLERANCE * scale
+        ), initializer.name
+    x = preprocess(SAMPLE, config)
+    logits = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        .run(None, {"input": x})[0]
+        for m in (exported, committed)
+    ]
+    np.testing.assert_allclose(logits[0], logits[1], atol=LOGIT_TOLERANCE, rtol=0)
     for name in ("labels.txt", "config.json"):
         assert (tmp_path / name).read_text() == (MODEL_DIR / name).read_text()
 
