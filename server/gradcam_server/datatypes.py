@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import InvalidInput
@@ -28,15 +30,27 @@ def datatype_of(dtype: np.dtype) -> str:
     raise TypeError(f"no KServe datatype for {dtype}")
 
 
+MAX_ELEMENTS = 2**31  # far above anything a 64 MiB message can hold
+
+
+def element_count(shape: tuple[int, ...], what: str) -> int:
+    """The number of elements of a declared `shape`, in exact integer arithmetic; InvalidInput
+    for a negative dimension or a count no message could hold."""
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{what} has a negative dimension {list(shape)}")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InvalidInput(f"{what} declares shape {list(shape)}: {count} elements is too many")
+    return count
+
+
 def from_bytes(data: bytes, datatype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
     """The array `data` holds as `datatype` [shape], in native byte order; InvalidInput when
     the datatype is unknown or the byte count does not match."""
     dtype = DATATYPES.get(datatype)
     if dtype is None:
         raise InvalidInput(f"{what} has unsupported datatype {datatype!r}")
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"{what} has a negative dimension {list(shape)}")
-    count = int(np.prod(shape)) if shape else 1
+    count = element_count(shape, what)
     if len(data) != count * dtype.itemsize:
         raise InvalidInput(f"{what}: {len(data)} bytes do not hold {datatype} {list(shape)}")
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
