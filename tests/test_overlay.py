@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_client.overlay import COLORMAPS, colorize, overlay, side_by_side
+from gradcam_client.overlay import (
+    COLORMAPS,
+    PANEL_GAP,
+    caption_band,
+    colorize,
+    gradient_image,
+    overlay,
+    panels,
+    side_by_side,
+)
 
 
 def hues(colours: np.ndarray) -> np.ndarray:
@@ -251,3 +260,147 @@ def test_side_by_side_of_different_sizes() -> None:
     picture = side_by_side(photo(30, 40), photo(20, 10), ["caption"])
     assert picture.width == 50
     assert picture.height > 30
+
+
+def test_side_by_side_band_is_the_caption_band() -> None:
+    image = photo(64, 48)
+    picture = np.asarray(side_by_side(image, image, ["0.91  tabby cat"]))
+    band = caption_band(["0.91  tabby cat"], 96, 64)
+    np.testing.assert_array_equal(picture[64:], np.asarray(band))
+
+
+# --- caption_band ---------------------------------------------------------------------------
+
+
+def test_caption_band_draws_its_text_in_black_on_white() -> None:
+    band = np.asarray(caption_band(["Egyptian cat  0.81"], 300, 300))
+    assert band.shape[1] == 300 and band.shape[2] == 3
+    assert (band[0] == 255).all() and (band[-1] == 255).all()  # padding above and below
+    ink = (band < 128).any(axis=2)
+    assert ink.any()
+    columns = np.flatnonzero(ink.any(axis=0))
+    assert 0 < columns[0] < columns[-1] < 250  # starts after the padding, fits the band
+    other = np.asarray(caption_band(["tabby  0.08"], 300, 300))
+    assert other.shape == band.shape and (other != band).any()
+
+
+def test_caption_band_rows_set_its_height() -> None:
+    one = caption_band(["a"], 50, 100)
+    three = caption_band(["a"], 50, 100, rows=3)
+    assert three.height > one.height
+    np.testing.assert_array_equal(  # the same line, at the same place
+        np.asarray(three)[: one.height - 4], np.asarray(one)[: one.height - 4]
+    )
+    assert caption_band([], 50, 100).height == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        caption_band(["a", "b"], 50, 100, rows=1)
+
+
+def test_caption_text_grows_with_the_picture() -> None:
+    small = caption_band(["cat"], 400, 100)
+    large = caption_band(["cat"], 400, 600)
+    assert large.height > small.height
+
+
+# --- panels ---------------------------------------------------------------------------------
+
+
+def test_panels_put_each_picture_with_its_own_caption() -> None:
+    pictures = [photo(60, 40, seed) for seed in range(3)]
+    captions = [["chelsea.jpg", "efficientnet_lite0, gradcam"], ["Egyptian cat  0.81"],
+                ["tabby  0.08"]]
+    canvas = np.asarray(panels(pictures, captions))
+    assert canvas.shape[1] == 3 * 40 + 2 * PANEL_GAP
+    band_height = caption_band([], 1, 60, rows=2).height
+    assert canvas.shape[0] == 60 + band_height
+    for index, (picture, lines) in enumerate(zip(pictures, captions)):
+        left = index * (40 + PANEL_GAP)
+        np.testing.assert_array_equal(canvas[:60, left : left + 40], picture)
+        band = np.asarray(caption_band(lines, 40, 60, rows=2))
+        np.testing.assert_array_equal(canvas[60:, left : left + 40], band)
+    gap = canvas[:, 40 : 40 + PANEL_GAP]
+    assert (gap == 255).all()
+
+
+def test_a_long_caption_stops_at_its_picture() -> None:
+    pictures = [photo(40, 30, 1), photo(40, 30, 2)]
+    canvas = np.asarray(panels(pictures, [["a very long caption " * 5], []]))
+    assert (canvas[40:, 30:] == 255).all()  # nothing under the gap or the second picture
+    assert (canvas[40:, :30] < 128).any()
+
+
+def test_panels_of_different_heights_align_at_the_top() -> None:
+    tall, short = photo(50, 20, 1), photo(30, 20, 2)
+    canvas = np.asarray(panels([tall, short], [["x"], ["y"]]))
+    np.testing.assert_array_equal(canvas[30:50, 20 + PANEL_GAP :], 255)  # under the short one
+    np.testing.assert_array_equal(canvas[:30, 20 + PANEL_GAP :], short)
+
+
+def test_panels_without_captions_have_no_band() -> None:
+    canvas = panels([photo(30, 40), photo(30, 40)], gap=0)
+    assert canvas.size == (80, 30)
+    assert panels([photo(30, 40)]).size == (40, 30)
+
+
+def test_panels_refuse_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        panels([])
+    with pytest.raises(ValueError, match="2 captions for 1 pictures"):
+        panels([photo()], [["a"], ["b"]])
+
+
+# --- gradient_image -------------------------------------------------------------------------
+
+
+def test_signed_gradients_are_drawn_as_the_paper_does() -> None:
+    from pytorch_grad_cam.utils.image import deprocess_image
+
+    gradients = np.random.default_rng(3).normal(0.0, 1e-3, (3, 20, 30)).astype(np.float32)
+    gradients[0, :5] += 0.01  # a strong positive red patch
+    picture = gradient_image(gradients)
+    assert picture.mode == "RGB" and picture.size == (30, 20)
+    expected = deprocess_image(gradients.transpose(1, 2, 0))  # truncates where we round
+    difference = np.asarray(picture).astype(int) - expected.astype(int)
+    assert difference.min() >= 0 and difference.max() <= 1
+    pixels = np.asarray(picture).astype(int)
+    assert pixels[:5, :, 0].mean() > 200 and abs(pixels[10:, :].mean() - 128) < 20
+
+
+def test_zero_gradients_are_grey_and_a_blank_magnitude_is_black() -> None:
+    assert (np.asarray(gradient_image(np.zeros((3, 4, 5)))) == 128).all()
+    assert (np.asarray(gradient_image(np.zeros((4, 5)))) == 0).all()
+
+
+def test_magnitudes_are_grayscale_with_the_top_percent_white() -> None:
+    magnitude = np.linspace(0.0, 1.0, 1000).reshape(20, 50)
+    picture = np.asarray(gradient_image(magnitude))
+    assert picture.shape == (20, 50, 3)
+    assert (picture[..., 0] == picture[..., 1]).all() and (picture[..., 1] == picture[..., 2]).all()
+    gray = picture[..., 0].ravel().astype(int)
+    assert gray[0] == 0
+    top = np.percentile(magnitude, 99)
+    assert (gray[magnitude.ravel() >= top] == 255).all()
+    assert (gray[magnitude.ravel() < 0.99 * top] < 255).all()
+    assert gray[500] == round(255 * magnitude.ravel()[500] / top)
+    assert (np.diff(gray) >= 0).all()
+
+
+def test_a_few_strong_pixels_leave_the_rest_visible() -> None:
+    # Guided gradients are heavy-tailed: scaled by the maximum, the bulk would be near black.
+    magnitude = np.full((100, 100), 0.05)
+    magnitude[0, 0] = 1.0
+    assert np.asarray(gradient_image(magnitude)).mean() > 250
+
+
+def test_grayscale_gradients_show_the_channel_maximum_of_their_magnitude() -> None:
+    gradients = np.random.default_rng(4).normal(size=(3, 10, 12))
+    np.testing.assert_array_equal(
+        np.asarray(gradient_image(gradients, grayscale=True)),
+        np.asarray(gradient_image(np.abs(gradients).max(axis=0))),
+    )
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 10, 12), (1, 2, 3, 4)])
+def test_gradient_image_of_another_shape(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"\[3, H, W\] gradients or an \[H, W\] magnitude"):
+        gradient_image(np.zeros(shape))

@@ -11,6 +11,11 @@ Everything here is numpy and Pillow. A heatmap is a float array [H, W] with valu
 * ``turbo``: Google's Turbo (Anton Mikhailov, 2019), the published 256-entry table rounded to
   8 bits. Its degree-5 polynomial approximation is not used: it strays from the table by up to
   32 levels near the ends (turbo(0) would be (35, 23, 27) instead of (48, 18, 59)).
+
+Pixel-level maps (Guided Backpropagation, Guided Grad-CAM) are drawn on their own, not over the
+photo, by `gradient_image`: signed gradients [3, H, W] as the Grad-CAM paper shows them (each
+image standardised, scaled by 0.1 and centred on grey), or their magnitude in grayscale, the form
+the service returns. `panels` puts pictures in a row, each with its own caption.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 COLORMAPS = ("jet", "turbo")
 
 LEVELS = 256
+PANEL_GAP = 8  # white pixels between the pictures of `panels`
+GRAYSCALE_PERCENTILE = 99.0  # the magnitude drawn white by `gradient_image`
+_GRADIENT_EPSILON = 1e-5  # as pytorch-grad-cam's deprocess_image
 
 
 def _jet_table() -> np.ndarray:
@@ -149,19 +157,104 @@ def side_by_side(
     width = left.width + right.width
     pictures_height = max(left.height, right.height)
     lines = [str(caption) for caption in captions]
+    band = caption_band(lines, width, pictures_height)
 
-    font = _caption_font(pictures_height)
-    line_height, padding = _line_metrics(font)
-    band_height = 2 * padding + line_height * len(lines) if lines else 0
-
-    canvas = Image.new("RGB", (width, pictures_height + band_height), "white")
+    canvas = Image.new("RGB", (width, pictures_height + band.height), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))
-    draw = ImageDraw.Draw(canvas)
-    for index, line in enumerate(lines):
-        top = pictures_height + padding + index * line_height
-        draw.text((padding, top), line, fill="black", font=font)
+    canvas.paste(band, (0, pictures_height))
     return canvas
+
+
+def panels(
+    pictures: Sequence[Image.Image | np.ndarray],
+    captions: Sequence[Sequence[str]] = (),
+    gap: int = PANEL_GAP,
+) -> Image.Image:
+    """Pictures in a row, left to right and top-aligned, ``gap`` white pixels apart, each with
+    its own caption lines in a band below it.
+
+    ``captions`` holds one list of lines per picture (fewer lists: the last pictures have none).
+    Every band is as tall as the one with the most lines (no band when no picture has a
+    caption), drawn as `caption_band` draws it at the tallest picture's height, and cut off at
+    its own picture's right edge, so a long caption never runs into the next picture.
+    """
+    if not pictures:
+        raise ValueError("panels needs at least one picture")
+    if len(captions) > len(pictures):
+        raise ValueError(f"{len(captions)} captions for {len(pictures)} pictures")
+    drawn = [_as_rgb(picture) for picture in pictures]
+    lines = [[str(line) for line in caption] for caption in captions]
+    lines += [[] for _ in range(len(drawn) - len(lines))]
+    rows = max(len(caption) for caption in lines)
+    pictures_height = max(picture.height for picture in drawn)
+    band_height = caption_band([], 1, pictures_height, rows).height
+    width = sum(picture.width for picture in drawn) + gap * (len(drawn) - 1)
+
+    canvas = Image.new("RGB", (width, pictures_height + band_height), "white")
+    left = 0
+    for picture, caption in zip(drawn, lines):
+        canvas.paste(picture, (left, 0))
+        if rows:
+            band = caption_band(caption, picture.width, pictures_height, rows)
+            canvas.paste(band, (left, pictures_height))
+        left += picture.width + gap
+    return canvas
+
+
+def caption_band(
+    lines: Sequence[str], width: int, picture_height: int, rows: int | None = None
+) -> Image.Image:
+    """The white band of caption text drawn below a picture ``picture_height`` pixels tall:
+    ``width`` wide, room for ``rows`` lines (default: as many as given; 0 rows: no band, 0 tall),
+    each line black in Pillow's default font sized to the picture, cut off at the right edge."""
+    rows = len(lines) if rows is None else rows
+    if rows < len(lines):
+        raise ValueError(f"{len(lines)} caption lines do not fit in {rows} rows")
+    font = _caption_font(picture_height)
+    line_height, padding = _line_metrics(font)
+    band = Image.new("RGB", (width, 2 * padding + line_height * rows if rows else 0), "white")
+    draw = ImageDraw.Draw(band)
+    for index, line in enumerate(lines):
+        draw.text((padding, padding + index * line_height), str(line), fill="black", font=font)
+    return band
+
+
+def gradient_image(gradients: np.ndarray, grayscale: bool = False) -> Image.Image:
+    """A pixel-level map (Guided Backpropagation, Guided Grad-CAM) as a picture of its own size.
+
+    * Signed gradients [3, H, W] (the augmented graph's ``pixel_map`` for one image, channels
+      in the model's order), as the Grad-CAM paper and its released code show them: the array
+      standardised (mean 0, standard deviation 1, over all its values), times 0.1, plus 0.5,
+      clipped to [0, 1]: zero gradient is mid grey and three standard deviations land at
+      0.2 and 0.8 (pytorch-grad-cam's ``deprocess_image``). With ``grayscale``, their magnitude
+      (the maximum of |value| over channels) is drawn as below instead.
+    * A magnitude [H, W] (what the service returns for these methods: that maximum,
+      normalised to [0, 1]) in grayscale, black for none: its values divided by their 99th
+      percentile and clipped, so the strongest 1 % are white (captum's outlier clipping);
+      a map of zeros stays black.
+
+    Returns an RGB image. Raises ValueError for another shape.
+    """
+    values = np.nan_to_num(np.asarray(gradients, dtype=np.float64), nan=0.0)
+    if values.ndim == 3 and values.shape[0] == 3 and not grayscale:
+        spread = values.std()
+        standard = (values - values.mean()) / (spread + _GRADIENT_EPSILON)
+        pixels = np.clip(standard * 0.1 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+        return Image.fromarray(_to_uint8(pixels), mode="RGB")
+    if values.ndim == 3 and values.shape[0] == 3:
+        values = np.abs(values).max(axis=0)
+    if values.ndim != 2:
+        raise ValueError(
+            f"a pixel-level map must be [3, H, W] gradients or an [H, W] magnitude, "
+            f"got shape {values.shape}"
+        )
+    magnitude = np.abs(values)
+    top = np.percentile(magnitude, GRAYSCALE_PERCENTILE)
+    if top <= 0:
+        top = magnitude.max()
+    scaled = np.clip(magnitude / top, 0.0, 1.0) if top > 0 else np.zeros_like(magnitude)
+    return Image.fromarray(_to_uint8(scaled), mode="L").convert("RGB")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -171,6 +264,11 @@ def _table(colormap: str) -> np.ndarray:
     if colormap not in _TABLES:
         raise ValueError(f"unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}")
     return _TABLES[colormap]
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 0..255, rounded to the nearest level."""
+    return np.floor(values * 255 + 0.5).astype(np.uint8)
 
 
 def _clean(heatmap: np.ndarray) -> np.ndarray:
