@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gradcam_server.batching import BatchStats, DynamicBatcher
+from gradcam_server.batching import BatchStats, DynamicBatcher, StopSignal
 from gradcam_server.errors import DeadlineExceeded, QueueFull, ShuttingDown
 
 LONG_DELAY_US = 10_000_000  # longer than any test: a batch goes out only when full or closing
@@ -31,7 +31,7 @@ class Model:
         if not hold:
             self._gate.set()
 
-    def __call__(self, items: list[int]) -> list[int]:
+    def __call__(self, items: list[int], stop: StopSignal | None = None) -> list[int]:
         self.batches.append(list(items))
         self.called_at.append(time.monotonic())
         self.thread_ids.add(threading.get_ident())
@@ -139,7 +139,7 @@ def test_failed_batch_fails_only_its_own_requests():
 def test_wrong_number_of_results_fails_the_whole_batch():
     batches = []
 
-    def drops_the_last(items: list[int]) -> list[int]:
+    def drops_the_last(items: list[int], stop: StopSignal) -> list[int]:
         batches.append(items)
         return items[:-1]
 
@@ -275,3 +275,83 @@ def test_failing_on_batch_callback_does_not_fail_requests():
         return results
 
     assert run(scenario()) == [10, 20]
+
+
+class Stoppable:
+    """``run_batch`` stand-in that runs until told to stop (or WAIT_S), recording whether the
+    stop signal arrived."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.stopped = threading.Event()
+        self.returned_at: float | None = None
+
+    def __call__(self, items: list[int], stop: StopSignal) -> list[int]:
+        self.entered.set()
+        stop.add_callback(self.stopped.set)
+        self.stopped.wait(WAIT_S)
+        self.returned_at = time.monotonic()
+        return [item * 10 for item in items]
+
+
+def test_a_batch_every_request_abandoned_is_told_to_stop():
+    model, stats = Stoppable(), []
+    batcher = make_batcher(model, delay_us=0, stats=stats)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(1))
+        second = asyncio.ensure_future(batcher.submit(2))
+        assert await asyncio.to_thread(model.entered.wait, WAIT_S)
+        first.cancel()
+        await asyncio.sleep(0.05)
+        assert not model.stopped.is_set()  # the second request still waits for the batch
+        cancelled_at = time.monotonic()
+        second.cancel()
+        assert await asyncio.to_thread(model.stopped.wait, WAIT_S)
+        await batcher.close()
+        return cancelled_at
+
+    cancelled_at = run(scenario())
+    assert model.returned_at - cancelled_at < 0.5
+    assert stats[0].stopped and stats[0].requests == 2
+
+
+def test_a_running_batch_whose_deadlines_all_passed_answers_at_once_and_stops():
+    model, stats = Stoppable(), []
+    batcher = make_batcher(model, delay_us=0, stats=stats)
+
+    async def scenario():
+        deadline = time.monotonic() + 0.2
+        started = time.monotonic()
+        results = await asyncio.gather(
+            batcher.submit(1, deadline=deadline), batcher.submit(2, deadline=deadline + 0.1),
+            return_exceptions=True,
+        )
+        answered = time.monotonic() - started
+        await batcher.close()
+        return results, answered
+
+    results, answered = run(scenario())
+    assert all(isinstance(r, DeadlineExceeded) for r in results)
+    assert "while it ran" in str(results[0])
+    assert answered < 1.0  # not the WAIT_S the stand-in would otherwise run
+    assert model.stopped.is_set() and stats[0].stopped
+
+
+def test_a_batch_with_a_request_without_deadline_runs_to_the_end():
+    model = Stoppable()
+    batcher = make_batcher(model, delay_us=0)
+
+    async def scenario():
+        timed = asyncio.ensure_future(batcher.submit(1, deadline=time.monotonic() + 0.1))
+        untimed = asyncio.ensure_future(batcher.submit(2))
+        assert await asyncio.to_thread(model.entered.wait, WAIT_S)
+        await asyncio.sleep(0.3)
+        assert not model.stopped.is_set()
+        model.stopped.set()  # let the stand-in finish
+        results = await asyncio.gather(timed, untimed, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    timed, untimed = run(scenario())
+    assert isinstance(timed, DeadlineExceeded) and untimed == 20

@@ -9,8 +9,9 @@ The repository holds the shipped EfficientNet-Lite0 and small generated models:
 ``tiny``                a small CNN with a fixed batch of 1 and no config.json (detected defaults)
 ``batched``             the same CNN with a dynamic batch, max_batch_size 4 and a 100 ms queue delay
 ``bounded``             a slow CNN with max_batch_size 1 and max_queue_size 1
-``broken``              a model.onnx of garbage bytes
-``norule``              a graph whose gradient path goes through Einsum, which has no rule
+``broken``              a model.onnx of garbage bytes (fails to load)
+``norule``              a graph whose gradient path goes through Einsum, which has no rule (serves
+                        plain inference only)
 ======================  ==========================================================================
 """
 
@@ -52,12 +53,14 @@ EGYPTIAN_CAT = 285
 LITE0_LAYER = "/_swish_1/Clip_output_0"
 LITE0_FIRST_CLIP = "/_swish/Clip_output_0"
 GOOD_MODELS = ("batched", "bounded", LITE0, "tiny")
-FAILED_MODELS = ("broken", "norule")
+INFERENCE_ONLY_MODELS = ("norule",)
+FAILED_MODELS = ("broken",)
 TOKEN = "secret"
 CALL_TIMEOUT_S = 60.0  # only so that a broken server fails a test instead of hanging it
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -472,13 +475,14 @@ def test_explain_tensor_matches_kserve(stub, client) -> None:
 def test_list_models(stub) -> None:
     statuses = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(),
                                                     timeout=CALL_TIMEOUT_S).models}
-    assert sorted(statuses) == sorted((*GOOD_MODELS, *FAILED_MODELS))
+    assert sorted(statuses) == sorted((*GOOD_MODELS, *INFERENCE_ONLY_MODELS, *FAILED_MODELS))
     for name in GOOD_MODELS:
         assert statuses[name].ready and not statuses[name].reason
     for name in FAILED_MODELS:
         assert not statuses[name].ready and statuses[name].reason
         assert not LEAK.search(statuses[name].reason), statuses[name].reason
-    assert "Einsum" in statuses["norule"].reason
+    norule = statuses["norule"]
+    assert norule.ready and "inference only" in norule.reason and "Einsum" in norule.reason
 
 
 def test_get_model_info(stub) -> None:
@@ -539,8 +543,10 @@ BAD_KSERVE_REQUESTS = {
     "path traversal up": Bad(chelsea, NOT_FOUND, "unknown model", model="../efficientnet_lite0"),
     "path traversal down": Bad(chelsea, NOT_FOUND, "unknown model",
                                model="efficientnet_lite0/../../etc"),
-    "broken model": Bad(chelsea, UNAVAILABLE, "'broken'", "not ready", model="broken"),
-    "model without a rule": Bad(chelsea, UNAVAILABLE, "'norule'", "Einsum", model="norule"),
+    "broken model": Bad(chelsea, FAILED_PRECONDITION, "'broken'", "failed to load",
+                        model="broken"),
+    "model without a rule": Bad(chelsea, FAILED_PRECONDITION, "'norule'", "inference only",
+                                "Einsum", model="norule"),
 }
 
 
@@ -589,7 +595,8 @@ def test_bad_typed_requests_are_refused_with_a_reason(stub, client) -> None:
             lambda: stub.GetModelInfo(pb.GetModelInfoRequest(model=name), timeout=CALL_TIMEOUT_S),
             NOT_FOUND, "unknown model",
         )
-    expect_error(explain("broken", images=encoded), UNAVAILABLE, "not ready")
+    expect_error(explain("broken", images=encoded), FAILED_PRECONDITION, "failed to load")
+    expect_error(explain("norule", images=encoded), FAILED_PRECONDITION, "Einsum")
     assert_still_serving(client)
 
 

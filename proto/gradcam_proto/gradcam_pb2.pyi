@@ -75,18 +75,20 @@ class Target(_message.Message):
     def __init__(self, class_index: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ("num_predictions", "num_channels", "overlay", "colormap", "overlay_opacity")
+    __slots__ = ("num_predictions", "num_channels", "overlay", "colormap", "overlay_opacity", "heatmap_size")
     NUM_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
     COLORMAP_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_OPACITY_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_SIZE_FIELD_NUMBER: _ClassVar[int]
     num_predictions: int
     num_channels: int
     overlay: bool
     colormap: str
     overlay_opacity: float
-    def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ...) -> None: ...
+    heatmap_size: str
+    def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ..., heatmap_size: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding", "layers", "aug_smooth", "target_mask", "output", "inputs")
@@ -230,7 +232,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input", "input_shape", "input_size", "outputs", "layer", "layer_shape", "num_classes", "has_labels", "max_batch_size", "methods", "mean", "std", "default_score", "other_inputs")
+    __slots__ = ("name", "input", "input_shape", "input_size", "outputs", "layer", "layer_shape", "num_classes", "has_labels", "max_batch_size", "methods", "mean", "std", "default_score", "other_inputs", "explain_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +248,7 @@ class ModelInfo(_message.Message):
     STD_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SCORE_FIELD_NUMBER: _ClassVar[int]
     OTHER_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     input: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -261,4 +264,5 @@ class ModelInfo(_message.Message):
     std: _containers.RepeatedScalarFieldContainer[float]
     default_score: str
     other_inputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    explain_error: str
+    def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ..., explain_error: _Optional[str] = ...) -> None: ...

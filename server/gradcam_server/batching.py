@@ -4,8 +4,9 @@ Contract of `DynamicBatcher(run_batch, *, max_batch_size, max_queue_delay_micros
 max_queue_size, executor=None, name="", on_batch=None)`; names follow Triton's dynamic batcher.
 
 - Event loop: the batcher lives on the asyncio loop of its first `submit()` (the grpc.aio
-  server's). The blocking ``run_batch(items)`` (an onnxruntime call) runs off the loop, in
-  ``executor`` (default: a private single-thread ThreadPoolExecutor), one batch at a time per
+  server's). The blocking ``run_batch(items, stop)`` (an onnxruntime call) runs off the loop, in
+  ``executor`` (default: a private single-thread ThreadPoolExecutor; a server shares one among
+  all its batchers, so their number does not multiply threads), one batch at a time per
   batcher.
 - Requests: ``await submit(item, size=1, deadline=None)`` queues an opaque ``item`` carrying
   ``size`` batch rows (e.g. 3 images) and returns its own result.
@@ -24,12 +25,17 @@ max_queue_size, executor=None, name="", on_batch=None)`; names follow Triton's d
   passed at submit() or when its batch is formed is never run: submit() raises
   `DeadlineExceeded`.
 - Cancellation: if the task awaiting submit() is cancelled (the client cancelled the RPC) while
-  the request is queued, the request is removed and never run; the cancellation propagates. A
-  request already dispatched runs to the end and its result is dropped.
+  the request is queued, the request is removed and never run; the cancellation propagates.
+- Abandoned work stops: ``stop`` (a `StopSignal`) is set while ``run_batch`` runs once no
+  request of the batch waits for it any more: each was cancelled, or its deadline passed (a
+  request gets `DeadlineExceeded` at its deadline, without waiting for the run). ``run_batch``
+  hooks its runtime's own stop onto it (onnxruntime's ``RunOptions.terminate``); what it
+  returns or raises afterwards is dropped. A batch in which one request still waits runs to
+  the end.
 - Shutdown: once `close()` starts, submit() raises `ShuttingDown`; close() dispatches what is
   queued without waiting for the delay and returns when queued and running batches are done.
-- Metrics: ``on_batch(BatchStats)`` is called after every dispatched batch, failed ones too; an
-  exception it raises is logged and never reaches a request.
+- Metrics: ``on_batch(BatchStats)`` is called after every dispatched batch, failed and stopped
+  ones too; an exception it raises is logged and never reaches a request.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +67,36 @@ class BatchStats:
     queue_seconds: tuple[float, ...]  # per request, in batch order: from submit() to dispatch
     run_seconds: float  # from dispatch until run_batch returned or raised
     failed: bool  # run_batch raised or returned the wrong number of results
+    stopped: bool = False  # abandoned by every request while it ran, and told to stop
+
+
+class StopSignal:
+    """Set once, from any thread; callbacks added before run when it is set, those added
+    after run at once. Thread-safe: the event loop sets it while a worker thread runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._set:
+                self._callbacks.append(callback)
+                return
+        callback()
 
 
 @dataclass(eq=False)  # identity equality: a request is removed from the queue as itself
@@ -79,7 +116,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Sequence[R]],
+        run_batch: Callable[[list[T], StopSignal], Sequence[R]],
         *,
         max_batch_size: int,
         max_queue_delay_microseconds: int,
@@ -111,6 +148,8 @@ class DynamicBatcher(Generic[T, R]):
         self._changed = asyncio.Event()  # set on every submit, withdrawal and close
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self._running: tuple[list[_Request], StopSignal] | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # the running batch's next deadline
 
     @property
     def pending(self) -> int:
@@ -144,6 +183,7 @@ class DynamicBatcher(Generic[T, R]):
             return await request.future
         except asyncio.CancelledError:
             self._withdraw(request)
+            self._stop_if_abandoned()
             raise
 
     async def close(self) -> None:
@@ -157,6 +197,34 @@ class DynamicBatcher(Generic[T, R]):
 
     def _subject(self) -> str:
         return f"model {self.name!r}" if self.name else "model"
+
+    def _stop_if_abandoned(self) -> None:
+        """Stop the running batch once none of its requests waits for it."""
+        if self._running is not None:
+            batch, stop = self._running
+            if all(request.future.done() for request in batch):
+                stop.set()
+
+    def _expire_running(self) -> None:
+        """Answer the running batch's requests whose deadline has passed, then wait for the
+        next deadline among those still waiting."""
+        self._expiry = None
+        if self._running is None:
+            return
+        now = time.monotonic()
+        for request in self._running[0]:
+            if not request.future.done() and request.expired(now):
+                request.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it ran")
+                )
+        self._stop_if_abandoned()
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        waiting = [r.deadline for r in self._running[0] if not r.future.done() and r.deadline]
+        if waiting and self._expiry is None:
+            delay = max(min(waiting) - time.monotonic(), 0.0)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire_running)
 
     def _withdraw(self, request: _Request) -> None:
         if request in self._queue:
@@ -228,15 +296,23 @@ class DynamicBatcher(Generic[T, R]):
         items = [request.item for request in batch]
         error: BaseException | None = None
         results: Sequence[Any] = ()
+        stop = StopSignal()
+        loop = asyncio.get_running_loop()
+        self._running = (batch, stop)
+        self._arm_expiry()
         try:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, self._run_batch, items)
+            results = await loop.run_in_executor(self._executor, self._run_batch, items, stop)
             if len(results) != len(batch):
                 error = RuntimeError(
                     f"run_batch returned {len(results)} results for {len(batch)} requests"
                 )
         except Exception as exc:
             error = exc
+        finally:
+            self._running = None
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
         run_seconds = time.monotonic() - dispatched_at
 
         for index, request in enumerate(batch):
@@ -254,6 +330,7 @@ class DynamicBatcher(Generic[T, R]):
                 queue_seconds=tuple(dispatched_at - request.submitted_at for request in batch),
                 run_seconds=run_seconds,
                 failed=error is not None,
+                stopped=stop.is_set(),
             )
             try:
                 self._on_batch(stats)

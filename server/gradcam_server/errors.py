@@ -18,7 +18,15 @@ class ModelNotFound(ServiceError):
 
 
 class ModelNotReady(ServiceError):
-    """The model exists but failed to load or is not loaded yet."""
+    """The model exists but is not loaded yet: worth retrying."""
+
+
+class ModelFailed(ServiceError):
+    """The model exists but failed to load: retrying will not help until it is fixed."""
+
+
+class ExplainUnavailable(ServiceError):
+    """The model serves inference but its graph cannot be explained."""
 
 
 class QueueFull(ServiceError):
@@ -31,3 +39,7 @@ class DeadlineExceeded(ServiceError):
 
 class ShuttingDown(ServiceError):
     """The server is draining and takes no new work."""
+
+
+class RunStopped(Exception):
+    """A run was stopped because no request waits for it any more; no client sees this."""

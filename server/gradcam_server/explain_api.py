@@ -13,12 +13,12 @@ from gradcam_client.overlay import COLORMAPS, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
-from .datatypes import from_bytes
+from .datatypes import element_count, from_bytes
 from .errors import InvalidInput
 from .metrics import Metrics
 from .model import METHODS, Explaining
 from .preprocess import decode_image
-from .service import ClassMap, GradCamService
+from .service import ClassMap, GradCamService, HeatmapSize
 from .transport import deadline_of, rpc
 
 METHOD_NAMES = {
@@ -41,6 +41,7 @@ METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
 DEFAULT_PREDICTIONS = 5
 DEFAULT_CHANNELS = 10
 DEFAULT_OPACITY = 0.5
+OVERLAY_BYTES_PER_PIXEL = 4  # an RGB PNG at most, with its filter bytes and headers
 
 
 class GradCamServicer(pb_grpc.GradCamServicer):
@@ -55,6 +56,10 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         labels["model"] = model.name
         method = _method_name(request.method)
         labels["method"] = method or model.config.method
+        with self.service.admit(model):
+            return await self._explain(model, method, request, context, started)
+
+    async def _explain(self, model, method, request, context, started) -> pb.ExplainResponse:
         options = request.options
         if options.num_predictions < 0 or options.num_channels < 0:
             raise InvalidInput("num_predictions and num_channels must not be negative")
@@ -88,6 +93,8 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             top_k=request.target.top_k if target == "top_k" else None,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
             num_channels=options.num_channels or DEFAULT_CHANNELS,
+            heatmap_size=HeatmapSize.parse(options.heatmap_size, self.service.max_pixels),
+            extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if options.overlay else 0,
             deadline=deadline_of(context),
         )
         layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
@@ -105,7 +112,8 @@ class GradCamServicer(pb_grpc.GradCamServicer):
                 )
             if options.overlay and isinstance(image, bytes):
                 message.overlay_png = await asyncio.to_thread(
-                    _overlay_png, image, explanation.maps[0].heatmap, options
+                    _overlay_png, image, explanation.maps[0].heatmap, options,
+                    self.service.max_pixels,
                 )
         response.timings.preprocess_seconds = explained.preprocess_seconds
         response.timings.queue_seconds = explained.queue_seconds
@@ -127,22 +135,24 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         model = self.service.model(request.model)
         labels["model"] = model.name
         prep = model.config.preprocessing
+        explainable = model.explain_error is None
         return pb.ModelInfo(
             name=model.name,
             input=model.input.name,
             input_shape=list(model.input.shape),
             input_size=list(model.input_hw),
             outputs=[o.name for o in model.outputs],
-            layer=model.default_layer,
-            layer_shape=[-1, *model.layer_shape],
+            layer=model.default_layer or "",
+            layer_shape=[-1, *model.layer_shape] if explainable else [],
             num_classes=model.num_classes,
             has_labels=model.labels is not None,
             max_batch_size=model.max_batch_size,
-            methods=sorted(METHOD_ENUMS[m] for m in METHODS),
+            methods=sorted(METHOD_ENUMS[m] for m in METHODS) if explainable else [],
             mean=list(prep.mean),
             std=list(prep.std),
-            default_score=model.resolve(Explaining()).score,
+            default_score=model.resolve(Explaining()).score if explainable else "",
             other_inputs=[i.name for i in model.other_inputs],
+            explain_error=model.explain_error or "",
         )
 
 
@@ -160,7 +170,7 @@ def _image(image: pb.Image, index: int) -> bytes | np.ndarray:
         return image.encoded
     if kind == "tensor":
         shape = tuple(image.tensor.shape)
-        count = int(np.prod(shape)) if shape else 0
+        count = element_count(shape, f"image {index}")
         if len(shape) != 3 or count * 4 != len(image.tensor.data):
             raise InvalidInput(
                 f"image {index}: a tensor must be [C, H, W] float32 with 4 bytes per value; "
@@ -178,7 +188,7 @@ def _tensor(
         return None
     tensor = getattr(request, field)
     shape = tuple(tensor.shape)
-    count = int(np.prod(shape)) if shape else 0
+    count = element_count(shape, field)
     if len(shape) not in ranks or count * 4 != len(tensor.data):
         raise InvalidInput(
             f"{field} must be {shapes} float32 with 4 bytes per value; got shape {list(shape)} "
@@ -199,8 +209,10 @@ def _heatmap(class_map: ClassMap) -> pb.Heatmap:
     )
 
 
-def _overlay_png(data: bytes, heatmap: np.ndarray, options: pb.ExplainOptions) -> bytes:
-    image = decode_image(data)
+def _overlay_png(
+    data: bytes, heatmap: np.ndarray, options: pb.ExplainOptions, max_pixels: int
+) -> bytes:
+    image = decode_image(data, max_pixels)
     blended = overlay(
         image.convert("RGB"), heatmap, colormap=options.colormap or "jet",
         opacity=options.overlay_opacity or DEFAULT_OPACITY,

@@ -16,10 +16,16 @@ Contract, for every model:
   "probability"; "similarity" of an embedding output to the FP32 input
   ``reference_embedding``, [D] or [N, D]; "region", the default for a segmentation output
   [N, classes, h, w]) and ``output`` (the output explained, a name or an INT64 index;
-  default: the model's score output);
-- outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the pixel
-  size of what was sent). No requested outputs means all of them. A request for the model's own
+  default: the model's score output), ``heatmap_size`` ("image", the default: the pixel size of
+  what was sent; "model": the graph's own map, at the model's input size; or "WIDTHxHEIGHT");
+- outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the
+  ``heatmap_size``). No requested outputs means all of them. A request for the model's own
   outputs only runs the plain forward graph.
+
+Bounds, checked before the work they guard: a model's request places (RESOURCE_EXHAUSTED before
+anything is decoded, `GradCamService.admit`), the number of encoded images (before the BYTES
+tensor is split), every declared shape (exact arithmetic), and the response's size
+(INVALID_ARGUMENT before the model runs, naming the limit).
 
 Tensors may come as typed contents or as raw_input_contents (little-endian; BYTES elements with
 a 4-byte length prefix, as tritonclient sends them); outputs go back as raw_output_contents.
@@ -34,13 +40,22 @@ import numpy as np
 from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
+import asyncio
+import math
+
 from . import __version__
 from .augment.passes import NAMES
-from .datatypes import DATATYPES, datatype_of, from_bytes
+from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
 from .errors import InvalidInput
 from .metrics import Metrics
-from .model import Explaining, ServedModel
-from .service import GradCamService, resize_heatmap
+from .model import METHODS, Explaining, ServedModel
+from .service import (
+    MAX_IMAGES_PER_REQUEST,
+    GradCamService,
+    HeatmapSize,
+    pixel_size,
+    resize_heatmap,
+)
 from .transport import deadline_of, rpc
 
 IMAGE_INPUT = "image"
@@ -70,6 +85,7 @@ _KNOWN_PARAMETERS = {  # the kinds each may come as
     "aug_smooth": ("bool_param",),
     "score": ("string_param",),
     "output": ("string_param", "int64_param"),
+    "heatmap_size": ("string_param",),
 }
 
 
@@ -106,13 +122,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.service.model(request.model_name)
         labels["model"] = model.name
         parameters = _parameters(request.parameters)
-        labels["method"] = model.resolve(Explaining(parameters.get("method"))).method
-        return await self._infer(model, request, parameters, deadline_of(context))
+        method = parameters.get("method") or model.config.method
+        if method not in METHODS:
+            raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        labels["method"] = method
+        with self.service.admit(model):
+            return await self._infer(model, request, parameters, deadline_of(context))
 
     async def _infer(
         self, model: ServedModel, request, parameters: dict[str, str], deadline: float | None
     ) -> pb.ModelInferResponse:
-        inputs = decode_inputs(request)
+        heatmap_size = HeatmapSize.parse(parameters.get("heatmap_size"), self.service.max_pixels)
+        inputs = decode_inputs(request, max_bytes_elements=MAX_IMAGES_PER_REQUEST)
         available = [o.name for o in model.outputs] + [HEATMAP_OUTPUT]
         requested = [o.name for o in request.outputs] or available
         unknown = [name for name in requested if name not in available]
@@ -164,7 +185,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "in separate requests or use the typed Explain API, which takes mixed sizes"
                 )
         else:
-            self.service.check_tensor(model, x, f"input {model.input.name!r}")
+            await asyncio.to_thread(
+                self.service.check_tensor, model, x, f"input {model.input.name!r}"
+            )
+        rows, tensor_size = len(x), pixel_size(model, x)[::-1]
+        heatmap_sizes = [
+            heatmap_size.of(size, tensor_size) for size in (sizes or [tensor_size] * rows)
+        ]
+        other_bytes = sum(
+            4 * rows * math.prod(max(d, 1) for d in model.output_shapes[name])
+            for name in requested if name != HEATMAP_OUTPUT
+        )
+        heatmap_pixels = sum(w * h for w, h in heatmap_sizes) if HEATMAP_OUTPUT in requested else 0
+        self.service.check_response_size(heatmap_pixels, other_bytes)
         explain = None
         if HEATMAP_OUTPUT in requested:
             explain = Explaining(
@@ -183,9 +216,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             deadline=deadline,
         )
         outputs = dict(result.outputs)
-        if explain is not None and sizes is not None:
-            outputs[HEATMAP_OUTPUT] = np.stack(
-                [resize_heatmap(m, size) for m, size in zip(outputs[HEATMAP_OUTPUT], sizes)]
+        if explain is not None:
+            maps = outputs[HEATMAP_OUTPUT]
+            outputs[HEATMAP_OUTPUT] = await asyncio.to_thread(
+                lambda: np.stack([resize_heatmap(m, s) for m, s in zip(maps, heatmap_sizes)])
             )
         response = pb.ModelInferResponse(
             model_name=model.name, model_version="1", id=request.id
@@ -226,8 +260,11 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
     )
 
 
-def decode_inputs(request) -> dict[str, np.ndarray | list[bytes]]:
-    """Input tensors by name: numpy arrays, or lists of bytes for BYTES tensors."""
+def decode_inputs(
+    request, max_bytes_elements: int = MAX_IMAGES_PER_REQUEST
+) -> dict[str, np.ndarray | list[bytes]]:
+    """Input tensors by name: numpy arrays, or lists of bytes for BYTES tensors (at most
+    `max_bytes_elements` elements each, checked from the declared shape before splitting)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
@@ -238,12 +275,15 @@ def decode_inputs(request) -> dict[str, np.ndarray | list[bytes]]:
         if tensor.name in decoded:
             raise InvalidInput(f"input {tensor.name!r} is given twice")
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"input {tensor.name!r} has a negative dimension {list(shape)}")
-        count = int(np.prod(shape)) if shape else 1
+        count = element_count(shape, f"input {tensor.name!r}")
         if tensor.datatype == "BYTES":
+            if count > max_bytes_elements:
+                raise InvalidInput(
+                    f"input {tensor.name!r} declares {count} BYTES elements; at most "
+                    f"{max_bytes_elements} are accepted"
+                )
             items = (
-                _split_bytes(raw[index], tensor.name) if raw
+                _split_bytes(raw[index], tensor.name, count) if raw
                 else list(tensor.contents.bytes_contents)
             )
             if len(items) != count:
@@ -276,9 +316,10 @@ def decode_inputs(request) -> dict[str, np.ndarray | list[bytes]]:
     return decoded
 
 
-def _split_bytes(data: bytes, name: str) -> list[bytes]:
+def _split_bytes(data: bytes, name: str, count: int) -> list[bytes]:
+    """The length-prefixed elements of `data`; stops past `count`, the declared number."""
     items, offset = [], 0
-    while offset < len(data):
+    while offset < len(data) and len(items) <= count:
         if offset + 4 > len(data):
             raise InvalidInput(f"input {name!r}: BYTES element length prefix is cut off")
         (length,) = struct.unpack_from("<I", data, offset)

@@ -6,7 +6,10 @@ Every metric carries the model label; names follow Prometheus conventions (unit 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from .batching import BatchStats
 
@@ -15,7 +18,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int | None = None) -> None:
+        self.max_message_bytes = max_message_bytes  # responses over it fail to send
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "gradcam_requests_total", "Requests received, by model, API and method.",
@@ -42,12 +46,23 @@ class Metrics:
             "gradcam_inference_duration_seconds", "Runtime (onnxruntime) time per batch.",
             ["model", "graph"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.stopped = Counter(
+            "gradcam_batches_stopped_total", "Batches stopped while running because every "
+            "request in them was cancelled or past its deadline.", ["model", "graph"],
+            registry=self.registry,
+        )
+
+    def track_held(self, held: Callable[[], list[tuple[str, int]]]) -> None:
+        """Report ``held()``, (model, augmented graph variants held), at every scrape."""
+        self.registry.register(_HeldVariants(held))
 
     def observe_batch(self, model: str, graph: str, stats: BatchStats) -> None:
         self.batch_size.labels(model, graph).observe(stats.rows)
         self.run_time.labels(model, graph).observe(stats.run_seconds)
         for seconds in stats.queue_seconds:
             self.queue_time.labels(model).observe(seconds)
+        if stats.stopped:
+            self.stopped.labels(model, graph).inc()
 
     def serve(self, port: int, host: str) -> int:
         """Expose /metrics over HTTP; returns the bound port (0 picks a free one)."""
@@ -59,3 +74,19 @@ class Metrics:
         if http is not None:
             http.shutdown()
             http.server_close()
+
+
+class _HeldVariants:
+    """A collector read at scrape time: augmented graph variants (sessions) held per model."""
+
+    def __init__(self, held: Callable[[], list[tuple[str, int]]]) -> None:
+        self._held = held
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "gradcam_explain_graphs", "Augmented graph variants (sessions) held in memory, by "
+            "model; bounded by --max-variants plus the default.", labels=["model"],
+        )
+        for model, count in self._held():
+            family.add_metric([model], count)
+        yield family

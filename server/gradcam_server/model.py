@@ -5,8 +5,13 @@ A model explains one of its outputs: class scores [N, classes] (scores "logit",
 "probability"), an embedding [N, D] ("similarity") or a segmentation map [N, classes, h, w]
 ("region", the default for such an output). Inputs other than the image are fed as they are.
 
+A graph the augmenter cannot explain (an op without a backward rule on the gradient path, a
+layer it cannot find) still serves plain inference: `explain_error` says why, and every explain
+request is refused with that reason (`ExplainUnavailable`).
+
 Everything here is synchronous and thread-safe: the batchers call `forward` and `explain` from
-their worker threads, never from the event loop.
+their worker threads, never from the event loop. A run takes a `StopSignal`: once it is set,
+onnxruntime is told to stop (``RunOptions.terminate``) and the run raises `RunStopped`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import onnxruntime as ort
 from .augment import AugmentError, augment_model, load_model
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
+from .batching import StopSignal
 from .config import ModelConfig, read_config
-from .errors import InvalidInput
+from .errors import ExplainUnavailable, InvalidInput, RunStopped
 from .runtime import RuntimeOptions, create_session
 
 log = logging.getLogger(__name__)
@@ -34,7 +40,7 @@ MODEL_FILE = "model.onnx"
 METHODS = ALL_METHODS
 SERVED_SCORES = ("logit", "probability", "similarity", "region")
 DEFAULT_MAX_BATCH_SIZE = 8
-_CACHED_SESSIONS = 4  # augmented sessions kept beside the default (method, layer)
+DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,13 @@ class TensorInfo:
 class ServedModel:
     """A model folder, loaded, augmented for its default layer and warmed up."""
 
-    def __init__(self, name: str, folder: Path, runtime: RuntimeOptions) -> None:
+    def __init__(
+        self, name: str, folder: Path, runtime: RuntimeOptions,
+        max_variants: int = DEFAULT_MAX_VARIANTS,
+    ) -> None:
         self.name = name
         self.runtime = runtime
+        self.max_variants = max_variants
         self._proto = load_model(folder / MODEL_FILE)
         self.config: ModelConfig = read_config(
             folder, lambda name: _static_size(image_input(self._proto, name))
@@ -95,18 +105,31 @@ class ServedModel:
         self._forward = create_session(self._proto, runtime)
         self._lock = threading.Lock()
         self._explainers: OrderedDict[Explaining, ort.InferenceSession] = OrderedDict()
-        augmented = augment_model(  # AugmentError names an unknown config method
-            self._proto,
-            layer=self.config.target_layer,
-            output=self.score_output,
-            method=self.config.method,
-            score=self.default_score(self.score_output),
-            input=self.input.name,
-        )
-        self.default_layer = _exposed_layer(augmented)
-        self._default = self.resolve(Explaining(self.config.method, self.default_layer))
-        self._default_explainer = create_session(augmented, runtime)
-        del augmented
+        if self.config.method not in METHODS:
+            raise AugmentError(
+                f"unknown method {self.config.method!r} in config.json; available: "
+                f"{', '.join(METHODS)}"
+            )
+        self.explain_error: str | None = None
+        try:
+            augmented = augment_model(
+                self._proto,
+                layer=self.config.target_layer,
+                output=self.score_output,
+                method=self.config.method,
+                score=self.default_score(self.score_output),
+                input=self.input.name,
+            )
+        except AugmentError as error:
+            self.explain_error = str(error)
+            self.default_layer = None
+            self._default = self._default_explainer = None
+            log.warning("model %s serves inference only: %s", name, error)
+        else:
+            self.default_layer = _exposed_layer(augmented)
+            self._default = self.resolve(Explaining(self.config.method, self.default_layer))
+            self._default_explainer = create_session(augmented, runtime)
+            del augmented
         self.providers = tuple(self._forward.get_providers())
         self.output_shapes, self.layer_shape = self._warm_up()  # shapes at `input_hw`
         self.num_classes = self.output_shapes[self.score_output][0]
@@ -136,9 +159,19 @@ class ServedModel:
     def output_info(self, name: str) -> TensorInfo:
         return next(o for o in self.outputs if o.name == name)
 
+    @property
+    def variants(self) -> int:
+        """Augmented graphs (sessions) held now: the default one and the LRU's."""
+        return len(self._explainers) + (self._default_explainer is not None)
+
     def resolve(self, request: Explaining) -> Explaining:
         """`request` with the model's defaults filled in; InvalidInput for an unknown method,
-        score or output."""
+        score or output; ExplainUnavailable when the graph cannot be explained at all."""
+        if self.explain_error is not None:
+            raise ExplainUnavailable(
+                f"model {self.name!r} serves inference only; it cannot be explained: "
+                f"{self.explain_error}"
+            )
         method = request.method or self.config.method
         if method not in METHODS:
             raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -157,10 +190,13 @@ class ServedModel:
                        score=score, output=output)
 
     # -- running -----------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, others: dict[str, np.ndarray] | None = None) -> dict:
+    def forward(
+        self, x: np.ndarray, others: dict[str, np.ndarray] | None = None,
+        stop: StopSignal | None = None,
+    ) -> dict:
         """The plain graph's outputs for a batch [N, ...] of preprocessed images (and the
         model's other inputs, [N, ...] each)."""
-        return self._run(self._forward, {self.input.name: x, **(others or {})})
+        return self._run(self._forward, {self.input.name: x, **(others or {})}, stop)
 
     def explain(
         self,
@@ -170,6 +206,7 @@ class ServedModel:
         reference: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         others: dict[str, np.ndarray] | None = None,
+        stop: StopSignal | None = None,
     ) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap.
         `reference` [N, D] is the reference embedding of the "similarity" score, `mask`
@@ -180,7 +217,7 @@ class ServedModel:
             feeds[NAMES.reference_embedding] = reference
         if mask is not None:
             feeds[NAMES.target_mask] = mask
-        return self._run(self.explainer(request), feeds)
+        return self._run(self.explainer(request), feeds, stop)
 
     def is_built(self, request: Explaining) -> bool:
         """Whether the session for `request` exists already (no augmentation needed)."""
@@ -207,24 +244,43 @@ class ServedModel:
                 raise InvalidInput(str(error)) from error
             session = create_session(augmented, self.runtime)
             self._explainers[key] = session
-            if len(self._explainers) > _CACHED_SESSIONS:
+            if len(self._explainers) > self.max_variants:
                 self._explainers.popitem(last=False)
             return session
 
-    def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict:
+    def _run(
+        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+        stop: StopSignal | None = None,
+    ) -> dict:
         """Run `feeds` (all [N, ...]); a graph with a fixed batch runs them chunk by chunk,
-        the last chunk padded with copies of its first row."""
+        the last chunk padded with copies of its first row. RunStopped once `stop` is set."""
         n = len(next(iter(feeds.values())))
         names = [o.name for o in session.get_outputs()]
-        if self.fixed_batch is None or n == self.fixed_batch:
-            return dict(zip(names, session.run(names, feeds)))
+        options = ort.RunOptions()
+        if stop is not None:
+            stop.add_callback(lambda: setattr(options, "terminate", True))
+        parts = [feeds]
+        if self.fixed_batch is not None and n != self.fixed_batch:
+            parts = [
+                {k: v[start:start + self.fixed_batch] for k, v in feeds.items()}
+                for start in range(0, n, self.fixed_batch)
+            ]
         chunks = []
-        for start in range(0, n, self.fixed_batch):
-            part = {k: v[start:start + self.fixed_batch] for k, v in feeds.items()}
+        for part in parts:
             rows = len(next(iter(part.values())))
-            if rows < self.fixed_batch:
+            if self.fixed_batch is not None and rows < self.fixed_batch:
                 part = {k: _pad_rows(v, self.fixed_batch) for k, v in part.items()}
-            chunks.append([out[:rows] for out in session.run(names, part)])
+            if stop is not None and stop.is_set():
+                raise RunStopped("the run was stopped: no request waits for it")
+            try:
+                outputs = session.run(names, part, options)
+            except Exception:
+                if stop is not None and stop.is_set():
+                    raise RunStopped("the run was stopped: no request waits for it") from None
+                raise
+            chunks.append([out[:rows] for out in outputs])
+        if len(chunks) == 1:
+            return dict(zip(names, chunks[0]))
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
 
     def _warm_up(self) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
@@ -242,6 +298,8 @@ class ServedModel:
             for i in self.other_inputs
         }
         shapes = {name: value.shape[1:] for name, value in self.forward(x, others).items()}
+        if self._default is None:
+            return shapes, ()
         mask = None
         if self._default.score == "region":
             mask = np.full((batch, 1, 1), -1.0, dtype=np.float32)  # the predicted regions

@@ -1,7 +1,10 @@
 """The model repository: every ``<root>/<name>/model.onnx``, loaded in the background.
 
-A folder that fails to load (bad graph, bad config, no rule for an op on the gradient path) is
-kept with its reason and reported as not ready; it never stops the others. Model names are the
+A folder that fails to load (bad graph, bad config) is kept with its reason and reported as not
+ready; it never stops the others. Requests for it fail with `ModelFailed` (FAILED_PRECONDITION:
+retrying cannot help), while a model still loading answers `ModelNotReady` (UNAVAILABLE: retry).
+A graph that loads but cannot be explained (no rule for an op on the gradient path) serves plain
+inference (`ServedModel.explain_error`). Model names are the
 folder names found at start-up and nothing else: a requested name is only ever looked up in that
 table, never joined to a path.
 """
@@ -16,8 +19,8 @@ from pathlib import Path
 
 from .augment import AugmentError
 from .config import ConfigError
-from .errors import ModelNotFound, ModelNotReady
-from .model import MODEL_FILE, ServedModel
+from .errors import ModelFailed, ModelNotFound, ModelNotReady
+from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel
 from .runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,14 @@ class ModelStatus:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, runtime: RuntimeOptions) -> None:
+    def __init__(
+        self, root: Path, runtime: RuntimeOptions, max_variants: int = DEFAULT_MAX_VARIANTS
+    ) -> None:
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} is not a directory")
         self.root = root
         self.runtime = runtime
+        self.max_variants = max_variants
         self.names = tuple(
             sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         )
@@ -51,8 +57,11 @@ class ModelRepository:
             try:
                 self._models[name] = self._load(name)
                 model = self._models[name]
-                log.info("model %s ready (layer %r, %s)", name, model.default_layer,
-                         model.providers[0])
+                if model.explain_error is None:
+                    log.info("model %s ready (layer %r, %s)", name, model.default_layer,
+                             model.providers[0])
+                else:
+                    log.info("model %s ready for inference only (%s)", name, model.providers[0])
             except (AugmentError, ConfigError, FileNotFoundError) as error:
                 self._failures[name] = self._client_reason(name, error)
                 log.error("model %s failed to load: %s", name, error)
@@ -61,7 +70,7 @@ class ModelRepository:
                 log.exception("model %s failed to load", name)
         self._loaded.set()
 
-    def _client_reason(self, name: str, error: Exception) -> str:
+    def _client_reason(self, name: str, error: Exception | str) -> str:
         """The error's message for clients: paths of the server's files are shown relative to
         the model folder (the log keeps them whole)."""
         message = str(error)
@@ -73,7 +82,7 @@ class ModelRepository:
         folder = self.root / name
         if not (folder / MODEL_FILE).is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in the model folder")
-        return ServedModel(name, folder, self.runtime)
+        return ServedModel(name, folder, self.runtime, self.max_variants)
 
     @property
     def loaded(self) -> bool:
@@ -87,7 +96,7 @@ class ModelRepository:
         if name in self._models:
             return self._models[name]
         if name in self._failures:
-            raise ModelNotReady(f"model {name!r} is not ready: {self._failures[name]}")
+            raise ModelFailed(f"model {name!r} failed to load: {self._failures[name]}")
         if name in self.names:
             raise ModelNotReady(f"model {name!r} is still loading")
         shown = name if len(name) <= _NAME_SHOWN else name[:_NAME_SHOWN] + "..."
@@ -97,7 +106,9 @@ class ModelRepository:
         result = []
         for name in self.names:
             if name in self._models:
-                result.append(ModelStatus(name, True))
+                error = self._models[name].explain_error
+                reason = "" if error is None else f"inference only: {error}"
+                result.append(ModelStatus(name, True, self._client_reason(name, reason)))
             elif name in self._failures:
                 result.append(ModelStatus(name, False, self._failures[name]))
             else:

@@ -4,18 +4,31 @@
 
 One port serves the KServe v2 protocol, the typed explain API, ``grpc.health.v1`` (NOT_SERVING
 until every model folder has been loaded, and again while shutting down) and server reflection;
-Prometheus metrics are on an HTTP port. Models load in the background after the port is bound,
-so liveness answers at once. SIGTERM (or SIGINT) stops new work, lets in-flight requests finish
-within the grace period, then exits.
+Prometheus metrics are on their own HTTP port (``--metrics-port``, 8002 whatever ``--port`` is;
+0 picks a free one, -1 turns it off), bound to loopback unless ``--metrics-host`` says otherwise:
+the metrics endpoint has no authentication. Models load in the background after the port is
+bound, so liveness answers at once. SIGTERM (or SIGINT) stops new work, lets in-flight requests
+finish within the grace period, then exits.
+
+A busy port is refused (gRPC's SO_REUSEPORT is turned off, so a second server cannot share it);
+every start-up failure (busy port, bad TLS material, missing repository or token file) is one
+line on stderr and exit status 2. The bearer token comes from ``--token-file`` or the
+environment variable ``GRADCAM_TOKEN`` (``--token`` too, though the command line is visible to
+every user of the machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import os
 import signal
+import socket
+import ssl
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +42,10 @@ from .auth import BearerTokenInterceptor
 from .explain_api import GradCamServicer
 from .kserve import KServeServicer
 from .metrics import Metrics
+from .model import DEFAULT_MAX_VARIANTS
 from .repository import ModelRepository
 from .runtime import RuntimeOptions
-from .service import DEFAULT_MAX_PIXELS, GradCamService
+from .service import DEFAULT_MAX_PIXELS, MAX_MESSAGE_BYTES, GradCamService, ServiceLimits
 
 log = logging.getLogger("gradcam_server")
 
@@ -39,7 +53,12 @@ SERVICE_NAMES = (
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     gradcam_pb2.DESCRIPTOR.services_by_name["GradCam"].full_name,
 )
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+TOKEN_VARIABLE = "GRADCAM_TOKEN"
+DEFAULT_MAX_CONCURRENT_RPCS = 1024  # beyond it gRPC answers RESOURCE_EXHAUSTED itself
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is the one line the user sees."""
 
 
 @dataclass
@@ -48,6 +67,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int | None = 8002  # None: no metrics endpoint
+    metrics_host: str = "127.0.0.1"
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -55,19 +75,24 @@ class ServerOptions:
     device: str = "auto"
     threads: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_variants: int = DEFAULT_MAX_VARIANTS
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     grace_seconds: float = 30.0
 
 
 class GradCamServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self.metrics = Metrics()
+        self.metrics = Metrics(MAX_MESSAGE_BYTES)
         self.repository = ModelRepository(
-            options.model_repository, RuntimeOptions(options.device, options.threads)
+            options.model_repository, RuntimeOptions(options.device, options.threads),
+            max_variants=options.max_variants,
         )
         self.service = GradCamService(
-            self.repository, options.max_pixels, on_batch=self.metrics.observe_batch
+            self.repository, ServiceLimits(max_pixels=options.max_pixels),
+            on_batch=self.metrics.observe_batch,
         )
+        self.metrics.track_held(self._held)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -82,7 +107,9 @@ class GradCamServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=self.options.max_concurrent_rpcs,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.service, self.metrics), server
@@ -95,18 +122,33 @@ class GradCamServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.options.host}:{self.options.port}"
+        host, port = self.options.host, self.options.port
         credentials = self._credentials()
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        _check_port_free(host, port, "gRPC")
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.port = server.add_secure_port(f"{host}:{port}", credentials)
+        except RuntimeError as error:  # gRPC could not bind
+            raise StartupError(f"cannot listen on {host}:{port} (gRPC): {error}") from None
+        if self.options.metrics_port is not None:
+            metrics_host, metrics_port = self.options.metrics_host, self.options.metrics_port
+            try:
+                self.metrics_port = self.metrics.serve(metrics_port, metrics_host)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot listen on {metrics_host}:{metrics_port} (metrics): "
+                    f"{error.strerror or error}"
+                ) from None
         await server.start()
         self._server = server
-        if self.options.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
         self._loading = asyncio.create_task(self._load_models())
         return self.port
+
+    def _held(self) -> list[tuple[str, int]]:
+        """Augmented graph variants held per model, for the metrics."""
+        return [(model.name, model.variants) for model in self.repository.models()]
 
     async def _load_models(self) -> None:
         await asyncio.to_thread(self.repository.load_all)
@@ -146,12 +188,64 @@ class GradCamServer:
             return None
         if options.tls_cert is None or options.tls_key is None:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
-        root = options.tls_client_ca.read_bytes() if options.tls_client_ca else None
+        key = _read_pem(options.tls_key, "PRIVATE KEY")
+        cert = _read_pem(options.tls_cert, "CERTIFICATE")
+        root = _read_pem(options.tls_client_ca, "CERTIFICATE") if options.tls_client_ca else None
+        _check_key_pair(key, cert, options)
         return grpc.ssl_server_credentials(
-            [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())],
-            root_certificates=root,
-            require_client_auth=root is not None,
+            [(key, cert)], root_certificates=root, require_client_auth=root is not None
         )
+
+
+def _read_pem(path: Path, kind: str) -> bytes:
+    """The PEM file's bytes; StartupError unless it holds a block of `kind`."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise StartupError(f"cannot read {path}: {error.strerror or error}") from None
+    if b"-----BEGIN " not in data or kind.encode() not in data:
+        raise StartupError(f"{path} is not a PEM file holding a {kind.lower()}")
+    return data
+
+
+def _check_key_pair(key: bytes, cert: bytes, options: ServerOptions) -> None:
+    """StartupError when the key or certificate cannot be loaded, or do not belong together
+    (gRPC would only fail at the first handshake)."""
+    with tempfile.TemporaryDirectory() as folder:
+        key_path, cert_path = Path(folder) / "key.pem", Path(folder) / "cert.pem"
+        key_path.write_bytes(key)
+        cert_path.write_bytes(cert)
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as error:
+            raise StartupError(
+                f"TLS certificate {options.tls_cert} and key {options.tls_key} cannot be used "
+                f"together: {error.reason or error}"
+            ) from None
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """StartupError when something listens on host:port already (0 is always free)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise StartupError(f"cannot listen on {host}:{port} ({what}): {error.strerror}") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {port} on {host} is already in use ({what}); stop the other server "
+                    "or choose another port"
+                ) from None
+            raise StartupError(
+                f"cannot listen on {host}:{port} ({what}): {error.strerror or error}"
+            ) from None
 
 
 async def serve(options: ServerOptions) -> None:
@@ -160,7 +254,8 @@ async def serve(options: ServerOptions) -> None:
     scheme = "tls" if options.tls_cert else "plaintext"
     print(f"gradcam-server listening on {options.host}:{port} ({scheme})", flush=True)
     if server.metrics_port is not None:
-        print(f"metrics on http://{options.host}:{server.metrics_port}/metrics", flush=True)
+        print(f"metrics on http://{options.metrics_host}:{server.metrics_port}/metrics",
+              flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -180,8 +275,16 @@ def parse_args(argv: list[str] | None) -> ServerOptions:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=8002,
-                        help="Prometheus HTTP port (0: any free port; -1: off)")
-    parser.add_argument("--token", help="require 'authorization: Bearer TOKEN' (health stays open)")
+                        help="Prometheus HTTP port, independent of --port (default 8002; "
+                             "0: any free port, printed at start; -1: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the metrics endpoint binds (default 127.0.0.1: it has "
+                             "no authentication)")
+    parser.add_argument("--token-file", type=Path,
+                        help="require 'authorization: Bearer TOKEN', TOKEN being this file's "
+                             f"first line (health stays open); or set ${TOKEN_VARIABLE}")
+    parser.add_argument("--token", help="the token itself (visible in the process list: prefer "
+                                        f"--token-file or ${TOKEN_VARIABLE})")
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     parser.add_argument("--tls-client-ca", type=Path,
@@ -191,23 +294,53 @@ def parse_args(argv: list[str] | None) -> ServerOptions:
                         help="onnxruntime intra-op threads per session (0: one per core)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels (default 50 megapixels)")
+    parser.add_argument("--max-variants", type=int, default=DEFAULT_MAX_VARIANTS,
+                        help="augmented graphs (method, layer and option combinations) kept "
+                             "per model beside the default one, least recently used dropped "
+                             f"(default {DEFAULT_MAX_VARIANTS})")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULT_MAX_CONCURRENT_RPCS,
+                        help="calls handled at once; beyond, RESOURCE_EXHAUSTED "
+                             f"(default {DEFAULT_MAX_CONCURRENT_RPCS})")
     parser.add_argument("--grace-seconds", type=float, default=30.0,
                         help="how long shutdown waits for in-flight requests")
     args = parser.parse_args(argv)
+    for name in ("max_variants", "max_concurrent_rpcs", "max_pixels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return ServerOptions(
         model_repository=args.model_repository,
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        token=args.token,
+        metrics_host=args.metrics_host,
+        token=_token(args),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         device=args.device,
         threads=args.threads,
         max_pixels=args.max_pixels,
+        max_variants=args.max_variants,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_seconds=args.grace_seconds,
     )
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token, --token-file or $GRADCAM_TOKEN, in that order."""
+    if args.token:
+        return args.token
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text().splitlines()
+        except OSError as error:
+            raise StartupError(
+                f"cannot read the token file {args.token_file}: {error.strerror or error}"
+            ) from None
+        if not lines or not lines[0].strip():
+            raise StartupError(f"the token file {args.token_file} is empty")
+        return lines[0].strip()
+    return os.environ.get(TOKEN_VARIABLE) or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(argv)
         asyncio.run(serve(options))
-    except (FileNotFoundError, ValueError) as error:
+    except (StartupError, FileNotFoundError, ValueError) as error:
         print(f"gradcam-server: {error}", file=sys.stderr)
         return 2
     return 0

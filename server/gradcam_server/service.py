@@ -1,26 +1,84 @@
 """The transport-agnostic core both gRPC APIs call: validation, preprocessing, batching, and
 turning graph outputs into explanations. It knows the repository and nothing of gRPC.
+
+What one client can make the server hold is bounded here (`ServiceLimits`): requests admitted
+per model (checked before anything is decoded), the bytes of a response (checked before the
+model runs), and the batchers, which an LRU keeps and which share one pool of runtime threads.
+CPU-heavy steps (decoding, validation of large tensors, resizing heatmaps) run in worker
+threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import re
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from .augment.passes import NAMES
-from .batching import BatchStats, DynamicBatcher
-from .errors import InvalidInput
+from .batching import BatchStats, DynamicBatcher, StopSignal
+from .errors import InvalidInput, QueueFull
 from .model import Explaining, ServedModel
 from .preprocess import decode_image, to_tensor
 from .repository import ModelRepository
 
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_IMAGES_PER_REQUEST = 64
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's receive and send limit
+_RESPONSE_OVERHEAD_BYTES = 1024 * 1024  # what a response holds beside its tensors, at most
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request, and all of them together, may make the server hold."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per decoded image, per mask, per requested heatmap
+    max_response_bytes: int = MAX_MESSAGE_BYTES - _RESPONSE_OVERHEAD_BYTES
+    max_batchers: int = 64  # (model, graph variant, input shape) batchers kept, LRU
+    runtime_threads: int = 2  # batches of different batchers that run at once
+
+
+@dataclass(frozen=True)
+class HeatmapSize:
+    """The pixel size heatmaps are returned at, as the request parameter ``heatmap_size``
+    says: "image" (the default: each image's own size), "model" (the graph's map as it is, at
+    the model's input size) or "WIDTHxHEIGHT"."""
+
+    kind: str = "image"  # "image", "model" or "fixed"
+    fixed: tuple[int, int] | None = None  # (width, height) of "fixed"
+
+    @classmethod
+    def parse(cls, text: str | None, max_pixels: int) -> HeatmapSize:
+        if not text or text == "image":
+            return cls()
+        if text == "model":
+            return cls("model")
+        match = re.fullmatch(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})", text)
+        if match is None:
+            raise InvalidInput(
+                f"heatmap_size must be 'image', 'model' or WIDTHxHEIGHT (e.g. 224x224), "
+                f"got {text[:40]!r}"
+            )
+        width, height = int(match[1]), int(match[2])
+        if width * height > max_pixels:
+            raise InvalidInput(
+                f"heatmap_size {width}x{height} is over the limit of {max_pixels} pixels"
+            )
+        return cls("fixed", (width, height))
+
+    def of(self, image: tuple[int, int], model: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the heatmap for an image of pixel size `image` ((width,
+        height)) explained by a map of size `model` ((width, height))."""
+        if self.kind == "model":
+            return model
+        return self.fixed if self.kind == "fixed" else image
 
 
 @dataclass
@@ -59,7 +117,7 @@ class ClassMap:
 
     class_index: int
     label: str
-    heatmap: np.ndarray  # float32 [height, width] in [0, 1]
+    heatmap: np.ndarray  # float32 [height, width] in [0, 1], at the requested HeatmapSize
     channels: tuple[tuple[int, float], ...]  # (channel, weight), most important first
 
 
@@ -83,16 +141,57 @@ class GradCamService:
     def __init__(
         self,
         repository: ModelRepository,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        limits: ServiceLimits = ServiceLimits(),
         on_batch=None,
     ) -> None:
         self.repository = repository
-        self.max_pixels = max_pixels
+        self.limits = limits
+        self.max_pixels = limits.max_pixels
         self._on_batch = on_batch  # (model name, graph, BatchStats) -> None
-        self._batchers: dict[tuple, DynamicBatcher] = {}
+        self._batchers: OrderedDict[tuple, DynamicBatcher] = OrderedDict()
+        self._retired: set[asyncio.Task] = set()  # evicted batchers finishing their queue
+        self._runtime = concurrent.futures.ThreadPoolExecutor(
+            limits.runtime_threads, thread_name_prefix="runtime"
+        )
+        self._admitted: dict[str, int] = {}
 
     def model(self, name: str) -> ServedModel:
         return self.repository.get(name)
+
+    @property
+    def batchers(self) -> int:
+        """Batchers held now (bounded by `ServiceLimits.max_batchers`)."""
+        return len(self._batchers)
+
+    @contextlib.contextmanager
+    def admit(self, model: ServedModel) -> Iterator[None]:
+        """Hold one of the model's request places while the block runs; QueueFull at once,
+        before anything is decoded, when all are taken. A model has room for its queue
+        (``max_queue_size``) and one batch running (``max_batch_size``)."""
+        limit = model.config.max_queue_size + model.max_batch_size
+        held = self._admitted.get(model.name, 0)
+        if held >= limit:
+            raise QueueFull(
+                f"model {model.name!r} queue is full ({held} requests in progress); retry later"
+            )
+        self._admitted[model.name] = held + 1
+        try:
+            yield
+        finally:
+            self._admitted[model.name] -= 1
+
+    def check_response_size(self, heatmap_pixels: int, other_bytes: int = 0) -> None:
+        """InvalidInput, before anything runs, when the response would hold more than the
+        limit: `heatmap_pixels` float32 values of heatmaps and `other_bytes` of other data."""
+        size = 4 * heatmap_pixels + other_bytes
+        limit = self.limits.max_response_bytes
+        if size > limit:
+            raise InvalidInput(
+                f"the response would hold {size / 2**20:.1f} MiB, over the limit of "
+                f"{limit / 2**20:.0f} MiB per response; ask for smaller heatmaps (parameter "
+                "heatmap_size 'model' or WIDTHxHEIGHT), fewer classes or fewer images per "
+                "request"
+            )
 
     # -- inputs ------------------------------------------------------------------------------
     async def images_to_tensor(
@@ -208,7 +307,7 @@ class GradCamService:
             if mask is not None:
                 raise InvalidInput("a target mask is only used with score 'region'")
             return None
-        rows, size = len(x), _pixel_size(model, x)
+        rows, size = len(x), pixel_size(model, x)
         if mask is None:
             return np.full((rows, *size), -1.0, dtype=np.float32)
         mask = np.asarray(mask)
@@ -271,30 +370,56 @@ class GradCamService:
         or the augmented graph `explain` asks for, built on first use. `reference` is the
         reference embedding of the "similarity" score ([D] or [N, D]), `mask` the region of
         the "region" score (`check_mask`), `others` the model's other inputs by name."""
-        others = self.check_other_inputs(model, others or {}, len(x))
         if explain is not None:
             explain = model.resolve(explain)
-            target_class = self.check_target_class(model, explain, target_class, len(x))
-            reference = self.check_reference(model, explain, reference, len(x))
-            mask = self.check_mask(model, explain, mask, x)
-            if not model.is_built(explain):  # InvalidInput if it can't be built
-                await asyncio.to_thread(model.explainer, explain)
-        key = (model.name, explain, x.shape[1:])
+
+        def validate() -> _Call:
+            checked = self.check_other_inputs(model, others or {}, len(x))
+            if explain is None:
+                return _Call(x, None, others=checked)
+            return _Call(
+                x,
+                self.check_target_class(model, explain, target_class, len(x)),
+                self.check_reference(model, explain, reference, len(x)),
+                self.check_mask(model, explain, mask, x),
+                checked,
+            )
+
+        call = await asyncio.to_thread(validate)
+        if explain is not None and not model.is_built(explain):
+            await asyncio.to_thread(model.explainer, explain)  # InvalidInput if it can't be built
+        call.submitted = time.perf_counter()
+        return await self._batcher(model, explain, x.shape[1:]).submit(
+            call, size=len(x), deadline=deadline
+        )
+
+    def _batcher(
+        self, model: ServedModel, explain: Explaining | None, shape: tuple[int, ...]
+    ) -> DynamicBatcher:
+        """The batcher of (model, graph variant, input shape); the least recently used one
+        is retired (it finishes what it has queued) once `max_batchers` are held."""
+        key = (model.name, explain, shape)
         batcher = self._batchers.get(key)
-        if batcher is None:
-            batcher = self._batchers[key] = self._make_batcher(model, explain)
-        call = _Call(x, target_class, reference, mask, others)
-        return await batcher.submit(call, size=len(x), deadline=deadline)
+        if batcher is not None:
+            self._batchers.move_to_end(key)
+            return batcher
+        batcher = self._batchers[key] = self._make_batcher(model, explain)
+        while len(self._batchers) > self.limits.max_batchers:
+            _, retired = self._batchers.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(retired.close())
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return batcher
 
     def _make_batcher(self, model: ServedModel, explain: Explaining | None) -> DynamicBatcher:
         graph = "forward" if explain is None else explain.graph
 
-        def run_batch(calls: list[_Call]) -> list[RunResult]:
+        def run_batch(calls: list[_Call], stop: StopSignal) -> list[RunResult]:
             start = time.perf_counter()
             x = np.concatenate([c.x for c in calls]) if len(calls) > 1 else calls[0].x
             others = {n: np.concatenate([c.others[n] for c in calls]) for n in calls[0].others}
             if explain is None:
-                outputs = model.forward(x, others)
+                outputs = model.forward(x, others, stop=stop)
             else:
                 classes = np.concatenate([c.target_class for c in calls])
                 reference = mask = None
@@ -302,7 +427,7 @@ class GradCamService:
                     reference = np.concatenate([c.reference for c in calls])
                 if explain.score == "region":
                     mask = np.concatenate([c.mask for c in calls])
-                outputs = model.explain(x, classes, explain, reference, mask, others)
+                outputs = model.explain(x, classes, explain, reference, mask, others, stop=stop)
             run_seconds = time.perf_counter() - start
             results, row = [], 0
             for call in calls:
@@ -326,13 +451,15 @@ class GradCamService:
             max_batch_size=model.max_batch_size,
             max_queue_delay_microseconds=model.config.max_queue_delay_microseconds,
             max_queue_size=model.config.max_queue_size,
+            executor=self._runtime,
             name=model.name,
             on_batch=on_batch,
         )
 
     async def close(self) -> None:
         """Stop taking work and finish what is queued or running."""
-        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        await asyncio.gather(*(b.close() for b in self._batchers.values()), *self._retired)
+        self._runtime.shutdown(wait=False)
 
     # -- the typed explain API ---------------------------------------------------------------
     async def explain(
@@ -348,12 +475,16 @@ class GradCamService:
         top_k: int | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
+        heatmap_size: HeatmapSize = HeatmapSize(),
+        extra_bytes_per_pixel: int = 0,
         deadline: float | None = None,
     ) -> Explained:
         """Explain images of any sizes: encoded images are preprocessed to the model's size,
         tensors ([C, H, W]) are taken as they are; images of one shape share a batch.
         `mask` is the region of the "region" score ([h, w] or [N, h, w], `check_mask`);
-        `others` the model's other inputs by name, one row per image."""
+        `others` the model's other inputs by name, one row per image. Heatmaps come at
+        `heatmap_size`; the response (heatmaps, and `extra_bytes_per_pixel` per pixel of each
+        image, e.g. an overlay) is bounded before the model runs."""
         if not images:
             raise InvalidInput("the request holds no image")
         _check_count(len(images))
@@ -380,42 +511,60 @@ class GradCamService:
         started = time.perf_counter()
         tensors, sizes = await self._prepare_mixed(model, images)
         preprocess_seconds = time.perf_counter() - started
+        heatmap_pixels = extra_bytes = 0
+        for tensor, size in zip(tensors, sizes):
+            width, height = heatmap_size.of(size, pixel_size(model, tensor[None])[::-1])
+            heatmap_pixels += ranks * width * height
+            extra_bytes += extra_bytes_per_pixel * size[0] * size[1]
+        self.check_response_size(heatmap_pixels, extra_bytes)
 
         groups: dict[tuple, list[int]] = {}
         for index, tensor in enumerate(tensors):
             groups.setdefault(tensor.shape, []).append(index)
-        calls, masks = [], []  # masks: each group's, at its images' pixel size
-        for indices in groups.values():
+
+        def group_rows(indices: list[int]) -> tuple[dict, np.ndarray | None]:
+            """run()'s arguments for the images `indices`, each repeated for its ranks, and
+            their mask at their pixel size."""
             x = np.repeat(np.stack([tensors[i] for i in indices]), ranks, axis=0)
             rows_reference = reference
             if reference is not None and reference.ndim == 2:
                 rows_reference = np.repeat(reference[indices], ranks, axis=0)
             group_mask = mask[indices] if mask is not None and mask.ndim == 3 else mask
-            masks.append(self.check_mask(model, request, group_mask, x[::ranks]))
-            rows_mask = None if masks[-1] is None else np.repeat(masks[-1], ranks, axis=0)
+            group_mask = self.check_mask(model, request, group_mask, x[::ranks])
             if class_index is not None:
                 classes = np.full(len(x), class_index, dtype=np.int64)
             else:
                 classes = np.tile(-np.arange(1, ranks + 1, dtype=np.int64), len(indices))
-            rows_others = {n: np.repeat(v[indices], ranks, axis=0) for n, v in others.items()}
-            calls.append(
-                self.run(model, x, explain=request, target_class=classes,
-                         reference=rows_reference, mask=rows_mask, others=rows_others,
-                         deadline=deadline)
+            arguments = dict(
+                x=x, target_class=classes, reference=rows_reference,
+                mask=None if group_mask is None else np.repeat(group_mask, ranks, axis=0),
+                others={n: np.repeat(v[indices], ranks, axis=0) for n, v in others.items()},
             )
+            return arguments, group_mask
+
+        prepared = await asyncio.to_thread(lambda: [group_rows(i) for i in groups.values()])
+        masks = [group_mask for _, group_mask in prepared]  # at the images' pixel size
+        calls = [
+            self.run(model, explain=request, deadline=deadline, **arguments)
+            for arguments, _ in prepared
+        ]
         results = await asyncio.gather(*calls)
 
-        explanations: list[ImageExplanation | None] = [None] * len(images)
-        for indices, result, group_mask in zip(groups.values(), results, masks):
-            for position, index in enumerate(indices):
-                rows = slice(position * ranks, (position + 1) * ranks)
-                given = group_mask is not None and group_mask[position].max() >= 0
-                explanations[index] = self._explanation(
-                    model, request, result.outputs, rows, sizes[index], class_index,
-                    num_predictions, num_channels, group_mask[position] if given else None,
-                )
+        def explanations() -> tuple[ImageExplanation, ...]:
+            explained: list[ImageExplanation | None] = [None] * len(images)
+            for indices, result, group_mask in zip(groups.values(), results, masks):
+                for position, index in enumerate(indices):
+                    rows = slice(position * ranks, (position + 1) * ranks)
+                    given = group_mask is not None and group_mask[position].max() >= 0
+                    explained[index] = self._explanation(
+                        model, request, result.outputs, rows, sizes[index], class_index,
+                        num_predictions, num_channels, group_mask[position] if given else None,
+                        heatmap_size,
+                    )
+            return tuple(explained)
+
         return Explained(
-            explanations=tuple(explanations),
+            explanations=await asyncio.to_thread(explanations),
             layer=request.layer,
             method=request.method,
             preprocess_seconds=preprocess_seconds,
@@ -454,6 +603,7 @@ class GradCamService:
         num_predictions: int,
         num_channels: int,
         mask: np.ndarray | None,
+        heatmap_size: HeatmapSize,
     ) -> ImageExplanation:
         """One image's maps and predictions. Classes are ranked as the graph ranks them: by
         score; for a segmentation map by predicted area, or by score summed over `mask` (at
@@ -495,7 +645,7 @@ class GradCamService:
                 ClassMap(
                     class_index=explained,
                     label=model.label(explained, request.output),
-                    heatmap=resize_heatmap(heatmap, size),
+                    heatmap=resize_heatmap(heatmap, heatmap_size.of(size, heatmap.shape[::-1])),
                     channels=tuple((int(c), float(weights[rank][c])) for c in top),
                 )
             )
@@ -517,7 +667,7 @@ def _resize(
     return np.asarray(resized, dtype=np.float32)
 
 
-def _pixel_size(model: ServedModel, x: np.ndarray) -> tuple[int, int]:
+def pixel_size(model: ServedModel, x: np.ndarray) -> tuple[int, int]:
     """(H, W) of a batch of preprocessed images."""
     return x.shape[1:3] if model.config.preprocessing.layout == "NHWC" else x.shape[2:4]
 

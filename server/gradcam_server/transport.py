@@ -4,6 +4,7 @@ metrics, and deadlines.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -12,7 +13,9 @@ import grpc
 
 from .errors import (
     DeadlineExceeded,
+    ExplainUnavailable,
     InvalidInput,
+    ModelFailed,
     ModelNotFound,
     ModelNotReady,
     QueueFull,
@@ -27,6 +30,8 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    ModelFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    ExplainUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
@@ -54,9 +59,12 @@ def rpc(api: str):
     The servicer has a ``metrics`` attribute (`Metrics`). The wrapped method takes
     (self, request, context, labels) and fills ``labels`` (a dict with
     "model" and "method") as soon as it knows them, for the metrics; requests naming no served
-    model are counted under the model label "unknown", so clients cannot grow the label set. Service errors become their
-    status with their message; anything else becomes INTERNAL with a generic message and a
-    logged traceback.
+    model are counted under the model label "unknown", so clients cannot grow the label set.
+    Service errors become their status with their message; anything else becomes INTERNAL
+    with a generic message and a logged traceback. A response over
+    ``metrics.max_message_bytes``, which gRPC could not send, becomes INVALID_ARGUMENT naming
+    the limit; a call the client abandoned (cancelled, or past its deadline) is counted with
+    the code CANCELLED. Every failure is counted in ``gradcam_request_errors_total``.
     """
 
     def decorate(method):
@@ -68,9 +76,14 @@ def rpc(api: str):
             code = grpc.StatusCode.OK
             message = ""
             try:
-                return await method(self, request, context, labels)
+                response = await method(self, request, context, labels)
+                _check_size(response, metrics.max_message_bytes)
+                return response
             except ServiceError as error:
                 code, message = status_of(error), str(error)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception:  # noqa: BLE001 - never leak internals to a client
                 log.exception("%s failed", method.__qualname__)
                 code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
@@ -85,3 +98,14 @@ def rpc(api: str):
         return wrapper
 
     return decorate
+
+
+def _check_size(response, limit: int | None) -> None:
+    if limit is None:
+        return
+    size = response.ByteSize()
+    if size > limit:
+        raise InvalidInput(
+            f"the response would be {size / 2**20:.1f} MiB, over the limit of "
+            f"{limit / 2**20:.0f} MiB per message; ask for less per request"
+        )
