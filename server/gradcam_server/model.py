@@ -41,6 +41,7 @@ METHODS = ALL_METHODS
 SERVED_SCORES = ("logit", "probability", "similarity", "region")
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
+_FATAL_ONLY = 4  # onnxruntime log severity
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,9 @@ class ServedModel:
         n = len(next(iter(feeds.values())))
         names = [o.name for o in session.get_outputs()]
         options = ort.RunOptions()
+        # A failed run raises with onnxruntime's message, which the caller reports; its own
+        # error log line would only repeat it (and a stopped run is no error).
+        options.log_severity_level = _FATAL_ONLY
         if stop is not None:
             stop.add_callback(lambda: setattr(options, "terminate", True))
         parts = [feeds]
