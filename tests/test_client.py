@@ -1,4 +1,5 @@
-"""The SDK, the asyncio SDK and the `gradcam` command against real servers on port 0.
+"""The SDK and the asyncio SDK against real servers on port 0 (the `gradcam` command is tested
+in test_cli.py).
 
 One plain server and one that wants a bearer token serve a repository made of the shipped
 EfficientNet-Lite0 (its files linked into a temporary folder); the sample photo is the input.
@@ -462,116 +463,6 @@ def _gradcam(*args: str | Path, cwd: Path | None = None) -> subprocess.Completed
         capture_output=True, text=True, cwd=cwd, timeout=120,
         env={k: v for k, v in os.environ.items() if k not in ("GRADCAM_SERVER", "GRADCAM_TOKEN")},
     )
-
-
-def _assert_one_line_failure(done: subprocess.CompletedProcess, *expected: str) -> None:
-    assert done.returncode == 1, done
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradcam: error: "), done.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
-
-
-def test_cli_one_image(server: str, tmp_path: Path) -> None:
-    overlay, heatmap = tmp_path / "overlay.png", tmp_path / "heatmap.npy"
-    done = _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "-o", overlay,
-                    "--save-npy", heatmap, "--colormap", "turbo", "--opacity", "0.3")
-    assert done.returncode == 0, done.stderr
-    assert "Egyptian cat" in done.stdout and str(overlay) in done.stdout
-    with Image.open(overlay) as written:
-        assert written.format == "PNG" and written.size == (WIDTH, HEIGHT)
-    saved = np.load(heatmap)
-    assert saved.dtype == np.float32 and saved.shape == (HEIGHT, WIDTH)
-    assert 0.0 <= saved.min() and saved.max() <= 1.0
-
-
-def test_cli_top_k_side_by_side(server: str, tmp_path: Path) -> None:
-    overlay, heatmap = tmp_path / "panel.png", tmp_path / "maps.npy"
-    done = _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--top-k", "3",
-                    "--side-by-side", "-o", overlay, "--save-npy", heatmap)
-    assert done.returncode == 0, done.stderr
-    with Image.open(overlay) as written:
-        assert written.width == 2 * WIDTH and written.height > HEIGHT
-    assert np.load(heatmap).shape == (3, HEIGHT, WIDTH)
-
-
-def test_cli_folder(server: str, tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "cat.jpg").write_bytes(PHOTO.read_bytes())
-    _photo().resize((120, 80)).save(images / "small.png")
-    _photo().convert("L").save(images / "gray.bmp")
-    (images / "notes.txt").write_text("not an image")
-    out = tmp_path / "out"
-    done = _gradcam("explain", images, "--server", server, "--model", MODEL, "-o", out,
-                    "--save-npy", tmp_path / "maps")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "3 images explained, 0 failed"
-    assert "] 1/3 " in done.stderr and f"[{'#' * 24}] 3/3" in done.stderr  # the progress bar
-    sizes = {path.name: _size(path) for path in out.iterdir()}
-    assert sizes == {
-        "cat.png": (WIDTH, HEIGHT), "small.png": (120, 80), "gray.png": (WIDTH, HEIGHT)
-    }
-    assert np.load(tmp_path / "maps" / "small.npy").shape == (80, 120)
-
-
-def test_cli_several_files_with_a_bad_one(server: str, tmp_path: Path) -> None:
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8 truncated")
-    out = tmp_path / "out"
-    done = _gradcam("explain", PHOTO, broken, "--server", server, "--model", MODEL, "-o", out)
-    assert done.returncode == 1
-    assert done.stdout.strip().splitlines()[-1] == "1 image explained, 1 failed"
-    assert f"skipped {broken}" in done.stderr and "Traceback" not in done.stderr
-    assert [p.name for p in out.iterdir()] == ["chelsea.png"]
-
-
-def test_cli_models_and_health(server: str) -> None:
-    done = _gradcam("models", "--server", server)
-    assert done.returncode == 0, done.stderr
-    assert re.match(rf"{MODEL}\s+ready\s+input input \[-1,3,224,224\]\s+1000 classes", done.stdout)
-    done = _gradcam("health", "--server", server, "--wait", "5")
-    assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
-
-
-def test_cli_token(token_server: str) -> None:
-    _assert_one_line_failure(_gradcam("models", "--server", token_server), "bearer token")
-    done = _gradcam("models", "--server", token_server, "--token", TOKEN)
-    assert done.returncode == 0 and MODEL in done.stdout
-
-
-def test_cli_failures(server: str, tmp_path: Path) -> None:
-    _assert_one_line_failure(
-        _gradcam("explain", PHOTO, "--server", NO_SERVER, "--model", MODEL, "--retries", "1"),
-        NO_SERVER, "unavailable",
-    )
-    _assert_one_line_failure(
-        _gradcam("health", "--server", NO_SERVER, "--retries", "0"), NO_SERVER
-    )
-    _assert_one_line_failure(
-        _gradcam("explain", PHOTO, "--server", server, "--model", "nope", "-o", tmp_path / "x.png"),
-        "unknown model 'nope'", f"served: {MODEL}",
-    )
-    _assert_one_line_failure(
-        _gradcam("explain", tmp_path / "missing.jpg", "--server", server, "--model", MODEL),
-        "missing.jpg",
-    )
-    not_an_image = tmp_path / "text.jpg"
-    not_an_image.write_text("hello")
-    _assert_one_line_failure(
-        _gradcam("explain", not_an_image, "--server", server, "--model", MODEL), "text.jpg"
-    )
-    _assert_one_line_failure(
-        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--layer", "nope"), "nope"
-    )
-    _assert_one_line_failure(
-        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--opacity", "2"),
-        "--opacity",
-    )
-    assert not (tmp_path / "x.png").exists()
-    usage = _gradcam("explain", PHOTO, "--top-k", "2", "--target-class", "3", "--model", MODEL)
-    assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 
 # --- the README -----------------------------------------------------------------------------

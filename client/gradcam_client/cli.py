@@ -1,17 +1,23 @@
 """`gradcam`: the command line over the SDK.
 
     gradcam explain IMAGE --server HOST:PORT --model NAME [--method M] [--layer TENSOR]
-                  [--target-class C | --top-k K] [-o OVERLAY.png] [--save-npy MAP.npy]
-    gradcam explain FOLDER_OR_IMAGES... --model NAME -o OUT_FOLDER [--save-npy NPY_FOLDER]
+                  [--target-class C | --top-k K] [-o PICTURE.png] [--save-npy MAP.npy]
+                  [--side-by-side] [--summary SUMMARY.csv|.json]
+    gradcam explain FOLDER_OR_IMAGES... --model NAME [-o OUT_FOLDER] [--save-npy NPY_FOLDER]
     gradcam models [--server HOST:PORT]
     gradcam health [--server HOST:PORT] [--wait SECONDS]
 
-One image: ``-o`` is the overlay file (the image's pixel size; the format follows the suffix)
-and ``--save-npy`` the raw heatmap, float32 [height, width] ([K, height, width] with
-``--top-k K`` above 1). A folder or several images: ``-o`` and ``--save-npy`` are folders that
-receive ``<image name>.png`` and ``<image name>.npy``, a progress bar is drawn on stderr, and a
-summary closes the run; an image that cannot be read or explained is reported and skipped.
-Without ``-o`` the top predictions are printed only.
+Every explained image gets a line on stdout, ``samples/chelsea.jpg: Egyptian cat (0.81)``, and
+``--summary`` writes them all to a CSV or JSON file. One image: ``-o`` is the picture (the
+overlay at the image's pixel size; one overlay per class in a row with ``--top-k K``; with
+``--side-by-side`` the image first, every picture captioned with what it shows) and
+``--save-npy`` the raw heatmap, float32 [height, width] ([K, height, width] with ``--top-k K``
+above 1). Pixel-level methods (guided-backprop, guided-gradcam) are drawn as the gradient
+image in grayscale, not over the photo. A folder or several images: ``-o`` and ``--save-npy``
+are folders that receive ``<image name>.png`` and ``<image name>.npy``, a progress bar is drawn
+on stderr, and a count closes the run; an image that cannot be read or explained is reported
+and skipped. A request still running after two seconds shows a spinner with the elapsed time
+on stderr (one "still working" line when stderr is not a terminal).
 
 The server defaults to $GRADCAM_SERVER or 127.0.0.1:8001 and the token to $GRADCAM_TOKEN.
 Exit status: 0 on success, 1 when something failed (one line on stderr says what), 2 for a
@@ -21,23 +27,49 @@ usage error.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .client import METHODS, Explanation, GradCamClient
-from .errors import GradCamError, InvalidInputError, ModelNotFoundError
-from .overlay import COLORMAPS
+from .errors import DeadlineError, GradCamError, InvalidInputError, ModelNotFoundError
+from .overlay import COLORMAPS, gradient_image, overlay, panels
 
 PROG = "gradcam"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SUMMARY_SUFFIXES = (".csv", ".json")
+SUMMARY_PREDICTIONS = 5  # predictions per image in a JSON summary
+PIXEL_METHODS = ("guided-backprop", "guided-gradcam")  # drawn as gradient images
 PROGRESS_WIDTH = 24
+TIMEOUT_SECONDS = 30.0  # the deadline of a call, as the SDK's
+EXPLAIN_TIMEOUT_SECONDS = 600.0  # Score-CAM on ResNet-50 takes 89 s on 2 CPU threads
+SIGN_OF_LIFE_SECONDS = 2.0  # a request running longer shows a spinner (or one line)
+SPINNER_INTERVAL_SECONDS = 0.1
+SPINNER = "|/-\\"
 _IMAGE_PREFIX = re.compile(r"^image \d+: ")
+
+# Per image, ResNet-50, batch 1, 2 CPU threads, as docs/BENCHMARKS.md measured them.
+METHOD_COSTS = """\
+time per image against Grad-CAM's, measured on ResNet-50 (batch 1, 2 CPU threads;
+docs/BENCHMARKS.md):
+  gradcam                                          40.8 ms        1x
+  gradcam++, xgradcam, hirescam, layercam,         41.0-42.1 ms   1.00-1.03x
+    gradcam-elementwise, eigencam, eigengradcam
+  guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
+  ablationcam                                      0.92 s         about 23x
+  scorecam                                         89 s           about 2200x
+  integrated-gradcam, groupcam                     not measured"""
 
 
 class CommandError(Exception):
@@ -46,6 +78,17 @@ class CommandError(Exception):
 
 class ImageError(CommandError):
     """One image could not be read or explained; with several, the others go on."""
+
+
+@dataclass
+class _Outcome:
+    """One image of a run: what it gave, where it went, or why it was skipped."""
+
+    image: Path
+    result: Explanation | None = None
+    overlay: Path | None = None
+    heatmap: Path | None = None
+    error: str | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,8 +116,16 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
     if args.mask is not None:
         args.mask = _read_mask(args.mask)
     images, many = _collect(args.images)
+    args.num_predictions = _predictions_wanted(client, args)
+    sign_of_life = _SignOfLife()
     if not many:
-        _explain_one(client, args, images[0], args.output, args.save_npy)
+        if args.output is not None:
+            _check_picture_path(args.output)
+        with sign_of_life.watching(f"{images[0]} ({_method_shown(args)})"):
+            outcome = _explain_one(client, args, images[0], args.output, args.save_npy)
+        print(_summary_line(outcome))
+        if args.summary is not None:
+            _write_summary(args.summary, [outcome])
         return 0
     for folder in (args.output, args.save_npy):
         if folder is not None and folder.exists() and not folder.is_dir():
@@ -82,23 +133,36 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
     names = _output_names(images)
-    failed = 0
+    outcomes: list[_Outcome] = []
     progress = _Progress(len(images))
     try:
         for done, image in enumerate(images):
             progress.draw(done, image.name)
-            overlay = args.output / f"{names[image]}.png" if args.output else None
-            heatmap = args.save_npy / f"{names[image]}.npy" if args.save_npy else None
+            overlay_path = args.output / f"{names[image]}.png" if args.output else None
+            heatmap_path = args.save_npy / f"{names[image]}.npy" if args.save_npy else None
             try:
-                _explain_one(client, args, image, overlay, heatmap, quiet=True)
+                with sign_of_life.watching(
+                    f"{image.name} ({_method_shown(args)})",
+                    redraw=lambda text, done=done, image=image: progress.draw(
+                        done, f"{image.name}  {text}"
+                    ),
+                    say=progress.note,
+                ):
+                    outcome = _explain_one(client, args, image, overlay_path, heatmap_path)
             except (ImageError, OSError) as error:  # this image only; the rest go on
-                failed += 1
                 reason = str(error) if isinstance(error, ImageError) else _os_message(error)
                 progress.note(f"{PROG}: skipped {reason}")
+                outcome = _Outcome(image, error=reason)
+            else:
+                progress.line(_summary_line(outcome))
+            outcomes.append(outcome)
     except BaseException:  # a failure of the whole run: its line goes below the bar
         progress.abandon()
         raise
     progress.finish()
+    if args.summary is not None:
+        _write_summary(args.summary, outcomes)
+    failed = sum(outcome.error is not None for outcome in outcomes)
     explained = len(images) - failed
     noun = "image" if explained == 1 else "images"
     print(f"{explained} {noun} explained, {failed} failed")
@@ -120,14 +184,14 @@ def _explain_one(
     image: Path,
     overlay_path: Path | None,
     heatmap_path: Path | None,
-    quiet: bool = False,
-) -> None:
+) -> _Outcome:
     try:
         result = client.explain(
             image, model=args.model, method=args.method, target_class=args.target_class,
             top_k=args.top_k, layer=args.layer, counterfactual=args.counterfactual,
             eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
             target_mask=args.mask, output=args.score_output,
+            num_predictions=args.num_predictions,
         )
     except InvalidInputError as error:
         if _IMAGE_PREFIX.match(error.message):  # about this image, not the whole request
@@ -135,17 +199,50 @@ def _explain_one(
         raise
     except ModelNotFoundError as error:
         raise CommandError(f"{error}{_served_models(client)}") from None
+    except DeadlineError as error:
+        raise CommandError(
+            f"{error} (--timeout {args.timeout:g} s; `{PROG} explain --help` lists what each "
+            "method costs)"
+        ) from None
     if overlay_path is not None:
         try:
-            picture = result.overlay(args.colormap, args.opacity, args.side_by_side)
+            picture = _picture(image, result, args)
         except OSError as error:
             raise ImageError(f"{image}: cannot decode the image: {error}") from None
         _save_picture(picture, overlay_path)
     if heatmap_path is not None:
         maps = [h.heatmap for h in result.heatmaps]
+        heatmap_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(heatmap_path, maps[0] if len(maps) == 1 else np.stack(maps))
-    if not quiet:
-        print(_summary_line(image, result, overlay_path))
+    return _Outcome(image, result, overlay_path, heatmap_path)
+
+
+def _picture(image: Path, result: Explanation, args: argparse.Namespace) -> Image.Image:
+    """What ``-o`` writes: one map per explained class, in a row; with ``--side-by-side`` the
+    image first and every picture captioned. Grad-CAM-like maps are blended over the image,
+    pixel-level maps drawn as gradient images."""
+    base = result.image
+    assert base is not None  # the CLI sends files, never tensors
+    if result.method in PIXEL_METHODS:
+        maps = [gradient_image(h.heatmap) for h in result.heatmaps]
+    else:
+        maps = [overlay(base, h.heatmap, args.colormap, args.opacity) for h in result.heatmaps]
+    if args.side_by_side:
+        return panels([base, *maps], _captions(image, result, args))
+    return maps[0] if len(maps) == 1 else panels(maps)
+
+
+def _captions(image: Path, result: Explanation, args: argparse.Namespace) -> list[list[str]]:
+    """The image: its file name, the model and method; each map: its class and the class's
+    score."""
+    how = result.method + (", counterfactual" if args.counterfactual else "")
+    scores = {p.class_index: p.score for p in result.predictions}
+    captions = [[image.name, f"{result.model}, {how}"]]
+    for explained in result.heatmaps:
+        name = explained.label or f"class {explained.class_index}"
+        score = scores.get(explained.class_index)
+        captions.append([name if score is None else f"{name}  {score:.2f}"])
+    return captions
 
 
 def _models(client: GradCamClient, args: argparse.Namespace) -> int:
@@ -208,24 +305,125 @@ def _output_names(images: list[Path]) -> dict[Path, str]:
     return {image: image.stem if stems[image.stem] == 1 else image.name for image in images}
 
 
+def _check_picture_path(path: Path) -> None:
+    """Refuse, before anything is asked of the server, a picture name Pillow cannot write."""
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(
+            f"cannot write {path}: its suffix names no picture format; use .png or .jpg"
+        )
+
+
 def _save_picture(picture: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         picture.save(path)
     except ValueError as error:  # Pillow: unknown file extension
         raise CommandError(f"cannot write {path}: {error}") from None
 
 
-def _summary_line(image: Path, result: Explanation, overlay_path: Path | None) -> str:
-    """``photo.jpg: Egyptian cat (0.81) -> overlay.png``, naming the explained class where it
-    is not the top one."""
+def _predictions_wanted(client: GradCamClient, args: argparse.Namespace) -> int:
+    """How many predictions to ask for: enough to know every explained class's score (all of
+    them for a chosen class, which may rank anywhere)."""
+    wanted = max(SUMMARY_PREDICTIONS, args.top_k or 0)
+    if args.target_class is None:
+        return wanted
+    try:
+        return max(wanted, client.model_info(args.model).num_classes)
+    except ModelNotFoundError as error:
+        raise CommandError(f"{error}{_served_models(client)}") from None
+
+
+def _method_shown(args: argparse.Namespace) -> str:
+    return args.method or "the model's default method"
+
+
+def _class_name(class_index: int, label: str) -> str:
+    return label or f"class {class_index}"
+
+
+def _summary_line(outcome: _Outcome) -> str:
+    """``samples/chelsea.jpg: Egyptian cat (0.81) -> out/chelsea.png``, naming the explained
+    classes where they are not just the top one."""
+    result = outcome.result
+    assert result is not None
     top = result.predictions[0] if result.predictions else None
-    line = f"{image}: {top.label or top.class_index} ({top.score:.2f})" if top else f"{image}:"
-    explained = result.heatmaps[0]
-    if top is None or explained.class_index != top.class_index:
-        line += f"; heatmap of {explained.label or explained.class_index}"
-    if overlay_path is not None:
-        line += f" -> {overlay_path}"
+    image = outcome.image
+    line = f"{image}: {_class_name(top.class_index, top.label)} ({top.score:.2f})" if top else (
+        f"{image}:"
+    )
+    explained = [_class_name(h.class_index, h.label) for h in result.heatmaps]
+    if len(explained) > 1:
+        line += f"; heatmaps of {', '.join(explained)}"
+    elif top is None or result.heatmaps[0].class_index != top.class_index:
+        line += f"; heatmap of {explained[0]}"
+    if outcome.overlay is not None:
+        line += f" -> {outcome.overlay}"
     return line
+
+
+def _summary_path(text: str) -> Path:
+    """``--summary``: a .csv or .json path."""
+    path = Path(text)
+    if path.suffix.lower() not in SUMMARY_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the summary is written as CSV or JSON; end its name with .csv or .json"
+        )
+    return path
+
+
+def _write_summary(path: Path, outcomes: list[_Outcome]) -> None:
+    """One record per image, in order: its top prediction, the explained classes with their
+    scores, the files written, or the reason it was skipped. JSON also holds the top
+    predictions; CSV has one row per image, the explained classes joined with ";"."""
+    records = [_record(outcome) for outcome in outcomes]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({"images": records}, indent=2) + "\n", encoding="utf-8")
+        return
+    columns = ("image", "class_index", "label", "score", "explained_classes",
+               "explained_labels", "model", "method", "overlay", "heatmap", "error")
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        for record in records:
+            top = record["predictions"][0] if record["predictions"] else {}
+            explained = record["explained"]
+            writer.writerow({
+                "image": record["image"],
+                "class_index": top.get("class_index", ""),
+                "label": top.get("label", ""),
+                "score": "" if not top else f"{top['score']:.6f}",
+                "explained_classes": ";".join(str(e["class_index"]) for e in explained),
+                "explained_labels": ";".join(e["label"] for e in explained),
+                "model": record["model"] or "",
+                "method": record["method"] or "",
+                "overlay": record["overlay"] or "",
+                "heatmap": record["heatmap"] or "",
+                "error": record["error"] or "",
+            })
+
+
+def _record(outcome: _Outcome) -> dict[str, object]:
+    result = outcome.result
+    predictions = result.predictions if result is not None else []
+    scores = {p.class_index: p.score for p in predictions}
+    return {
+        "image": str(outcome.image),
+        "model": result.model if result is not None else None,
+        "method": result.method if result is not None else None,
+        "predictions": [
+            {"class_index": p.class_index, "label": p.label, "score": p.score}
+            for p in predictions[:SUMMARY_PREDICTIONS]
+        ],
+        "explained": [
+            {"class_index": h.class_index, "label": h.label,
+             "score": scores.get(h.class_index)}
+            for h in (result.heatmaps if result is not None else [])
+        ],
+        "overlay": str(outcome.overlay) if outcome.overlay is not None else None,
+        "heatmap": str(outcome.heatmap) if outcome.heatmap is not None else None,
+        "error": outcome.error,
+    }
 
 
 def _served_models(client: GradCamClient) -> str:
@@ -258,10 +456,19 @@ class _Progress:
         self._write(f"[{bar}] {done}/{self.total} {name}")
 
     def note(self, line: str) -> None:
-        """A line of its own above the bar."""
+        """A line of its own on stderr, above the bar."""
         self._write(line)
         sys.stderr.write("\n")
         self._width = 0
+
+    def line(self, text: str) -> None:
+        """A line on stdout; on a terminal the bar is wiped first so that the line stands
+        alone (the next `draw` puts the bar back)."""
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            sys.stderr.flush()
+            self._width = 0
+        print(text, flush=True)
 
     def abandon(self) -> None:
         sys.stderr.write("\n")
@@ -278,10 +485,81 @@ class _Progress:
         self._width = len(text)
 
 
+class _SignOfLife:
+    """Shows that a request is still running once it has taken `after` seconds: a spinner with
+    the elapsed seconds, redrawn on stderr when stderr is a terminal; otherwise one plain
+    "still working" line for the whole run. Drawn from a helper thread while the request
+    blocks; stopped and joined before the request's caller writes anything again."""
+
+    def __init__(self, after: float | None = None) -> None:
+        self.after = SIGN_OF_LIFE_SECONDS if after is None else after
+        self._said = False
+
+    @contextmanager
+    def watching(
+        self,
+        what: str,
+        redraw: Callable[[str], None] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> Iterator[None]:
+        """Around one request about `what`. `redraw(text)` draws the spinner's text (default:
+        on a line of its own, wiped afterwards) and `say(line)` writes the plain line."""
+        own_line = redraw is None
+        width = [0]
+
+        def draw(text: str) -> None:
+            sys.stderr.write("\r" + text.ljust(width[0]))
+            sys.stderr.flush()
+            width[0] = len(text)
+
+        def plain(line: str) -> None:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+        stop = threading.Event()
+        started = time.monotonic()
+        thread = threading.Thread(
+            target=self._run,
+            args=(what, redraw or draw, say or plain, stop, started, own_line),
+            daemon=True,
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            if own_line and width[0]:
+                sys.stderr.write("\r" + " " * width[0] + "\r")
+                sys.stderr.flush()
+
+    def _run(
+        self, what: str, redraw: Callable[[str], None], say: Callable[[str], None],
+        stop: threading.Event, started: float, own_line: bool,
+    ) -> None:
+        if stop.wait(self.after):
+            return
+        if not sys.stderr.isatty():
+            if not self._said:
+                self._said = True
+                say(f"{PROG}: still working on {what}, {time.monotonic() - started:.0f} s so far")
+            return
+        tick = 0
+        while not stop.is_set():
+            seconds = time.monotonic() - started
+            symbol = SPINNER[tick % len(SPINNER)]
+            redraw(f"{symbol} explaining {what}  {seconds:.0f} s" if own_line
+                   else f"{symbol} {seconds:.0f} s")
+            tick += 1
+            stop.wait(SPINNER_INTERVAL_SECONDS)
+
+
 # --- arguments ------------------------------------------------------------------------------
 
 
 def _client(args: argparse.Namespace) -> GradCamClient:
+    if args.timeout is None:
+        args.timeout = EXPLAIN_TIMEOUT_SECONDS if args.run is _explain else TIMEOUT_SECONDS
     return GradCamClient(
         args.server,
         timeout=args.timeout,
@@ -314,20 +592,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="client certificate, for mutual TLS")
     group.add_argument("--client-key", type=Path, metavar="PEM",
                        help="client private key, for mutual TLS")
-    group.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="deadline of each call (default 30)")
+    group.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help=f"deadline of each call (default {EXPLAIN_TIMEOUT_SECONDS:g} for "
+                            f"explain, where a slow method runs for minutes; "
+                            f"{TIMEOUT_SECONDS:g} otherwise)")
     group.add_argument("--retries", type=int, default=3,
                        help="retries while the server is unavailable (default 3)")
 
     explain = commands.add_parser(
         "explain", parents=[connection], help="explain images, write overlays and heatmaps",
-        description="Explain one image, several, or the images of a folder.",
+        description="Explain one image, several, or the images of a folder: one line per "
+                    "image on stdout with its top prediction.",
+        epilog=METHOD_COSTS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     explain.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                          help="an image file, several, or a folder of images")
     explain.add_argument("--model", required=True, help="the model's name on the server")
     explain.add_argument("--method", choices=METHODS, metavar="METHOD",
-                         help=f"{', '.join(METHODS)} (default: the model's)")
+                         help=f"{', '.join(METHODS)} (default: the model's); their cost "
+                              "is listed below")
     target = explain.add_mutually_exclusive_group()
     target.add_argument("--target-class", type=int, metavar="C",
                         help="explain this class index (default: the top-1 class)")
@@ -348,15 +631,22 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--score-output", metavar="NAME",
                          help="the graph output explained (default: the model's)")
     explain.add_argument("-o", "--output", type=Path, metavar="PATH",
-                         help="overlay file (one image) or folder (several)")
+                         help="picture file (one image; one map per explained class, in a "
+                              "row) or folder (several images); missing folders are made")
     explain.add_argument("--save-npy", type=Path, metavar="PATH",
                          help="raw float32 heatmap file (one image) or folder (several)")
+    explain.add_argument("--summary", type=_summary_path, metavar="PATH",
+                         help="also write every image's predictions, explained classes and "
+                              "files to PATH, CSV or JSON by its suffix (.csv, .json)")
     explain.add_argument("--colormap", choices=COLORMAPS, default="jet",
-                         help="heatmap colours (default jet)")
+                         help="heatmap colours (default jet); pixel-level methods "
+                              "(guided-backprop, guided-gradcam) are drawn in grayscale")
     explain.add_argument("--opacity", type=float, default=0.5,
                          help="heatmap opacity over the image, 0..1 (default 0.5)")
     explain.add_argument("--side-by-side", action="store_true",
-                         help="image and overlay side by side, captioned with the top predictions")
+                         help="the image, then one map per explained class, each captioned "
+                              "(the image with the model and method, a map with its class "
+                              "and score)")
     explain.set_defaults(run=_explain)
 
     models = commands.add_parser("models", parents=[connection], help="list the served models")

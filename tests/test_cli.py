@@ -1,0 +1,500 @@
+"""The `gradcam` command against real servers on port 0 (`servers.ServerProcess`).
+
+The servers serve the shipped EfficientNet-Lite0 (its files linked into a temporary folder) and
+the sample photo is the input. Pictures are checked pixel by pixel: each panel against the map
+it should show, drawn here from the heatmaps the same run saved, and each caption against the
+band its expected text gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from gradcam_client import METHODS, GradCamClient, cli
+from gradcam_client.overlay import PANEL_GAP, caption_band, gradient_image, overlay
+from servers import ServerProcess, link_lite0
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "efficientnet_lite0"
+PHOTO = ROOT / "samples" / "chelsea.jpg"
+WIDTH, HEIGHT = 451, 300
+EGYPTIAN_CAT, TABBY, GOLDFISH = 285, 281, 1
+TOKEN = "s3cret-token"
+NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+def _serve(root: Path, *args: str) -> Iterator[str]:
+    link_lite0(root / "repository" / MODEL)
+    server = ServerProcess(root / "repository", root / "server.log", *args)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            server.wait_serving(channel)
+        yield server.address
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(tmp_path_factory.mktemp("token"), "--token", TOKEN)
+
+
+@pytest.fixture(scope="module")
+def scores(server: str) -> dict[int, float]:
+    """Every class's score for the photo, asked of the SDK."""
+    with GradCamClient(server) as client:
+        result = client.explain(PHOTO, model=MODEL, num_predictions=1000)
+    return {p.class_index: p.score for p in result.predictions}
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _gradcam(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gradcam_client", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("GRADCAM_SERVER", "GRADCAM_TOKEN")},
+    )
+
+
+def _explain(server: str, *args: str | Path) -> subprocess.CompletedProcess:
+    done = _gradcam("explain", *args, "--server", server, "--model", MODEL)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _assert_one_line_failure(done: subprocess.CompletedProcess, *expected: str) -> None:
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradcam: error: "), done.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def _photo() -> Image.Image:
+    with Image.open(PHOTO) as opened:
+        return opened.convert("RGB")
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as written:
+        assert written.format == "PNG"
+        return np.asarray(written.convert("RGB"))
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as opened:
+        return opened.size
+
+
+def _assert_panels(
+    canvas: np.ndarray, pictures: list[np.ndarray], captions: list[list[str]]
+) -> None:
+    """The canvas is `pictures` in a row, PANEL_GAP apart, each over the caption band of its
+    own lines."""
+    height = max(p.shape[0] for p in pictures)
+    rows = max(len(lines) for lines in captions)
+    band_height = caption_band([], 1, height, rows).height
+    widths = [p.shape[1] for p in pictures]
+    assert canvas.shape[:2] == (height + band_height, sum(widths) + PANEL_GAP * (len(widths) - 1))
+    left = 0
+    for picture, lines in zip(pictures, captions):
+        width = picture.shape[1]
+        np.testing.assert_array_equal(canvas[: picture.shape[0], left : left + width], picture)
+        band = np.asarray(caption_band(lines, width, height, rows))
+        drawn = canvas[height:, left : left + width]
+        assert (drawn == band).all(), f"the caption under panel at x={left} is not {lines}"
+        left += width + PANEL_GAP
+
+
+def _label(class_index: int) -> str:
+    return (ROOT / "models" / MODEL / "labels.txt").read_text().splitlines()[class_index]
+
+
+# --- one image ------------------------------------------------------------------------------
+
+
+def test_one_image(server: str, tmp_path: Path) -> None:
+    picture, heatmap = tmp_path / "overlay.png", tmp_path / "heatmap.npy"
+    done = _explain(server, PHOTO, "-o", picture, "--save-npy", heatmap,
+                    "--colormap", "turbo", "--opacity", "0.3")
+    assert done.stdout == f"{PHOTO}: Egyptian cat (0.81) -> {picture}\n"
+    saved = np.load(heatmap)
+    assert saved.dtype == np.float32 and saved.shape == (HEIGHT, WIDTH)
+    assert 0.0 <= saved.min() and saved.max() <= 1.0
+    expected = np.asarray(overlay(_photo(), saved, "turbo", 0.3))
+    np.testing.assert_array_equal(_pixels(picture), expected)
+
+
+def test_without_output_the_prediction_is_printed(server: str) -> None:
+    done = _explain(server, PHOTO, "--target-class", str(TABBY))
+    assert done.stdout == f"{PHOTO}: Egyptian cat (0.81); heatmap of tabby\n"
+
+
+def test_missing_output_folders_are_made(server: str, tmp_path: Path) -> None:
+    picture, heatmap = tmp_path / "out" / "cat.png", tmp_path / "maps" / "deep" / "cat.npy"
+    _explain(server, PHOTO, "-o", picture, "--save-npy", heatmap)
+    assert _size(picture) == (WIDTH, HEIGHT) and np.load(heatmap).shape == (HEIGHT, WIDTH)
+
+
+def test_top_k_side_by_side_draws_a_captioned_panel_per_class(
+    server: str, tmp_path: Path, scores: dict[int, float]
+) -> None:
+    picture, heatmaps = tmp_path / "panel.png", tmp_path / "maps.npy"
+    done = _explain(server, PHOTO, "--top-k", "3", "--side-by-side", "-o", picture,
+                    "--save-npy", heatmaps)
+    assert done.stdout == (
+        f"{PHOTO}: Egyptian cat (0.81); heatmaps of Egyptian cat, tabby, tiger cat -> {picture}\n"
+    )
+    maps = np.load(heatmaps)
+    assert maps.shape == (3, HEIGHT, WIDTH)
+    photo = _photo()
+    classes = [EGYPTIAN_CAT, TABBY, 282]
+    _assert_panels(
+        _pixels(picture),
+        [np.asarray(photo), *(np.asarray(overlay(photo, m)) for m in maps)],
+        [["chelsea.jpg", f"{MODEL}, gradcam"],
+         *([f"{_label(c)}  {scores[c]:.2f}"] for c in classes)],
+    )
+
+
+def test_top_1_side_by_side_captions_the_one_class_explained(
+    server: str, tmp_path: Path, scores: dict[int, float]
+) -> None:
+    picture, heatmap = tmp_path / "panel.png", tmp_path / "map.npy"
+    _explain(server, PHOTO, "--top-k", "1", "--side-by-side", "--counterfactual",
+             "-o", picture, "--save-npy", heatmap)
+    photo = _photo()
+    _assert_panels(
+        _pixels(picture),
+        [np.asarray(photo), np.asarray(overlay(photo, np.load(heatmap)))],
+        [["chelsea.jpg", f"{MODEL}, gradcam, counterfactual"],
+         [f"Egyptian cat  {scores[EGYPTIAN_CAT]:.2f}"]],
+    )
+
+
+def test_a_chosen_class_is_captioned_with_its_score_wherever_it_ranks(
+    server: str, tmp_path: Path, scores: dict[int, float]
+) -> None:
+    assert sorted(scores, key=scores.get, reverse=True).index(GOLDFISH) >= 5
+    picture, heatmap = tmp_path / "panel.png", tmp_path / "map.npy"
+    done = _explain(server, PHOTO, "--target-class", str(GOLDFISH), "--side-by-side",
+                    "-o", picture, "--save-npy", heatmap)
+    assert "; heatmap of goldfish" in done.stdout
+    photo = _photo()
+    _assert_panels(
+        _pixels(picture),
+        [np.asarray(photo), np.asarray(overlay(photo, np.load(heatmap)))],
+        [["chelsea.jpg", f"{MODEL}, gradcam"], [f"goldfish  {scores[GOLDFISH]:.2f}"]],
+    )
+
+
+def test_top_k_without_side_by_side_puts_the_overlays_in_a_row(
+    server: str, tmp_path: Path
+) -> None:
+    picture, heatmaps = tmp_path / "row.png", tmp_path / "maps.npy"
+    _explain(server, PHOTO, "--top-k", "2", "-o", picture, "--save-npy", heatmaps)
+    canvas = _pixels(picture)
+    assert canvas.shape == (HEIGHT, 2 * WIDTH + PANEL_GAP, 3)
+    for index, heatmap in enumerate(np.load(heatmaps)):
+        left = index * (WIDTH + PANEL_GAP)
+        expected = np.asarray(overlay(_photo(), heatmap))
+        np.testing.assert_array_equal(canvas[:, left : left + WIDTH], expected)
+
+
+@pytest.mark.parametrize("method", ["guided-backprop", "guided-gradcam"])
+def test_pixel_level_methods_are_drawn_as_gradient_images(
+    server: str, tmp_path: Path, method: str, scores: dict[int, float]
+) -> None:
+    picture, heatmap, panel = tmp_path / "map.png", tmp_path / "map.npy", tmp_path / "panel.png"
+    _explain(server, PHOTO, "--method", method, "-o", picture, "--save-npy", heatmap)
+    drawn = _pixels(picture)
+    np.testing.assert_array_equal(drawn, np.asarray(gradient_image(np.load(heatmap))))
+    assert (drawn[..., 0] == drawn[..., 1]).all() and (drawn[..., 1] == drawn[..., 2]).all()
+    # Not a faint tint over the photo: the strongest percent is white, and the median pixel
+    # a visible grey, where scaling by the maximum left it near black.
+    assert (drawn[..., 0] == 255).mean() >= 0.009
+    assert np.median(drawn[..., 0]) > 2.5 * np.median(np.load(heatmap)) * 255
+
+    _explain(server, PHOTO, "--method", method, "--side-by-side", "-o", panel)
+    _assert_panels(
+        _pixels(panel),
+        [np.asarray(_photo()), drawn],
+        [["chelsea.jpg", f"{MODEL}, {method}"], [f"Egyptian cat  {scores[EGYPTIAN_CAT]:.2f}"]],
+    )
+
+
+# --- several images -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(PHOTO.read_bytes())
+    _photo().resize((120, 80)).save(folder / "small.png")
+    _photo().convert("L").save(folder / "gray.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_folder(server: str, tmp_path: Path, images: Path) -> None:
+    out = tmp_path / "out"
+    done = _explain(server, images, "-o", out, "--save-npy", tmp_path / "maps")
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == [
+        str(images / name) for name in ("cat.jpg", "gray.bmp", "small.png")
+    ]
+    assert lines[0] == f"{images / 'cat.jpg'}: Egyptian cat (0.81) -> {out / 'cat.png'}"
+    assert lines[-1] == "3 images explained, 0 failed"
+    assert "] 1/3 " in done.stderr and f"[{'#' * 24}] 3/3" in done.stderr  # the progress bar
+    sizes = {path.name: _size(path) for path in out.iterdir()}
+    assert sizes == {
+        "cat.png": (WIDTH, HEIGHT), "small.png": (120, 80), "gray.png": (WIDTH, HEIGHT)
+    }
+    assert np.load(tmp_path / "maps" / "small.npy").shape == (80, 120)
+
+
+def test_folder_without_output_prints_each_top_prediction(server: str, images: Path) -> None:
+    done = _explain(server, images)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4 and lines[-1] == "3 images explained, 0 failed"
+    assert lines[0] == f"{images / 'cat.jpg'}: Egyptian cat (0.81)"
+    for line, name in zip(lines[1:3], ("gray.bmp", "small.png")):
+        assert re.fullmatch(rf"{re.escape(str(images / name))}: [^()]+ \(\d\.\d\d\)", line), line
+
+
+def test_summary_csv(server: str, tmp_path: Path, images: Path) -> None:
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    summary = tmp_path / "reports" / "summary.csv"
+    done = _gradcam("explain", images, "--server", server, "--model", MODEL, "--top-k", "2",
+                    "--summary", summary, "-o", tmp_path / "out")
+    assert done.returncode == 1 and "skipped" in done.stderr
+    with summary.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [Path(row["image"]).name for row in rows] == [
+        "broken.jpg", "cat.jpg", "gray.bmp", "small.png"
+    ]
+    broken, cat = rows[0], rows[1]
+    assert broken["error"] and broken["label"] == "" and broken["overlay"] == ""
+    assert (cat["class_index"], cat["label"]) == (str(EGYPTIAN_CAT), "Egyptian cat")
+    assert float(cat["score"]) == pytest.approx(0.815, abs=0.01)
+    assert cat["explained_classes"] == f"{EGYPTIAN_CAT};{TABBY}"
+    assert cat["explained_labels"] == "Egyptian cat;tabby"
+    assert (cat["model"], cat["method"], cat["error"]) == (MODEL, "gradcam", "")
+    assert cat["overlay"] == str(tmp_path / "out" / "cat.png") and cat["heatmap"] == ""
+    assert all(row["error"] == "" and row["label"] for row in rows[1:])
+
+
+def test_summary_json(server: str, tmp_path: Path, scores: dict[int, float]) -> None:
+    summary = tmp_path / "summary.json"
+    _explain(server, PHOTO, "--target-class", str(GOLDFISH), "--summary", summary,
+             "--save-npy", tmp_path / "map.npy")
+    (record,) = json.loads(summary.read_text())["images"]
+    assert record["image"] == str(PHOTO)
+    assert (record["model"], record["method"], record["error"]) == (MODEL, "gradcam", None)
+    assert [p["label"] for p in record["predictions"]][:3] == ["Egyptian cat", "tabby", "tiger cat"]
+    assert len(record["predictions"]) == 5
+    (explained,) = record["explained"]
+    assert (explained["class_index"], explained["label"]) == (GOLDFISH, "goldfish")
+    assert explained["score"] == pytest.approx(scores[GOLDFISH], rel=1e-6)
+    assert record["overlay"] is None and record["heatmap"] == str(tmp_path / "map.npy")
+
+
+def test_summary_needs_a_csv_or_json_name(tmp_path: Path) -> None:
+    done = _gradcam("explain", PHOTO, "--model", MODEL, "--summary", tmp_path / "summary.txt")
+    assert done.returncode == 2 and "end its name with .csv or .json" in done.stderr
+
+
+def test_several_files_with_a_bad_one(server: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    done = _gradcam("explain", PHOTO, broken, "--server", server, "--model", MODEL, "-o", out)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"{PHOTO}: Egyptian cat (0.81) -> {out / 'chelsea.png'}", "1 image explained, 1 failed"
+    ]
+    assert f"skipped {broken}" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in out.iterdir()] == ["chelsea.png"]
+
+
+# --- signs of life --------------------------------------------------------------------------
+
+
+def _run_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_quick_request_shows_nothing(server: str, capsys) -> None:
+    code, out, err = _run_in_process(
+        ["explain", str(PHOTO), "--server", server, "--model", MODEL], capsys
+    )
+    assert code == 0 and err == "" and out.startswith(f"{PHOTO}: Egyptian cat")
+
+
+# Integrated Grad-CAM runs 20 copies of the image: a few tenths of a second here, the
+# slow requests of these tests (the CLI waits SIGN_OF_LIFE_SECONDS, 2 s, before showing them).
+SLOW_METHOD = "integrated-gradcam"
+
+
+def test_a_slow_request_says_it_is_still_working(server: str, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "SIGN_OF_LIFE_SECONDS", 0.05)
+    code, out, err = _run_in_process(
+        ["explain", str(PHOTO), str(PHOTO), "--server", server, "--model", MODEL,
+         "--method", SLOW_METHOD],
+        capsys,
+    )
+    assert code == 0 and out.splitlines()[-1] == "2 images explained, 0 failed"
+    said = [line for line in err.replace("\r", "\n").splitlines() if "still working" in line]
+    assert len(said) == 1, err  # once for the whole run
+    assert re.fullmatch(
+        rf"gradcam: still working on chelsea\.jpg \({SLOW_METHOD}\), \d+ s so far",
+        said[0].rstrip(),
+    )
+
+
+def _terminal_output(master: int) -> str:
+    chunks = []
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_a_slow_request_spins_on_a_terminal(server: str, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "SIGN_OF_LIFE_SECONDS", 0.0)
+    monkeypatch.setattr(cli, "SPINNER_INTERVAL_SECONDS", 0.005)
+    master, slave = os.openpty()
+    terminal = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), write_through=True)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    try:
+        assert sys.stderr.isatty()
+        code = cli.main(["explain", str(PHOTO), "--server", server, "--model", MODEL,
+                         "--method", SLOW_METHOD])
+        written = _terminal_output(master)
+    finally:
+        terminal.close()
+        os.close(master)
+    assert code == 0
+    assert capsys.readouterr().out == f"{PHOTO}: Egyptian cat (0.81)\n"
+    frames = [frame for frame in written.split("\r") if frame.strip()]
+    assert len(frames) >= 3, written
+    for frame in frames:
+        assert re.fullmatch(
+            rf"[|/\\-] explaining {re.escape(str(PHOTO))} \({SLOW_METHOD}\)  \d+ s *", frame
+        ), frame
+    assert len({frame[0] for frame in frames}) > 1  # it turns
+    assert written.endswith("\r" + " " * len(frames[-1].rstrip()) + "\r")  # and is wiped
+
+
+def test_help_states_each_methods_cost_as_measured() -> None:
+    done = _gradcam("explain", "--help")
+    assert done.returncode == 0
+    costs = done.stdout[done.stdout.index("time per image against Grad-CAM's"):]
+    for method in METHODS:
+        assert re.search(rf"(^|[ ,]){re.escape(method)}([ ,]|$)", costs, re.M), method
+    benchmarks = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    for measured, shown in [("| gradcam | 40.8 ms |", "40.8 ms"),
+                            ("| guided-backprop | 145.9 ms |", "143-146 ms"),
+                            ("| guided-gradcam | 143.2 ms |", "143-146 ms"),
+                            ("| 0.923 s |", "0.92 s"), ("| 89.0 s |", "89 s")]:
+        assert measured in benchmarks and shown in costs, (measured, shown)
+
+
+def test_a_deadline_names_the_timeout(server: str) -> None:
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--timeout", "0.001"),
+        "before the deadline", "--timeout 0.001 s", "gradcam explain --help",
+    )
+
+
+# --- other commands and failures ------------------------------------------------------------
+
+
+def test_models_and_health(server: str) -> None:
+    done = _gradcam("models", "--server", server)
+    assert done.returncode == 0, done.stderr
+    assert re.match(rf"{MODEL}\s+ready\s+input input \[-1,3,224,224\]\s+1000 classes", done.stdout)
+    done = _gradcam("health", "--server", server, "--wait", "5")
+    assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
+
+
+def test_token(token_server: str) -> None:
+    _assert_one_line_failure(_gradcam("models", "--server", token_server), "bearer token")
+    done = _gradcam("models", "--server", token_server, "--token", TOKEN)
+    assert done.returncode == 0 and MODEL in done.stdout
+
+
+def test_failures(server: str, tmp_path: Path) -> None:
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", NO_SERVER, "--model", MODEL, "--retries", "1"),
+        NO_SERVER, "unavailable",
+    )
+    _assert_one_line_failure(
+        _gradcam("health", "--server", NO_SERVER, "--retries", "0"), NO_SERVER
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", "nope", "-o", tmp_path / "x.png"),
+        "unknown model 'nope'", f"served: {MODEL}",
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", "nope", "--target-class", "3"),
+        "unknown model 'nope'", f"served: {MODEL}",
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", tmp_path / "missing.jpg", "--server", server, "--model", MODEL),
+        "missing.jpg",
+    )
+    not_an_image = tmp_path / "text.jpg"
+    not_an_image.write_text("hello")
+    _assert_one_line_failure(
+        _gradcam("explain", not_an_image, "--server", server, "--model", MODEL), "text.jpg"
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--layer", "nope"), "nope"
+    )
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL, "--opacity", "2"),
+        "--opacity",
+    )
+    for name in ("x", "x.npy"):
+        _assert_one_line_failure(
+            _gradcam("explain", PHOTO, "--server", NO_SERVER, "--model", MODEL, "-o",
+                     tmp_path / name),
+            f"cannot write {tmp_path / name}", "no picture format",
+        )  # refused before the (unreachable) server is asked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.jpg"]
+    usage = _gradcam("explain", PHOTO, "--top-k", "2", "--target-class", "3", "--model", MODEL)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
