@@ -1102,6 +1102,587 @@ def section_malformed(ctx: Context) -> None:
                      f"{len(tracebacks)} logged" + "".join(f"; {t}" for t in tracebacks[:5]))
 
 
+# -- 2. overload ---------------------------------------------------------------------------------
+
+OVERLOAD_FACTOR = 4
+OVERLOAD_CLIENTS = 128
+CAPACITY_CLIENTS = 16  # twice the shipped model's max_batch_size: enough to saturate it
+CLIENT_DEADLINE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # seconds from the start of the phase
+    seconds: float  # until the answer came
+    code: grpc.StatusCode
+    late: float  # seconds behind its scheduled time (open loop)
+    message: str = ""  # kept for unexpected codes only
+
+
+async def drive(address: str, method: str, payload: bytes, *, seconds: float, clients: int,
+                rate: float | None = None, deadline: float = CLIENT_DEADLINE_S,
+                channels: int = 4) -> list[Answer]:
+    """`clients` concurrent callers of `method` with the serialized `payload` for `seconds`:
+    closed loop (each sends again when answered) when `rate` is None, else open loop (request i
+    is due at i / rate seconds, sent by the first free caller)."""
+    opened = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+              for _ in range(channels)]
+    calls = [channel.unary_unary(method) for channel in opened]
+    answers: list[Answer] = []
+    counter = itertools.count()
+    start = time.perf_counter()
+    end = start + seconds
+
+    async def caller(index: int) -> None:
+        call = calls[index % len(calls)]
+        while True:
+            now = time.perf_counter()
+            if rate is None:
+                due = now
+            else:
+                due = start + next(counter) / rate
+                if due > now:
+                    await asyncio.sleep(due - now)
+            if due >= end:
+                return
+            sent = time.perf_counter()
+            try:
+                await call(payload, timeout=deadline)
+                code, message = OK, ""
+            except grpc.aio.AioRpcError as error:
+                code, message = error.code(), error.details() or ""
+            if code in (OK, EXHAUSTED, DEADLINE):
+                message = ""
+            answers.append(Answer(sent - start, time.perf_counter() - sent, code, sent - due,
+                                  message[:200]))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(clients))),
+                               seconds + deadline + 30)
+    finally:
+        for channel in opened:
+            await channel.close()
+    return answers
+
+
+def _codes(answers: Sequence[Answer]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for answer in answers:
+        counts[answer.code.name] = counts.get(answer.code.name, 0) + 1
+    return counts
+
+
+def section_overload(ctx: Context) -> None:
+    print("\n== overload", flush=True)
+    capacity_s, overload_s, warm_up_s = (5.0, 15.0, 2.0) if ctx.quick else (10.0, 60.0, 3.0)
+    server = ctx.start("overload", (LITE0,))
+    payload = infer(LITE0, encoded(CHELSEA), outputs=("logits", HEATMAP)).SerializeToString()
+    method = f"{_KSERVE}/ModelInfer"
+    try:
+        asyncio.run(drive(server.address, method, payload, seconds=warm_up_s,
+                          clients=CAPACITY_CLIENTS))
+        ctx.check_time()
+        measured = asyncio.run(drive(server.address, method, payload, seconds=capacity_s,
+                                     clients=CAPACITY_CLIENTS))
+        ok = [a for a in measured if a.code == OK]
+        capacity = len(ok) / capacity_s
+        print(f"  capacity: {capacity:.1f} requests/s answered OK by {CAPACITY_CLIENTS} "
+              f"closed-loop clients in {capacity_s:.0f} s (latency p50 "
+              f"{percentile([a.seconds for a in ok], 50) * 1e3:.0f} ms; answers "
+              f"{_codes(measured)})", flush=True)
+        ctx.check_time()
+        rate = OVERLOAD_FACTOR * capacity
+        with Sampler(server) as sampler:
+            answers = asyncio.run(drive(server.address, method, payload, seconds=overload_s,
+                                        clients=OVERLOAD_CLIENTS, rate=rate))
+        after, after_message, after_s = outcome(
+            lambda: send_serialized(grpc.insecure_channel(server.address,
+                                                          options=CHANNEL_OPTIONS),
+                                    method, payload, timeout=30))
+    finally:
+        server.signal(signal.SIGTERM)
+        server.wait(60)
+        server.kill()
+
+    codes = _codes(answers)
+    ok = [a for a in answers if a.code == OK]
+    rejected = [a for a in answers if a.code == EXHAUSTED]
+    expired = [a for a in answers if a.code == DEADLINE]
+    other = [a for a in answers if a.code not in (OK, EXHAUSTED, DEADLINE)]
+    offered = len(answers) / overload_s
+    goodput = len(ok) / overload_s
+    rows = []
+    for name, group in (("OK", ok), ("RESOURCE_EXHAUSTED", rejected),
+                        ("DEADLINE_EXCEEDED", expired), ("other", other)):
+        latencies = [a.seconds for a in group]
+        rows.append((name, len(group), f"{len(group) / overload_s:.1f}",
+                     f"{percentile(latencies, 50) * 1e3:.0f}" if group else "-",
+                     f"{percentile(latencies, 99) * 1e3:.0f}" if group else "-"))
+    print(f"  overload: {rate:.1f} requests/s due ({OVERLOAD_FACTOR}x capacity) for "
+          f"{overload_s:.0f} s, {OVERLOAD_CLIENTS} clients, {CLIENT_DEADLINE_S:.0f} s deadline; "
+          f"sent {offered:.1f}/s (p99 {percentile([a.late for a in answers], 99) * 1e3:.0f} ms "
+          "behind schedule)")
+    table(("answer", "count", "per s", "p50 ms", "p99 ms"), rows)
+    for answer in other[:5]:
+        print(f"  - unexpected {answer.code.name}: {answer.message!r}")
+
+    warm = [(t, rss, threads) for t, rss, threads in sampler.samples if t >= overload_s / 4]
+    rss_growth = growth([(t, rss) for t, rss, _ in warm])
+    rss_start = warm[0][1] if warm else float("nan")
+    rss_end = warm[-1][1] if warm else float("nan")
+    rss_limit = max(0.05 * rss_start, 20.0)
+    threads = [n for _, _, n in sampler.samples]
+    print(f"  server after warm-up ({overload_s / 4:.0f} s): RSS {rss_start:.0f} -> {rss_end:.0f}"
+          f" MiB (max {max(r for _, r, _ in warm):.0f}), threads {min(threads)}-{max(threads)}")
+    ctx.report.figures["overload"] = {
+        "capacity_per_s": capacity, "rate_due_per_s": rate, "sent_per_s": offered,
+        "seconds": overload_s, "codes": codes, "goodput_per_s": goodput,
+        "ok_p50_ms": percentile([a.seconds for a in ok], 50) * 1e3,
+        "rejection_p50_ms": percentile([a.seconds for a in rejected], 50) * 1e3,
+        "rejection_p99_ms": percentile([a.seconds for a in rejected], 99) * 1e3,
+        "rss_samples": [(round(t, 1), round(r, 1), n) for t, r, n in sampler.samples],
+        "unexpected": [a.message for a in other[:20]],
+    }
+    section = "overload"
+    ctx.report.check(section, f"offered load >= {OVERLOAD_FACTOR - 0.5:g}x capacity (the "
+                     "measurement holds)", offered >= (OVERLOAD_FACTOR - 0.5) * capacity,
+                     f"{offered:.1f}/s sent = {offered / capacity:.2f}x {capacity:.1f}/s")
+    ctx.report.check(section, "every request answered OK, RESOURCE_EXHAUSTED or "
+                     "DEADLINE_EXCEEDED", not other and answers,
+                     f"{len(answers)} answers: {codes}")
+    p99 = percentile([a.seconds for a in rejected], 99)
+    ctx.report.check(section, "rejections p99 < 50 ms", bool(rejected) and p99 < 0.050,
+                     f"p99 {p99 * 1e3:.1f} ms over {len(rejected)} RESOURCE_EXHAUSTED"
+                     if rejected else "no RESOURCE_EXHAUSTED answer at all")
+    ctx.report.check(section, "goodput >= 90 % of capacity", goodput >= 0.9 * capacity,
+                     f"{goodput:.1f}/s OK = {goodput / capacity:.0%} of {capacity:.1f}/s")
+    ctx.report.check(section, "RSS flat after warm-up", rss_growth <= rss_limit,
+                     f"fitted growth {rss_growth:+.1f} MiB over {overload_s * 3 / 4:.0f} s "
+                     f"(limit {rss_limit:.0f} MiB); {rss_start:.0f} -> {rss_end:.0f} MiB")
+    ctx.report.check(section, "a good request served after the overload", after == OK,
+                     f"{after.name} in {after_s * 1e3:.0f} ms {after_message[:100]}".rstrip())
+
+
+# -- 3. faults -----------------------------------------------------------------------------------
+
+SLOW_ROWS = 8  # one request of this many rows runs for seconds on 2 cores
+WORK_STOPS_S = 1.0  # cancelled or expired work must stop within this
+
+
+def _stop(server: Server, timeout: float = 60.0) -> None:
+    server.signal(signal.SIGTERM)
+    server.wait(timeout)
+    server.kill()
+
+
+def section_faults(ctx: Context) -> None:
+    print("\n== faults", flush=True)
+    server = ctx.start("faults", ("slow", "tiny", *FAILED_MODELS))
+    stubs = Stubs(server.address)
+    try:
+        _failed_models(ctx, server, stubs)
+        ctx.check_time()
+        _cancel_and_deadline(ctx, server, stubs)
+        ctx.check_time()
+        _busy_ports(ctx, server, stubs)
+    finally:
+        stubs.close()
+        _stop(server)
+    ctx.check_time()
+    _sigterm_in_flight(ctx)
+    ctx.check_time()
+    _sigkill_and_restart(ctx)
+
+
+def _failed_models(ctx: Context, server: Server, stubs: Stubs) -> None:
+    """Folders that can never load, beside good models."""
+    section = "faults"
+    ready = stubs.kserve.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+    good, message, _ = outcome(lambda: stubs.kserve.ModelInfer(good_tiny(), timeout=30))
+    ctx.report.check(section, "models that cannot load beside good ones: SERVING, ready, good "
+                     "models answer", ready and good == OK,
+                     f"health SERVING, ServerReady {ready}, tiny answers {good.name}")
+    rows, wrong = [], []
+    x = tensor("input", tiny_x())
+    listed = {m.name: m for m in stubs.typed.ListModels(gpb.ListModelsRequest(), timeout=10).models}
+    for name, fragment in FAILED_MODELS.items():
+        model_ready = stubs.kserve.ModelReady(kpb.ModelReadyRequest(name=name), timeout=10).ready
+        calls = {
+            "ModelInfer": lambda: stubs.kserve.ModelInfer(infer(name, x), timeout=30),
+            "Explain": lambda: stubs.typed.Explain(explain(name, typed_image(picture("PNG"))),
+                                                   timeout=30),
+            "GetModelInfo": lambda: stubs.typed.GetModelInfo(
+                gpb.GetModelInfoRequest(model=name), timeout=30),
+        }
+        reason = listed[name].reason if name in listed else ""
+        for rpc, call in calls.items():
+            code, message, _ = outcome(call)
+            fine = (code == PRECONDITION and fragment.lower() in message.lower()
+                    and not LEAK.search(message) and not model_ready)
+            rows.append((name, rpc, code.name, message[:90]))
+            if not fine:
+                wrong.append(f"{name} {rpc}: {code.name}")
+        if not reason or fragment.lower() not in reason.lower() or LEAK.search(reason):
+            wrong.append(f"{name} ListModels reason {reason[:60]!r}")
+    table(("model", "rpc", "answered", "message"), rows)
+    ctx.report.figures["failed_models"] = rows
+    right = len(rows) - sum("ListModels" not in w for w in wrong)
+    ctx.report.check(section, "a model that can never load: FAILED_PRECONDITION naming why, "
+                     "not ready, reason listed", not wrong,
+                     f"{right}/{len(rows)} calls right"
+                     + (f"; wrong: {', '.join(wrong[:4])} ..." if wrong else ""))
+
+
+def _slow_payload(rows: int = SLOW_ROWS) -> bytes:
+    x = np.random.default_rng(0).standard_normal((rows, 3, SLOW_SIZE, SLOW_SIZE))
+    return infer("slow", tensor("input", x.astype(np.float32)),
+                 outputs=("logits", HEATMAP)).SerializeToString()
+
+
+def _cancel_and_deadline(ctx: Context, server: Server, stubs: Stubs) -> None:
+    """Work the client gave up on (cancelled, or past its deadline) must stop."""
+    section = "faults"
+    method = f"{_KSERVE}/ModelInfer"
+    call = stubs.channel.unary_unary(method)
+    payload = _slow_payload()
+    send_serialized(stubs.channel, method, _slow_payload(1), timeout=60)  # warm up
+    wait_idle(server, time.perf_counter())
+    started, cpu = time.perf_counter(), server.cpu_seconds()
+    send_serialized(stubs.channel, method, payload, timeout=120)
+    run_s, run_cpu = time.perf_counter() - started, server.cpu_seconds() - cpu
+    print(f"  one request of {SLOW_ROWS} rows on 'slow' runs {run_s:.1f} s "
+          f"({run_cpu:.1f} CPU-s)", flush=True)
+    rows = []
+
+    # The client cancels a third of the way into the run.
+    wait_idle(server, time.perf_counter())
+    future = call.future(payload, timeout=120)
+    time.sleep(max(0.3, run_s / 3))
+    cancel_at, cpu = time.perf_counter(), server.cpu_seconds()
+    future.cancel()
+    idle = wait_idle(server, cancel_at, limit=run_s + 10)
+    spent = server.cpu_seconds() - cpu
+    rows.append(("client cancel", "CANCELLED" if future.cancelled() else "?",
+                 "never" if idle is None else f"{idle:.2f}", f"{spent:.2f}"))
+    cancel_idle = idle
+
+    # The deadline passes a third of the way into the run.
+    wait_idle(server, time.perf_counter())
+    timeout = max(0.3, run_s / 3)
+    started = time.perf_counter()
+    code, _, seconds = outcome(lambda: call(payload, timeout=timeout))
+    expired_at, cpu = time.perf_counter(), server.cpu_seconds()
+    idle = wait_idle(server, expired_at, limit=run_s + 10)
+    spent = server.cpu_seconds() - cpu
+    rows.append((f"deadline {timeout:.1f} s", code.name,
+                 "never" if idle is None else f"{idle:.2f}", f"{spent:.2f}"))
+    deadline_idle, deadline_code = idle, code
+
+    # A second request, due to expire while it waits behind the first, must never run.
+    wait_idle(server, time.perf_counter())
+    first = call.future(payload, timeout=120)
+    time.sleep(0.1)
+    queued_code, _, _ = outcome(lambda: call(payload, timeout=max(0.5, run_s / 2)))
+    first_code, _, _ = outcome(first.result)
+    done_at, cpu = time.perf_counter(), server.cpu_seconds()
+    idle = wait_idle(server, done_at, limit=run_s + 10)
+    spent = server.cpu_seconds() - cpu
+    rows.append(("expired while queued", queued_code.name,
+                 "never" if idle is None else f"{idle:.2f}", f"{spent:.2f}"))
+    table(("fault", "client got", "server idle after (s)", "CPU-s after"), rows)
+    ctx.report.figures["cancel"] = {"run_s": run_s, "run_cpu_s": run_cpu, "rows": rows}
+    after, _, _ = outcome(lambda: stubs.kserve.ModelInfer(good_tiny(), timeout=30))
+
+    def stopped(idle_s: float | None) -> bool:
+        return idle_s is not None and idle_s <= WORK_STOPS_S
+
+    def shown(idle_s: float | None) -> str:
+        return "still busy after the whole run" if idle_s is None else f"{idle_s:.2f} s"
+
+    ctx.report.check(section, f"client cancel stops the work within {WORK_STOPS_S:.0f} s",
+                     stopped(cancel_idle),
+                     f"server idle {shown(cancel_idle)} after the cancel (a whole run: "
+                     f"{run_s:.1f} s)")
+    ctx.report.check(section, f"a deadline shorter than the run: DEADLINE_EXCEEDED, work "
+                     f"stopped within {WORK_STOPS_S:.0f} s",
+                     deadline_code == DEADLINE and stopped(deadline_idle),
+                     f"{deadline_code.name}; server idle {shown(deadline_idle)} after it")
+    ctx.report.check(section, "a request that expires while queued never runs",
+                     queued_code == DEADLINE and first_code == OK and idle is not None
+                     and idle <= 0.5,
+                     f"{queued_code.name} (the one ahead: {first_code.name}); server idle "
+                     f"{shown(idle)} after the one ahead finished")
+    ctx.report.check(section, "a good request served after these", after == OK, after.name)
+
+
+def _busy_ports(ctx: Context, server: Server, stubs: Stubs) -> None:
+    """A second server asked for ports in use must refuse to start, saying which."""
+    section = "faults"
+    metrics_port = int(server.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    repository = ctx.root.parent / "busy"
+    repository.mkdir(exist_ok=True)
+    if not (repository / "tiny").exists():
+        (repository / "tiny").symlink_to(ctx.root / "tiny", target_is_directory=True)
+    for what, port, metrics in (("gRPC", server.port, 0), ("metrics", 0, metrics_port)):
+        busy = metrics if metrics else port
+        second = Server(repository, ctx.work / f"busy-{what}.log", port=port,
+                        metrics_port=metrics, wait=False)
+        listening = second.wait_listening(30)
+        exit_code = None if listening else second.wait(30)
+        output = second.log()
+        second.kill()
+        lines = [line for line in output.splitlines() if line.strip()]
+        last = next((line for line in reversed(lines)
+                     if re.search(r"error|in use|port", line, re.IGNORECASE)),
+                    lines[-1] if lines else "")
+        refused = (not listening and exit_code not in (None, 0) and str(busy) in output
+                   and "Traceback" not in output)
+        if listening:
+            figure = f"it started and listens on the busy port {busy} too"
+        elif exit_code is None:
+            figure = "it neither listened nor exited within 30 s"
+        else:
+            figure = (f"exit {exit_code}: {last[:120]!r}"
+                      + ("; with a traceback" if "Traceback" in output else ""))
+        ctx.report.check(section, f"a second server on a busy {what} port refuses to start, "
+                         "naming the port", refused, figure)
+    after, _, _ = outcome(lambda: stubs.kserve.ModelInfer(good_tiny(), timeout=30))
+    ctx.report.check(section, "the first server still answers", after == OK, after.name)
+
+
+def _sigterm_in_flight(ctx: Context) -> None:
+    section = "faults"
+    server = ctx.start("sigterm", ("slow", "tiny"))
+    channel = grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS)
+    call = channel.unary_unary(f"{_KSERVE}/ModelInfer")
+    try:
+        call(_slow_payload(1), timeout=60)  # warm up
+        in_flight = [call.future(_slow_payload(1), timeout=120) for _ in range(8)]
+        time.sleep(0.3)
+        term_at = time.perf_counter()
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late = [call.future(good_tiny().SerializeToString(), timeout=10) for _ in range(2)]
+        codes = [outcome(f.result)[0] for f in in_flight]
+        late_codes = [outcome(f.result) for f in late]
+        exit_code = server.wait(60)
+        drained_s = time.perf_counter() - term_at
+    finally:
+        channel.close()
+        server.kill()
+    answered_ok = sum(code == OK for code in codes)
+    ctx.report.figures["sigterm"] = {"in_flight": [c.name for c in codes],
+                                     "after": [c.name for c, _, _ in late_codes],
+                                     "exit": exit_code, "drained_s": drained_s}
+    ctx.report.check(section, "SIGTERM: every request in flight answered OK", answered_ok == 8,
+                     f"{answered_ok}/8 OK: {[c.name for c in codes]}")
+    refused = all(code == UNAVAILABLE and seconds < 5 for code, _, seconds in late_codes)
+    ctx.report.check(section, "SIGTERM: requests sent while draining refused with UNAVAILABLE",
+                     refused, ", ".join(f"{c.name} in {s * 1e3:.0f} ms" for c, _, s in late_codes))
+    ctx.report.check(section, "SIGTERM: the server exits 0 once drained", exit_code == 0,
+                     f"exit {exit_code} after {drained_s:.1f} s")
+
+
+def _sigkill_and_restart(ctx: Context) -> None:
+    section = "faults"
+    server = ctx.start("sigkill", ("slow", "tiny"))
+    port = server.port
+    channel = grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS)
+    call = channel.unary_unary(f"{_KSERVE}/ModelInfer")
+    try:
+        call(_slow_payload(1), timeout=60)
+        in_flight = [call.future(_slow_payload(1), timeout=120) for _ in range(4)]
+        time.sleep(0.3)
+        killed_at = time.perf_counter()
+        server.signal(signal.SIGKILL)
+        results = [outcome(f.result)[0] for f in in_flight]
+        answered_s = time.perf_counter() - killed_at
+    finally:
+        channel.close()
+        server.kill()
+    ctx.report.check(section, "SIGKILL: requests in flight fail with UNAVAILABLE at once",
+                     all(c == UNAVAILABLE for c in results) and answered_s < 5,
+                     f"{[c.name for c in results]} within {answered_s:.2f} s")
+    started = time.perf_counter()
+    try:
+        restarted = ctx.start("sigkill-restart", ("slow", "tiny"), port=port)
+    except RuntimeError as error:
+        ctx.report.check(section, "restart on the same port serves", False,
+                         str(error).splitlines()[0])
+        return
+    serving_s = time.perf_counter() - started
+    stubs = Stubs(restarted.address)
+    try:
+        code, _, _ = outcome(lambda: stubs.kserve.ModelInfer(good_tiny(), timeout=30))
+    finally:
+        stubs.close()
+        _stop(restarted)
+    ctx.report.check(section, "restart on the same port serves", code == OK,
+                     f"port {port}: SERVING {serving_s:.1f} s after the start, a request "
+                     f"answered {code.name}")
+
+
+# -- 4. soak -------------------------------------------------------------------------------------
+
+SOAK_CLIENTS = 8
+SOAK_LAYERS = ("conv1", "relu1", "conv2", "relu2")
+SOAK_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise",
+                "layercam", "eigencam", "eigengradcam", "ablationcam", "scorecam", "groupcam",
+                "integrated-gradcam", "guided-backprop", "guided-gradcam")
+PERTURBATION_METHODS = ("ablationcam", "scorecam", "groupcam")  # they take no counterfactual
+SOAK_MIX = {  # kind -> share of the requests
+    "tensor": 40, "image": 15, "typed": 10, "sizes": 10, "malformed": 10, "cancel": 5,
+    "deadline": 5, "method": 5,
+}
+
+
+def _soak_malformed() -> list[tuple[bytes, grpc.StatusCode]]:
+    x = tensor("input", tiny_x())
+    return [
+        (infer("tiny", encoded(bytes(range(256)))).SerializeToString(), INVALID),
+        (infer("tiny", tensor("input", np.full((1, 3, 32, 32), np.nan, np.float32)))
+         .SerializeToString(), INVALID),
+        (infer("no_such_model", x).SerializeToString(), NOT_FOUND),
+        (infer("tiny", x, method="nope").SerializeToString(), INVALID),
+        (infer("tiny", (InferInput(name="image", datatype="BYTES", shape=[1]), b"\x05"))
+         .SerializeToString(), INVALID),
+        (infer("tiny", encoded(png_claiming(20_000, 20_000))).SerializeToString(), INVALID),
+        (infer("tiny", x, target_layer="nope").SerializeToString(), INVALID),
+    ]
+
+
+def section_soak(ctx: Context) -> None:
+    print("\n== soak", flush=True)
+    total, limit_s = (1_500, 300.0) if ctx.quick else (10_000, 1200.0)
+    step = total // 40
+    server = ctx.start("soak", ("tiny", "anysize"))
+    channel = grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS)
+    infer_call = channel.unary_unary(f"{_KSERVE}/ModelInfer")
+    explain_call = channel.unary_unary(f"{_TYPED}/Explain")
+    tensors = [infer("tiny", tensor("input", tiny_x(seed=i)), outputs=("logits", HEATMAP))
+               .SerializeToString() for i in range(32)]
+    images = [infer("tiny", encoded(picture("PNG", (48 + i, 40), seed=i)))
+              .SerializeToString() for i in range(8)]
+    typed = [explain("tiny", typed_image(picture("JPEG", (64, 48), seed=i)),
+                     target=gpb.Target(top_k=2)).SerializeToString() for i in range(8)]
+    bad = _soak_malformed()
+    kinds = [kind for kind, share in SOAK_MIX.items() for _ in range(share)]
+    plan = random.Random(0)
+    schedule = [(plan.choice(kinds), plan.randrange(1 << 30)) for _ in range(total)]
+
+    def one(kind: str, seed: int) -> tuple[grpc.StatusCode, str, set[grpc.StatusCode]]:
+        pick = random.Random(seed)
+        if kind == "tensor":
+            return *outcome(lambda: infer_call(pick.choice(tensors), timeout=30))[:2], {OK}
+        if kind == "image":
+            return *outcome(lambda: infer_call(pick.choice(images), timeout=30))[:2], {OK}
+        if kind == "typed":
+            return *outcome(lambda: explain_call(pick.choice(typed), timeout=30))[:2], {OK}
+        if kind == "sizes":
+            height, width = pick.randint(16, 64), pick.randint(16, 64)
+            x = np.random.default_rng(seed).standard_normal((1, 3, height, width))
+            payload = infer("anysize", tensor("input", x.astype(np.float32))).SerializeToString()
+            return *outcome(lambda: infer_call(payload, timeout=30))[:2], {OK}
+        if kind == "malformed":
+            payload, code = pick.choice(bad)
+            return *outcome(lambda: infer_call(payload, timeout=30))[:2], {code}
+        if kind == "cancel":
+            future = infer_call.future(pick.choice(tensors), timeout=30)
+            time.sleep(pick.random() * 0.002)
+            future.cancel()
+            try:
+                future.result()
+                return OK, "", {CANCELLED, OK}
+            except grpc.FutureCancelledError:
+                return CANCELLED, "", {CANCELLED, OK}
+            except grpc.RpcError as error:
+                return error.code(), error.details() or "", {CANCELLED, OK}
+        if kind == "deadline":
+            payload = pick.choice(tensors)
+            return *outcome(lambda: infer_call(payload, timeout=0.002))[:2], {DEADLINE, OK}
+        method = pick.choice(SOAK_METHODS)
+        counterfactual = method not in PERTURBATION_METHODS and pick.random() < 0.5
+        payload = infer("tiny", tensor("input", tiny_x(seed=seed % 7)), method=method,
+                        target_layer=pick.choice(SOAK_LAYERS),
+                        counterfactual=counterfactual).SerializeToString()
+        return *outcome(lambda: infer_call(payload, timeout=60))[:2], {OK}
+
+    lock = threading.Lock()
+    position = itertools.count()
+    done = 0
+    samples: list[tuple[int, float, int]] = [(0, *server.status())]
+    unexpected: dict[tuple[str, str], int] = {}
+    messages: dict[tuple[str, str], str] = {}
+    counts: dict[str, int] = {}
+    stop_at = time.monotonic() + limit_s
+
+    def worker() -> None:
+        nonlocal done
+        while time.monotonic() < stop_at and server.alive():
+            index = next(position)
+            if index >= total:
+                return
+            kind, seed = schedule[index]
+            try:
+                code, message, expected = one(kind, seed)
+            except Exception as error:  # noqa: BLE001 - counted, never fatal to the run
+                code, message, expected = grpc.StatusCode.UNKNOWN, repr(error), {OK}
+            with lock:
+                done += 1
+                counts[kind] = counts.get(kind, 0) + 1
+                if code not in expected:
+                    key = (kind, code.name)
+                    unexpected[key] = unexpected.get(key, 0) + 1
+                    messages.setdefault(key, message[:160])
+                if done % step == 0:
+                    samples.append((done, *server.status()))
+
+    started = time.perf_counter()
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(SOAK_CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        channel.close()
+        _stop(server)
+    print(f"  {done} requests in {elapsed:.0f} s ({done / elapsed:.0f}/s) from {SOAK_CLIENTS} "
+          f"clients: {counts}")
+    rows = [(n, f"{rss:.0f}", threads) for n, rss, threads in samples[:: max(1, len(samples) // 10)]]
+    if samples[-1][0] != rows[-1][0]:
+        rows.append((samples[-1][0], f"{samples[-1][1]:.0f}", samples[-1][2]))
+    table(("requests", "RSS MiB", "threads"), rows)
+    for (kind, code), message in messages.items():
+        print(f"  - {kind} answered {code}: {message!r}")
+    warm_up = total // 5
+    during = [s for s in samples if s[0] <= warm_up]
+    after = [s for s in samples if s[0] >= warm_up]
+    rss_growth = growth([(n, rss) for n, rss, _ in after])
+    rss_base = after[0][1] if after else float("nan")
+    rss_limit = max(0.05 * rss_base, 20.0)
+    threads_warm = max(t for _, _, t in during)
+    threads_after = max((t for _, _, t in after), default=0)
+    ctx.report.figures["soak"] = {"requests": done, "seconds": elapsed, "counts": counts,
+                                  "samples": samples,
+                                  "unexpected": {f"{k} {c}": n for (k, c), n in unexpected.items()},
+                                  "messages": {f"{k} {c}": m for (k, c), m in messages.items()}}
+    section = "soak"
+    ctx.report.check(section, f"{total:,} requests answered", done == total,
+                     f"{done:,} in {elapsed:.0f} s")
+    ctx.report.check(section, "each answered as expected (OK, its error, CANCELLED, "
+                     "DEADLINE_EXCEEDED)", not unexpected,
+                     "all" if not unexpected else
+                     ", ".join(f"{n} {kind} answered {code}" for (kind, code), n in unexpected.items()))
+    ctx.report.check(section, "RSS flat after warm-up", rss_growth <= rss_limit,
+                     f"fitted growth {rss_growth:+.1f} MiB over requests {warm_up:,}-{done:,} "
+                     f"(limit {rss_limit:.0f} MiB); {rss_base:.0f} -> {samples[-1][1]:.0f} MiB")
+    ctx.report.check(section, "thread count flat after warm-up", threads_after <= threads_warm,
+                     f"max {threads_warm} during warm-up, {threads_after} after "
+                     f"(end {samples[-1][2]})")
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
@@ -1137,6 +1718,9 @@ class Context:
 
 SECTIONS = {
     "malformed": section_malformed,
+    "overload": section_overload,
+    "faults": section_faults,
+    "soak": section_soak,
 }
 
 
