@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -452,66 +450,3 @@ def test_async_client(server: str, token_server: str) -> None:
             assert (await authorised.list_models())[0].ready
 
     asyncio.run(scenario())
-
-
-# --- the command line -----------------------------------------------------------------------
-
-
-def _gradcam(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gradcam_client", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=120,
-        env={k: v for k, v in os.environ.items() if k not in ("GRADCAM_SERVER", "GRADCAM_TOKEN")},
-    )
-
-
-# --- the README -----------------------------------------------------------------------------
-
-
-def _readme_blocks(language: str, readme: str = "client/README.md") -> list[str]:
-    text = (ROOT / readme).read_text()
-    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
-
-
-def test_readme_sdk_examples_run(server: str, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.chdir(tmp_path)
-    blocks = _readme_blocks("python")
-    assert len(blocks) == 3
-    for block in blocks:
-        code = block.replace("127.0.0.1:8001", server).replace('"samples/', f'"{ROOT}/samples/')
-        exec(compile(code, "client/README.md", "exec"), {"__name__": "__main__"})
-    printed = capsys.readouterr().out
-    assert "Egyptian cat 0.81" in printed and "(300, 451) float32" in printed
-    assert (tmp_path / "chelsea-side-by-side.png").is_file()
-    with Image.open(tmp_path / "chelsea-turbo.png") as written:
-        assert written.size == (WIDTH, HEIGHT)
-
-
-def test_root_readme_sdk_example_runs(server: str, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    (block,) = _readme_blocks("python", "README.md")
-    code = block.replace("127.0.0.1:8001", server).replace('"samples/', f'"{ROOT}/samples/')
-    namespace = {"__name__": "__main__"}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["result"].predictions[0].label == "Egyptian cat"
-    with Image.open(tmp_path / "overlay.png") as written:
-        assert written.size == (WIDTH, HEIGHT)
-
-
-def test_readme_cli_examples_run(server: str, tmp_path: Path) -> None:
-    commands = [
-        line for block in _readme_blocks("sh") for line in block.splitlines()
-        if line.startswith("gradcam ")
-    ]
-    assert len(commands) == 5
-    for command in commands:
-        words = [
-            server if word == "127.0.0.1:8001"
-            else str(ROOT / word) if word.split("/")[0] == "samples"
-            else word
-            for word in shlex.split(command)[1:]
-        ]
-        done = _gradcam(*words, cwd=tmp_path)
-        assert done.returncode == 0, (command, done.stderr)
-    assert np.load(tmp_path / "chelsea-heatmap.npy").shape == (HEIGHT, WIDTH)
-    assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["chelsea.png"]
