@@ -34,14 +34,16 @@ PHOTO = ROOT / "samples" / "chelsea.jpg"
 WIDTH, HEIGHT = 451, 300
 EGYPTIAN_CAT, TABBY, GOLDFISH = 285, 281, 1
 TOKEN = "s3cret-token"
+SECOND_MODEL = "lite0_again"
 NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
 
 
 # --- servers --------------------------------------------------------------------------------
 
 
-def _serve(root: Path, *args: str) -> Iterator[str]:
-    link_lite0(root / "repository" / MODEL)
+def _serve(root: Path, *args: str, models: tuple[str, ...] = (MODEL,)) -> Iterator[str]:
+    for name in models:
+        link_lite0(root / "repository" / name)
     server = ServerProcess(root / "repository", root / "server.log", *args)
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -58,7 +60,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _serve(tmp_path_factory.mktemp("token"), "--token", TOKEN)
+    """Wants a bearer token, and serves the model under two names."""
+    yield from _serve(tmp_path_factory.mktemp("token"), "--token", TOKEN,
+                      models=(MODEL, SECOND_MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -457,10 +461,22 @@ def test_token(token_server: str) -> None:
     assert done.returncode == 0 and MODEL in done.stdout
 
 
+def test_the_model_may_go_unnamed_when_the_server_has_one(
+    server: str, token_server: str
+) -> None:
+    done = _gradcam("explain", PHOTO, "--server", server)
+    assert done.returncode == 0 and done.stdout == f"{PHOTO}: Egyptian cat (0.81)\n"
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", token_server, "--token", TOKEN),
+        f"name the model with --model: it serves {MODEL}, {SECOND_MODEL}",
+    )
+
+
 def test_failures(server: str, tmp_path: Path) -> None:
     _assert_one_line_failure(
         _gradcam("explain", PHOTO, "--server", NO_SERVER, "--model", MODEL, "--retries", "1"),
-        NO_SERVER, "unavailable",
+        NO_SERVER, "unavailable", "is gradcam-server running there?",
+        "gradcam-server --model-repository models",
     )
     _assert_one_line_failure(
         _gradcam("health", "--server", NO_SERVER, "--retries", "0"), NO_SERVER

@@ -19,7 +19,8 @@ on stderr, and a count closes the run; an image that cannot be read or explained
 and skipped. A request still running after two seconds shows a spinner with the elapsed time
 on stderr (one "still working" line when stderr is not a terminal).
 
-The server defaults to $GRADCAM_SERVER or 127.0.0.1:8001 and the token to $GRADCAM_TOKEN.
+The server defaults to $GRADCAM_SERVER or 127.0.0.1:8001, the token to $GRADCAM_TOKEN, and
+the model to the server's only one. Where nothing answers, the error says how to start a server.
 Exit status: 0 on success, 1 when something failed (one line on stderr says what), 2 for a
 usage error.
 """
@@ -43,7 +44,13 @@ import numpy as np
 from PIL import Image
 
 from .client import METHODS, Explanation, GradCamClient
-from .errors import DeadlineError, GradCamError, InvalidInputError, ModelNotFoundError
+from .errors import (
+    DeadlineError,
+    GradCamError,
+    InvalidInputError,
+    ModelNotFoundError,
+    UnavailableError,
+)
 from .overlay import COLORMAPS, gradient_image, overlay, panels
 
 PROG = "gradcam"
@@ -97,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             return args.run(client, args)
+    except UnavailableError as error:  # before OSError: it is a ConnectionError
+        _fail(str(error) + _unreachable_hint(error))
     except OSError as error:
         _fail(_os_message(error))
     except (CommandError, GradCamError, ValueError) as error:  # ValueError: options refused
@@ -116,6 +125,8 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
     if args.mask is not None:
         args.mask = _read_mask(args.mask)
     images, many = _collect(args.images)
+    if args.model is None:
+        args.model = _only_model(client)
     args.num_predictions = _predictions_wanted(client, args)
     sign_of_life = _SignOfLife()
     if not many:
@@ -331,6 +342,25 @@ def _predictions_wanted(client: GradCamClient, args: argparse.Namespace) -> int:
         return max(wanted, client.model_info(args.model).num_classes)
     except ModelNotFoundError as error:
         raise CommandError(f"{error}{_served_models(client)}") from None
+
+
+def _only_model(client: GradCamClient) -> str:
+    """The model to explain with when ``--model`` is not given: the server's only one."""
+    names = [status.name for status in client.list_models()]
+    if len(names) != 1:
+        served = f"it serves {', '.join(names)}" if names else "it serves none"
+        raise CommandError(f"name the model with --model: {served}")
+    return names[0]
+
+
+def _unreachable_hint(error: UnavailableError) -> str:
+    """Where nothing answers at all, how to start a server there."""
+    if "failed to connect" not in error.message.lower():
+        return ""
+    return (
+        "; is gradcam-server running there? From the repository root: "
+        "gradcam-server --model-repository models --port 8001"
+    )
 
 
 def _method_shown(args: argparse.Namespace) -> str:
@@ -607,7 +637,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                          help="an image file, several, or a folder of images")
-    explain.add_argument("--model", required=True, help="the model's name on the server")
+    explain.add_argument("--model", help="the model's name on the server (default: its only "
+                                          "model, when it serves one)")
     explain.add_argument("--method", choices=METHODS, metavar="METHOD",
                          help=f"{', '.join(METHODS)} (default: the model's); their cost "
                               "is listed below")
