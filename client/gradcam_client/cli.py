@@ -250,7 +250,7 @@ def _captions(image: Path, result: Explanation, args: argparse.Namespace) -> lis
     scores = {p.class_index: p.score for p in result.predictions}
     captions = [[image.name, f"{result.model}, {how}"]]
     for explained in result.heatmaps:
-        name = explained.label or f"class {explained.class_index}"
+        name = _class_name(explained.class_index, explained.label)
         score = scores.get(explained.class_index)
         captions.append([name if score is None else f"{name}  {score:.2f}"])
     return captions
