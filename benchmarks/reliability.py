@@ -1683,6 +1683,42 @@ def section_soak(ctx: Context) -> None:
                      f"(end {samples[-1][2]})")
 
 
+# -- 5. fuzzing ----------------------------------------------------------------------------------
+
+
+def section_fuzz(ctx: Context) -> None:
+    """tests/test_fuzz.py with more examples: the image decoders and KServe tensor parsing."""
+    print("\n== fuzz", flush=True)
+    examples = 200 if ctx.quick else 2000
+    limit_s = 600.0
+    command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_fuzz.py"), "-q",
+               "-rf", "-p", "no:cacheprovider", "--hypothesis-show-statistics"]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                              timeout=limit_s,
+                              env=dict(os.environ, GRADCAM_FUZZ_EXAMPLES=str(examples)))
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired:
+        output, code = "", None
+    seconds = time.perf_counter() - started
+    summary = next((line.strip("= ") for line in reversed(output.splitlines())
+                    if re.search(r"\d+ (passed|failed|error)", line)), "no pytest summary")
+    summary = re.sub(r" in [\d.]+s.*$", "", summary)
+    failed = re.findall(r"^FAILED \S+::(\S+)", output, re.MULTILINE)
+    errors = sorted(set(re.findall(r"^E +(\w+(?:Error|Exception)\b[^\n]{0,100})", output,
+                                   re.MULTILINE)))
+    for name in failed:
+        print(f"  - failed: {name}")
+    for line in errors[:8]:
+        print(f"    {line}")
+    ctx.report.figures["fuzz"] = {"examples": examples, "seconds": seconds, "summary": summary,
+                                  "failed": failed, "errors": errors}
+    ctx.report.check("fuzz", f"every property holds ({examples} examples each, derandomized)",
+                     code == 0, f"{summary} in {seconds:.0f} s" if code is not None
+                     else f"still running after {limit_s:.0f} s")
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
@@ -1721,6 +1757,7 @@ SECTIONS = {
     "overload": section_overload,
     "faults": section_faults,
     "soak": section_soak,
+    "fuzz": section_fuzz,
 }
 
 
