@@ -18,7 +18,7 @@ from .errors import InvalidInput
 from .metrics import Metrics
 from .model import METHODS, Explaining
 from .preprocess import decode_image
-from .service import ClassMap, GradCamService, HeatmapSize
+from .service import ClassMap, Explained, GradCamService, HeatmapSize
 from .transport import deadline_of, rpc
 
 METHOD_NAMES = {
@@ -49,7 +49,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         self.service = service
         self.metrics = metrics
 
-    @rpc("explain")
+    @rpc("explain", large=True)
     async def Explain(self, request: pb.ExplainRequest, context, labels) -> pb.ExplainResponse:
         started = time.perf_counter()
         model = self.service.model(request.model)
@@ -97,27 +97,9 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if options.overlay else 0,
             deadline=deadline_of(context),
         )
-        layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
-        response = pb.ExplainResponse(
-            model=model.name, layer=layers[0], layers=layers,
-            method=METHOD_ENUMS[explained.method],
+        response = await asyncio.to_thread(
+            _response, model.name, images, explained, options, self.service.max_pixels
         )
-        for image, explanation in zip(images, explained.explanations):
-            message = response.explanations.add()
-            for class_map in explanation.maps:
-                message.heatmaps.append(_heatmap(class_map))
-            for p in explanation.predictions:
-                message.predictions.add(
-                    class_index=p.class_index, label=p.label, score=p.score, logit=p.logit
-                )
-            if options.overlay and isinstance(image, bytes):
-                message.overlay_png = await asyncio.to_thread(
-                    _overlay_png, image, explanation.maps[0].heatmap, options,
-                    self.service.max_pixels,
-                )
-        response.timings.preprocess_seconds = explained.preprocess_seconds
-        response.timings.queue_seconds = explained.queue_seconds
-        response.timings.inference_seconds = explained.inference_seconds
         response.timings.total_seconds = time.perf_counter() - started
         return response
 
@@ -154,6 +136,33 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             other_inputs=[i.name for i in model.other_inputs],
             explain_error=model.explain_error or "",
         )
+
+
+def _response(
+    model: str, images: list[bytes | np.ndarray], explained: Explained,
+    options: pb.ExplainOptions, max_pixels: int,
+) -> pb.ExplainResponse:
+    """The ExplainResponse of `explained` (blocking: overlays are drawn here)."""
+    layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
+    response = pb.ExplainResponse(
+        model=model, layer=layers[0], layers=layers, method=METHOD_ENUMS[explained.method],
+    )
+    for image, explanation in zip(images, explained.explanations):
+        message = response.explanations.add()
+        for class_map in explanation.maps:
+            message.heatmaps.append(_heatmap(class_map))
+        for p in explanation.predictions:
+            message.predictions.add(
+                class_index=p.class_index, label=p.label, score=p.score, logit=p.logit
+            )
+        if options.overlay and isinstance(image, bytes):
+            message.overlay_png = _overlay_png(
+                image, explanation.maps[0].heatmap, options, max_pixels
+            )
+    response.timings.preprocess_seconds = explained.preprocess_seconds
+    response.timings.queue_seconds = explained.queue_seconds
+    response.timings.inference_seconds = explained.inference_seconds
+    return response
 
 
 def _method_name(method: int) -> str | None:

@@ -117,7 +117,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         labels["model"] = model.name
         return model_metadata(model)
 
-    @rpc("kserve")
+    @rpc("kserve", large=True)
     async def ModelInfer(self, request, context, labels):
         model = self.service.model(request.model_name)
         labels["model"] = model.name
@@ -221,20 +221,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs[HEATMAP_OUTPUT] = await asyncio.to_thread(
                 lambda: np.stack([resize_heatmap(m, s) for m, s in zip(maps, heatmap_sizes)])
             )
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version="1", id=request.id
+        return await asyncio.to_thread(
+            _response, model.name, request.id, {name: outputs[name] for name in requested}
         )
-        for name in requested:
-            value = outputs[name]
-            datatype = datatype_of(value.dtype)
-            response.outputs.append(
-                pb.ModelInferResponse.InferOutputTensor(
-                    name=name, datatype=datatype, shape=list(value.shape)
-                )
+
+
+def _response(model: str, request_id: str, outputs: dict[str, np.ndarray]):
+    """The ModelInferResponse holding `outputs` as raw little-endian contents."""
+    response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for name, value in outputs.items():
+        datatype = datatype_of(value.dtype)
+        response.outputs.append(
+            pb.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype, shape=list(value.shape)
             )
-            little_endian = np.ascontiguousarray(value, dtype=DATATYPES[datatype])
-            response.raw_output_contents.append(little_endian.tobytes())
-        return response
+        )
+        little_endian = np.ascontiguousarray(value, dtype=DATATYPES[datatype])
+        response.raw_output_contents.append(little_endian.tobytes())
+    return response
 
 
 def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:

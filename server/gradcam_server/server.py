@@ -36,7 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradcam_proto import gradcam_pb2, gradcam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from gradcam_proto import gradcam_pb2, grpc_service_pb2
 
 from .auth import BearerTokenInterceptor
 from .explain_api import GradCamServicer
@@ -46,6 +46,7 @@ from .model import DEFAULT_MAX_VARIANTS
 from .repository import ModelRepository
 from .runtime import RuntimeOptions
 from .service import DEFAULT_MAX_PIXELS, MAX_MESSAGE_BYTES, GradCamService, ServiceLimits
+from .transport import add_servicer
 
 log = logging.getLogger("gradcam_server")
 
@@ -111,12 +112,10 @@ class GradCamServer:
             ],
             maximum_concurrent_rpcs=self.options.max_concurrent_rpcs,
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.service, self.metrics), server
-        )
-        gradcam_pb2_grpc.add_GradCamServicer_to_server(
-            GradCamServicer(self.service, self.metrics), server
-        )
+        add_servicer(server, KServeServicer(self.service, self.metrics),
+                     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+        add_servicer(server, GradCamServicer(self.service, self.metrics),
+                     gradcam_pb2.DESCRIPTOR.services_by_name["GradCam"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
