@@ -5,7 +5,8 @@ Contract, for every model:
 - inputs: the model's own image input by name (FP32, preprocessed, as the graph expects) or
   ``image`` (BYTES [N], one encoded JPEG/PNG/WebP/BMP per item, preprocessed by the server; all
   of one pixel size); the model's other inputs by name, if it has any; optional
-  ``target_class`` (INT64 [N]; -1 or absent: the top-1 class); optional ``target_mask`` (FP32
+  ``target_class`` (INT64 [N]; a class index, or -r: the image's r-th highest-scoring class;
+  -1 or absent: the top-1 class); optional ``target_mask`` (FP32
   [h, w] or [N, h, w], any size: the region of the "region" score; absent: each class's
   predicted region);
 - parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),

@@ -261,7 +261,8 @@ class GradCamService:
         if bad.any():
             raise InvalidInput(
                 f"target_class {int(target_class[bad][0])} is out of range: the model has "
-                f"{classes} classes (0..{classes - 1}, or -1 for the top one)"
+                f"{classes} classes (0..{classes - 1}, or -r for each image's r-th "
+                "highest-scoring class, -1 the top one)"
             )
         return target_class
 
