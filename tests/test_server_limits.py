@@ -202,15 +202,18 @@ def test_kserve_heatmap_size_parameter(client) -> None:
 def test_augmented_variants_and_threads_stay_bounded(server, client) -> None:
     x = [tensor_input("input", np.ones((1, 3, 32, 32), np.float32))]
     first = client.infer("tiny", x, outputs=outputs("heatmap"), client_timeout=CALL_TIMEOUT_S)
-    threads = process_status(server, "Threads")
     methods = ("gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "gradcam-elementwise")
-    for counterfactual in (False, True):
-        for method in methods:
-            client.infer("tiny", x, outputs=outputs("heatmap"), client_timeout=CALL_TIMEOUT_S,
-                         parameters={"method": method, "counterfactual": counterfactual})
-    held = sample(server.metrics(), "gradcam_explain_graphs", model="tiny")
-    assert held == 3  # --max-variants 2, beside the default
-    assert process_status(server, "Threads") <= threads + 2
+    threads = []
+    for eigen_smooth in (False, True):  # 12 variants each round
+        for counterfactual in (False, True):
+            for method in methods:
+                client.infer("tiny", x, outputs=outputs("heatmap"), client_timeout=CALL_TIMEOUT_S,
+                             parameters={"method": method, "counterfactual": counterfactual,
+                                         "eigen_smooth": eigen_smooth})
+        threads.append(process_status(server, "Threads"))
+        held = sample(server.metrics(), "gradcam_explain_graphs", model="tiny")
+        assert held == 3  # --max-variants 2, beside the default
+    assert threads[1] <= threads[0] + 1  # a thread per variant before the pools were shared
     again = client.infer("tiny", x, outputs=outputs("heatmap"), client_timeout=CALL_TIMEOUT_S)
     np.testing.assert_array_equal(again.as_numpy("heatmap"), first.as_numpy("heatmap"))
     rebuilt = client.infer("tiny", x, outputs=outputs("heatmap"), client_timeout=CALL_TIMEOUT_S,

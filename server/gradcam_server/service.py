@@ -153,6 +153,9 @@ class GradCamService:
         self._runtime = concurrent.futures.ThreadPoolExecutor(
             limits.runtime_threads, thread_name_prefix="runtime"
         )
+        # Augmenting a graph takes seconds; one thread does it, so requests waiting for a new
+        # variant never hold the threads that decode other requests' images.
+        self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="augment")
         self._admitted: dict[str, int] = {}
 
     def model(self, name: str) -> ServedModel:
@@ -387,8 +390,10 @@ class GradCamService:
             )
 
         call = await asyncio.to_thread(validate)
-        if explain is not None and not model.is_built(explain):
-            await asyncio.to_thread(model.explainer, explain)  # InvalidInput if it can't be built
+        if explain is not None and not model.is_built(explain):  # InvalidInput if it can't be
+            await asyncio.get_running_loop().run_in_executor(  # built as asked
+                self._builder, model.explainer, explain
+            )
         call.submitted = time.perf_counter()
         return await self._batcher(model, explain, x.shape[1:]).submit(
             call, size=len(x), deadline=deadline
@@ -461,6 +466,7 @@ class GradCamService:
         """Stop taking work and finish what is queued or running."""
         await asyncio.gather(*(b.close() for b in self._batchers.values()), *self._retired)
         self._runtime.shutdown(wait=False)
+        self._builder.shutdown(wait=False, cancel_futures=True)
 
     # -- the typed explain API ---------------------------------------------------------------
     async def explain(
