@@ -1824,8 +1824,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = Report()
     print(f"reliability of gradcam-server, {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"{os.cpu_count()} cores, {'quick' if args.quick else 'full'} run; sections: "
-          f"{', '.join(chosen)}", flush=True)
+          f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), "
+          f"{'quick' if args.quick else 'full'} run; sections: {', '.join(chosen)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gradcam-reliability-") as tmp:
         work = Path(tmp)
         ctx = Context(build_repository(work / "models"), work, args.quick, report,
@@ -1845,6 +1845,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
             "quick": args.quick,
             "criteria": [c.__dict__ for c in report.criteria], "figures": report.figures,
         }, indent=1, default=str))
