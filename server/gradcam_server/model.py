@@ -16,6 +16,7 @@ onnxruntime is told to stop (``RunOptions.terminate``) and the run raises `RunSt
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections import OrderedDict
@@ -247,6 +248,7 @@ class ServedModel:
             self._explainers[key] = session
             if len(self._explainers) > self.max_variants:
                 self._explainers.popitem(last=False)
+                release_freed_memory()
             return session
 
     def _run(
@@ -310,6 +312,25 @@ class ServedModel:
         explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default,
                                  mask=mask, others=others)
         return shapes, tuple(explained[NAMES.activations].shape[1:])
+
+
+def release_freed_memory() -> None:
+    """Give the memory of a dropped session back to the system: glibc keeps freed blocks in
+    its arenas (one per thread that allocated), so without this the process only grows."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _static_size(image: onnx.ValueInfoProto) -> tuple[int, int] | None:
