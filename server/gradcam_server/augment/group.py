@@ -14,19 +14,17 @@ Each Loop iteration runs the cloned network once, on the blurred image and its 3
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from onnx import TensorProto
 
 from .backward import path_nodes
-from .errors import AugmentError
 from .graph import GraphBuilder, LoopBody
 
 GROUPS = 32
-PERCENTILE = 70.0
+PERCENTILE = 70  # percent
 BLUR_SIZE = 51
 BLUR_SIGMA = 50.0
+_TO_THE_END = 2**63 - 1  # a Slice end past any size
 
 
 def group_cam(
@@ -37,30 +35,32 @@ def group_cam(
     score_output: str,
     resolved_class: str,
 ) -> str:
-    """Group-CAM's raw map at the input's size, [N, 1, H, W]."""
-    shape = b.static_shape(activations)
-    channels = shape[1] if shape else None
-    if not isinstance(channels, int) or not all(isinstance(d, int) for d in shape[2:]):
-        raise AugmentError("groupcam needs the target layer's channels and size to be static")
-    chunk = math.ceil(channels / GROUPS)
-    groups = math.ceil(channels / chunk)
-    positions = shape[2] * shape[3]
+    """Group-CAM's raw map at the input's size, [N, 1, H, W].
+
+    Every size (the layer's channels, hence the group count and size, its h x w, hence the
+    percentile's position, and the image's) is read with Shape at run time, so exports whose
+    shapes inference cannot follow (TF-style "same" padding, a dynamic batch) work as well."""
+    channels = b.shape_slice(activations, 1, 2)  # [1]
+    chunk = _ceil_div(b, channels, b.ints([GROUPS]))
+    groups = _ceil_div(b, channels, chunk)  # torch.chunk may make fewer than GROUPS groups
 
     weights = b.reduce("ReduceMean", gradients, [2, 3], keepdims=True)
     weighted = b.op("Mul", [weights, activations])
-    padding = groups * chunk - channels  # torch.chunk's last group may be shorter
-    if padding:
-        weighted = b.op("Pad", [weighted, b.ints([0, 0, 0, 0, 0, padding, 0, 0])])
-    split = b.op("Reshape", [weighted, b.ints([0, groups, chunk, shape[2], shape[3]])])
+    padding = b.op("Sub", [b.op("Mul", [groups, chunk]), channels])  # the last group's gap
+    pads = b.op("Concat", [b.ints([0, 0, 0, 0, 0]), padding, b.ints([0, 0])], axis=0)
+    weighted = b.op("Pad", [weighted, pads])
+    split_shape = b.op("Concat", [b.shape_slice(weighted, 0, 1), groups, chunk,
+                                  b.shape_slice(weighted, 2)], axis=0)
+    split = b.op("Reshape", [weighted, split_shape])
     masks = b.op("Relu", [b.reduce("ReduceSum", split, [2], keepdims=False)])  # [N, G, u, v]
 
-    flat = b.op("Reshape", [masks, b.ints([0, groups, positions])])
-    ascending, _ = b.op_multi("TopK", [flat, b.ints([positions])], 2, axis=2, largest=0)
-    position = PERCENTILE / 100 * (positions - 1)  # numpy's linear percentile
-    low = b.op("Gather", [ascending, b.ints([math.floor(position)])], axis=2)
-    high = b.op("Gather", [ascending, b.ints([math.ceil(position)])], axis=2)
-    fraction = position - math.floor(position)
-    threshold = b.op("Add", [low, b.op("Mul", [b.op("Sub", [high, low]), b.const(fraction)])])
+    flat = b.op("Reshape", [masks, b.ints([0, 0, -1])])  # [N, G, u v]
+    positions = b.shape_slice(flat, 2, 3)
+    ascending, _ = b.op_multi("TopK", [flat, positions], 2, axis=2, largest=0)
+    low_index, high_index, fraction = _percentile_position(b, positions)
+    low = b.op("Gather", [ascending, low_index], axis=2)
+    high = b.op("Gather", [ascending, high_index], axis=2)
+    threshold = b.op("Add", [low, b.op("Mul", [b.op("Sub", [high, low]), fraction])])
     threshold = b.unsqueeze(threshold, [3])  # [N, G, 1, 1]
     kept = b.op("Where", [b.op("Greater", [masks, threshold]), masks, b.const(0.0)])
 
@@ -75,31 +75,44 @@ def group_cam(
     normalised = b.op("Mul", [normalised, b.op("Cast", [varies], to=TensorProto.FLOAT)])
 
     blurred = _gaussian_blur(b, image)
-    probabilities = _loop(b, image, blurred, normalised, score_output, resolved_class, groups)
+    probabilities = _loop(b, image, blurred, normalised, score_output, resolved_class)
     baseline = b.op("Slice", [probabilities, b.ints([0]), b.ints([1]), b.ints([1])])
-    blends = b.op("Slice", [probabilities, b.ints([1]), b.ints([1 + groups]), b.ints([1])])
+    blends = b.op("Slice", [probabilities, b.ints([1]), b.ints([_TO_THE_END]), b.ints([1])])
     gains = b.unsqueeze(b.op("Sub", [blends, baseline]), [2, 3])  # [N, G, 1, 1]
     return b.reduce("ReduceSum", b.op("Mul", [gains, normalised]), [1], keepdims=True)
 
 
+def _ceil_div(b: GraphBuilder, numerator: str, denominator: str) -> str:
+    """ceil(numerator / denominator) of positive INT64 tensors."""
+    one = b.ints([1])
+    return b.op("Div", [b.op("Sub", [b.op("Add", [numerator, denominator]), one]), denominator])
+
+
+def _percentile_position(b: GraphBuilder, count: str) -> tuple[str, str, str]:
+    """numpy's linear percentile of `count` (INT64 [1]) sorted values at PERCENTILE: the
+    indices around position PERCENTILE / 100 * (count - 1) and the fraction between them,
+    in integers, so the indices are exact."""
+    scaled = b.op("Mul", [b.op("Sub", [count, b.ints([1])]), b.ints([PERCENTILE])])
+    low = b.op("Div", [scaled, b.ints([100])])
+    high = _ceil_div(b, scaled, b.ints([100]))
+    remainder = b.op("Cast", [b.op("Mod", [scaled, b.ints([100])])], to=TensorProto.FLOAT)
+    return low, high, b.op("Div", [remainder, b.const(100.0)])
+
+
 def _gaussian_blur(b: GraphBuilder, image: str) -> str:
-    """The separable 51 x 51 Gaussian blur (sigma 50) with reflected borders, per channel."""
-    shape = b.static_shape(image)
-    channels = shape[1] if shape else None
-    if not isinstance(channels, int):
-        raise AugmentError("groupcam needs the image's channel count to be static")
+    """The separable 51 x 51 Gaussian blur (sigma 50) with reflected borders, per channel:
+    the channels folded into the batch, [N C, 1, H, W], so their count may be dynamic."""
     offsets = np.arange(BLUR_SIZE) - (BLUR_SIZE - 1) / 2
     kernel = np.exp(-(offsets**2) / (2 * BLUR_SIGMA**2))
     kernel = (kernel / kernel.sum()).astype(np.float32)
     half = BLUR_SIZE // 2
-    x = image
+    x = b.op("Reshape", [image, b.ints([-1, 1, 0, 0])])
     for axis, kernel_shape in ((3, (1, BLUR_SIZE)), (2, (BLUR_SIZE, 1))):
         pads = [0, 0, 0, 0, 0, 0, 0, 0]
         pads[axis], pads[axis + 4] = half, half
         padded = b.op("Pad", [x, b.ints(pads)], mode="reflect")
-        weight = b.const(np.tile(kernel.reshape(1, 1, *kernel_shape), (channels, 1, 1, 1)))
-        x = b.op("Conv", [padded, weight], group=channels)
-    return x
+        x = b.op("Conv", [padded, b.const(kernel.reshape(1, 1, *kernel_shape))])
+    return b.op("Reshape", [x, b.shape(image)])
 
 
 def _loop(
@@ -109,7 +122,6 @@ def _loop(
     masks: str,
     score_output: str,
     resolved_class: str,
-    groups: int,
 ) -> str:
     """One iteration per image n: the softmax probability of its class for its blurred copy
     and its G blends; [N, 1 + G]."""
@@ -131,6 +143,6 @@ def _loop(
     probabilities = body.op("Softmax", [renamed[score_output]], axis=1)
     category = body.op("Gather", [resolved_class, start], axis=0)
     chosen = body.op("Reshape", [body.op("Gather", [probabilities, category], axis=1),
-                                 b.ints([1 + groups])])
+                                 b.ints([-1])])
     count = b.squeeze(b.shape_slice(image, 0, 1), [0])
-    return body.loop(count, chosen, b.elem_type(score_output), [1 + groups])
+    return body.loop(count, chosen, b.elem_type(score_output), [None])
