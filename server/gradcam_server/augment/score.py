@@ -14,7 +14,6 @@ C of them.
 from __future__ import annotations
 
 from .backward import path_nodes
-from .errors import AugmentError
 from .graph import GraphBuilder, LoopBody
 
 MAX_CHUNK = 32  # masked images per forward pass
@@ -24,18 +23,19 @@ MASK_EPSILON = 1e-8
 def score_cam(
     b: GraphBuilder, activations: str, image: str, score_output: str, resolved_class: str
 ) -> str:
-    """Score-CAM's per-channel contributions w_k A^k [N, C, h, w]."""
-    shape = b.static_shape(activations)
-    channels = shape[1] if shape else None
-    if not isinstance(channels, int):
-        raise AugmentError("scorecam needs the target layer's channel count to be static")
-    chunk = max(d for d in range(1, MAX_CHUNK + 1) if channels % d == 0)
-    per_image = channels // chunk
+    """Score-CAM's per-channel contributions w_k A^k [N, C, h, w]. The channel count is read at
+    run time (a chunk is its largest divisor up to MAX_CHUNK), so it need not be static."""
+    channels = b.shape_slice(activations, 1, 2)  # [1]
+    divisors = b.ints(range(1, MAX_CHUNK + 1))
+    divides = b.op("Equal", [b.op("Mod", [channels, divisors]), b.ints([0])])
+    chunk = b.reduce("ReduceMax", b.op("Where", [divides, divisors, b.ints([0])]), [0],
+                     keepdims=True)  # [1]
+    per_image = b.op("Div", [channels, chunk])
     batch = b.shape_slice(activations, 0, 1)
-    iterations = b.squeeze(b.op("Mul", [batch, b.ints([per_image])]), [0])
+    iterations = b.squeeze(b.op("Mul", [batch, per_image]), [0])
     scores = _loop(b, iterations, activations, image, score_output, resolved_class, chunk,
                    per_image)  # [N * per_image, chunk]
-    logits = b.op("Reshape", [scores, b.op("Concat", [batch, b.ints([channels])], axis=0)])
+    logits = b.op("Reshape", [scores, b.op("Concat", [batch, channels], axis=0)])
     weights = b.unsqueeze(b.op("Softmax", [logits], axis=1), [2, 3])
     return b.op("Mul", [weights, activations])
 
@@ -47,22 +47,22 @@ def _loop(
     image: str,
     score_output: str,
     resolved_class: str,
-    chunk: int,
-    per_image: int,
+    chunk: str,
+    per_image: str,
 ) -> str:
     """Iteration i: the class logits of image i // per_image masked by its channels
-    chunk * (i % per_image) ... + chunk."""
+    chunk * (i % per_image) ... + chunk (`chunk` and `per_image` INT64 [1])."""
     forward = path_nodes(list(b.graph.node), image, score_output)
     body = LoopBody(b, "score")
     step = body.op("Reshape", [body.step, b.ints([1])])
-    item = body.op("Div", [step, b.ints([per_image])])
-    first = body.op("Mul", [body.op("Mod", [step, b.ints([per_image])]), b.ints([chunk])])
+    item = body.op("Div", [step, per_image])
+    first = body.op("Mul", [body.op("Mod", [step, per_image]), chunk])
     starts = body.op("Concat", [item, first], axis=0)
-    ends = body.op("Add", [starts, b.ints([1, chunk])])
+    ends = body.op("Add", [starts, body.op("Concat", [b.ints([1]), chunk], axis=0)])
     maps = body.op("Slice", [activations, starts, ends, b.ints([0, 1])])  # [1, chunk, h, w]
     maps = body.op("Transpose", [maps], perm=[1, 0, 2, 3])  # [chunk, 1, h, w]
     pixels = body.op("Slice", [image, item, body.op("Add", [item, b.ints([1])]), b.ints([0])])
-    size = body.op("Concat", [b.ints([chunk, 1]), b.shape_slice(image, 2)], axis=0)
+    size = body.op("Concat", [chunk, b.ints([1]), b.shape_slice(image, 2)], axis=0)
     masks = body.op("Resize", [maps, "", "", size], mode="linear",
                     coordinate_transformation_mode="align_corners")
     low = body.reduce("ReduceMin", masks, [2, 3], keepdims=True)
@@ -75,5 +75,5 @@ def _loop(
     body.clone(forward, renamed)
     category = body.op("Gather", [resolved_class, item], axis=0)  # [1]
     scores = body.op("Gather", [renamed[score_output], category], axis=1)  # [chunk, 1]
-    scores = body.op("Reshape", [scores, b.ints([chunk])])
-    return body.loop(iterations, scores, b.elem_type(score_output), [chunk])
+    scores = body.op("Reshape", [scores, b.ints([-1])])
+    return body.loop(iterations, scores, b.elem_type(score_output), [None])
