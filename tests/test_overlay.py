@@ -404,3 +404,36 @@ def test_grayscale_gradients_show_the_channel_maximum_of_their_magnitude() -> No
 def test_gradient_image_of_another_shape(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=r"\[3, H, W\] gradients or an \[H, W\] magnitude"):
         gradient_image(np.zeros(shape))
+
+
+def _bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    resized = Image.fromarray(values.astype(np.float32), mode="F").resize(
+        size, Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized)
+
+
+def test_a_map_of_another_size_is_drawn_at_the_size_asked() -> None:
+    # A map returned at heatmap_size "model" or WxH, drawn beside its image: resized bilinearly
+    # first, as `overlay` resizes a heatmap, then drawn as at its own size.
+    magnitude = np.random.default_rng(5).random((7, 9))
+    picture = gradient_image(magnitude, size=(36, 21))
+    assert picture.size == (36, 21)
+    np.testing.assert_array_equal(
+        np.asarray(picture), np.asarray(gradient_image(_bilinear(magnitude, (36, 21))))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(gradient_image(magnitude, size=(9, 7))), np.asarray(gradient_image(magnitude))
+    )
+
+
+def test_signed_gradients_are_resized_channel_by_channel() -> None:
+    gradients = np.random.default_rng(6).normal(size=(3, 6, 8))
+    picture = gradient_image(gradients, size=(16, 12))
+    assert picture.size == (16, 12)
+    resized = np.stack([_bilinear(channel, (16, 12)) for channel in gradients])
+    np.testing.assert_array_equal(np.asarray(picture), np.asarray(gradient_image(resized)))
+    np.testing.assert_array_equal(
+        np.asarray(gradient_image(gradients, grayscale=True, size=(16, 12))),
+        np.asarray(gradient_image(resized, grayscale=True)),
+    )

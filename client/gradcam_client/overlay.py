@@ -15,7 +15,8 @@ Everything here is numpy and Pillow. A heatmap is a float array [H, W] with valu
 Pixel-level maps (Guided Backpropagation, Guided Grad-CAM) are drawn on their own, not over the
 photo, by `gradient_image`: signed gradients [3, H, W] as the Grad-CAM paper shows them (each
 image standardised, scaled by 0.1 and centred on grey), or their magnitude in grayscale, the form
-the service returns. `panels` puts pictures in a row, each with its own caption.
+the service returns; ``size=`` draws a map of another size at its image's. `panels` puts pictures
+in a row, each with its own caption.
 """
 
 from __future__ import annotations
@@ -127,12 +128,7 @@ def overlay(
     table = _table(colormap)
     base = _as_rgb(image)
     values = _clean(heatmap)
-    width, height = base.size
-    if values.shape != (height, width):
-        resized = Image.fromarray(values.astype(np.float32), mode="F").resize(
-            (width, height), Image.Resampling.BILINEAR
-        )
-        values = np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
+    values = np.clip(_resized(values, base.size), 0.0, 1.0)
     levels = np.floor(values * (LEVELS - 1) + 0.5).astype(np.intp)
     colours = table[levels].astype(np.float64)
     pixels = np.asarray(base, dtype=np.float64)
@@ -220,8 +216,12 @@ def caption_band(
     return band
 
 
-def gradient_image(gradients: np.ndarray, grayscale: bool = False) -> Image.Image:
-    """A pixel-level map (Guided Backpropagation, Guided Grad-CAM) as a picture of its own size.
+def gradient_image(
+    gradients: np.ndarray, grayscale: bool = False, *, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """A pixel-level map (Guided Backpropagation, Guided Grad-CAM) as a picture of its own size,
+    or of ``size`` (width, height): the map is then resized bilinearly first, each channel of
+    signed gradients on its own, as `overlay` resizes a heatmap to its image.
 
     * Signed gradients [3, H, W] (the augmented graph's ``pixel_map`` for one image, channels
       in the model's order), as the Grad-CAM paper and its released code show them: the array
@@ -237,6 +237,10 @@ def gradient_image(gradients: np.ndarray, grayscale: bool = False) -> Image.Imag
     Returns an RGB image. Raises ValueError for another shape.
     """
     values = np.nan_to_num(np.asarray(gradients, dtype=np.float64), nan=0.0)
+    if size is not None and values.ndim == 2:
+        values = _resized(values, size)
+    elif size is not None and values.ndim == 3 and values.shape[0] == 3:
+        values = np.stack([_resized(channel, size) for channel in values])
     if values.ndim == 3 and values.shape[0] == 3 and not grayscale:
         spread = values.std()
         standard = (values - values.mean()) / (spread + _GRADIENT_EPSILON)
@@ -264,6 +268,18 @@ def _table(colormap: str) -> np.ndarray:
     if colormap not in _TABLES:
         raise ValueError(f"unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}")
     return _TABLES[colormap]
+
+
+def _resized(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float [H, W] array resized bilinearly to ``size`` (width, height), as float64; the
+    array itself when it already has that size."""
+    width, height = size
+    if values.shape == (height, width):
+        return values
+    resized = Image.fromarray(values.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float64)
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
