@@ -6,9 +6,12 @@ refused the input before sending anything), and ``attempts`` how many times the 
 Catch the base class to handle everything, or a subclass for one situation::
 
     try:
-        result = client.explain("photo.jpg", model="resnet50")
+        result = client.explain("samples/chelsea.jpg", model="efficientnet_lite0")
     except ModelNotFoundError:
         ...
+
+Only `UnavailableError` (no server at the address, the model still loading, the server
+shutting down) is retried by the clients; every other error is raised at its first attempt.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ class GradCamError(Exception):
 
 class InvalidInputError(GradCamError, ValueError):
     """The request was refused as malformed: a bad image or tensor, class index, method, layer
-    or option (INVALID_ARGUMENT, or refused by the SDK before sending)."""
+    or option, or an answer that would be over the server's size limit (the message names the
+    limit; ask for a smaller ``heatmap_size``, fewer classes or fewer images) (INVALID_ARGUMENT,
+    or refused by the SDK before sending)."""
 
 
 class ModelNotFoundError(GradCamError, LookupError):
@@ -43,8 +48,16 @@ class ModelNotFoundError(GradCamError, LookupError):
 
 
 class UnavailableError(GradCamError, ConnectionError):
-    """The server could not be reached, is shutting down, or the model is not ready
+    """The server could not be reached, is shutting down, or the model is still loading
     (UNAVAILABLE), still so after the retries."""
+
+
+class ModelUnavailableError(GradCamError):
+    """The model is served by name but cannot answer this request, and retrying will not
+    help (FAILED_PRECONDITION): its folder failed to load ("model 'x' failed to load: ..."),
+    or its graph cannot be explained, so it serves plain inference only and refuses explain
+    requests ("... serves inference only ..."; `ModelInfo.explain_error` says why). Never
+    retried; the message is the server's reason."""
 
 
 class UnauthenticatedError(GradCamError):
@@ -57,12 +70,15 @@ class DeadlineError(GradCamError, TimeoutError):
 
 
 class ServerBusyError(GradCamError):
-    """The model's queue is full (RESOURCE_EXHAUSTED); try again later or send less at once."""
+    """Overload, queue full: retry later (RESOURCE_EXHAUSTED). The model's queue, or the calls
+    the server takes at once, are at their bound; send again after a pause, or less at once.
+    The SDK does not retry it itself: only the caller knows how long it can wait."""
 
 
 ERROR_OF_STATUS: dict[grpc.StatusCode, type[GradCamError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: ModelUnavailableError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: UnauthenticatedError,
