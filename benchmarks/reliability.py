@@ -1203,6 +1203,14 @@ def section_overload(ctx: Context) -> None:
         with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
             after, after_message, after_s = outcome(
                 lambda: send_serialized(channel, method, payload, timeout=30))
+        ctx.check_time()
+        # Measured again: the goodput is judged against the higher of the two capacities,
+        # so a busy moment during the first measurement cannot flatter it.
+        remeasured = asyncio.run(drive(server.address, method, payload, seconds=capacity_s,
+                                       clients=CAPACITY_CLIENTS))
+        capacity_after = sum(a.code == OK for a in remeasured) / capacity_s
+        print(f"  capacity measured again after the overload: {capacity_after:.1f} requests/s",
+              flush=True)
     finally:
         server.signal(signal.SIGTERM)
         server.wait(60)
@@ -1239,7 +1247,8 @@ def section_overload(ctx: Context) -> None:
     print(f"  server after warm-up ({overload_s / 4:.0f} s): RSS {rss_start:.0f} -> {rss_end:.0f}"
           f" MiB (max {max(r for _, r, _ in warm):.0f}), threads {min(threads)}-{max(threads)}")
     ctx.report.figures["overload"] = {
-        "capacity_per_s": capacity, "rate_due_per_s": rate, "sent_per_s": offered,
+        "capacity_per_s": capacity, "capacity_after_per_s": capacity_after,
+        "rate_due_per_s": rate, "sent_per_s": offered,
         "seconds": overload_s, "codes": codes, "goodput_per_s": goodput,
         "ok_p50_ms": percentile([a.seconds for a in ok], 50) * 1e3,
         "rejection_p50_ms": percentile([a.seconds for a in rejected], 50) * 1e3,
@@ -1258,8 +1267,10 @@ def section_overload(ctx: Context) -> None:
     ctx.report.check(section, "rejections p99 < 50 ms", bool(rejected) and p99 < 0.050,
                      f"p99 {p99 * 1e3:.1f} ms over {len(rejected)} RESOURCE_EXHAUSTED"
                      if rejected else "no RESOURCE_EXHAUSTED answer at all")
-    ctx.report.check(section, "goodput >= 90 % of capacity", goodput >= 0.9 * capacity,
-                     f"{goodput:.1f}/s OK = {goodput / capacity:.0%} of {capacity:.1f}/s")
+    best = max(capacity, capacity_after)
+    ctx.report.check(section, "goodput >= 90 % of capacity", goodput >= 0.9 * best,
+                     f"{goodput:.1f}/s OK = {goodput / best:.0%} of {best:.1f}/s (capacity "
+                     f"{capacity:.1f}/s before, {capacity_after:.1f}/s after)")
     ctx.report.check(section, "RSS flat after warm-up", rss_growth <= rss_limit,
                      f"fitted growth {rss_growth:+.1f} MiB over {overload_s * 3 / 4:.0f} s "
                      f"(limit {rss_limit:.0f} MiB); {rss_start:.0f} -> {rss_end:.0f} MiB")
@@ -1269,7 +1280,9 @@ def section_overload(ctx: Context) -> None:
 
 # -- 3. faults -----------------------------------------------------------------------------------
 
-SLOW_ROWS = 8  # one request of this many rows runs for seconds on 2 cores
+SLOW_ROWS = 8  # rows of a request that runs for about a second on 2 idle cores
+MAX_SLOW_ROWS = 32
+LONG_RUN_S = 4.0  # the cancel and deadline probes need a run at least this long
 WORK_STOPS_S = 1.0  # cancelled or expired work must stop within this
 
 
@@ -1369,13 +1382,18 @@ def _cancel_and_deadline(ctx: Context, server: Server, stubs: Stubs) -> None:
     section = "faults"
     method = f"{_KSERVE}/ModelInfer"
     call = stubs.channel.unary_unary(method)
-    payload = _slow_payload()
     send_serialized(stubs.channel, method, _slow_payload(1), timeout=60)  # warm up
-    wait_idle(server, time.perf_counter())
-    started, cpu = time.perf_counter(), server.cpu_seconds()
-    send_serialized(stubs.channel, method, payload, timeout=120)
-    run_s, run_cpu = time.perf_counter() - started, server.cpu_seconds() - cpu
-    print(f"  one request of {SLOW_ROWS} rows on 'slow' runs {run_s:.1f} s "
+    rows = SLOW_ROWS
+    while True:  # a request long enough that work left running would show
+        payload = _slow_payload(rows)
+        wait_idle(server, time.perf_counter())
+        started, cpu = time.perf_counter(), server.cpu_seconds()
+        send_serialized(stubs.channel, method, payload, timeout=120)
+        run_s, run_cpu = time.perf_counter() - started, server.cpu_seconds() - cpu
+        if run_s >= LONG_RUN_S or rows >= MAX_SLOW_ROWS:
+            break
+        rows = min(MAX_SLOW_ROWS, int(np.ceil(rows * 1.25 * LONG_RUN_S / run_s)))
+    print(f"  one request of {rows} rows on 'slow' runs {run_s:.1f} s "
           f"({run_cpu:.1f} CPU-s)", flush=True)
     rows = []
 
@@ -1422,8 +1440,9 @@ def _cancel_and_deadline(ctx: Context, server: Server, stubs: Stubs) -> None:
     ctx.report.figures["cancel"] = {"run_s": run_s, "run_cpu_s": run_cpu, "rows": rows}
     after, _, _ = outcome(lambda: stubs.kserve.ModelInfer(good_tiny(), timeout=30))
 
-    def stopped(idle_s: float | None) -> bool:
-        return idle_s is not None and idle_s <= WORK_STOPS_S
+    def stopped(idle_s: float | None) -> bool:  # and the run had time left to show it
+        return (idle_s is not None and idle_s <= WORK_STOPS_S
+                and run_s * 2 / 3 >= 2 * WORK_STOPS_S)
 
     def shown(idle_s: float | None) -> str:
         return "still busy after the whole run" if idle_s is None else f"{idle_s:.2f} s"
@@ -1492,10 +1511,11 @@ def _sigterm_in_flight(ctx: Context) -> None:
     call = channel.unary_unary(f"{_KSERVE}/ModelInfer")
     try:
         call(_slow_payload(1), timeout=60)  # warm up
-        in_flight = [call.future(_slow_payload(1), timeout=120) for _ in range(8)]
+        in_flight = [call.future(_slow_payload(2), timeout=120) for _ in range(8)]
         time.sleep(0.3)
         term_at = time.perf_counter()
         server.signal(signal.SIGTERM)
+        running = sum(not f.done() for f in in_flight)
         time.sleep(0.3)
         late = [call.future(good_tiny().SerializeToString(), timeout=10) for _ in range(2)]
         codes = [outcome(f.result)[0] for f in in_flight]
@@ -1506,11 +1526,14 @@ def _sigterm_in_flight(ctx: Context) -> None:
         channel.close()
         server.kill()
     answered_ok = sum(code == OK for code in codes)
-    ctx.report.figures["sigterm"] = {"in_flight": [c.name for c in codes],
+    ctx.report.figures["sigterm"] = {"running_at_signal": running,
+                                     "in_flight": [c.name for c in codes],
                                      "after": [c.name for c, _, _ in late_codes],
                                      "exit": exit_code, "drained_s": drained_s}
-    ctx.report.check(section, "SIGTERM: every request in flight answered OK", answered_ok == 8,
-                     f"{answered_ok}/8 OK: {[c.name for c in codes]}")
+    ctx.report.check(section, "SIGTERM: every request in flight answered OK",
+                     answered_ok == 8 and running == 8,
+                     f"{running} of 8 in flight at the signal; {answered_ok}/8 OK: "
+                     f"{[c.name for c in codes]}")
     refused = all(code == UNAVAILABLE and seconds < 5 for code, _, seconds in late_codes)
     ctx.report.check(section, "SIGTERM: requests sent while draining refused with UNAVAILABLE",
                      refused, ", ".join(f"{c.name} in {s * 1e3:.0f} ms" for c, _, s in late_codes))
@@ -1526,18 +1549,20 @@ def _sigkill_and_restart(ctx: Context) -> None:
     call = channel.unary_unary(f"{_KSERVE}/ModelInfer")
     try:
         call(_slow_payload(1), timeout=60)
-        in_flight = [call.future(_slow_payload(1), timeout=120) for _ in range(4)]
+        in_flight = [call.future(_slow_payload(), timeout=120) for _ in range(4)]
         time.sleep(0.3)
         killed_at = time.perf_counter()
         server.signal(signal.SIGKILL)
+        running = sum(not f.done() for f in in_flight)
         results = [outcome(f.result)[0] for f in in_flight]
         answered_s = time.perf_counter() - killed_at
     finally:
         channel.close()
         server.kill()
     ctx.report.check(section, "SIGKILL: requests in flight fail with UNAVAILABLE at once",
-                     all(c == UNAVAILABLE for c in results) and answered_s < 5,
-                     f"{[c.name for c in results]} within {answered_s:.2f} s")
+                     all(c == UNAVAILABLE for c in results) and answered_s < 5 and running == 4,
+                     f"{running} of 4 in flight at the signal; {[c.name for c in results]} "
+                     f"within {answered_s:.2f} s")
     started = time.perf_counter()
     try:
         restarted = ctx.start("sigkill-restart", ("slow", "tiny"), port=port)
