@@ -1,7 +1,8 @@
 """The `gradcam` command against real servers on port 0 (`servers.ServerProcess`).
 
 The servers serve the shipped EfficientNet-Lite0 (its files linked into a temporary folder) and
-the sample photo is the input. Pictures are checked pixel by pixel: each panel against the map
+the sample photo is the input; one more serves a folder that fails to load and a graph that can
+only run inference. Pictures are checked pixel by pixel: each panel against the map
 it should show, drawn here from the heatmaps the same run saved, and each caption against the
 band its expected text gives.
 """
@@ -26,7 +27,7 @@ from PIL import Image
 
 from gradcam_client import METHODS, GradCamClient, cli
 from gradcam_client.overlay import PANEL_GAP, caption_band, gradient_image, overlay
-from servers import ServerProcess, link_lite0
+from servers import ServerProcess, link_lite0, norule_model, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet_lite0"
@@ -36,6 +37,8 @@ EGYPTIAN_CAT, TABBY, GOLDFISH = 285, 281, 1
 TOKEN = "s3cret-token"
 SECOND_MODEL = "lite0_again"
 NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
+MODEL_SIZE = 224  # the graph's input: what --heatmap-size model gives
+BROKEN, INFERENCE_ONLY = "broken", "norule"
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -63,6 +66,23 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Wants a bearer token, and serves the model under two names."""
     yield from _serve(tmp_path_factory.mktemp("token"), "--token", TOKEN,
                       models=(MODEL, SECOND_MODEL))
+
+
+@pytest.fixture(scope="module")
+def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A folder whose model.onnx is garbage, and a graph with no backward rule for one op on
+    its gradient path (served for inference only)."""
+    root = tmp_path_factory.mktemp("broken")
+    (root / "repository" / BROKEN).mkdir(parents=True)
+    (root / "repository" / BROKEN / "model.onnx").write_bytes(b"\x08\x07not a protobuf" * 8)
+    norule_model(root / "repository" / INFERENCE_ONLY / "model.onnx")
+    server = ServerProcess(root / "repository", root / "server.log")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            server.wait_serving(channel)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +269,66 @@ def test_pixel_level_methods_are_drawn_as_gradient_images(
         _pixels(panel),
         [np.asarray(_photo()), drawn],
         [["chelsea.jpg", f"{MODEL}, {method}"], [f"Egyptian cat  {scores[EGYPTIAN_CAT]:.2f}"]],
+    )
+
+
+def test_heatmap_size_sets_the_saved_maps_and_not_the_picture(
+    server: str, tmp_path: Path, scores: dict[int, float]
+) -> None:
+    picture, heatmap = tmp_path / "small.png", tmp_path / "small.npy"
+    _explain(server, PHOTO, "--heatmap-size", "64x48", "-o", picture, "--save-npy", heatmap)
+    saved = np.load(heatmap)
+    assert saved.dtype == np.float32 and saved.shape == (48, 64)
+    np.testing.assert_array_equal(_pixels(picture), np.asarray(overlay(_photo(), saved)))
+
+    panel, heatmaps = tmp_path / "panel.png", tmp_path / "maps.npy"
+    _explain(server, PHOTO, "--heatmap-size", "model", "--top-k", "3", "--side-by-side",
+             "-o", panel, "--save-npy", heatmaps)
+    maps = np.load(heatmaps)
+    assert maps.shape == (3, MODEL_SIZE, MODEL_SIZE)
+    photo = _photo()
+    _assert_panels(
+        _pixels(panel),
+        [np.asarray(photo), *(np.asarray(overlay(photo, m)) for m in maps)],
+        [["chelsea.jpg", f"{MODEL}, gradcam"],
+         *([f"{_label(c)}  {scores[c]:.2f}"] for c in (EGYPTIAN_CAT, TABBY, 282))],
+    )
+    # The graph's own map, at the model's input size: the image-size map is that, resized.
+    image_size = tmp_path / "image.npy"
+    _explain(server, PHOTO, "--heatmap-size", "image", "--save-npy", image_size)
+    resized = Image.fromarray(maps[0]).resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
+    np.testing.assert_allclose(np.load(image_size), np.clip(resized, 0, 1), atol=1e-6)
+
+
+def test_a_pixel_level_map_of_another_size_is_drawn_at_the_images(
+    server: str, tmp_path: Path
+) -> None:
+    picture, heatmap = tmp_path / "map.png", tmp_path / "map.npy"
+    _explain(server, PHOTO, "--method", "guided-backprop", "--heatmap-size", "model",
+             "-o", picture, "--save-npy", heatmap)
+    saved = np.load(heatmap)
+    assert saved.shape == (MODEL_SIZE, MODEL_SIZE)
+    expected = gradient_image(saved, size=(WIDTH, HEIGHT))
+    np.testing.assert_array_equal(_pixels(picture), np.asarray(expected))
+
+
+@pytest.mark.parametrize("bad", ["big", "0x48", "64x", "64*48", "64x48x3"])
+def test_a_bad_heatmap_size_is_a_usage_error(bad: str) -> None:
+    done = _gradcam("explain", PHOTO, "--server", NO_SERVER, "--model", MODEL,
+                    "--heatmap-size", bad)  # refused before the (unreachable) server is asked
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "gradcam explain: error: argument --heatmap-size: image, model or WIDTHxHEIGHT with "
+        f"positive sides (e.g. 224x224), not {bad!r}"
+    )
+
+
+def test_an_answer_over_the_size_limit_is_refused_as_the_server_says(server: str) -> None:
+    _assert_one_line_failure(
+        _gradcam("explain", PHOTO, "--server", server, "--model", MODEL,
+                 "--heatmap-size", "5000x4000"),
+        "the response would hold 76.3 MiB, over the limit of 63 MiB per response",
+        "heatmap_size",
     )
 
 
@@ -470,6 +550,37 @@ def test_the_model_may_go_unnamed_when_the_server_has_one(
         _gradcam("explain", PHOTO, "--server", token_server, "--token", TOKEN),
         f"name the model with --model: it serves {MODEL}, {SECOND_MODEL}",
     )
+
+
+def _failed_preconditions(server: ServerProcess) -> float:
+    """FAILED_PRECONDITION answers of the typed API the server has counted, for every model."""
+    return sum(
+        sample(server.metrics(), "gradcam_request_errors_total", model=model, api="explain",
+               code="FAILED_PRECONDITION")
+        for model in (BROKEN, INFERENCE_ONLY, "unknown")
+    )
+
+
+def test_a_model_that_cannot_answer_fails_in_one_line_at_once(
+    broken_server: ServerProcess,
+) -> None:
+    address = broken_server.address
+    for model, expected in [(BROKEN, (f"model '{BROKEN}' failed to load",)),
+                            (INFERENCE_ONLY, ("serves inference only", "Einsum"))]:
+        before = _failed_preconditions(broken_server)
+        _assert_one_line_failure(
+            _gradcam("explain", PHOTO, "--server", address, "--model", model, "--retries", "3"),
+            *expected,
+        )
+        assert _failed_preconditions(broken_server) == before + 1  # asked once, not retried
+    done = _gradcam("models", "--server", address)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines())
+    assert lines[BROKEN].startswith("not ready: ")
+    assert re.fullmatch(
+        r"ready  input input \[-1,3,32,32\]  10 classes  inference only: .*Einsum.*",
+        lines[INFERENCE_ONLY],
+    ), lines[INFERENCE_ONLY]
 
 
 def test_failures(server: str, tmp_path: Path) -> None:

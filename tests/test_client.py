@@ -3,6 +3,8 @@ in test_cli.py).
 
 One plain server and one that wants a bearer token serve a repository made of the shipped
 EfficientNet-Lite0 (its files linked into a temporary folder); the sample photo is the input.
+A third (`servers.ServerProcess`, with metrics) serves a folder that fails to load and a graph
+that can only run inference, to count the attempts of calls that must not be retried.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,11 +33,16 @@ from gradcam_client import (
     GradCamError,
     InvalidInputError,
     ModelNotFoundError,
+    ModelUnavailableError,
     UnauthenticatedError,
     UnavailableError,
     colorize,
+    gradient_image,
+    overlay,
 )
 from gradcam_client import client as client_module
+from gradcam_client.overlay import PANEL_GAP, caption_band
+from servers import ServerProcess, norule_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "efficientnet_lite0"
@@ -44,6 +53,8 @@ EGYPTIAN_CAT, TABBY = 285, 281
 EARLIER_LAYER = "/_blocks.15/_swish/Clip_output_0"
 TOKEN = "s3cret-token"
 NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
+MODEL_SIZE = 224  # the graph's input: what heatmap_size "model" gives
+BROKEN, INFERENCE_ONLY = "broken", "norule"
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -142,6 +153,34 @@ def _assert_cat(result: Explanation, height: int = HEIGHT, width: int = WIDTH) -
     assert (top.class_index, top.label) == (EGYPTIAN_CAT, "Egyptian cat")
     assert top.score == pytest.approx(0.815, abs=0.01)
     assert result.heatmaps[0].class_index == EGYPTIAN_CAT
+
+
+def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map resized bilinearly to (width, height), as the server resizes the graph's own."""
+    resized = Image.fromarray(heatmap).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _assert_panels(
+    canvas: Image.Image, pictures: list[Image.Image], captions: list[list[str]]
+) -> None:
+    """The canvas is `pictures` in a row, PANEL_GAP apart, each over the caption band of its
+    own lines (as test_cli.py checks the pictures of `gradcam explain`)."""
+    drawn = np.asarray(canvas)
+    height = max(p.height for p in pictures)
+    rows = max(len(lines) for lines in captions)
+    band_height = caption_band([], 1, height, rows).height
+    widths = [p.width for p in pictures]
+    assert drawn.shape[:2] == (height + band_height, sum(widths) + PANEL_GAP * (len(widths) - 1))
+    left = 0
+    for picture, lines in zip(pictures, captions):
+        width = picture.width
+        np.testing.assert_array_equal(
+            drawn[: picture.height, left : left + width], np.asarray(picture)
+        )
+        band = np.asarray(caption_band(lines, width, height, rows))
+        assert (drawn[height:, left : left + width] == band).all(), (left, lines)
+        left += width + PANEL_GAP
 
 
 # --- the SDK --------------------------------------------------------------------------------
@@ -292,11 +331,12 @@ def test_overlays(by_path: Explanation) -> None:
     jet = colorize(by_path.heatmap, "jet").astype(np.int16)
     assert np.abs(2 * halfway - photo.astype(np.int16) - jet).max() <= 1
 
-    panel = by_path.overlay(side_by_side=True)
-    assert panel.width == 2 * WIDTH and panel.height > HEIGHT  # a caption band below
-    np.testing.assert_array_equal(np.asarray(panel)[:HEIGHT, :WIDTH], photo)
-    np.testing.assert_array_equal(np.asarray(panel)[:HEIGHT, WIDTH:], np.asarray(picture))
-    assert by_path._captions(0)[0] == f"{by_path.predictions[0].score:.2f}  Egyptian cat"
+    score = by_path.predictions[0].score
+    _assert_panels(
+        by_path.overlay(side_by_side=True),
+        [_photo(), picture],
+        [["chelsea.jpg", f"{MODEL}, gradcam"], [f"Egyptian cat  {score:.2f}"]],
+    )
     with pytest.raises(ValueError, match="opacity"):
         by_path.overlay(opacity=1.5)
     with pytest.raises(ValueError, match="colormap"):
@@ -310,7 +350,145 @@ def test_overlay_of_a_tensor(client: GradCamClient) -> None:
     with pytest.raises(ValueError, match="image="):
         result.overlay(side_by_side=True)
     base = _photo().resize((224, 224))
-    assert result.overlay(side_by_side=True, image=base).width == 448
+    _assert_panels(  # no file name to caption the image with
+        result.overlay(side_by_side=True, image=base),
+        [base, overlay(base, result.heatmap)],
+        [[f"{MODEL}, gradcam"], [f"Egyptian cat  {result.predictions[0].score:.2f}"]],
+    )
+
+
+def test_side_by_side_draws_a_captioned_panel_per_class(client: GradCamClient) -> None:
+    result = client.explain(PHOTO, model=MODEL, top_k=3)
+    assert [h.class_index for h in result.heatmaps][:2] == [EGYPTIAN_CAT, TABBY]
+    scores = {p.class_index: p.score for p in result.predictions}
+    photo = _photo()
+    maps = [h.heatmap for h in result.heatmaps]
+    _assert_panels(
+        result.overlay("turbo", 0.3, side_by_side=True),
+        [photo, *(overlay(photo, m, "turbo", 0.3) for m in maps)],
+        [["chelsea.jpg", f"{MODEL}, gradcam"],
+         *([f"{h.label}  {scores[h.class_index]:.2f}"] for h in result.heatmaps)],
+    )
+    # Without the image: the three overlays in a row, uncaptioned; `index` picks one.
+    _assert_panels(result.overlay(), [overlay(photo, m) for m in maps], [[], [], []])
+    np.testing.assert_array_equal(
+        np.asarray(result.overlay(index=1)), np.asarray(overlay(photo, maps[1]))
+    )
+    _assert_panels(
+        result.overlay(side_by_side=True, index=1),
+        [photo, overlay(photo, maps[1])],
+        [["chelsea.jpg", f"{MODEL}, gradcam"], [f"tabby  {scores[TABBY]:.2f}"]],
+    )
+
+
+def test_side_by_side_captions_what_was_explained(client: GradCamClient) -> None:
+    photo = _photo()
+    against = client.explain(photo, model=MODEL, counterfactual=True, num_predictions=1)
+    assert against.counterfactual
+    _assert_panels(  # a PIL image has no file name; "counterfactual" follows the method
+        against.overlay(side_by_side=True),
+        [photo, overlay(photo, against.heatmap)],
+        [[f"{MODEL}, gradcam, counterfactual"],
+         [f"Egyptian cat  {against.predictions[0].score:.2f}"]],
+    )
+    goldfish = client.explain(PHOTO, model=MODEL, target_class=1, num_predictions=1)
+    _assert_panels(  # a class outside the predictions returned has no score to show
+        goldfish.overlay(side_by_side=True),
+        [photo, overlay(photo, goldfish.heatmap)],
+        [["chelsea.jpg", f"{MODEL}, gradcam"], ["goldfish"]],
+    )
+
+
+@pytest.mark.parametrize("method", ["guided-backprop", "guided-gradcam"])
+def test_pixel_level_maps_are_drawn_as_gradient_images(client: GradCamClient, method: str) -> None:
+    result = client.explain(PHOTO, model=MODEL, method=method, heatmap_size="model")
+    assert result.method == method and result.heatmap.shape == (MODEL_SIZE, MODEL_SIZE)
+    drawn = result.overlay("turbo", opacity=1.0)  # neither plays a part
+    assert drawn.size == (WIDTH, HEIGHT)
+    np.testing.assert_array_equal(
+        np.asarray(drawn), np.asarray(gradient_image(result.heatmap, size=(WIDTH, HEIGHT)))
+    )
+    pixels = np.asarray(drawn)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    _assert_panels(
+        result.overlay(side_by_side=True),
+        [_photo(), drawn],
+        [["chelsea.jpg", f"{MODEL}, {method}"],
+         [f"Egyptian cat  {result.predictions[0].score:.2f}"]],
+    )
+    alone = client.explain(_preprocessed(), model=MODEL, method=method)  # no image: own size
+    np.testing.assert_array_equal(
+        np.asarray(alone.overlay()), np.asarray(gradient_image(alone.heatmap))
+    )
+
+
+# --- heatmap_size ---------------------------------------------------------------------------
+
+
+def test_heatmap_size(client: GradCamClient, by_path: Explanation) -> None:
+    own = client.explain(PHOTO, model=MODEL, heatmap_size="model")
+    _assert_cat(own, MODEL_SIZE, MODEL_SIZE)
+    assert own.predictions == by_path.predictions
+    # The graph's own map: a preprocessed tensor's, whose own size is the model's input size.
+    tensor = client.explain(_preprocessed(), model=MODEL)
+    np.testing.assert_allclose(own.heatmap, tensor.heatmap, atol=1e-3)
+    # Every other size is that map resized, the image's own (the default) too.
+    np.testing.assert_allclose(by_path.heatmap, _resized(own.heatmap, (WIDTH, HEIGHT)), atol=1e-6)
+    image = client.explain(PHOTO, model=MODEL, heatmap_size="image")
+    np.testing.assert_array_equal(image.heatmap, by_path.heatmap)
+    for asked in [(64, 48), [64, 48], (np.int64(64), 48), "64x48", " 64 X 48 "]:
+        small = client.explain(PHOTO, model=MODEL, heatmap_size=asked)
+        assert small.heatmap.shape == (48, 64) and small.heatmap.dtype == np.float32, asked
+        np.testing.assert_allclose(small.heatmap, _resized(own.heatmap, (64, 48)), atol=1e-6)
+    # Overlays are still drawn at the image's size.
+    for result in (own, small):
+        np.testing.assert_array_equal(
+            np.asarray(result.overlay()), np.asarray(overlay(_photo(), result.heatmap))
+        )
+    # Every class of every image.
+    several = client.explain([PHOTO, _photo().resize((96, 64))], model=MODEL, top_k=2,
+                             heatmap_size=(40, 30))
+    assert [h.heatmap.shape for r in several for h in r.heatmaps] == [(30, 40)] * 4
+    modelled = client.explain([PHOTO, _photo().resize((96, 64))], model=MODEL,
+                              heatmap_size="model")
+    assert [r.heatmap.shape for r in modelled] == [(MODEL_SIZE, MODEL_SIZE)] * 2
+
+
+@pytest.mark.parametrize(
+    "asked, sent",
+    [(None, ""), ("image", "image"), ("Model", "model"), ((224, 224), "224x224"),
+     ([640, 480], "640x480"), ((np.int32(3), 2), "3x2"), ("64x48", "64x48"),
+     (" 64 X 48 ", "64x48"), ("007x1", "7x1")],
+)
+def test_heatmap_size_as_sent(asked: object, sent: str) -> None:
+    assert client_module.heatmap_size_option(asked) == sent  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "big", "0x5", "5x0", "5x", "x5", "-3x4", "3.5x4", "5x5x5", "5*5", (0, 5), (5, -1), (5,),
+     (5, 5, 5), (1.5, 2), (True, 3), ("5", "5"), 224, {"width": 5, "height": 5}],
+)
+def test_bad_heatmap_sizes_are_refused_before_sending(bad: object) -> None:
+    with GradCamClient(NO_SERVER, retries=0) as unreachable:
+        with pytest.raises(InvalidInputError) as caught:
+            unreachable.explain(PHOTO, model=MODEL, heatmap_size=bad)  # type: ignore[arg-type]
+    assert str(caught.value).startswith("heatmap_size must be 'image', 'model', a (width, ")
+    assert caught.value.code is None and isinstance(caught.value, ValueError)
+
+
+def test_an_answer_over_the_size_limit_is_refused_as_the_server_says(
+    client: GradCamClient,
+) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        client.explain(PHOTO, model=MODEL, heatmap_size=(5000, 4000))  # 76 MiB of float32
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.attempts == 1
+    assert str(error) == error.message  # the server's words, as they are
+    assert "76.3 MiB, over the limit of 63 MiB" in error.message
+    assert "heatmap_size" in error.message
+    with pytest.raises(InvalidInputError, match="over the limit of 50000000 pixels"):
+        client.explain(PHOTO, model=MODEL, heatmap_size="10000x10000")
 
 
 def test_models_and_health(client: GradCamClient) -> None:
@@ -319,6 +497,7 @@ def test_models_and_health(client: GradCamClient) -> None:
     info = client.model_info(MODEL)
     assert info.input_size == (224, 224) and info.num_classes == 1000 and info.has_labels
     assert info.layer == "/_swish_1/Clip_output_0" and info.methods == METHODS
+    assert info.explain_error == ""
     assert client.health() == "SERVING"
     assert client.health("gradcam.v1.GradCam") == "SERVING"
     assert client.health("no.such.Service") == "SERVICE_UNKNOWN"
@@ -406,6 +585,85 @@ def test_tls_options_are_checked() -> None:
         GradCamClient("127.0.0.1:1", tls=False, root_certificates=b"-----BEGIN CERTIFICATE-----")
 
 
+# --- models that cannot answer --------------------------------------------------------------
+
+RETRY_BACKOFF = 2.0  # seconds before a first retry (0.8 to 1.2 times it): were one made, seen
+
+
+@pytest.fixture(scope="module")
+def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A folder whose model.onnx is garbage, and a graph with no backward rule for one op on
+    its gradient path (served for inference only)."""
+    root = tmp_path_factory.mktemp("broken")
+    (root / "repository" / BROKEN).mkdir(parents=True)
+    (root / "repository" / BROKEN / "model.onnx").write_bytes(b"\x08\x07not a protobuf" * 8)
+    norule_model(root / "repository" / INFERENCE_ONLY / "model.onnx")
+    server = ServerProcess(root / "repository", root / "server.log")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            server.wait_serving(channel)
+        yield server
+    finally:
+        server.stop()
+
+
+def _failed_preconditions(server: ServerProcess) -> float:
+    """FAILED_PRECONDITION answers the server has counted, for every model."""
+    return sum(
+        value for (name, labels), value in server.metrics().items()
+        if name == "gradcam_request_errors_total"
+        and dict(labels).get("code") == "FAILED_PRECONDITION"
+    )
+
+
+def _assert_not_retried(error: GradCamError, seconds: float, *fragments: str) -> None:
+    assert isinstance(error, ModelUnavailableError) and not isinstance(error, UnavailableError)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.attempts == 1
+    assert str(error) == error.message
+    for fragment in fragments:
+        assert fragment in error.message, error.message
+    assert seconds < 0.75 * RETRY_BACKOFF  # no retry waited for
+
+
+def test_a_model_that_cannot_answer_raises_at_once(broken_server: ServerProcess) -> None:
+    before = _failed_preconditions(broken_server)
+    with GradCamClient(broken_server.address, retries=3, backoff=RETRY_BACKOFF) as client:
+        statuses = {s.name: s for s in client.list_models()}
+        assert not statuses[BROKEN].ready and statuses[INFERENCE_ONLY].ready
+        for model, fragments in [
+            (BROKEN, (f"model '{BROKEN}' failed to load",)),
+            (INFERENCE_ONLY, ("serves inference only", "Einsum")),
+        ]:
+            started = time.monotonic()
+            with pytest.raises(GradCamError) as caught:
+                client.explain(PHOTO, model=model)
+            _assert_not_retried(caught.value, time.monotonic() - started, *fragments)
+        started = time.monotonic()
+        with pytest.raises(GradCamError) as caught:
+            client.model_info(BROKEN)
+        _assert_not_retried(caught.value, time.monotonic() - started, "failed to load")
+        info = client.model_info(INFERENCE_ONLY)
+        assert "Einsum" in info.explain_error and info.methods == ()
+    assert _failed_preconditions(broken_server) == before + 3  # one attempt each
+
+
+def test_a_model_that_cannot_answer_raises_at_once_asyncio(broken_server: ServerProcess) -> None:
+    async def scenario() -> None:
+        address = broken_server.address
+        async with AsyncGradCamClient(address, retries=3, backoff=RETRY_BACKOFF) as client:
+            for model, fragment in [(BROKEN, "failed to load"),
+                                    (INFERENCE_ONLY, "serves inference only")]:
+                started = time.monotonic()
+                with pytest.raises(GradCamError) as caught:
+                    await client.explain(PHOTO, model=model)
+                _assert_not_retried(caught.value, time.monotonic() - started, fragment)
+            assert "Einsum" in (await client.model_info(INFERENCE_ONLY)).explain_error
+
+    before = _failed_preconditions(broken_server)
+    asyncio.run(scenario())
+    assert _failed_preconditions(broken_server) == before + 2
+
+
 # --- the asyncio SDK ------------------------------------------------------------------------
 
 
@@ -415,7 +673,21 @@ def test_async_client(server: str, token_server: str) -> None:
             one = await client.explain(PHOTO, model=MODEL, top_k=2)
             _assert_cat(one)
             assert [h.class_index for h in one.heatmaps] == [EGYPTIAN_CAT, TABBY]
-            assert one.overlay(side_by_side=True).width == 2 * WIDTH
+            assert one.overlay(side_by_side=True).width == 3 * WIDTH + 2 * PANEL_GAP
+
+            own = await client.explain(PHOTO, model=MODEL, top_k=2, heatmap_size="model")
+            assert [h.heatmap.shape for h in own.heatmaps] == [(MODEL_SIZE, MODEL_SIZE)] * 2
+            np.testing.assert_allclose(
+                one.heatmap, _resized(own.heatmap, (WIDTH, HEIGHT)), atol=1e-6
+            )
+            small = await client.explain([PHOTO, PHOTO], model=MODEL, heatmap_size="64x48")
+            assert [r.heatmap.shape for r in small] == [(48, 64)] * 2
+            np.testing.assert_allclose(small[1].heatmap, _resized(own.heatmap, (64, 48)),
+                                       atol=1e-6)
+            assert small[0].overlay().size == (WIDTH, HEIGHT)
+            with pytest.raises(InvalidInputError, match="heatmap_size") as caught:
+                await client.explain(PHOTO, model=MODEL, heatmap_size=(0, 48))
+            assert caught.value.code is None
 
             count = client_module.IMAGES_PER_REQUEST + 2  # two requests, run concurrently
             many = await client.explain(

@@ -4,16 +4,18 @@ command, and overlays drawn with numpy and Pillow only.
     from gradcam_client import GradCamClient
 
     with GradCamClient("127.0.0.1:8001") as client:
-        result = client.explain("photo.jpg", model="efficientnet_lite0")
-        result.overlay().save("overlay.png")
+        result = client.explain("samples/chelsea.jpg", model="efficientnet_lite0", top_k=3)
+        result.overlay(side_by_side=True).save("out/chelsea-top3.png")
 """
 
 from .client import (
     METHODS,
+    PIXEL_METHODS,
     AsyncGradCamClient,
     ClassHeatmap,
     Explanation,
     GradCamClient,
+    HeatmapSize,
     ImageInput,
     ModelInfo,
     ModelStatus,
@@ -25,32 +27,38 @@ from .errors import (
     GradCamError,
     InvalidInputError,
     ModelNotFoundError,
+    ModelUnavailableError,
     ServerBusyError,
     UnauthenticatedError,
     UnavailableError,
 )
-from .overlay import COLORMAPS, colorize, overlay, side_by_side
+from .overlay import COLORMAPS, colorize, gradient_image, overlay, panels, side_by_side
 
 __all__ = [
     "COLORMAPS",
     "METHODS",
+    "PIXEL_METHODS",
     "AsyncGradCamClient",
     "ClassHeatmap",
     "DeadlineError",
     "Explanation",
     "GradCamClient",
     "GradCamError",
+    "HeatmapSize",
     "ImageInput",
     "InvalidInputError",
     "ModelInfo",
     "ModelNotFoundError",
     "ModelStatus",
+    "ModelUnavailableError",
     "Prediction",
     "ServerBusyError",
     "Timings",
     "UnauthenticatedError",
     "UnavailableError",
     "colorize",
+    "gradient_image",
     "overlay",
+    "panels",
     "side_by_side",
 ]

@@ -2,7 +2,8 @@
 
     gradcam explain IMAGE --server HOST:PORT --model NAME [--method M] [--layer TENSOR]
                   [--target-class C | --top-k K] [-o PICTURE.png] [--save-npy MAP.npy]
-                  [--side-by-side] [--summary SUMMARY.csv|.json]
+                  [--heatmap-size image|model|WxH] [--side-by-side]
+                  [--summary SUMMARY.csv|.json]
     gradcam explain FOLDER_OR_IMAGES... --model NAME [-o OUT_FOLDER] [--save-npy NPY_FOLDER]
     gradcam models [--server HOST:PORT]
     gradcam health [--server HOST:PORT] [--wait SECONDS]
@@ -10,19 +11,23 @@
 Every explained image gets a line on stdout, ``samples/chelsea.jpg: Egyptian cat (0.81)``, and
 ``--summary`` writes them all to a CSV or JSON file. One image: ``-o`` is the picture (the
 overlay at the image's pixel size; one overlay per class in a row with ``--top-k K``; with
-``--side-by-side`` the image first, every picture captioned with what it shows) and
-``--save-npy`` the raw heatmap, float32 [height, width] ([K, height, width] with ``--top-k K``
-above 1). Pixel-level methods (guided-backprop, guided-gradcam) are drawn as the gradient
-image in grayscale, not over the photo. A folder or several images: ``-o`` and ``--save-npy``
-are folders that receive ``<image name>.png`` and ``<image name>.npy``, a progress bar is drawn
-on stderr, and a count closes the run; an image that cannot be read or explained is reported
-and skipped. A request still running after two seconds shows a spinner with the elapsed time
-on stderr (one "still working" line when stderr is not a terminal).
+``--side-by-side`` the image first, every picture captioned with what it shows), drawn by
+`Explanation.overlay` as the SDK draws it, and ``--save-npy`` the raw heatmap, float32
+[height, width] ([K, height, width] with ``--top-k K`` above 1). ``--heatmap-size`` sets the
+maps' size: "image" (the default), "model" (the graph's own map, at the model's input size) or
+WIDTHxHEIGHT; the picture is drawn at the image's size all the same. Pixel-level methods
+(guided-backprop, guided-gradcam) are drawn as the gradient image in grayscale, not over the
+photo. A folder or several images: ``-o`` and ``--save-npy`` are folders that receive
+``<image name>.png`` and ``<image name>.npy``, a progress bar is drawn on stderr, and a count
+closes the run; an image that cannot be read or explained is reported and skipped. A request
+still running after two seconds shows a spinner with the elapsed time on stderr (one "still
+working" line when stderr is not a terminal).
 
 The server defaults to $GRADCAM_SERVER or 127.0.0.1:8001, the token to $GRADCAM_TOKEN, and
 the model to the server's only one. Where nothing answers, the error says how to start a server.
-Exit status: 0 on success, 1 when something failed (one line on stderr says what), 2 for a
-usage error.
+Exit status: 0 on success, 1 when something failed (one line on stderr says what: the server's
+own message, e.g. for a model that failed to load or serves inference only), 2 for a usage
+error (a bad ``--heatmap-size`` too, refused before the server is asked).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .client import METHODS, Explanation, GradCamClient
+from .client import METHODS, Explanation, GradCamClient, heatmap_size_option
 from .errors import (
     DeadlineError,
     GradCamError,
@@ -51,13 +56,12 @@ from .errors import (
     ModelNotFoundError,
     UnavailableError,
 )
-from .overlay import COLORMAPS, gradient_image, overlay, panels
+from .overlay import COLORMAPS
 
 PROG = "gradcam"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SUMMARY_SUFFIXES = (".csv", ".json")
 SUMMARY_PREDICTIONS = 5  # predictions per image in a JSON summary
-PIXEL_METHODS = ("guided-backprop", "guided-gradcam")  # drawn as gradient images
 PROGRESS_WIDTH = 24
 TIMEOUT_SECONDS = 30.0  # the deadline of a call, as the SDK's
 EXPLAIN_TIMEOUT_SECONDS = 600.0  # Score-CAM on ResNet-50 takes 89 s on 2 CPU threads
@@ -202,7 +206,7 @@ def _explain_one(
             top_k=args.top_k, layer=args.layer, counterfactual=args.counterfactual,
             eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
             target_mask=args.mask, output=args.score_output,
-            num_predictions=args.num_predictions,
+            num_predictions=args.num_predictions, heatmap_size=args.heatmap_size,
         )
     except InvalidInputError as error:
         if _IMAGE_PREFIX.match(error.message):  # about this image, not the whole request
@@ -217,7 +221,7 @@ def _explain_one(
         ) from None
     if overlay_path is not None:
         try:
-            picture = _picture(image, result, args)
+            picture = result.overlay(args.colormap, args.opacity, args.side_by_side)
         except OSError as error:
             raise ImageError(f"{image}: cannot decode the image: {error}") from None
         _save_picture(picture, overlay_path)
@@ -226,34 +230,6 @@ def _explain_one(
         heatmap_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(heatmap_path, maps[0] if len(maps) == 1 else np.stack(maps))
     return _Outcome(image, result, overlay_path, heatmap_path)
-
-
-def _picture(image: Path, result: Explanation, args: argparse.Namespace) -> Image.Image:
-    """What ``-o`` writes: one map per explained class, in a row; with ``--side-by-side`` the
-    image first and every picture captioned. Grad-CAM-like maps are blended over the image,
-    pixel-level maps drawn as gradient images."""
-    base = result.image
-    assert base is not None  # the CLI sends files, never tensors
-    if result.method in PIXEL_METHODS:
-        maps = [gradient_image(h.heatmap) for h in result.heatmaps]
-    else:
-        maps = [overlay(base, h.heatmap, args.colormap, args.opacity) for h in result.heatmaps]
-    if args.side_by_side:
-        return panels([base, *maps], _captions(image, result, args))
-    return maps[0] if len(maps) == 1 else panels(maps)
-
-
-def _captions(image: Path, result: Explanation, args: argparse.Namespace) -> list[list[str]]:
-    """The image: its file name, the model and method; each map: its class and the class's
-    score."""
-    how = result.method + (", counterfactual" if args.counterfactual else "")
-    scores = {p.class_index: p.score for p in result.predictions}
-    captions = [[image.name, f"{result.model}, {how}"]]
-    for explained in result.heatmaps:
-        name = _class_name(explained.class_index, explained.label)
-        score = scores.get(explained.class_index)
-        captions.append([name if score is None else f"{name}  {score:.2f}"])
-    return captions
 
 
 def _models(client: GradCamClient, args: argparse.Namespace) -> int:
@@ -267,9 +243,13 @@ def _models(client: GradCamClient, args: argparse.Namespace) -> int:
             continue
         info = client.model_info(status.name)
         shape = "[" + ",".join(str(d) for d in info.input_shape) + "]"
+        explains = (
+            f"layer {info.layer}" if not info.explain_error
+            else f"inference only: {' '.join(info.explain_error.split())}"
+        )
         print(
             f"{status.name:<{width}}  ready  input {info.input} {shape}  "
-            f"{info.num_classes} classes  layer {info.layer}"
+            f"{info.num_classes} classes  {explains}"
         )
     return 0
 
@@ -367,10 +347,6 @@ def _method_shown(args: argparse.Namespace) -> str:
     return args.method or "the model's default method"
 
 
-def _class_name(class_index: int, label: str) -> str:
-    return label or f"class {class_index}"
-
-
 def _summary_line(outcome: _Outcome) -> str:
     """``samples/chelsea.jpg: Egyptian cat (0.81) -> out/chelsea.png``, naming the explained
     classes where they are not just the top one."""
@@ -378,10 +354,8 @@ def _summary_line(outcome: _Outcome) -> str:
     assert result is not None
     top = result.predictions[0] if result.predictions else None
     image = outcome.image
-    line = f"{image}: {_class_name(top.class_index, top.label)} ({top.score:.2f})" if top else (
-        f"{image}:"
-    )
-    explained = [_class_name(h.class_index, h.label) for h in result.heatmaps]
+    line = f"{image}: {top.name} ({top.score:.2f})" if top else f"{image}:"
+    explained = [h.name for h in result.heatmaps]
     if len(explained) > 1:
         line += f"; heatmaps of {', '.join(explained)}"
     elif top is None or result.heatmaps[0].class_index != top.class_index:
@@ -399,6 +373,16 @@ def _summary_path(text: str) -> Path:
             f"{text}: the summary is written as CSV or JSON; end its name with .csv or .json"
         )
     return path
+
+
+def _heatmap_size(text: str) -> str:
+    """``--heatmap-size``: image, model or WIDTHxHEIGHT, checked as the SDK checks it."""
+    try:
+        return heatmap_size_option(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"image, model or WIDTHxHEIGHT with positive sides (e.g. 224x224), not {text!r}"
+        ) from None
 
 
 def _write_summary(path: Path, outcomes: list[_Outcome]) -> None:
@@ -666,6 +650,11 @@ def _parser() -> argparse.ArgumentParser:
                               "row) or folder (several images); missing folders are made")
     explain.add_argument("--save-npy", type=Path, metavar="PATH",
                          help="raw float32 heatmap file (one image) or folder (several)")
+    explain.add_argument("--heatmap-size", type=_heatmap_size, metavar="image|model|WxH",
+                         help="the size of the maps --save-npy writes: image (the default: "
+                              "the image's own), model (the graph's own map, at the model's "
+                              "input size) or WIDTHxHEIGHT; pictures are drawn at the image's "
+                              "size all the same")
     explain.add_argument("--summary", type=_summary_path, metavar="PATH",
                          help="also write every image's predictions, explained classes and "
                               "files to PATH, CSV or JSON by its suffix (.csv, .json)")

@@ -4,10 +4,13 @@ explain API (``gradcam.v1.GradCam``) and ``grpc.health.v1``.
     from gradcam_client import GradCamClient
 
     with GradCamClient("127.0.0.1:8001") as client:
-        result = client.explain("photo.jpg", model="efficientnet_lite0")
-        result.heatmap                  # float32 [height, width] in [0, 1], at the photo's size
+        result = client.explain("samples/chelsea.jpg", model="efficientnet_lite0")
+        result.heatmap                  # float32 [300, 451] in [0, 1], at the photo's size
         result.predictions[0].label     # 'Egyptian cat'
-        result.overlay("turbo", opacity=0.4).save("overlay.png")
+        result.overlay("turbo", opacity=0.4).save("out/chelsea-turbo.png")
+        small = client.explain("samples/chelsea.jpg", model="efficientnet_lite0",
+                               heatmap_size="model")
+        small.heatmap.shape             # (224, 224): the graph's own map, at the model's input
 
 What `explain` takes, one at a time or as a list (a list gives a list of results):
 
@@ -17,19 +20,24 @@ What `explain` takes, one at a time or as a list (a list gives a list of results
 * a floating-point array [C, H, W]: one tensor already preprocessed as the graph expects, sent
   as float32; a 4-D float array [N, C, H, W] is N of them (and gives a list).
 
-Heatmaps come back at the image's own size (a tensor's own H and W). Calls carry a deadline
-(30 s unless ``timeout`` says otherwise), are retried with exponential backoff only when the
-server is UNAVAILABLE (not reachable, shutting down, model still loading), and raise the
-`GradCamError` subclasses of `gradcam_client.errors`. Nothing here imports onnx, onnxruntime,
-torch or the server.
+Heatmaps come back at the image's own size (a tensor's own H and W), or at the size
+``heatmap_size`` asks for: "model" (the graph's own map at the model's input size), or
+(width, height). Calls carry a deadline (30 s unless ``timeout`` says otherwise), are retried
+with exponential backoff only when the server is UNAVAILABLE (not reachable, shutting down,
+model still loading), and raise the `GradCamError` subclasses of `gradcam_client.errors`
+(a model that failed to load, or serves inference only, raises `ModelUnavailableError` at
+once). Nothing here imports onnx, onnxruntime, torch or the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import numbers
 import os
 import random
+import re
+import reprlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +59,7 @@ from .errors import (
     UnavailableError,
     error_from_rpc,
 )
-from .overlay import colorize, overlay as blend, side_by_side as put_side_by_side
+from .overlay import colorize, gradient_image, overlay as blend, panels
 
 ImageInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """One image: a path, encoded bytes, a PIL image, a uint8 image array or a float tensor."""
@@ -59,18 +67,27 @@ ImageInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Im
 PemInput = Union[bytes, str, os.PathLike[str]]
 """PEM data as bytes, or the path of a PEM file."""
 
+HeatmapSize = Union[str, tuple[int, int]]
+"""The pixel size of returned heatmaps: "image", "model", (width, height) or "WIDTHxHEIGHT"."""
+
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubled each time
 MAX_BACKOFF = 5.0
 IMAGES_PER_REQUEST = 16  # a longer list is sent as several requests
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as the server
-CAPTION_PREDICTIONS = 3  # predictions written under a side-by-side overlay
+PIXEL_METHODS = ("guided-backprop", "guided-gradcam")  # drawn as gradient images
 _METHOD_PREFIX = "METHOD_"
+_HEATMAP_SIZE = re.compile(r"([0-9]+)\s*x\s*([0-9]+)")
 _KEEP_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # sent as they are; others as RGB
 
 
 # --- results --------------------------------------------------------------------------------
+
+
+def _class_name(class_index: int, label: str) -> str:
+    """How a class is named to people: its label, or "class 7" when the model has none."""
+    return label or f"class {class_index}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,11 @@ class Prediction:
     score: float  # softmax probability
     logit: float
 
+    @property
+    def name(self) -> str:
+        """The label, or "class N" when the model has no labels."""
+        return _class_name(self.class_index, self.label)
+
 
 @dataclass(frozen=True, eq=False)
 class ClassHeatmap:
@@ -89,8 +111,13 @@ class ClassHeatmap:
 
     class_index: int
     label: str
-    heatmap: np.ndarray  # float32 [height, width] in [0, 1], at the image's own size
+    heatmap: np.ndarray  # float32 [height, width] in [0, 1], at the asked heatmap_size
     channels: list[tuple[int, float]]  # (channel, importance weight), most important first
+
+    @property
+    def name(self) -> str:
+        """The label, or "class N" when the model has no labels."""
+        return _class_name(self.class_index, self.label)
 
 
 @dataclass(frozen=True)
@@ -109,8 +136,9 @@ class Explanation:
     """Everything the server said about one image.
 
     ``heatmaps`` holds one map per explained class: the top-1 class by default, ``top_k`` maps
-    (highest score first) or the one ``target_class``. ``timings`` are those of the request that
-    held the image (images sent together share them).
+    (highest score first) or the one ``target_class``, each at the ``heatmap_size`` asked for
+    (default: the image's own). ``counterfactual`` says whether the negated score was explained.
+    ``timings`` are those of the request that held the image (images sent together share them).
     """
 
     model: str
@@ -119,6 +147,7 @@ class Explanation:
     heatmaps: list[ClassHeatmap]
     predictions: list[Prediction]
     timings: Timings
+    counterfactual: bool = False
     _source: _Source | None = field(default=None, repr=False)
 
     @property
@@ -137,36 +166,64 @@ class Explanation:
         opacity: float = 0.5,
         side_by_side: bool = False,
         *,
-        index: int = 0,
+        index: int | None = None,
         image: Image.Image | np.ndarray | None = None,
     ) -> Image.Image:
-        """The map blended over the image, as an RGB PIL image of the image's size.
+        """The explanation as an RGB PIL picture, the one ``gradcam explain -o`` writes.
 
-        ``colormap`` is "jet" or "turbo"; ``opacity`` in [0, 1] is the heatmap's weight.
-        ``side_by_side`` puts the image on the left and the overlay on the right, with the top
-        predictions written below. ``index`` picks the map (for ``top_k``). The image is the one
-        that was sent; for a tensor pass ``image``, or get the colourised map alone.
+        Every explained class's map, drawn at the image's pixel size whatever ``heatmap_size``
+        it came at, in a row (`overlay.panels`); for the default top-1 explanation that is one
+        picture of the image's size. ``index`` picks one map (of ``top_k``) instead. Grad-CAM
+        maps are blended over the image in ``colormap`` ("jet" or "turbo"), ``opacity`` in
+        [0, 1] being the heatmap's weight; the maps of the pixel-level methods (`PIXEL_METHODS`)
+        are drawn as grayscale gradient images (`overlay.gradient_image`), where colormap and
+        opacity play no part. ``side_by_side`` puts the image first and captions every picture:
+        the image with its file name (when a path was explained), the model and the method
+        (and "counterfactual"), each map with its class and that class's score.
+
+        The image is the one that was sent; for a tensor pass ``image`` (a PIL image or a uint8
+        array), or get the maps alone at their own size (ValueError with ``side_by_side``).
         """
-        heatmap = self.heatmaps[index].heatmap
+        shown = self.heatmaps if index is None else [self.heatmaps[index]]
         base = image if image is not None else self.image
-        if base is None:
-            if side_by_side:
-                raise ValueError("a tensor was explained: pass image= to put it side by side")
-            return Image.fromarray(colorize(heatmap, colormap), mode="RGB")
-        blended = blend(base, heatmap, colormap=colormap, opacity=opacity)
-        if not side_by_side:
-            return blended
-        return put_side_by_side(base, blended, self._captions(index))
+        if base is None and side_by_side:
+            raise ValueError("a tensor was explained: pass image= to put it side by side")
+        pictures = [self._drawn(explained.heatmap, base, colormap, opacity) for explained in shown]
+        if side_by_side:
+            assert base is not None
+            return panels([base, *pictures], self._captions(shown))
+        return pictures[0] if len(pictures) == 1 else panels(pictures)
 
-    def _captions(self, index: int) -> list[str]:
-        lines = [
-            f"{p.score:.2f}  {p.label or p.class_index}"
-            for p in self.predictions[:CAPTION_PREDICTIONS]
-        ]
-        explained = self.heatmaps[index]
-        if not self.predictions or self.predictions[0].class_index != explained.class_index:
-            lines.append(f"heatmap: {explained.label or explained.class_index}")
-        return lines
+    def _drawn(
+        self,
+        heatmap: np.ndarray,
+        base: Image.Image | np.ndarray | None,
+        colormap: str,
+        opacity: float,
+    ) -> Image.Image:
+        """One map as a picture of the image's size (of its own, without an image)."""
+        if self.method in PIXEL_METHODS:
+            if base is None:
+                return gradient_image(heatmap)
+            size = base.size if isinstance(base, Image.Image) else (base.shape[1], base.shape[0])
+            return gradient_image(heatmap, size=size)
+        if base is None:
+            return Image.fromarray(colorize(heatmap, colormap), mode="RGB")
+        return blend(base, heatmap, colormap=colormap, opacity=opacity)
+
+    def _captions(self, shown: list[ClassHeatmap]) -> list[list[str]]:
+        """The image: its file name, the model and method; each map: its class and the
+        class's score (the name alone when the class is not among the predictions)."""
+        how = self.method + (", counterfactual" if self.counterfactual else "")
+        name = self._source.name if self._source is not None else None
+        captions = [([name] if name else []) + [f"{self.model}, {how}"]]
+        scores = {p.class_index: p.score for p in self.predictions}
+        for explained in shown:
+            score = scores.get(explained.class_index)
+            captions.append(
+                [explained.name if score is None else f"{explained.name}  {score:.2f}"]
+            )
+        return captions
 
 
 @dataclass(frozen=True)
@@ -195,17 +252,25 @@ class ModelInfo:
     std: tuple[float, ...]
     default_score: str  # "logit", or "region" for a segmentation model
     other_inputs: tuple[str, ...]  # graph inputs besides the image, sent with `inputs=`
+    explain_error: str = ""  # why the model serves inference only; empty when it explains
 
 
 # --- inputs ---------------------------------------------------------------------------------
 
 
 class _Source:
-    """What an explanation was computed from, kept to draw its overlay (decoded lazily)."""
+    """What an explanation was computed from, kept to draw its overlay (decoded lazily), and
+    the file name of a path."""
 
-    def __init__(self, encoded: bytes | None = None, picture: Image.Image | None = None) -> None:
+    def __init__(
+        self,
+        encoded: bytes | None = None,
+        picture: Image.Image | None = None,
+        name: str | None = None,
+    ) -> None:
         self._encoded = encoded
         self._picture = picture
+        self.name = name
 
     def picture(self) -> Image.Image:
         if self._picture is None:
@@ -244,8 +309,9 @@ def _prepare(images: Any) -> list[tuple[pb.Image, _Source | None]]:
 
 def _one(image: Any) -> tuple[pb.Image, _Source | None]:
     if isinstance(image, (str, os.PathLike)):
-        data = Path(image).read_bytes()  # FileNotFoundError names the path
-        return pb.Image(encoded=data), _Source(encoded=data)
+        path = Path(image)
+        data = path.read_bytes()  # FileNotFoundError names the path
+        return pb.Image(encoded=data), _Source(encoded=data, name=path.name)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         return pb.Image(encoded=data), _Source(encoded=data)
@@ -325,6 +391,34 @@ def _method_enum(method: str | None) -> int:
     return METHOD_OF_NAME[method.lower()]
 
 
+def heatmap_size_option(value: HeatmapSize | None) -> str:
+    """The API's ``heatmap_size`` text for what `explain` takes: "" for None (the server's
+    default, "image"), "image", "model", or "WIDTHxHEIGHT" for a (width, height) pair of
+    positive integers or for such a text ("224x224"; case and spaces around do not matter).
+    Anything else raises `InvalidInputError` (a ValueError) before anything is sent. How
+    large a map may be is the server's to say (its pixel and response-size limits)."""
+    if value is None:
+        return ""
+    size: tuple[int, int] | None = None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("image", "model"):
+            return text
+        match = _HEATMAP_SIZE.fullmatch(text)
+        if match is not None:
+            size = int(match[1]), int(match[2])
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in value
+    ):
+        size = int(value[0]), int(value[1])
+    if size is None or min(size) < 1:
+        raise InvalidInputError(
+            "heatmap_size must be 'image', 'model', a (width, height) pair of positive "
+            f"integers or 'WIDTHxHEIGHT' (e.g. '224x224'), got {reprlib.repr(value)}"
+        )
+    return f"{size[0]}x{size[1]}"
+
+
 def _requests(
     images: Any,
     *,
@@ -343,6 +437,7 @@ def _requests(
     inputs: dict[str, Any] | None,
     num_predictions: int,
     num_channels: int,
+    heatmap_size: HeatmapSize | None,
 ) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
     """The requests (at most IMAGES_PER_REQUEST images each) and the sources of their images."""
     if target_class is not None and top_k is not None:
@@ -352,7 +447,10 @@ def _requests(
         target.class_index = int(target_class)
     elif top_k is not None:
         target.top_k = int(top_k)
-    options = pb.ExplainOptions(num_predictions=num_predictions, num_channels=num_channels)
+    options = pb.ExplainOptions(
+        num_predictions=num_predictions, num_channels=num_channels,
+        heatmap_size=heatmap_size_option(heatmap_size),
+    )
     method_enum = _method_enum(method)
     prepared = _prepare(images)
     requests, sources = [], []
@@ -410,7 +508,10 @@ def _typed_rows(value: Any, rows: slice) -> pb.TypedTensor:
 
 
 def _explanations(
-    response: pb.ExplainResponse, sources: list[_Source | None], round_trip: float
+    response: pb.ExplainResponse,
+    sources: list[_Source | None],
+    round_trip: float,
+    counterfactual: bool,
 ) -> list[Explanation]:
     t = response.timings
     timings = Timings(
@@ -435,7 +536,7 @@ def _explanations(
         ]
         results.append(
             Explanation(response.model, method, response.layer, heatmaps, predictions, timings,
-                        source)
+                        counterfactual=counterfactual, _source=source)
         )
     return results
 
@@ -461,6 +562,7 @@ def _model_info(message: pb.ModelInfo) -> ModelInfo:
         std=tuple(message.std),
         default_score=message.default_score,
         other_inputs=tuple(message.other_inputs),
+        explain_error=message.explain_error,
     )
 
 
@@ -634,31 +736,35 @@ class GradCamClient(_Client):
     def explain(
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
-        top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
-        eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., inputs: Any = ...,
-        num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
+        score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
+        output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
+        num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        timeout: float | None = ...,
     ) -> Explanation: ...
 
     @overload
     def explain(
-        self, images: np.ndarray, *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
-        num_channels: int = ...,
+        self, images: np.ndarray, *,
+        model: str, method: str | None = ..., target_class: int | None = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
+        score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
+        output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
+        num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
 
     @overload
     def explain(
-        self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
-        num_channels: int = ...,
+        self, images: Sequence[ImageInput], *,
+        model: str, method: str | None = ..., target_class: int | None = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
+        score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
+        output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
+        num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
 
@@ -681,6 +787,7 @@ class GradCamClient(_Client):
         inputs: dict[str, Any] | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
+        heatmap_size: HeatmapSize | None = None,
         timeout: float | None = None,
     ) -> Explanation | list[Explanation]:
         """Explain one image (gives an `Explanation`) or many (a list or a 4-D tensor batch:
@@ -689,20 +796,30 @@ class GradCamClient(_Client):
         ``method`` is a name of `METHODS` (None: the model's default). What is explained: the
         top-1 class by default, ``target_class`` (a class index) for every image, or the
         ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
-        (None: the model's default target layer), or several, whose maps are fused. ``counterfactual`` explains the negated
-        score: the regions whose removal would raise the class score; ``eigen_smooth`` projects
-        the per-channel contributions on their first principal component; ``aug_smooth``
-        averages the maps of flipped and rescaled copies of each image. ``score`` is
-        "logit" (the default for classifiers), "probability", "similarity" of the model's
-        output (an embedding) to ``reference_embedding`` ([D] for all images, or [N, D]), or
-        "region" (the default for segmentation models): the class's scores summed over
-        ``target_mask`` ([h, w] for all images or [N, h, w], any size; None: each class's
-        predicted region). ``output`` names the graph output explained (None: the model's
-        score output); ``inputs`` gives the model's other inputs by name, arrays with one row
-        per image. ``num_predictions`` and
-        ``num_channels`` bound the predictions and channel importances returned. ``timeout``
-        overrides the client's deadline for each request. Raises a `GradCamError` subclass,
-        FileNotFoundError for a missing path, TypeError for something that is not an image.
+        (None: the model's default target layer), or several, whose maps are fused.
+        ``counterfactual`` explains the negated score: the regions whose removal would raise the
+        class score; ``eigen_smooth`` projects the per-channel contributions on their first
+        principal component; ``aug_smooth`` averages the maps of flipped and rescaled copies of
+        each image. ``score`` is "logit" (the default for classifiers), "probability",
+        "similarity" of the model's output (an embedding) to ``reference_embedding`` ([D] for
+        all images, or [N, D]), or "region" (the default for segmentation models): the class's
+        scores summed over ``target_mask`` ([h, w] for all images or [N, h, w], any size; None:
+        each class's predicted region). ``output`` names the graph output explained (None: the
+        model's score output); ``inputs`` gives the model's other inputs by name, arrays with one
+        row per image. ``num_predictions`` and ``num_channels`` bound the predictions and
+        channel importances returned.
+
+        ``heatmap_size`` is the pixel size the maps come back at: "image" (None, the default:
+        each image's own size, a tensor's own H and W), "model" (the graph's own map, at the
+        model's input size), or (width, height), also written "WIDTHxHEIGHT". A bad value raises
+        `InvalidInputError` before anything is sent; an answer that would be over the server's
+        size limit (63 MiB) is refused with an `InvalidInputError` that names the limit.
+        `Explanation.overlay` draws every map at its image's size whatever its own.
+
+        ``timeout`` overrides the client's deadline for each request. Raises a `GradCamError`
+        subclass (`ModelUnavailableError`, never retried, for a model that failed to load or
+        serves inference only), FileNotFoundError for a missing path, TypeError for something
+        that is not an image.
         """
         requests, sources = _requests(
             images, model=model, method=method, target_class=target_class, top_k=top_k,
@@ -710,14 +827,14 @@ class GradCamClient(_Client):
             aug_smooth=aug_smooth, score=score,
             reference_embedding=reference_embedding, target_mask=target_mask, output=output,
             inputs=inputs, num_predictions=num_predictions, num_channels=num_channels,
+            heatmap_size=heatmap_size,
         )
         results: list[Explanation] = []
         for request, request_sources in zip(requests, sources):
             started = time.perf_counter()
             response = self._call(self._stub.Explain, request, timeout)
-            results.extend(
-                _explanations(response, request_sources, time.perf_counter() - started)
-            )
+            round_trip = time.perf_counter() - started
+            results.extend(_explanations(response, request_sources, round_trip, counterfactual))
         return results if _is_many(images) else results[0]
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
@@ -725,7 +842,8 @@ class GradCamClient(_Client):
         return _statuses(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout))
 
     def model_info(self, model: str, *, timeout: float | None = None) -> ModelInfo:
-        """A model's input, preprocessing, labels and default target layer."""
+        """A model's input, preprocessing, labels and default target layer, and
+        ``explain_error``: why it serves inference only ("" when it explains)."""
         request = pb.GetModelInfoRequest(model=model)
         return _model_info(self._call(self._stub.GetModelInfo, request, timeout))
 
@@ -802,31 +920,35 @@ class AsyncGradCamClient(_Client):
     async def explain(
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
-        top_k: int | None = ..., layer: str | Sequence[str] | None = ..., counterfactual: bool = ...,
-        eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ..., reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., inputs: Any = ...,
-        num_predictions: int = ..., num_channels: int = ..., timeout: float | None = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
+        score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
+        output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
+        num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        timeout: float | None = ...,
     ) -> Explanation: ...
 
     @overload
     async def explain(
-        self, images: np.ndarray, *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
-        num_channels: int = ...,
+        self, images: np.ndarray, *,
+        model: str, method: str | None = ..., target_class: int | None = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
+        score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
+        output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
+        num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
 
     @overload
     async def explain(
-        self, images: Sequence[ImageInput], *, model: str, method: str | None = ...,
-        target_class: int | None = ..., top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
-        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ..., score: str | None = ...,
-        reference_embedding: Any = ...,
-        target_mask: Any = ..., output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
-        num_channels: int = ...,
+        self, images: Sequence[ImageInput], *,
+        model: str, method: str | None = ..., target_class: int | None = ...,
+        top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
+        score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
+        output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
+        num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
 
@@ -849,6 +971,7 @@ class AsyncGradCamClient(_Client):
         inputs: dict[str, Any] | None = None,
         num_predictions: int = 5,
         num_channels: int = 10,
+        heatmap_size: HeatmapSize | None = None,
         timeout: float | None = None,
     ) -> Explanation | list[Explanation]:
         """As `GradCamClient.explain`."""
@@ -858,6 +981,7 @@ class AsyncGradCamClient(_Client):
             aug_smooth=aug_smooth, score=score, reference_embedding=reference_embedding,
             target_mask=target_mask, output=output, inputs=inputs,
             num_predictions=num_predictions, num_channels=num_channels,
+            heatmap_size=heatmap_size,
         )
 
         async def send(
@@ -865,7 +989,8 @@ class AsyncGradCamClient(_Client):
         ) -> list[Explanation]:
             started = time.perf_counter()
             response = await self._call(self._stub.Explain, request, timeout)
-            return _explanations(response, request_sources, time.perf_counter() - started)
+            round_trip = time.perf_counter() - started
+            return _explanations(response, request_sources, round_trip, counterfactual)
 
         parts = await asyncio.gather(*(send(r, s) for r, s in zip(requests, sources)))
         results = [explanation for part in parts for explanation in part]
