@@ -164,13 +164,14 @@ def test_root_readme_snippet(server: str, workdir: Path) -> None:
 
 def test_client_readme_commands(server: str, workdir: Path) -> None:
     ran = _run_commands(CLIENT_README, server, workdir)
-    assert len(ran) == 6
+    assert len(ran) == 7
     assert ran[0][1] == "SERVING\n"
     assert ran[1][1].startswith("efficientnet_lite0  ready")
     out = workdir / "out"
     assert np.load(out / "chelsea-heatmap.npy").shape == (HEIGHT, WIDTH)
     assert _size(out / "chelsea-top3.png")[0] == 4 * WIDTH + 3 * PANEL_GAP
     assert _size(out / "chelsea-guided-backprop.png")[0] == 2 * WIDTH + PANEL_GAP
+    assert np.load(out / "chelsea-heatmap-224.npy").shape == (224, 224)  # --heatmap-size model
     assert [p.name for p in (out / "overlays").iterdir()] == ["chelsea.png"]
     (record,) = json.loads((out / "summary.json").read_text())["images"]
     assert record["image"] == "samples/chelsea.jpg" and record["error"] is None
@@ -181,10 +182,13 @@ def test_client_readme_snippets(server: str, workdir: Path) -> None:
     assert len(_blocks(CLIENT_README, "python")) == 3
     printed = _run_snippets(CLIENT_README, server)
     assert "Egyptian cat 0.81" in printed and "(300, 451) float32" in printed
-    assert "tabby gradcam++ /_blocks.15/" in printed and "(224, 224)" in printed
+    assert "tabby gradcam++ /_blocks.15/" in printed and "(224, 224) ''" in printed
+    assert "(224, 224)\n(48, 64)\n" in printed  # heatmap_size "model", then (64, 48)
     assert "['Egyptian cat', 'Egyptian cat', 'Egyptian cat']" in printed
     out = workdir / "out"
     assert _size(out / "chelsea-turbo.png") == (WIDTH, HEIGHT)
     assert _size(out / "chelsea-224.png") == (224, 224)
-    assert (out / "chelsea-side-by-side.png").is_file()
+    assert _size(out / "chelsea-from-224.png") == (WIDTH, HEIGHT)
+    assert _size(out / "chelsea-side-by-side.png")[0] == 2 * WIDTH + PANEL_GAP
+    assert _size(out / "chelsea-top3-sdk.png")[0] == 4 * WIDTH + 3 * PANEL_GAP
     assert sorted(p.name for p in workdir.iterdir()) == ["models", "out", "samples"]
