@@ -34,6 +34,7 @@ from gradcam_client import (
     InvalidInputError,
     ModelNotFoundError,
     ModelUnavailableError,
+    ServerBusyError,
     UnauthenticatedError,
     UnavailableError,
     colorize,
@@ -547,6 +548,49 @@ def test_bad_input_refused_before_sending(client: GradCamClient) -> None:
 def test_deadline(client: GradCamClient) -> None:
     with pytest.raises(DeadlineError):
         client.explain(PHOTO, model=MODEL, timeout=1e-4)
+
+
+class _Refusal(grpc.RpcError):
+    """What a stub raises for a failed call."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "code, kind, retried",
+    [(grpc.StatusCode.UNAVAILABLE, UnavailableError, True),
+     (grpc.StatusCode.FAILED_PRECONDITION, ModelUnavailableError, False),
+     (grpc.StatusCode.RESOURCE_EXHAUSTED, ServerBusyError, False),
+     (grpc.StatusCode.INVALID_ARGUMENT, InvalidInputError, False),
+     (grpc.StatusCode.NOT_FOUND, ModelNotFoundError, False),
+     (grpc.StatusCode.INTERNAL, GradCamError, False)],
+)
+def test_only_unavailable_is_retried(
+    code: grpc.StatusCode, kind: type[GradCamError], retried: bool
+) -> None:
+    tries = []
+
+    def refuse(request: object, timeout: float | None, metadata: object) -> None:
+        tries.append(timeout)
+        raise _Refusal(code, "the server's reason")
+
+    with GradCamClient(NO_SERVER, retries=2, backoff=0.01) as client:
+        with pytest.raises(GradCamError) as caught:
+            client._call(refuse, None, None)
+    assert type(caught.value) is kind and caught.value.code == code
+    assert len(tries) == caught.value.attempts == (3 if retried else 1)
+    assert "the server's reason" in str(caught.value)
+
+
+def test_a_full_queue_says_retry_later() -> None:
+    assert "queue full: retry later" in " ".join(ServerBusyError.__doc__.split())
 
 
 def test_no_server_is_unavailable_after_retries() -> None:
