@@ -31,16 +31,30 @@ def datatype_of(dtype: np.dtype) -> str:
 
 
 MAX_ELEMENTS = 2**31  # far above anything a 64 MiB message can hold
+MAX_DIMENSIONS = 32  # what numpy 1.x arrays hold (numpy 2 holds 64); no model input has more
 
 
 def element_count(shape: tuple[int, ...], what: str) -> int:
-    """The number of elements of a declared `shape`, in exact integer arithmetic; InvalidInput
-    for a negative dimension or a count no message could hold."""
+    """The number of elements of a declared `shape`, in exact integer arithmetic (no int64 to
+    overflow); InvalidInput naming `what` and the shape for a negative dimension, more than
+    MAX_DIMENSIONS dimensions, or a count no message could hold. A zero dimension does not
+    excuse the others: [2**62, 2**62, 0] holds no element but is no shape numpy can make."""
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{what} has a negative dimension {list(shape)}")
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidInput(
+            f"{what} declares shape {list(shape)}: {len(shape)} dimensions, "
+            f"at most {MAX_DIMENSIONS} are accepted"
+        )
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise InvalidInput(f"{what} declares shape {list(shape)}: {count} elements is too many")
+    extent = math.prod(d for d in shape if d)
+    if extent > MAX_ELEMENTS:
+        raise InvalidInput(
+            f"{what} declares shape {list(shape)}: its non-zero dimensions multiply to {extent}, "
+            "too many elements"
+        )
     return count
 
 
