@@ -7,6 +7,7 @@ import io
 import json
 import struct
 import time
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -75,6 +76,36 @@ def with_jpeg_size(data: bytes, width: int, height: int) -> bytes:
     patched = bytearray(data)
     struct.pack_into(">HH", patched, start + 5, height, width)
     return bytes(patched)
+
+
+def with_bmp_size(data: bytes, width: int, height: int) -> bytes:
+    patched = bytearray(data)
+    struct.pack_into("<ii", patched, 18, width, height)
+    return bytes(patched)
+
+
+def with_webp_lossless_size(data: bytes, width: int, height: int) -> bytes:
+    assert data[12:16] == b"VP8L" and data[20] == 0x2F
+    bits = int.from_bytes(data[21:25], "little")
+    bits = (bits & ~((1 << 28) - 1)) | (width - 1) | ((height - 1) << 14)
+    patched = bytearray(data)
+    patched[21:25] = bits.to_bytes(4, "little")
+    return bytes(patched)
+
+
+def sixteen_bit_png(pixels: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG (Pillow writes none but grayscale): pixels [H, W] or [H, W, C] of uint16,
+    colour type 0 (gray), 2 (RGB), 4 (gray and alpha) or 6 (RGBA)."""
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def with_bmp_size(data: bytes, width: int, height: int) -> bytes:
@@ -478,12 +509,82 @@ def test_grayscale_becomes_three_equal_channels() -> None:
         np.testing.assert_array_equal(channel, gray.astype(np.float32))
 
 
+RAW = Preprocessing(size=None, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0)
+EVERY_16_BIT_VALUE = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+
+
 def test_sixteen_bit_grayscale_is_scaled_to_eight_bits() -> None:
     wide = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
     image = decode_image(encode(wide, "PNG"))
     assert image.mode.startswith("I;16")
-    tensor = to_tensor(image, Preprocessing(size=None, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0))
+    tensor = to_tensor(image, RAW)
     np.testing.assert_array_equal(tensor[0], [[0.0, 100.0, 255.0]])
+
+
+@pytest.mark.parametrize("source", ["pillow-png", "crafted-png"])
+def test_sixteen_bit_grayscale_png_rounds_every_value(source: str) -> None:
+    if source == "pillow-png":
+        data = encode(EVERY_16_BIT_VALUE, "PNG")
+    else:
+        data = sixteen_bit_png(EVERY_16_BIT_VALUE, color_type=0)
+    image = decode_image(data)
+    assert image.mode == "I;16"
+    tensor = to_tensor(image, RAW)
+    expected = np.round(EVERY_16_BIT_VALUE / 257)  # round(v / 257): no value lies on a half
+    for channel in tensor:
+        np.testing.assert_array_equal(channel, expected)
+    assert tensor[0, 0, 128] == 0 and tensor[0, 0, 129] == 1  # 128/257 < 0.5 < 129/257
+    assert tensor[0, 255, 126] == 254 and tensor[0, 255, 127] == 255  # 65406, 65407
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16L", "I;16B", "I"])
+def test_every_sixteen_bit_mode_rounds_the_same(mode: str) -> None:
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I": "<i4"}[mode]
+    image = Image.frombytes(mode, (256, 256), EVERY_16_BIT_VALUE.astype(dtype).tobytes())
+    assert image.mode == mode
+    tensor = to_tensor(image, RAW)
+    np.testing.assert_array_equal(tensor[1], np.round(EVERY_16_BIT_VALUE / 257))
+
+
+def test_wider_i_mode_values_are_clipped_to_sixteen_bits() -> None:
+    values = np.array([[-5, 0, 65535, 70000, 2**31 - 1]], dtype="<i4")
+    image = Image.frombytes("I", (5, 1), values.tobytes())
+    np.testing.assert_array_equal(to_tensor(image, RAW)[0], [[0, 0, 255, 255, 255]])
+
+
+@pytest.mark.parametrize(
+    ("color_type", "mode"),
+    [(2, "RGB"), (6, "RGBA"), (4, "RGBA")],
+    ids=["rgb", "rgba", "gray-alpha"],
+)
+def test_sixteen_bit_colour_pngs_keep_the_high_byte(color_type: int, mode: str) -> None:
+    # Pillow's decoder stores 16-bit colour PNGs as 8-bit RGB(A) itself, keeping v >> 8; that
+    # is round(v / 257) or one less, and costs no extra memory.
+    channels = {2: 3, 6: 4, 4: 2}[color_type]
+    wide = np.random.default_rng(4).integers(0, 65536, (16, 16, channels), dtype=np.uint16)
+    wide[0, :4, 0] = [0, 128, 129, 65535]
+    image = decode_image(sixteen_bit_png(wide, color_type))
+    assert image.mode == mode
+    high = (wide >> 8).astype(np.float32)
+    rgb = high[:, :, :3] if channels >= 3 else np.repeat(high[:, :, :1], 3, axis=2)
+    raw_nhwc = dataclasses.replace(RAW, layout="NHWC")
+    np.testing.assert_array_equal(to_tensor(image, raw_nhwc), rgb)
+    assert rgb[0, :4, 0].tolist() == [0, 0, 0, 255]
+
+
+def test_sixteen_bit_conversion_allocates_little_beside_the_result() -> None:
+    # The float64 conversion held three 8-byte copies of every pixel (a 95 KB PNG of 50 MP
+    # cost 1.2 GB); now it is the 8-bit result and a few MB of bands. tracemalloc sees numpy's
+    # and Python's allocations, not Pillow's image memory.
+    side = 2048
+    image = Image.frombytes("I;16", (side, side), np.zeros((side, side), "<u2").tobytes())
+    tracemalloc.start()
+    try:
+        to_tensor(image, Preprocessing(size=(8, 8)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * side * side  # the old conversion peaked near 24 bytes per pixel
 
 
 def test_alpha_is_dropped() -> None:

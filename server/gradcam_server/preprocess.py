@@ -159,8 +159,9 @@ def to_tensor(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     """One image as the model's float32 input without the batch axis: [3, H, W] or [H, W, 3].
 
     The image is converted to 8-bit RGB (grayscale and palette are expanded, alpha is dropped,
-    16-bit grayscale is scaled to 8 bits), resized as a whole to ``prep.size`` if it has another
-    size, reordered to ``prep.channel_order``, then scaled and normalised per channel.
+    16-bit grayscale v becomes round(v / 257), in integer arithmetic), resized as a whole to
+    ``prep.size`` if it has another size, reordered to ``prep.channel_order``, then scaled and
+    normalised per channel.
     """
     rgb = _to_rgb(image)
     if prep.size is not None:
@@ -183,6 +184,8 @@ def to_tensor(image: Image.Image, prep: Preprocessing) -> np.ndarray:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_BAND_PIXELS = 1 << 18  # pixels per band where whole images are copied a band of rows at a time
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -274,13 +277,37 @@ def _png_reaches_iend(data: bytes) -> bool:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):
-        # Pillow's convert clips 16-bit values at 255; scale 0..65535 onto 0..255 instead.
-        wide = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.round(wide / 257.0).astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = _sixteen_bit_to_l(image)
+    elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (I;16, I;16L, I;16B, I;16N, or I holding 0..65535, as some Pillow
+    versions give such PNGs; values outside are clipped) as 8-bit L, each value v becoming
+    round(v / 257), computed exactly in integers as (v + 128) // 257 (no v lies on a half).
+
+    Pillow's own convert clips at 255 instead of scaling. The arithmetic is done on bands of rows
+    in uint32 (v + 128 needs 17 bits), so beside the 8-bit result only a few MB are allocated.
+
+    16-bit RGB, RGBA and gray+alpha PNGs never get here: Pillow's decoder already stores them as
+    8-bit RGB or RGBA, keeping the high byte (v >> 8, which is round(v / 257) or one less).
+    """
+    width, height = image.size
+    result = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        band = np.asarray(image.crop((0, top, width, bottom)))
+        if image.mode == "I":
+            band = np.clip(band, 0, 65535)
+        wide = band.astype(np.uint32)
+        wide += 128
+        wide //= 257
+        result[top:bottom] = wide
+    return Image.fromarray(result)
 
 
 # --- config parsing helpers ---------------------------------------------------------------
