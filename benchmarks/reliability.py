@@ -1034,8 +1034,7 @@ def section_malformed(ctx: Context) -> None:
     cases = malformed_cases()
     results: list[CaseResult] = []
     try:
-        good = stubs.kserve.ModelInfer(good_tiny(), timeout=CALL_TIMEOUT_S)  # warm up
-        assert good.outputs, "the good request failed before any malformed one"
+        stubs.kserve.ModelInfer(good_tiny(), timeout=CALL_TIMEOUT_S)  # warm up; raises if bad
         for case in cases:
             ctx.check_time()
             method, make = case.call
