@@ -34,6 +34,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -824,10 +825,14 @@ def test_health_follows_loading_and_shutdown(tiny_repository: Path) -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-def test_reflection_lists_the_services(channel) -> None:
-    services = ProtoReflectionDescriptorDatabase(channel).get_services()
-    for name in ("inference.GRPCInferenceService", "gradcam.v1.GradCam", "grpc.health.v1.Health"):
+def test_reflection_lists_and_describes_the_services(channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = database.get_services()
+    pool = DescriptorPool(database)
+    for name, method in (("inference.GRPCInferenceService", "ModelInfer"),
+                         ("gradcam.v1.GradCam", "Explain"), ("grpc.health.v1.Health", "Check")):
         assert name in services
+        assert method in pool.FindServiceByName(name).methods_by_name
 
 
 # -- 11. metrics ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from PIL import Image
 import servers
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
-from tritonclient.grpc import service_pb2 as kserve_pb  # the KServe messages, as tritonclient has them
+from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 from servers import ServerProcess, expect_error, sample
 from test_server import image_input, outputs, tensor_input
@@ -322,8 +322,8 @@ def test_declared_sizes_are_checked_before_use(channel, tensor, raw, fragments) 
 def test_typed_tensor_shapes_cannot_overflow(channel) -> None:
     stub = pb_grpc.GradCamStub(channel)
     huge = pb.Tensor(shape=[2**32, 2**32, 3], data=b"")
-    expect_error(lambda: stub.Explain(pb.ExplainRequest(model=LITE0, images=[pb.Image(tensor=huge)]),
-                                      timeout=CALL_TIMEOUT_S),
+    request = pb.ExplainRequest(model=LITE0, images=[pb.Image(tensor=huge)])
+    expect_error(lambda: stub.Explain(request, timeout=CALL_TIMEOUT_S),
                  INVALID, "image 0", "too many")
 
 
@@ -406,3 +406,35 @@ def test_token_from_a_file_or_the_environment(repository, start_server, tmp_path
                                      metadata=[("authorization", f"Bearer {token}")])
             assert [m.name for m in listed.models] == ["tiny"]
         assert token not in " ".join(server.process.args)
+
+
+def test_long_names_are_refused_without_being_echoed(client, channel) -> None:
+    long = "x" * 1_000_000
+    message = expect_error(
+        lambda: client.infer(LITE0, [image_input(smooth_png(8, 8))],
+                             parameters={"target_layer": long}, client_timeout=CALL_TIMEOUT_S),
+        INVALID, "'target_layer'", "1000000 characters", "at most 1024",
+    )
+    assert len(message) < 200
+    stub = pb_grpc.GradCamStub(channel)
+    request = pb.ExplainRequest(model=LITE0, images=[pb.Image(encoded=smooth_png(8, 8))],
+                                layers=["a", long])
+    expect_error(lambda: stub.Explain(request, timeout=CALL_TIMEOUT_S),
+                 INVALID, "layers[1]", "at most 1024")
+    unknown = [("u" * 2000, "FP32", [1])]
+    message = expect_error(
+        lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            kserve_request(*unknown, raw=[b"\x00" * 4]), timeout=CALL_TIMEOUT_S),
+        INVALID, "unknown input 'uuuu", "...",
+    )
+    assert len(message) <= 1024
+
+
+def test_input_names_are_checked_before_anything_is_decoded(channel) -> None:
+    many = [(f"extra{i}", "FP32", [1, 3, 224, 224]) for i in range(2000)]
+    raw = [b"\x00" * (4 * 3 * 224 * 224)] * 2000  # 1.2 GB declared; not one byte looked at
+    started = time.monotonic()
+    request = kserve_request(*many[:40], raw=raw[:40])
+    expect_error(lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+        request, timeout=CALL_TIMEOUT_S), INVALID, "unknown input 'extra0'")
+    assert time.monotonic() - started < 2.0

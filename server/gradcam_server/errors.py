@@ -5,6 +5,16 @@ server is built (no paths, no tracebacks).
 """
 
 
+MAX_MESSAGE_CHARS = 1024  # a client-facing message is cut to this (gRPC caps metadata at 8 KiB)
+MAX_TEXT_CHARS = 1024  # longest name or parameter text a request may send
+SHOWN_CHARS = 64  # characters of a client's text echoed back in a message
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message, cut to SHOWN_CHARS characters."""
+    return repr(text) if len(text) <= SHOWN_CHARS else repr(text[:SHOWN_CHARS]) + "..."
+
+
 class ServiceError(Exception):
     """Base of every error a client is meant to see."""
 

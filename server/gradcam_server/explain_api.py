@@ -14,7 +14,7 @@ from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
 from .datatypes import element_count, from_bytes
-from .errors import InvalidInput
+from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import METHODS, Explaining
 from .preprocess import decode_image
@@ -61,11 +61,19 @@ class GradCamServicer(pb_grpc.GradCamServicer):
 
     async def _explain(self, model, method, request, context, started) -> pb.ExplainResponse:
         options = request.options
+        texts = {"layer": request.layer, "score": request.score, "output": request.output,
+                 "colormap": options.colormap, "heatmap_size": options.heatmap_size,
+                 **{f"layers[{i}]": layer for i, layer in enumerate(request.layers)}}
+        for field, text in texts.items():
+            if len(text) > MAX_TEXT_CHARS:
+                raise InvalidInput(
+                    f"{field} is {len(text)} characters long; at most {MAX_TEXT_CHARS}"
+                )
         if options.num_predictions < 0 or options.num_channels < 0:
             raise InvalidInput("num_predictions and num_channels must not be negative")
         if options.colormap and options.colormap not in COLORMAPS:
             raise InvalidInput(
-                f"unknown colormap {options.colormap!r}; available: {', '.join(COLORMAPS)}"
+                f"unknown colormap {shown(options.colormap)}; available: {', '.join(COLORMAPS)}"
             )
         if not 0 <= options.overlay_opacity <= 1:
             raise InvalidInput(f"overlay_opacity must be in [0, 1], got {options.overlay_opacity}")

@@ -47,7 +47,7 @@ import math
 from . import __version__
 from .augment.passes import NAMES
 from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
-from .errors import InvalidInput
+from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import METHODS, Explaining, ServedModel
 from .service import (
@@ -125,7 +125,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         parameters = _parameters(request.parameters)
         method = parameters.get("method") or model.config.method
         if method not in METHODS:
-            raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+            raise InvalidInput(f"unknown method {shown(method)}; available: {', '.join(METHODS)}")
         labels["method"] = method
         with self.service.admit(model):
             return await self._infer(model, request, parameters, deadline_of(context))
@@ -134,26 +134,27 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, model: ServedModel, request, parameters: dict[str, str], deadline: float | None
     ) -> pb.ModelInferResponse:
         heatmap_size = HeatmapSize.parse(parameters.get("heatmap_size"), self.service.max_pixels)
-        inputs = decode_inputs(request, max_bytes_elements=MAX_IMAGES_PER_REQUEST)
         available = [o.name for o in model.outputs] + [HEATMAP_OUTPUT]
         requested = [o.name for o in request.outputs] or available
         unknown = [name for name in requested if name not in available]
         if unknown:
             raise InvalidInput(
-                f"unknown output {unknown[0]!r}; the model has {', '.join(available)}"
+                f"unknown output {shown(unknown[0])}; the model has {', '.join(available)}"
             )
         others = [i.name for i in model.other_inputs]
         expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT, REFERENCE_INPUT,
                     MASK_INPUT, *others}
-        for name in inputs:
+        for tensor in request.inputs:  # names first: nothing is decoded for a wrong one
+            name = tensor.name
             if name not in expected:
                 also = f", the model's other input(s) {', '.join(others)}" if others else ""
                 raise InvalidInput(
-                    f"unknown input {name!r}; send {model.input.name!r} (FP32 tensor) or "
+                    f"unknown input {shown(name)}; send {model.input.name!r} (FP32 tensor) or "
                     f"{IMAGE_INPUT!r} (BYTES, encoded images){also}, and optionally "
                     f"{TARGET_CLASS_INPUT!r} (INT64), {REFERENCE_INPUT!r} or {MASK_INPUT!r} "
                     "(FP32)"
                 )
+        inputs = decode_inputs(request, max_bytes_elements=MAX_IMAGES_PER_REQUEST)
         for name in (TARGET_CLASS_INPUT, REFERENCE_INPUT, MASK_INPUT, *others):
             if isinstance(inputs.get(name), list):
                 raise InvalidInput(f"input {name!r} must be a numeric tensor, got BYTES")
@@ -180,9 +181,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput(f"input {IMAGE_INPUT!r} must hold at least one image")
             x, sizes = await self.service.images_to_tensor(model, encoded)
             if len(set(sizes)) > 1:
-                shown = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
+                two = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
                 raise InvalidInput(
-                    f"images in one request must share one pixel size (got {shown}); send them "
+                    f"images in one request must share one pixel size (got {two}); send them "
                     "in separate requests or use the typed Explain API, which takes mixed sizes"
                 )
         else:
@@ -316,6 +317,15 @@ def decode_inputs(
             raise InvalidInput(
                 f"input {tensor.name!r} holds {len(values)} values for shape {list(shape)}"
             )
+        if dtype.kind in "iu" and dtype.itemsize < 4 and values:  # carried in 32-bit fields
+            low, high = min(values), max(values)
+            limits = np.iinfo(dtype)
+            if low < limits.min or high > limits.max:
+                wrong = low if low < limits.min else high
+                raise InvalidInput(
+                    f"input {tensor.name!r}: value {wrong} is out of the range of "
+                    f"{tensor.datatype} ({limits.min}..{limits.max})"
+                )
         array = np.asarray(values, dtype=dtype)
         decoded[tensor.name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
     return decoded
@@ -350,6 +360,10 @@ def _parameters(parameters) -> dict[str, str | bool | int]:
                 f"parameter {key!r} must be a " + " or ".join(k.split("_")[0] for k in kinds)
             )
         value = getattr(parameter, kind)
+        if kind == "string_param" and len(value) > MAX_TEXT_CHARS:
+            raise InvalidInput(
+                f"parameter {key!r} is {len(value)} characters long; at most {MAX_TEXT_CHARS}"
+            )
         if value or kind == "int64_param":
             values[key] = value
     return values

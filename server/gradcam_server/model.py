@@ -32,7 +32,7 @@ from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
 from .batching import StopSignal
 from .config import ModelConfig, read_config
-from .errors import ExplainUnavailable, InvalidInput, RunStopped
+from .errors import ExplainUnavailable, InvalidInput, RunStopped, shown
 from .runtime import RuntimeOptions, create_session
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class ServedModel:
             )
         method = request.method or self.config.method
         if method not in METHODS:
-            raise InvalidInput(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+            raise InvalidInput(f"unknown method {shown(method)}; available: {', '.join(METHODS)}")
         try:
             output = score_output_name(
                 self._proto, self.score_output if request.output is None else request.output
@@ -186,7 +186,7 @@ class ServedModel:
         score = request.score or self.default_score(output)
         if score not in SERVED_SCORES:
             raise InvalidInput(
-                f"unknown score {score!r}; available: {', '.join(SERVED_SCORES)}"
+                f"unknown score {shown(score)}; available: {', '.join(SERVED_SCORES)}"
             )
         return replace(request, method=method, layer=request.layer or self.default_layer,
                        score=score, output=output)

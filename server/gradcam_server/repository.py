@@ -19,13 +19,12 @@ from pathlib import Path
 
 from .augment import AugmentError
 from .config import ConfigError
-from .errors import ModelFailed, ModelNotFound, ModelNotReady
+from .errors import ModelFailed, ModelNotFound, ModelNotReady, shown
 from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel
 from .runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
-_NAME_SHOWN = 64  # characters of an unknown name echoed back in an error
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,7 @@ class ModelRepository:
             raise ModelFailed(f"model {name!r} failed to load: {self._failures[name]}")
         if name in self.names:
             raise ModelNotReady(f"model {name!r} is still loading")
-        shown = name if len(name) <= _NAME_SHOWN else name[:_NAME_SHOWN] + "..."
-        raise ModelNotFound(f"unknown model {shown!r}")
+        raise ModelNotFound(f"unknown model {shown(name)}")
 
     def statuses(self) -> list[ModelStatus]:
         result = []

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gradcam_proto import gradcam_pb2, grpc_service_pb2
 
@@ -118,7 +119,8 @@ class GradCamServer:
                      gradcam_pb2.DESCRIPTOR.services_by_name["GradCam"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+            pool=_reflection_pool(),
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         host, port = self.options.host, self.options.port
@@ -194,6 +196,15 @@ class GradCamServer:
         return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=root, require_client_auth=root is not None
         )
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every served .proto file in one pool, for reflection: the KServe file lives in a pool
+    of its own (see proto/generate.py), the others in protobuf's default one."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (grpc_service_pb2, gradcam_pb2, health_pb2, reflection_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
 
 
 def _read_pem(path: Path, kind: str) -> bytes:

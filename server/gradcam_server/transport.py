@@ -19,6 +19,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
 from .errors import (
+    MAX_MESSAGE_CHARS,
     DeadlineExceeded,
     ExplainUnavailable,
     InvalidInput,
@@ -91,8 +92,9 @@ def rpc(api: str, *, large: bool = False):
     Service errors become their status with their message; anything else becomes INTERNAL
     with a generic message and a logged traceback. With `large`, the response is serialized
     in a worker thread. A response over ``metrics.max_message_bytes``, which gRPC could not
-    send, becomes INVALID_ARGUMENT naming the limit; a call the client abandoned (cancelled, or past its deadline) is counted with
-    the code CANCELLED. Every failure is counted in ``gradcam_request_errors_total``.
+    send, becomes INVALID_ARGUMENT naming the limit. A message is cut to MAX_MESSAGE_CHARS. A
+    call the client abandoned (cancelled, or past its deadline) is counted with the code
+    CANCELLED. Every failure is counted in ``gradcam_request_errors_total``.
     """
 
     def decorate(method):
@@ -110,7 +112,7 @@ def rpc(api: str, *, large: bool = False):
                 _check_size(response, metrics.max_message_bytes)
                 return response
             except ServiceError as error:
-                code, message = status_of(error), str(error)
+                code, message = status_of(error), _cut(str(error))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -128,6 +130,13 @@ def rpc(api: str, *, large: bool = False):
         return wrapper
 
     return decorate
+
+
+def _cut(message: str) -> str:
+    """A message within MAX_MESSAGE_CHARS: whatever a request echoed, it reaches the client."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 12] + " ... (cut)"
 
 
 def _check_size(response, limit: int | None) -> None:
