@@ -10,6 +10,7 @@ import time
 import tracemalloc
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,26 +72,34 @@ def crafted_png(width: int, height: int) -> bytes:
 
 
 def with_jpeg_size(data: bytes, width: int, height: int) -> bytes:
-    """A baseline JPEG with the size fields of its SOF0 segment rewritten."""
-    start = data.index(b"\xff\xc0")
+    """A baseline or progressive JPEG with the size fields of its SOF0/SOF2 segment rewritten."""
+    start = data.find(b"\xff\xc0")
+    if start < 0:
+        start = data.index(b"\xff\xc2")
     patched = bytearray(data)
     struct.pack_into(">HH", patched, start + 5, height, width)
     return bytes(patched)
 
 
-def with_bmp_size(data: bytes, width: int, height: int) -> bytes:
-    patched = bytearray(data)
-    struct.pack_into("<ii", patched, 18, width, height)
-    return bytes(patched)
+def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each scan's coded data: after its SOS segment, up to the next marker
+    (0xFF then neither 0x00, a stuffed byte, nor RST0-7)."""
+    scans = []
+    position = 0
+    while (sos := data.find(b"\xff\xda", position)) >= 0:
+        start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+        end = start
+        while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+            end += 1
+        scans.append((start, end))
+        position = end
+    return scans
 
 
-def with_webp_lossless_size(data: bytes, width: int, height: int) -> bytes:
-    assert data[12:16] == b"VP8L" and data[20] == 0x2F
-    bits = int.from_bytes(data[21:25], "little")
-    bits = (bits & ~((1 << 28) - 1)) | (width - 1) | ((height - 1) << 14)
-    patched = bytearray(data)
-    patched[21:25] = bits.to_bytes(4, "little")
-    return bytes(patched)
+def pillow_pixels(data: bytes) -> bytes:
+    """The pixels Pillow decodes on its own, for comparison."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.tobytes()
 
 
 def sixteen_bit_png(pixels: np.ndarray, color_type: int) -> bytes:
@@ -318,6 +327,140 @@ def test_corrupt_png_data_is_refused() -> None:
     data[len(data) // 2] ^= 0xFF
     with pytest.raises(InvalidInput, match="truncated or corrupt"):
         decode_image(bytes(data))
+
+
+CHELSEA = Path(__file__).resolve().parents[1] / "samples/chelsea.jpg"
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """The bundled photo at another size: real JPEG statistics, unlike noise."""
+    with Image.open(CHELSEA) as image:
+        return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_jpeg_scan_cut_before_an_end_marker_is_refused(fraction: float, progressive: bool) -> None:
+    # libjpeg pads a scan whose data stops at a marker with grey blocks and only warns; Pillow
+    # drops the warning, so this decoded to a full-size image before.
+    data = CHELSEA.read_bytes()
+    if progressive:
+        data = encode(photo(451, 300), "JPEG", progressive=True)
+    start, end = jpeg_scans(data)[-1]
+    cut = start + round(fraction * (end - start - 2)) + 1  # at least one byte is missing
+    truncated = data[:cut] + b"\xff\xd9"
+    with pytest.raises(InvalidInput, match="truncated"):
+        decode_image(truncated)
+
+
+def test_every_cut_of_a_baseline_scan_is_refused() -> None:
+    data = encode(photo(64, 48), "JPEG")
+    (start, end), = jpeg_scans(data)
+    for cut in range(start, end):
+        with pytest.raises(InvalidInput, match="truncated"):
+            decode_image(data[:cut] + b"\xff\xd9")
+
+
+def test_jpeg_cut_at_a_restart_marker_is_refused() -> None:
+    # Cut just after a restart marker, every interval left is whole: the restart markers the
+    # scan lacks tell.
+    data = encode(photo(64, 48), "JPEG", restart_marker_blocks=2)
+    start, end = jpeg_scans(data)[0]
+    restart = data.index(b"\xff\xd3", start)
+    with pytest.raises(InvalidInput, match="restart markers"):
+        decode_image(data[: restart + 2] + b"\xff\xd9")
+
+
+def test_huge_jpeg_header_with_little_data_is_refused_before_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 49 MP, under the pixel limit, from a few hundred bytes: the scan cannot code so many
+    # blocks, which is known before anything is allocated.
+    for options in ({}, {"progressive": True}):
+        data = with_jpeg_size(encode(noise(8, 8), "JPEG", **options), 7000, 7000)
+        assert len(data) < 1500
+        monkeypatch.setattr(ImageFile.ImageFile, "load", _refuse_load)
+        started = time.perf_counter()
+        with pytest.raises(InvalidInput, match=r"truncated .*7000x7000"):
+            decode_image(data)
+        assert time.perf_counter() - started < 0.5
+        monkeypatch.undo()
+
+
+def test_jpeg_without_a_dc_scan_is_refused() -> None:
+    data = encode(photo(32, 32), "JPEG", progressive=True)
+    first_sos = data.index(b"\xff\xda")
+    _, first_end = jpeg_scans(data)[0]
+    with pytest.raises(InvalidInput, match="no DC scan"):
+        decode_image(data[:first_sos] + data[first_end:])
+
+
+def test_progressive_jpeg_whose_last_scans_are_missing_still_decodes() -> None:
+    # The standard lets a progression stop early (libjpeg's encoder asks only for every
+    # component's DC): whole scans are a valid, less detailed image, not padding.
+    data = encode(photo(64, 48), "JPEG", progressive=True)
+    _, second_end = jpeg_scans(data)[1]
+    shorter = data[:second_end] + b"\xff\xd9"
+    assert decode_image(shorter).tobytes() == pillow_pixels(shorter)
+
+
+def _solid(colour: tuple[int, int, int], width: int = 640, height: int = 480) -> Image.Image:
+    return Image.new("RGB", (width, height), colour)
+
+
+VALID_JPEGS: dict[str, tuple[Callable[[], Image.Image], dict]] = {
+    "baseline": (lambda: photo(451, 300), {}),
+    "progressive": (lambda: photo(451, 300), {"progressive": True}),
+    "optimized": (lambda: photo(451, 300), {"optimize": True}),
+    "progressive-optimized-q5": (
+        lambda: photo(451, 300), {"progressive": True, "optimize": True, "quality": 5}
+    ),
+    "q100-444": (lambda: photo(451, 300), {"quality": 100, "subsampling": 0}),
+    "restarts": (lambda: photo(451, 300), {"restart_marker_blocks": 1}),
+    "restarts-progressive": (
+        lambda: photo(451, 300), {"restart_marker_rows": 1, "progressive": True}
+    ),
+    "gray": (lambda: photo(451, 300).convert("L"), {}),
+    "cmyk": (lambda: photo(451, 300).convert("CMYK"), {}),
+    # Solid colours code each block in as few bits as the format allows.
+    "solid-grey-optimized": (lambda: _solid((128, 128, 128)), {"optimize": True}),
+    "solid-grey-progressive": (
+        lambda: _solid((128, 128, 128)), {"optimize": True, "progressive": True}
+    ),
+    "solid": (lambda: _solid((200, 30, 60)), {}),
+    "solid-black-444": (lambda: _solid((0, 0, 0)), {"optimize": True, "subsampling": 0}),
+    "solid-12mp": (lambda: _solid((255, 255, 255), 4000, 3000), {"optimize": True}),
+    "1x1-gray": (lambda: Image.new("L", (1, 1), 77), {}),
+    "1x1-progressive": (lambda: _solid((10, 20, 30), 1, 1), {"progressive": True}),
+    "large": (lambda: photo(2000, 1500), {"quality": 90}),
+}
+
+
+@pytest.mark.parametrize("kind", VALID_JPEGS)
+def test_valid_jpegs_decode_as_pillow_decodes_them(kind: str) -> None:
+    make, options = VALID_JPEGS[kind]
+    image = make()
+    data = encode(image, "JPEG", **options)
+    decoded = decode_image(data)
+    assert decoded.size == image.size
+    assert decoded.tobytes() == pillow_pixels(data)
+
+
+def test_valid_jpeg_oddities_decode() -> None:
+    data = CHELSEA.read_bytes()
+    expected = pillow_pixels(data)
+    # Fill bytes before markers, data after the end marker, and an EXIF block whose thumbnail
+    # holds its own end marker.
+    filled = data.replace(b"\xff\xda", b"\xff\xff\xff\xda").replace(b"\xff\xd9", b"\xff\xff\xd9")
+    assert decode_image(filled).tobytes() == expected
+    assert decode_image(data + b"trailing \xff\xd8 bytes").tobytes() == expected
+    progressive = encode(photo(120, 80), "JPEG", progressive=True)
+    filled = progressive.replace(b"\xff\xc4", b"\xff\xff\xc4")
+    assert decode_image(filled).tobytes() == pillow_pixels(progressive)
+    exif = Image.Exif()
+    exif[0x010F] = "camera \xff\xd9"
+    with_exif = encode(photo(120, 80), "JPEG", exif=exif.tobytes(), comment=b"\xff\xd9 comment")
+    assert decode_image(with_exif).tobytes() == pillow_pixels(with_exif)
 
 
 @pytest.mark.parametrize(

@@ -16,22 +16,41 @@ so a pixel becomes ``(value * scale - mean[c]) / std[c]``. Other keys of the fil
 
 Decoding accepts JPEG, PNG, WebP and BMP only. The pixel count is read from the header and checked
 against a limit before any pixel is decoded, so a small file that claims a huge size is refused
-without allocating it; truncated or corrupt data is refused rather than padded. Pixels are taken
-as stored: EXIF orientation is not applied, so the heatmap lines up with the pixels the client
-sent.
+without allocating it; truncated data is refused rather than padded. Pixels are taken as stored:
+EXIF orientation is not applied, so the heatmap lines up with the pixels the client sent.
+
+JPEG needs more than Pillow gives: libjpeg pads a scan whose coded data stops early (at an
+appended end marker, say) with flat grey blocks, and Pillow discards the warning. So the marker
+structure is read first: every segment whole, an end-of-image marker after the scans, all the
+restart markers a scan's size calls for, and enough coded data for every 8x8 block a Huffman
+scan must code (one or two bits each, the least the format allows), so that a small file cannot
+stand for a large image. Then, after decoding, the file is decoded a second time with filler
+bytes after each scan's coded data: a complete scan never reads them and gives the same pixels,
+a cut scan reads them in place of the padding and gives different ones. Every JPEG thus costs a
+second decode, and holds two decoded copies while they are compared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import (
+    BmpImagePlugin,
+    Image,
+    ImageChops,
+    ImageFile,
+    JpegImagePlugin,
+    PngImagePlugin,
+    WebPImagePlugin,
+)
 
 from .errors import InvalidInput
 
@@ -116,9 +135,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """Decoded pixels of a JPEG, PNG, WebP or BMP file, in the file's own mode.
 
     Raises InvalidInput when the data is empty, in another format (named when Pillow knows it),
-    larger than ``max_pixels`` (read from the header, before anything is decoded), or truncated
-    or corrupt. Pillow's own decompression-bomb limit is not consulted: this function's limit
-    replaces it.
+    larger than ``max_pixels`` (read from the header, before anything is decoded), truncated, or
+    corrupt in a way the decoder notices. A JPEG is decoded twice (see the module docstring).
+    Pillow's own decompression-bomb limit is not consulted: this function's limit replaces it.
     """
     if not data:
         raise InvalidInput("the image is empty (0 bytes)")
@@ -130,28 +149,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     header_size = check_header(data)
     if header_size is not None:
         _check_dimensions(header_size, max_pixels)
-    try:
-        # The plugin class parses the header only; Image.open would also run Pillow's own
-        # size check, which warns or raises on its own terms.
-        image = image_class(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"the {image_format} image is too large to decode") from exc
-    except _DECODE_ERRORS as exc:
-        raise InvalidInput(f"the data is not a readable {image_format} image") from exc
+    image = _parse_header(image_class, data, image_format)
     _check_dimensions(image.size, max_pixels)
+    jpeg_scans = _jpeg_scans(data) if image_format == "JPEG" else None
 
-    try:
-        image.load()
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"the {image_format} image is too large to decode") from exc
-    except _DECODE_ERRORS as exc:
-        raise InvalidInput(
-            f"the {image_format} image could not be decoded: the data is truncated or corrupt"
-        ) from exc
+    _load(image, image_format)
     if image_format == "PNG" and not _png_reaches_iend(data):
         # Pillow stops reading after the last pixel data it needs, so a PNG cut between its
         # image data and its end chunk would otherwise decode.
         raise InvalidInput("the PNG image could not be decoded: the data is truncated")
+    if jpeg_scans is not None:
+        probe = _parse_header(image_class, _with_jpeg_probe(data, jpeg_scans), image_format)
+        _load(probe, image_format)
+        if not _same_pixels(image, probe):
+            raise InvalidInput(
+                "the JPEG image could not be decoded: its coded data ends before its last "
+                "pixel (truncated or corrupt)"
+            )
     return image
 
 
@@ -186,6 +200,30 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _BAND_PIXELS = 1 << 18  # pixels per band where whole images are copied a band of rows at a time
+
+
+def _parse_header(
+    image_class: type[ImageFile.ImageFile], data: bytes, image_format: str
+) -> ImageFile.ImageFile:
+    try:
+        # The plugin class parses the header only; Image.open would also run Pillow's own
+        # size check, which warns or raises on its own terms.
+        return image_class(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"the {image_format} image is too large to decode") from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidInput(f"the data is not a readable {image_format} image") from exc
+
+
+def _load(image: ImageFile.ImageFile, image_format: str) -> None:
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"the {image_format} image is too large to decode") from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidInput(
+            f"the {image_format} image could not be decoded: the data is truncated or corrupt"
+        ) from exc
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -239,16 +277,6 @@ def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-_DECODERS: dict[
-    str, tuple[Callable[[bytes], tuple[int, int] | None], type[ImageFile.ImageFile]]
-] = {
-    "JPEG": (_no_header_size, JpegImagePlugin.JpegImageFile),
-    "PNG": (_no_header_size, PngImagePlugin.PngImageFile),
-    "WEBP": (_webp_canvas_size, WebPImagePlugin.WebPImageFile),
-    "BMP": (_no_header_size, BmpImagePlugin.BmpImageFile),
-}
-
-
 def _check_dimensions(size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
     if width <= 0 or height <= 0:
@@ -272,6 +300,249 @@ def _png_reaches_iend(data: bytes) -> bool:
             return True
         position = end
     return False
+
+
+# --- JPEG structure -------------------------------------------------------------------------
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
+_JPEG_ARITHMETIC_SOF = frozenset(range(0xC9, 0xD0)) - {0xCC}
+_JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+_JPEG_LOSSLESS_SOF = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+_JPEG_EOI, _JPEG_SOS, _JPEG_DRI = 0xD9, 0xDA, 0xDD
+_JPEG_NO_LENGTH = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RST0-7
+
+# Outside a scan: 0xFF and a code other than 0x00 and 0xFF (extra 0xFF before it are fill).
+# Bytes in between that are not a marker are skipped, as libjpeg skips them.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xff])")
+# The marker that ends a scan's coded data: 0xFF 0x00 is a stuffed data byte and RST0-7 belong
+# to the scan.
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_RESTART = re.compile(rb"\xff[\xd0-\xd7]")
+
+# Written after each scan's coded data for the second decode: no 0xFF, so never a marker, and
+# irregular, so a decoder that reads it as coded data decodes other coefficients than the grey
+# padding it substitutes when the data stops.
+_JPEG_PROBE = bytes(byte % 255 for byte in hashlib.shake_128(b"jpeg scan probe").digest(256))
+
+
+@dataclass(frozen=True)
+class _JpegFrame:
+    marker: int  # SOF0..SOF15: the coding process
+    width: int
+    height: int
+    sampling: dict[int, tuple[int, int]]  # component id: (horizontal, vertical) factors
+
+
+@dataclass(frozen=True)
+class _JpegScan:
+    components: tuple[int, ...]
+    spectral_start: int  # Ss: 0 for sequential scans and progressive DC scans
+    approximation_high: int  # Ah: 0 for a progressive scan's first pass over its coefficients
+    restart_interval: int  # MCUs between restart markers, 0 for none
+    data_start: int
+    data_end: int
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int | None, int, int]]:
+    """(marker, start, end) of each segment after SOI up to and including EOI, where start..end
+    is the segment's payload (after its length), and (None, start, end) for the coded data
+    after each SOS segment; raises InvalidInput where the data ends inside a segment or scan."""
+    position = 2
+    while True:
+        found = _JPEG_MARKER.search(data, position)
+        if found is None:
+            raise _jpeg_truncated("it ends before its end-of-image marker")
+        marker, position = found.group(1)[0], found.end()
+        if marker == _JPEG_EOI:
+            yield marker, position, position
+            return
+        if marker in _JPEG_NO_LENGTH:
+            continue
+        if position + 2 > len(data):
+            raise _jpeg_truncated("it ends inside a marker segment")
+        length = int.from_bytes(data[position : position + 2], "big")
+        end = position + length
+        if length < 2 or end > len(data):
+            raise _jpeg_truncated("a marker segment runs past the end of the data")
+        yield marker, position + 2, end
+        position = end
+        if marker == _JPEG_SOS:
+            scan_end = _JPEG_SCAN_END.search(data, position)
+            if scan_end is None:
+                raise _jpeg_truncated("a scan's coded data has no end marker")
+            data_end = scan_end.start()
+            while data_end > position and data[data_end - 1] == 0xFF:
+                data_end -= 1  # fill bytes belong to the marker
+            yield None, position, data_end
+            position = scan_end.start()
+
+
+def _jpeg_truncated(detail: str) -> InvalidInput:
+    return InvalidInput(f"the JPEG image could not be decoded: the data is truncated ({detail})")
+
+
+def _jpeg_corrupt(detail: str) -> InvalidInput:
+    return InvalidInput(f"the JPEG image could not be decoded: {detail}")
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the JPEG's frame header, or None where there is none to read (the
+    whole structure is checked later, after Pillow has parsed the header)."""
+    try:
+        for marker, start, end in _jpeg_segments(data):
+            if marker in _JPEG_SOF and end - start >= 5:
+                height, width = struct.unpack_from(">HH", data, start + 1)
+                return width, height
+    except InvalidInput:
+        return None
+    return None
+
+
+def _jpeg_scans(data: bytes) -> list[_JpegScan]:
+    """The scans of a JPEG whose marker structure is whole; raises InvalidInput where it is not,
+    or where a scan cannot be complete for the frame it belongs to:
+
+    - a Huffman-coded scan that must code every 8x8 block of its components holds too few bits
+      for them. The bound is exact, not a guess, and holds for a solid-colour image too: in a
+      sequential scan each block takes a DC code and at least one AC code (EOB), each at least
+      one bit long, and in a progressive DC scan a DC code or a correction bit. Arithmetic
+      coding can spend less than a bit on a block, so those scans are not bounded.
+    - a scan with a restart interval holds fewer restart markers than its MCUs call for.
+    - a component has no scan (no first DC scan, in a progressive JPEG): the checks libjpeg's
+      encoder makes. A progression may stop before the last bit of every coefficient, so a
+      progressive JPEG cut exactly between two scans is a valid, less detailed image.
+    """
+    frame: _JpegFrame | None = None
+    scans: list[_JpegScan] = []
+    restart_interval = 0
+    header: tuple[tuple[int, ...], int, int] | None = None
+    for marker, start, end in _jpeg_segments(data):
+        if marker in _JPEG_SOF and frame is None:
+            frame = _jpeg_frame(data[start:end], marker)
+        elif marker == _JPEG_DRI and end - start >= 2:
+            restart_interval = int.from_bytes(data[start : start + 2], "big")
+        elif marker == _JPEG_SOS:
+            header = _jpeg_scan_header(data[start:end])
+        elif marker is None and header is not None:
+            scans.append(_JpegScan(*header, restart_interval, start, end))
+            header = None
+    if frame is None or not scans:
+        raise _jpeg_corrupt("it has no frame header or no scan")
+    progressive = frame.marker in _JPEG_PROGRESSIVE_SOF
+    covered: set[int] = set()
+    blocks = _jpeg_blocks(frame)
+    for scan in scans:
+        _check_jpeg_scan(data, frame, blocks, scan)
+        if not progressive or (scan.spectral_start == 0 and scan.approximation_high == 0):
+            covered.update(scan.components)
+    missing = sorted(set(frame.sampling) - covered)
+    if missing:
+        raise _jpeg_truncated(
+            f"component {missing[0]} has no {'DC scan' if progressive else 'scan'}"
+        )
+    return scans
+
+
+def _check_jpeg_scan(
+    data: bytes, frame: _JpegFrame, blocks: dict[int, int], scan: _JpegScan
+) -> None:
+    progressive = frame.marker in _JPEG_PROGRESSIVE_SOF
+    size = scan.data_end - scan.data_start
+    every_block = not progressive or scan.spectral_start == 0
+    if every_block and frame.marker not in _JPEG_ARITHMETIC_SOF:
+        block_count = sum(blocks.get(component, 0) for component in scan.components)
+        bits_per_block = 1 if progressive else 2
+        if 8 * size < bits_per_block * block_count:
+            raise _jpeg_truncated(
+                f"a scan of {size} bytes cannot code the {block_count} 8x8 blocks of a "
+                f"{frame.width}x{frame.height} image at {bits_per_block} bits or more each"
+            )
+    if scan.restart_interval and frame.marker not in _JPEG_LOSSLESS_SOF:
+        if len(scan.components) == 1:  # a non-interleaved scan's MCU is one block
+            mcus = blocks.get(scan.components[0], 0)
+        else:
+            max_h = max(h for h, _ in frame.sampling.values())
+            max_v = max(v for _, v in frame.sampling.values())
+            mcus = -(-frame.width // (8 * max_h)) * -(-frame.height // (8 * max_v))
+        expected = -(-mcus // scan.restart_interval) - 1
+        found = len(_JPEG_RESTART.findall(data, scan.data_start, scan.data_end))
+        if found < expected:
+            raise _jpeg_truncated(
+                f"a scan holds {found} of the {expected} restart markers of its {mcus} MCUs"
+            )
+
+
+def _jpeg_frame(payload: bytes, marker: int) -> _JpegFrame:
+    if len(payload) < 6 or len(payload) < 6 + 3 * payload[5]:
+        raise _jpeg_corrupt("its frame header is corrupt")
+    height, width = struct.unpack_from(">HH", payload, 1)
+    sampling = {}
+    for index in range(payload[5]):
+        component, factors = payload[6 + 3 * index], payload[7 + 3 * index]
+        sampling[component] = (factors >> 4, factors & 0x0F)
+    if not sampling or any(h == 0 or v == 0 for h, v in sampling.values()):
+        raise _jpeg_corrupt("its frame header is corrupt")
+    return _JpegFrame(marker, width, height, sampling)
+
+
+def _jpeg_scan_header(payload: bytes) -> tuple[tuple[int, ...], int, int]:
+    """(component ids, Ss, Ah) of a scan header."""
+    if len(payload) < 1 or len(payload) < 4 + 2 * payload[0]:
+        raise _jpeg_corrupt("a scan header is corrupt")
+    count = payload[0]
+    components = tuple(payload[1 + 2 * index] for index in range(count))
+    return components, payload[1 + 2 * count], payload[3 + 2 * count] >> 4
+
+
+def _jpeg_blocks(frame: _JpegFrame) -> dict[int, int]:
+    """The 8x8 blocks of each component (without the padding an interleaved scan adds)."""
+    max_h = max(h for h, _ in frame.sampling.values())
+    max_v = max(v for _, v in frame.sampling.values())
+    blocks = {}
+    for component, (h, v) in frame.sampling.items():
+        samples_wide = -(-frame.width * h // max_h)
+        samples_high = -(-frame.height * v // max_v)
+        blocks[component] = -(-samples_wide // 8) * -(-samples_high // 8)
+    return blocks
+
+
+def _with_jpeg_probe(data: bytes, scans: list[_JpegScan]) -> bytes:
+    """The JPEG with the probe bytes after each scan's coded data, where libjpeg skips them
+    (with a warning Pillow discards) unless the scan is cut short and reads them as data."""
+    pieces = []
+    previous = 0
+    for scan in scans:
+        pieces += [data[previous : scan.data_end], _JPEG_PROBE]
+        previous = scan.data_end
+    pieces.append(data[previous:])
+    return b"".join(pieces)
+
+
+def _same_pixels(first: Image.Image, second: Image.Image) -> bool:
+    """Whether two decoded images are equal, compared a band of rows at a time so that the
+    difference image stays small."""
+    if first.mode != second.mode or first.size != second.size:
+        return False
+    width, height = first.size
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        box = (0, top, width, min(top + rows, height))
+        if ImageChops.difference(first.crop(box), second.crop(box)).getbbox() is not None:
+            return False
+    return True
+
+
+_DECODERS: dict[
+    str, tuple[Callable[[bytes], tuple[int, int] | None], type[ImageFile.ImageFile]]
+] = {
+    "JPEG": (_jpeg_frame_size, JpegImagePlugin.JpegImageFile),
+    "PNG": (_no_header_size, PngImagePlugin.PngImageFile),
+    "WEBP": (_webp_canvas_size, WebPImagePlugin.WebPImageFile),
+    "BMP": (_no_header_size, BmpImagePlugin.BmpImageFile),
+}
+
+
+# --- conversion to RGB --------------------------------------------------------------------
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
