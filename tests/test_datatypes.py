@@ -52,7 +52,7 @@ def test_byte_count_must_match() -> None:
         ((3, 2**62, 4), "too many"),
         ((MAX_ELEMENTS + 1,), "too many"),
         # No element at all, but no array numpy could make either.
-        ((2**62, 2**62, 0), "non-zero dimensions multiply to 21267647932558653966460912964485513216"),
+        ((2**62, 2**62, 0), f"non-zero dimensions multiply to {2**124}"),
         ((0, 2**63 - 1, 2**63 - 1), "too many"),
         ((-1, -2, 2), "negative dimension [-1, -2, 2]"),
         ((4, -1), "negative dimension [4, -1]"),
@@ -61,7 +61,9 @@ def test_byte_count_must_match() -> None:
     ],
 )
 @pytest.mark.parametrize("data", [b"", b"\x00" * 4], ids=["empty", "one-element"])
-def test_absurd_shapes_are_invalid_input(shape: tuple[int, ...], fragment: str, data: bytes) -> None:
+def test_absurd_shapes_are_invalid_input(
+    shape: tuple[int, ...], fragment: str, data: bytes
+) -> None:
     with pytest.raises(InvalidInput) as refused:
         from_bytes(data, "FP32", shape, "input 'x'")
     message = str(refused.value)
