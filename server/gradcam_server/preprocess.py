@@ -524,6 +524,8 @@ def _same_pixels(first: Image.Image, second: Image.Image) -> bool:
     if first.mode != second.mode or first.size != second.size:
         return False
     width, height = first.size
+    if width * height <= _BAND_PIXELS:  # one band: no copies needed
+        return ImageChops.difference(first, second).getbbox() is None
     rows = max(1, _BAND_PIXELS // max(width, 1))
     for top in range(0, height, rows):
         box = (0, top, width, min(top + rows, height))
