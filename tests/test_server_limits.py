@@ -39,7 +39,7 @@ from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 from servers import ServerProcess, expect_error, sample
-from test_server import image_input, outputs, tensor_input
+from test_server import image_input, outputs, png_bomb, tensor_input
 
 LITE0 = "lite0"
 CALL_TIMEOUT_S = 60.0
@@ -438,3 +438,19 @@ def test_input_names_are_checked_before_anything_is_decoded(channel) -> None:
     expect_error(lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
         request, timeout=CALL_TIMEOUT_S), INVALID, "unknown input 'extra0'")
     assert time.monotonic() - started < 2.0
+
+
+def test_the_response_bound_is_checked_from_the_image_header(client, channel) -> None:
+    # A 7000 x 7000 header over a few bytes of pixel data: checked before decoding, the
+    # response's size is the error, not the missing pixels.
+    header_only = png_bomb(7000, 7000)
+    expect_error(lambda: client.infer(LITE0, [image_input(header_only)],
+                                      client_timeout=CALL_TIMEOUT_S),
+                 INVALID, "186.9 MiB", f"limit of {LIMIT_MIB} MiB")
+    stub = pb_grpc.GradCamStub(channel)
+    request = pb.ExplainRequest(model=LITE0, images=[pb.Image(encoded=header_only)])
+    expect_error(lambda: stub.Explain(request, timeout=CALL_TIMEOUT_S),
+                 INVALID, "186.9 MiB", f"limit of {LIMIT_MIB} MiB")
+    expect_error(lambda: client.infer(LITE0, [image_input(header_only, smooth_png(8, 8))],
+                                      client_timeout=CALL_TIMEOUT_S),
+                 INVALID, "one pixel size")

@@ -175,31 +175,38 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"send exactly one of {model.input.name!r} (FP32 tensor) and "
                 f"{IMAGE_INPUT!r} (BYTES, encoded images)"
             )
-        sizes = None
-        if encoded is not None:
-            if not encoded:
-                raise InvalidInput(f"input {IMAGE_INPUT!r} must hold at least one image")
-            x, sizes = await self.service.images_to_tensor(model, encoded)
+        maps = 1 if HEATMAP_OUTPUT in requested else 0
+
+        def check_sizes(sizes: list[tuple[int, int]]) -> None:
+            """Before decoding: one pixel size, and a response within the limit."""
             if len(set(sizes)) > 1:
                 two = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
                 raise InvalidInput(
                     f"images in one request must share one pixel size (got {two}); send them "
                     "in separate requests or use the typed Explain API, which takes mixed sizes"
                 )
+            other_bytes = sum(
+                4 * len(sizes) * math.prod(max(d, 1) for d in model.output_shapes[name])
+                for name in requested if name != HEATMAP_OUTPUT
+            )
+            self.service.check_heatmap_response(
+                model, sizes, heatmap_size, maps, other_bytes=other_bytes
+            )
+
+        sizes = None
+        if encoded is not None:
+            if not encoded:
+                raise InvalidInput(f"input {IMAGE_INPUT!r} must hold at least one image")
+            x, sizes = await self.service.images_to_tensor(model, encoded, check_sizes)
         else:
             await asyncio.to_thread(
                 self.service.check_tensor, model, x, f"input {model.input.name!r}"
             )
-        rows, tensor_size = len(x), pixel_size(model, x)[::-1]
-        heatmap_sizes = [
-            heatmap_size.of(size, tensor_size) for size in (sizes or [tensor_size] * rows)
+            check_sizes([pixel_size(model, x)[::-1]] * len(x))
+        heatmap_sizes = [  # (width, height) of each heatmap returned
+            heatmap_size.of(size, pixel_size(model, x)[::-1])
+            for size in (sizes or [pixel_size(model, x)[::-1]] * len(x))
         ]
-        other_bytes = sum(
-            4 * rows * math.prod(max(d, 1) for d in model.output_shapes[name])
-            for name in requested if name != HEATMAP_OUTPUT
-        )
-        heatmap_pixels = sum(w * h for w, h in heatmap_sizes) if HEATMAP_OUTPUT in requested else 0
-        self.service.check_response_size(heatmap_pixels, other_bytes)
         explain = None
         if HEATMAP_OUTPUT in requested:
             explain = Explaining(

@@ -139,18 +139,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     corrupt in a way the decoder notices. A JPEG is decoded twice (see the module docstring).
     Pillow's own decompression-bomb limit is not consulted: this function's limit replaces it.
     """
-    if not data:
-        raise InvalidInput("the image is empty (0 bytes)")
-    image_format = _sniff_format(data)
-    if image_format is None:
-        raise InvalidInput(_unsupported_format_message(data))
-    check_header, image_class = _DECODERS[image_format]
-
-    header_size = check_header(data)
-    if header_size is not None:
-        _check_dimensions(header_size, max_pixels)
-    image = _parse_header(image_class, data, image_format)
-    _check_dimensions(image.size, max_pixels)
+    image, image_format = _open(data, max_pixels)
+    image_class = type(image)
     jpeg_scans = _jpeg_scans(data) if image_format == "JPEG" else None
 
     _load(image, image_format)
@@ -167,6 +157,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                 "pixel (truncated or corrupt)"
             )
     return image
+
+
+def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an encoded image, read from its header without decoding a pixel;
+    InvalidInput as `decode_image` raises it for what the header already shows."""
+    return _open(data, max_pixels)[0].size
+
+
+def _open(data: bytes, max_pixels: int) -> tuple[ImageFile.ImageFile, str]:
+    """The image with its header parsed and its size checked, nothing decoded, and its format."""
+    if not data:
+        raise InvalidInput("the image is empty (0 bytes)")
+    image_format = _sniff_format(data)
+    if image_format is None:
+        raise InvalidInput(_unsupported_format_message(data))
+    check_header, image_class = _DECODERS[image_format]
+    header_size = check_header(data)
+    if header_size is not None:
+        _check_dimensions(header_size, max_pixels)
+    image = _parse_header(image_class, data, image_format)
+    _check_dimensions(image.size, max_pixels)
+    return image, image_format
 
 
 def to_tensor(image: Image.Image, prep: Preprocessing) -> np.ndarray:

@@ -16,7 +16,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +26,7 @@ from .augment.passes import NAMES
 from .batching import BatchStats, DynamicBatcher, StopSignal
 from .errors import InvalidInput, QueueFull
 from .model import Explaining, ServedModel
-from .preprocess import decode_image, to_tensor
+from .preprocess import decode_image, image_size, to_tensor
 from .repository import ModelRepository
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -198,24 +198,49 @@ class GradCamService:
 
     # -- inputs ------------------------------------------------------------------------------
     async def images_to_tensor(
-        self, model: ServedModel, images: Sequence[bytes]
+        self,
+        model: ServedModel,
+        images: Sequence[bytes],
+        check_sizes: Callable[[list[tuple[int, int]]], None] | None = None,
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Decode and preprocess encoded images (off the event loop): [N, ...] at the model's
-        size, and each image's own (width, height)."""
+        size, and each image's own (width, height). `check_sizes` sees those sizes, read from
+        the headers, before any pixel is decoded (to refuse a response too large early)."""
         _check_count(len(images))
 
         def prepare() -> tuple[np.ndarray, list[tuple[int, int]]]:
+            if check_sizes is not None:
+                check_sizes([
+                    _for_image(index, image_size, data, self.max_pixels)
+                    for index, data in enumerate(images)
+                ])
             tensors, sizes = [], []
             for index, data in enumerate(images):
-                try:
-                    image = decode_image(data, self.max_pixels)
-                except InvalidInput as error:
-                    raise InvalidInput(f"image {index}: {error}") from error
+                image = _for_image(index, decode_image, data, self.max_pixels)
                 sizes.append(image.size)
                 tensors.append(to_tensor(image, model.config.preprocessing))
             return np.stack(tensors), sizes
 
         return await asyncio.to_thread(prepare)
+
+    def check_heatmap_response(
+        self,
+        model: ServedModel,
+        sizes: Sequence[tuple[int, int]],
+        heatmap_size: HeatmapSize,
+        maps_per_image: int = 1,
+        bytes_per_image_pixel: int = 0,
+        other_bytes: int = 0,
+    ) -> None:
+        """`check_response_size` for `maps_per_image` heatmaps of each image of pixel size
+        `sizes` ((width, height)) at `heatmap_size`, `bytes_per_image_pixel` more per pixel of
+        each image (an overlay), and `other_bytes`."""
+        heatmap_pixels = extra_bytes = 0
+        for size in sizes:
+            width, height = heatmap_size.of(size, model_map_size(model, size))
+            heatmap_pixels += maps_per_image * width * height
+            extra_bytes += bytes_per_image_pixel * size[0] * size[1]
+        self.check_response_size(heatmap_pixels, extra_bytes + other_bytes)
 
     def check_tensor(self, model: ServedModel, x: np.ndarray, what: str) -> None:
         """The tensor must be float32 [N, ...] matching the graph's input where it is fixed,
@@ -515,15 +540,21 @@ class GradCamService:
                     f"{_shape(value.shape)}"
                 )
         ranks = top_k or 1
+        channels_last = model.config.preprocessing.layout == "NHWC"
+        tensor_sizes = [  # (width, height) of the images sent as tensors
+            image.shape[1::-1] if channels_last else image.shape[:0:-1]
+            for image in images if not isinstance(image, bytes) and image.ndim == 3
+        ]
+
+        def check_sizes(encoded_sizes: list[tuple[int, int]]) -> None:
+            self.check_heatmap_response(
+                model, [*encoded_sizes, *tensor_sizes], heatmap_size, ranks,
+                extra_bytes_per_pixel,
+            )
+
         started = time.perf_counter()
-        tensors, sizes = await self._prepare_mixed(model, images)
+        tensors, sizes = await self._prepare_mixed(model, images, check_sizes)
         preprocess_seconds = time.perf_counter() - started
-        heatmap_pixels = extra_bytes = 0
-        for tensor, size in zip(tensors, sizes):
-            width, height = heatmap_size.of(size, pixel_size(model, tensor[None])[::-1])
-            heatmap_pixels += ranks * width * height
-            extra_bytes += extra_bytes_per_pixel * size[0] * size[1]
-        self.check_response_size(heatmap_pixels, extra_bytes)
 
         groups: dict[tuple, list[int]] = {}
         for index, tensor in enumerate(tensors):
@@ -580,13 +611,22 @@ class GradCamService:
         )
 
     async def _prepare_mixed(
-        self, model: ServedModel, images: Sequence[bytes | np.ndarray]
+        self,
+        model: ServedModel,
+        images: Sequence[bytes | np.ndarray],
+        check_sizes: Callable[[list[tuple[int, int]]], None],
     ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """Each image as a tensor, and its pixel size; `check_sizes` sees the encoded images'
+        sizes before they are decoded (with no encoded image, an empty list)."""
         encoded = [i for i, image in enumerate(images) if isinstance(image, bytes)]
         tensors: list[np.ndarray | None] = [None] * len(images)
         sizes: list[tuple[int, int] | None] = [None] * len(images)
-        if encoded:
-            batch, encoded_sizes = await self.images_to_tensor(model, [images[i] for i in encoded])
+        if not encoded:
+            check_sizes([])
+        else:
+            batch, encoded_sizes = await self.images_to_tensor(
+                model, [images[i] for i in encoded], check_sizes
+            )
             for position, index in enumerate(encoded):
                 tensors[index], sizes[index] = batch[position], encoded_sizes[position]
         channels_last = model.config.preprocessing.layout == "NHWC"
@@ -672,6 +712,21 @@ def _resize(
         return values.astype(np.float32, copy=False)
     resized = Image.fromarray(values.astype(np.float32)).resize(size, resample)
     return np.asarray(resized, dtype=np.float32)
+
+
+def model_map_size(model: ServedModel, image: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the graph's map for an image of pixel size `image`: the model's
+    input size, or the image's own for a model that takes any size."""
+    size = model.config.preprocessing.size
+    return image if size is None else (size[1], size[0])
+
+
+def _for_image(index: int, function, data: bytes, max_pixels: int):
+    """`function(data, max_pixels)`, its InvalidInput naming the image."""
+    try:
+        return function(data, max_pixels)
+    except InvalidInput as error:
+        raise InvalidInput(f"image {index}: {error}") from error
 
 
 def pixel_size(model: ServedModel, x: np.ndarray) -> tuple[int, int]:
