@@ -49,7 +49,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         self.service = service
         self.metrics = metrics
 
-    @rpc("explain", large=True)
+    @rpc("explain")
     async def Explain(self, request: pb.ExplainRequest, context, labels) -> pb.ExplainResponse:
         started = time.perf_counter()
         model = self.service.model(request.model)
@@ -105,11 +105,9 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if options.overlay else 0,
             deadline=deadline_of(context),
         )
-        response = await asyncio.to_thread(
-            _response, model.name, images, explained, options, self.service.max_pixels
+        return await asyncio.to_thread(
+            _response, model.name, images, explained, options, self.service.max_pixels, started
         )
-        response.timings.total_seconds = time.perf_counter() - started
-        return response
 
     @rpc("explain")
     async def ListModels(self, request, context, labels) -> pb.ListModelsResponse:
@@ -148,9 +146,10 @@ class GradCamServicer(pb_grpc.GradCamServicer):
 
 def _response(
     model: str, images: list[bytes | np.ndarray], explained: Explained,
-    options: pb.ExplainOptions, max_pixels: int,
-) -> pb.ExplainResponse:
-    """The ExplainResponse of `explained` (blocking: overlays are drawn here)."""
+    options: pb.ExplainOptions, max_pixels: int, started: float,
+) -> bytes:
+    """The serialized ExplainResponse of `explained`; `started` is when the call began.
+    Blocking (overlays are drawn here): it runs in a worker thread."""
     layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
     response = pb.ExplainResponse(
         model=model, layer=layers[0], layers=layers, method=METHOD_ENUMS[explained.method],
@@ -170,7 +169,8 @@ def _response(
     response.timings.preprocess_seconds = explained.preprocess_seconds
     response.timings.queue_seconds = explained.queue_seconds
     response.timings.inference_seconds = explained.inference_seconds
-    return response
+    response.timings.total_seconds = time.perf_counter() - started
+    return response.SerializeToString()
 
 
 def _method_name(method: int) -> str | None:

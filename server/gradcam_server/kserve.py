@@ -118,7 +118,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         labels["model"] = model.name
         return model_metadata(model)
 
-    @rpc("kserve", large=True)
+    @rpc("kserve")
     async def ModelInfer(self, request, context, labels):
         model = self.service.model(request.model_name)
         labels["model"] = model.name
@@ -203,10 +203,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self.service.check_tensor, model, x, f"input {model.input.name!r}"
             )
             check_sizes([pixel_size(model, x)[::-1]] * len(x))
-        heatmap_sizes = [  # (width, height) of each heatmap returned
-            heatmap_size.of(size, pixel_size(model, x)[::-1])
-            for size in (sizes or [pixel_size(model, x)[::-1]] * len(x))
-        ]
+        heatmap_sizes = None  # (width, height) of each heatmap returned
+        if HEATMAP_OUTPUT in requested:
+            heatmap_sizes = [
+                heatmap_size.of(size, pixel_size(model, x)[::-1])
+                for size in (sizes or [pixel_size(model, x)[::-1]] * len(x))
+            ]
         explain = None
         if HEATMAP_OUTPUT in requested:
             explain = Explaining(
@@ -224,19 +226,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             others={name: inputs[name] for name in others if name in inputs},
             deadline=deadline,
         )
-        outputs = dict(result.outputs)
-        if explain is not None:
-            maps = outputs[HEATMAP_OUTPUT]
-            outputs[HEATMAP_OUTPUT] = await asyncio.to_thread(
-                lambda: np.stack([resize_heatmap(m, s) for m, s in zip(maps, heatmap_sizes)])
-            )
+        outputs = {name: result.outputs[name] for name in requested}
         return await asyncio.to_thread(
-            _response, model.name, request.id, {name: outputs[name] for name in requested}
+            _response, model.name, request.id, outputs, heatmap_sizes
         )
 
 
-def _response(model: str, request_id: str, outputs: dict[str, np.ndarray]):
-    """The ModelInferResponse holding `outputs` as raw little-endian contents."""
+def _response(
+    model: str, request_id: str, outputs: dict[str, np.ndarray],
+    heatmap_sizes: list[tuple[int, int]] | None,
+) -> bytes:
+    """The serialized ModelInferResponse holding `outputs` as raw little-endian contents, the
+    heatmaps resized to `heatmap_sizes` ((width, height) per row) first. Blocking: it runs in
+    a worker thread."""
+    if heatmap_sizes is not None:
+        maps = outputs[HEATMAP_OUTPUT]
+        outputs[HEATMAP_OUTPUT] = np.stack(
+            [resize_heatmap(m, size) for m, size in zip(maps, heatmap_sizes)]
+        )
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
     for name, value in outputs.items():
         datatype = datatype_of(value.dtype)
@@ -247,7 +254,7 @@ def _response(model: str, request_id: str, outputs: dict[str, np.ndarray]):
         )
         little_endian = np.ascontiguousarray(value, dtype=DATATYPES[datatype])
         response.raw_output_contents.append(little_endian.tobytes())
-    return response
+    return response.SerializeToString()
 
 
 def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:

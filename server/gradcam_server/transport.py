@@ -2,9 +2,9 @@
 metrics, deadlines, and how their methods are registered and their responses serialized.
 
 Responses of the methods that can be large (heatmaps, tensors: tens of MiB) are built and
-serialized in a worker thread, not on the event loop, where serializing took a tenth of a second
-per 16 MiB heatmap; `add_servicer` registers a servicer whose methods may therefore return
-pre-serialized bytes.
+serialized by the servicers in a worker thread, not on the event loop, where serializing took a
+tenth of a second per 16 MiB heatmap; `add_servicer` registers a servicer whose methods may
+therefore return pre-serialized bytes.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def rpc(api: str, *, large: bool = False):
+def rpc(api: str):
     """Wrap a unary servicer method: count it, time it, and turn errors into statuses.
 
     The servicer has a ``metrics`` attribute (`Metrics`). The wrapped method takes
@@ -90,9 +90,9 @@ def rpc(api: str, *, large: bool = False):
     "model" and "method") as soon as it knows them, for the metrics; requests naming no served
     model are counted under the model label "unknown", so clients cannot grow the label set.
     Service errors become their status with their message; anything else becomes INTERNAL
-    with a generic message and a logged traceback. With `large`, the response is serialized
-    in a worker thread. A response over ``metrics.max_message_bytes``, which gRPC could not
-    send, becomes INVALID_ARGUMENT naming the limit. A message is cut to MAX_MESSAGE_CHARS. A
+    with a generic message and a logged traceback. A response serialized already (bytes)
+    over ``metrics.max_message_bytes``, which gRPC could not send, becomes INVALID_ARGUMENT
+    naming the limit. A message is cut to MAX_MESSAGE_CHARS. A
     call the client abandoned (cancelled, or past its deadline) is counted with the code
     CANCELLED. Every failure is counted in ``gradcam_request_errors_total``.
     """
@@ -107,8 +107,6 @@ def rpc(api: str, *, large: bool = False):
             message = ""
             try:
                 response = await method(self, request, context, labels)
-                if large:
-                    response = await asyncio.to_thread(_serialize, response)
                 _check_size(response, metrics.max_message_bytes)
                 return response
             except ServiceError as error:
