@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,6 +411,40 @@ class ServerProcess:
             raise
         self._log.close()
         return code
+
+
+@contextlib.contextmanager
+def serving(repository: Path, log_path: Path, *args: str) -> Iterator[ServerProcess]:
+    """A `ServerProcess` that reports SERVING, stopped when the block ends."""
+    server = ServerProcess(repository, log_path, *args)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            server.wait_serving(channel)
+        yield server
+    finally:
+        server.stop()
+
+
+BROKEN_MODEL, INFERENCE_ONLY_MODEL = "broken", "norule"
+
+
+def unservable_repository(root: Path) -> Path:
+    """A repository of two folders that cannot explain: `BROKEN_MODEL`, whose model.onnx is
+    garbage (it fails to load), and `INFERENCE_ONLY_MODEL`, a graph with no backward rule for
+    one op on its gradient path (it serves inference only)."""
+    (root / BROKEN_MODEL).mkdir(parents=True)
+    (root / BROKEN_MODEL / "model.onnx").write_bytes(b"\x08\x07not a protobuf" * 8)
+    norule_model(root / INFERENCE_ONLY_MODEL / "model.onnx")
+    return root
+
+
+def errors_counted(server: ServerProcess, code: str) -> float:
+    """Failed requests the server has counted with the status `code`, over every model and
+    API (its gradcam_request_errors_total)."""
+    return sum(
+        value for (name, labels), value in server.metrics().items()
+        if name == "gradcam_request_errors_total" and dict(labels).get("code") == code
+    )
 
 
 def sample(metrics: dict, name: str, **labels: str) -> float:

@@ -20,14 +20,21 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
 from gradcam_client import METHODS, GradCamClient, cli
 from gradcam_client.overlay import PANEL_GAP, caption_band, gradient_image, overlay
-from servers import ServerProcess, link_lite0, norule_model, sample
+from servers import (
+    BROKEN_MODEL,
+    INFERENCE_ONLY_MODEL,
+    ServerProcess,
+    errors_counted,
+    link_lite0,
+    serving,
+    unservable_repository,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet_lite0"
@@ -38,7 +45,7 @@ TOKEN = "s3cret-token"
 SECOND_MODEL = "lite0_again"
 NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
 MODEL_SIZE = 224  # the graph's input: what --heatmap-size model gives
-BROKEN, INFERENCE_ONLY = "broken", "norule"
+BROKEN, INFERENCE_ONLY = BROKEN_MODEL, INFERENCE_ONLY_MODEL
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -47,13 +54,8 @@ BROKEN, INFERENCE_ONLY = "broken", "norule"
 def _serve(root: Path, *args: str, models: tuple[str, ...] = (MODEL,)) -> Iterator[str]:
     for name in models:
         link_lite0(root / "repository" / name)
-    server = ServerProcess(root / "repository", root / "server.log", *args)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            server.wait_serving(channel)
+    with serving(root / "repository", root / "server.log", *args) as server:
         yield server.address
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +72,10 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A folder whose model.onnx is garbage, and a graph with no backward rule for one op on
-    its gradient path (served for inference only)."""
+    """The two folders of `servers.unservable_repository`."""
     root = tmp_path_factory.mktemp("broken")
-    (root / "repository" / BROKEN).mkdir(parents=True)
-    (root / "repository" / BROKEN / "model.onnx").write_bytes(b"\x08\x07not a protobuf" * 8)
-    norule_model(root / "repository" / INFERENCE_ONLY / "model.onnx")
-    server = ServerProcess(root / "repository", root / "server.log")
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            server.wait_serving(channel)
+    with serving(unservable_repository(root / "repository"), root / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -552,27 +545,18 @@ def test_the_model_may_go_unnamed_when_the_server_has_one(
     )
 
 
-def _failed_preconditions(server: ServerProcess) -> float:
-    """FAILED_PRECONDITION answers of the typed API the server has counted, for every model."""
-    return sum(
-        sample(server.metrics(), "gradcam_request_errors_total", model=model, api="explain",
-               code="FAILED_PRECONDITION")
-        for model in (BROKEN, INFERENCE_ONLY, "unknown")
-    )
-
-
 def test_a_model_that_cannot_answer_fails_in_one_line_at_once(
     broken_server: ServerProcess,
 ) -> None:
     address = broken_server.address
     for model, expected in [(BROKEN, (f"model '{BROKEN}' failed to load",)),
                             (INFERENCE_ONLY, ("serves inference only", "Einsum"))]:
-        before = _failed_preconditions(broken_server)
+        before = errors_counted(broken_server, "FAILED_PRECONDITION")
         _assert_one_line_failure(
             _gradcam("explain", PHOTO, "--server", address, "--model", model, "--retries", "3"),
             *expected,
         )
-        assert _failed_preconditions(broken_server) == before + 1  # asked once, not retried
+        assert errors_counted(broken_server, "FAILED_PRECONDITION") == before + 1  # asked once, not retried
     done = _gradcam("models", "--server", address)
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines())

@@ -43,7 +43,14 @@ from gradcam_client import (
 )
 from gradcam_client import client as client_module
 from gradcam_client.overlay import PANEL_GAP, caption_band
-from servers import ServerProcess, norule_model
+from servers import (
+    BROKEN_MODEL,
+    INFERENCE_ONLY_MODEL,
+    ServerProcess,
+    errors_counted,
+    serving,
+    unservable_repository,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "efficientnet_lite0"
@@ -55,7 +62,7 @@ EARLIER_LAYER = "/_blocks.15/_swish/Clip_output_0"
 TOKEN = "s3cret-token"
 NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
 MODEL_SIZE = 224  # the graph's input: what heatmap_size "model" gives
-BROKEN, INFERENCE_ONLY = "broken", "norule"
+BROKEN, INFERENCE_ONLY = BROKEN_MODEL, INFERENCE_ONLY_MODEL
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -636,28 +643,10 @@ RETRY_BACKOFF = 2.0  # seconds before a first retry (0.8 to 1.2 times it): were 
 
 @pytest.fixture(scope="module")
 def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A folder whose model.onnx is garbage, and a graph with no backward rule for one op on
-    its gradient path (served for inference only)."""
+    """The two folders of `servers.unservable_repository`."""
     root = tmp_path_factory.mktemp("broken")
-    (root / "repository" / BROKEN).mkdir(parents=True)
-    (root / "repository" / BROKEN / "model.onnx").write_bytes(b"\x08\x07not a protobuf" * 8)
-    norule_model(root / "repository" / INFERENCE_ONLY / "model.onnx")
-    server = ServerProcess(root / "repository", root / "server.log")
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            server.wait_serving(channel)
+    with serving(unservable_repository(root / "repository"), root / "server.log") as server:
         yield server
-    finally:
-        server.stop()
-
-
-def _failed_preconditions(server: ServerProcess) -> float:
-    """FAILED_PRECONDITION answers the server has counted, for every model."""
-    return sum(
-        value for (name, labels), value in server.metrics().items()
-        if name == "gradcam_request_errors_total"
-        and dict(labels).get("code") == "FAILED_PRECONDITION"
-    )
 
 
 def _assert_not_retried(error: GradCamError, seconds: float, *fragments: str) -> None:
@@ -670,7 +659,7 @@ def _assert_not_retried(error: GradCamError, seconds: float, *fragments: str) ->
 
 
 def test_a_model_that_cannot_answer_raises_at_once(broken_server: ServerProcess) -> None:
-    before = _failed_preconditions(broken_server)
+    before = errors_counted(broken_server, "FAILED_PRECONDITION")
     with GradCamClient(broken_server.address, retries=3, backoff=RETRY_BACKOFF) as client:
         statuses = {s.name: s for s in client.list_models()}
         assert not statuses[BROKEN].ready and statuses[INFERENCE_ONLY].ready
@@ -688,7 +677,7 @@ def test_a_model_that_cannot_answer_raises_at_once(broken_server: ServerProcess)
         _assert_not_retried(caught.value, time.monotonic() - started, "failed to load")
         info = client.model_info(INFERENCE_ONLY)
         assert "Einsum" in info.explain_error and info.methods == ()
-    assert _failed_preconditions(broken_server) == before + 3  # one attempt each
+    assert errors_counted(broken_server, "FAILED_PRECONDITION") == before + 3  # one attempt each
 
 
 def test_a_model_that_cannot_answer_raises_at_once_asyncio(broken_server: ServerProcess) -> None:
@@ -703,9 +692,9 @@ def test_a_model_that_cannot_answer_raises_at_once_asyncio(broken_server: Server
                 _assert_not_retried(caught.value, time.monotonic() - started, fragment)
             assert "Einsum" in (await client.model_info(INFERENCE_ONLY)).explain_error
 
-    before = _failed_preconditions(broken_server)
+    before = errors_counted(broken_server, "FAILED_PRECONDITION")
     asyncio.run(scenario())
-    assert _failed_preconditions(broken_server) == before + 2
+    assert errors_counted(broken_server, "FAILED_PRECONDITION") == before + 2
 
 
 # --- the asyncio SDK ------------------------------------------------------------------------

@@ -24,14 +24,13 @@ from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
 from gradcam_client.overlay import PANEL_GAP
-from servers import ServerProcess
+from servers import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 README, CLIENT_README = "README.md", "client/README.md"
@@ -65,13 +64,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for readme in (README, CLIENT_README):
         started = [c for c in _commands(readme) if c.startswith("gradcam-server")]
         assert started == [SERVER_COMMAND], (readme, started)
-    process = ServerProcess(ROOT / "models", tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        with grpc.insecure_channel(process.address) as channel:
-            process.wait_serving(channel)
+    with serving(ROOT / "models", tmp_path_factory.mktemp("server") / "server.log") as process:
         yield process.address
-    finally:
-        process.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ stay off the command line. The repository:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import os
 import subprocess
@@ -38,7 +39,7 @@ from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
-from servers import ServerProcess, expect_error, sample
+from servers import ServerProcess, expect_error, sample, serving
 from test_server import image_input, outputs, png_bomb, tensor_input
 
 LITE0 = "lite0"
@@ -64,21 +65,14 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory: pytest.TempPathFactory):
-    started: list[ServerProcess] = []
+    """``start(repository, *args) -> ServerProcess``, SERVING; every one stopped at the end."""
+    with contextlib.ExitStack() as started:
 
-    def start(repository: Path, *args: str) -> ServerProcess:
-        server = ServerProcess(repository, tmp_path_factory.mktemp("log") / "server.log", *args)
-        started.append(server)
-        with grpc.insecure_channel(server.address) as channel:
-            server.wait_serving(channel)
-        return server
+        def start(repository: Path, *args: str) -> ServerProcess:
+            log = tmp_path_factory.mktemp("log") / "server.log"
+            return started.enter_context(serving(repository, log, *args))
 
-    yield start
-    for server in started:
-        try:
-            server.stop()
-        finally:
-            server.kill()
+        yield start
 
 
 @pytest.fixture(scope="module")
