@@ -671,7 +671,7 @@ def malformed_cases() -> list[Malformed]:
     must name."""
     x = tiny_x()
     x_wire = tensor("input", x)
-    png, jpeg = picture("PNG"), picture("JPEG")
+    png = picture("PNG")
     nan = np.full((1, 3, TINY_SIZE, TINY_SIZE), np.nan, dtype=np.float32)
     inf = np.full((1, 3, TINY_SIZE, TINY_SIZE), np.inf, dtype=np.float32)
 
@@ -1525,7 +1525,9 @@ def _sigterm_in_flight(ctx: Context) -> None:
     call = channel.unary_unary(f"{_KSERVE}/ModelInfer")
     try:
         call(_slow_payload(1), timeout=60)  # warm up
-        in_flight = [call.future(_slow_payload(2), timeout=120) for _ in range(8)]
+        # 4 rows each: the first request runs alone (no queue delay) and must outlast the
+        # 0.3 s before the signal.
+        in_flight = [call.future(_slow_payload(4), timeout=120) for _ in range(8)]
         time.sleep(0.3)
         term_at = time.perf_counter()
         server.signal(signal.SIGTERM)
