@@ -448,3 +448,32 @@ def test_the_response_bound_is_checked_from_the_image_header(client, channel) ->
     expect_error(lambda: client.infer(LITE0, [image_input(header_only, smooth_png(8, 8))],
                                       client_timeout=CALL_TIMEOUT_S),
                  INVALID, "one pixel size")
+
+
+def test_pixel_level_methods_return_their_signed_gradients(client, channel) -> None:
+    """The guided gradients come back as they are in the graph: KServe's pixel_map output and
+    the typed API's Heatmap.pixel_gradients, whose per-pixel max |value| is the heatmap."""
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    parameters = {"method": "guided-backprop"}
+    result = client.infer(LITE0, [tensor_input("input", x)],
+                          outputs=outputs("heatmap", "pixel_map"), parameters=parameters,
+                          client_timeout=CALL_TIMEOUT_S)
+    pixel_map, heatmap = result.as_numpy("pixel_map"), result.as_numpy("heatmap")
+    assert pixel_map.shape == (1, 3, 224, 224) and (pixel_map < 0).any() and (pixel_map > 0).any()
+    magnitude = np.abs(pixel_map).max(axis=1)
+    low, high = magnitude.min(), magnitude.max()  # min-max normalised, as every map
+    np.testing.assert_allclose(heatmap, (magnitude - low) / (high - low), atol=1e-5)
+
+    stub = pb_grpc.GradCamStub(channel)
+    request = pb.ExplainRequest(model=LITE0, images=[pb.Image(tensor=pb.Tensor(
+        shape=[3, 224, 224], data=x[0].tobytes()))], method=pb.METHOD_GUIDED_BACKPROP)
+    typed = stub.Explain(request, timeout=CALL_TIMEOUT_S).explanations[0].heatmaps[0]
+    gradients = np.frombuffer(typed.pixel_gradients.data, "<f4").reshape(
+        typed.pixel_gradients.shape)
+    np.testing.assert_allclose(gradients, pixel_map[0], rtol=1e-5, atol=1e-7)
+    plain = stub.Explain(pb.ExplainRequest(model=LITE0, images=request.images),
+                         timeout=CALL_TIMEOUT_S).explanations[0].heatmaps[0]
+    assert not plain.HasField("pixel_gradients")
+    expect_error(lambda: client.infer(LITE0, [tensor_input("input", x)],
+                                      outputs=outputs("pixel_map"), client_timeout=CALL_TIMEOUT_S),
+                 INVALID, "'pixel_map'", "pixel-level methods")

@@ -140,20 +140,22 @@ class ChannelImportance(_message.Message):
     def __init__(self, channel: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("class_index", "label", "height", "width", "data", "channels")
+    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
     height: int
     width: int
     data: bytes
     channels: _containers.RepeatedCompositeFieldContainer[ChannelImportance]
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ...) -> None: ...
+    pixel_gradients: Tensor
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "label", "score", "logit")

@@ -223,6 +223,10 @@ def _heatmap(class_map: ClassMap) -> pb.Heatmap:
         width=width,
         data=np.ascontiguousarray(class_map.heatmap, dtype="<f4").tobytes(),
         channels=[pb.ChannelImportance(channel=c, weight=w) for c, w in class_map.channels],
+        pixel_gradients=None if class_map.pixel_gradients is None else pb.Tensor(
+            shape=list(class_map.pixel_gradients.shape),
+            data=np.ascontiguousarray(class_map.pixel_gradients, dtype="<f4").tobytes(),
+        ),
     )
 
 

@@ -49,7 +49,7 @@ from .augment.passes import NAMES
 from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, Explaining, ServedModel
+from .model import METHODS, PIXEL_METHODS, Explaining, ServedModel
 from .service import (
     MAX_IMAGES_PER_REQUEST,
     GradCamService,
@@ -61,6 +61,7 @@ from .transport import deadline_of, rpc
 
 IMAGE_INPUT = "image"
 HEATMAP_OUTPUT = NAMES.heatmap
+PIXEL_MAP_OUTPUT = NAMES.pixel_map  # guided-backprop and guided-gradcam only, when asked for
 TARGET_CLASS_INPUT = NAMES.target_class
 REFERENCE_INPUT = NAMES.reference_embedding
 MASK_INPUT = NAMES.target_mask
@@ -134,8 +135,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, model: ServedModel, request, parameters: dict[str, str], deadline: float | None
     ) -> pb.ModelInferResponse:
         heatmap_size = HeatmapSize.parse(parameters.get("heatmap_size"), self.service.max_pixels)
+        method = parameters.get("method") or model.config.method
         available = [o.name for o in model.outputs] + [HEATMAP_OUTPUT]
         requested = [o.name for o in request.outputs] or available
+        if PIXEL_MAP_OUTPUT in requested and PIXEL_MAP_OUTPUT not in available:
+            if method not in PIXEL_METHODS:
+                raise InvalidInput(
+                    f"output {PIXEL_MAP_OUTPUT!r} comes with the pixel-level methods only "
+                    f"({', '.join(PIXEL_METHODS)}), not {method!r}"
+                )
+            available.append(PIXEL_MAP_OUTPUT)
         unknown = [name for name in requested if name not in available]
         if unknown:
             raise InvalidInput(
@@ -187,10 +196,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             other_bytes = sum(
                 4 * len(sizes) * math.prod(max(d, 1) for d in model.output_shapes[name])
-                for name in requested if name != HEATMAP_OUTPUT
+                for name in requested if name not in (HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT)
             )
             self.service.check_heatmap_response(
-                model, sizes, heatmap_size, maps, other_bytes=other_bytes
+                model, sizes, heatmap_size, maps, other_bytes=other_bytes,
+                pixel_channels=model.channels if PIXEL_MAP_OUTPUT in requested else 0,
             )
 
         sizes = None
@@ -210,7 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for size in (sizes or [pixel_size(model, x)[::-1]] * len(x))
             ]
         explain = None
-        if HEATMAP_OUTPUT in requested:
+        if HEATMAP_OUTPUT in requested or PIXEL_MAP_OUTPUT in requested:
             explain = Explaining(
                 method=parameters.get("method"),
                 layer=parameters.get("target_layer"),

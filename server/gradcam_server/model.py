@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
+from .augment.cam import PIXEL_METHODS
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
 from .batching import StopSignal
@@ -148,6 +149,12 @@ class ServedModel:
     def label(self, index: int, output: str) -> str:
         """The name of class `index` of `output`; labels name the default output's classes."""
         return self.labels[index] if self.labels and output == self.score_output else ""
+
+    @property
+    def channels(self) -> int:
+        """Channels of the image input (3 where the graph leaves them free)."""
+        axis = 3 if self.config.preprocessing.layout == "NHWC" else 1
+        return self.input.shape[axis] if self.input.shape[axis] > 0 else 3
 
     @property
     def input_hw(self) -> tuple[int, int]:

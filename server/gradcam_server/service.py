@@ -25,7 +25,7 @@ from PIL import Image
 from .augment.passes import NAMES
 from .batching import BatchStats, DynamicBatcher, StopSignal
 from .errors import InvalidInput, QueueFull
-from .model import Explaining, ServedModel
+from .model import PIXEL_METHODS, Explaining, ServedModel
 from .preprocess import decode_image, image_size, to_tensor
 from .repository import ModelRepository
 
@@ -119,6 +119,8 @@ class ClassMap:
     label: str
     heatmap: np.ndarray  # float32 [height, width] in [0, 1], at the requested HeatmapSize
     channels: tuple[tuple[int, float], ...]  # (channel, weight), most important first
+    # Pixel-level methods only: the signed input gradients [C, H, W] at the model's input size.
+    pixel_gradients: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -231,14 +233,18 @@ class GradCamService:
         maps_per_image: int = 1,
         bytes_per_image_pixel: int = 0,
         other_bytes: int = 0,
+        pixel_channels: int = 0,
     ) -> None:
         """`check_response_size` for `maps_per_image` heatmaps of each image of pixel size
         `sizes` ((width, height)) at `heatmap_size`, `bytes_per_image_pixel` more per pixel of
-        each image (an overlay), and `other_bytes`."""
+        each image (an overlay), `other_bytes`, and with each map `pixel_channels` float32
+        maps at the model's size (the signed gradients of the pixel-level methods)."""
         heatmap_pixels = extra_bytes = 0
         for size in sizes:
-            width, height = heatmap_size.of(size, model_map_size(model, size))
-            heatmap_pixels += maps_per_image * width * height
+            map_width, map_height = model_map_size(model, size)
+            width, height = heatmap_size.of(size, (map_width, map_height))
+            pixel_values = pixel_channels * map_width * map_height
+            heatmap_pixels += maps_per_image * (width * height + pixel_values)
             extra_bytes += bytes_per_image_pixel * size[0] * size[1]
         self.check_response_size(heatmap_pixels, extra_bytes + other_bytes)
 
@@ -550,6 +556,7 @@ class GradCamService:
             self.check_heatmap_response(
                 model, [*encoded_sizes, *tensor_sizes], heatmap_size, ranks,
                 extra_bytes_per_pixel,
+                pixel_channels=model.channels if request.method in PIXEL_METHODS else 0,
             )
 
         started = time.perf_counter()
@@ -681,6 +688,11 @@ class GradCamService:
                 for c in order[:num_predictions]
             )
         weights = outputs[NAMES.gradients][rows].mean(axis=(2, 3))
+        pixel_maps = outputs.get(NAMES.pixel_map)
+        if pixel_maps is not None:
+            pixel_maps = pixel_maps[rows]
+            if model.config.preprocessing.layout == "NHWC":
+                pixel_maps = pixel_maps.transpose(0, 3, 1, 2)
         maps = []
         for rank, heatmap in enumerate(outputs[NAMES.heatmap][rows]):
             if class_index is None:
@@ -694,6 +706,7 @@ class GradCamService:
                     label=model.label(explained, request.output),
                     heatmap=resize_heatmap(heatmap, heatmap_size.of(size, heatmap.shape[::-1])),
                     channels=tuple((int(c), float(weights[rank][c])) for c in top),
+                    pixel_gradients=None if pixel_maps is None else pixel_maps[rank],
                 )
             )
         return ImageExplanation(tuple(maps), predictions)
