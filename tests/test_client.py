@@ -10,6 +10,7 @@ that can only run inference, to count the attempts of calls that must not be ret
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import signal
@@ -411,22 +412,76 @@ def test_side_by_side_captions_what_was_explained(client: GradCamClient) -> None
 def test_pixel_level_maps_are_drawn_as_gradient_images(client: GradCamClient, method: str) -> None:
     result = client.explain(PHOTO, model=MODEL, method=method, heatmap_size="model")
     assert result.method == method and result.heatmap.shape == (MODEL_SIZE, MODEL_SIZE)
+    # The signed gradients at the model's input, of which the heatmap is the normalised
+    # per-pixel magnitude.
+    gradients = result.pixel_gradients
+    assert gradients is result.heatmaps[0].pixel_gradients
+    assert gradients.dtype == np.float32 and gradients.shape == (3, MODEL_SIZE, MODEL_SIZE)
+    assert (gradients > 0).any() and (gradients < 0).any()
+    magnitude = np.abs(gradients).max(axis=0)
+    low, high = magnitude.min(), magnitude.max()
+    np.testing.assert_allclose(result.heatmap, (magnitude - low) / (high - low), atol=1e-5)
+
     drawn = result.overlay("turbo", opacity=1.0)  # neither plays a part
     assert drawn.size == (WIDTH, HEIGHT)
     np.testing.assert_array_equal(
-        np.asarray(drawn), np.asarray(gradient_image(result.heatmap, size=(WIDTH, HEIGHT)))
+        np.asarray(drawn), np.asarray(gradient_image(gradients, size=(WIDTH, HEIGHT)))
     )
-    pixels = np.asarray(drawn)
-    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    pixels = np.asarray(drawn).astype(int)
+    assert (pixels[..., 0] != pixels[..., 1]).any()  # in colour, around mid grey
+    assert abs(np.median(pixels) - 128) <= 2
     _assert_panels(
         result.overlay(side_by_side=True),
         [_photo(), drawn],
         [["chelsea.jpg", f"{MODEL}, {method}"],
          [f"Egyptian cat  {result.predictions[0].score:.2f}"]],
     )
+
+    gray = result.overlay(grayscale=True)  # the magnitude, as before
+    np.testing.assert_array_equal(
+        np.asarray(gray), np.asarray(gradient_image(result.heatmap, size=(WIDTH, HEIGHT)))
+    )
+    pixels = np.asarray(gray)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    _assert_panels(
+        result.overlay(side_by_side=True, grayscale=True),
+        [_photo(), gray],
+        [["chelsea.jpg", f"{MODEL}, {method}"],
+         [f"Egyptian cat  {result.predictions[0].score:.2f}"]],
+    )
+
     alone = client.explain(_preprocessed(), model=MODEL, method=method)  # no image: own size
     np.testing.assert_array_equal(
-        np.asarray(alone.overlay()), np.asarray(gradient_image(alone.heatmap))
+        np.asarray(alone.overlay()), np.asarray(gradient_image(alone.pixel_gradients))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(alone.overlay(grayscale=True)), np.asarray(gradient_image(alone.heatmap))
+    )
+
+
+def test_pixel_level_gradients_per_class(client: GradCamClient) -> None:
+    result = client.explain(PHOTO, model=MODEL, method="guided-backprop", top_k=2)
+    first, second = (h.pixel_gradients for h in result.heatmaps)
+    assert first.shape == second.shape == (3, MODEL_SIZE, MODEL_SIZE)
+    assert not np.array_equal(first, second)  # each class's own gradients
+    np.testing.assert_array_equal(
+        np.asarray(result.overlay(index=1)),
+        np.asarray(gradient_image(second, size=(WIDTH, HEIGHT))),
+    )
+
+
+def test_a_server_without_gradients_gets_the_grayscale_magnitude(
+    client: GradCamClient, by_path: Explanation
+) -> None:
+    assert by_path.method == "gradcam" and by_path.pixel_gradients is None  # not pixel-level
+    assert all(h.pixel_gradients is None for h in by_path.heatmaps)
+    guided = client.explain(PHOTO, model=MODEL, method="guided-backprop")
+    older = dataclasses.replace(  # as an older server answers: the magnitude alone
+        guided, heatmaps=[dataclasses.replace(h, pixel_gradients=None) for h in guided.heatmaps]
+    )
+    assert older.pixel_gradients is None
+    np.testing.assert_array_equal(
+        np.asarray(older.overlay()), np.asarray(guided.overlay(grayscale=True))
     )
 
 

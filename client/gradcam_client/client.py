@@ -8,6 +8,10 @@ explain API (``gradcam.v1.GradCam``) and ``grpc.health.v1``.
         result.heatmap                  # float32 [300, 451] in [0, 1], at the photo's size
         result.predictions[0].label     # 'Egyptian cat'
         result.overlay("turbo", opacity=0.4).save("out/chelsea-turbo.png")
+        guided = client.explain("samples/chelsea.jpg", model="efficientnet_lite0",
+                                method="guided-backprop")
+        guided.pixel_gradients.shape    # (3, 224, 224): signed input gradients, model's input size
+        guided.overlay().save("out/chelsea-guided.png")  # the paper's RGB gradient image
         small = client.explain("samples/chelsea.jpg", model="efficientnet_lite0",
                                heatmap_size="model")
         small.heatmap.shape             # (224, 224): the graph's own map, at the model's input
@@ -113,6 +117,11 @@ class ClassHeatmap:
     label: str
     heatmap: np.ndarray  # float32 [height, width] in [0, 1], at the asked heatmap_size
     channels: list[tuple[int, float]]  # (channel, importance weight), most important first
+    # Pixel-level methods (guided-backprop, guided-gradcam) only: the signed gradients of the
+    # explained score at the image input, float32 [C, H, W] at the model's input size, channels
+    # in the model's order (its config's channel_order); None for the other methods, and from a
+    # server too old to send them. `heatmap` is then their per-pixel max |value|, normalised.
+    pixel_gradients: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -156,6 +165,12 @@ class Explanation:
         return self.heatmaps[0].heatmap
 
     @property
+    def pixel_gradients(self) -> np.ndarray | None:
+        """The first map's signed input gradients, float32 [C, H, W] at the model's input size
+        (pixel-level methods only; None otherwise, or from an older server)."""
+        return self.heatmaps[0].pixel_gradients
+
+    @property
     def image(self) -> Image.Image | None:
         """The image that was explained, as RGB; None when a tensor was sent."""
         return self._source.picture() if self._source is not None else None
@@ -168,6 +183,7 @@ class Explanation:
         *,
         index: int | None = None,
         image: Image.Image | np.ndarray | None = None,
+        grayscale: bool = False,
     ) -> Image.Image:
         """The explanation as an RGB PIL picture, the one ``gradcam explain -o`` writes.
 
@@ -175,9 +191,14 @@ class Explanation:
         it came at, in a row (`overlay.panels`); for the default top-1 explanation that is one
         picture of the image's size. ``index`` picks one map (of ``top_k``) instead. Grad-CAM
         maps are blended over the image in ``colormap`` ("jet" or "turbo"), ``opacity`` in
-        [0, 1] being the heatmap's weight; the maps of the pixel-level methods (`PIXEL_METHODS`)
-        are drawn as grayscale gradient images (`overlay.gradient_image`), where colormap and
-        opacity play no part. ``side_by_side`` puts the image first and captions every picture:
+        [0, 1] being the heatmap's weight. The maps of the pixel-level methods (`PIXEL_METHODS`)
+        are drawn on their own as gradient images (`overlay.gradient_image`), where colormap and
+        opacity play no part: as the Grad-CAM paper shows them, the signed ``pixel_gradients``
+        in colour (standardised, around mid grey), resized to the image's size; with
+        ``grayscale=True``, or when the server sent no gradients (an older one), their
+        magnitude, the heatmap, in grayscale. The gradients' channels are in the model's order,
+        so a model fed BGR (config ``channel_order``) shows red and blue swapped: the SDK cannot
+        tell, ModelInfo does not say. ``side_by_side`` puts the image first and captions every picture:
         the image with its file name (when a path was explained), the model and the method
         (and "counterfactual"), each map with its class and that class's score.
 
@@ -188,7 +209,9 @@ class Explanation:
         base = image if image is not None else self.image
         if base is None and side_by_side:
             raise ValueError("a tensor was explained: pass image= to put it side by side")
-        pictures = [self._drawn(explained.heatmap, base, colormap, opacity) for explained in shown]
+        pictures = [
+            self._drawn(explained, base, colormap, opacity, grayscale) for explained in shown
+        ]
         if side_by_side:
             assert base is not None
             return panels([base, *pictures], self._captions(shown))
@@ -196,17 +219,24 @@ class Explanation:
 
     def _drawn(
         self,
-        heatmap: np.ndarray,
+        explained: ClassHeatmap,
         base: Image.Image | np.ndarray | None,
         colormap: str,
         opacity: float,
+        grayscale: bool,
     ) -> Image.Image:
         """One map as a picture of the image's size (of its own, without an image)."""
+        heatmap = explained.heatmap
         if self.method in PIXEL_METHODS:
+            gradients = explained.pixel_gradients
+            if not grayscale and gradients is not None and gradients.shape[0] == 3:
+                drawn = gradients  # signed, in colour
+            else:
+                drawn = heatmap  # the magnitude, in grayscale
             if base is None:
-                return gradient_image(heatmap)
+                return gradient_image(drawn)
             size = base.size if isinstance(base, Image.Image) else (base.shape[1], base.shape[0])
-            return gradient_image(heatmap, size=size)
+            return gradient_image(drawn, size=size)
         if base is None:
             return Image.fromarray(colorize(heatmap, colormap), mode="RGB")
         return blend(base, heatmap, colormap=colormap, opacity=opacity)
@@ -528,6 +558,7 @@ def _explanations(
                 .reshape(h.height, h.width)
                 .astype(np.float32),
                 channels=[(c.channel, c.weight) for c in h.channels],
+                pixel_gradients=_pixel_gradients(h),
             )
             for h in message.heatmaps
         ]
@@ -539,6 +570,14 @@ def _explanations(
                         counterfactual=counterfactual, _source=source)
         )
     return results
+
+
+def _pixel_gradients(message: pb.Heatmap) -> np.ndarray | None:
+    """A heatmap's signed input gradients, float32 [C, H, W]; None when the server sent none."""
+    if not message.HasField("pixel_gradients"):
+        return None
+    tensor = message.pixel_gradients
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape)).astype(np.float32)
 
 
 def _statuses(response: pb.ListModelsResponse) -> list[ModelStatus]:
