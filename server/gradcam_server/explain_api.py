@@ -7,6 +7,7 @@ import asyncio
 import io
 import time
 
+import grpc
 import numpy as np
 
 from gradcam_client.overlay import COLORMAPS, overlay
@@ -16,7 +17,7 @@ from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from .datatypes import element_count, from_bytes
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, Explaining
+from .model import METHODS, Explaining, ServedModel
 from .preprocess import decode_image
 from .service import ClassMap, Explained, GradCamService, HeatmapSize
 from .transport import deadline_of, rpc
@@ -59,7 +60,11 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         with self.service.admit(model):
             return await self._explain(model, method, request, context, started)
 
-    async def _explain(self, model, method, request, context, started) -> pb.ExplainResponse:
+    async def _explain(
+        self, model: ServedModel, method: str | None, request: pb.ExplainRequest,
+        context: grpc.aio.ServicerContext, started: float,
+    ) -> bytes:
+        """The serialized response; the request's place is held by the caller."""
         options = request.options
         texts = {"layer": request.layer, "score": request.score, "output": request.output,
                  "colormap": options.colormap, "heatmap_size": options.heatmap_size,

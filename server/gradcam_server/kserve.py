@@ -49,7 +49,8 @@ from .augment.passes import NAMES
 from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, PIXEL_METHODS, Explaining, ServedModel
+from .augment.cam import PIXEL_METHODS
+from .model import METHODS, Explaining, ServedModel
 from .service import (
     MAX_IMAGES_PER_REQUEST,
     GradCamService,
@@ -129,13 +130,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"unknown method {shown(method)}; available: {', '.join(METHODS)}")
         labels["method"] = method
         with self.service.admit(model):
-            return await self._infer(model, request, parameters, deadline_of(context))
+            return await self._infer(model, request, parameters, method, deadline_of(context))
 
     async def _infer(
-        self, model: ServedModel, request, parameters: dict[str, str], deadline: float | None
-    ) -> pb.ModelInferResponse:
+        self, model: ServedModel, request, parameters: dict[str, str], method: str,
+        deadline: float | None,
+    ) -> bytes:
+        """The serialized response to a request for `model` with `method` (the model's
+        default filled in); the request's place is held by the caller."""
         heatmap_size = HeatmapSize.parse(parameters.get("heatmap_size"), self.service.max_pixels)
-        method = parameters.get("method") or model.config.method
         available = [o.name for o in model.outputs] + [HEATMAP_OUTPUT]
         requested = [o.name for o in request.outputs] or available
         if PIXEL_MAP_OUTPUT in requested and PIXEL_MAP_OUTPUT not in available:

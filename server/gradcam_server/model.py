@@ -28,7 +28,6 @@ import onnx
 import onnxruntime as ort
 
 from .augment import AugmentError, augment_model, load_model
-from .augment.cam import PIXEL_METHODS
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
 from .batching import StopSignal

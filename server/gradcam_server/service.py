@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .batching import BatchStats, DynamicBatcher, StopSignal
 from .errors import InvalidInput, QueueFull
-from .model import PIXEL_METHODS, Explaining, ServedModel
+from .model import Explaining, ServedModel
 from .preprocess import decode_image, image_size, to_tensor
 from .repository import ModelRepository
 
