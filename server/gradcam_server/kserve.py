@@ -34,6 +34,8 @@ a 4-byte length prefix, as tritonclient sends them); outputs go back as raw_outp
 
 from __future__ import annotations
 
+import asyncio
+import math
 import struct
 
 import numpy as np
@@ -41,15 +43,12 @@ import numpy as np
 from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
-import asyncio
-import math
-
 from . import __version__
+from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .augment.cam import PIXEL_METHODS
 from .model import METHODS, Explaining, ServedModel
 from .service import (
     MAX_IMAGES_PER_REQUEST,
