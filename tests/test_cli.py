@@ -15,6 +15,7 @@ import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,20 +250,61 @@ def test_pixel_level_methods_are_drawn_as_gradient_images(
 ) -> None:
     picture, heatmap, panel = tmp_path / "map.png", tmp_path / "map.npy", tmp_path / "panel.png"
     _explain(server, PHOTO, "--method", method, "-o", picture, "--save-npy", heatmap)
+    # The heatmap as before, and beside it the signed gradients at the model's input.
+    saved = np.load(heatmap)
+    assert saved.dtype == np.float32 and saved.shape == (HEIGHT, WIDTH)
+    gradients = np.load(tmp_path / "map.gradients.npy")
+    assert gradients.dtype == np.float32 and gradients.shape == (3, MODEL_SIZE, MODEL_SIZE)
+    assert (gradients > 0).any() and (gradients < 0).any()
+    # Drawn as the Grad-CAM paper does: the gradients in colour, at the photo's size.
     drawn = _pixels(picture)
-    np.testing.assert_array_equal(drawn, np.asarray(gradient_image(np.load(heatmap))))
-    assert (drawn[..., 0] == drawn[..., 1]).all() and (drawn[..., 1] == drawn[..., 2]).all()
-    # Not a faint tint over the photo: the strongest percent is white, and the median pixel
-    # a visible grey, where scaling by the maximum left it near black.
-    assert (drawn[..., 0] == 255).mean() >= 0.009
-    assert np.median(drawn[..., 0]) > 2.5 * np.median(np.load(heatmap)) * 255
-
+    np.testing.assert_array_equal(
+        drawn, np.asarray(gradient_image(gradients, size=(WIDTH, HEIGHT)))
+    )
+    assert (drawn[..., 0] != drawn[..., 1]).any()
     _explain(server, PHOTO, "--method", method, "--side-by-side", "-o", panel)
     _assert_panels(
         _pixels(panel),
         [np.asarray(_photo()), drawn],
         [["chelsea.jpg", f"{MODEL}, {method}"], [f"Egyptian cat  {scores[EGYPTIAN_CAT]:.2f}"]],
     )
+
+    gray, gray_panel = tmp_path / "gray.png", tmp_path / "gray-panel.png"
+    _explain(server, PHOTO, "--method", method, "--grayscale", "-o", gray)
+    drawn = _pixels(gray)
+    np.testing.assert_array_equal(drawn, np.asarray(gradient_image(saved)))
+    assert (drawn[..., 0] == drawn[..., 1]).all() and (drawn[..., 1] == drawn[..., 2]).all()
+    # Not a faint tint over the photo: the strongest percent is white, and the median pixel
+    # a visible grey, where scaling by the maximum left it near black.
+    assert (drawn[..., 0] == 255).mean() >= 0.009
+    assert np.median(drawn[..., 0]) > 2.5 * np.median(saved) * 255
+    _explain(server, PHOTO, "--method", method, "--grayscale", "--side-by-side", "-o", gray_panel)
+    _assert_panels(
+        _pixels(gray_panel),
+        [np.asarray(_photo()), drawn],
+        [["chelsea.jpg", f"{MODEL}, {method}"], [f"Egyptian cat  {scores[EGYPTIAN_CAT]:.2f}"]],
+    )
+
+
+def test_save_npy_writes_gradients_for_pixel_level_methods_only(
+    server: str, tmp_path: Path
+) -> None:
+    _explain(server, PHOTO, "--method", "guided-backprop", "--top-k", "2",
+             "--save-npy", tmp_path / "top2")  # np.save adds .npy
+    assert np.load(tmp_path / "top2.npy").shape == (2, HEIGHT, WIDTH)
+    assert np.load(tmp_path / "top2.gradients.npy").shape == (2, 3, MODEL_SIZE, MODEL_SIZE)
+    _explain(server, PHOTO, "--save-npy", tmp_path / "gradcam.npy")  # Grad-CAM: no gradients
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gradcam.npy", "top2.gradients.npy", "top2.npy"
+    ]
+    images, folder = tmp_path / "images", tmp_path / "maps"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(PHOTO, images / name)
+    _explain(server, images, "--method", "guided-gradcam", "--save-npy", folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a.gradients.npy", "a.npy", "b.gradients.npy", "b.npy"
+    ]
 
 
 def test_heatmap_size_sets_the_saved_maps_and_not_the_picture(
@@ -301,6 +343,12 @@ def test_a_pixel_level_map_of_another_size_is_drawn_at_the_images(
              "-o", picture, "--save-npy", heatmap)
     saved = np.load(heatmap)
     assert saved.shape == (MODEL_SIZE, MODEL_SIZE)
+    # The gradients come at the model's input size whatever --heatmap-size says.
+    gradients = np.load(tmp_path / "map.gradients.npy")
+    expected = gradient_image(gradients, size=(WIDTH, HEIGHT))
+    np.testing.assert_array_equal(_pixels(picture), np.asarray(expected))
+    _explain(server, PHOTO, "--method", "guided-backprop", "--heatmap-size", "model",
+             "--grayscale", "-o", picture)
     expected = gradient_image(saved, size=(WIDTH, HEIGHT))
     np.testing.assert_array_equal(_pixels(picture), np.asarray(expected))
 

@@ -2,7 +2,7 @@
 
     gradcam explain IMAGE --server HOST:PORT --model NAME [--method M] [--layer TENSOR]
                   [--target-class C | --top-k K] [-o PICTURE.png] [--save-npy MAP.npy]
-                  [--heatmap-size image|model|WxH] [--side-by-side]
+                  [--heatmap-size image|model|WxH] [--side-by-side] [--grayscale]
                   [--summary SUMMARY.csv|.json]
     gradcam explain FOLDER_OR_IMAGES... --model NAME [-o OUT_FOLDER] [--save-npy NPY_FOLDER]
     gradcam models [--server HOST:PORT]
@@ -16,8 +16,11 @@ overlay at the image's pixel size; one overlay per class in a row with ``--top-k
 [height, width] ([K, height, width] with ``--top-k K`` above 1). ``--heatmap-size`` sets the
 maps' size: "image" (the default), "model" (the graph's own map, at the model's input size) or
 WIDTHxHEIGHT; the picture is drawn at the image's size all the same. Pixel-level methods
-(guided-backprop, guided-gradcam) are drawn as the gradient image in grayscale, not over the
-photo. A folder or several images: ``-o`` and ``--save-npy`` are folders that receive
+(guided-backprop, guided-gradcam) are drawn on their own, not over the photo: the signed input
+gradients as the Grad-CAM paper shows them, in colour around mid grey (``--grayscale``: their
+magnitude in grayscale, as from a server too old to send the gradients); ``--save-npy MAP.npy``
+also writes those gradients to ``MAP.gradients.npy``, float32 [3, H, W] at the model's input
+size ([K, 3, H, W] with ``--top-k K`` above 1). A folder or several images: ``-o`` and ``--save-npy`` are folders that receive
 ``<image name>.png`` and ``<image name>.npy``, a progress bar is drawn on stderr, and a count
 closes the run; an image that cannot be read or explained is reported and skipped. A request
 still running after two seconds shows a spinner with the elapsed time on stderr (one "still
@@ -221,7 +224,8 @@ def _explain_one(
         ) from None
     if overlay_path is not None:
         try:
-            picture = result.overlay(args.colormap, args.opacity, args.side_by_side)
+            picture = result.overlay(args.colormap, args.opacity, args.side_by_side,
+                                     grayscale=args.grayscale)
         except OSError as error:
             raise ImageError(f"{image}: cannot decode the image: {error}") from None
         _save_picture(picture, overlay_path)
@@ -229,7 +233,19 @@ def _explain_one(
         maps = [h.heatmap for h in result.heatmaps]
         heatmap_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(heatmap_path, maps[0] if len(maps) == 1 else np.stack(maps))
+        gradients = [h.pixel_gradients for h in result.heatmaps]
+        if all(g is not None for g in gradients):
+            np.save(_gradients_path(heatmap_path),
+                    gradients[0] if len(gradients) == 1 else np.stack(gradients))
     return _Outcome(image, result, overlay_path, heatmap_path)
+
+
+def _gradients_path(heatmap_path: Path) -> Path:
+    """Where ``--save-npy`` puts a pixel-level method's signed gradients beside its heatmap:
+    ``map.npy`` (or ``map``, which np.save also writes as ``map.npy``) -> ``map.gradients.npy``."""
+    name = heatmap_path.name
+    stem = name[: -len(".npy")] if name.endswith(".npy") else name
+    return heatmap_path.with_name(f"{stem}.gradients.npy")
 
 
 def _models(client: GradCamClient, args: argparse.Namespace) -> int:
@@ -649,7 +665,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="picture file (one image; one map per explained class, in a "
                               "row) or folder (several images); missing folders are made")
     explain.add_argument("--save-npy", type=Path, metavar="PATH",
-                         help="raw float32 heatmap file (one image) or folder (several)")
+                         help="raw float32 heatmap file (one image) or folder (several); "
+                              "pixel-level methods also write their signed input gradients "
+                              "beside it, NAME.gradients.npy ([3, H, W] at the model's input "
+                              "size)")
     explain.add_argument("--heatmap-size", type=_heatmap_size, metavar="image|model|WxH",
                          help="the size of the maps --save-npy writes: image (the default: "
                               "the image's own), model (the graph's own map, at the model's "
@@ -660,7 +679,13 @@ def _parser() -> argparse.ArgumentParser:
                               "files to PATH, CSV or JSON by its suffix (.csv, .json)")
     explain.add_argument("--colormap", choices=COLORMAPS, default="jet",
                          help="heatmap colours (default jet); pixel-level methods "
-                              "(guided-backprop, guided-gradcam) are drawn in grayscale")
+                              "(guided-backprop, guided-gradcam) are drawn as the Grad-CAM "
+                              "paper does instead: the signed input gradients in colour, "
+                              "around mid grey")
+    explain.add_argument("--grayscale", action="store_true",
+                         help="pixel-level methods: draw the gradient magnitude in grayscale "
+                              "instead (black for none, the strongest 1%% white); a model fed "
+                              "BGR (config channel_order) otherwise shows red and blue swapped")
     explain.add_argument("--opacity", type=float, default=0.5,
                          help="heatmap opacity over the image, 0..1 (default 0.5)")
     explain.add_argument("--side-by-side", action="store_true",
