@@ -1,9 +1,10 @@
 """Cost of every CAM method inside the session, as ratios measured in one run.
 
     python benchmarks/bench_methods.py [--model resnet50] [--threads 2] [--seconds 10]
+                                       [--without-references]
 
-1. each gradient-weighted and pixel-level method against the plain forward, batch 1,
-   interleaved (the same ResNet-50, default last-layer target);
+1. each gradient-weighted, pixel-level and path method and Group-CAM against the plain forward,
+   batch 1, interleaved (the same ResNet-50, default last-layer target);
 2. Ablation-CAM in the session against pytorch-grad-cam's AblationCAM on the same weights and
    threads, batch 1 (the reference runs the whole network once per 32 ablated channels; ours
    re-runs only the layers after the target layer);
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--without-references", action="store_true",
+                        help="section 1 only (pytorch-grad-cam's Score-CAM alone takes minutes)")
     args = parser.parse_args()
 
     import torch
@@ -46,7 +49,8 @@ def main() -> None:
         export(args.model, plain_path)
         plain = make_session(plain_path, args.threads)
         sessions = {}
-        for method in (*METHODS, *PIXEL_METHODS, "ablationcam", "scorecam"):
+        timed_alone = ("ablationcam", "scorecam")
+        for method in (*METHODS, *PIXEL_METHODS, "integrated-gradcam", "groupcam", *timed_alone):
             path = Path(tmp, f"{method}.onnx")
             save(augment_model(plain_path, method=method), path)
             sessions[method] = make_session(path, args.threads)
@@ -56,11 +60,13 @@ def main() -> None:
         variants = {"forward": lambda: plain.run(None, {"input": x})}
         variants |= {
             m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()
-            if m not in ("ablationcam", "scorecam")
+            if m not in timed_alone
         }
         medians = interleaved(variants, args.seconds * len(variants), minimum=5)
         for name, value in medians.items():
             print(f"   {name:20s} {value * 1e3:8.1f} ms  ratio {value / medians['forward']:.3f}")
+        if args.without_references:
+            return
 
         torch.manual_seed(0)
         model = getattr(torchvision.models, args.model)(weights=None).eval()
