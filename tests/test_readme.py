@@ -137,7 +137,7 @@ def test_root_readme_commands(server: str, workdir: Path) -> None:
     width, height = _size(out / "chelsea-top3.png")  # the photo and three maps, captioned
     assert width == 4 * WIDTH + 3 * PANEL_GAP and height > HEIGHT
     assert _size(out / "chelsea-guided.png") == (WIDTH, HEIGHT)
-    assert _is_gray(out / "chelsea-guided.png")
+    assert not _is_gray(out / "chelsea-guided.png")  # the signed gradient image, in colour
     with (out / "summary.csv").open(newline="") as file:
         (row,) = csv.DictReader(file)
     assert (row["image"], row["label"]) == ("samples/chelsea.jpg", "Egyptian cat")
@@ -165,6 +165,8 @@ def test_client_readme_commands(server: str, workdir: Path) -> None:
     assert np.load(out / "chelsea-heatmap.npy").shape == (HEIGHT, WIDTH)
     assert _size(out / "chelsea-top3.png")[0] == 4 * WIDTH + 3 * PANEL_GAP
     assert _size(out / "chelsea-guided-backprop.png")[0] == 2 * WIDTH + PANEL_GAP
+    assert np.load(out / "chelsea-guided.npy").shape == (HEIGHT, WIDTH)
+    assert np.load(out / "chelsea-guided.gradients.npy").shape == (3, 224, 224)
     assert np.load(out / "chelsea-heatmap-224.npy").shape == (224, 224)  # --heatmap-size model
     assert [p.name for p in (out / "overlays").iterdir()] == ["chelsea.png"]
     (record,) = json.loads((out / "summary.json").read_text())["images"]
@@ -179,10 +181,14 @@ def test_client_readme_snippets(server: str, workdir: Path) -> None:
     assert "tabby gradcam++ /_blocks.15/" in printed and "(224, 224) ''" in printed
     assert "(224, 224)\n(48, 64)\n" in printed  # heatmap_size "model", then (64, 48)
     assert "['Egyptian cat', 'Egyptian cat', 'Egyptian cat']" in printed
+    assert "(3, 224, 224) float32" in printed  # pixel_gradients
     out = workdir / "out"
     assert _size(out / "chelsea-turbo.png") == (WIDTH, HEIGHT)
     assert _size(out / "chelsea-224.png") == (224, 224)
     assert _size(out / "chelsea-from-224.png") == (WIDTH, HEIGHT)
     assert _size(out / "chelsea-side-by-side.png")[0] == 2 * WIDTH + PANEL_GAP
     assert _size(out / "chelsea-top3-sdk.png")[0] == 4 * WIDTH + 3 * PANEL_GAP
+    assert _size(out / "chelsea-guided-sdk.png") == (WIDTH, HEIGHT)
+    assert not _is_gray(out / "chelsea-guided-sdk.png")  # the signed gradients, in colour
+    assert _is_gray(out / "chelsea-guided-gray.png")
     assert sorted(p.name for p in workdir.iterdir()) == ["models", "out", "samples"]

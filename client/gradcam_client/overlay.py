@@ -14,9 +14,9 @@ Everything here is numpy and Pillow. A heatmap is a float array [H, W] with valu
 
 Pixel-level maps (Guided Backpropagation, Guided Grad-CAM) are drawn on their own, not over the
 photo, by `gradient_image`: signed gradients [3, H, W] as the Grad-CAM paper shows them (each
-image standardised, scaled by 0.1 and centred on grey), or their magnitude in grayscale, the form
-the service returns; ``size=`` draws a map of another size at its image's. `panels` puts pictures
-in a row, each with its own caption.
+image standardised, scaled by 0.1 and centred on grey; the service's ``pixel_gradients``), or
+their magnitude in grayscale (the service's heatmap for these methods); ``size=`` draws a map
+of another size at its image's. `panels` puts pictures in a row, each with its own caption.
 """
 
 from __future__ import annotations
