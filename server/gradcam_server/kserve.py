@@ -54,7 +54,7 @@ from .service import (
     MAX_IMAGES_PER_REQUEST,
     GradCamService,
     HeatmapSize,
-    pixel_size,
+    image_tensor_size,
     resize_heatmap,
 )
 from .transport import deadline_of, rpc
@@ -214,12 +214,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.to_thread(
                 self.service.check_tensor, model, x, f"input {model.input.name!r}"
             )
-            check_sizes([pixel_size(model, x)[::-1]] * len(x))
+        tensor_size = image_tensor_size(model, x[0])  # (width, height) the graph sees
+        if sizes is None:
+            check_sizes([tensor_size] * len(x))
         heatmap_sizes = None  # (width, height) of each heatmap returned
         if HEATMAP_OUTPUT in requested:
             heatmap_sizes = [
-                heatmap_size.of(size, pixel_size(model, x)[::-1])
-                for size in (sizes or [pixel_size(model, x)[::-1]] * len(x))
+                heatmap_size.of(size, tensor_size) for size in (sizes or [tensor_size] * len(x))
             ]
         explain = None
         if HEATMAP_OUTPUT in requested or PIXEL_MAP_OUTPUT in requested:

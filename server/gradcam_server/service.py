@@ -25,7 +25,7 @@ from PIL import Image
 from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .batching import BatchStats, DynamicBatcher, StopSignal
-from .errors import InvalidInput, QueueFull
+from .errors import InvalidInput, QueueFull, shown
 from .model import Explaining, ServedModel
 from .preprocess import decode_image, image_size, to_tensor
 from .repository import ModelRepository
@@ -65,7 +65,7 @@ class HeatmapSize:
         if match is None:
             raise InvalidInput(
                 f"heatmap_size must be 'image', 'model' or WIDTHxHEIGHT (e.g. 224x224), "
-                f"got {text[:40]!r}"
+                f"got {shown(text)}"
             )
         width, height = int(match[1]), int(match[2])
         if width * height > max_pixels:
@@ -547,9 +547,8 @@ class GradCamService:
                     f"{_shape(value.shape)}"
                 )
         ranks = top_k or 1
-        channels_last = model.config.preprocessing.layout == "NHWC"
         tensor_sizes = [  # (width, height) of the images sent as tensors
-            image.shape[1::-1] if channels_last else image.shape[:0:-1]
+            image_tensor_size(model, image)
             for image in images if not isinstance(image, bytes) and image.ndim == 3
         ]
 
@@ -637,14 +636,12 @@ class GradCamService:
             )
             for position, index in enumerate(encoded):
                 tensors[index], sizes[index] = batch[position], encoded_sizes[position]
-        channels_last = model.config.preprocessing.layout == "NHWC"
         for index, image in enumerate(images):
             if isinstance(image, bytes):
                 continue
             self.check_tensor(model, image[None], f"image {index}")
             tensors[index] = image
-            height, width = image.shape[:2] if channels_last else image.shape[1:]
-            sizes[index] = (width, height)
+            sizes[index] = image_tensor_size(model, image)
         return tensors, sizes
 
     def _explanation(
@@ -746,6 +743,12 @@ def _for_image(index: int, function, data: bytes, max_pixels: int):
 def pixel_size(model: ServedModel, x: np.ndarray) -> tuple[int, int]:
     """(H, W) of a batch of preprocessed images."""
     return x.shape[1:3] if model.config.preprocessing.layout == "NHWC" else x.shape[2:4]
+
+
+def image_tensor_size(model: ServedModel, image: np.ndarray) -> tuple[int, int]:
+    """(width, height) of one preprocessed image ([C, H, W] or [H, W, C])."""
+    height, width = pixel_size(model, image[None])
+    return width, height
 
 
 def _check_count(count: int) -> None:
