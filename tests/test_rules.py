@@ -30,6 +30,7 @@ def ints(*values: int) -> np.ndarray:
 X4 = Wrt((2, 3, 5, 5))
 POSITIVE = Wrt((2, 3, 4), low=0.5, high=2.0)
 KINK0 = Wrt((2, 3, 4), avoid=(0.0,))
+UNIT_OPEN = Wrt((2, 3, 4), low=-0.85, high=0.85)
 
 UNARY = [
     OpSpec("Identity", {"x": X4}),
@@ -58,6 +59,23 @@ UNARY = [
     OpSpec("Softmax", {"x": Wrt((2, 3, 4))}, attrs={"axis": 1}),
     OpSpec("LogSoftmax", {"x": Wrt((2, 3, 4))}, attrs={"axis": -1}),
     OpSpec("Cast", {"x": X4}, attrs={"to": TensorProto.DOUBLE}),
+    OpSpec("ThresholdedRelu", {"x": Wrt((2, 3, 4), avoid=(0.5,))}, attrs={"alpha": 0.5}),
+    OpSpec("Shrink", {"x": Wrt((2, 3, 4), avoid=(-0.7, 0.7))}, attrs={"lambd": 0.7, "bias": 0.2}),
+    OpSpec("Selu", {"x": KINK0}),
+    OpSpec("Celu", {"x": KINK0}, attrs={"alpha": 0.6}),
+    OpSpec("Mish", {"x": X4}, opset=18),
+    OpSpec("Softsign", {"x": X4}),
+    OpSpec("Sin", {"x": Wrt((2, 3, 4), low=-4, high=4)}),
+    OpSpec("Cos", {"x": Wrt((2, 3, 4), low=-4, high=4)}),
+    OpSpec("Tan", {"x": Wrt((2, 3, 4), low=-1.2, high=1.2)}),
+    OpSpec("Asin", {"x": UNIT_OPEN}),
+    OpSpec("Acos", {"x": UNIT_OPEN}),
+    OpSpec("Atan", {"x": Wrt((2, 3, 4), low=-3, high=3)}),
+    OpSpec("Sinh", {"x": X4}),
+    OpSpec("Cosh", {"x": X4}),
+    OpSpec("Asinh", {"x": Wrt((2, 3, 4), low=-3, high=3)}),
+    OpSpec("Acosh", {"x": Wrt((2, 3, 4), low=1.3, high=3)}),
+    OpSpec("Atanh", {"x": UNIT_OPEN}),
 ]
 
 SHAPES = [
@@ -201,6 +219,9 @@ COMPOSED = [
     OpSpec("Sign", {"x": INTEGERS}, label="beside-identity", text="""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2,3,5,5] x) => (float[2,3,5,5] y) { f = Sign(x)  y = Mul(f, x) }"""),
+    OpSpec("Hardmax", {"x": Wrt((2, 3, 4), distinct=True)}, label="beside-identity", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) { f = Hardmax <axis = 1> (x)  y = Mul(f, x) }"""),
     OpSpec("Reshape", {"x": X4}, label="shape-from-runtime", text="""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N,3,5,5] x) => (float[N,75] y) {

@@ -298,12 +298,30 @@ def _neg(ctx: RuleContext) -> Gradients:
 
 @rule("Abs")
 def _abs(ctx: RuleContext) -> Gradients:
-    return [ctx.b.op("Mul", [ctx.dy(), ctx.b.op("Sign", [ctx.x(0)])])]
+    return _scaled(ctx, ctx.b.op("Sign", [ctx.x(0)]))
 
 
-@rule("Floor", "Ceil", "Round", "Sign")
+@rule("Floor", "Ceil", "Round", "Sign", "Hardmax")
 def _piecewise_constant(ctx: RuleContext) -> Gradients:
     return [None]
+
+
+def _scaled(ctx: RuleContext, slope: str) -> Gradients:
+    """dx = dy * slope: the rule of a one-input elementwise op, given its derivative."""
+    return [ctx.b.op("Mul", [ctx.dy(), slope])]
+
+
+def _kept(b: GraphBuilder, mask: str, grad: str) -> str:
+    """`grad` where `mask` holds, 0 elsewhere."""
+    return b.op("Where", [mask, grad, b.zeros_like(grad)])
+
+
+def _by_sign(ctx: RuleContext, negative_slope: str, positive_slope: str | None = None) -> str:
+    """dx = dy * (positive_slope where x > 0, else negative_slope); no positive_slope means 1."""
+    b, dy = ctx.b, ctx.dy()
+    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
+    above = dy if positive_slope is None else b.op("Mul", [dy, positive_slope])
+    return b.op("Where", [positive, above, b.op("Mul", [dy, negative_slope])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,33 +337,58 @@ def _relu(ctx: RuleContext) -> Gradients:
     mask = b.op("Greater", [ctx.y(0), zero])
     if ctx.guided:
         mask = b.op("And", [mask, b.op("Greater", [dy, zero])])
-    return [b.op("Where", [mask, dy, b.zeros_like(dy)])]
+    return [_kept(b, mask, dy)]
+
+
+@rule("ThresholdedRelu")
+def _thresholded_relu(ctx: RuleContext) -> Gradients:
+    """y = x where x > alpha, else 0."""
+    b = ctx.b
+    return [_kept(b, b.op("Greater", [ctx.x(0), b.const(ctx.attr("alpha", 1.0))]), ctx.dy())]
+
+
+@rule("Shrink")
+def _shrink(ctx: RuleContext) -> Gradients:
+    """y = x -+ bias where |x| > lambd, else 0: dx = dy where |x| > lambd."""
+    b = ctx.b
+    outside = b.op("Greater", [b.op("Abs", [ctx.x(0)]), b.const(ctx.attr("lambd", 0.5))])
+    return [_kept(b, outside, ctx.dy())]
 
 
 @rule("LeakyRelu")
 def _leaky_relu(ctx: RuleContext) -> Gradients:
-    b, dy = ctx.b, ctx.dy()
-    slope = b.const(ctx.attr("alpha", 0.01))
-    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
-    return [b.op("Where", [positive, dy, b.op("Mul", [dy, slope])])]
+    return [_by_sign(ctx, ctx.b.const(ctx.attr("alpha", 0.01)))]
 
 
 @rule("PRelu", broadcasting=True)
 def _prelu(ctx: RuleContext) -> Gradients:
-    b, dy = ctx.b, ctx.dy()
     if ctx.needs(1):
         raise ctx.unsupported("a gradient for the slope input is not supported")
-    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
-    return [b.op("Where", [positive, dy, b.op("Mul", [dy, ctx.x(1)])]), None]
+    return [_by_sign(ctx, ctx.x(1)), None]
 
 
 @rule("Elu")
 def _elu(ctx: RuleContext) -> Gradients:
-    b, dy = ctx.b, ctx.dy()  # x <= 0: y + alpha
+    """x <= 0: y = alpha (e^x - 1), slope y + alpha."""
+    return [_by_sign(ctx, ctx.b.op("Add", [ctx.y(0), ctx.b.const(ctx.attr("alpha", 1.0))]))]
+
+
+@rule("Selu")
+def _selu(ctx: RuleContext) -> Gradients:
+    """y = gamma x for x > 0, else gamma alpha (e^x - 1), whose slope is y + gamma alpha."""
+    b = ctx.b
+    alpha = ctx.attr("alpha", 1.67326319217681884765625)
+    gamma = ctx.attr("gamma", 1.05070102214813232421875)
+    negative_slope = b.op("Add", [ctx.y(0), b.const(gamma * alpha)])
+    return [_by_sign(ctx, negative_slope, b.const(gamma))]
+
+
+@rule("Celu")
+def _celu(ctx: RuleContext) -> Gradients:
+    """x <= 0: y = alpha (e^(x/alpha) - 1), slope y / alpha + 1."""
+    b = ctx.b
     alpha = b.const(ctx.attr("alpha", 1.0))
-    negative_slope = b.op("Add", [ctx.y(0), alpha])
-    positive = b.op("Greater", [ctx.x(0), b.const(0.0)])
-    return [b.op("Where", [positive, dy, b.op("Mul", [dy, negative_slope])])]
+    return [_by_sign(ctx, b.op("Add", [b.op("Div", [ctx.y(0), alpha]), b.const(1.0)]))]
 
 
 @rule("Clip")
@@ -365,14 +408,13 @@ def _clip(ctx: RuleContext) -> Gradients:
         mask = inside if mask is None else b.op("And", [mask, inside])
     if mask is None:
         return [dy, None, None]
-    return [b.op("Where", [mask, dy, b.zeros_like(dy)]), None, None]
+    return [_kept(b, mask, dy), None, None]
 
 
 @rule("Sigmoid")
 def _sigmoid(ctx: RuleContext) -> Gradients:
     b, y = ctx.b, ctx.y(0)
-    slope = b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])
-    return [b.op("Mul", [ctx.dy(), slope])]
+    return _scaled(ctx, b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])]))
 
 
 @rule("HardSigmoid")
@@ -384,14 +426,13 @@ def _hard_sigmoid(ctx: RuleContext) -> Gradients:
     inside = b.op(
         "And", [b.op("Greater", [linear, b.const(0.0)]), b.op("Less", [linear, b.const(1.0)])]
     )
-    scaled = b.op("Mul", [ctx.dy(), b.const(alpha)])
-    return [b.op("Where", [inside, scaled, b.zeros_like(scaled)])]
+    return [_kept(b, inside, b.op("Mul", [ctx.dy(), b.const(alpha)]))]
 
 
 @rule("HardSwish")
 def _hard_swish(ctx: RuleContext) -> Gradients:
     """y = x relu6(x + 3) / 6: slope 0 below -3, x/3 + 1/2 up to 3, 1 above (as torch)."""
-    b, x, dy = ctx.b, ctx.x(0), ctx.dy()
+    b, x = ctx.b, ctx.x(0)
     middle = b.op("Add", [b.op("Div", [x, b.const(3.0)]), b.const(0.5)])
     slope = b.op(
         "Where",
@@ -401,18 +442,38 @@ def _hard_swish(ctx: RuleContext) -> Gradients:
             b.op("Where", [b.op("LessOrEqual", [x, b.const(3.0)]), middle, b.const(1.0)]),
         ],
     )
-    return [b.op("Mul", [dy, slope])]
+    return _scaled(ctx, slope)
+
+
+@rule("Mish")
+def _mish(ctx: RuleContext) -> Gradients:
+    """y = x tanh(softplus(x)): slope t + x sigmoid(x) (1 - t^2), t = tanh(softplus(x))."""
+    b, x = ctx.b, ctx.x(0)
+    t = b.op("Tanh", [b.op("Softplus", [x])])
+    sech2 = b.op("Sub", [b.const(1.0), b.op("Mul", [t, t])])
+    return _scaled(ctx, b.op("Add", [t, b.op("Mul", [b.op("Mul", [x, b.op("Sigmoid", [x])]), sech2])]))
+
+
+@rule("Softsign")
+def _softsign(ctx: RuleContext) -> Gradients:
+    """y = x / (1 + |x|): slope 1 / (1 + |x|)^2."""
+    b = ctx.b
+    denominator = b.op("Add", [b.const(1.0), b.op("Abs", [ctx.x(0)])])
+    return [b.op("Div", [ctx.dy(), b.op("Mul", [denominator, denominator])])]
 
 
 @rule("Tanh")
 def _tanh(ctx: RuleContext) -> Gradients:
-    b, y = ctx.b, ctx.y(0)
-    return [b.op("Mul", [ctx.dy(), b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])]
+    return _scaled(ctx, _one_minus_square(ctx.b, ctx.y(0)))
+
+
+def _one_minus_square(b: GraphBuilder, tensor: str) -> str:
+    return b.op("Sub", [b.const(1.0), b.op("Mul", [tensor, tensor])])
 
 
 @rule("Exp")
 def _exp(ctx: RuleContext) -> Gradients:
-    return [ctx.b.op("Mul", [ctx.dy(), ctx.y(0)])]
+    return _scaled(ctx, ctx.y(0))
 
 
 @rule("Log")
@@ -436,12 +497,12 @@ def _reciprocal(ctx: RuleContext) -> Gradients:
 def _erf(ctx: RuleContext) -> Gradients:
     b, x = ctx.b, ctx.x(0)
     gaussian = b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])])
-    return [b.op("Mul", [ctx.dy(), b.op("Mul", [gaussian, b.const(2.0 / math.sqrt(math.pi))])])]
+    return _scaled(ctx, b.op("Mul", [gaussian, b.const(2.0 / math.sqrt(math.pi))]))
 
 
 @rule("Softplus")
 def _softplus(ctx: RuleContext) -> Gradients:
-    return [ctx.b.op("Mul", [ctx.dy(), ctx.b.op("Sigmoid", [ctx.x(0)])])]
+    return _scaled(ctx, ctx.b.op("Sigmoid", [ctx.x(0)]))
 
 
 @rule("Gelu")
@@ -460,7 +521,7 @@ def _gelu(ctx: RuleContext) -> Gradients:
         [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),
          b.const(1 / math.sqrt(2 * math.pi))],
     )
-    return [b.op("Mul", [ctx.dy(), b.op("Add", [cdf, b.op("Mul", [x, pdf])])])]
+    return _scaled(ctx, b.op("Add", [cdf, b.op("Mul", [x, pdf])]))
 
 
 @rule("Softmax")
@@ -484,6 +545,67 @@ def _log_softmax(ctx: RuleContext) -> Gradients:
 def _require_opset(ctx: RuleContext, minimum: int) -> None:
     if ctx.b.opset < minimum:
         raise ctx.unsupported(f"its semantics before opset {minimum} are not supported")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trigonometric and hyperbolic
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("Sin")
+def _sin(ctx: RuleContext) -> Gradients:
+    return _scaled(ctx, ctx.b.op("Cos", [ctx.x(0)]))
+
+
+@rule("Cos")
+def _cos(ctx: RuleContext) -> Gradients:
+    return _scaled(ctx, ctx.b.op("Neg", [ctx.b.op("Sin", [ctx.x(0)])]))
+
+
+@rule("Tan")
+def _tan(ctx: RuleContext) -> Gradients:
+    """slope 1 + y^2."""
+    b, y = ctx.b, ctx.y(0)
+    return _scaled(ctx, b.op("Add", [b.const(1.0), b.op("Mul", [y, y])]))
+
+
+@rule("Sinh")
+def _sinh(ctx: RuleContext) -> Gradients:
+    return _scaled(ctx, ctx.b.op("Cosh", [ctx.x(0)]))
+
+
+@rule("Cosh")
+def _cosh(ctx: RuleContext) -> Gradients:
+    return _scaled(ctx, ctx.b.op("Sinh", [ctx.x(0)]))
+
+
+@rule("Asin", "Acos")
+def _asin_acos(ctx: RuleContext) -> Gradients:
+    """slope +-1 / sqrt(1 - x^2)."""
+    b = ctx.b
+    grad = b.op("Div", [ctx.dy(), b.op("Sqrt", [_one_minus_square(b, ctx.x(0))])])
+    return [b.op("Neg", [grad]) if ctx.node.op_type == "Acos" else grad]
+
+
+@rule("Atan")
+def _atan(ctx: RuleContext) -> Gradients:
+    """slope 1 / (1 + x^2)."""
+    b, x = ctx.b, ctx.x(0)
+    return [b.op("Div", [ctx.dy(), b.op("Add", [b.const(1.0), b.op("Mul", [x, x])])])]
+
+
+@rule("Asinh", "Acosh")
+def _asinh_acosh(ctx: RuleContext) -> Gradients:
+    """slope 1 / sqrt(x^2 + 1) (Asinh), 1 / sqrt(x^2 - 1) (Acosh)."""
+    b, x = ctx.b, ctx.x(0)
+    shift = b.const(1.0 if ctx.node.op_type == "Asinh" else -1.0)
+    return [b.op("Div", [ctx.dy(), b.op("Sqrt", [b.op("Add", [b.op("Mul", [x, x]), shift])])])]
+
+
+@rule("Atanh")
+def _atanh(ctx: RuleContext) -> Gradients:
+    """slope 1 / (1 - x^2)."""
+    return [ctx.b.op("Div", [ctx.dy(), _one_minus_square(ctx.b, ctx.x(0))])]
 
 
 # ---------------------------------------------------------------------------------------------
