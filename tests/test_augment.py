@@ -182,8 +182,11 @@ def test_named_layer(small_cnn: SmallCNN, small_onnx: Path) -> None:
 def test_bad_layers_are_clear_errors(small_onnx: Path) -> None:
     with pytest.raises(AugmentError, match="'nope' is not a tensor"):
         augment_model(small_onnx, layer="nope")
-    with pytest.raises(AugmentError, match="must be a 4-D feature map"):
-        augment_model(small_onnx, layer=onnx.load(small_onnx).graph.node[-2].output[0])
+    flat = onnx.load(small_onnx).graph.node[-2].output[0]
+    with pytest.raises(AugmentError, match=r"has rank 2: a target must be a feature map") as error:
+        augment_model(small_onnx, layer=flat)
+    assert "Candidate layers (last first): /features/features.5/Relu_output_0 [N, 16, 8, 8] nchw" \
+        in str(error.value)
     with pytest.raises(AugmentError, match="unknown score"):
         augment_model(small_onnx, score="margin")
 

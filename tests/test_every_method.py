@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import zoo
-from gradcam_server.augment import augment_model
+from gradcam_server.augment import augment_model, explained_target
 from gradcam_server.augment.cam import PIXEL_METHODS, SCORE_CAM
 from gradcam_server.augment.cli import main as augment_command
 from gradcam_server.augment.graph import GraphBuilder
@@ -113,8 +113,8 @@ def test_group_cam_on_a_zoo_model_from_both_exporters(onnx_zoo) -> None:
     for exporter in zoo.EXPORTERS:
         path = onnx_zoo(zoo.LITE0, exporter)
         augmented = augment_model(path, method="groupcam")
-        layer = next(n for n in augmented.graph.node if list(n.output) == [NAMES.activations])
-        spatial = GraphBuilder(onnx.load(path)).static_shape(layer.input[0])[2:]
+        layer = explained_target(augmented)["layer"]
+        spatial = GraphBuilder(onnx.load(path)).static_shape(layer)[2:]
         assert all(isinstance(d, int) for d in spatial) == (exporter == "dynamo")
         session = zoo.ort_session(augmented.SerializeToString())
         feeds = {"input": x, NAMES.target_class: np.array([-1, -1])}

@@ -16,7 +16,7 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
-from gradcam_server.augment import augment_model
+from gradcam_server.augment import augment_model, explained_target
 from gradcam_server.augment.cam import METHODS
 from gradcam_server.augment.passes import ALL_METHODS
 
@@ -215,7 +215,7 @@ def test_several_layers_fused_as_pytorch_grad_cam(method, onnx_zoo) -> None:
         model(torch.from_numpy(x))
     hook.remove()
     layer3 = zoo.find_matching_tensor(path, x, captured["a"].numpy())
-    layer4 = next(n for n in augment_model(path).graph.node if n.output == ["activations"]).input[0]
+    layer4 = explained_target(augment_model(path))["layer"]
     classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
     ours = explain(path, x, classes, method=method, layer=[layer3, layer4])
     with REFERENCES[method](model=model, target_layers=[model.layer3, model.layer4]) as cam:

@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from gradcam_server.augment import augment_model
+from gradcam_server.augment import augment_model, explained_target
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "efficientnet_lite0"
@@ -83,7 +83,7 @@ def test_export_script_reproduces_the_committed_model(tmp_path: Path, config: di
 
 def test_default_target_is_the_head_relu6(config: dict) -> None:
     augmented = augment_model(MODEL_DIR / "model.onnx")
-    exposed = next(n for n in augmented.graph.node if n.output == ["activations"]).input[0]
+    exposed = explained_target(augmented)["layer"]
     producer = next(n for n in augmented.graph.node if exposed in n.output)
     assert producer.op_type == "Clip"
     assert exposed == config["target_layer"]

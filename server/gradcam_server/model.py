@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .augment import AugmentError, augment_model, load_model
+from .augment import AugmentError, augment_model, explained_target, load_model
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
 from .batching import StopSignal
@@ -359,7 +359,7 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
 
 
 def _exposed_layer(augmented: onnx.ModelProto) -> str:
-    return next(n for n in augmented.graph.node if list(n.output) == [NAMES.activations]).input[0]
+    return explained_target(augmented)["layer"]
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:

@@ -10,6 +10,10 @@ See `augment_model` for the contract.
 """
 
 from .errors import AugmentError, MissingRuleError
-from .passes import AugmentedOutputs, augment_model, load_model
+from .layout import LAYOUTS
+from .passes import AugmentedOutputs, augment_model, explained_target, load_model
 
-__all__ = ["AugmentError", "MissingRuleError", "AugmentedOutputs", "augment_model", "load_model"]
+__all__ = [
+    "AugmentError", "MissingRuleError", "AugmentedOutputs", "LAYOUTS", "augment_model",
+    "explained_target", "load_model",
+]

@@ -22,24 +22,28 @@ from .graph import GraphBuilder, LoopBody
 ABLATION_OFFSET = 1e7
 
 
-def ablation_cam(
-    b: GraphBuilder, activations: str, score_output: str, onehot: str
+def ablation_weights(
+    b: GraphBuilder, layer: str, channel_axis: int, score_output: str, onehot: str
 ) -> str:
-    """Ablation-CAM's per-channel contributions w_k A^k [N, C, h, w]; `onehot` [N, classes]
-    selects each item's class."""
-    head = path_nodes(list(b.graph.node), activations, score_output)
-    lowest = b.reduce("ReduceMin", activations, [1, 2, 3], keepdims=True)
+    """Ablation-CAM's channel weights w_k [N, C] for target `layer` (any layout: channel k is
+    ablated along `channel_axis` at every position, prefix tokens included, as
+    pytorch-grad-cam's ViT ablation layer does); `onehot` [N, classes] selects each item's
+    class."""
+    head = path_nodes(list(b.graph.node), layer, score_output)
+    rank = b.rank(layer)
+    axis = channel_axis % rank
+    lowest = b.reduce("ReduceMin", layer, list(range(1, rank)), keepdims=True)
     ablated_value = b.op(
         "Where",
         [b.op("Equal", [lowest, b.const(0.0)]), b.const(0.0),
          b.op("Sub", [lowest, b.const(ABLATION_OFFSET)])],
     )
-    channels = b.shape_slice(activations, 1, 2)
-    scores = _loop(b, head, activations, score_output, onehot, channels, ablated_value)  # [C, N]
+    channels = b.shape_slice(layer, axis, axis + 1)
+    scores = _loop(b, head, layer, score_output, onehot, channels, ablated_value,
+                   [a for a in range(rank) if a != axis])  # [C, N]
     original = b.reduce("ReduceSum", b.op("Mul", [score_output, onehot]), [1], keepdims=True)
     drop = b.op("Sub", [original, b.op("Transpose", [scores], perm=[1, 0])])
-    weights = b.unsqueeze(b.op("Div", [drop, original]), [2, 3])  # [N, C, 1, 1]
-    return b.op("Mul", [weights, activations])
+    return b.op("Div", [drop, original])
 
 
 def _loop(
@@ -50,12 +54,13 @@ def _loop(
     onehot: str,
     channels: str,
     ablated_value: str,
+    other_axes: list[int],
 ) -> str:
     """One iteration per channel k: the score of every item with channel k ablated; [C, N]."""
     body = LoopBody(b, "ablation")
     k = body.op("Reshape", [body.step, b.ints([1])])
     mask = body.op("Unsqueeze", [body.op("OneHot", [k, channels, b.const([0.0, 1.0])], axis=-1),
-                                 b.ints([2, 3])])  # [1, C, 1, 1]
+                                 b.ints(other_axes[1:])])  # C along the channel axis
     kept = body.op("Mul", [activations, body.op("Sub", [b.const(1.0), mask])])
     ablated = body.op("Add", [kept, body.op("Mul", [ablated_value, mask])])
     renamed = {activations: ablated}

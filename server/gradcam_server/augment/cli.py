@@ -1,5 +1,5 @@
 """`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR ...] [--method M] [--score S]
-[--score-output NAME|INDEX] [--input NAME|INDEX]`."""
+[--score-output NAME|INDEX] [--input NAME|INDEX] [--layout L] [--prefix-tokens K] [--grid HxW]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import onnx
 
 from .errors import AugmentError
-from .passes import ALL_METHODS, NAMES, augment_model
+from .layout import LAYOUTS
+from .passes import ALL_METHODS, NAMES, augment_model, explained_target
 from .targets import SCORES
 
 # Protobuf cannot serialize 2 GiB; larger models keep their weights in a data file beside them.
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also output d score / d image as {NAMES.input_gradients!r}",
     )
+    parser.add_argument("--layout", choices=LAYOUTS,
+                        help="the target layer's layout (default: detected from the graph)")
+    parser.add_argument("--prefix-tokens", type=int, metavar="K",
+                        help="tokens layout: class/distillation/register tokens before the patches")
+    parser.add_argument("--grid", type=grid_size, metavar="HxW",
+                        help="tokens layout: the patch grid, e.g. 14x14")
     args = parser.parse_args(argv)
     try:
         augmented = augment_model(
@@ -52,14 +59,27 @@ def main(argv: list[str] | None = None) -> int:
             output=args.score_output,
             input_gradients=args.input_gradients,
             input=args.input,
+            layout=args.layout,
+            prefix_tokens=args.prefix_tokens,
+            grid=args.grid,
         )
     except AugmentError as error:
         print(f"gradcam-augment: {error}", file=sys.stderr)
         return 1
     save(augmented, args.output)
-    target = next(n for n in augmented.graph.node if n.output == [NAMES.activations]).input[0]
-    print(f"wrote {args.output} (target layer {target!r})")
+    target = explained_target(augmented)
+    details = ", ".join(f"{key} {value}" for key, value in target.items() if key != "layer")
+    print(f"wrote {args.output} (target layer {target['layer']!r}: {details})")
     return 0
+
+
+def grid_size(text: str) -> tuple[int, int]:
+    """"14x14" -> (14, 14)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 14x14, got {text!r}") from None
+    return height, width
 
 
 def name_or_index(text: str) -> str | int:

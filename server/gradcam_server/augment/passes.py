@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, version_converter
 
-from .ablation import ablation_cam
+from .ablation import ablation_weights
 from .backward import ancestors, build_backward
 from .cam import (
     ABLATION_CAM,
@@ -54,8 +54,10 @@ from .smoothing import (
     tile_rows,
     tile_transforms,
 )
+from .layout import TargetView, detect_view
 from .targets import (
     SCORES,
+    candidate_layers,
     detect_target_layer,
     image_input,
     region_seed,
@@ -86,6 +88,7 @@ class AugmentedOutputs:
 
 
 NAMES = AugmentedOutputs()
+METADATA_PREFIX = "gradcam."  # metadata_props keys: gradcam.layer, .layout, .prefix_tokens, .grid
 
 
 def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelProto:
@@ -116,15 +119,19 @@ def augment_model(
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
     input: str | int | None = None,
+    layout: str | None = None,
+    prefix_tokens: int | None = None,
+    grid: Sequence[int] | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
     Args:
         model: the exported image model (path, serialized bytes or ModelProto) with a 4-D
             image input, NCHW (or NHWC, detected from a channel dim of 1 or 3).
-        layer: tensor name of the target layer; by default the last 4-D feature map feeding the
-            global pooling in front of the classifier, or a segmentation network's coarsest
-            feature map (`detect_target_layer`). Several names:
+        layer: tensor name of the target layer; by default the field's recipe for the
+            architecture (`targets.detect_target_layer`): a CNN's last spatial map before the
+            global pooling, a transformer's norm in front of its last attention block, a
+            segmentation network's coarsest feature map. Several names:
             each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
@@ -159,13 +166,18 @@ def augment_model(
             needed when the model has several. The others stay inputs of the result, fed as
             for the original, except for the methods that re-run the network on copies of the
             image (perturbation methods, integrated-gradcam, aug_smooth), which refuse them.
+        layout, prefix_tokens, grid: how the target layer is laid out (`layout.py`): "nchw",
+            "nhwc" or "tokens" [N, T, C] with `prefix_tokens` class/distillation/register
+            tokens before an h x w `grid` of patches. Detected from the graph by default;
+            given, they override detection (for every target layer).
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
     highest-scoring class of that item, so -1 is its top-1 class) and the
-    outputs ``activations`` and ``gradients`` (the target layer and d score / d layer,
-    [N, C, h, w]) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
+    outputs ``activations`` and ``gradients`` (the target layer and d score / d layer, seen as
+    [N, C, h, w] whatever the layer's layout) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
     normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.
+    The model's metadata records the explained layer and its view (`METADATA_KEYS`).
     """
     if method not in ALL_METHODS:
         raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")
@@ -194,7 +206,8 @@ def augment_model(
         )
         network_score = tiled[score_output]
     b = GraphBuilder(proto)
-    layers = _target_layers(b, layer, network_score, network_image)
+    views = _target_views(b, layer, network_score, network_image, layout, prefix_tokens, grid)
+    layers = [view.tensor for view in views]
     target = layers[0]
 
     target_class = add_target_class(proto, image)
@@ -216,23 +229,62 @@ def augment_model(
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, network_score, seed, wrt)
+    features = {
+        view.tensor: Features(view, view.apply(b, view.tensor, network_image),
+                              view.apply(b, gradients[view.tensor], network_image))
+        for view in views
+    }
     heatmap, pixel_map = append_heatmap(
-        b, method, layers, gradients, image, network_image, network_score, seed,
-        resolved_class, eigen_smooth,
+        b, method, features, image, network_image, network_score, seed, resolved_class,
+        eigen_smooth,
     )
-    activations = target
+    activations, layer_gradients = features[target].activations, features[target].gradients
     if transforms:
         if aug_smooth:
             heatmap = merge_maps(b, heatmap, image.name)
         identity = transforms.index(IDENTITY_TRANSFORM)
-        gradients = {target: identity_rows(b, gradients[target], image.name, identity)}
-        activations = identity_rows(b, target, image.name, identity)
-    expose_outputs(b, image, activations, gradients, heatmap, input_gradients, target)
+        layer_gradients = identity_rows(b, layer_gradients, image.name, identity)
+        activations = identity_rows(b, activations, image.name, identity)
+    expose_outputs(b, image, views[0], activations, layer_gradients, heatmap)
+    if input_gradients:
+        b.add_output(gradients[image.name], NAMES.input_gradients, b.elem_type(image.name),
+                     [_dim(d) for d in image.type.tensor_type.shape.dim])
     if pixel_map is not None:
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
                      [_dim(d) for d in image.type.tensor_type.shape.dim])
+    record_target(proto, views)
     check(proto)
     return proto
+
+
+@dataclass(frozen=True)
+class Features:
+    """A target layer's view and its values and gradients seen as [N, C, h, w]."""
+
+    view: TargetView
+    activations: str
+    gradients: str
+
+
+def record_target(model: onnx.ModelProto, views: Sequence[TargetView]) -> None:
+    """The explained layer(s) and their view, as metadata (`explained_target` reads them)."""
+    entries = {f"{METADATA_PREFIX}{key}": value for key, value in views[0].metadata().items()}
+    if len(views) > 1:
+        entries[f"{METADATA_PREFIX}layer"] = ",".join(view.tensor for view in views)
+    kept = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def explained_target(model: onnx.ModelProto) -> dict[str, str]:
+    """What an augmented model explains: {"layer", "layout", and for tokens "prefix_tokens"
+    and "grid" ("hxw") where static}; "layer" joins several layers with commas."""
+    return {
+        p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props
+        if p.key.startswith(METADATA_PREFIX)
+    }
 
 
 def _refuse_other_inputs(
@@ -252,10 +304,17 @@ def _refuse_other_inputs(
         )
 
 
-def _target_layers(
-    b: GraphBuilder, layer: str | Sequence[str] | None, score_output: str, image: str
-) -> list[str]:
-    """The target layers, validated: 4-D feature maps that the score depends on."""
+def _target_views(
+    b: GraphBuilder,
+    layer: str | Sequence[str] | None,
+    score_output: str,
+    image: str,
+    layout: str | None,
+    prefix_tokens: int | None,
+    grid: Sequence[int] | None,
+) -> list[TargetView]:
+    """The target layers, validated, and their views: tensors the score depends on, laid out
+    as feature maps or tokens (`layout.detect_view`). A refusal lists the candidate layers."""
     if layer is None:
         layers = [detect_target_layer(b, score_output, image)]
     elif isinstance(layer, str):
@@ -264,14 +323,16 @@ def _target_layers(
         layers = list(dict.fromkeys(layer))
         if not layers:
             raise AugmentError("no target layer given")
+    views = []
     for each in layers:
         validate_target_layer(b, each, score_output)
-        if b.rank(each) != 4:
-            raise AugmentError(
-                f"target layer {each!r} must be a 4-D feature map [N, C, h, w]; "
-                f"it has rank {b.rank(each)}"
-            )
-    return layers
+        try:
+            views.append(detect_view(b, each, image, layout, prefix_tokens, grid))
+        except AugmentError as error:
+            candidates = candidate_layers(b, score_output, image)
+            listed = "; ".join(candidates) if candidates else "none found"
+            raise AugmentError(f"{error}. Candidate layers (last first): {listed}") from None
+    return views
 
 
 def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -329,8 +390,7 @@ def append_backward(
 def append_heatmap(
     b: GraphBuilder,
     method: str,
-    layers: list[str],
-    gradients: dict[str, str],
+    features: dict[str, Features],
     image: onnx.ValueInfoProto,
     network_image: str,
     score_output: str,
@@ -339,43 +399,50 @@ def append_heatmap(
     eigen_smooth: bool,
 ) -> tuple[str, str | None]:
     """The method's heatmap [N, H, W] (the layers' maps fused), and its pixel map [N, C, H, W]
-    for the pixel-level methods (None for the others)."""
+    for the pixel-level methods (None for the others). Every method reads the layers' views
+    [N, C, h, w]; Ablation-CAM ablates the channels of the raw layer."""
     if method in PIXEL_METHODS:
-        target = layers[0]
-        grad_cam_map = append_cam(b, METHODS["gradcam"](b, target, gradients[target]), image)
-        pixel_map, heatmap = append_pixel_map(b, score_output, seed, image, method, grad_cam_map)
+        first = next(iter(features.values()))
+        grad_cam = METHODS["gradcam"](b, first.activations, first.gradients)
+        pixel_map, heatmap = append_pixel_map(
+            b, score_output, seed, image, method, append_cam(b, grad_cam, image)
+        )
         return heatmap, pixel_map
     maps = []
-    for layer in layers:
+    for layer, (view, activations, layer_gradients) in (
+        (name, (f.view, f.activations, f.gradients)) for name, f in features.items()
+    ):
         if method == INTEGRATED_GRAD_CAM:
-            maps.append(append_integrated_map(b, layer, gradients[layer], image))
+            maps.append(append_integrated_map(b, activations, layer_gradients, image))
             continue
         if method == GROUP_CAM:
             if spatial_axes(image) != (2, 3) or resolved_class is None:
                 raise AugmentError("groupcam needs an NCHW image input and a class score")
-            raw = group_cam(b, layer, gradients[layer], network_image, score_output,
+            raw = group_cam(b, activations, layer_gradients, network_image, score_output,
                             resolved_class)
             maps.append(cam_heatmap(b, raw, image.name, spatial_axes(image)))
             continue
         if method == ABLATION_CAM:
-            contributions = ablation_cam(b, layer, score_output, onehot=seed)
+            weights = ablation_weights(b, layer, view.channel_axis, score_output, onehot=seed)
+            contributions = b.op("Mul", [b.unsqueeze(weights, [2, 3]), activations])
         elif method == SCORE_CAM:
             if spatial_axes(image) != (2, 3) or resolved_class is None:
                 raise AugmentError("scorecam needs an NCHW image input and a class score")
-            contributions = score_cam(b, layer, network_image, score_output, resolved_class)
+            contributions = score_cam(b, activations, network_image, score_output,
+                                      resolved_class)
         else:
-            contributions = METHODS[method](b, layer, gradients[layer])
+            contributions = METHODS[method](b, activations, layer_gradients)
         project = eigen_smooth or method in ALWAYS_PROJECTED
         maps.append(append_cam(b, contributions, image, project))
     return (maps[0] if len(maps) == 1 else mean_of_maps(b, maps)), None
 
 
 def append_integrated_map(
-    b: GraphBuilder, layer: str, gradients: str, image: onnx.ValueInfoProto
+    b: GraphBuilder, activations: str, gradients: str, image: onnx.ValueInfoProto
 ) -> str:
     """Integrated Grad-CAM from the tiled rows [(1 + m) N, ...] (identity first, then the m
     scaled copies): the scaled copies' ReLU'd Grad-CAM maps summed, then the shared tail."""
-    per_row = b.op("Relu", [channel_sum(b, METHODS["gradcam"](b, layer, gradients))])
+    per_row = b.op("Relu", [channel_sum(b, METHODS["gradcam"](b, activations, gradients))])
     steps = len(integration_transforms(INTEGRATION_STEPS))
     grouped = b.op("Reshape", [per_row, b.op(
         "Concat", [b.ints([steps]), b.shape_slice(image.name, 0, 1), b.shape_slice(per_row, 1)],
@@ -414,26 +481,33 @@ def append_pixel_map(
 def expose_outputs(
     b: GraphBuilder,
     image: onnx.ValueInfoProto,
+    view: TargetView,
     activations: str,
-    gradients: dict[str, str],
+    gradients: str,
     heatmap: str,
-    input_gradients: bool,
-    layer: str,
 ) -> None:
-    """Expose `activations` (the values of target `layer`, one row per image), its gradient
-    ``gradients[layer]``, the heatmap and, when asked, the input gradients."""
+    """Expose `activations` and `gradients` (the target layer's view and its gradient, one row
+    per image, [N, C, h, w]) and the heatmap."""
     image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
     batch = image_dims[0]
-    layer_dims = [batch, *(b.static_shape(layer) or (None,) * 4)[1:]]
-    dtype = b.elem_type(layer)
+    layer_dims = [batch, *_view_dims(b, view)]
+    dtype = b.elem_type(view.tensor)
     b.add_output(activations, NAMES.activations, dtype, layer_dims)
-    b.add_output(gradients[layer], NAMES.gradients, dtype, layer_dims)
+    b.add_output(gradients, NAMES.gradients, dtype, layer_dims)
     height, width = spatial_axes(image)
     b.add_output(
         heatmap, NAMES.heatmap, TensorProto.FLOAT, [batch, image_dims[height], image_dims[width]]
     )
-    if input_gradients:
-        b.add_output(gradients[image.name], NAMES.input_gradients, dtype, image_dims)
+
+
+def _view_dims(b: GraphBuilder, view: TargetView) -> list:
+    """(C, h, w) of the view where shape inference knows them, else None each."""
+    shape = b.static_shape(view.tensor) or (None,) * (3 if view.layout == "tokens" else 4)
+    if view.layout == "nchw":
+        return list(shape[1:])
+    if view.layout == "nhwc":
+        return [shape[3], shape[1], shape[2]]
+    return [shape[2], *(view.grid or (None, None))]
 
 
 def check(model: onnx.ModelProto) -> None:

@@ -8,8 +8,10 @@ from onnx import TensorProto
 from .backward import ancestors, descendants
 from .errors import AugmentError
 from .graph import GraphBuilder
+from .layout import detect_view
 
-# Ops between the last feature map and the flattening in front of the classifier.
+# Ops between the last feature map and the flattening in front of the classifier: the target
+# moves back through these.
 _POOLING = {
     "GlobalAveragePool",
     "GlobalMaxPool",
@@ -19,24 +21,86 @@ _POOLING = {
     "Identity",
     "Dropout",
 }
+# Ops a head may put between the global pooling and the flattening (ConvNeXt's LayerNorm on the
+# pooled map, permutes, reshapes, Q/DQ pairs): stepped over only on the way to a pooling op.
+_HEAD_PASS_THROUGH = {
+    "Transpose", "LayerNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast",
+    "QuantizeLinear", "DequantizeLinear", "BatchNormalization",
+}
+_NORMS = {"LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 SCORES = ("logit", "probability", "similarity", "region")
 
 
 def detect_target_layer(b: GraphBuilder, score_output: str, image: str) -> str:
-    """The default target layer: for a classifier (any score output but a 4-D one) the last
-    4-D feature map that feeds the global pooling in front of the classifier; for a
-    segmentation network (a 4-D score output [N, classes, h, w]) its coarsest feature map
-    (`_coarsest_feature_map`).
+    """The default target layer, as the field's recipes choose it:
 
-    For a classifier: finds the last node (in graph order) that turns a 4-D tensor into one of
-    lower rank on the way to `score_output` (Flatten, Reshape, Squeeze, a ReduceMean without
-    keepdims, ...), then steps back through pooling-like ops (global/average pooling, means,
-    identities) to the 4-D map they pool. Max pooling inside the feature extractor is not
-    stepped over, so VGG's target is its last MaxPool output, as in the Grad-CAM paper.
+    - a segmentation network (a 4-D score output [N, classes, h, w]): its coarsest feature map
+      (`_coarsest_feature_map`);
+    - a transformer (an attention Softmax on the way to the score, and no Conv after the last
+      one): the norm in front of the last attention block (pytorch-grad-cam's recipe for ViT,
+      DeiT and Swin), or, where that block is post-norm (its norm sits after attention), the
+      final norm (`_transformer_target`);
+    - a CNN: the last spatial map before the global pooling (`_cnn_target`).
+
+    A transformer candidate whose view is refused (`layout.detect_view`: a window-partitioned or
+    attention layout) falls back to the CNN rule.
     """
     if _rank_or_none(b, score_output) == 4:
         return _coarsest_feature_map(b, score_output, image)
+    candidate = _transformer_target(b, score_output, image)
+    if candidate is not None:
+        try:
+            detect_view(b, candidate, image)
+            return candidate
+        except AugmentError:
+            pass
+    return _cnn_target(b, score_output)
+
+
+def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str | None:
+    nodes = list(b.graph.node)
+    on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    attention = [
+        node for node in nodes
+        if node.op_type == "Softmax" and node.output[0] in on_path
+        and any(c.op_type == "MatMul" for c in consumers.get(node.output[0], []))
+    ]
+    if not attention:
+        return None
+    after = descendants(nodes, {attention[-1].output[0]})
+    if any(node.op_type == "Conv" and node.output[0] in after and node.output[0] in on_path
+           for node in nodes):
+        return None  # convolutions after the last attention: a hybrid whose head is a CNN's
+    feeding = ancestors(nodes, {attention[-1].input[0]})
+    norms = [node for node in nodes if node.op_type in _NORMS and node.output[0] in feeding
+             and node.output[0] in on_path]
+    if norms:
+        block_input = norms[-1].input[0]
+        residual = any(c.op_type in ("Add", "Sum") and c.output[0] in after
+                       for c in consumers.get(block_input, []))
+        if residual:  # pre-norm: x + attention(norm(x))
+            return norms[-1].output[0]
+    finals = [node for node in nodes if node.op_type in _NORMS and node.output[0] in after
+              and node.output[0] in on_path and _rank_or_none(b, node.output[0]) in (3, 4)]
+    return finals[-1].output[0] if finals else None
+
+
+def _cnn_target(b: GraphBuilder, score_output: str) -> str:
+    """The last spatial map before the global pooling in front of the classifier.
+
+    Finds the last node (in graph order) that turns a 4-D tensor into one of lower rank on the
+    way to `score_output` (Flatten, Reshape, Squeeze, a ReduceMean without keepdims, ...), then
+    steps back through pooling-like ops (global/average pooling, means, identities) to the 4-D
+    map they pool, and over what a head puts between pooling and flattening (LayerNorm,
+    transposes, reshapes, Q/DQ) where a pooling op lies behind it. Max pooling inside the
+    feature extractor is not stepped over, so VGG's target is its last MaxPool output, as in
+    the Grad-CAM paper.
+    """
     nodes = list(b.graph.node)
     producers = {t: node for node in nodes for t in node.output}
     feeds_score = ancestors(nodes, {score_output})
@@ -55,13 +119,39 @@ def detect_target_layer(b: GraphBuilder, score_output: str, image: str) -> str:
             "could not detect a target layer: no 4-D feature map is flattened on the way to "
             f"output {score_output!r}; name one with the layer option"
         )
-    target = collapse.input[0]
-    while target in producers and producers[target].op_type in _POOLING:
-        source = producers[target].input[0]
-        if _rank_or_none(b, source) != 4:
+    target = walked = collapse.input[0]
+    while walked in producers and producers[walked].op_type in _POOLING | _HEAD_PASS_THROUGH:
+        node = producers[walked]
+        if _rank_or_none(b, node.input[0]) != 4:
             break
-        target = source
+        walked = node.input[0]
+        if node.op_type in _POOLING:
+            target = walked
     return target
+
+
+def candidate_layers(
+    b: GraphBuilder, score_output: str, image: str, limit: int = 6
+) -> list[str]:
+    """The last `limit` tensors (graph order) on the way from the image to the score that
+    would make valid targets, each as "name [shape] layout"."""
+    nodes = list(b.graph.node)
+    on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
+    found: list[str] = []
+    for node in reversed(nodes):
+        tensor = node.output[0] if node.output else ""
+        if (not tensor or tensor not in on_path or b.elem_type(tensor) not in _FLOATS
+                or _rank_or_none(b, tensor) not in (3, 4)):
+            continue
+        try:
+            view = detect_view(b, tensor, image)
+        except AugmentError:
+            continue
+        shape = ", ".join("?" if d is None else str(d) for d in b.static_shape(tensor))
+        found.append(f"{tensor} [{shape}] {view.describe()}")
+        if len(found) == limit:
+            break
+    return found
 
 
 def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str:

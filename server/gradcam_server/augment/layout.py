@@ -1,0 +1,337 @@
+"""The layout of a target layer, and its CNN-shaped view [N, C, h, w] built in ONNX ops.
+
+Every CAM method works on a feature map [N, C, h, w]. Target tensors come in three layouts:
+
+- ``nchw``:   [N, C, h, w], a CNN's feature map (the view is the tensor itself);
+- ``nhwc``:   [N, h, w, C], channels last (Swin's blocks, ConvNeXt's LayerNorm): transposed;
+- ``tokens``: [N, T, C] with T = prefix + h * w (ViT, DeiT, BEiT: class, distillation and register
+  tokens first, then the patches row by row): the prefix tokens are sliced off, the patches
+  reshaped to [N, h, w, C] and transposed, as pytorch-grad-cam's ``reshape_transform`` does.
+
+The view is linear, so the gradient of the view is the view of the gradient: the backward pass
+runs to the raw tensor and both are viewed alike.
+
+Detection reads the graph, never guesses from sizes alone:
+
+- rank 4: the ops that produce and consume the tensor (and the element-wise ops around it) say
+  where its channels are: Conv, BatchNormalization, pooling and ReduceMean over (2, 3) mean NCHW;
+  LayerNormalization over the last axis, a MatMul with a weight matrix, ReduceMean over (1, 2) and
+  a Transpose (0, 3, 1, 2) mean NHWC. No evidence, or evidence both ways, is refused.
+- rank 3: tokens. The grid is the patch embedding's: the last Conv output [N, C, h, w] the tokens
+  are computed from; prefix = T - h * w. Sizes are static where shape inference knows them and
+  read with Shape at run time otherwise.
+
+A view always checks at run time that the tensor's dim 0 is the image batch (a Reshape to the
+batch of the image fails otherwise), so a tensor whose dim 0 is not the batch (attention's
+[T, N, ...], windows [N * windows, ...]) fails loudly instead of giving a wrong map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from onnx import helper
+
+from .backward import ancestors
+from .errors import AugmentError
+from .graph import GraphBuilder, axes_are_input
+
+LAYOUTS = ("nchw", "nhwc", "tokens")
+MAX_PREFIX_TOKENS = 64  # class, distillation and register tokens; more is not a patch grid
+
+# Ops whose output has the layout of their (first) input: evidence flows through them.
+_LAYOUT_PRESERVING = {
+    "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu",
+    "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Erf", "Softplus", "Mish", "Identity",
+    "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "Abs", "Neg", "Sqrt", "Pow", "Exp",
+}
+_NCHW_OPS = {
+    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+    "DepthToSpace", "SpaceToDepth",
+}
+
+
+@dataclass(frozen=True)
+class TargetView:
+    """A target layer and how to see it as [N, C, h, w].
+
+    `prefix_tokens` and `grid` are only for ``tokens``; `grid` is (h, w) where it is known
+    statically (always when given by the user), else None (read at run time from `grid_source`,
+    the patch embedding's [N, C, h, w] output)."""
+
+    tensor: str
+    layout: str
+    prefix_tokens: int | None = None
+    grid: tuple[int, int] | None = None
+    grid_source: str | None = None
+
+    @property
+    def channel_axis(self) -> int:
+        """The channel axis of the raw tensor."""
+        return 1 if self.layout == "nchw" else -1
+
+    def describe(self) -> str:
+        if self.layout != "tokens":
+            return self.layout
+        grid = f"{self.grid[0]}x{self.grid[1]}" if self.grid else "read at run time"
+        prefix = self.prefix_tokens if self.prefix_tokens is not None else "T - h*w"
+        return f"tokens (prefix {prefix}, grid {grid})"
+
+    def metadata(self) -> dict[str, str]:
+        """The view as the augmented model's metadata (`passes.METADATA_KEYS`)."""
+        entries = {"layer": self.tensor, "layout": self.layout}
+        if self.layout == "tokens":
+            if self.prefix_tokens is not None:
+                entries["prefix_tokens"] = str(self.prefix_tokens)
+            if self.grid is not None:
+                entries["grid"] = f"{self.grid[0]}x{self.grid[1]}"
+        return entries
+
+    def apply(self, b: GraphBuilder, tensor: str, image: str) -> str:
+        """`tensor` (the target layer or its gradient, laid out as the layer) as [N, C, h, w],
+        N checked against `image`'s batch at run time."""
+        if self.layout == "nchw":
+            if _batch_is_proven(b, self.tensor, image):
+                return tensor
+            return _with_batch_of(b, tensor, image)
+        if self.layout == "nhwc":
+            return _with_batch_of(b, b.op("Transpose", [tensor], perm=[0, 3, 1, 2]), image)
+        patches = tensor
+        if self.prefix_tokens != 0:
+            start = (b.ints([self.prefix_tokens]) if self.prefix_tokens is not None
+                     else b.op("Sub", [b.shape_slice(tensor, 1, 2), self._cells(b)]))
+            patches = b.op("Slice", [tensor, start, b.ints([2**62]), b.ints([1])])
+        grid = b.ints(self.grid) if self.grid else b.shape_slice(self.grid_source, 2, 4)
+        shape = b.op("Concat", [b.shape_slice(image, 0, 1), grid, b.shape_slice(tensor, 2, 3)],
+                     axis=0)
+        return b.op("Transpose", [b.op("Reshape", [patches, shape])], perm=[0, 3, 1, 2])
+
+    def _cells(self, b: GraphBuilder) -> str:
+        if self.grid:
+            return b.ints([self.grid[0] * self.grid[1]])
+        return b.reduce("ReduceProd", b.shape_slice(self.grid_source, 2, 4), [0], keepdims=True)
+
+
+def detect_view(
+    b: GraphBuilder,
+    tensor: str,
+    image: str,
+    layout: str | None = None,
+    prefix_tokens: int | None = None,
+    grid: Sequence[int] | None = None,
+) -> TargetView:
+    """The view of target `tensor`: `layout`, `prefix_tokens` and `grid` where given, detected
+    from the graph otherwise. Raises `AugmentError` naming the problem where the layout cannot be
+    told, the tensor is not a feature map, or its grid is 1 x 1."""
+    if layout is not None and layout not in LAYOUTS:
+        raise AugmentError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if grid is not None:
+        grid = tuple(int(g) for g in grid)
+        if len(grid) != 2 or min(grid) < 1:
+            raise AugmentError(f"grid must be two positive sizes (h, w); got {grid}")
+    if prefix_tokens is not None and not 0 <= prefix_tokens <= MAX_PREFIX_TOKENS:
+        raise AugmentError(f"prefix_tokens must be 0 ..{MAX_PREFIX_TOKENS}; got {prefix_tokens}")
+    rank = b.rank(tensor)
+    if layout is None:
+        layout = _detect_layout(b, tensor, rank)
+    expected_rank = 3 if layout == "tokens" else 4
+    if rank != expected_rank:
+        raise AugmentError(
+            f"target layer {tensor!r} has rank {rank}; the {layout} layout needs rank "
+            f"{expected_rank} ([N, T, C] tokens, or a [N, C, h, w] / [N, h, w, C] feature map)"
+        )
+    if (prefix_tokens is not None or grid is not None) and layout != "tokens":
+        raise AugmentError(f"prefix_tokens and grid apply to the tokens layout, not {layout}")
+    _check_batch(b, tensor, image)
+    if layout == "tokens":
+        view = _token_view(b, tensor, image, prefix_tokens, grid)
+    else:
+        view = TargetView(tensor, layout)
+    spatial = _static_grid(b, view)
+    if spatial is not None and spatial[0] * spatial[1] <= 1:
+        raise AugmentError(
+            f"target layer {tensor!r} has a 1 x 1 spatial grid ({view.describe()}, shape "
+            f"{_shape_text(b, tensor)}): its heatmap would be constant; choose a layer before "
+            "the global pooling"
+        )
+    return view
+
+
+def _detect_layout(b: GraphBuilder, tensor: str, rank: int) -> str:
+    if rank == 3:
+        return "tokens"
+    if rank != 4:
+        raise AugmentError(
+            f"target layer {tensor!r} has rank {rank}: a target must be a feature map "
+            "[N, C, h, w] or [N, h, w, C], or tokens [N, T, C]"
+        )
+    votes = _layout_evidence(b, tensor)
+    if votes == {"nchw"} or votes == {"nhwc"}:
+        return votes.pop()
+    why = "its neighbours say both NCHW and NHWC" if votes else "no op near it shows its channels"
+    raise AugmentError(
+        f"the layout of target layer {tensor!r} (shape {_shape_text(b, tensor)}) is ambiguous: "
+        f"{why}; give the layout (nchw or nhwc)"
+    )
+
+
+def _layout_evidence(b: GraphBuilder, tensor: str) -> set[str]:
+    """NCHW / NHWC votes from the ops around `tensor`, through element-wise ops."""
+    producers = {out: node for node in b.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in b.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    votes: set[str] = set()
+    seen, frontier = set(), [tensor]
+    while frontier and len(seen) < 64:
+        current = frontier.pop()
+        if current in seen or b.static_shape(current) is None or b.rank(current) != 4:
+            continue
+        seen.add(current)
+        producer = producers.get(current)
+        linked = [(producer, "out")] if producer is not None else []
+        linked += [(node, "in") for node in consumers.get(current, [])]
+        for node, role in linked:
+            vote = _vote(b, node, current, role)
+            if vote:
+                votes.add(vote)
+            elif node.op_type in _LAYOUT_PRESERVING:
+                frontier.extend(t for t in (*node.input, *node.output) if t and t not in seen)
+    return votes
+
+
+def _vote(b: GraphBuilder, node, tensor: str, role: str) -> str | None:
+    """What `node`, producing (role "out") or consuming ("in") rank-4 `tensor`, says."""
+    op = node.op_type
+    if op in _NCHW_OPS and (role == "out" or node.input[0] == tensor):
+        return "nchw"
+    if op == "LayerNormalization" and _attr(node, "axis", -1) in (-1, 3):
+        return "nhwc"
+    if op == "MatMul" and role == "in" and node.input[0] == tensor:
+        weight = node.input[1]
+        if b.initializer_value(weight) is not None and len(b.static_shape(weight) or ()) == 2:
+            return "nhwc"
+    if op == "Transpose" and role == "in":
+        perm = list(_attr(node, "perm", []))
+        return {(0, 3, 1, 2): "nhwc", (0, 2, 3, 1): "nchw"}.get(tuple(perm))
+    if op == "Transpose" and role == "out":
+        perm = list(_attr(node, "perm", []))
+        return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(perm))
+    if op in ("ReduceMean", "ReduceMax", "ReduceSum") and role == "in":
+        axes = _reduce_axes(b, node)
+        return {(2, 3): "nchw", (1, 2): "nhwc"}.get(axes)
+    return None
+
+
+def _reduce_axes(b: GraphBuilder, node) -> tuple[int, ...] | None:
+    if axes_are_input(node.op_type, b.opset):
+        value = b.initializer_value(node.input[1]) if len(node.input) > 1 else None
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    else:
+        axes = _attr(node, "axes", None)
+    return None if axes is None else tuple(sorted(a % 4 for a in axes))
+
+
+def _token_view(
+    b: GraphBuilder,
+    tensor: str,
+    image: str,
+    prefix_tokens: int | None,
+    grid: tuple[int, int] | None,
+) -> TargetView:
+    """Tokens [N, T, C]: the grid from `grid` or the patch embedding, the prefix from
+    `prefix_tokens` or T - h * w (static where T and the grid are)."""
+    shape = b.static_shape(tensor)
+    tokens = shape[1] if shape and isinstance(shape[1], int) else None
+    source = None
+    if grid is None:
+        source = _patch_embedding(b, tensor, image)
+        if source is None and tokens is not None and prefix_tokens is not None:
+            side = math.isqrt(tokens - prefix_tokens) if tokens >= prefix_tokens else 0
+            if side * side == tokens - prefix_tokens and side > 0:
+                grid = (side, side)
+        if source is None and grid is None:
+            raise AugmentError(
+                f"cannot tell the patch grid of tokens {tensor!r} (shape "
+                f"{_shape_text(b, tensor)}): no patch-embedding Conv feeds them; give the grid "
+                "(h, w) and prefix_tokens"
+            )
+        if grid is None:
+            known = b.static_shape(source)
+            if known and all(isinstance(d, int) for d in known[2:]):
+                grid = (known[2], known[3])
+    if grid is not None and tokens is not None:
+        cells = grid[0] * grid[1]
+        if prefix_tokens is None:
+            prefix_tokens = tokens - cells
+        if prefix_tokens != tokens - cells or not 0 <= prefix_tokens <= MAX_PREFIX_TOKENS:
+            raise AugmentError(
+                f"tokens {tensor!r} (T = {tokens}) do not fit a {grid[0]}x{grid[1]} patch grid "
+                f"after {prefix_tokens} prefix tokens (T - h*w = {tokens - cells}); give the "
+                "grid and prefix_tokens"
+            )
+    return TargetView(tensor, "tokens", prefix_tokens, grid, source if grid is None else None)
+
+
+def _patch_embedding(b: GraphBuilder, tensor: str, image: str) -> str | None:
+    """The last Conv output (graph order) that `tensor` is computed from, on the image's path:
+    the patch embedding whose grid the tokens keep."""
+    feeding = ancestors(list(b.graph.node), {tensor})
+    last = None
+    for node in b.graph.node:
+        if node.op_type == "Conv" and node.output[0] in feeding and node.output[0] != tensor:
+            last = node.output[0]
+    return last
+
+
+def _check_batch(b: GraphBuilder, tensor: str, image: str) -> None:
+    """Refuse a tensor whose static dim 0 shows it is not the image batch (the run-time check
+    of `TargetView.apply` catches the rest)."""
+    dim, batch = (b.static_shape(tensor) or (None,))[0], (b.static_shape(image) or (None,))[0]
+    if isinstance(dim, int) and (dim != batch if isinstance(batch, int) else dim != 1):
+        raise AugmentError(
+            f"target layer {tensor!r} (shape {_shape_text(b, tensor)}) does not have the image "
+            "batch as dim 0 (attention and window layouts put other axes first); choose a "
+            "layer laid out per image"
+        )
+
+
+def _batch_is_proven(b: GraphBuilder, tensor: str, image: str) -> bool:
+    dim, batch = (b.static_shape(tensor) or (None,))[0], (b.static_shape(image) or (None,))[0]
+    return dim is not None and dim == batch
+
+
+def _with_batch_of(b: GraphBuilder, view: str, image: str) -> str:
+    """`view` reshaped to its own shape with dim 0 from `image`: fails at run time unless
+    dim 0 is the image batch."""
+    shape = b.op("Concat", [b.shape_slice(image, 0, 1), b.shape_slice(view, 1)], axis=0)
+    return b.op("Reshape", [view, shape])
+
+
+def _static_grid(b: GraphBuilder, view: TargetView) -> tuple[int, int] | None:
+    if view.layout == "tokens":
+        return view.grid
+    shape = b.static_shape(view.tensor)
+    if shape is None:
+        return None
+    dims = shape[2:] if view.layout == "nchw" else shape[1:3]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _shape_text(b: GraphBuilder, tensor: str) -> str:
+    shape = b.static_shape(tensor)
+    if shape is None:
+        return "unknown"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _attr(node, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
