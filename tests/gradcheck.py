@@ -131,26 +131,33 @@ def augment_for_check(spec: OpSpec) -> tuple[onnx.ModelProto, list[str], list[st
     return model, list(seeds.values()), grad_outputs
 
 
+def gradients(
+    spec: OpSpec, inputs: dict[str, np.ndarray], cotangents: list[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """d <cotangents, outputs> / d input for every wrt input, by the augmented graph."""
+    augmented, seed_names, _ = augment_for_check(spec)
+    emitted = augmented.graph.node[len(build_model(spec).graph.node):]
+    assert all(node.domain in ("", "ai.onnx") for node in emitted), "non-standard op emitted"
+    backward = session(augmented)
+    feeds = dict(inputs) | dict(zip(seed_names, cotangents))
+    results = dict(zip([o.name for o in backward.get_outputs()], backward.run(None, feeds)))
+    return {name: results[f"grad_{name}"] for name in spec.wrt}
+
+
 def check_op(spec: OpSpec, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     forward = session(build_model(spec))
     inputs = sample_inputs(spec, rng)
     outputs = forward.run(None, inputs)
     cotangents = [rng.standard_normal(y.shape).astype(y.dtype) for y in outputs]
-
-    augmented, seed_names, grad_names = augment_for_check(spec)
-    emitted = augmented.graph.node[len(build_model(spec).graph.node):]
-    assert all(node.domain in ("", "ai.onnx") for node in emitted), "non-standard op emitted"
-    backward = session(augmented)
-    feeds = dict(inputs) | dict(zip(seed_names, cotangents))
-    results = dict(zip([o.name for o in backward.get_outputs()], backward.run(None, feeds)))
+    results = gradients(spec, inputs, cotangents)
 
     def objective(values: dict[str, np.ndarray]) -> float:
         ys = forward.run(None, values)
         return float(sum(np.sum(y.astype(np.float64) * v) for y, v in zip(ys, cotangents)))
 
     for name in spec.wrt:
-        analytic = results[f"grad_{name}"].astype(np.float64)
+        analytic = results[name].astype(np.float64)
         assert analytic.shape == inputs[name].shape, (analytic.shape, inputs[name].shape)
         numeric = np.zeros_like(analytic)
         for index in np.ndindex(*inputs[name].shape):

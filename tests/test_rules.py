@@ -14,7 +14,7 @@ from gradcam_server.augment import AugmentError, MissingRuleError
 from gradcam_server.augment.rules import RULES
 from gradcam_server.augment.backward import build_backward
 from gradcam_server.augment.graph import GraphBuilder
-from gradcheck import OpSpec, Wrt, build_model, check_op
+from gradcheck import OpSpec, Wrt, build_model, check_op, gradients
 
 rng = np.random.default_rng(1234)
 
@@ -263,6 +263,61 @@ SPECS = UNARY + SHAPES + BINARY + NORMS + POOLS + LINEAR + RESIZES + COMPOSED
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
 def test_rule_matches_finite_differences(spec: OpSpec) -> None:
     check_op(spec)
+
+
+# Ties: finite differences cannot check them; torch autograd is the reference.
+# `reference(torch, *inputs)` computes the same output as the spec's node.
+TIED = (2, 3, 5, 5)
+TIES = [
+    (OpSpec("ReduceMax", {"x": Wrt(TIED)}, attrs={"axes": [2, 3], "keepdims": 0}),
+     lambda torch, x: torch.amax(x, dim=(2, 3))),
+    (OpSpec("ReduceMax", {"x": Wrt(TIED)}, attrs={"keepdims": 0}, label="all-axes"),
+     lambda torch, x: torch.amax(x)),
+    (OpSpec("ReduceMin", {"x": Wrt(TIED)}, consts={"axes": ints(1)}, opset=18),
+     lambda torch, x: torch.amin(x, dim=1, keepdim=True)),
+    (OpSpec("Max", {"a": Wrt(TIED), "b": Wrt((5,))}),
+     lambda torch, a, b: torch.maximum(a, b)),
+    (OpSpec("Min", {"a": Wrt(TIED), "b": Wrt(TIED)}),
+     lambda torch, a, b: torch.minimum(a, b)),
+    (OpSpec("Max", {"a": Wrt(TIED), "b": Wrt((5, 1)), "c": Wrt(TIED)}, label="three-inputs"),
+     lambda torch, a, b, c: torch.stack(torch.broadcast_tensors(a, b, c)).amax(0)),
+    (OpSpec("GlobalMaxPool", {"x": Wrt(TIED)}),
+     lambda torch, x: torch.nn.functional.adaptive_max_pool2d(x, 1)),
+    (OpSpec("MaxPool", {"x": Wrt(TIED)}, attrs={"kernel_shape": [3, 3], "strides": [2, 2],
+                                                "pads": [1, 1, 1, 1]}),
+     lambda torch, x: torch.nn.functional.max_pool2d(x, 3, 2, 1)),
+    (OpSpec("MaxPool", {"x": Wrt(TIED)}, attrs={"kernel_shape": [2, 2]}, label="overlapping"),
+     lambda torch, x: torch.nn.functional.max_pool2d(x, 2, 1)),
+    (OpSpec("MaxPool", {"x": Wrt(TIED)}, attrs={"kernel_shape": [2, 2], "strides": [2, 2],
+                                                "dilations": [2, 2], "ceil_mode": 1},
+            label="dilated-ceil"),
+     lambda torch, x: torch.nn.functional.max_pool2d(x, 2, 2, dilation=2, ceil_mode=True)),
+]
+
+
+def tied_values(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.ndarray:
+    if kind == "all-equal":
+        return np.full(shape, 0.5, np.float32)
+    return rng.integers(0, 3, shape).astype(np.float32)  # three values: ties everywhere
+
+
+@pytest.mark.parametrize("kind", ["all-equal", "repeated"])
+@pytest.mark.parametrize("spec, reference", TIES, ids=[spec.id for spec, _ in TIES])
+def test_ties_are_broken_as_torch_autograd(spec: OpSpec, reference, kind: str) -> None:
+    """ReduceMax/Min and Max/Min split a tied gradient evenly (torch.amax, torch.maximum);
+    MaxPool and GlobalMaxPool route it to one element, the one torch picks. A ReduceMax rule
+    that gave every tied element the full gradient was once seen 3,234x torch's gradient."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    inputs = {name: tied_values(w.shape, kind, rng) for name, w in spec.wrt.items()}
+    tensors = [torch.tensor(v, requires_grad=True) for v in inputs.values()]
+    output = reference(torch, *tensors)
+    cotangent = rng.standard_normal(tuple(output.shape)).astype(np.float32)
+    output.backward(torch.tensor(cotangent))
+    ours = gradients(spec, inputs, [cotangent])
+    for name, tensor in zip(inputs, tensors):
+        np.testing.assert_allclose(ours[name], tensor.grad.numpy(), rtol=1e-6, atol=1e-6,
+                                   err_msg=f"d/d{name} of {spec.id} with {kind} values")
 
 
 def test_every_rule_has_a_spec_line() -> None:

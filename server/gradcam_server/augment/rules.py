@@ -263,15 +263,12 @@ def _pow(ctx: RuleContext) -> Gradients:
 
 @rule("Max", "Min", broadcasting=True)
 def _max_min(ctx: RuleContext) -> Gradients:
-    b, dy = ctx.b, ctx.dy()
-    grads: list[str | None] = []
-    for i, x in enumerate(ctx.node.input):
-        if not ctx.needs(i):
-            grads.append(None)
-            continue
-        mask = b.op("Cast", [b.op("Equal", [x, ctx.y(0)])], to=b.elem_type(ctx.y(0)))
-        grads.append(b.op("Mul", [dy, mask]))
-    return grads
+    """dx_i = dy [x_i == y] / (number of inputs equal to y): tied inputs share the gradient
+    evenly, as torch.maximum / torch.minimum."""
+    b, y = ctx.b, ctx.y(0)
+    masks = [b.op("Cast", [b.op("Equal", [x, y])], to=b.elem_type(y)) for x in ctx.node.input]
+    share = b.op("Div", [ctx.dy(), b.op("Sum", masks)]) if len(masks) > 1 else ctx.dy()
+    return [b.op("Mul", [share, mask]) if ctx.needs(i) else None for i, mask in enumerate(masks)]
 
 
 @rule("Mean", broadcasting=True)
@@ -669,33 +666,65 @@ def _normalization_grad(
 # ---------------------------------------------------------------------------------------------
 
 
-@rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
-def _reduce(ctx: RuleContext) -> Gradients:
-    b, x, dy, op_type = ctx.b, ctx.x(0), ctx.dy(), ctx.node.op_type
-    rank = b.rank(x)
-    axes_input = axes_are_input(op_type, b.opset)
-    if axes_input and ctx.x(1):
-        axes_value = ctx.const_input(1)
-        if axes_value is None:
-            raise ctx.unsupported("its axes must be constant")
-        axes = [int(a) % rank for a in axes_value]
-    elif not axes_input and ctx.attr("axes") is not None:
-        axes = [a % rank for a in ctx.attr("axes")]
-    elif ctx.attr("noop_with_empty_axes", 0):
-        return [dy, None]
-    else:
-        axes = list(range(rank))
-    y = ctx.y(0)
-    if not ctx.attr("keepdims", 1):
-        dy = b.unsqueeze(dy, axes)
-        y = b.unsqueeze(y, axes)
-    if op_type in ("ReduceMax", "ReduceMin"):
-        mask = b.op("Cast", [b.op("Equal", [x, y])], to=b.elem_type(x))
-        return [b.op("Mul", [dy, mask]), None]
-    grad = b.op("Expand", [dy, b.shape(x)])
-    if op_type == "ReduceMean":
+@dataclass
+class _Reduction:
+    """A Reduce* node as its rule sees it: the reduced axes (none where the node reduces
+    nothing) and dy and y with those axes kept, so that both broadcast against x."""
+
+    b: GraphBuilder
+    axes: list[int]
+    dy: str
+    y: str
+
+    @classmethod
+    def of(cls, ctx: RuleContext) -> "_Reduction":
+        b, x, op_type = ctx.b, ctx.x(0), ctx.node.op_type
+        rank = b.rank(x)
+        axes_input = axes_are_input(op_type, b.opset)
+        if axes_input and ctx.x(1):
+            axes_value = ctx.const_input(1)
+            if axes_value is None:
+                raise ctx.unsupported("its axes must be constant")
+            axes = [int(a) % rank for a in axes_value]
+        elif not axes_input and ctx.attr("axes") is not None:
+            axes = [a % rank for a in ctx.attr("axes")]
+        elif ctx.attr("noop_with_empty_axes", 0):
+            axes = []  # runtimes then apply the op elementwise (ReduceSumSquare: x^2)
+        else:
+            axes = list(range(rank))
+        dy, y = ctx.dy(), ctx.y(0)
+        if axes and not ctx.attr("keepdims", 1):
+            dy, y = b.unsqueeze(dy, axes), b.unsqueeze(y, axes)
+        return cls(b, axes, dy, y)
+
+    def over_axes(self, op_type: str, tensor: str) -> str:
+        """`op_type` (ReduceSum, ReduceProd) of `tensor` over the reduced axes, kept."""
+        if not self.axes:
+            return tensor
+        return self.b.reduce(op_type, tensor, self.axes, keepdims=True)
+
+    def scaled(self, slope: str) -> Gradients:
+        """dx = dy * slope, slope at x's shape."""
+        return [self.b.op("Mul", [self.dy, slope]), None]
+
+
+@rule("ReduceSum", "ReduceMean")
+def _reduce_sum_mean(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    grad = b.op("Expand", [_Reduction.of(ctx).dy, b.shape(x)])
+    if ctx.node.op_type == "ReduceMean":
         grad = b.op("Mul", [grad, _size_ratio(b, ctx.y(0), x)])
     return [grad, None]
+
+
+@rule("ReduceMax", "ReduceMin")
+def _reduce_max_min(ctx: RuleContext) -> Gradients:
+    """dx = dy [x == y] / (number of x equal to y): tied extremes share the gradient evenly,
+    as torch.amax / torch.amin."""
+    b, x = ctx.b, ctx.x(0)
+    reduction = _Reduction.of(ctx)
+    mask = b.op("Cast", [b.op("Equal", [x, reduction.y])], to=b.elem_type(x))
+    return reduction.scaled(b.op("Div", [mask, reduction.over_axes("ReduceSum", mask)]))
 
 
 def _size_ratio(b: GraphBuilder, small: str, large: str) -> str:
@@ -718,9 +747,15 @@ def _global_average_pool(ctx: RuleContext) -> Gradients:
 
 @rule("GlobalMaxPool")
 def _global_max_pool(ctx: RuleContext) -> Gradients:
+    """dy goes to one element per plane, the first maximum in row-major order, as torch's
+    adaptive_max_pool2d(x, 1) (ArgMax picks the first of tied maxima)."""
     b, x = ctx.b, ctx.x(0)
-    mask = b.op("Cast", [b.op("Equal", [x, ctx.y(0)])], to=b.elem_type(x))
-    return [b.op("Mul", [ctx.dy(), mask])]
+    planes = b.op("Reshape", [x, b.ints([0, 0, -1])])
+    first = b.op("ArgMax", [planes], axis=2, keepdims=1)
+    per_plane = b.op("Reshape", [ctx.dy(), b.ints([0, 0, 1])])
+    zeros = b.op("Reshape", [b.zeros_like(x), b.ints([0, 0, -1])])
+    grad = b.op("ScatterElements", [zeros, first, per_plane], axis=2)
+    return [b.op("Reshape", [grad, b.shape(x)])]
 
 
 @rule("MaxPool")
