@@ -162,6 +162,19 @@ POOLS = [
     OpSpec("ReduceSum", {"x": X4}, label="all-axes"),
     OpSpec("ReduceMax", {"x": DISTINCT}, attrs={"axes": [1], "keepdims": 0}),
     OpSpec("ReduceMin", {"x": DISTINCT}, consts={"axes": ints(3)}, opset=18),
+    OpSpec("ReduceSumSquare", {"x": X4}, attrs={"axes": [1, -1], "keepdims": 0}),
+    OpSpec("ReduceSumSquare", {"x": X4}, opset=18, attrs={"noop_with_empty_axes": 1},
+           label="noop"),
+    OpSpec("ReduceL1", {"x": Wrt((2, 3, 4), avoid=(0.0,))}, consts={"axes": ints(2)}, opset=18),
+    OpSpec("ReduceL2", {"x": X4}, attrs={"axes": [2, 3]}),
+    OpSpec("ReduceL2", {"x": X4}, consts={"axes": ints(0, 2)}, attrs={"keepdims": 0},
+           opset=18, symbolic=True, label="opset18-symbolic"),
+    OpSpec("ReduceLogSum", {"x": POSITIVE}, attrs={"axes": [1]}),
+    OpSpec("ReduceLogSumExp", {"x": X4}, attrs={"axes": [1], "keepdims": 0}),
+    OpSpec("ReduceLogSumExp", {"x": X4}, opset=18, symbolic=True, label="all-axes-symbolic"),
+    OpSpec("ReduceProd", {"x": Wrt((2, 3, 4), low=0.5, high=1.5)}, attrs={"axes": [2]}),
+    OpSpec("ReduceProd", {"x": Wrt((2, 3, 4), low=-1.5, high=1.5, avoid=(0.0,))},
+           consts={"axes": ints(0, 1)}, attrs={"keepdims": 0}, opset=18, label="opset18"),
     OpSpec("MaxPool", {"x": DISTINCT}, attrs={"kernel_shape": [3, 3], "strides": [2, 2],
                                               "pads": [1, 1, 1, 1]}),
     OpSpec("MaxPool", {"x": DISTINCT}, attrs={"kernel_shape": [2, 2], "strides": [2, 2],
@@ -318,6 +331,19 @@ def test_ties_are_broken_as_torch_autograd(spec: OpSpec, reference, kind: str) -
     for name, tensor in zip(inputs, tensors):
         np.testing.assert_allclose(ours[name], tensor.grad.numpy(), rtol=1e-6, atol=1e-6,
                                    err_msg=f"d/d{name} of {spec.id} with {kind} values")
+
+
+def test_reduce_prod_at_zeros_matches_torch() -> None:
+    """Finite differences cannot sit on a zero; torch.prod's gradient there is the product of
+    the others (one zero in the row) or 0 (two zeros)."""
+    torch = pytest.importorskip("torch")
+    spec = OpSpec("ReduceProd", {"x": Wrt((3, 4))}, attrs={"axes": [1], "keepdims": 0})
+    x = np.array([[0.0, 2.0, 3.0, -1.5], [0.0, 0.0, 2.0, 1.0], [1.0, 2.0, 0.5, 4.0]], np.float32)
+    cotangent = np.array([0.7, -1.1, 0.3], np.float32)
+    tensor = torch.tensor(x, requires_grad=True)
+    tensor.prod(dim=1).backward(torch.tensor(cotangent))
+    ours = gradients(spec, {"x": x}, [cotangent])["x"]
+    np.testing.assert_allclose(ours, tensor.grad.numpy(), rtol=1e-6)
 
 
 def test_every_rule_has_a_spec_line() -> None:

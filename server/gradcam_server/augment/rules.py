@@ -727,6 +727,59 @@ def _reduce_max_min(ctx: RuleContext) -> Gradients:
     return reduction.scaled(b.op("Div", [mask, reduction.over_axes("ReduceSum", mask)]))
 
 
+@rule("ReduceSumSquare")
+def _reduce_sum_square(ctx: RuleContext) -> Gradients:
+    return _Reduction.of(ctx).scaled(ctx.b.op("Mul", [ctx.x(0), ctx.b.const(2.0)]))
+
+
+@rule("ReduceL1", "ReduceL2")
+def _reduce_norm(ctx: RuleContext) -> Gradients:
+    reduction = _Reduction.of(ctx)
+    p = 1 if ctx.node.op_type == "ReduceL1" else 2
+    return reduction.scaled(_norm_slope(ctx.b, ctx.x(0), reduction.y, p))
+
+
+def _norm_slope(b: GraphBuilder, x: str, norm: str, p: int) -> str:
+    """d ||x||_p / dx for p = 1 (sign(x)) or 2 (x / ||x||, 0 where the norm is 0, as torch)."""
+    if p == 1:
+        return b.op("Sign", [x])
+    zero = b.op("Equal", [norm, b.const(0.0)])
+    return b.op("Div", [x, b.op("Where", [zero, b.const(1.0), norm])])
+
+
+@rule("ReduceLogSum")
+def _reduce_log_sum(ctx: RuleContext) -> Gradients:
+    """y = log(sum x): dx = dy / sum x = dy exp(-y), the same for every reduced element."""
+    b = ctx.b
+    reduction = _Reduction.of(ctx)
+    grad = b.op("Mul", [reduction.dy, b.op("Exp", [b.op("Neg", [reduction.y])])])
+    return [b.op("Expand", [grad, b.shape(ctx.x(0))]), None]
+
+
+@rule("ReduceLogSumExp")
+def _reduce_log_sum_exp(ctx: RuleContext) -> Gradients:
+    """slope exp(x - y), the softmax over the reduced axes."""
+    reduction = _Reduction.of(ctx)
+    return reduction.scaled(ctx.b.op("Exp", [ctx.b.op("Sub", [ctx.x(0), reduction.y])]))
+
+
+@rule("ReduceProd")
+def _reduce_prod(ctx: RuleContext) -> Gradients:
+    """slope = product of the other elements: y / x where x != 0; at a zero, the product of
+    the non-zeros if it is the only zero, else 0 (as torch.prod)."""
+    b, x = ctx.b, ctx.x(0)
+    reduction = _Reduction.of(ctx)
+    is_zero = b.op("Equal", [x, b.const(0.0)])
+    nonzero = b.op("Where", [is_zero, b.const(1.0), x])
+    zeros = reduction.over_axes("ReduceSum", b.op("Cast", [is_zero], to=b.elem_type(x)))
+    others = b.op(
+        "Where",
+        [b.op("Equal", [zeros, b.const(1.0)]), reduction.over_axes("ReduceProd", nonzero),
+         b.const(0.0)],
+    )
+    return reduction.scaled(b.op("Where", [is_zero, others, b.op("Div", [reduction.y, nonzero])]))
+
+
 def _size_ratio(b: GraphBuilder, small: str, large: str) -> str:
     """size(small) / size(large) as a float scalar, static where both are known."""
     small_shape, large_shape = b.static_shape(small), b.static_shape(large)
