@@ -102,6 +102,47 @@ SHAPES = [
            opset=18, label="axes"),
 ]
 
+INDEXING = [
+    OpSpec("Gather", {"x": Wrt((3, 4, 5))}, consts={"i": ints(0, -1, 2, 0).reshape(2, 2)},
+           attrs={"axis": 1}, label="repeated-negative"),
+    OpSpec("Gather", {"x": Wrt((3, 4, 5))}, consts={"i": np.array(-2, np.int64)},
+           attrs={"axis": -1}, label="scalar-last-axis"),
+    OpSpec("Gather", {"x": Wrt((3, 4, 5))}, consts={"i": np.array(0, np.int64)},
+           attrs={"axis": 1}, opset=13, label="opset13-scalar"),
+    OpSpec("Gather", {"x": Wrt((4, 3))}, consts={"i": ints(3, -4, 1).reshape(3, 1, 1)},
+           opset=13, label="opset13-distinct"),
+    OpSpec("Gather", {"x": Wrt((2, 3, 4))}, consts={"i": ints(1, 1, -1)}, attrs={"axis": 2},
+           symbolic=True, label="symbolic"),
+    OpSpec("GatherElements", {"x": Wrt((3, 4))},
+           consts={"i": ints(0, -1, 3, 3, 1, 0).reshape(3, 2)}, attrs={"axis": 1}),
+    OpSpec("GatherElements", {"x": Wrt((3, 4, 2))},
+           consts={"i": ints(2, 0, -1, 2, 0, 1, 1, 1).reshape(2, 2, 2)}, symbolic=True,
+           label="axis0-symbolic"),
+    OpSpec("GatherND", {"x": Wrt((3, 4, 5))}, consts={"i": ints(0, 1, -1, 2, 0, 1).reshape(3, 2)}),
+    OpSpec("GatherND", {"x": Wrt((3, 4))}, consts={"i": ints(2, -1, 0, 0).reshape(2, 1, 2)},
+           symbolic=True, label="elements-symbolic"),
+    OpSpec("ScatterND", {"data": Wrt((4, 3)), "updates": Wrt((2, 3))},
+           consts={"i": ints(1, -1).reshape(2, 1)}, inputs=["data", "i", "updates"]),
+    OpSpec("ScatterND", {"data": Wrt((4, 3)), "updates": Wrt((2,))},
+           consts={"i": ints(1, 2, 3, 0).reshape(2, 2)}, attrs={"reduction": "add"},
+           inputs=["data", "i", "updates"], opset=18, symbolic=True, label="add-symbolic"),
+    OpSpec("ScatterElements", {"data": Wrt((3, 4)), "updates": Wrt((2, 2))},
+           consts={"i": ints(0, -1, 2, 1).reshape(2, 2)}, attrs={"axis": 1},
+           inputs=["data", "i", "updates"]),
+    OpSpec("ScatterElements", {"data": Wrt((3, 4)), "updates": Wrt((2, 4))},
+           consts={"i": ints(0, 1, 2, 0, 0, 1, 2, 0).reshape(2, 4)},
+           attrs={"reduction": "add"}, inputs=["data", "i", "updates"], symbolic=True,
+           label="add-symbolic"),
+    OpSpec("TopK", {"x": Wrt((2, 5, 3), distinct=True)}, consts={"k": ints(3)},
+           attrs={"axis": 1}, outputs=2),
+    OpSpec("TopK", {"x": Wrt((2, 3, 5), distinct=True)}, consts={"k": ints(2)},
+           attrs={"largest": 0}, outputs=2, symbolic=True, label="smallest-symbolic"),
+    OpSpec("Compress", {"x": Wrt((3, 4))}, consts={"c": np.array([True, False, True])},
+           attrs={"axis": 0}),
+    OpSpec("Compress", {"x": Wrt((3, 4))}, consts={"c": np.array([1, 0, 0, 1, 1], bool)},
+           symbolic=True, label="flattened-symbolic"),
+]
+
 BINARY_SHAPES = [
     ((2, 3, 4), (2, 3, 4)),
     ((2, 3, 4), (3, 1)),
@@ -270,7 +311,7 @@ RESIZES = [
            inputs=["x", "roi", "scales", "sizes"], label="nearest-half-pixel"),
 ]
 
-SPECS = UNARY + SHAPES + BINARY + NORMS + POOLS + LINEAR + RESIZES + COMPOSED
+SPECS = UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + COMPOSED
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)

@@ -215,6 +215,151 @@ def _pad(ctx: RuleContext) -> Gradients:
 
 
 # ---------------------------------------------------------------------------------------------
+# Indexing: gathers scatter dy back, scatters gather it
+# ---------------------------------------------------------------------------------------------
+
+
+@rule("Gather")
+def _gather(ctx: RuleContext) -> Gradients:
+    """dx = zeros with dy added at the gathered positions along `axis`."""
+    x = ctx.x(0)
+    axis = _nonnegative_axis(ctx, ctx.attr("axis", 0), x)
+    repeats = _gather_indices_may_repeat(ctx, axis)
+    return [_ungather(ctx, x, ctx.x(1), ctx.dy(), axis, repeats), None]
+
+
+@rule("Compress")
+def _compress(ctx: RuleContext) -> Gradients:
+    """A Gather of the positions where the condition holds (of the flattened input when there
+    is no axis)."""
+    b, x = ctx.b, ctx.x(0)
+    positions = b.op("Reshape", [b.op("NonZero", [ctx.x(1)]), b.ints([-1])])
+    if ctx.attr("axis") is None:
+        flat = b.op("Reshape", [x, b.ints([-1])])
+        grad = _ungather(ctx, flat, positions, ctx.dy(), 0, repeats=False)
+        return [b.op("Reshape", [grad, b.shape(x)]), None]
+    axis = _nonnegative_axis(ctx, ctx.attr("axis"), x)
+    return [_ungather(ctx, x, positions, ctx.dy(), axis, repeats=False), None]
+
+
+def _ungather(
+    ctx: RuleContext, x: str, indices: str, dy: str, axis: int, repeats: bool
+) -> str:
+    """Gather's adjoint: dy, viewed as [x's dims before axis, all indices, x's dims after],
+    added into zeros like x by ScatterElements with the indices broadcast to that view.
+    Needs no rank: the views are built from Shape slices."""
+    b = ctx.b
+    before, after = _dims(b, x, 0, axis), _dims(b, x, axis + 1)
+    flat_dy = b.op("Reshape", [dy, b.op("Concat", [before, b.ints([-1]), after], axis=0)])
+    ones_after = b.op(
+        "ConstantOfShape",
+        [b.shape(after)],
+        value=helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]),
+    )
+    index_view = b.op("Concat", [b.ints([1] * axis + [-1]), ones_after], axis=0)
+    flat_indices = b.op("Expand", [b.op("Reshape", [indices, index_view]), b.shape(flat_dy)])
+    return _scatter_add(
+        ctx, "ScatterElements", b.zeros_like(x), flat_indices, flat_dy, repeats, axis=axis
+    )
+
+
+def _dims(b: GraphBuilder, tensor: str, start: int, end: int | None = None) -> str:
+    """Shape(tensor)[start:end] at any opset (Shape's own start and end need opset 15)."""
+    end_index = np.iinfo(np.int64).max if end is None else end
+    return b.op("Slice", [b.shape(tensor), b.ints([start]), b.ints([end_index])])
+
+
+def _scatter_add(
+    ctx: RuleContext, op_type: str, zeros: str, indices: str, updates: str, repeats: bool,
+    **attrs,
+) -> str:
+    """`op_type` (ScatterElements or ScatterND) of `updates` into `zeros`. Indices that may
+    name a position twice need reduction='add', which ONNX has from opset 16."""
+    if repeats:
+        if ctx.b.opset < 16:
+            raise ctx.unsupported(
+                "its indices may repeat, and adding their gradients (ScatterElements or "
+                "ScatterND with reduction='add') needs opset >= 16"
+            )
+        attrs["reduction"] = "add"
+    return ctx.b.op(op_type, [zeros, indices, updates], **attrs)
+
+
+def _gather_indices_may_repeat(ctx: RuleContext, axis: int) -> bool:
+    """False for a scalar index and for constant indices naming distinct positions."""
+    b = ctx.b
+    if b.static_shape(ctx.x(1)) == ():
+        return False
+    indices = ctx.const_input(1)
+    if indices is None:
+        return True
+    x_shape = b.static_shape(ctx.x(0))
+    size = x_shape[axis] if x_shape else None
+    if isinstance(size, int):
+        indices = np.where(indices < 0, indices + size, indices)
+    elif np.any(indices < 0) and np.any(indices >= 0):
+        return True
+    return np.unique(indices).size < indices.size
+
+
+def _nonnegative_axis(ctx: RuleContext, axis: int, tensor: str) -> int:
+    return axis if axis >= 0 else axis + ctx.b.rank(tensor)
+
+
+@rule("GatherElements")
+def _gather_elements(ctx: RuleContext) -> Gradients:
+    b, x = ctx.b, ctx.x(0)
+    grad = _scatter_add(
+        ctx, "ScatterElements", b.zeros_like(x), ctx.x(1), ctx.dy(), repeats=True,
+        axis=ctx.attr("axis", 0),
+    )
+    return [grad, None]
+
+
+@rule("GatherND")
+def _gather_nd(ctx: RuleContext) -> Gradients:
+    """dx = ScatterND(add) of dy into zeros, negative indices first counted from the end."""
+    b, x, indices = ctx.b, ctx.x(0), ctx.x(1)
+    if ctx.attr("batch_dims", 0):
+        raise ctx.unsupported("only batch_dims=0 is supported")
+    dims = b.op("Slice", [b.shape(x), b.ints([0]), _dims(b, indices, -1)])
+    negative = b.op("Less", [indices, b.ints([0])])
+    wrapped = b.op("Where", [negative, b.op("Add", [indices, dims]), indices])
+    return [_scatter_add(ctx, "ScatterND", b.zeros_like(x), wrapped, ctx.dy(), repeats=True),
+            None]
+
+
+@rule("ScatterND", "ScatterElements")
+def _scatter(ctx: RuleContext) -> Gradients:
+    """y = data with `updates` written at `indices`: d data = dy with those positions zeroed
+    (reduction 'add': dy itself); d updates = dy gathered at them."""
+    b, dy, indices = ctx.b, ctx.dy(), ctx.x(1)
+    reduction = ctx.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise ctx.unsupported(f"reduction {reduction!r} is not supported, only 'none' and 'add'")
+    elements = ctx.node.op_type == "ScatterElements"
+    axis = {"axis": ctx.attr("axis", 0)} if elements else {}
+    grad_data = grad_updates = None
+    if ctx.needs(0) and reduction == "add":
+        grad_data = dy
+    elif ctx.needs(0):
+        grad_data = b.op(ctx.node.op_type, [dy, indices, b.zeros_like(ctx.x(2))], **axis)
+    if ctx.needs(2):
+        grad_updates = b.op("GatherElements" if elements else "GatherND", [dy, indices], **axis)
+    return [grad_data, None, grad_updates]
+
+
+@rule("TopK")
+def _top_k(ctx: RuleContext) -> Gradients:
+    """The values' gradient goes back to where they were taken (their indices never repeat)."""
+    b, x = ctx.b, ctx.x(0)
+    grad = b.op(
+        "ScatterElements", [b.zeros_like(x), ctx.y(1), ctx.dy(0)], axis=ctx.attr("axis", -1)
+    )
+    return [grad, None]
+
+
+# ---------------------------------------------------------------------------------------------
 # Elementwise arithmetic (broadcasting: the walker reduces to each input's shape)
 # ---------------------------------------------------------------------------------------------
 
