@@ -100,6 +100,22 @@ SHAPES = [
     OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))},
            consts={"pads": ints(1, 2, 0, 1), "value": np.float32(0), "axes": ints(2, 3)},
            opset=18, label="axes"),
+    OpSpec("CastLike", {"x": X4}, consts={"like": np.zeros(1, np.float64)}, opset=15),
+    OpSpec("Tile", {"x": Wrt((2, 3, 2))}, consts={"repeats": ints(2, 1, 3)}),
+    OpSpec("Tile", {"x": Wrt((2, 3))}, consts={"repeats": ints(3, 2)}, symbolic=True,
+           label="symbolic"),
+    OpSpec("DepthToSpace", {"x": Wrt((2, 8, 2, 3))}, attrs={"blocksize": 2}, label="DCR"),
+    OpSpec("DepthToSpace", {"x": Wrt((2, 8, 2, 3))}, attrs={"blocksize": 2, "mode": "CRD"},
+           symbolic=True, label="CRD-symbolic"),
+    OpSpec("SpaceToDepth", {"x": Wrt((2, 2, 4, 6))}, attrs={"blocksize": 2}),
+    OpSpec("CumSum", {"x": Wrt((2, 3, 4))}, consts={"axis": np.array(1, np.int64)}),
+    OpSpec("CumSum", {"x": Wrt((2, 3, 4))}, consts={"axis": np.array(-1, np.int32)},
+           attrs={"exclusive": 1, "reverse": 1}, label="exclusive-reverse"),
+    OpSpec("CumSum", {"x": Wrt((2, 5))}, consts={"axis": np.array(1, np.int64)},
+           attrs={"exclusive": 1}, label="exclusive"),
+    OpSpec("Trilu", {"x": Wrt((2, 4, 5))}, consts={"k": np.array(1, np.int64)}),
+    OpSpec("Trilu", {"x": Wrt((4, 3))}, attrs={"upper": 0}, symbolic=True,
+           label="lower-symbolic"),
 ]
 
 INDEXING = [

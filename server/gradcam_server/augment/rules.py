@@ -130,9 +130,9 @@ def _expand(ctx: RuleContext) -> Gradients:
     return [ctx.dy(), None]
 
 
-@rule("Cast")
+@rule("Cast", "CastLike")
 def _cast(ctx: RuleContext) -> Gradients:
-    return [ctx.b.op("Cast", [ctx.dy()], to=ctx.b.elem_type(ctx.x(0)))]
+    return [ctx.b.op("Cast", [ctx.dy()], to=ctx.b.elem_type(ctx.x(0))), None]
 
 
 @rule("Concat")
@@ -212,6 +212,57 @@ def _pad(ctx: RuleContext) -> Gradients:
     axes_tensor = b.ints(axes)
     ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), axes_tensor], axis=0)])
     return [b.op("Slice", [ctx.dy(), starts, ends, axes_tensor]), None, None, None]
+
+
+@rule("Tile")
+def _tile(ctx: RuleContext) -> Gradients:
+    """dy viewed as [r0, d0, r1, d1, ...] (repeats r, input dims d) summed over the repeats."""
+    b, x = ctx.b, ctx.x(0)
+    pairs = b.op("Concat", [b.unsqueeze(ctx.x(1), [1]), b.unsqueeze(b.shape(x), [1])], axis=1)
+    blocks = b.op("Reshape", [ctx.dy(), b.op("Reshape", [pairs, b.ints([-1])])])
+    repeat_axes = list(range(0, 2 * b.rank(x), 2))
+    return [b.reduce("ReduceSum", blocks, repeat_axes, keepdims=False), None]
+
+
+@rule("DepthToSpace")
+def _depth_to_space(ctx: RuleContext) -> Gradients:
+    """A permutation, undone: DCR mode by SpaceToDepth; CRD mode, y = reshape(transpose(
+    reshape(x, [N, C', b, b, H, W]), [0, 1, 4, 2, 5, 3])), by those steps in reverse."""
+    b, x, dy, block = ctx.b, ctx.x(0), ctx.dy(), ctx.attr("blocksize")
+    if ctx.attr("mode", "DCR") == "DCR":
+        return [b.op("SpaceToDepth", [dy], blocksize=block)]
+    size = b.ints([block])
+    blocks = b.op(
+        "Concat",
+        [_dims(b, x, 0, 1), b.ints([-1]), _dims(b, x, 2, 3), size, _dims(b, x, 3, 4), size],
+        axis=0,
+    )
+    grad = b.op("Transpose", [b.op("Reshape", [dy, blocks])], perm=[0, 1, 3, 5, 2, 4])
+    return [b.op("Reshape", [grad, b.shape(x)])]
+
+
+@rule("SpaceToDepth")
+def _space_to_depth(ctx: RuleContext) -> Gradients:
+    return [ctx.b.op("DepthToSpace", [ctx.dy()], blocksize=ctx.attr("blocksize"), mode="DCR")]
+
+
+@rule("CumSum")
+def _cum_sum(ctx: RuleContext) -> Gradients:
+    """The adjoint of a running sum is the running sum in the other direction."""
+    grad = ctx.b.op(
+        "CumSum",
+        [ctx.dy(), ctx.x(1)],
+        exclusive=ctx.attr("exclusive", 0),
+        reverse=1 - ctx.attr("reverse", 0),
+    )
+    return [grad, None]
+
+
+@rule("Trilu")
+def _trilu(ctx: RuleContext) -> Gradients:
+    """A fixed mask: dx = the same triangle of dy."""
+    k = [ctx.x(1)] if ctx.x(1) else []
+    return [ctx.b.op("Trilu", [ctx.dy(), *k], upper=ctx.attr("upper", 1)), None]
 
 
 # ---------------------------------------------------------------------------------------------
