@@ -270,8 +270,38 @@ LINEAR = [
            label="transB-both"),
     OpSpec("Gemm", {"a": Wrt((4, 3)), "b": Wrt((5, 4))}, attrs={"transA": 1, "transB": 1},
            label="transA-transB"),
+    OpSpec("ConvTranspose", {"x": Wrt((2, 4, 3, 3))}, consts={"w": weights(4, 3, 3, 3),
+           "bias": weights(3)}, attrs={"strides": [2, 2], "pads": [1, 0, 1, 1],
+           "output_padding": [1, 0]}),
+    OpSpec("ConvTranspose", {"x": Wrt((2, 4, 3, 3))}, consts={"w": weights(4, 1, 3, 2)},
+           attrs={"group": 2, "dilations": [2, 1], "strides": [1, 2], "pads": [1, 1, 0, 1]},
+           symbolic=True, label="grouped-dilated-symbolic"),
+    OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 4))}, consts={"w": weights(2, 3, 3, 3)},
+           attrs={"strides": [2, 2], "auto_pad": "SAME_UPPER"}, label="same-upper"),
+    OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 4))}, consts={"w": weights(2, 3, 3, 3)},
+           attrs={"strides": [2, 2], "auto_pad": "SAME_LOWER", "output_padding": [1, 1]},
+           label="same-lower-output-padding"),
+    OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 4))}, consts={"w": weights(2, 3, 3, 3)},
+           attrs={"strides": [2, 2], "output_shape": [6, 8]}, label="output-shape"),
+    OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 4))}, consts={"w": weights(2, 3, 3, 3)},
+           attrs={"strides": [2, 2], "auto_pad": "VALID"}, label="valid"),
+    OpSpec("ConvTranspose", {"x": Wrt((2, 4, 5))}, consts={"w": weights(4, 2, 3)},
+           attrs={"strides": [3], "pads": [2, 1]}, label="1d"),
     OpSpec("MatMul", {"a": Wrt((3, 4)), "b": Wrt((4, 5))}),
     OpSpec("MatMul", {"a": Wrt((2, 3, 4)), "b": Wrt((4, 5))}, label="batched-broadcast"),
+    OpSpec("Einsum", {"a": Wrt((2, 3)), "b": Wrt((3, 4))}, attrs={"equation": "ij,jk->ik"}),
+    OpSpec("Einsum", {"a": Wrt((2, 3, 4)), "b": Wrt((4, 5))}, attrs={"equation": "bij,jk"},
+           symbolic=True, label="implicit-symbolic"),
+    OpSpec("Einsum", {"a": Wrt((2, 3)), "b": Wrt((3, 4))}, attrs={"equation": "ij,jk->i"},
+           label="summed-letters"),
+    OpSpec("Einsum", {"a": Wrt((2, 3, 4))}, attrs={"equation": "abc->"}, label="total"),
+    OpSpec("Einsum", {"a": Wrt((2, 3, 4))}, attrs={"equation": "abc->cb"}, label="one-operand"),
+    OpSpec("Einsum", {"a": Wrt((2, 1, 3, 4)), "b": Wrt((1, 5, 4, 2))},
+           attrs={"equation": "...ij,...jk->...ik"}, label="ellipsis-broadcast"),
+    OpSpec("Einsum", {"a": Wrt((2, 3, 4)), "b": Wrt((4,))},
+           attrs={"equation": "...j,j"}, symbolic=True, label="implicit-ellipsis-symbolic"),
+    OpSpec("Einsum", {"a": Wrt((2, 3)), "b": Wrt((2, 3)), "c": Wrt((3, 4))},
+           attrs={"equation": "nc,nc,cK->nK"}, label="three-operands-uppercase"),
 ]
 
 INTEGERS = Wrt((2, 3, 5, 5), avoid=(-2.0, -1.0, 0.0, 1.0, 2.0))
@@ -421,24 +451,24 @@ def _model(text: str) -> onnx.ModelProto:
 def test_missing_rule_names_op_node_and_opset() -> None:
     model = _model("""
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[2,3] x) => (float[2,3] y) { e = Einsum <equation = "ij->ij"> (x)  y = Relu(e) }""")
-    model.graph.node[0].name = "the_einsum"
+        g (float[2,3,3] x) => (float[2] y) { d = Det(x)  y = Relu(d) }""")
+    model.graph.node[0].name = "the_det"
     b = GraphBuilder(model)
     with pytest.raises(MissingRuleError) as error:
         build_backward(b, {"y": "seed"}, ["x"])
     message = str(error.value)
-    assert "'Einsum'" in message and "'the_einsum'" in message and "opset 17" in message
+    assert "'Det'" in message and "'the_det'" in message and "opset 17" in message
 
 
 def test_op_without_rule_off_the_gradient_path_is_fine() -> None:
-    # Einsum and Shape have no rule; only their integer or side outputs meet the path.
+    # Det and Shape have no rule; only their integer or side outputs meet the path.
     model = _model("""
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[2,3] x) => (float[2,3] y, float[2,3] z) {
+        g (float[3,3] x) => (float[3,3] y, float z) {
             s = Shape(x)
             r = Reshape(x, s)
             y = Relu(r)
-            z = Einsum <equation = "ij->ij"> (x)
+            z = Det(x)
         }""")
     b = GraphBuilder(model)
     grads = build_backward(b, {"y": "seed"}, ["x"])

@@ -27,6 +27,7 @@ when a gradient actually reaches it (`MissingRuleError` names the op, node and o
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -1211,9 +1212,7 @@ def _conv_transpose_to_input(
                 + (window.kernel[i] - 1) * window.dilations[i] + 1 - in_sizes[i],
                 0,
             )
-            small, large = total // 2, total - total // 2
-            begin = small if window.auto_pad == "SAME_UPPER" else large
-            pads[i], pads[i + spatial] = begin, total - begin
+            pads[i], pads[i + spatial] = _split_padding(total, window.auto_pad)
     elif window.auto_pad == "VALID":
         pads = [0] * (2 * spatial)
     attrs = dict(strides=window.strides, dilations=window.dilations, group=group)
@@ -1239,6 +1238,137 @@ def _conv_transpose_to_input(
     starts = b.ints(pads[:spatial])
     ends = b.op("Add", [starts, b.shape_slice(x, 2)])
     return b.op("Slice", [full, starts, ends, b.ints(list(range(2, 2 + spatial)))])
+
+
+def _split_padding(total: int, auto_pad: str) -> tuple[int, int]:
+    """(begin, end) padding: SAME_UPPER puts the odd one at the end, anything else at the
+    begin (SAME_LOWER, and ConvTranspose's output_shape without auto_pad)."""
+    begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+    return begin, total - begin
+
+
+@rule("ConvTranspose")
+def _conv_transpose(ctx: RuleContext) -> Gradients:
+    """dx = Conv(dy, W) with the same weight, strides, dilations, group and (effective) pads:
+    a ConvTranspose is the adjoint of that Conv. Weight and bias gradients are never built."""
+    b, x, weight = ctx.b, ctx.x(0), ctx.x(1)
+    if ctx.needs(1) or ctx.needs(2):
+        raise ctx.unsupported("gradients for weights or bias are not supported")
+    weight_shape = b.static_shape(weight)
+    kernel = ctx.attr("kernel_shape") or (weight_shape[2:] if weight_shape else None)
+    if kernel is None or not all(isinstance(k, int) for k in kernel):
+        raise ctx.unsupported("its kernel shape is unknown")
+    window = _Window.of(ctx, list(kernel))
+    spatial = len(kernel)
+    output_padding = list(ctx.attr("output_padding") or [0] * spatial)
+    if any(p >= s for p, s in zip(output_padding, window.strides)):
+        raise ctx.unsupported("output_padding at or above the stride is not supported")
+    pads = window.pads
+    output_shape = ctx.attr("output_shape")
+    if window.auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
+    elif window.auto_pad != "NOTSET" or output_shape:
+        pads = _conv_transpose_pads(ctx, window, output_padding, output_shape)
+    grad = b.op(
+        "Conv", [ctx.dy(), weight], pads=pads, strides=window.strides,
+        dilations=window.dilations, group=ctx.attr("group", 1),
+    )
+    return [grad, None, None]
+
+
+def _conv_transpose_pads(
+    ctx: RuleContext, window: _Window, output_padding: list[int], output_shape: list[int] | None
+) -> list[int]:
+    """The pads a ConvTranspose with auto_pad SAME_* or an output_shape takes: total =
+    stride (in - 1) + output_padding + dilated kernel - out, with out = output_shape or
+    in * stride, split as `_split_padding` says. Needs static input sizes."""
+    spatial = len(window.kernel)
+    x_shape = ctx.b.static_shape(ctx.x(0))
+    in_sizes = list(x_shape[2:]) if x_shape else [None]
+    if not all(isinstance(d, int) for d in in_sizes):
+        raise ctx.unsupported("auto_pad or output_shape needs static spatial sizes")
+    if output_shape:
+        out_sizes = list(output_shape[-spatial:])
+    else:
+        out_sizes = [d * s for d, s in zip(in_sizes, window.strides)]
+    begins, ends = [], []
+    for i in range(spatial):
+        total = (
+            window.strides[i] * (in_sizes[i] - 1) + output_padding[i]
+            + (window.kernel[i] - 1) * window.dilations[i] + 1 - out_sizes[i]
+        )
+        if total < 0:
+            raise ctx.unsupported("an output larger than the full transposed convolution "
+                                  "is not supported")
+        begin, end = _split_padding(total, window.auto_pad)
+        begins.append(begin)
+        ends.append(end)
+    return begins + ends
+
+
+@rule("Einsum")
+def _einsum(ctx: RuleContext) -> Gradients:
+    """d operand i = einsum(dy, the other operands -> operand i's subscripts). Letters only
+    operand i has were summed away: they come back by Expand; '...' dims broadcast from size
+    1 are summed back."""
+    b = ctx.b
+    terms, output, broadcast = _einsum_subscripts(ctx)
+    with_ellipsis = [bool(set(broadcast) & set(term)) for term in terms]
+    grads: list[str | None] = []
+    for i, (x, term) in enumerate(zip(ctx.node.input, terms)):
+        if not ctx.needs(i):
+            grads.append(None)
+            continue
+        others = terms[:i] + terms[i + 1:]
+        elsewhere = set(output).union(*others)
+        kept = "".join(c for c in term if c in elsewhere)
+        equation = ",".join([output, *others]) + "->" + kept
+        operands = [ctx.dy(), *ctx.node.input[:i], *ctx.node.input[i + 1:]]
+        grad = ctx.dy() if equation == f"{kept}->{kept}" else b.op(
+            "Einsum", operands, equation=equation
+        )
+        if kept != term:
+            lonely = [k for k, c in enumerate(term) if c not in elsewhere]
+            grad = b.op("Expand", [b.unsqueeze(grad, lonely), b.shape(x)])
+        if with_ellipsis[i] and sum(with_ellipsis) > 1:
+            grad = b.sum_to_shape(grad, x)
+        grads.append(grad)
+    return grads
+
+
+def _einsum_subscripts(ctx: RuleContext) -> tuple[list[str], str, str]:
+    """The equation's operand and output subscripts with '...' written out as letters the
+    equation does not use (right-aligned across operands, as numpy broadcasts them) and an
+    implicit output made explicit (the '...' dims, then the letters used once, sorted); and
+    the letters standing for '...'."""
+    equation = ctx.attr("equation").replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    free = [c for c in string.ascii_lowercase + string.ascii_uppercase if c not in equation]
+    widths = [
+        ctx.b.rank(x) - (len(term) - 3) if "..." in term else 0
+        for x, term in zip(ctx.node.input, terms)
+    ]
+    broadcast = "".join(free[:max(widths)])
+    terms = [
+        term.replace("...", broadcast[len(broadcast) - width:])
+        for term, width in zip(terms, widths)
+    ]
+    if arrow:
+        output = output.replace("...", broadcast)
+    else:
+        letters = "".join(terms)
+        once = sorted(c for c in set(letters) - set(broadcast) if letters.count(c) == 1)
+        if any(c.isupper() for c in once) and any(c.islower() for c in once):
+            raise ctx.unsupported("an implicit output mixing upper- and lower-case letters is "
+                                  "ordered differently by runtimes; write the output explicitly")
+        output = broadcast + "".join(once)
+    for term in terms:
+        if len(set(term)) < len(term):
+            raise ctx.unsupported(
+                f"a letter repeated within one operand ({term!r}: a diagonal) is not supported"
+            )
+    return terms, output, broadcast
 
 
 @rule("Gemm")
