@@ -8,7 +8,7 @@
                        target layer, fused), and ``pixel_map`` for the pixel-level methods.
 5. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
                        ``input_gradients``) are graph outputs after every original output.
-6. `check`             ensures the result passes `onnx.checker`.
+6. `check`             ensures the result passes onnx's full checker (strict shape inference).
 """
 
 from __future__ import annotations
@@ -511,8 +511,13 @@ def _view_dims(b: GraphBuilder, view: TargetView) -> list:
 
 
 def check(model: onnx.ModelProto) -> None:
+    """onnx's full checker (the graph's rules and strict shape inference) on what we wrote;
+    models over protobuf's 2 GiB limit cannot be checked in memory."""
     if model.ByteSize() < _CHECKER_LIMIT_BYTES:
-        onnx.checker.check_model(model)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            raise AugmentError(f"the augmented graph fails onnx's checker: {error}") from error
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
