@@ -205,6 +205,19 @@ NORMS = [
     OpSpec("LayerNormalization", {"x": Wrt((2, 3, 4))},
            consts={"scale": weights(3, 4), "bias": weights(3, 4)}, attrs={"axis": 1},
            label="two-axes"),
+    OpSpec("GroupNormalization", {"x": Wrt((2, 6, 3, 2))},
+           consts={"scale": weights(3), "bias": weights(3)}, attrs={"num_groups": 3},
+           opset=18, label="opset18-per-group"),
+    OpSpec("GroupNormalization", {"x": Wrt((2, 4, 3, 3))},
+           consts={"scale": weights(4), "bias": weights(4)},
+           attrs={"num_groups": 2, "epsilon": 0.1}, opset=21, symbolic=True,
+           label="opset21-per-channel-symbolic"),
+    OpSpec("MeanVarianceNormalization", {"x": Wrt((2, 3, 3, 2))}),
+    OpSpec("MeanVarianceNormalization", {"x": Wrt((2, 3, 4))}, attrs={"axes": [1, 2]},
+           symbolic=True, label="axes-symbolic"),
+    OpSpec("LpNormalization", {"x": Wrt((2, 3, 4))}, attrs={"axis": 1}),
+    OpSpec("LpNormalization", {"x": Wrt((2, 3, 4), avoid=(0.0,))}, attrs={"p": 1},
+           symbolic=True, label="p1-symbolic"),
 ]
 
 DISTINCT = Wrt((2, 2, 7, 7), distinct=True)

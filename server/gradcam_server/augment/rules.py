@@ -823,8 +823,8 @@ def _batch_norm(ctx: RuleContext) -> Gradients:
 def _instance_norm(ctx: RuleContext) -> Gradients:
     b, x = ctx.b, ctx.x(0)
     rank = b.rank(x)
-    scale = b.unsqueeze(ctx.x(1), list(range(1, rank - 1)))
-    grad = _normalization_grad(b, x, ctx.dy(), scale, list(range(2, rank)), ctx.attr("epsilon", 1e-5))
+    g = b.op("Mul", [ctx.dy(), b.unsqueeze(ctx.x(1), list(range(1, rank - 1)))])
+    grad = _normalization_grad(b, x, g, list(range(2, rank)), ctx.attr("epsilon", 1e-5))
     return [grad, None, None]
 
 
@@ -835,23 +835,57 @@ def _layer_norm(ctx: RuleContext) -> Gradients:
     axis = ctx.attr("axis", -1) % rank
     if ctx.attr("stash_type", 1) != 1:
         raise ctx.unsupported("only stash_type=1 (float) is supported")
-    grad = _normalization_grad(
-        b, x, ctx.dy(), ctx.x(1), list(range(axis, rank)), ctx.attr("epsilon", 1e-5)
-    )
+    g = b.op("Mul", [ctx.dy(), ctx.x(1)])
+    grad = _normalization_grad(b, x, g, list(range(axis, rank)), ctx.attr("epsilon", 1e-5))
     return [grad, None, None]
 
 
-def _normalization_grad(
-    b: GraphBuilder, x: str, dy: str, scale: str, axes: list[int], epsilon: float
-) -> str:
+@rule("GroupNormalization")
+def _group_norm(ctx: RuleContext) -> Gradients:
+    """Normalisation of each group of channels (with the spatial axes) on an [N, G, -1] view;
+    the scale is per group at opset 18, per channel from opset 21."""
+    b, x, dy, scale = ctx.b, ctx.x(0), ctx.dy(), ctx.x(1)
+    grouped = b.ints([0, ctx.attr("num_groups"), -1])
+    if b.opset >= 21:
+        per_channel = b.unsqueeze(scale, list(range(1, b.rank(x) - 1)))
+        g = b.op("Reshape", [b.op("Mul", [dy, per_channel]), grouped])
+    else:
+        g = b.op("Mul", [b.op("Reshape", [dy, grouped]), b.unsqueeze(scale, [1])])
+    x_grouped = b.op("Reshape", [x, grouped])
+    grad = _normalization_grad(b, x_grouped, g, [2], ctx.attr("epsilon", 1e-5))
+    return [b.op("Reshape", [grad, b.shape(x)]), None, None]
+
+
+@rule("MeanVarianceNormalization")
+def _mean_variance_norm(ctx: RuleContext) -> Gradients:
+    """y = (x - mean) / (std + 1e-9) over `axes`; the 1e-9 is taken inside the square root as
+    1e-18, a difference far below float precision unless the variance vanishes."""
+    axes = list(ctx.attr("axes", [0, 2, 3]))
+    return [_normalization_grad(ctx.b, ctx.x(0), ctx.dy(), axes, 1e-18)]
+
+
+@rule("LpNormalization")
+def _lp_normalization(ctx: RuleContext) -> Gradients:
+    """y = x / ||x||_p along `axis`: dx = (dy - sum(dy y) d||x||_p/dx) / ||x||_p."""
+    b, x, y, dy = ctx.b, ctx.x(0), ctx.y(0), ctx.dy()
+    p = ctx.attr("p", 2)
+    if p not in (1, 2):
+        raise ctx.unsupported(f"p={p} is not supported, only 1 and 2")
+    axes = [ctx.attr("axis", -1)]
+    norm = b.reduce("ReduceL1" if p == 1 else "ReduceL2", x, axes, keepdims=True)
+    dot = b.reduce("ReduceSum", b.op("Mul", [dy, y]), axes, keepdims=True)
+    slope = b.op("Sign", [x]) if p == 1 else y
+    return [b.op("Div", [b.op("Sub", [dy, b.op("Mul", [dot, slope])]), _nonzero(b, norm)])]
+
+
+def _normalization_grad(b: GraphBuilder, x: str, g: str, axes: list[int], epsilon: float) -> str:
     """Input gradient of y = scale (x - mean) / sqrt(var + eps) + bias over `axes`:
-    dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps), with g = dy scale."""
+    dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps), given g = dy scale."""
     mean = b.reduce("ReduceMean", x, axes, keepdims=True)
     centered = b.op("Sub", [x, mean])
     variance = b.reduce("ReduceMean", b.op("Mul", [centered, centered]), axes, keepdims=True)
     inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [variance, b.const(epsilon)])])])
     normalized = b.op("Mul", [centered, inv_std])
-    g = b.op("Mul", [dy, scale])
     mean_g = b.reduce("ReduceMean", g, axes, keepdims=True)
     mean_g_xhat = b.reduce("ReduceMean", b.op("Mul", [g, normalized]), axes, keepdims=True)
     inner = b.op("Sub", [b.op("Sub", [g, mean_g]), b.op("Mul", [normalized, mean_g_xhat])])
@@ -940,8 +974,12 @@ def _norm_slope(b: GraphBuilder, x: str, norm: str, p: int) -> str:
     """d ||x||_p / dx for p = 1 (sign(x)) or 2 (x / ||x||, 0 where the norm is 0, as torch)."""
     if p == 1:
         return b.op("Sign", [x])
-    zero = b.op("Equal", [norm, b.const(0.0)])
-    return b.op("Div", [x, b.op("Where", [zero, b.const(1.0), norm])])
+    return b.op("Div", [x, _nonzero(b, norm)])
+
+
+def _nonzero(b: GraphBuilder, divisor: str) -> str:
+    """`divisor` with its zeros replaced by 1 (where the numerator is 0 too)."""
+    return b.op("Where", [b.op("Equal", [divisor, b.const(0.0)]), b.const(1.0), divisor])
 
 
 @rule("ReduceLogSum")
