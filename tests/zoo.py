@@ -127,9 +127,11 @@ def build_torch_model(name: str) -> torch.nn.Module:
     return calibrate_batch_norms(torchvision.models.get_model(name, weights=None))
 
 
-def calibrate_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """BatchNorm statistics from one forward of all PHOTOS (cumulative average); only the
-    BatchNorm layers run in train mode. Returns `model` in eval mode."""
+def calibrate_batch_norms(
+    model: torch.nn.Module, size: int = CALIBRATION_SIZE
+) -> torch.nn.Module:
+    """BatchNorm statistics from one forward of all PHOTOS at size x size (cumulative
+    average); only the BatchNorm layers run in train mode. Returns `model` in eval mode."""
     model.eval()
     batch_norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
     for bn in batch_norms:
@@ -137,7 +139,7 @@ def calibrate_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
         bn.momentum = None
         bn.train()
     with torch.no_grad():
-        model(torch.from_numpy(sample_batch(len(PHOTOS), CALIBRATION_SIZE)))
+        model(torch.from_numpy(sample_batch(len(PHOTOS), size)))
     return model.eval()
 
 
