@@ -450,6 +450,12 @@ def test_every_rule_has_a_spec_line() -> None:
     assert set(RULES) <= {spec.op for spec in SPECS}, set(RULES) - {s.op for s in SPECS}
 
 
+def test_spec_ids_are_unique() -> None:
+    """docs/OPERATORS.md names each check by its id, which must then name one test."""
+    ids = [spec.id for spec in SPECS]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
 def test_binary_specs_cover_every_broadcasting_rule() -> None:
     broadcasting = {op for op, r in RULES.items() if r.broadcasting}
     checked = {s.op for s in BINARY if any(w.shape != next(iter(s.wrt.values())).shape
@@ -496,13 +502,47 @@ def test_score_independent_of_target_is_an_error() -> None:
         build_backward(GraphBuilder(model), {"y": "seed"}, ["x"])
 
 
-def test_unsupported_attribute_is_a_clear_error() -> None:
-    spec = OpSpec("Pad", {"x": Wrt((2, 3))}, consts={"pads": ints(1, 1, 1, 1)},
-                  attrs={"mode": "reflect"})
+REFUSED = [
+    (OpSpec("Pad", {"x": Wrt((2, 3))}, consts={"pads": ints(1, 1, 1, 1)},
+            attrs={"mode": "reflect"}), "mode 'reflect'"),
+    (OpSpec("Gather", {"x": Wrt((3, 4))}, consts={"i": ints(2, -1)}, opset=13,
+            label="repeated-opset13"),
+     r"indices may repeat.*opset >= 16"),
+    (OpSpec("GatherElements", {"x": Wrt((3, 4))}, consts={"i": ints(0, 1).reshape(1, 2)},
+            opset=13), r"opset >= 16"),
+    (OpSpec("GatherND", {"x": Wrt((2, 3, 4))}, consts={"i": ints(0, 1).reshape(2, 1)},
+            attrs={"batch_dims": 1}), "only batch_dims=0"),
+    (OpSpec("ScatterND", {"data": Wrt((4, 3)), "updates": Wrt((1, 3))},
+            consts={"i": ints(1).reshape(1, 1)}, attrs={"reduction": "mul"},
+            inputs=["data", "i", "updates"], opset=18), "reduction 'mul'"),
+    (OpSpec("ScatterElements", {"data": Wrt((4, 3)), "updates": Wrt((1, 3))},
+            consts={"i": ints(1, 2, 3).reshape(1, 3)}, attrs={"reduction": "max"},
+            inputs=["data", "i", "updates"], opset=18), "reduction 'max'"),
+    (OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 3))}, consts={"w": weights(2, 2, 3, 3)},
+            attrs={"dilations": [2, 2], "output_padding": [1, 1]}, label="output-padding"),
+     "output_padding"),
+    (OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 3))}, consts={"w": weights(2, 2, 3, 3)},
+            attrs={"strides": [2, 2], "output_shape": [6, 6]}, symbolic=True,
+            label="output-shape-symbolic"),
+     "static spatial sizes"),
+    (OpSpec("ConvTranspose", {"x": Wrt((1, 2, 3, 3))}, consts={"w": weights(2, 2, 3, 3)},
+            attrs={"output_shape": [6, 6]}, label="output-shape-too-large"),
+     "larger than the full"),
+    (OpSpec("Einsum", {"x": Wrt((3, 3))}, attrs={"equation": "ii->i"}, label="diagonal"),
+     "diagonal"),
+    (OpSpec("Einsum", {"a": Wrt((2, 3)), "b": Wrt((4, 5))}, attrs={"equation": "aB,cd"},
+            label="implicit-mixed-case"),
+     "upper- and lower-case"),
+]
+
+
+@pytest.mark.parametrize("spec, message", REFUSED, ids=[spec.id for spec, _ in REFUSED])
+def test_unsupported_form_is_a_clear_error(spec: OpSpec, message: str) -> None:
     model = build_model(spec)
-    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
-    with pytest.raises(AugmentError, match="mode 'reflect'"):
-        build_backward(GraphBuilder(model), {"y0": "seed"}, ["x"])
+    seed = helper.make_tensor_value_info("seed", TensorProto.FLOAT, None)
+    model.graph.input.append(seed)
+    with pytest.raises(AugmentError, match=f"{spec.op} node .*{message}"):
+        build_backward(GraphBuilder(model), {"y0": "seed"}, list(spec.wrt))
 
 
 def test_gradients_never_flow_into_weights() -> None:
