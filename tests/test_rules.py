@@ -5,6 +5,9 @@ Adding an op: write its rule in rules.py and one line here.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -454,6 +457,18 @@ def test_spec_ids_are_unique() -> None:
     """docs/OPERATORS.md names each check by its id, which must then name one test."""
     ids = [spec.id for spec in SPECS]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+def test_operators_doc_is_current() -> None:
+    """docs/OPERATORS.md is what scripts/operators.py writes from RULES and SPECS now."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "operators.py"
+    module_spec = importlib.util.spec_from_file_location("operators_script", path)
+    operators = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(operators)
+    current = operators.TARGET.read_text(encoding="utf-8") if operators.TARGET.exists() else ""
+    assert current == operators.render(SPECS), (
+        f"docs/OPERATORS.md is stale: regenerate it with `{operators.COMMAND}`"
+    )
 
 
 def test_binary_specs_cover_every_broadcasting_rule() -> None:
