@@ -32,3 +32,43 @@ def test_labels_must_not_lead_out_of_the_folder(tmp_path: Path, name: str) -> No
     write(folder, labels=name)
     with pytest.raises(ConfigError, match="inside the model folder"):
         read_config(folder, lambda image: (32, 32))
+
+
+def test_target_layout_prefix_tokens_and_grid(tmp_path: Path) -> None:
+    write(tmp_path, target_layout="tokens", prefix_tokens=1, grid="14x14")
+    config = read_config(tmp_path, lambda image: (224, 224))
+    assert (config.target_layout, config.prefix_tokens, config.grid) == ("tokens", 1, (14, 14))
+    write(tmp_path, grid=[7, 9])  # a list, and the layout left to detection
+    config = read_config(tmp_path, lambda image: (224, 224))
+    assert (config.target_layout, config.prefix_tokens, config.grid) == (None, None, (7, 9))
+    write(tmp_path, target_layout="nhwc", layout="NHWC")  # the layer's and the image's
+    config = read_config(tmp_path, lambda image: (224, 224))
+    assert config.target_layout == "nhwc" and config.preprocessing.layout == "NHWC"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"target_layout": "NHWC"},
+         "'target_layout' must be one of nchw, nhwc, tokens, got 'NHWC'"),
+        ({"target_layout": ""}, "'target_layout' must be a non-empty string"),
+        ({"prefix_tokens": -1}, "'prefix_tokens' must be an integer >= 0"),
+        ({"prefix_tokens": 65}, "'prefix_tokens' must be an integer in 0..64"),
+        ({"prefix_tokens": "1"}, "'prefix_tokens' must be an integer >= 0"),
+        ({"grid": "14 by 14"}, "grid must be rows x columns"),
+        ({"grid": [14]}, "got [14]"),
+        ({"grid": [0, 14]}, "grid must be rows x columns"),
+        ({"grid": [True, 14]}, "grid must be rows x columns"),
+        ({"grid": "x" * 500}, "got 'xxxxxxxx"),
+        ({"target_layout": "nhwc", "grid": [14, 14]},
+         "'prefix_tokens' and 'grid' apply to the tokens layout, not nhwc"),
+        ({"target_layout": "nchw", "prefix_tokens": 0},
+         "'prefix_tokens' and 'grid' apply to the tokens layout, not nchw"),
+    ],
+)
+def test_bad_target_layouts_are_refused(tmp_path: Path, config: dict, message: str) -> None:
+    write(tmp_path, **config)
+    with pytest.raises(ConfigError, match="config.json") as raised:
+        read_config(tmp_path, lambda image: (224, 224))
+    assert message in str(raised.value)
+    assert len(str(raised.value)) < 300  # a long value is echoed cut

@@ -20,6 +20,15 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
                                         or a segmentation map [N, K, h, w]
 ``target_layer``                        default Grad-CAM layer, a tensor name (default:
                                         detected)
+``target_layout``                       how the target layer is laid out: "nchw" ([N, C,
+                                        h, w], a CNN's map), "nhwc" ([N, h, w, C], Swin,
+                                        ConvNeXt) or "tokens" ([N, T, C], ViT, DeiT)
+                                        (default: detected from the graph); not the image
+                                        input's ``layout``
+``prefix_tokens``                       tokens only: class, distillation and register
+                                        tokens before the patches, 0..64 (default: T - h*w)
+``grid``                                tokens only: the patch grid, "14x14" or [14, 14]
+                                        (rows, columns; default: the patch embedding's)
 ``method``                              default method (default "gradcam")
 ``max_batch_size``                      dynamic batching bound (default 8; a graph with a
                                         fixed batch dimension serves with that size)
@@ -34,19 +43,26 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .augment.layout import LAYOUTS, MAX_PREFIX_TOKENS
+from .errors import SHOWN_CHARS, shown
 from .preprocess import Preprocessing
 
 CONFIG_FILE = "config.json"
+MAX_GRID_SIDE = 10_000  # patches per side of a token grid; more is no image model's
 _PREPROCESSING_KEYS = {"size", "resize", "mean", "std", "channel_order", "scale", "layout"}
 _SERVING_KEYS = {
     "labels",
     "input",
     "score_output",
     "target_layer",
+    "target_layout",
+    "prefix_tokens",
+    "grid",
     "method",
     "max_batch_size",
     "max_queue_delay_microseconds",
@@ -65,6 +81,12 @@ class ModelConfig:
     input: str | int | None = None  # a name, or an index among the graph's inputs
     score_output: str | int | None = None  # a name, or an index among the graph's outputs
     target_layer: str | None = None
+    # The target layer's layout and token grid (augment's `layout`, `prefix_tokens`, `grid`);
+    # None: detected. They apply to the default layer, and to a layer a request names unless
+    # the request gives its own.
+    target_layout: str | None = None
+    prefix_tokens: int | None = None
+    grid: tuple[int, int] | None = None
     method: str = "gradcam"
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
     max_queue_delay_microseconds: int = 0
@@ -97,17 +119,67 @@ def read_config(
     except ValueError as error:
         raise ConfigError(f"{CONFIG_FILE}: {error}") from error
     delay = _optional_int(raw, "max_queue_delay_microseconds", minimum=0)
+    layout = _optional_str(raw, "target_layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(
+            f"{CONFIG_FILE}: 'target_layout' must be one of {', '.join(LAYOUTS)}, got "
+            f"{shown(layout)} (the image input's layout is 'layout')"
+        )
+    prefix_tokens = _optional_int(raw, "prefix_tokens", minimum=0)
+    if prefix_tokens is not None and prefix_tokens > MAX_PREFIX_TOKENS:
+        raise ConfigError(
+            f"{CONFIG_FILE}: 'prefix_tokens' must be an integer in 0..{MAX_PREFIX_TOKENS}"
+        )
+    grid = None
+    if raw.get("grid") is not None:
+        try:
+            grid = parse_grid(raw["grid"])
+        except ValueError as error:
+            raise ConfigError(f"{CONFIG_FILE}: {error}") from error
+    if (prefix_tokens is not None or grid is not None) and layout not in (None, "tokens"):
+        raise ConfigError(
+            f"{CONFIG_FILE}: 'prefix_tokens' and 'grid' apply to the tokens layout, not "
+            f"{layout}"
+        )
     return ModelConfig(
         preprocessing=preprocessing,
         labels=_read_labels(folder, raw.get("labels")),
         input=image,
         score_output=_name_or_index(raw, "score_output"),
         target_layer=_optional_str(raw, "target_layer"),
+        target_layout=layout,
+        prefix_tokens=prefix_tokens,
+        grid=grid,
         method=_optional_str(raw, "method") or "gradcam",
         max_batch_size=_optional_int(raw, "max_batch_size", minimum=1),
         max_queue_delay_microseconds=0 if delay is None else delay,
         max_queue_size=_optional_int(raw, "max_queue_size", minimum=1) or 64,
     )
+
+
+def parse_grid(value) -> tuple[int, int]:
+    """A token grid (rows, columns) from "HxW" text (e.g. "14x14") or an [h, w] pair of
+    integers, each in 1..MAX_GRID_SIDE; ValueError saying what was wrong (a text echoed
+    within `shown`'s cap)."""
+    sizes = None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*", value, flags=re.ASCII)
+        if match:
+            sizes = (int(match.group(1)), int(match.group(2)))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        sizes = (int(value[0]), int(value[1]))
+    if sizes is None or not all(1 <= side <= MAX_GRID_SIDE for side in sizes):
+        text = json.dumps(value, default=repr)
+        got = shown(value) if isinstance(value, str) else (
+            text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+        )
+        raise ValueError(
+            f"grid must be rows x columns, \"HxW\" (e.g. \"14x14\") or [h, w], each in "
+            f"1..{MAX_GRID_SIDE}; got {got}"
+        )
+    return sizes
 
 
 def _read_labels(folder: Path, value) -> tuple[str, ...] | None:

@@ -27,11 +27,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .augment import AugmentError, augment_model, explained_target, load_model
+from .augment import LAYOUTS, AugmentError, augment_model, explained_target, load_model
+from .augment.layout import MAX_PREFIX_TOKENS
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
 from .batching import StopSignal
-from .config import ModelConfig, read_config
+from .config import ModelConfig, parse_grid, read_config
 from .errors import ExplainUnavailable, InvalidInput, RunStopped, shown
 from .runtime import RuntimeOptions, create_session
 
@@ -42,6 +43,7 @@ METHODS = ALL_METHODS
 SERVED_SCORES = ("logit", "probability", "similarity", "region")
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
+_MAX_TARGETS = 256  # explained targets remembered per model (a few strings each), LRU
 _FATAL_ONLY = 4  # onnxruntime log severity
 
 
@@ -57,6 +59,12 @@ class Explaining:
     aug_smooth: bool = False
     score: str | None = None  # "logit" (or "region" for a segmentation output) when None
     output: str | int | None = None  # the output explained: a name or an index
+    # How the layer is laid out (augment's `layout.py`): "nchw", "nhwc" or "tokens" with
+    # `prefix_tokens` before an h x w `grid` of patches; None: the model's (config.json's, or
+    # what was detected for its default layer), else detected.
+    layout: str | None = None
+    prefix_tokens: int | None = None
+    grid: tuple[int, int] | None = None
 
     @property
     def graph(self) -> str:
@@ -113,6 +121,9 @@ class ServedModel:
                 f"{', '.join(METHODS)}"
             )
         self.explain_error: str | None = None
+        self.default_target: dict[str, str] = {}  # explained_target of the default graph
+        self._targets: OrderedDict[Explaining, dict[str, str]] = OrderedDict()
+        self._targets_lock = threading.Lock()  # never held while a graph is built
         try:
             augmented = augment_model(
                 self._proto,
@@ -121,6 +132,9 @@ class ServedModel:
                 method=self.config.method,
                 score=self.default_score(self.score_output),
                 input=self.input.name,
+                layout=self.config.target_layout,
+                prefix_tokens=self.config.prefix_tokens,
+                grid=self.config.grid,
             )
         except AugmentError as error:
             self.explain_error = str(error)
@@ -128,6 +142,7 @@ class ServedModel:
             self._default = self._default_explainer = None
             log.warning("model %s serves inference only: %s", name, error)
         else:
+            self.default_target = explained_target(augmented)
             self.default_layer = _exposed_layer(augmented)
             self._default = self.resolve(Explaining(self.config.method, self.default_layer))
             self._default_explainer = create_session(augmented, runtime)
@@ -174,7 +189,8 @@ class ServedModel:
 
     def resolve(self, request: Explaining) -> Explaining:
         """`request` with the model's defaults filled in; InvalidInput for an unknown method,
-        score or output; ExplainUnavailable when the graph cannot be explained at all."""
+        score, output or layout, or a negative prefix_tokens; ExplainUnavailable when the
+        graph cannot be explained at all."""
         if self.explain_error is not None:
             raise ExplainUnavailable(
                 f"model {self.name!r} serves inference only; it cannot be explained: "
@@ -194,8 +210,66 @@ class ServedModel:
             raise InvalidInput(
                 f"unknown score {shown(score)}; available: {', '.join(SERVED_SCORES)}"
             )
-        return replace(request, method=method, layer=request.layer or self.default_layer,
-                       score=score, output=output)
+        layer = request.layer or self.default_layer
+        layout, prefix_tokens, grid = self._layout_of(request, layer)
+        return replace(request, method=method, layer=layer, score=score, output=output,
+                       layout=layout, prefix_tokens=prefix_tokens, grid=grid)
+
+    def _layout_of(
+        self, request: Explaining, layer: str | tuple[str, ...]
+    ) -> tuple[str | None, int | None, tuple[int, int] | None]:
+        """The (layout, prefix_tokens, grid) `layer` is explained with: the request's where
+        given, else the model's: for its default layer what was explained at load (so that a
+        request naming it shares the default graph), for another layer config.json's. The
+        model's prefix_tokens and grid go with the tokens layout only: a request asking for
+        "nchw" or "nhwc" drops them."""
+        if request.layout is not None and request.layout not in LAYOUTS:
+            raise InvalidInput(
+                f"unknown layout {shown(request.layout)}; expected one of {', '.join(LAYOUTS)}"
+            )
+        prefix = request.prefix_tokens
+        if prefix is not None and not 0 <= prefix <= MAX_PREFIX_TOKENS:
+            raise InvalidInput(
+                f"prefix_tokens must be 0..{MAX_PREFIX_TOKENS}; got {request.prefix_tokens}"
+            )
+        if layer == self.default_layer:
+            target = self.default_target
+            model_layout = target.get("layout")
+            model_prefix = int(target["prefix_tokens"]) if "prefix_tokens" in target else None
+            model_grid = parse_grid(target["grid"]) if "grid" in target else None
+        else:
+            model_layout = self.config.target_layout
+            model_prefix, model_grid = self.config.prefix_tokens, self.config.grid
+        layout = request.layout or model_layout
+        if layout not in (None, "tokens"):
+            model_prefix = model_grid = None
+        prefix_tokens = model_prefix if request.prefix_tokens is None else request.prefix_tokens
+        grid = model_grid if request.grid is None else tuple(request.grid)
+        return layout, prefix_tokens, grid
+
+    def explained(self, request: Explaining) -> dict[str, str]:
+        """What the graph of `request` (resolved) explains: {"layer", "layout", and for tokens
+        "prefix_tokens" and "grid" ("hxw") where known}, as `explained_target` reads it from
+        the augmented graph; from the request itself for a graph no longer remembered."""
+        if request == self._default:
+            return self.default_target
+        with self._targets_lock:
+            if request in self._targets:
+                return self._targets[request]
+        layers = (request.layer,) if isinstance(request.layer, str) else request.layer
+        known = {"layer": ",".join(layers), "layout": request.layout or ""}
+        if request.prefix_tokens is not None:
+            known["prefix_tokens"] = str(request.prefix_tokens)
+        if request.grid is not None:
+            known["grid"] = f"{request.grid[0]}x{request.grid[1]}"
+        return known
+
+    def _remember_target(self, key: Explaining, target: dict[str, str]) -> None:
+        with self._targets_lock:
+            self._targets[key] = target
+            self._targets.move_to_end(key)
+            if len(self._targets) > _MAX_TARGETS:
+                self._targets.popitem(last=False)
 
     # -- running -----------------------------------------------------------------------------
     def forward(
@@ -247,10 +321,12 @@ class ServedModel:
                     self._proto, layer=key.layer, output=key.output, method=key.method,
                     counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
                     aug_smooth=key.aug_smooth, score=key.score, input=self.input.name,
+                    layout=key.layout, prefix_tokens=key.prefix_tokens, grid=key.grid,
                 )
             except AugmentError as error:
                 raise InvalidInput(str(error)) from error
             session = create_session(augmented, self.runtime)
+            self._remember_target(key, explained_target(augmented))
             self._explainers[key] = session
             if len(self._explainers) > self.max_variants:
                 self._explainers.popitem(last=False)
@@ -318,6 +394,16 @@ class ServedModel:
         explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default,
                                  mask=mask, others=others)
         return shapes, tuple(explained[NAMES.activations].shape[1:])
+
+
+def request_grid(text: str | None) -> tuple[int, int] | None:
+    """A request's token grid, "HxW"; InvalidInput saying what was wrong."""
+    if text is None:
+        return None
+    try:
+        return parse_grid(text)
+    except ValueError as error:
+        raise InvalidInput(str(error)) from None
 
 
 def release_freed_memory() -> None:
