@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradcam_proto/gradcam.proto\x12\ngradcam.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"<\n\x0bTypedTensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.gradcam.v1.TensorH\x00\x42\x08\n\x06source\"8\n\x06Target\x12\x15\n\x0b\x63lass_index\x18\x01 \x01(\x03H\x00\x12\x0f\n\x05top_k\x18\x02 \x01(\x05H\x00\x42\x06\n\x04kind\"\x91\x01\n\x0e\x45xplainOptions\x12\x17\n\x0fnum_predictions\x18\x01 \x01(\x05\x12\x14\n\x0cnum_channels\x18\x02 \x01(\x05\x12\x0f\n\x07overlay\x18\x03 \x01(\x08\x12\x10\n\x08\x63olormap\x18\x04 \x01(\t\x12\x17\n\x0foverlay_opacity\x18\x05 \x01(\x02\x12\x14\n\x0cheatmap_size\x18\x06 \x01(\t\"\x91\x04\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.gradcam.v1.Image\x12\"\n\x06method\x18\x03 \x01(\x0e\x32\x12.gradcam.v1.Method\x12\"\n\x06target\x18\x04 \x01(\x0b\x32\x12.gradcam.v1.Target\x12\r\n\x05layer\x18\x05 \x01(\t\x12+\n\x07options\x18\x06 \x01(\x0b\x32\x1a.gradcam.v1.ExplainOptions\x12\x16\n\x0e\x63ounterfactual\x18\x07 \x01(\x08\x12\x14\n\x0c\x65igen_smooth\x18\x08 \x01(\x08\x12\r\n\x05score\x18\t \x01(\t\x12/\n\x13reference_embedding\x18\n \x01(\x0b\x32\x12.gradcam.v1.Tensor\x12\x0e\n\x06layers\x18\x0b \x03(\t\x12\x12\n\naug_smooth\x18\x0c \x01(\x08\x12\'\n\x0btarget_mask\x18\r \x01(\x0b\x32\x12.gradcam.v1.Tensor\x12\x0e\n\x06output\x18\x0e \x01(\t\x12\x36\n\x06inputs\x18\x0f \x03(\x0b\x32&.gradcam.v1.ExplainRequest.InputsEntry\x1a\x46\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradcam.v1.TypedTensor:\x02\x38\x01\"4\n\x11\x43hannelImportance\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x05\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xb8\x01\n\x07Heatmap\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12/\n\x08\x63hannels\x18\x06 \x03(\x0b\x32\x1d.gradcam.v1.ChannelImportance\x12+\n\x0fpixel_gradients\x18\x07 \x01(\x0b\x32\x12.gradcam.v1.Tensor\"N\n\nPrediction\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"v\n\x0b\x45xplanation\x12%\n\x08heatmaps\x18\x01 \x03(\x0b\x32\x13.gradcam.v1.Heatmap\x12+\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x16.gradcam.v1.Prediction\x12\x13\n\x0boverlay_png\x18\x03 \x01(\x0c\"n\n\x07Timings\x12\x1a\n\x12preprocess_seconds\x18\x01 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xb8\x01\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32\x17.gradcam.v1.Explanation\x12\r\n\x05layer\x18\x03 \x01(\t\x12\"\n\x06method\x18\x04 \x01(\x0e\x32\x12.gradcam.v1.Method\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.gradcam.v1.Timings\x12\x0e\n\x06layers\x18\x06 \x03(\t\"\x13\n\x11ListModelsRequest\":\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gradcam.v1.ModelStatus\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xcb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x12\n\ninput_size\x18\x04 \x03(\x05\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\r\n\x05layer\x18\x06 \x01(\t\x12\x13\n\x0blayer_shape\x18\x07 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x03\x12\x12\n\nhas_labels\x18\t \x01(\x08\x12\x16\n\x0emax_batch_size\x18\n \x01(\x05\x12#\n\x07methods\x18\x0b \x03(\x0e\x32\x12.gradcam.v1.Method\x12\x0c\n\x04mean\x18\x0c \x03(\x02\x12\x0b\n\x03std\x18\r \x03(\x02\x12\x15\n\rdefault_score\x18\x0e \x01(\t\x12\x14\n\x0cother_inputs\x18\x0f \x03(\t\x12\x15\n\rexplain_error\x18\x10 \x01(\t*\xf7\x02\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_GRADCAM\x10\x01\x12\x1c\n\x18METHOD_GRADCAM_PLUS_PLUS\x10\x02\x12\x13\n\x0fMETHOD_XGRADCAM\x10\x03\x12\x13\n\x0fMETHOD_HIRESCAM\x10\x04\x12\x1e\n\x1aMETHOD_GRADCAM_ELEMENTWISE\x10\x05\x12\x13\n\x0fMETHOD_LAYERCAM\x10\x06\x12\x1a\n\x16METHOD_GUIDED_BACKPROP\x10\x07\x12\x19\n\x15METHOD_GUIDED_GRADCAM\x10\x08\x12\x16\n\x12METHOD_ABLATIONCAM\x10\t\x12\x13\n\x0fMETHOD_EIGENCAM\x10\n\x12\x17\n\x13METHOD_EIGENGRADCAM\x10\x0b\x12\x13\n\x0fMETHOD_SCORECAM\x10\x0c\x12\x1d\n\x19METHOD_INTEGRATED_GRADCAM\x10\r\x12\x13\n\x0fMETHOD_GROUPCAM\x10\x0e\x32\xe2\x01\n\x07GradCam\x12\x42\n\x07\x45xplain\x12\x1a.gradcam.v1.ExplainRequest\x1a\x1b.gradcam.v1.ExplainResponse\x12K\n\nListModels\x12\x1d.gradcam.v1.ListModelsRequest\x1a\x1e.gradcam.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.gradcam.v1.GetModelInfoRequest\x1a\x15.gradcam.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradcam_proto/gradcam.proto\x12\ngradcam.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"<\n\x0bTypedTensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.gradcam.v1.TensorH\x00\x42\x08\n\x06source\"8\n\x06Target\x12\x15\n\x0b\x63lass_index\x18\x01 \x01(\x03H\x00\x12\x0f\n\x05top_k\x18\x02 \x01(\x05H\x00\x42\x06\n\x04kind\"\x91\x01\n\x0e\x45xplainOptions\x12\x17\n\x0fnum_predictions\x18\x01 \x01(\x05\x12\x14\n\x0cnum_channels\x18\x02 \x01(\x05\x12\x0f\n\x07overlay\x18\x03 \x01(\x08\x12\x10\n\x08\x63olormap\x18\x04 \x01(\t\x12\x17\n\x0foverlay_opacity\x18\x05 \x01(\x02\x12\x14\n\x0cheatmap_size\x18\x06 \x01(\t\"\xdd\x04\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06images\x18\x02 \x03(\x0b\x32\x11.gradcam.v1.Image\x12\"\n\x06method\x18\x03 \x01(\x0e\x32\x12.gradcam.v1.Method\x12\"\n\x06target\x18\x04 \x01(\x0b\x32\x12.gradcam.v1.Target\x12\r\n\x05layer\x18\x05 \x01(\t\x12+\n\x07options\x18\x06 \x01(\x0b\x32\x1a.gradcam.v1.ExplainOptions\x12\x16\n\x0e\x63ounterfactual\x18\x07 \x01(\x08\x12\x14\n\x0c\x65igen_smooth\x18\x08 \x01(\x08\x12\r\n\x05score\x18\t \x01(\t\x12/\n\x13reference_embedding\x18\n \x01(\x0b\x32\x12.gradcam.v1.Tensor\x12\x0e\n\x06layers\x18\x0b \x03(\t\x12\x12\n\naug_smooth\x18\x0c \x01(\x08\x12\'\n\x0btarget_mask\x18\r \x01(\x0b\x32\x12.gradcam.v1.Tensor\x12\x0e\n\x06output\x18\x0e \x01(\t\x12\x36\n\x06inputs\x18\x0f \x03(\x0b\x32&.gradcam.v1.ExplainRequest.InputsEntry\x12\x0e\n\x06layout\x18\x10 \x01(\t\x12\x1a\n\rprefix_tokens\x18\x11 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04grid\x18\x12 \x01(\t\x1a\x46\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradcam.v1.TypedTensor:\x02\x38\x01\x42\x10\n\x0e_prefix_tokens\"4\n\x11\x43hannelImportance\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x05\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xb8\x01\n\x07Heatmap\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12/\n\x08\x63hannels\x18\x06 \x03(\x0b\x32\x1d.gradcam.v1.ChannelImportance\x12+\n\x0fpixel_gradients\x18\x07 \x01(\x0b\x32\x12.gradcam.v1.Tensor\"N\n\nPrediction\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"v\n\x0b\x45xplanation\x12%\n\x08heatmaps\x18\x01 \x03(\x0b\x32\x13.gradcam.v1.Heatmap\x12+\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x16.gradcam.v1.Prediction\x12\x13\n\x0boverlay_png\x18\x03 \x01(\x0c\"n\n\x07Timings\x12\x1a\n\x12preprocess_seconds\x18\x01 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\x84\x02\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32\x17.gradcam.v1.Explanation\x12\r\n\x05layer\x18\x03 \x01(\t\x12\"\n\x06method\x18\x04 \x01(\x0e\x32\x12.gradcam.v1.Method\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.gradcam.v1.Timings\x12\x0e\n\x06layers\x18\x06 \x03(\t\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\x1a\n\rprefix_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04grid\x18\t \x01(\tB\x10\n\x0e_prefix_tokens\"\x13\n\x11ListModelsRequest\":\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gradcam.v1.ModelStatus\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x97\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x12\n\ninput_size\x18\x04 \x03(\x05\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\r\n\x05layer\x18\x06 \x01(\t\x12\x13\n\x0blayer_shape\x18\x07 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x08 \x01(\x03\x12\x12\n\nhas_labels\x18\t \x01(\x08\x12\x16\n\x0emax_batch_size\x18\n \x01(\x05\x12#\n\x07methods\x18\x0b \x03(\x0e\x32\x12.gradcam.v1.Method\x12\x0c\n\x04mean\x18\x0c \x03(\x02\x12\x0b\n\x03std\x18\r \x03(\x02\x12\x15\n\rdefault_score\x18\x0e \x01(\t\x12\x14\n\x0cother_inputs\x18\x0f \x03(\t\x12\x15\n\rexplain_error\x18\x10 \x01(\t\x12\x0e\n\x06layout\x18\x11 \x01(\t\x12\x1a\n\rprefix_tokens\x18\x12 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04grid\x18\x13 \x01(\tB\x10\n\x0e_prefix_tokens*\xf7\x02\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_GRADCAM\x10\x01\x12\x1c\n\x18METHOD_GRADCAM_PLUS_PLUS\x10\x02\x12\x13\n\x0fMETHOD_XGRADCAM\x10\x03\x12\x13\n\x0fMETHOD_HIRESCAM\x10\x04\x12\x1e\n\x1aMETHOD_GRADCAM_ELEMENTWISE\x10\x05\x12\x13\n\x0fMETHOD_LAYERCAM\x10\x06\x12\x1a\n\x16METHOD_GUIDED_BACKPROP\x10\x07\x12\x19\n\x15METHOD_GUIDED_GRADCAM\x10\x08\x12\x16\n\x12METHOD_ABLATIONCAM\x10\t\x12\x13\n\x0fMETHOD_EIGENCAM\x10\n\x12\x17\n\x13METHOD_EIGENGRADCAM\x10\x0b\x12\x13\n\x0fMETHOD_SCORECAM\x10\x0c\x12\x1d\n\x19METHOD_INTEGRATED_GRADCAM\x10\r\x12\x13\n\x0fMETHOD_GROUPCAM\x10\x0e\x32\xe2\x01\n\x07GradCam\x12\x42\n\x07\x45xplain\x12\x1a.gradcam.v1.ExplainRequest\x1a\x1b.gradcam.v1.ExplainResponse\x12K\n\nListModels\x12\x1d.gradcam.v1.ListModelsRequest\x1a\x1e.gradcam.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.gradcam.v1.GetModelInfoRequest\x1a\x15.gradcam.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPLAINREQUEST_INPUTSENTRY']._loaded_options = None
   _globals['_EXPLAINREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_METHOD']._serialized_start=2215
-  _globals['_METHOD']._serialized_end=2590
+  _globals['_METHOD']._serialized_start=2443
+  _globals['_METHOD']._serialized_end=2818
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=80
   _globals['_TYPEDTENSOR']._serialized_start=82
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPLAINOPTIONS']._serialized_start=279
   _globals['_EXPLAINOPTIONS']._serialized_end=424
   _globals['_EXPLAINREQUEST']._serialized_start=427
-  _globals['_EXPLAINREQUEST']._serialized_end=956
-  _globals['_EXPLAINREQUEST_INPUTSENTRY']._serialized_start=886
-  _globals['_EXPLAINREQUEST_INPUTSENTRY']._serialized_end=956
-  _globals['_CHANNELIMPORTANCE']._serialized_start=958
-  _globals['_CHANNELIMPORTANCE']._serialized_end=1010
-  _globals['_HEATMAP']._serialized_start=1013
-  _globals['_HEATMAP']._serialized_end=1197
-  _globals['_PREDICTION']._serialized_start=1199
-  _globals['_PREDICTION']._serialized_end=1277
-  _globals['_EXPLANATION']._serialized_start=1279
-  _globals['_EXPLANATION']._serialized_end=1397
-  _globals['_TIMINGS']._serialized_start=1399
-  _globals['_TIMINGS']._serialized_end=1509
-  _globals['_EXPLAINRESPONSE']._serialized_start=1512
-  _globals['_EXPLAINRESPONSE']._serialized_end=1696
-  _globals['_LISTMODELSREQUEST']._serialized_start=1698
-  _globals['_LISTMODELSREQUEST']._serialized_end=1717
-  _globals['_MODELSTATUS']._serialized_start=1719
-  _globals['_MODELSTATUS']._serialized_end=1777
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1779
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1840
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1842
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1878
-  _globals['_MODELINFO']._serialized_start=1881
-  _globals['_MODELINFO']._serialized_end=2212
-  _globals['_GRADCAM']._serialized_start=2593
-  _globals['_GRADCAM']._serialized_end=2819
+  _globals['_EXPLAINREQUEST']._serialized_end=1032
+  _globals['_EXPLAINREQUEST_INPUTSENTRY']._serialized_start=944
+  _globals['_EXPLAINREQUEST_INPUTSENTRY']._serialized_end=1014
+  _globals['_CHANNELIMPORTANCE']._serialized_start=1034
+  _globals['_CHANNELIMPORTANCE']._serialized_end=1086
+  _globals['_HEATMAP']._serialized_start=1089
+  _globals['_HEATMAP']._serialized_end=1273
+  _globals['_PREDICTION']._serialized_start=1275
+  _globals['_PREDICTION']._serialized_end=1353
+  _globals['_EXPLANATION']._serialized_start=1355
+  _globals['_EXPLANATION']._serialized_end=1473
+  _globals['_TIMINGS']._serialized_start=1475
+  _globals['_TIMINGS']._serialized_end=1585
+  _globals['_EXPLAINRESPONSE']._serialized_start=1588
+  _globals['_EXPLAINRESPONSE']._serialized_end=1848
+  _globals['_LISTMODELSREQUEST']._serialized_start=1850
+  _globals['_LISTMODELSREQUEST']._serialized_end=1869
+  _globals['_MODELSTATUS']._serialized_start=1871
+  _globals['_MODELSTATUS']._serialized_end=1929
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1931
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1992
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1994
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2030
+  _globals['_MODELINFO']._serialized_start=2033
+  _globals['_MODELINFO']._serialized_end=2440
+  _globals['_GRADCAM']._serialized_start=2821
+  _globals['_GRADCAM']._serialized_end=3047
 # @@protoc_insertion_point(module_scope)

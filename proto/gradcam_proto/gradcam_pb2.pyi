@@ -91,7 +91,7 @@ class ExplainOptions(_message.Message):
     def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ..., heatmap_size: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding", "layers", "aug_smooth", "target_mask", "output", "inputs")
+    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding", "layers", "aug_smooth", "target_mask", "output", "inputs", "layout", "prefix_tokens", "grid")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,9 @@ class ExplainRequest(_message.Message):
     TARGET_MASK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     method: Method
@@ -129,7 +132,10 @@ class ExplainRequest(_message.Message):
     target_mask: Tensor
     output: str
     inputs: _containers.MessageMap[str, TypedTensor]
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., aug_smooth: _Optional[bool] = ..., target_mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[str] = ..., inputs: _Optional[_Mapping[str, TypedTensor]] = ...) -> None: ...
+    layout: str
+    prefix_tokens: int
+    grid: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., aug_smooth: _Optional[bool] = ..., target_mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[str] = ..., inputs: _Optional[_Mapping[str, TypedTensor]] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ...) -> None: ...
 
 class ChannelImportance(_message.Message):
     __slots__ = ("channel", "weight")
@@ -192,20 +198,26 @@ class Timings(_message.Message):
     def __init__(self, preprocess_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "explanations", "layer", "method", "timings", "layers")
+    __slots__ = ("model", "explanations", "layer", "method", "timings", "layers", "layout", "prefix_tokens", "grid")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
     model: str
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     layer: str
     method: Method
     timings: Timings
     layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    layout: str
+    prefix_tokens: int
+    grid: str
+    def __init__(self, model: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -234,7 +246,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input", "input_shape", "input_size", "outputs", "layer", "layer_shape", "num_classes", "has_labels", "max_batch_size", "methods", "mean", "std", "default_score", "other_inputs", "explain_error")
+    __slots__ = ("name", "input", "input_shape", "input_size", "outputs", "layer", "layer_shape", "num_classes", "has_labels", "max_batch_size", "methods", "mean", "std", "default_score", "other_inputs", "explain_error", "layout", "prefix_tokens", "grid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +263,9 @@ class ModelInfo(_message.Message):
     DEFAULT_SCORE_FIELD_NUMBER: _ClassVar[int]
     OTHER_INPUTS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
     name: str
     input: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -267,4 +282,7 @@ class ModelInfo(_message.Message):
     default_score: str
     other_inputs: _containers.RepeatedScalarFieldContainer[str]
     explain_error: str
-    def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ..., explain_error: _Optional[str] = ...) -> None: ...
+    layout: str
+    prefix_tokens: int
+    grid: str
+    def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ..., explain_error: _Optional[str] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ...) -> None: ...

@@ -17,7 +17,7 @@ from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from .datatypes import element_count, from_bytes
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, Explaining, ServedModel
+from .model import METHODS, Explaining, ServedModel, request_grid
 from .preprocess import decode_image
 from .service import ClassMap, Explained, GradCamService, HeatmapSize
 from .transport import deadline_of, rpc
@@ -67,6 +67,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         """The serialized response; the request's place is held by the caller."""
         options = request.options
         texts = {"layer": request.layer, "score": request.score, "output": request.output,
+                 "layout": request.layout, "grid": request.grid,
                  "colormap": options.colormap, "heatmap_size": options.heatmap_size,
                  **{f"layers[{i}]": layer for i, layer in enumerate(request.layers)}}
         for field, text in texts.items():
@@ -95,6 +96,11 @@ class GradCamServicer(pb_grpc.GradCamServicer):
                 aug_smooth=request.aug_smooth,
                 score=request.score or None,
                 output=request.output or None,
+                layout=request.layout or None,
+                prefix_tokens=(
+                    request.prefix_tokens if request.HasField("prefix_tokens") else None
+                ),
+                grid=request_grid(request.grid or None),
             ),
             reference=_tensor(request, "reference_embedding", (1, 2), "[D] or [N, D]"),
             mask=_tensor(request, "target_mask", (2, 3), "[h, w] or [N, h, w]"),
@@ -129,6 +135,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         labels["model"] = model.name
         prep = model.config.preprocessing
         explainable = model.explain_error is None
+        target = model.default_target
         return pb.ModelInfo(
             name=model.name,
             input=model.input.name,
@@ -146,6 +153,9 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             default_score=model.resolve(Explaining()).score if explainable else "",
             other_inputs=[i.name for i in model.other_inputs],
             explain_error=model.explain_error or "",
+            layout=target.get("layout", ""),
+            prefix_tokens=_prefix_tokens(target),
+            grid=target.get("grid", ""),
         )
 
 
@@ -156,8 +166,11 @@ def _response(
     """The serialized ExplainResponse of `explained`; `started` is when the call began.
     Blocking (overlays are drawn here): it runs in a worker thread."""
     layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
+    target = explained.target
     response = pb.ExplainResponse(
         model=model, layer=layers[0], layers=layers, method=METHOD_ENUMS[explained.method],
+        layout=target.get("layout", ""), prefix_tokens=_prefix_tokens(target),
+        grid=target.get("grid", ""),
     )
     for image, explanation in zip(images, explained.explanations):
         message = response.explanations.add()
@@ -176,6 +189,12 @@ def _response(
     response.timings.inference_seconds = explained.inference_seconds
     response.timings.total_seconds = time.perf_counter() - started
     return response.SerializeToString()
+
+
+def _prefix_tokens(target: dict[str, str]) -> int | None:
+    """The prefix tokens of an explained target (`ServedModel.explained`); None (the field
+    left unset) where not known or not tokens."""
+    return int(target["prefix_tokens"]) if "prefix_tokens" in target else None
 
 
 def _method_name(method: int) -> str | None:

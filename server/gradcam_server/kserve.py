@@ -11,6 +11,9 @@ Contract, for every model:
   predicted region);
 - parameters: ``method`` (string, default the model's, "gradcam"; see `model.METHODS`),
   ``target_layer`` (a tensor name of the graph; default from the config or detected),
+  ``target_layout`` ("nchw", "nhwc" or "tokens": how the layer is laid out), ``prefix_tokens``
+  (INT64, tokens only: the tokens before the patch grid) and ``grid`` ("HxW", tokens only: the
+  patch grid) (default: the model's, as `ServedModel.resolve` fills them in, else detected),
   ``counterfactual`` (bool: explain the negated score), ``eigen_smooth`` (bool: project the
   channel contributions on their first principal component), ``aug_smooth`` (bool: average the
   maps of flipped and rescaled copies), ``score`` ("logit", the default for class scores;
@@ -49,7 +52,7 @@ from .augment.passes import NAMES
 from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, Explaining, ServedModel
+from .model import METHODS, Explaining, ServedModel, request_grid
 from .service import (
     MAX_IMAGES_PER_REQUEST,
     GradCamService,
@@ -82,6 +85,9 @@ _CONTENTS_FIELD = {  # FP16 has none: it comes as raw_input_contents only
 _KNOWN_PARAMETERS = {  # the kinds each may come as
     "method": ("string_param",),
     "target_layer": ("string_param",),
+    "target_layout": ("string_param",),
+    "prefix_tokens": ("int64_param",),
+    "grid": ("string_param",),
     "counterfactual": ("bool_param",),
     "eigen_smooth": ("bool_param",),
     "aug_smooth": ("bool_param",),
@@ -232,6 +238,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 aug_smooth=bool(parameters.get("aug_smooth", False)),
                 score=parameters.get("score"),
                 output=parameters.get("output"),
+                layout=parameters.get("target_layout"),
+                prefix_tokens=parameters.get("prefix_tokens"),
+                grid=request_grid(parameters.get("grid")),
             )
         result = await self.service.run(
             model, x, explain=explain, target_class=inputs.get(TARGET_CLASS_INPUT),

@@ -135,6 +135,8 @@ class Explained:
     explanations: tuple[ImageExplanation, ...]
     layer: str | tuple[str, ...]
     method: str
+    # What was explained (`ServedModel.explained`): the layout, prefix tokens and grid.
+    target: dict[str, str]
     preprocess_seconds: float
     queue_seconds: float
     inference_seconds: float
@@ -612,6 +614,7 @@ class GradCamService:
             explanations=await asyncio.to_thread(explanations),
             layer=request.layer,
             method=request.method,
+            target=model.explained(request),
             preprocess_seconds=preprocess_seconds,
             queue_seconds=max(r.queue_seconds for r in results),
             inference_seconds=sum(r.run_seconds for r in results),
