@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .client import METHODS, Explanation, GradCamClient, heatmap_size_option
+from .client import METHODS, Explanation, GradCamClient, ModelInfo, heatmap_size_option
 from .errors import (
     DeadlineError,
     GradCamError,
@@ -261,7 +261,7 @@ def _models(client: GradCamClient, args: argparse.Namespace) -> int:
         info = client.model_info(status.name)
         shape = "[" + ",".join(str(d) for d in info.input_shape) + "]"
         explains = (
-            f"layer {info.layer}" if not info.explain_error
+            f"layer {info.layer}{_layout_shown(info)}" if not info.explain_error
             else f"inference only: {' '.join(info.explain_error.split())}"
         )
         print(
@@ -269,6 +269,19 @@ def _models(client: GradCamClient, args: argparse.Namespace) -> int:
             f"{info.num_classes} classes  {explains}"
         )
     return 0
+
+
+def _layout_shown(info: ModelInfo) -> str:
+    """`` (tokens, prefix 1, grid 14x14)``: how the default layer is laid out; "" from a
+    server too old to say."""
+    if not info.layout:
+        return ""
+    details = [info.layout]
+    if info.prefix_tokens is not None:
+        details.append(f"prefix {info.prefix_tokens}")
+    if info.grid is not None:
+        details.append(f"grid {info.grid[0]}x{info.grid[1]}")
+    return f" ({', '.join(details)})"
 
 
 def _health(client: GradCamClient, args: argparse.Namespace) -> int:

@@ -157,6 +157,11 @@ class Explanation:
     predictions: list[Prediction]
     timings: Timings
     counterfactual: bool = False
+    # How `layer` was seen as [N, C, h, w]: "nchw", "nhwc" or "tokens" ("" from an older
+    # server), and for tokens the prefix tokens and the patch grid (rows, columns) where known.
+    layout: str = ""
+    prefix_tokens: int | None = None
+    grid: tuple[int, int] | None = None
     _source: _Source | None = field(default=None, repr=False)
 
     @property
@@ -283,6 +288,12 @@ class ModelInfo:
     default_score: str  # "logit", or "region" for a segmentation model
     other_inputs: tuple[str, ...]  # graph inputs besides the image, sent with `inputs=`
     explain_error: str = ""  # why the model serves inference only; empty when it explains
+    # How `layer` is laid out: "nchw", "nhwc" or "tokens" (its [N, C, h, w] view is
+    # `layer_shape`); for tokens, the prefix tokens and the patch grid (rows, columns) where
+    # known. "" and None from an older server, or a model that serves inference only.
+    layout: str = ""
+    prefix_tokens: int | None = None
+    grid: tuple[int, int] | None = None
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -457,6 +468,9 @@ def _requests(
     target_class: int | None,
     top_k: int | None,
     layer: str | Sequence[str] | None,
+    layout: str | None,
+    prefix_tokens: int | None,
+    grid: str | tuple[int, int] | None,
     counterfactual: bool,
     eigen_smooth: bool,
     aug_smooth: bool,
@@ -482,6 +496,14 @@ def _requests(
         heatmap_size=heatmap_size_option(heatmap_size),
     )
     method_enum = _method_enum(method)
+    grid_text = _grid_option(grid)
+    if prefix_tokens is not None:
+        if (not isinstance(prefix_tokens, numbers.Integral) or isinstance(prefix_tokens, bool)
+                or not -2**31 <= prefix_tokens < 2**31):
+            raise InvalidInputError(
+                f"prefix_tokens must be an integer, got {reprlib.repr(prefix_tokens)}"
+            )
+        prefix_tokens = int(prefix_tokens)
     prepared = _prepare(images)
     requests, sources = [], []
     for start in range(0, len(prepared), IMAGES_PER_REQUEST):
@@ -492,6 +514,7 @@ def _requests(
                 model=model, images=[message for message, _ in chunk], method=method_enum,
                 target=target, layer=layer if isinstance(layer, str) else "",
                 layers=[] if layer is None or isinstance(layer, str) else list(layer),
+                layout=layout or "", prefix_tokens=prefix_tokens, grid=grid_text,
                 counterfactual=counterfactual,
                 eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, score=score or "",
                 reference_embedding=_rows_tensor(reference_embedding, 2, rows),
@@ -502,6 +525,26 @@ def _requests(
         )
         sources.append([source for _, source in chunk])
     return requests, sources
+
+
+def _grid_option(value: str | tuple[int, int] | None) -> str:
+    """The API's ``grid`` text: "" for None, the text as given (the server checks it), or
+    "HxW" for a (rows, columns) pair of integers."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in value
+    ):
+        return f"{int(value[0])}x{int(value[1])}"
+    raise InvalidInputError(
+        f"grid must be a (rows, columns) pair of integers or 'HxW', got {reprlib.repr(value)}"
+    )
+
+
+def _grid_of(text: str) -> tuple[int, int] | None:
+    """(rows, columns) of the server's "HxW" grid text; None when empty."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def _rows_tensor(value: Any, batched_rank: int, rows: slice) -> pb.Tensor | None:
@@ -567,7 +610,10 @@ def _explanations(
         ]
         results.append(
             Explanation(response.model, method, response.layer, heatmaps, predictions, timings,
-                        counterfactual=counterfactual, _source=source)
+                        counterfactual=counterfactual, layout=response.layout,
+                        prefix_tokens=(response.prefix_tokens
+                                       if response.HasField("prefix_tokens") else None),
+                        grid=_grid_of(response.grid), _source=source)
         )
     return results
 
@@ -602,6 +648,9 @@ def _model_info(message: pb.ModelInfo) -> ModelInfo:
         default_score=message.default_score,
         other_inputs=tuple(message.other_inputs),
         explain_error=message.explain_error,
+        layout=message.layout,
+        prefix_tokens=message.prefix_tokens if message.HasField("prefix_tokens") else None,
+        grid=_grid_of(message.grid),
     )
 
 
@@ -776,6 +825,8 @@ class GradCamClient(_Client):
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        layout: str | None = ..., prefix_tokens: int | None = ...,
+        grid: str | tuple[int, int] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
@@ -788,6 +839,8 @@ class GradCamClient(_Client):
         self, images: np.ndarray, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        layout: str | None = ..., prefix_tokens: int | None = ...,
+        grid: str | tuple[int, int] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
@@ -800,6 +853,8 @@ class GradCamClient(_Client):
         self, images: Sequence[ImageInput], *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        layout: str | None = ..., prefix_tokens: int | None = ...,
+        grid: str | tuple[int, int] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
@@ -816,6 +871,9 @@ class GradCamClient(_Client):
         target_class: int | None = None,
         top_k: int | None = None,
         layer: str | Sequence[str] | None = None,
+        layout: str | None = None,
+        prefix_tokens: int | None = None,
+        grid: str | tuple[int, int] | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
@@ -836,6 +894,10 @@ class GradCamClient(_Client):
         top-1 class by default, ``target_class`` (a class index) for every image, or the
         ``top_k`` highest-scoring classes of each. ``layer`` is a tensor name of the graph
         (None: the model's default target layer), or several, whose maps are fused.
+        ``layout`` says how it is laid out: "nchw" ([N, C, h, w]), "nhwc" ([N, h, w, C]: Swin,
+        ConvNeXt) or "tokens" ([N, T, C]: ViT, DeiT), with ``prefix_tokens`` (class and other
+        tokens before the patches) and the patch ``grid`` ((rows, columns), or "HxW") for
+        tokens; None: the model's (`ModelInfo.layout` for its default layer), else detected.
         ``counterfactual`` explains the negated score: the regions whose removal would raise the
         class score; ``eigen_smooth`` projects the per-channel contributions on their first
         principal component; ``aug_smooth`` averages the maps of flipped and rescaled copies of
@@ -862,7 +924,8 @@ class GradCamClient(_Client):
         """
         requests, sources = _requests(
             images, model=model, method=method, target_class=target_class, top_k=top_k,
-            layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
+            layer=layer, layout=layout, prefix_tokens=prefix_tokens, grid=grid,
+            counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             aug_smooth=aug_smooth, score=score,
             reference_embedding=reference_embedding, target_mask=target_mask, output=output,
             inputs=inputs, num_predictions=num_predictions, num_channels=num_channels,
@@ -960,6 +1023,8 @@ class AsyncGradCamClient(_Client):
         self, images: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        layout: str | None = ..., prefix_tokens: int | None = ...,
+        grid: str | tuple[int, int] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
@@ -972,6 +1037,8 @@ class AsyncGradCamClient(_Client):
         self, images: np.ndarray, *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        layout: str | None = ..., prefix_tokens: int | None = ...,
+        grid: str | tuple[int, int] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
@@ -984,6 +1051,8 @@ class AsyncGradCamClient(_Client):
         self, images: Sequence[ImageInput], *,
         model: str, method: str | None = ..., target_class: int | None = ...,
         top_k: int | None = ..., layer: str | Sequence[str] | None = ...,
+        layout: str | None = ..., prefix_tokens: int | None = ...,
+        grid: str | tuple[int, int] | None = ...,
         counterfactual: bool = ..., eigen_smooth: bool = ..., aug_smooth: bool = ...,
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
@@ -1000,6 +1069,9 @@ class AsyncGradCamClient(_Client):
         target_class: int | None = None,
         top_k: int | None = None,
         layer: str | Sequence[str] | None = None,
+        layout: str | None = None,
+        prefix_tokens: int | None = None,
+        grid: str | tuple[int, int] | None = None,
         counterfactual: bool = False,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
@@ -1016,7 +1088,8 @@ class AsyncGradCamClient(_Client):
         """As `GradCamClient.explain`."""
         requests, sources = await asyncio.to_thread(
             _requests, images, model=model, method=method, target_class=target_class,
-            top_k=top_k, layer=layer, counterfactual=counterfactual, eigen_smooth=eigen_smooth,
+            top_k=top_k, layer=layer, layout=layout, prefix_tokens=prefix_tokens, grid=grid,
+            counterfactual=counterfactual, eigen_smooth=eigen_smooth,
             aug_smooth=aug_smooth, score=score, reference_embedding=reference_embedding,
             target_mask=target_mask, output=output, inputs=inputs,
             num_predictions=num_predictions, num_channels=num_channels,
