@@ -644,8 +644,8 @@ def _mish(ctx: RuleContext) -> Gradients:
     """y = x tanh(softplus(x)): slope t + x sigmoid(x) (1 - t^2), t = tanh(softplus(x))."""
     b, x = ctx.b, ctx.x(0)
     t = b.op("Tanh", [b.op("Softplus", [x])])
-    sech2 = b.op("Sub", [b.const(1.0), b.op("Mul", [t, t])])
-    return _scaled(ctx, b.op("Add", [t, b.op("Mul", [b.op("Mul", [x, b.op("Sigmoid", [x])]), sech2])]))
+    x_sigmoid = b.op("Mul", [x, b.op("Sigmoid", [x])])
+    return _scaled(ctx, b.op("Add", [t, b.op("Mul", [x_sigmoid, _one_minus_square(b, t)])]))
 
 
 @rule("Softsign")
@@ -1192,13 +1192,7 @@ def _conv(ctx: RuleContext) -> Gradients:
     """dx = ConvTranspose(dy, W) with the conv's strides, dilations and groups, sized back to x.
     Weight and bias gradients are never built."""
     b, x, weight = ctx.b, ctx.x(0), ctx.x(1)
-    if ctx.needs(1) or ctx.needs(2):
-        raise ctx.unsupported("gradients for weights or bias are not supported")
-    weight_shape = b.static_shape(weight)
-    kernel = ctx.attr("kernel_shape") or (weight_shape[2:] if weight_shape else None)
-    if kernel is None or not all(isinstance(k, int) for k in kernel):
-        raise ctx.unsupported("its kernel shape is unknown")
-    window = _Window.of(ctx, list(kernel))
+    window = _Window.of_conv(ctx)
     grad = _conv_transpose_to_input(
         b, ctx.dy(), weight, x, ctx.y(0), window, group=ctx.attr("group", 1)
     )
@@ -1225,6 +1219,17 @@ class _Window:
             pads=list(ctx.attr("pads") or [0] * (2 * spatial)),
             auto_pad=ctx.attr("auto_pad", "NOTSET"),
         )
+
+    @classmethod
+    def of_conv(cls, ctx: RuleContext) -> "_Window":
+        """The window of a Conv or ConvTranspose, whose weight and bias get no gradient."""
+        if ctx.needs(1) or ctx.needs(2):
+            raise ctx.unsupported("gradients for weights or bias are not supported")
+        weight_shape = ctx.b.static_shape(ctx.x(1))
+        kernel = ctx.attr("kernel_shape") or (weight_shape[2:] if weight_shape else None)
+        if kernel is None or not all(isinstance(k, int) for k in kernel):
+            raise ctx.unsupported("its kernel shape is unknown")
+        return cls.of(ctx, list(kernel))
 
 
 def _conv_transpose_to_input(
@@ -1289,15 +1294,9 @@ def _split_padding(total: int, auto_pad: str) -> tuple[int, int]:
 def _conv_transpose(ctx: RuleContext) -> Gradients:
     """dx = Conv(dy, W) with the same weight, strides, dilations, group and (effective) pads:
     a ConvTranspose is the adjoint of that Conv. Weight and bias gradients are never built."""
-    b, x, weight = ctx.b, ctx.x(0), ctx.x(1)
-    if ctx.needs(1) or ctx.needs(2):
-        raise ctx.unsupported("gradients for weights or bias are not supported")
-    weight_shape = b.static_shape(weight)
-    kernel = ctx.attr("kernel_shape") or (weight_shape[2:] if weight_shape else None)
-    if kernel is None or not all(isinstance(k, int) for k in kernel):
-        raise ctx.unsupported("its kernel shape is unknown")
-    window = _Window.of(ctx, list(kernel))
-    spatial = len(kernel)
+    b, weight = ctx.b, ctx.x(1)
+    window = _Window.of_conv(ctx)
+    spatial = len(window.kernel)
     output_padding = list(ctx.attr("output_padding") or [0] * spatial)
     if any(p >= s for p, s in zip(output_padding, window.strides)):
         raise ctx.unsupported("output_padding at or above the stride is not supported")
