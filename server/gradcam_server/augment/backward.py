@@ -10,8 +10,9 @@ registered with ``broadcasting=True``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from .errors import AugmentError, MissingRuleError
 from .graph import GraphBuilder
@@ -31,23 +32,25 @@ def build_backward(
     `seeds` maps forward tensors to the names of their incoming gradients (d score / d tensor,
     same shape). Raises `AugmentError` if the score does not depend on a `wrt` tensor, and
     `MissingRuleError` if a gradient reaches an op without a rule.
+
+    Row-restricted gradients: where the score reads a few rows of a tensor (a ViT head's class
+    token, ``x[:, 0]``), the gradient is zero on every other row. The walker keeps such a
+    gradient as its nonzero rows (`Rows`) and runs each row-wise op's rule on those rows of its
+    forward tensors (`_row_wise_inputs`), so the per-token MLPs and norms of the head's path are
+    differentiated for one token, not all of them; the rows are padded back to the full tensor
+    at the first op that mixes rows.
     """
     nodes = list(b.graph.node)  # rules may append nodes; walk the forward graph only
     depends_on_wrt = descendants(nodes, set(wrt))
     on_path = path_nodes(nodes, set(wrt), set(seeds))
+    rows = _RowSlicer(b)
 
-    contributions: dict[str, list[str]] = {t: [g] for t, g in seeds.items()}
-    summed: dict[str, str | None] = {}
+    contributions: dict[str, list[Gradient]] = {t: [Gradient(g)] for t, g in seeds.items()}
+    summed: dict[str, Gradient | None] = {}
 
-    def gradient_of(tensor: str) -> str | None:
+    def gradient_of(tensor: str) -> Gradient | None:
         if tensor not in summed:
-            parts = contributions.get(tensor, [])
-            if not parts:
-                summed[tensor] = None
-            elif len(parts) == 1:
-                summed[tensor] = parts[0]
-            else:
-                summed[tensor] = b.op("Sum", parts)
+            summed[tensor] = rows.total(tensor, contributions.get(tensor, []))
         return summed[tensor]
 
     for node in reversed(on_path):
@@ -59,6 +62,10 @@ def build_backward(
         ]
         if not any(needs):
             continue
+        origin = rows.origin(node, grad_outputs)
+        if origin is not None:
+            contributions.setdefault(node.input[0], []).append(origin)
+            continue
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
             raise MissingRuleError(
@@ -66,23 +73,197 @@ def build_backward(
                 node.name,
                 b.opset,
             )
-        outputs_before = list(node.output)
-        grads = rule.fn(RuleContext(node, b, grad_outputs, needs, guided))
+        restricted = rows.restrict(node, grad_outputs)
+        if restricted is None:
+            forward, rowed = node, [False] * len(node.input)
+            names = [rows.dense(t, g) if g else None for t, g in zip(node.output, grad_outputs)]
+            kept = None
+        else:
+            forward, rowed, kept = restricted
+            names = [g.name if g else None for g in grad_outputs]
+        outputs_before = list(forward.output)
+        grads = rule.fn(RuleContext(forward, b, names, needs, guided))
         for i, tensor in enumerate(node.input):
             grad = grads[i] if i < len(grads) else None
             if not needs[i] or grad is None:
                 continue
             if rule.broadcasting:
-                grad = b.sum_to_shape(grad, tensor, outputs_before[0])
-            contributions.setdefault(tensor, []).append(grad)
+                grad = b.sum_to_shape(grad, forward.input[i], outputs_before[0])
+            contributions.setdefault(tensor, []).append(
+                Gradient(grad, kept if rowed[i] else None)
+            )
 
     result = {}
     for tensor in wrt:
         grad = gradient_of(tensor)
         if grad is None:
             raise AugmentError(f"the score does not depend on tensor {tensor!r}")
-        result[tensor] = grad
+        result[tensor] = rows.dense(tensor, grad)
     return result
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, end) along `axis` (negative: counted from the last axis, so it names the
+    same axis across broadcasting): the only rows where a gradient may be nonzero."""
+
+    axis: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """A gradient tensor: the whole of d score / d tensor, or only its `rows`."""
+
+    name: str
+    rows: Rows | None = None
+
+
+# Ops that treat each row of a [..., T, ...] tensor on its own, given where the rows lie
+# (`_RowSlicer.restrict` checks each op's condition).
+_ELEMENTWISE = {
+    "Identity", "Dropout", "Cast", "Neg", "Abs", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu",
+    "Celu", "Gelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Erf", "Softplus", "Softsign", "Mish", "Clip", "Add", "Sub", "Mul", "Div",
+    "Pow", "Max", "Min", "Sum", "Mean", "Where",
+}
+_MAX_CACHED_SLICES = 4096
+
+
+class _RowSlicer:
+    """Row-restricted gradients (`build_backward`): where they start, which ops keep them, and
+    padding them back to whole tensors."""
+
+    def __init__(self, b: GraphBuilder) -> None:
+        self.b = b
+        self._slices: dict[tuple[str, Rows], str] = {}
+
+    def origin(self, node, grad_outputs: list[Gradient | None]) -> Gradient | None:
+        """d score / d x for ``y = Gather(x, i, axis)`` with a constant scalar i >= 0 on an axis
+        other than the batch: dy itself, as row i of x."""
+        b = self.b
+        if node.op_type != "Gather" or grad_outputs[0] is None or grad_outputs[0].rows:
+            return None
+        index = b.initializer_value(node.input[1])
+        rank = b.static_shape(node.input[0])
+        if index is None or index.ndim != 0 or int(index) < 0 or rank is None:
+            return None
+        axis = _attr(node, "axis", 0) % len(rank)
+        if axis == 0:
+            return None
+        rows = Rows(axis - len(rank), int(index), int(index) + 1)
+        return Gradient(b.unsqueeze(grad_outputs[0].name, [axis]), rows)
+
+    def restrict(self, node, grad_outputs: list[Gradient | None]):
+        """For a row-wise `node` whose only output gradient is row-restricted: a copy of the
+        node reading those rows of its inputs and outputs, which inputs were sliced, and the
+        rows; None where the node mixes rows (the caller pads the gradient back)."""
+        b = self.b
+        if len(node.output) != 1 or grad_outputs[0] is None or grad_outputs[0].rows is None:
+            return None
+        rows = grad_outputs[0].rows
+        output_shape = b.static_shape(node.output[0])
+        if output_shape is None or len(output_shape) < -rows.axis:
+            return None
+        length = output_shape[rows.axis]
+        if not isinstance(length, int) or rows.end > length:
+            return None
+        rank = len(output_shape)
+        axis = rows.axis % rank
+        op = node.op_type
+        if op in ("LayerNormalization",) and _attr(node, "axis", -1) % rank <= axis:
+            return None
+        if op in ("Softmax", "LogSoftmax") and _attr(node, "axis", -1) % rank == axis:
+            return None
+        if op == "MatMul" and rows.axis != -2:
+            return None
+        if op not in _ELEMENTWISE and op not in ("LayerNormalization", "Softmax", "LogSoftmax",
+                                                  "MatMul"):
+            return None
+        rowed = []
+        for i, tensor in enumerate(node.input):
+            if not tensor or (op == "MatMul" and i == 1):
+                rowed.append(False)
+                continue
+            shape = b.static_shape(tensor)
+            if shape is None:
+                return None
+            if len(shape) < -rows.axis or shape[rows.axis] == 1:
+                rowed.append(False)  # broadcast along the rows: read whole
+            elif shape[rows.axis] == length:
+                rowed.append(True)
+            else:
+                return None  # unknown: it may broadcast at run time
+        if op == "MatMul" and not rowed[0]:
+            return None
+        copy = type(node)()
+        copy.CopyFrom(node)
+        for i, tensor in enumerate(node.input):
+            if rowed[i]:
+                copy.input[i] = self._rows_of(tensor, rows)
+        copy.output[0] = self._rows_of(node.output[0], rows)
+        return copy, rowed, rows
+
+    def _rows_of(self, tensor: str, rows: Rows) -> str:
+        """The forward tensor's `rows`, sliced once, with its type known to the builder."""
+        key = (tensor, rows)
+        if key not in self._slices and len(self._slices) < _MAX_CACHED_SLICES:
+            b = self.b
+            sliced = b.op("Slice", [tensor, b.ints([rows.start]), b.ints([rows.end]),
+                                    b.ints([rows.axis])])
+            tensor_type = type(b.types[tensor])()
+            tensor_type.CopyFrom(b.types[tensor])
+            dims = tensor_type.tensor_type.shape.dim
+            dims[rows.axis].Clear()
+            dims[rows.axis].dim_value = rows.end - rows.start
+            b.types[sliced] = tensor_type
+            self._slices[key] = sliced
+        return self._slices[key]
+
+    def dense(self, tensor: str, gradient: Gradient) -> str:
+        """The whole gradient of `tensor`: `gradient` padded with zero rows where restricted."""
+        if gradient.rows is None:
+            return gradient.name
+        b, rows = self.b, gradient.rows
+        rank = b.rank(tensor)
+        axis = rows.axis % rank
+        length = b.shape_slice(tensor, axis, axis + 1)
+        zeros = [0] * rank
+        before = b.ints(zeros[:axis] + [rows.start] + zeros[axis + 1:])
+        after_value = b.op("Sub", [length, b.ints([rows.end])])
+        after = b.op("Concat", [b.ints(zeros[:axis]), after_value, b.ints(zeros[axis + 1:])],
+                     axis=0) if rank > 1 else after_value
+        return b.op("Pad", [gradient.name, b.op("Concat", [before, after], axis=0)])
+
+    def total(self, tensor: str, parts: list[Gradient]) -> Gradient | None:
+        """The sum of the contributions to one tensor's gradient: restricted to the rows they
+        span where all are restricted along one axis, whole otherwise."""
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        b = self.b
+        axes = {p.rows.axis if p.rows else None for p in parts}
+        if None in axes or len(axes) != 1:
+            return Gradient(b.op("Sum", [self.dense(tensor, p) for p in parts]))
+        axis = axes.pop()
+        span = Rows(axis, min(p.rows.start for p in parts), max(p.rows.end for p in parts))
+        rank = b.rank(tensor)
+        padded = []
+        for part in parts:
+            pads = [0] * (2 * rank)
+            pads[axis % rank] = part.rows.start - span.start
+            pads[rank + axis % rank] = span.end - part.rows.end
+            padded.append(b.op("Pad", [part.name, b.ints(pads)]) if any(pads) else part.name)
+        return Gradient(b.op("Sum", padded), span)
+
+
+def _attr(node, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
 
 
 def descendants(nodes: Sequence, start: set[str]) -> set[str]:
