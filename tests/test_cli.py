@@ -572,6 +572,7 @@ def test_models_and_health(server: str) -> None:
     done = _gradcam("models", "--server", server)
     assert done.returncode == 0, done.stderr
     assert re.match(rf"{MODEL}\s+ready\s+input input \[-1,3,224,224\]\s+1000 classes", done.stdout)
+    assert "  layer /_swish_1/Clip_output_0 (nchw)\n" in done.stdout
     done = _gradcam("health", "--server", server, "--wait", "5")
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
 

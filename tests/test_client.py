@@ -317,7 +317,7 @@ def test_method_and_counterfactual(client: GradCamClient, by_path: Explanation) 
 
 def test_layer(client: GradCamClient, by_path: Explanation) -> None:
     result = client.explain(PHOTO, model=MODEL, layer=EARLIER_LAYER, method="gradcam")
-    assert result.layer == EARLIER_LAYER
+    assert (result.layer, result.layout) == (EARLIER_LAYER, "nchw")
     assert result.heatmap.shape == (HEIGHT, WIDTH)
     assert not np.allclose(result.heatmap, by_path.heatmap, atol=1e-3)
     fused = client.explain(PHOTO, model=MODEL, layer=[EARLIER_LAYER, by_path.layer])
@@ -560,6 +560,7 @@ def test_models_and_health(client: GradCamClient) -> None:
     info = client.model_info(MODEL)
     assert info.input_size == (224, 224) and info.num_classes == 1000 and info.has_labels
     assert info.layer == "/_swish_1/Clip_output_0" and info.methods == METHODS
+    assert (info.layout, info.prefix_tokens, info.grid) == ("nchw", None, None)
     assert info.explain_error == ""
     assert client.health() == "SERVING"
     assert client.health("gradcam.v1.GradCam") == "SERVING"

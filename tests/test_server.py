@@ -493,6 +493,7 @@ def test_get_model_info(stub) -> None:
     assert list(info.input_size) == [224, 224]
     assert list(info.outputs) == ["logits"]
     assert info.layer == LITE0_LAYER and list(info.layer_shape) == [-1, 1280, 7, 7]
+    assert (info.layout, info.grid, info.HasField("prefix_tokens")) == ("nchw", "", False)
     assert info.num_classes == 1000 and info.has_labels and info.max_batch_size == 8
     assert pb.METHOD_GRADCAM in info.methods
 
