@@ -26,6 +26,7 @@ when a gradient actually reaches it (`MissingRuleError` names the op, node and o
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 from collections.abc import Callable, Sequence
@@ -1048,29 +1049,88 @@ def _global_max_pool(ctx: RuleContext) -> Gradients:
 
 @rule("MaxPool")
 def _max_pool(ctx: RuleContext) -> Gradients:
-    """Route each output gradient to its argmax: the forward node is made to emit its Indices
-    (flat over the whole input tensor), then ScatterElements(add) into a zero input."""
-    b, x = ctx.b, ctx.x(0)
-    if ctx.attr("storage_order", 0):
-        raise ctx.unsupported("storage_order=1 is not supported")
-    _require_opset(ctx, 16)
-    if not ctx.y(1):
-        indices = b.fresh("maxpool_indices")
-        del ctx.node.output[1:]
-        ctx.node.output.append(indices)
-    indices = ctx.y(1)
-    flat = b.ints([-1])
-    scattered = b.op(
-        "ScatterElements",
-        [
-            b.op("Reshape", [b.zeros_like(x), flat]),
-            b.op("Reshape", [indices, flat]),
-            b.op("Reshape", [ctx.dy(), flat]),
-        ],
-        axis=0,
-        reduction="add",
+    """Route each output gradient to one element of its window, the first maximum in row-major
+    order, as torch's max_pool does. The graph makes that choice itself: one strided Slice per
+    kernel tap of x padded with -inf, stacked tap-major, and ArgMax (the first maximum, by the
+    spec) over the taps. A runtime's Indices output would not do: onnxruntime's CUDA kernel
+    scans windows column-major, so it breaks ties unlike its CPU kernel and torch."""
+    b, x, y = ctx.b, ctx.x(0), ctx.y(0)
+    kernel = list(ctx.attr("kernel_shape"))
+    window = _Window.of(ctx, kernel)
+    spatial = len(kernel)
+    spans = [(k - 1) * d for k, d in zip(kernel, window.dilations)]
+    begin, end = _pool_pads(ctx, window)
+    end = b.op("Add", [end, b.ints(spans)])  # room for ceil_mode's last windows
+    pads = b.op("Concat", [b.ints([0, 0]), begin, b.ints([0, 0]), end], axis=0)
+    padded = b.op("Pad", [x, pads, b.const(-np.inf)])
+    axes, strides = b.ints(list(range(2, 2 + spatial))), b.ints(window.strides)
+    outputs = _dims(b, y, 2)
+    extent = b.op("Add", [b.op("Mul", [b.op("Sub", [outputs, b.ints([1])]), strides]),
+                          b.ints([1])])
+    taps = []
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        start = b.ints([t * d for t, d in zip(tap, window.dilations)])
+        strided = b.op("Slice", [padded, start, b.op("Add", [start, extent]), axes, strides])
+        taps.append(b.unsqueeze(strided, [2]))
+    first = b.op("ArgMax", [b.op("Concat", taps, axis=2)], axis=2, keepdims=0)  # [N, C, *out]
+    position = _chosen_position(b, first, y, padded, window)
+    planes = b.op("Reshape", [padded, b.ints([0, 0, -1])])
+    overlapping = any(s < span + 1 for s, span in zip(window.strides, spans))
+    grad = _scatter_add(
+        ctx, "ScatterElements", b.zeros_like(planes),
+        b.op("Reshape", [position, b.ints([0, 0, -1])]),
+        b.op("Reshape", [ctx.dy(), b.ints([0, 0, -1])]), overlapping, axis=2,
     )
-    return [b.op("Reshape", [scattered, b.shape(x)])]
+    grad = b.op("Reshape", [grad, b.shape(padded)])
+    inside = b.op("Add", [begin, _dims(b, x, 2)])
+    return [b.op("Slice", [grad, begin, inside, axes])]
+
+
+def _chosen_position(b: GraphBuilder, first: str, y: str, padded: str, window: _Window) -> str:
+    """The flat position in a padded plane of each window's tap `first` (row-major over the
+    kernel): per axis, window start (output index * stride) + tap index * dilation."""
+    kernel, spatial = window.kernel, len(window.kernel)
+    sizes = _dims(b, padded, 2)
+    position, rest = b.ints([0]), first
+    for axis in range(spatial):
+        if axis < spatial - 1:
+            taps_after = b.ints([math.prod(kernel[axis + 1:])])
+            tap = b.op("Div", [rest, taps_after])
+            rest = b.op("Sub", [rest, b.op("Mul", [tap, taps_after])])
+        else:
+            tap = rest
+        count = b.squeeze(_dims(b, y, 2 + axis, 3 + axis), [0])
+        index = b.op("Range", [b.const(0, np.int64), count, b.const(1, np.int64)])
+        view = [1] * spatial
+        view[axis] = -1
+        window_start = b.op("Reshape", [b.op("Mul", [index, b.ints([window.strides[axis]])]),
+                                        b.ints(view)])
+        offset = b.op("Mul", [tap, b.ints([window.dilations[axis]])])
+        step = b.reduce("ReduceProd", b.op("Slice", [sizes, b.ints([axis + 1]),
+                                                     b.ints([spatial])]), [0], keepdims=True)
+        coordinate = b.op("Add", [window_start, offset])
+        position = b.op("Add", [position, b.op("Mul", [coordinate, step])])
+    return position
+
+
+def _pool_pads(ctx: RuleContext, window: _Window) -> tuple[str, str]:
+    """A pool's begin and end pads per spatial axis, as INT64 tensors; auto_pad SAME_* ones
+    are computed at run time from the input and output sizes."""
+    b, spatial = ctx.b, len(window.kernel)
+    if window.auto_pad == "VALID":
+        return b.ints([0] * spatial), b.ints([0] * spatial)
+    if window.auto_pad == "NOTSET":
+        return b.ints(window.pads[:spatial]), b.ints(window.pads[spatial:])
+    if any(d != 1 for d in window.dilations):
+        raise ctx.unsupported("auto_pad SAME_* with dilations is not supported (onnxruntime "
+                              "pads it for the undilated kernel, unlike the ONNX spec)")
+    strides = b.ints(window.strides)
+    outputs = b.op("Mul", [b.op("Sub", [_dims(b, ctx.y(0), 2), b.ints([1])]), strides])
+    total = b.op("Sub", [b.op("Add", [outputs, b.ints(window.kernel)]), _dims(b, ctx.x(0), 2)])
+    total = b.op("Max", [total, b.ints([0])])
+    half = b.op("Div", [total, b.ints([2])])
+    begin = half if window.auto_pad == "SAME_UPPER" else b.op("Sub", [total, half])
+    return begin, b.op("Sub", [total, begin])
 
 
 @rule("AveragePool")
