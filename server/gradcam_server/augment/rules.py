@@ -234,17 +234,15 @@ def _depth_to_space(ctx: RuleContext) -> Gradients:
     if ctx.attr("mode", "DCR") == "DCR":
         return [b.op("SpaceToDepth", [dy], blocksize=block)]
     size = b.ints([block])
-    blocks = b.op(
-        "Concat",
-        [_dims(b, x, 0, 1), b.ints([-1]), _dims(b, x, 2, 3), size, _dims(b, x, 3, 4), size],
-        axis=0,
-    )
+    n, h, w = (b.shape_slice(x, axis, axis + 1) for axis in (0, 2, 3))
+    blocks = b.op("Concat", [n, b.ints([-1]), h, size, w, size], axis=0)
     grad = b.op("Transpose", [b.op("Reshape", [dy, blocks])], perm=[0, 1, 3, 5, 2, 4])
     return [b.op("Reshape", [grad, b.shape(x)])]
 
 
 @rule("SpaceToDepth")
 def _space_to_depth(ctx: RuleContext) -> Gradients:
+    """A permutation, undone by its inverse, DepthToSpace in DCR mode."""
     return [ctx.b.op("DepthToSpace", [ctx.dy()], blocksize=ctx.attr("blocksize"), mode="DCR")]
 
 
@@ -277,8 +275,7 @@ def _gather(ctx: RuleContext) -> Gradients:
     """dx = zeros with dy added at the gathered positions along `axis`."""
     x = ctx.x(0)
     axis = _nonnegative_axis(ctx, ctx.attr("axis", 0), x)
-    repeats = _gather_indices_may_repeat(ctx, axis)
-    return [_ungather(ctx, x, ctx.x(1), ctx.dy(), axis, repeats), None]
+    return [_ungather(ctx, x, ctx.x(1), ctx.dy(), axis), None]
 
 
 @rule("Compress")
@@ -289,20 +286,18 @@ def _compress(ctx: RuleContext) -> Gradients:
     positions = b.op("Reshape", [b.op("NonZero", [ctx.x(1)]), b.ints([-1])])
     if ctx.attr("axis") is None:
         flat = b.op("Reshape", [x, b.ints([-1])])
-        grad = _ungather(ctx, flat, positions, ctx.dy(), 0, repeats=False)
+        grad = _ungather(ctx, flat, positions, ctx.dy(), 0)
         return [b.op("Reshape", [grad, b.shape(x)]), None]
     axis = _nonnegative_axis(ctx, ctx.attr("axis"), x)
-    return [_ungather(ctx, x, positions, ctx.dy(), axis, repeats=False), None]
+    return [_ungather(ctx, x, positions, ctx.dy(), axis), None]
 
 
-def _ungather(
-    ctx: RuleContext, x: str, indices: str, dy: str, axis: int, repeats: bool
-) -> str:
+def _ungather(ctx: RuleContext, x: str, indices: str, dy: str, axis: int) -> str:
     """Gather's adjoint: dy, viewed as [x's dims before axis, all indices, x's dims after],
     added into zeros like x by ScatterElements with the indices broadcast to that view.
     Needs no rank: the views are built from Shape slices."""
     b = ctx.b
-    before, after = _dims(b, x, 0, axis), _dims(b, x, axis + 1)
+    before, after = b.shape_slice(x, 0, axis), b.shape_slice(x, axis + 1)
     flat_dy = b.op("Reshape", [dy, b.op("Concat", [before, b.ints([-1]), after], axis=0)])
     ones_after = b.op(
         "ConstantOfShape",
@@ -311,48 +306,16 @@ def _ungather(
     )
     index_view = b.op("Concat", [b.ints([1] * axis + [-1]), ones_after], axis=0)
     flat_indices = b.op("Expand", [b.op("Reshape", [indices, index_view]), b.shape(flat_dy)])
-    return _scatter_add(
-        ctx, "ScatterElements", b.zeros_like(x), flat_indices, flat_dy, repeats, axis=axis
-    )
-
-
-def _dims(b: GraphBuilder, tensor: str, start: int, end: int | None = None) -> str:
-    """Shape(tensor)[start:end] at any opset (Shape's own start and end need opset 15)."""
-    end_index = np.iinfo(np.int64).max if end is None else end
-    return b.op("Slice", [b.shape(tensor), b.ints([start]), b.ints([end_index])])
+    return _scatter_add(ctx, "ScatterElements", b.zeros_like(x), flat_indices, flat_dy, axis=axis)
 
 
 def _scatter_add(
-    ctx: RuleContext, op_type: str, zeros: str, indices: str, updates: str, repeats: bool,
-    **attrs,
+    ctx: RuleContext, op_type: str, zeros: str, indices: str, updates: str, **attrs
 ) -> str:
-    """`op_type` (ScatterElements or ScatterND) of `updates` into `zeros`. Indices that may
-    name a position twice need reduction='add', which ONNX has from opset 16."""
-    if repeats:
-        if ctx.b.opset < 16:
-            raise ctx.unsupported(
-                "its indices may repeat, and adding their gradients (ScatterElements or "
-                "ScatterND with reduction='add') needs opset >= 16"
-            )
-        attrs["reduction"] = "add"
-    return ctx.b.op(op_type, [zeros, indices, updates], **attrs)
-
-
-def _gather_indices_may_repeat(ctx: RuleContext, axis: int) -> bool:
-    """False for a scalar index and for constant indices naming distinct positions."""
-    b = ctx.b
-    if b.static_shape(ctx.x(1)) == ():
-        return False
-    indices = ctx.const_input(1)
-    if indices is None:
-        return True
-    x_shape = b.static_shape(ctx.x(0))
-    size = x_shape[axis] if x_shape else None
-    if isinstance(size, int):
-        indices = np.where(indices < 0, indices + size, indices)
-    elif np.any(indices < 0) and np.any(indices >= 0):
-        return True
-    return np.unique(indices).size < indices.size
+    """`op_type` (ScatterElements or ScatterND) adding `updates` into `zeros`, so that indices
+    naming one position twice add up (reduction='add', from opset 16)."""
+    _require_opset(ctx, 16)
+    return ctx.b.op(op_type, [zeros, indices, updates], reduction="add", **attrs)
 
 
 def _nonnegative_axis(ctx: RuleContext, axis: int, tensor: str) -> int:
@@ -361,10 +324,10 @@ def _nonnegative_axis(ctx: RuleContext, axis: int, tensor: str) -> int:
 
 @rule("GatherElements")
 def _gather_elements(ctx: RuleContext) -> Gradients:
+    """dx = ScatterElements(add) of dy into zeros at the gathered positions."""
     b, x = ctx.b, ctx.x(0)
     grad = _scatter_add(
-        ctx, "ScatterElements", b.zeros_like(x), ctx.x(1), ctx.dy(), repeats=True,
-        axis=ctx.attr("axis", 0),
+        ctx, "ScatterElements", b.zeros_like(x), ctx.x(1), ctx.dy(), axis=ctx.attr("axis", 0)
     )
     return [grad, None]
 
@@ -375,11 +338,10 @@ def _gather_nd(ctx: RuleContext) -> Gradients:
     b, x, indices = ctx.b, ctx.x(0), ctx.x(1)
     if ctx.attr("batch_dims", 0):
         raise ctx.unsupported("only batch_dims=0 is supported")
-    dims = b.op("Slice", [b.shape(x), b.ints([0]), _dims(b, indices, -1)])
+    dims = b.op("Slice", [b.shape(x), b.ints([0]), b.shape_slice(indices, -1)])
     negative = b.op("Less", [indices, b.ints([0])])
     wrapped = b.op("Where", [negative, b.op("Add", [indices, dims]), indices])
-    return [_scatter_add(ctx, "ScatterND", b.zeros_like(x), wrapped, ctx.dy(), repeats=True),
-            None]
+    return [_scatter_add(ctx, "ScatterND", b.zeros_like(x), wrapped, ctx.dy()), None]
 
 
 @rule("ScatterND", "ScatterElements")
@@ -498,6 +460,7 @@ def _abs(ctx: RuleContext) -> Gradients:
 
 @rule("Floor", "Ceil", "Round", "Sign", "Hardmax")
 def _piecewise_constant(ctx: RuleContext) -> Gradients:
+    """Constant between jumps: a zero gradient (Hardmax too, a one-hot of the argmax)."""
     return [None]
 
 
@@ -961,11 +924,13 @@ def _reduce_max_min(ctx: RuleContext) -> Gradients:
 
 @rule("ReduceSumSquare")
 def _reduce_sum_square(ctx: RuleContext) -> Gradients:
+    """slope 2 x."""
     return _Reduction.of(ctx).scaled(ctx.b.op("Mul", [ctx.x(0), ctx.b.const(2.0)]))
 
 
 @rule("ReduceL1", "ReduceL2")
 def _reduce_norm(ctx: RuleContext) -> Gradients:
+    """slope sign(x) (L1) or x / y (L2)."""
     reduction = _Reduction.of(ctx)
     p = 1 if ctx.node.op_type == "ReduceL1" else 2
     return reduction.scaled(_norm_slope(ctx.b, ctx.x(0), reduction.y, p))
@@ -1064,7 +1029,7 @@ def _max_pool(ctx: RuleContext) -> Gradients:
     pads = b.op("Concat", [b.ints([0, 0]), begin, b.ints([0, 0]), end], axis=0)
     padded = b.op("Pad", [x, pads, b.const(-np.inf)])
     axes, strides = b.ints(list(range(2, 2 + spatial))), b.ints(window.strides)
-    outputs = _dims(b, y, 2)
+    outputs = b.shape_slice(y, 2)
     extent = b.op("Add", [b.op("Mul", [b.op("Sub", [outputs, b.ints([1])]), strides]),
                           b.ints([1])])
     taps = []
@@ -1075,14 +1040,13 @@ def _max_pool(ctx: RuleContext) -> Gradients:
     first = b.op("ArgMax", [b.op("Concat", taps, axis=2)], axis=2, keepdims=0)  # [N, C, *out]
     position = _chosen_position(b, first, y, padded, window)
     planes = b.op("Reshape", [padded, b.ints([0, 0, -1])])
-    overlapping = any(s < span + 1 for s, span in zip(window.strides, spans))
     grad = _scatter_add(
         ctx, "ScatterElements", b.zeros_like(planes),
         b.op("Reshape", [position, b.ints([0, 0, -1])]),
-        b.op("Reshape", [ctx.dy(), b.ints([0, 0, -1])]), overlapping, axis=2,
+        b.op("Reshape", [ctx.dy(), b.ints([0, 0, -1])]), axis=2,
     )
     grad = b.op("Reshape", [grad, b.shape(padded)])
-    inside = b.op("Add", [begin, _dims(b, x, 2)])
+    inside = b.op("Add", [begin, b.shape_slice(x, 2)])
     return [b.op("Slice", [grad, begin, inside, axes])]
 
 
@@ -1090,7 +1054,7 @@ def _chosen_position(b: GraphBuilder, first: str, y: str, padded: str, window: _
     """The flat position in a padded plane of each window's tap `first` (row-major over the
     kernel): per axis, window start (output index * stride) + tap index * dilation."""
     kernel, spatial = window.kernel, len(window.kernel)
-    sizes = _dims(b, padded, 2)
+    sizes = b.shape_slice(padded, 2)
     position, rest = b.ints([0]), first
     for axis in range(spatial):
         if axis < spatial - 1:
@@ -1099,7 +1063,7 @@ def _chosen_position(b: GraphBuilder, first: str, y: str, padded: str, window: _
             rest = b.op("Sub", [rest, b.op("Mul", [tap, taps_after])])
         else:
             tap = rest
-        count = b.squeeze(_dims(b, y, 2 + axis, 3 + axis), [0])
+        count = b.squeeze(b.shape_slice(y, 2 + axis, 3 + axis), [0])
         index = b.op("Range", [b.const(0, np.int64), count, b.const(1, np.int64)])
         view = [1] * spatial
         view[axis] = -1
@@ -1125,8 +1089,8 @@ def _pool_pads(ctx: RuleContext, window: _Window) -> tuple[str, str]:
         raise ctx.unsupported("auto_pad SAME_* with dilations is not supported (onnxruntime "
                               "pads it for the undilated kernel, unlike the ONNX spec)")
     strides = b.ints(window.strides)
-    outputs = b.op("Mul", [b.op("Sub", [_dims(b, ctx.y(0), 2), b.ints([1])]), strides])
-    total = b.op("Sub", [b.op("Add", [outputs, b.ints(window.kernel)]), _dims(b, ctx.x(0), 2)])
+    outputs = b.op("Mul", [b.op("Sub", [b.shape_slice(ctx.y(0), 2), b.ints([1])]), strides])
+    total = b.op("Sub", [b.op("Add", [outputs, b.ints(window.kernel)]), b.shape_slice(ctx.x(0), 2)])
     total = b.op("Max", [total, b.ints([0])])
     half = b.op("Div", [total, b.ints([2])])
     begin = half if window.auto_pad == "SAME_UPPER" else b.op("Sub", [total, half])
