@@ -22,6 +22,10 @@ Rules emit standard ``ai.onnx`` ops only (never a runtime's private training ker
 with ``Shape`` at run time rather than trusting static shapes, and reuse forward outputs where the
 math allows (Relu masks, Sigmoid, Tanh, Exp, Softmax). A node whose op has no rule is an error only
 when a gradient actually reaches it (`MissingRuleError` names the op, node and opset).
+
+Models reach the rules at opset 17 or later (the `upgrade_opset` pass), so rules may emit any
+opset-17 op but must read attributes that later opsets moved to inputs (Reduce* axes) at the
+model's own opset; `_require_opset` gives a clear error to a caller with an older graph.
 """
 
 from __future__ import annotations
