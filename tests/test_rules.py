@@ -228,6 +228,8 @@ POOLS = [
     OpSpec("GlobalAveragePool", {"x": X4}),
     OpSpec("GlobalAveragePool", {"x": X4}, symbolic=True, label="symbolic"),
     OpSpec("GlobalMaxPool", {"x": DISTINCT}),
+    OpSpec("GlobalMaxPool", {"x": Wrt((2, 3, 4), distinct=True)}, symbolic=True,
+           label="1d-symbolic"),
     OpSpec("ReduceMean", {"x": X4}, attrs={"axes": [2, 3], "keepdims": 0}, label="opset17"),
     OpSpec("ReduceMean", {"x": X4}, consts={"axes": ints(-1, -2)}, opset=18, symbolic=True,
            label="opset18-symbolic"),
