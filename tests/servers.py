@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -169,18 +170,18 @@ def slow_cnn(seed: int = 0, depth: int = 24, width: int = 32) -> SlowCnn:
 
 
 def norule_model(path: Path) -> Path:
-    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Einsum -> Gemm: the gradient from the
-    score to the detected target layer (the Relu output) has to pass through Einsum, which has
-    no backward rule."""
+    """Conv -> Relu -> GlobalAveragePool -> Reshape -> Det -> Gemm: the gradient from the
+    score to the detected target layer (the Relu output) has to pass through Det (the
+    determinant of 2 x 2 blocks), which has no backward rule."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(8, 3, 3, 3, generator=generator).numpy()
-    fc = torch.randn(TINY_CLASSES, 8, generator=generator).numpy()
+    fc = torch.randn(TINY_CLASSES, 2, generator=generator).numpy()
     nodes = [
         helper.make_node("Conv", ["input", "conv_w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
         helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
         helper.make_node("GlobalAveragePool", ["relu"], ["pooled"], name="pool"),
-        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
-        helper.make_node("Einsum", ["flat"], ["mixed"], equation="nc->nc", name="einsum"),
+        helper.make_node("Reshape", ["pooled", "blocks"], ["flat"], name="reshape"),
+        helper.make_node("Det", ["flat"], ["mixed"], name="det"),
         helper.make_node("Gemm", ["mixed", "fc_w"], ["logits"], transB=1, name="fc"),
     ]
     graph = helper.make_graph(
@@ -189,7 +190,8 @@ def norule_model(path: Path) -> Path:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, TINY_SIZE, TINY_SIZE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", TINY_CLASSES])],
         initializer=[
-            numpy_helper.from_array(weight, "conv_w"), numpy_helper.from_array(fc, "fc_w")
+            numpy_helper.from_array(weight, "conv_w"), numpy_helper.from_array(fc, "fc_w"),
+            numpy_helper.from_array(np.array([-1, 2, 2, 2], np.int64), "blocks"),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -599,7 +599,7 @@ def test_a_model_that_cannot_answer_fails_in_one_line_at_once(
 ) -> None:
     address = broken_server.address
     for model, expected in [(BROKEN, (f"model '{BROKEN}' failed to load",)),
-                            (INFERENCE_ONLY, ("serves inference only", "Einsum"))]:
+                            (INFERENCE_ONLY, ("serves inference only", "Det"))]:
         before = errors_counted(broken_server, "FAILED_PRECONDITION")
         _assert_one_line_failure(
             _gradcam("explain", PHOTO, "--server", address, "--model", model, "--retries", "3"),
@@ -611,7 +611,7 @@ def test_a_model_that_cannot_answer_fails_in_one_line_at_once(
     lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines())
     assert lines[BROKEN].startswith("not ready: ")
     assert re.fullmatch(
-        r"ready  input input \[-1,3,32,32\]  10 classes  inference only: .*Einsum.*",
+        r"ready  input input \[-1,3,32,32\]  10 classes  inference only: .*Det.*",
         lines[INFERENCE_ONLY],
     ), lines[INFERENCE_ONLY]
 

@@ -721,7 +721,7 @@ def test_a_model_that_cannot_answer_raises_at_once(broken_server: ServerProcess)
         assert not statuses[BROKEN].ready and statuses[INFERENCE_ONLY].ready
         for model, fragments in [
             (BROKEN, (f"model '{BROKEN}' failed to load",)),
-            (INFERENCE_ONLY, ("serves inference only", "Einsum")),
+            (INFERENCE_ONLY, ("serves inference only", "Det")),
         ]:
             started = time.monotonic()
             with pytest.raises(GradCamError) as caught:
@@ -732,7 +732,7 @@ def test_a_model_that_cannot_answer_raises_at_once(broken_server: ServerProcess)
             client.model_info(BROKEN)
         _assert_not_retried(caught.value, time.monotonic() - started, "failed to load")
         info = client.model_info(INFERENCE_ONLY)
-        assert "Einsum" in info.explain_error and info.methods == ()
+        assert "Det" in info.explain_error and info.methods == ()
     assert errors_counted(broken_server, "FAILED_PRECONDITION") == before + 3  # one attempt each
 
 
@@ -746,7 +746,7 @@ def test_a_model_that_cannot_answer_raises_at_once_asyncio(broken_server: Server
                 with pytest.raises(GradCamError) as caught:
                     await client.explain(PHOTO, model=model)
                 _assert_not_retried(caught.value, time.monotonic() - started, fragment)
-            assert "Einsum" in (await client.model_info(INFERENCE_ONLY)).explain_error
+            assert "Det" in (await client.model_info(INFERENCE_ONLY)).explain_error
 
     before = errors_counted(broken_server, "FAILED_PRECONDITION")
     asyncio.run(scenario())

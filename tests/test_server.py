@@ -10,7 +10,7 @@ The repository holds the shipped EfficientNet-Lite0 and small generated models:
 ``batched``             the same CNN with a dynamic batch, max_batch_size 4 and a 100 ms queue delay
 ``bounded``             a slow CNN with max_batch_size 1 and max_queue_size 1
 ``broken``              a model.onnx of garbage bytes (fails to load)
-``norule``              a graph whose gradient path goes through Einsum, which has no rule (serves
+``norule``              a graph whose gradient path goes through Det, which has no rule (serves
                         plain inference only)
 ======================  ==========================================================================
 """
@@ -483,7 +483,7 @@ def test_list_models(stub) -> None:
         assert not statuses[name].ready and statuses[name].reason
         assert not LEAK.search(statuses[name].reason), statuses[name].reason
     norule = statuses["norule"]
-    assert norule.ready and "inference only" in norule.reason and "Einsum" in norule.reason
+    assert norule.ready and "inference only" in norule.reason and "Det" in norule.reason
 
 
 def test_get_model_info(stub) -> None:
@@ -548,7 +548,7 @@ BAD_KSERVE_REQUESTS = {
     "broken model": Bad(chelsea, FAILED_PRECONDITION, "'broken'", "failed to load",
                         model="broken"),
     "model without a rule": Bad(chelsea, FAILED_PRECONDITION, "'norule'", "inference only",
-                                "Einsum", model="norule"),
+                                "Det", model="norule"),
 }
 
 
@@ -598,7 +598,7 @@ def test_bad_typed_requests_are_refused_with_a_reason(stub, client) -> None:
             NOT_FOUND, "unknown model",
         )
     expect_error(explain("broken", images=encoded), FAILED_PRECONDITION, "failed to load")
-    expect_error(explain("norule", images=encoded), FAILED_PRECONDITION, "Einsum")
+    expect_error(explain("norule", images=encoded), FAILED_PRECONDITION, "Det")
     assert_still_serving(client)
 
 

@@ -11,7 +11,7 @@ stay off the command line. The repository:
 ``tiny``       a small CNN with a dynamic batch
 ``slow``       a slow CNN (about a quarter of a second per image), max_batch_size 16
 ``full``       the slow CNN with max_batch_size 1 and max_queue_size 1: two requests fill it
-``norule``     a graph whose gradient path goes through Einsum, which has no backward rule
+``norule``     a graph whose gradient path goes through Det, which has no backward rule
 =============  ===================================================================================
 """
 
@@ -334,10 +334,10 @@ def test_a_graph_without_a_backward_rule_serves_plain_inference(repository, clie
                                rtol=1e-5, atol=1e-6)
     expect_error(lambda: client.infer("norule", [tensor_input("input", x)],
                                       client_timeout=CALL_TIMEOUT_S),
-                 grpc.StatusCode.FAILED_PRECONDITION, "inference only", "Einsum")
+                 grpc.StatusCode.FAILED_PRECONDITION, "inference only", "Det")
     info = pb_grpc.GradCamStub(channel).GetModelInfo(pb.GetModelInfoRequest(model="norule"),
                                                      timeout=CALL_TIMEOUT_S)
-    assert "Einsum" in info.explain_error and not info.methods and not info.layer
+    assert "Det" in info.explain_error and not info.methods and not info.layer
 
 
 # -- start-up ------------------------------------------------------------------------------------
