@@ -41,6 +41,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import helper
+from torch.overrides import TorchFunctionMode
 
 import zoo
 from gradcam_server.augment import AugmentError, augment_model, explained_target
@@ -280,12 +281,22 @@ class Comparison:
 
 @dataclass
 class _Hooked:
-    """One call of one module whose output has as many elements as the target."""
+    """One tensor the torch forward produced with as many elements as the target: a module
+    call's output (`call` None) or the `call`-th matching torch function output."""
 
     module: str
     output: torch.Tensor
     version: int
     value: torch.Tensor
+    call: int | None = None
+
+    def error(self, raw: np.ndarray) -> float:
+        return zoo.rel_l2(self.value.reshape(raw.shape).numpy(), raw)
+
+    def intact(self) -> bool:
+        """Not rewritten in place after it was produced (the gradient would be the later
+        value's)."""
+        return self.output._version == self.version
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:
@@ -383,37 +394,25 @@ def _torch_view(result: Comparison, raw_shape: tuple, view_shape: tuple):
 
 
 def _against_torch(model, size, result: Comparison, raw, view, outputs) -> None:
+    """Find the torch tensor equal to the ONNX target: a module's output (forward hooks), or,
+    where none is, the output of a torch function called inside some module's forward
+    (DenseNet's F.relu after `features`), tapped through an identity module for
+    pytorch-grad-cam. Then compare gradients and maps."""
     x = torch.from_numpy(zoo.sample_batch(BATCH, size))
-    reference = torch.from_numpy(raw)
-    hooked: list[_Hooked] = []
-    calls: Counter[str] = Counter()
     modules = dict(model.named_modules())
-
-    def hook(name):
-        def record(module, inputs, output):
-            calls[name] += 1
-            if isinstance(output, torch.Tensor) and output.numel() == reference.numel():
-                hooked.append(_Hooked(name, output, output._version,
-                                      output.detach().clone()))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items() if n]
-    try:
-        logits = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    equal, closest = [], []
-    for h in hooked:
-        error = zoo.rel_l2(h.value.reshape(reference.shape).numpy(), raw)
-        closest.append((error, h.module))
-        if error <= VALUE_RTOL and calls[h.module] == 1 and h.output._version == h.version:
-            equal.append(h)
-    result.candidates = [h.module for h in equal]
+    logits, hooked, calls = _module_outputs(model, modules, x, raw.size)
+    equal = [h for h in hooked if h.error(raw) <= VALUE_RTOL and calls[h.module] == 1
+             and h.intact()]
     if not equal:
-        result.outcome = "no reference"
-        result.message = _why_no_module(result.layer, raw.shape, closest, calls)
-        return
+        closest = [(h.error(raw), h.module) for h in hooked]
+        logits, hooked, _ = _op_outputs(model, modules, x, raw.size)
+        equal = [h for h in hooked if h.error(raw) <= VALUE_RTOL and h.intact()]
+        if not equal:
+            result.outcome = "no reference"
+            closest += [(h.error(raw), h.module) for h in hooked]
+            result.message = _why_no_match(result.layer, raw.shape, closest, calls)
+            return
+    result.candidates = [h.module for h in equal]
     score = logits[torch.arange(BATCH), torch.as_tensor(result.classes)].sum()
     grads = torch.autograd.grad(score, [h.output for h in equal], allow_unused=True)
     errors = []
@@ -422,10 +421,16 @@ def _against_torch(model, size, result: Comparison, raw, view, outputs) -> None:
         errors.append(zoo.rel_l2(outputs["gradients"], view(grad).detach().numpy()))
     best = min(errors)
     chosen = next(h for h, e in zip(equal, errors) if e <= best * (1 + 1e-9) + 1e-30)
+    del logits, score, grads, hooked, equal
     result.module = chosen.module
     result.gradient_error = best
     result.activation_error = zoo.rel_l2(outputs["activations"], view(chosen.value).numpy())
-    maps = grad_cam_maps(model, modules[chosen.module], view, x, result.classes)
+    if chosen.call is None:
+        maps = grad_cam_maps(model, modules[chosen.module], view, x, result.classes)
+    else:  # the function's output passes through an identity module pytorch-grad-cam hooks
+        tap = torch.nn.Identity()
+        with _ModuleStack(modules) as stack, _OpOutputs(raw.size, stack, chosen.call, tap):
+            maps = grad_cam_maps(model, tap, view, x, result.classes)
     result.r, result.flat_maps = map_agreement(outputs["heatmap"], maps)
     matched = result.r >= R_MIN and result.gradient_error <= GRADIENT_RTOL
     result.outcome = "match" if matched else "mismatch"
@@ -436,17 +441,92 @@ def _against_torch(model, size, result: Comparison, raw, view, outputs) -> None:
         result.message = "every reference map is flat (r undefined)"
 
 
-def _why_no_module(layer, shape, closest, calls) -> str:
+def _module_outputs(model, modules, x, numel):
+    """(logits, every module call's output of `numel` elements, calls per module)."""
+    hooked: list[_Hooked] = []
+    calls: Counter[str] = Counter()
+
+    def hook(name):
+        def record(module, inputs, output):
+            calls[name] += 1
+            if isinstance(output, torch.Tensor) and output.numel() == numel:
+                hooked.append(_Hooked(name, output, output._version, output.detach().clone()))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items() if n]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, hooked, calls
+
+
+def _op_outputs(model, modules, x, numel):
+    """(logits, every torch function output of `numel` elements inside the forward, {})."""
+    with _ModuleStack(modules) as stack, _OpOutputs(numel, stack) as ops:
+        logits = model(x)
+    return logits, ops.records, Counter()
+
+
+class _ModuleStack:
+    """The names of the modules whose forward is running (innermost last)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
+        self.modules, self.names, self.handles = modules, [], []
+
+    def __enter__(self) -> list[str]:
+        for name, module in self.modules.items():
+            shown = name or f"{type(module).__name__}.forward"
+            self.handles.append(module.register_forward_pre_hook(
+                lambda m, i, shown=shown: self.names.append(shown)))
+            self.handles.append(module.register_forward_hook(self._leave))
+        return self.names
+
+    def _leave(self, module, inputs, output) -> None:  # a hook returning a value replaces
+        self.names.pop()
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _OpOutputs(TorchFunctionMode):
+    """Records (or, with `tap`, passes through `tap`) the floating-point tensors of `numel`
+    elements that torch functions return while a module of the model runs, numbered in call
+    order: the same numbers in every forward of the same input."""
+
+    def __init__(self, numel: int, stack: list[str], tap_call: int | None = None,
+                 tap: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.numel, self.stack, self.tap_call, self.tap = numel, stack, tap_call, tap
+        self.count = 0
+        self.records: list[_Hooked] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (self.stack and isinstance(out, torch.Tensor) and out.numel() == self.numel
+                and out.is_floating_point()):
+            call, self.count = self.count, self.count + 1
+            if self.tap is not None:
+                return self.tap(out) if call == self.tap_call else out
+            name = getattr(func, "__name__", str(func))
+            self.records.append(_Hooked(f"{name}() in {self.stack[-1]}", out, out._version,
+                                        out.detach().clone(), call))
+        return out
+
+
+def _why_no_match(layer, shape, closest, calls) -> str:
     if not closest:
-        return (f"no torch module outputs a tensor of {math.prod(shape)} elements like "
-                f"{layer!r} {list(shape)}: it is computed inside a module's forward")
+        return (f"no torch module or function outputs a tensor of {math.prod(shape)} "
+                f"elements like {layer!r} {list(shape)}")
     error, name = min(closest)
-    shared = f" (called {calls[name]} times per forward)" if calls[name] > 1 else ""
+    shared = f" (called {calls[name]} times per forward)" if calls.get(name, 0) > 1 else ""
     if error <= VALUE_RTOL:
         return (f"{layer!r} {list(shape)} equals the output of {name!r}{shared}, which "
                 "pytorch-grad-cam cannot target alone (or an in-place op rewrites it)")
-    return (f"no torch module output equals {layer!r} {list(shape)}; closest: {name!r}"
-            f"{shared}, rel L2 {error:.3g}")
+    return (f"no torch module or function output equals {layer!r} {list(shape)}; closest: "
+            f"{name!r}{shared}, rel L2 {error:.3g}")
 
 
 def grad_cam_maps(model, module, view, x: torch.Tensor, classes) -> np.ndarray:
