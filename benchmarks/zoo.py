@@ -148,8 +148,18 @@ def run_one(source: str, name: str, exporter: str, timeout: float, memory: float
             "stage": last_stage, "log": str(log),
         }
     record.update(source=source, model=name, exporter=exporter, wall_s=wall,
-                  peak_rss_gib=round(peak / 2**30, 2))
+                  peak_rss_gib=round(peak / 2**30, 2), augmenter=augmenter_version())
     return record
+
+
+def augmenter_version() -> str:
+    """The commit the run used, "+modified" where the augment package had local changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "server/gradcam_server/augment")
+    return git("rev-parse", "--short", "HEAD") + ("+modified" if dirty else "")
 
 
 def load_results(path: Path) -> dict[tuple[str, str, str], dict]:
