@@ -43,6 +43,12 @@ GRID = SIZE // PATCH  # 8 x 8 patches after one class token
 TOKENS_LAYER = "/blocks/blocks.1/norm1/LayerNormalization_output_0"  # before the last attention
 NHWC_LAYER = "/embed_norm/LayerNormalization_output_0"  # the patches, channels last
 MAX_VARIANTS = 2
+VARIANTS = [  # (layer, layout) requested beside the default, one graph each
+    (NHWC_LAYER, "nhwc"),
+    ("/blocks/blocks.0/norm1/LayerNormalization_output_0", "tokens"),
+    ("/blocks/blocks.0/norm2/LayerNormalization_output_0", "tokens"),
+    ("/blocks/blocks.0/Add_output_0", "tokens"),
+]
 # Methods refused on this model, with a fragment of the reason: none, now that Gather (the head
 # reads the class token with it) has a backward rule. A method that starts or stops failing here
 # must be moved in or out of this table.
@@ -75,10 +81,13 @@ class TinyViT(torch.nn.Module):
     """[N, 3, 32, 32] -> 10 logits: a Conv patch embedding (4 x 4 patches) normalised channels
     last ([N, 8, 8, 32], an NHWC map), a class token and position embeddings, two pre-norm
     attention blocks, a final norm and a head on the class token. The head's random weights
-    are torch's default (not zero), so every class score depends on the image."""
+    are torch's default (not zero), so every class score depends on the image. With
+    `linear_patches`, the patches are cut by reshapes and embedded by a Linear: no Conv shows
+    the grid, which the graph then cannot tell."""
 
-    def __init__(self) -> None:
+    def __init__(self, linear_patches: bool = False) -> None:
         super().__init__()
+        self.linear_patches = linear_patches
         self.patch = torch.nn.Conv2d(3, DIM, PATCH, stride=PATCH)
         self.embed_norm = torch.nn.LayerNorm(DIM)
         self.cls = torch.nn.Parameter(torch.randn(1, 1, DIM) * 0.02)
@@ -87,8 +96,17 @@ class TinyViT(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(DIM)
         self.head = torch.nn.Linear(DIM, CLASSES)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 8, 8, DIM]: the patches' embeddings, channels last."""
+        if not self.linear_patches:
+            return self.patch(x).permute(0, 2, 3, 1)
+        n = x.shape[0]
+        patches = x.reshape(n, 3, GRID, PATCH, GRID, PATCH).permute(0, 2, 4, 3, 5, 1)
+        weight = self.patch.weight.permute(2, 3, 1, 0).reshape(-1, DIM)  # the Conv's, as a Linear
+        return patches.reshape(n, GRID, GRID, -1) @ weight + self.patch.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed_norm(self.patch(x).permute(0, 2, 3, 1)).flatten(1, 2)
+        x = self.embed_norm(self.embed(x)).flatten(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         return self.head(self.norm(self.blocks(x))[:, 0])
 
@@ -102,15 +120,26 @@ def vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repository(vit_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``vit``: model.onnx alone; ``vit_nhwc``: the NHWC map by config; ``vit_grid``: the
-    tokens read as a 4 x 16 grid by config; ``vit_variants``: a copy for counting graphs."""
+def linear_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights with the Linear patch embedding: a graph that hides the grid."""
+    torch.manual_seed(0)
+    return servers.export_torch(TinyViT(linear_patches=True), SIZE,
+                                tmp_path_factory.mktemp("linear") / "model.onnx",
+                                dynamic_batch=True)
+
+
+@pytest.fixture(scope="module")
+def repository(vit_path: Path, linear_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``vit``: model.onnx alone; ``vit_nhwc``: the NHWC map by config; ``vit_variants``: a
+    copy for counting graphs; ``vit_linear``: the Linear patch embedding with its grid given
+    by config; ``vit_linear_bare``: the same model.onnx alone."""
     root = tmp_path_factory.mktemp("layouts")
-    for name in ("vit", "vit_nhwc", "vit_grid", "vit_variants"):
+    for name, path in (("vit", vit_path), ("vit_nhwc", vit_path), ("vit_variants", vit_path),
+                       ("vit_linear", linear_path), ("vit_linear_bare", linear_path)):
         (root / name).mkdir()
-        (root / name / "model.onnx").symlink_to(vit_path)
+        (root / name / "model.onnx").symlink_to(path)
     servers.write_config(root / "vit_nhwc", target_layer=NHWC_LAYER, target_layout="nhwc")
-    servers.write_config(root / "vit_grid", target_layout="tokens", grid=[4, 16])
+    servers.write_config(root / "vit_linear", target_layout="tokens", grid=[GRID, GRID])
     return root
 
 
@@ -209,7 +238,9 @@ def test_gradcam_models_prints_each_layer_and_its_layout(server) -> None:
     lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines())
     assert lines["vit"].endswith(f"layer {TOKENS_LAYER} (tokens, prefix 1, grid 8x8)")
     assert lines["vit_nhwc"].endswith(f"layer {NHWC_LAYER} (nhwc)")
-    assert lines["vit_grid"].endswith(f"layer {TOKENS_LAYER} (tokens, prefix 1, grid 4x16)")
+    assert lines["vit_linear"].endswith(f"layer {TOKENS_LAYER} (tokens, prefix 1, grid 8x8)")
+    assert "inference only" in lines["vit_linear_bare"] and "give the grid" in lines[
+        "vit_linear_bare"]
 
 
 def test_typed_api_explains_the_tokens(stub, vit_path) -> None:
@@ -260,21 +291,19 @@ def test_a_request_names_the_nhwc_map_with_its_layout(stub, kserve, sdk, vit_pat
     np.testing.assert_allclose(result.heatmap, expected[0], atol=1e-5)
 
 
-def test_a_request_reads_the_tokens_as_another_grid(stub, kserve, sdk, vit_path) -> None:
+def test_a_request_spelling_out_the_detected_view_gets_the_default_map(
+    stub, kserve, sdk, vit_path
+) -> None:
     x = images(seed=4)
     default = direct(vit_path, x)
-    expected = direct(vit_path, x, grid=(4, 16))
-    assert np.abs(expected - default).max() > 0.1  # the grid changes the map
-    response = explain(stub, x, grid="4x16")
-    assert (response.layout, response.prefix_tokens, response.grid) == ("tokens", 1, "4x16")
-    np.testing.assert_allclose(maps(response), expected, atol=1e-5)
-    np.testing.assert_allclose(infer(kserve, x, grid="4x16"), expected, atol=1e-5)
-    result = sdk.explain(x[0], model="vit", grid=(4, 16), prefix_tokens=1, layout="tokens")
-    assert (result.layout, result.prefix_tokens, result.grid) == ("tokens", 1, (4, 16))
-    np.testing.assert_allclose(result.heatmap, expected[0], atol=1e-5)
-    # What was detected, given explicitly, is the default graph's explanation.
+    response = explain(stub, x, layout="tokens", prefix_tokens=1, grid="8x8")
+    assert (response.layout, response.prefix_tokens, response.grid) == ("tokens", 1, "8x8")
+    np.testing.assert_allclose(maps(response), default, atol=1e-5)
     same = infer(kserve, x, target_layout="tokens", prefix_tokens=1, grid="8x8")
     np.testing.assert_allclose(same, default, atol=1e-5)
+    result = sdk.explain(x[0], model="vit", grid=(8, 8), prefix_tokens=1, layout="tokens")
+    assert (result.layout, result.prefix_tokens, result.grid) == ("tokens", 1, (8, 8))
+    np.testing.assert_allclose(result.heatmap, default[0], atol=1e-5)
 
 
 LONG = "x" * 2000
@@ -298,12 +327,18 @@ LONG = "x" * 2000
          ("(T = 65) do not fit a 8x8 patch grid after 2 prefix tokens",)),
         ({"grid": "8by8"}, {"grid": "8by8"}, ("grid must be rows x columns", "'8by8'")),
         ({"grid": "0x8"}, {"grid": "0x8"}, ("grid must be rows x columns", "'0x8'")),
-        ({"grid": "7x7"}, {"grid": "7x7"}, ("do not fit a 7x7 patch grid",)),
+        ({"grid": "7x7"}, {"grid": "7x7"}, ("grid 7x7 contradicts the patch embedding",)),
+        ({"grid": "4x16"}, {"grid": "4x16"},
+         ("grid 4x16 contradicts the patch embedding", "whose grid is 8x8")),
+        ({"layer": NHWC_LAYER, "layout": "nchw"}, {"target_layer": NHWC_LAYER,
+                                                    "target_layout": "nchw"},
+         ("layout nchw contradicts the graph", "as nhwc")),
         ({"layout": LONG}, {"target_layout": LONG}, ("2000 characters long; at most 1024",)),
         ({"grid": LONG}, {"grid": LONG}, ("2000 characters long; at most 1024",)),
     ],
     ids=["nhwc-on-tokens", "tokens-on-nhwc", "prefix-on-nhwc", "unknown", "negative-prefix",
-         "prefix-misfit", "malformed-grid", "empty-grid", "grid-misfit", "long-layout",
+         "prefix-misfit", "malformed-grid", "empty-grid", "grid-misfit", "grid-refuted",
+         "layout-refuted", "long-layout",
          "long-grid"],
 )
 def test_bad_layouts_are_invalid_and_the_server_keeps_serving(
@@ -335,12 +370,13 @@ def test_each_layout_builds_its_own_graph_within_the_bound(server, stub) -> None
     explain(stub, x, model="vit_variants", layer=TOKENS_LAYER)
     assert held() == 1  # the default layer as detected: the default graph
     seen = {}
-    for grid in ("4x16", "16x4", "2x32", "32x2"):
-        seen[grid] = maps(explain(stub, x, model="vit_variants", grid=grid))
+    for layer, layout in VARIANTS:
+        seen[layer] = maps(explain(stub, x, model="vit_variants", layer=layer, layout=layout))
         assert held() == min(2 + len(seen) - 1, 1 + MAX_VARIANTS)
     assert len({m.tobytes() for m in seen.values()}) == len(seen)  # one graph each
-    again = maps(explain(stub, x, model="vit_variants", grid="4x16"))  # evicted, built again
-    np.testing.assert_array_equal(again, seen["4x16"])
+    first, layout = VARIANTS[0]
+    again = maps(explain(stub, x, model="vit_variants", layer=first, layout=layout))  # evicted
+    np.testing.assert_array_equal(again, seen[first])
     assert held() == 1 + MAX_VARIANTS
 
 
@@ -369,16 +405,21 @@ def test_the_config_layout_applies_to_a_requested_layer_unless_overridden(
     np.testing.assert_allclose(maps(response), direct(vit_path, x), atol=1e-5)
 
 
-def test_config_reads_the_tokens_as_another_grid(stub, kserve, vit_path) -> None:
-    info = model_info(stub, "vit_grid")
+def test_config_gives_the_grid_the_graph_cannot_tell(stub, kserve, vit_path, linear_path) -> None:
+    """The Linear patch embedding hides the grid: alone, the model serves inference only and
+    says why; with the grid in config.json it is explained as the Conv model is (same
+    weights)."""
+    bare = model_info(stub, "vit_linear_bare")
+    assert not bare.methods and "give the grid" in bare.explain_error
+    info = model_info(stub, "vit_linear")
     assert (info.layer, info.layout, info.prefix_tokens, info.grid) == (
-        TOKENS_LAYER, "tokens", 1, "4x16"
+        TOKENS_LAYER, "tokens", 1, "8x8"
     )
-    assert list(info.layer_shape) == [-1, DIM, 4, 16]
+    assert list(info.layer_shape) == [-1, DIM, GRID, GRID]
     x = images(seed=9)
-    expected = direct(vit_path, x, grid=(4, 16))
-    np.testing.assert_allclose(infer(kserve, x, model="vit_grid"), expected, atol=1e-5)
-    # A request's grid replaces the config's; its other fields stay.
-    response = explain(stub, x, model="vit_grid", grid="8x8")
+    expected = direct(linear_path, x, grid=(GRID, GRID))
+    np.testing.assert_allclose(expected, direct(vit_path, x), atol=1e-4)
+    np.testing.assert_allclose(infer(kserve, x, model="vit_linear"), expected, atol=1e-5)
+    response = explain(stub, x, model="vit_linear", grid="8x8", prefix_tokens=1)
     assert (response.layout, response.prefix_tokens, response.grid) == ("tokens", 1, "8x8")
-    np.testing.assert_allclose(maps(response), direct(vit_path, x), atol=1e-5)
+    np.testing.assert_allclose(maps(response), expected, atol=1e-5)

@@ -125,18 +125,19 @@ def detect_view(
 ) -> TargetView:
     """The view of target `tensor`: `layout`, `prefix_tokens` and `grid` where given, detected
     from the graph otherwise. Raises `AugmentError` naming the problem where the layout cannot be
-    told, the tensor is not a feature map, or its grid is 1 x 1."""
-    if layout is not None and layout not in LAYOUTS:
-        raise AugmentError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if grid is not None:
-        grid = tuple(int(g) for g in grid)
-        if len(grid) != 2 or min(grid) < 1:
-            raise AugmentError(f"grid must be two positive sizes (h, w); got {grid}")
-    if prefix_tokens is not None and not 0 <= prefix_tokens <= MAX_PREFIX_TOKENS:
-        raise AugmentError(f"prefix_tokens must be 0 ..{MAX_PREFIX_TOKENS}; got {prefix_tokens}")
+    told, the tensor is not a feature map, its grid is 1 x 1, or a given value contradicts what
+    the graph shows (a layout against unanimous evidence, a grid the patch embedding refutes)."""
+    layout, prefix_tokens, grid = check_view_options(layout, prefix_tokens, grid)
     rank = b.rank(tensor)
     if layout is None:
         layout = _detect_layout(b, tensor, rank)
+    elif rank == 4 and layout != "tokens":
+        shown = _layout_evidence(b, tensor)
+        if len(shown) == 1 and layout not in shown:
+            raise AugmentError(
+                f"layout {layout} contradicts the graph: the ops around target layer "
+                f"{tensor!r} (shape {_shape_text(b, tensor)}) lay it out as {shown.pop()}"
+            )
     expected_rank = 3 if layout == "tokens" else 4
     if rank != expected_rank:
         raise AugmentError(
@@ -158,6 +159,23 @@ def detect_view(
             "the global pooling"
         )
     return view
+
+
+def check_view_options(
+    layout: str | None, prefix_tokens: int | None, grid: Sequence[int] | None
+) -> tuple[str | None, int | None, tuple[int, int] | None]:
+    """The layout options, validated on their own (before any graph is read)."""
+    if layout is not None and layout not in LAYOUTS:
+        raise AugmentError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if grid is not None:
+        grid = tuple(int(g) for g in grid)
+        if len(grid) != 2 or min(grid) < 1:
+            raise AugmentError(f"grid must be two positive sizes (h, w); got {grid}")
+    if prefix_tokens is not None and not 0 <= prefix_tokens <= MAX_PREFIX_TOKENS:
+        raise AugmentError(f"prefix_tokens must be 0 ..{MAX_PREFIX_TOKENS}; got {prefix_tokens}")
+    if (prefix_tokens is not None or grid is not None) and layout not in (None, "tokens"):
+        raise AugmentError(f"prefix_tokens and grid apply to the tokens layout, not {layout}")
+    return layout, prefix_tokens, grid
 
 
 def _detect_layout(b: GraphBuilder, tensor: str, rank: int) -> str:
@@ -248,6 +266,8 @@ def _token_view(
     shape = b.static_shape(tensor)
     tokens = shape[1] if shape and isinstance(shape[1], int) else None
     source = None
+    if grid is not None and tokens is not None:
+        _check_grid_against_embedding(b, tensor, image, grid, tokens)
     if grid is None:
         source = _patch_embedding(b, tensor, image)
         if source is None and tokens is not None and prefix_tokens is not None:
@@ -275,6 +295,24 @@ def _token_view(
                 "grid and prefix_tokens"
             )
     return TargetView(tensor, "tokens", prefix_tokens, grid, source if grid is None else None)
+
+
+def _check_grid_against_embedding(
+    b: GraphBuilder, tensor: str, image: str, grid: tuple[int, int], tokens: int
+) -> None:
+    """Refuse a given grid that the patch embedding refutes: the embedding's grid fits the
+    tokens (T - h*w prefix tokens) and the given one differs. Where the embedding's grid does
+    not fit (tokens merged after it), telling the grid is the override's purpose."""
+    source = _patch_embedding(b, tensor, image)
+    known = b.static_shape(source) if source else None
+    if not known or not all(isinstance(d, int) for d in known[2:]):
+        return
+    embedded = (known[2], known[3])
+    if embedded != grid and 0 <= tokens - embedded[0] * embedded[1] <= MAX_PREFIX_TOKENS:
+        raise AugmentError(
+            f"grid {grid[0]}x{grid[1]} contradicts the patch embedding {source!r}, whose grid "
+            f"is {embedded[0]}x{embedded[1]}"
+        )
 
 
 def _patch_embedding(b: GraphBuilder, tensor: str, image: str) -> str | None:

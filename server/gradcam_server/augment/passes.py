@@ -54,7 +54,7 @@ from .smoothing import (
     tile_rows,
     tile_transforms,
 )
-from .layout import TargetView, detect_view
+from .layout import TargetView, check_view_options, detect_view
 from .targets import (
     SCORES,
     candidate_layers,
@@ -189,6 +189,7 @@ def augment_model(
         raise AugmentError("aug_smooth is not available with pixel-level gradients")
     if aug_smooth and method in PATH_METHODS:
         raise AugmentError(f"{method} cannot be combined with aug_smooth")
+    check_view_options(layout, prefix_tokens, grid)
     proto = upgrade_opset(load_model(model))
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
@@ -206,7 +207,8 @@ def augment_model(
         )
         network_score = tiled[score_output]
     b = GraphBuilder(proto)
-    views = _target_views(b, layer, network_score, network_image, layout, prefix_tokens, grid)
+    views = _target_views(b, layer, network_score, network_image,
+                          dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid))
     layers = [view.tensor for view in views]
     target = layers[0]
 
@@ -309,14 +311,21 @@ def _target_views(
     layer: str | Sequence[str] | None,
     score_output: str,
     image: str,
-    layout: str | None,
-    prefix_tokens: int | None,
-    grid: Sequence[int] | None,
+    view_options: dict,
 ) -> list[TargetView]:
     """The target layers, validated, and their views: tensors the score depends on, laid out
-    as feature maps or tokens (`layout.detect_view`). A refusal lists the candidate layers."""
+    as feature maps or tokens (`layout.detect_view` with `view_options`: layout,
+    prefix_tokens, grid). A refusal of a layer lists the candidate layers."""
+    def refused(error: AugmentError) -> AugmentError:
+        candidates = candidate_layers(b, score_output, image, **view_options)
+        listed = "; ".join(candidates) if candidates else "none found"
+        return AugmentError(f"{error}. Candidate layers (last first): {listed}")
+
     if layer is None:
-        layers = [detect_target_layer(b, score_output, image)]
+        try:
+            layers = [detect_target_layer(b, score_output, image, **view_options)]
+        except AugmentError as error:
+            raise refused(error) from None
     elif isinstance(layer, str):
         layers = [layer]
     else:
@@ -327,11 +336,9 @@ def _target_views(
     for each in layers:
         validate_target_layer(b, each, score_output)
         try:
-            views.append(detect_view(b, each, image, layout, prefix_tokens, grid))
+            views.append(detect_view(b, each, image, **view_options))
         except AugmentError as error:
-            candidates = candidate_layers(b, score_output, image)
-            listed = "; ".join(candidates) if candidates else "none found"
-            raise AugmentError(f"{error}. Candidate layers (last first): {listed}") from None
+            raise refused(error) from None
     return views
 
 

@@ -32,7 +32,9 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorPro
 SCORES = ("logit", "probability", "similarity", "region")
 
 
-def detect_target_layer(b: GraphBuilder, score_output: str, image: str) -> str:
+def detect_target_layer(
+    b: GraphBuilder, score_output: str, image: str, **view_options
+) -> str:
     """The default target layer, as the field's recipes choose it:
 
     - a segmentation network (a 4-D score output [N, classes, h, w]): its coarsest feature map
@@ -43,19 +45,34 @@ def detect_target_layer(b: GraphBuilder, score_output: str, image: str) -> str:
       final norm (`_transformer_target`);
     - a CNN: the last spatial map before the global pooling (`_cnn_target`).
 
-    A transformer candidate whose view is refused (`layout.detect_view`: a window-partitioned or
-    attention layout) falls back to the CNN rule.
+    A transformer candidate whose view is refused (`layout.detect_view` with `view_options`,
+    the layout, prefix_tokens and grid given: a window-partitioned or attention layout, a grid
+    it cannot tell) falls back to the CNN rule, unless the options ask for tokens.
     """
     if _rank_or_none(b, score_output) == 4:
         return _coarsest_feature_map(b, score_output, image)
     candidate = _transformer_target(b, score_output, image)
+    wants_tokens = view_options.get("layout") == "tokens" or any(
+        view_options.get(key) is not None for key in ("prefix_tokens", "grid")
+    )
+    transformer_error = None
     if candidate is not None:
         try:
-            detect_view(b, candidate, image)
+            detect_view(b, candidate, image, **view_options)
             return candidate
-        except AugmentError:
-            pass
-    return _cnn_target(b, score_output)
+        except AugmentError as error:
+            if wants_tokens:
+                raise
+            transformer_error = error
+    if wants_tokens:
+        raise AugmentError("could not detect a transformer's target layer (no attention block "
+                           "on the way to the score); name the layer")
+    try:
+        layer = _cnn_target(b, score_output)
+        detect_view(b, layer, image, **view_options)
+        return layer
+    except AugmentError as error:
+        raise transformer_error or error from None
 
 
 def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str | None:
@@ -131,10 +148,11 @@ def _cnn_target(b: GraphBuilder, score_output: str) -> str:
 
 
 def candidate_layers(
-    b: GraphBuilder, score_output: str, image: str, limit: int = 6
+    b: GraphBuilder, score_output: str, image: str, limit: int = 6, **view_options
 ) -> list[str]:
     """The last `limit` tensors (graph order) on the way from the image to the score that
-    would make valid targets, each as "name [shape] layout"."""
+    would make valid targets (with `view_options` where they fit, detected otherwise), each as
+    "name [shape] layout"."""
     nodes = list(b.graph.node)
     on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
     found: list[str] = []
@@ -143,9 +161,14 @@ def candidate_layers(
         if (not tensor or tensor not in on_path or b.elem_type(tensor) not in _FLOATS
                 or _rank_or_none(b, tensor) not in (3, 4)):
             continue
-        try:
-            view = detect_view(b, tensor, image)
-        except AugmentError:
+        view = None
+        for options in (view_options, {}):
+            try:
+                view = detect_view(b, tensor, image, **options)
+                break
+            except AugmentError:
+                continue
+        if view is None:
             continue
         shape = ", ".join("?" if d is None else str(d) for d in b.static_shape(tensor))
         found.append(f"{tensor} [{shape}] {view.describe()}")
