@@ -128,7 +128,6 @@ _ELEMENTWISE = {
     "Reciprocal", "Erf", "Softplus", "Softsign", "Mish", "Clip", "Add", "Sub", "Mul", "Div",
     "Pow", "Max", "Min", "Sum", "Mean", "Where",
 }
-_MAX_CACHED_SLICES = 4096
 
 
 class _RowSlicer:
@@ -208,7 +207,7 @@ class _RowSlicer:
     def _rows_of(self, tensor: str, rows: Rows) -> str:
         """The forward tensor's `rows`, sliced once, with its type known to the builder."""
         key = (tensor, rows)
-        if key not in self._slices and len(self._slices) < _MAX_CACHED_SLICES:
+        if key not in self._slices:
             b = self.b
             sliced = b.op("Slice", [tensor, b.ints([rows.start]), b.ints([rows.end]),
                                     b.ints([rows.axis])])
