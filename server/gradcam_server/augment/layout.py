@@ -172,7 +172,7 @@ def check_view_options(
         if len(grid) != 2 or min(grid) < 1:
             raise AugmentError(f"grid must be two positive sizes (h, w); got {grid}")
     if prefix_tokens is not None and not 0 <= prefix_tokens <= MAX_PREFIX_TOKENS:
-        raise AugmentError(f"prefix_tokens must be 0 ..{MAX_PREFIX_TOKENS}; got {prefix_tokens}")
+        raise AugmentError(f"prefix_tokens must be 0..{MAX_PREFIX_TOKENS}; got {prefix_tokens}")
     if (prefix_tokens is not None or grid is not None) and layout not in (None, "tokens"):
         raise AugmentError(f"prefix_tokens and grid apply to the tokens layout, not {layout}")
     return layout, prefix_tokens, grid
