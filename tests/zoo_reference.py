@@ -112,7 +112,12 @@ def _construct(source: str, name: str) -> torch.nn.Module:
 
 
 def parameter_count(source: str, name: str) -> int:
-    """Parameters of the architecture, counted on the meta device (no memory, no init)."""
+    """Parameters of the architecture: torchvision's weights metadata (nothing downloaded), or
+    counted on the meta device (no memory, no init)."""
+    if source == "torchvision":
+        import torchvision
+
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
     with torch.device("meta"):
         model = _construct(source, name)
     return sum(p.numel() for p in model.parameters())
