@@ -90,23 +90,39 @@ def test_per_row_ops_run_on_the_gathered_rows_only() -> None:
     assert shapes == [(2, 1, 4), (2, 1, 5), (2, 4, 1), (2, 5, 1)], shapes
 
 
-def test_gather_of_a_negative_or_batch_index_is_not_restricted() -> None:
-    """Index -1 (the last row) and a gather along the batch axis keep whole gradients."""
-    for axis, index in ((1, -1), (0, 0)):
-        text = f"""<ir_version: 8, opset_import: ["" : 17]>
-g (float[2,5,4] x) => (float[5,4] y) {{
+def test_gather_of_a_negative_index_is_not_restricted() -> None:
+    """Index -1 (the last row) keeps the whole gradient (Gather's own rule)."""
+    spec = OpSpec("gather-last", {"x": Wrt((2, 5, 4))}, consts={"i": np.array(-1, np.int64)},
+                  text="""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,5,4] x) => (float[2,4] y) {
     t = Tanh(x)
-    y = Gather <axis = {axis}> (t, i)
-}}""" if axis == 0 else f"""<ir_version: 8, opset_import: ["" : 17]>
-g (float[2,5,4] x) => (float[2,4] y) {{
-    t = Tanh(x)
-    y = Gather <axis = {axis}> (t, i)
-}}"""
-        spec = OpSpec(f"gather-{axis}-{index}", {"x": Wrt((2, 5, 4))},
-                      consts={"i": np.array(index, np.int64)}, text=text)
-        model = build_model(spec)
-        b = GraphBuilder(model)
-        before = len(model.graph.node)
-        build_backward(b, {"y": "seed"}, ["x"])
-        assert not any(n.op_type == "Slice" and n.input[0] == "t" for n in model.graph.node[before:])
-        check_op(spec)
+    y = Gather <axis = 1> (t, i)
+}""")
+    model = build_model(spec)
+    before = len(model.graph.node)
+    build_backward(GraphBuilder(model), {"y": "seed"}, ["x"])
+    assert not any(n.op_type == "Slice" and n.input[0] == "t" for n in model.graph.node[before:])
+    check_op(spec)
+
+
+def test_stacked_q_k_v_gradients_are_concatenated() -> None:
+    """q, k and v gathered from a stacked [3, N, T, C] tensor (rows 0, 1, 2 of axis 0): their
+    gradients tile the stack and are concatenated, with no scatter and no padding."""
+    spec = OpSpec("qkv", {"x": Wrt((3, 2, 4, 3))}, consts={
+        "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+        "two": np.array(2, np.int64)}, text="""<ir_version: 8, opset_import: ["" : 17]>
+g (float[3,2,4,3] x) => (float[2,4,3] y) {
+    q = Gather <axis = 0> (x, zero)
+    k = Gather <axis = 0> (x, one)
+    v = Gather <axis = 0> (x, two)
+    kt = Transpose <perm = [0, 2, 1]> (k)
+    scores = MatMul(q, kt)
+    attention = Softmax <axis = -1> (scores)
+    y = MatMul(attention, v)
+}""")
+    model = build_model(spec)
+    before = len(model.graph.node)
+    build_backward(GraphBuilder(model), {"y": "seed"}, ["x"])
+    emitted = {n.op_type for n in model.graph.node[before:]}
+    assert "Concat" in emitted and not emitted & {"ScatterElements", "ScatterND", "Pad"}
+    check_op(spec)

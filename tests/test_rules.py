@@ -128,6 +128,14 @@ INDEXING = [
            attrs={"axis": -1}, label="scalar-last-axis"),
     OpSpec("Gather", {"x": Wrt((3, 4, 5))}, consts={"i": np.array(0, np.int64)},
            attrs={"axis": 1}, label="scalar"),
+    OpSpec("Gather", {"x": Wrt((3, 1, 4, 5))},
+           consts={"i": np.array(1, np.int64), "one": ints(1)}, label="scalar-unknown-rank",
+           text="""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[3,1,4,5] x) => (float[4,5] y) {
+            axes = Max(one, one)
+            s = Squeeze(x, axes)
+            y = Gather <axis = 0> (s, i)
+        }"""),
     OpSpec("Gather", {"x": Wrt((4, 3))}, consts={"i": ints(3, -4, 1).reshape(3, 1, 1)},
            opset=18, label="rank3-indices"),
     OpSpec("Gather", {"x": Wrt((2, 3, 4))}, consts={"i": ints(1, 1, -1)}, attrs={"axis": 2},

@@ -139,8 +139,9 @@ class _RowSlicer:
         self._slices: dict[tuple[str, Rows], str] = {}
 
     def origin(self, node, grad_outputs: list[Gradient | None]) -> Gradient | None:
-        """d score / d x for ``y = Gather(x, i, axis)`` with a constant scalar i >= 0 on an axis
-        other than the batch: dy itself, as row i of x."""
+        """d score / d x for ``y = Gather(x, i, axis)`` with a constant scalar i >= 0: dy
+        itself, as row i of x (a class token; one of q, k, v split from a stacked tensor, whose
+        three rows `total` then concatenates)."""
         b = self.b
         if node.op_type != "Gather" or grad_outputs[0] is None or grad_outputs[0].rows:
             return None
@@ -149,8 +150,6 @@ class _RowSlicer:
         if index is None or index.ndim != 0 or int(index) < 0 or rank is None:
             return None
         axis = _attr(node, "axis", 0) % len(rank)
-        if axis == 0:
-            return None
         rows = Rows(axis - len(rank), int(index), int(index) + 1)
         return Gradient(b.unsqueeze(grad_outputs[0].name, [axis]), rows)
 
@@ -227,6 +226,8 @@ class _RowSlicer:
         b, rows = self.b, gradient.rows
         rank = b.rank(tensor)
         axis = rows.axis % rank
+        if rows.start == 0 and (b.static_shape(tensor) or [None] * rank)[axis] == rows.end:
+            return gradient.name  # the rows are all of them
         length = b.shape_slice(tensor, axis, axis + 1)
         zeros = [0] * rank
         before = b.ints(zeros[:axis] + [rows.start] + zeros[axis + 1:])
@@ -237,7 +238,8 @@ class _RowSlicer:
 
     def total(self, tensor: str, parts: list[Gradient]) -> Gradient | None:
         """The sum of the contributions to one tensor's gradient: restricted to the rows they
-        span where all are restricted along one axis, whole otherwise."""
+        span where all are restricted along one axis (concatenated where they tile it), whole
+        otherwise."""
         if not parts:
             return None
         if len(parts) == 1:
@@ -248,6 +250,9 @@ class _RowSlicer:
             return Gradient(b.op("Sum", [self.dense(tensor, p) for p in parts]))
         axis = axes.pop()
         span = Rows(axis, min(p.rows.start for p in parts), max(p.rows.end for p in parts))
+        ordered = sorted(parts, key=lambda p: p.rows.start)
+        if all(a.rows.end == z.rows.start for a, z in zip(ordered, ordered[1:])):
+            return Gradient(b.op("Concat", [p.name for p in ordered], axis=axis), span)
         rank = b.rank(tensor)
         padded = []
         for part in parts:

@@ -276,10 +276,28 @@ def _trilu(ctx: RuleContext) -> Gradients:
 
 @rule("Gather")
 def _gather(ctx: RuleContext) -> Gradients:
-    """dx = zeros with dy added at the gathered positions along `axis`."""
-    x = ctx.x(0)
+    """dx = zeros with dy added at the gathered positions along `axis`; for one constant index
+    (q, k or v taken from a stacked tensor) dy padded into place, which needs no rank."""
+    x, index = ctx.x(0), ctx.const_input(1)
+    if index is not None and index.ndim == 0:
+        return [_padded_row(ctx, x, ctx.dy(), ctx.attr("axis", 0), int(index)), None]
     axis = _nonnegative_axis(ctx, ctx.attr("axis", 0), x)
     return [_ungather(ctx, x, ctx.x(1), ctx.dy(), axis), None]
+
+
+def _padded_row(ctx: RuleContext, x: str, dy: str, axis: int, index: int) -> str:
+    """dy as row `index` of x along `axis` (either may count from the end), zeros elsewhere:
+    a Pad, far cheaper than a scatter-add into a large tensor."""
+    b = ctx.b
+    dims = b.shape(x)
+    axes = b.ints([axis])
+    length = b.op("Gather", [dims, axes], axis=0)
+    start = b.ints([index]) if index >= 0 else b.op("Add", [length, b.ints([index])])
+    zeros = b.op("Mul", [dims, b.ints([0])])
+    before = b.op("ScatterElements", [zeros, axes, start], axis=0)
+    rest = b.op("Sub", [b.op("Sub", [length, start]), b.ints([1])])
+    after = b.op("ScatterElements", [zeros, axes, rest], axis=0)
+    return b.op("Pad", [b.unsqueeze(dy, [axis]), b.op("Concat", [before, after], axis=0)])
 
 
 @rule("Compress")
