@@ -2,13 +2,17 @@
 
 1. `upgrade_opset`     requires an ai.onnx opset; ensures opset >= 17 (the rules' semantics).
 2. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
-3. `append_backward`   requires the target layer on the path to the score; ensures d score / d
-                       layer (and, when asked, d score / d image) tensors exist.
-4. `append_heatmap`    ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
+3. `_target_views`     ensures each target layer exists, feeds the score and has a layout
+                       (`layout.detect_view`), or refuses with the candidate layers.
+4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
+                       layer (and, when asked, d score / d image) tensors exist; each layer and
+                       its gradient are then seen as [N, C, h, w] (`Features`).
+5. `append_heatmap`    ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
                        target layer, fused), and ``pixel_map`` for the pixel-level methods.
-5. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
-                       ``input_gradients``) are graph outputs after every original output.
-6. `check`             ensures the result passes onnx's full checker (strict shape inference).
+6. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
+                       ``input_gradients``) are graph outputs after every original output;
+                       `record_target` writes the explained layer and view as metadata.
+7. `check`             ensures the result passes onnx's full checker (strict shape inference).
 """
 
 from __future__ import annotations
@@ -416,9 +420,8 @@ def append_heatmap(
         )
         return heatmap, pixel_map
     maps = []
-    for layer, (view, activations, layer_gradients) in (
-        (name, (f.view, f.activations, f.gradients)) for name, f in features.items()
-    ):
+    for layer, feature in features.items():
+        view, activations, layer_gradients = feature.view, feature.activations, feature.gradients
         if method == INTEGRATED_GRAD_CAM:
             maps.append(append_integrated_map(b, activations, layer_gradients, image))
             continue
