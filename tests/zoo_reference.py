@@ -18,7 +18,7 @@ Shared by `benchmarks/zoo.py` (the whole zoo, one model per subprocess) and
 * `time_ratio(onnx_path, augmented, size)`: explain / forward time in onnxruntime, batch 1.
 
 Outcomes: "match" (r >= R_MIN and gradient error <= GRADIENT_RTOL), "refused" (AugmentError),
-"mismatch" (augmented but not matching: silently wrong), "no reference" (no torch module output
+"mismatch" (augmented but not matching, or every map flat: silently wrong or useless), "no reference" (no torch module output
 holds the target), "error" (anything else that broke on our side: a non-AugmentError exception
 in the augmenter, onnxruntime rejecting the augmented graph). `ExportFailed` marks the
 exporter's failures.
@@ -442,8 +442,11 @@ def _against_torch(model, size, result: Comparison, raw, view, outputs) -> None:
     if not matched:
         result.message = (f"r {result.r:.4f} (>= {R_MIN}), gradient rel L2 "
                           f"{result.gradient_error:.3g} (<= {GRADIENT_RTOL:g})")
-    if result.flat_maps == BATCH:
-        result.message = "every reference map is flat (r undefined)"
+    if result.flat_maps == BATCH:  # agreeing on nothing: a constant map explains nothing
+        result.outcome = "mismatch"
+        zero = not np.any(outputs["gradients"])
+        result.message = ("every map is flat, ours and pytorch-grad-cam's at the same layer"
+                          + (": the layer's gradient is zero at every grid cell" if zero else ""))
 
 
 def _module_outputs(model, modules, x, numel):
