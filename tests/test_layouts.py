@@ -84,6 +84,42 @@ class TinyViT(nn.Module):
         return sum(self.head(tokens[:, i]) for i in range(self.prefix.shape[1]))
 
 
+class ClassAttention(nn.Module):
+    """CaiT's class attention: the class token queries itself and the patches."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.q, self.kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        u = self.norm1(torch.cat([cls, patches], 1))
+        k, v = self.kv(u).chunk(2, -1)
+        attention = (self.q(u[:, :1]) @ k.transpose(-2, -1) * WIDTH ** -0.5).softmax(-1)
+        return cls + self.proj(attention @ v)
+
+
+class TinyCaiT(nn.Module):
+    """Self-attention over the patches, then the class token joins in class attention: the
+    recipe's layer is the last class-attention norm (its input is a concatenation, not the
+    residual stream, yet it sits in front of the attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, WIDTH, PATCH, PATCH)
+        self.block = Block(WIDTH)
+        self.cls = nn.Parameter(torch.randn(1, 1, WIDTH) * 0.5)
+        self.class_attention = ClassAttention(WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.block(self.embed(x).flatten(2).transpose(1, 2))
+        cls = self.class_attention(self.cls.expand(x.shape[0], -1, -1), patches)
+        return self.head(self.norm(torch.cat([cls, patches], 1))[:, 0])
+
+
 class LinearEmbeddingViT(TinyViT):
     """Patches cut with reshapes and embedded by a Linear (no Conv shows the grid)."""
 
@@ -224,6 +260,13 @@ def test_vit_default_layer_is_the_norm_before_the_last_attention(prefix, dynamo)
         expected={"layout": "tokens", "prefix_tokens": str(prefix), "grid": f"{GRID}x{GRID}"},
     )
     assert "norm1" in target["layer"] or "layer_norm" in target["layer"]
+
+
+def test_class_attention_takes_its_norm():
+    model = build(TinyCaiT)
+    target = assert_matches(model, model.class_attention.norm1, export(model), images(),
+                            tokens_to_map(1), expected={"layout": "tokens", "grid": "4x4"})
+    assert target["layer"].startswith("/class_attention/norm1/")
 
 
 def test_post_norm_blocks_take_the_final_norm():

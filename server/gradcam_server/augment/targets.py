@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from .backward import ancestors, descendants
+from .backward import ancestors, descendants, path_nodes
 from .errors import AugmentError
 from .graph import GraphBuilder
 from .layout import detect_view
@@ -77,7 +77,8 @@ def detect_target_layer(
 
 def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str | None:
     nodes = list(b.graph.node)
-    on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
+    from_image = descendants(nodes, {image})
+    on_path = from_image & ancestors(nodes, {score_output})
     consumers: dict[str, list] = {}
     for node in nodes:
         for name in node.input:
@@ -96,15 +97,22 @@ def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str |
     feeding = ancestors(nodes, {attention[-1].input[0]})
     norms = [node for node in nodes if node.op_type in _NORMS and node.output[0] in feeding
              and node.output[0] in on_path]
-    if norms:
-        block_input = norms[-1].input[0]
-        residual = any(c.op_type in ("Add", "Sum") and c.output[0] in after
-                       for c in consumers.get(block_input, []))
-        if residual:  # pre-norm: x + attention(norm(x))
-            return norms[-1].output[0]
+    if norms and _feeds_attention_directly(nodes, norms[-1].output[0], attention[-1], from_image):
+        return norms[-1].output[0]  # pre-norm: x + attention(norm(x))
     finals = [node for node in nodes if node.op_type in _NORMS and node.output[0] in after
               and node.output[0] in on_path and _rank_or_none(b, node.output[0]) in (3, 4)]
     return finals[-1].output[0] if finals else None
+
+
+def _feeds_attention_directly(nodes: list, norm: str, softmax, from_image: set[str]) -> bool:
+    """Whether `norm` reaches the attention `softmax` through the query/key projections alone,
+    as the norm in front of a pre-norm block does (ViT, Swin; CaiT's class attention, whose
+    norm reads the class token and the patches). In a post-norm block the last norm before
+    the attention closes the previous block: a residual sum of two activations lies between."""
+    return not any(
+        node.op_type in ("Add", "Sum") and sum(t in from_image for t in node.input) >= 2
+        for node in path_nodes(nodes, norm, softmax.input[0])
+    )
 
 
 def _cnn_target(b: GraphBuilder, score_output: str) -> str:
