@@ -1,6 +1,6 @@
 """Served Grad-CAM against the alternatives, as ratios measured in one run.
 
-    python benchmarks/bench_server.py [--model resnet50] [--threads 2] [--seconds 15]
+    python benchmarks/bench_server.py [--model resnet50|vit_b_16] [--threads 2] [--seconds 15]
 
 On the same weights (a torchvision model, random weights: speed does not depend on them) and the
 same number of threads, it measures:
@@ -35,6 +35,19 @@ from gradcam_server.augment import augment_model
 from gradcam_server.runtime import RuntimeOptions, create_session
 
 MODEL = "bench"
+
+
+def vit_tokens_to_map(tokens):
+    """pytorch-grad-cam's reshape_transform for ViT-B/16 at 224: drop the class token, 14 x 14."""
+    return tokens[:, 1:].reshape(tokens.shape[0], 14, 14, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+# pytorch-grad-cam's target layer (and reshape_transform) for each model, as its docs recommend;
+# the served model explains the layer the augmenter detects, the same one.
+RECIPES = {
+    "resnet50": (lambda model: model.layer4, None),
+    "vit_b_16": (lambda model: model.encoder.layers[-1].ln_1, vit_tokens_to_map),
+}
 
 
 def start_server(repository: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -87,7 +100,7 @@ def throughput(address: str, clients: int, batch: int, seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--model", default="resnet50", choices=sorted(RECIPES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args()
@@ -120,7 +133,9 @@ def main() -> None:
             print("\n2. pytorch-grad-cam GradCAM / served Grad-CAM (speed-up)")
             torch.manual_seed(0)
             model = getattr(torchvision.models, args.model)(weights=None).eval()
-            with GradCAM(model=model, target_layers=[model.layer4]) as cam:
+            layer, reshape = RECIPES[args.model]
+            with GradCAM(model=model, target_layers=[layer(model)],
+                         reshape_transform=reshape) as cam:
                 for batch in (1, 8):
                     x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
                     tensor = torch.from_numpy(x)
