@@ -59,6 +59,7 @@ UNARY = [
     OpSpec("Erf", {"x": X4}),
     OpSpec("Softplus", {"x": X4}),
     OpSpec("Gelu", {"x": X4}, opset=20),
+    OpSpec("Gelu", {"x": X4}, attrs={"approximate": "tanh"}, opset=20, label="tanh"),
     OpSpec("Softmax", {"x": Wrt((2, 3, 4))}, attrs={"axis": 1}),
     OpSpec("LogSoftmax", {"x": Wrt((2, 3, 4))}, attrs={"axis": -1}),
     OpSpec("Cast", {"x": X4}, attrs={"to": TensorProto.DOUBLE}),

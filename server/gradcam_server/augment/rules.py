@@ -687,10 +687,29 @@ def _softplus(ctx: RuleContext) -> Gradients:
 
 @rule("Gelu")
 def _gelu(ctx: RuleContext) -> Gradients:
-    """Exact Gelu: dx = dy (Phi(x) + x phi(x))."""
+    """Exact Gelu: dx = dy (Phi(x) + x phi(x)); approximate="tanh", y = x (1 + t) / 2 with
+    t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3): dx = dy ((1 + t) / 2 + x (1 - t^2) u' / 2),
+    u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     b, x = ctx.b, ctx.x(0)
-    if ctx.attr("approximate", "none") != "none":
-        raise ctx.unsupported("only approximate='none' is supported")
+    approximate = ctx.attr("approximate", "none")
+    if approximate == "tanh":
+        scale, cubic = math.sqrt(2 / math.pi), 0.044715
+        square = b.op("Mul", [x, x])
+        inner = b.op("Mul", [b.op("Add", [x, b.op("Mul", [b.op("Mul", [square, x]),
+                                                          b.const(cubic)])]), b.const(scale)])
+        t = b.op("Tanh", [inner])
+        inner_slope = b.op("Mul", [b.op("Add", [b.const(1.0), b.op("Mul", [square,
+                                                                          b.const(3 * cubic)])]),
+                                   b.const(scale)])
+        half = b.const(0.5)
+        slope = b.op("Add", [
+            b.op("Mul", [b.op("Add", [b.const(1.0), t]), half]),
+            b.op("Mul", [b.op("Mul", [x, b.op("Sub", [b.const(1.0), b.op("Mul", [t, t])])]),
+                         b.op("Mul", [inner_slope, half])]),
+        ])
+        return _scaled(ctx, slope)
+    if approximate != "none":
+        raise ctx.unsupported(f"approximate={approximate!r} is not a Gelu of the ONNX standard")
     cdf = b.op(
         "Mul",
         [b.op("Add", [b.op("Erf", [b.op("Mul", [x, b.const(1 / math.sqrt(2))])]), b.const(1.0)]),
