@@ -291,6 +291,30 @@ def test_convnext_head_steps_over_the_pooled_layer_norm():
     assert_matches(model, model.features, export(model), images(), expected={"layout": "nchw"})
 
 
+def test_exporter_ops_between_pooling_and_head_are_stepped_over():
+    """dynamo writes timm's ConvNeXt head with an as_strided (a Reshape to one axis and a
+    Gather back to [N, C, 1, 1]) between the pooling and the LayerNorm: the target is still
+    the map before the pooling."""
+    model = build(ConvNeXtHead)
+    exported = onnx.load_from_string(export(model))
+    graph = exported.graph
+    pool = next(n for n in graph.node if n.op_type == "GlobalAveragePool")
+    index = list(graph.node).index(pool) + 1
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"),
+        onnx.numpy_helper.from_array(np.arange(2 * WIDTH).reshape(2, WIDTH, 1, 1), "strided"),
+    ])
+    graph.node.insert(index, onnx.helper.make_node("Reshape", [pool.output[0], "flat_shape"],
+                                                   ["flat_pooled"]))
+    graph.node.insert(index + 1, onnx.helper.make_node("Gather", ["flat_pooled", "strided"],
+                                                       ["as_strided"]))
+    for node in graph.node[index + 2:]:
+        node.input[:] = ["as_strided" if t == pool.output[0] else t for t in node.input]
+    for value in (graph.input[0], graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    assert_matches(model, model.features, exported, images(2), expected={"layout": "nchw"})
+
+
 def test_hybrid_with_convolutions_after_attention_uses_the_cnn_recipe():
     model = build(Hybrid)
     assert_matches(model, model.fuse, export(model), images(), expected={"layout": "nchw"})

@@ -68,7 +68,7 @@ def detect_target_layer(
         raise AugmentError("could not detect a transformer's target layer (no attention block "
                            "on the way to the score); name the layer")
     try:
-        layer = _cnn_target(b, score_output)
+        layer = _cnn_target(b, score_output, image)
         detect_view(b, layer, image, **view_options)
         return layer
     except AugmentError as error:
@@ -115,7 +115,7 @@ def _feeds_attention_directly(nodes: list, norm: str, softmax, from_image: set[s
     )
 
 
-def _cnn_target(b: GraphBuilder, score_output: str) -> str:
+def _cnn_target(b: GraphBuilder, score_output: str, image: str) -> str:
     """The last spatial map before the global pooling in front of the classifier.
 
     Finds the last node (in graph order) that turns a 4-D tensor into one of lower rank on the
@@ -124,7 +124,9 @@ def _cnn_target(b: GraphBuilder, score_output: str) -> str:
     map they pool, and over what a head puts between pooling and flattening (LayerNorm,
     transposes, reshapes, Q/DQ) where a pooling op lies behind it. Max pooling inside the
     feature extractor is not stepped over, so VGG's target is its last MaxPool output, as in
-    the Grad-CAM paper.
+    the Grad-CAM paper. Where that walk ends on a pooled 1 x 1 map (an exporter's own ops
+    between pooling and head, such as dynamo's as_strided Gather), the target is the last
+    tensor before it with a spatial grid larger than 1 x 1.
     """
     nodes = list(b.graph.node)
     producers = {t: node for node in nodes for t in node.output}
@@ -152,15 +154,21 @@ def _cnn_target(b: GraphBuilder, score_output: str) -> str:
         walked = node.input[0]
         if node.op_type in _POOLING:
             target = walked
+    shape = b.static_shape(target)
+    if shape and all(isinstance(d, int) for d in shape[2:]) and shape[2] * shape[3] == 1:
+        before = candidate_layers(b, target, image, limit=1, names_only=True)
+        if before:
+            return before[0]
     return target
 
 
 def candidate_layers(
-    b: GraphBuilder, score_output: str, image: str, limit: int = 6, **view_options
+    b: GraphBuilder, score_output: str, image: str, limit: int = 6, names_only: bool = False,
+    **view_options,
 ) -> list[str]:
     """The last `limit` tensors (graph order) on the way from the image to the score that
     would make valid targets (with `view_options` where they fit, detected otherwise), each as
-    "name [shape] layout"."""
+    "name [shape] layout", or its name alone."""
     nodes = list(b.graph.node)
     on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
     found: list[str] = []
@@ -179,7 +187,7 @@ def candidate_layers(
         if view is None:
             continue
         shape = ", ".join("?" if d is None else str(d) for d in b.static_shape(tensor))
-        found.append(f"{tensor} [{shape}] {view.describe()}")
+        found.append(tensor if names_only else f"{tensor} [{shape}] {view.describe()}")
         if len(found) == limit:
             break
     return found
