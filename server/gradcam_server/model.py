@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from .augment import LAYOUTS, AugmentError, augment_model, explained_target, load_model
-from .augment.layout import MAX_PREFIX_TOKENS
+from .augment.layout import check_view_options
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import image_input, score_output_name, spatial_axes
 from .batching import StopSignal
@@ -227,11 +227,10 @@ class ServedModel:
             raise InvalidInput(
                 f"unknown layout {shown(request.layout)}; expected one of {', '.join(LAYOUTS)}"
             )
-        prefix = request.prefix_tokens
-        if prefix is not None and not 0 <= prefix <= MAX_PREFIX_TOKENS:
-            raise InvalidInput(
-                f"prefix_tokens must be 0..{MAX_PREFIX_TOKENS}; got {request.prefix_tokens}"
-            )
+        try:
+            check_view_options(request.layout, request.prefix_tokens, request.grid)
+        except AugmentError as error:
+            raise InvalidInput(str(error)) from None
         if layer == self.default_layer:
             target = self.default_target
             model_layout = target.get("layout")
