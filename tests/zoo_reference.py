@@ -18,15 +18,16 @@ Shared by `benchmarks/zoo.py` (the whole zoo, one model per subprocess) and
 * `time_ratio(onnx_path, augmented, size)`: explain / forward time in onnxruntime, batch 1.
 
 Outcomes: "match" (r >= R_MIN and gradient error <= GRADIENT_RTOL), "refused" (AugmentError),
-"mismatch" (augmented but not matching, or every map flat: silently wrong or useless), "no reference" (no torch module output
-holds the target), "error" (anything else that broke on our side: a non-AugmentError exception
-in the augmenter, onnxruntime rejecting the augmented graph). `ExportFailed` marks the
-exporter's failures.
+"mismatch" (augmented but not matching, or every map flat: silently wrong or useless),
+"no reference" (no torch module or function output holds the target), "error" (anything
+else that broke on our side: a non-AugmentError exception in the augmenter, onnxruntime
+rejecting the augmented graph). `ExportFailed` marks the exporter's failures.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -181,7 +182,11 @@ def export_model(
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 - every exporter failure is recorded as such
-        raise ExportFailed(one_line(error)) from error
+        root = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        cause = f" (caused by {one_line(root, 300)})" if root is not error else ""
+        raise ExportFailed(one_line(error, 200) + cause) from error
     with torch.no_grad():
         expected = model(x).numpy()
     try:
@@ -305,7 +310,9 @@ class _Hooked:
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    """`error` as one line of at most `limit` characters, without terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(error).__name__}: {error}")
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
