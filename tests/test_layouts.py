@@ -365,15 +365,52 @@ def test_overrides_that_the_graph_refutes_are_refused():
         augment_model(export(build(TinyViT)), grid=(2, 8))
 
 
-def test_grid_override_rescues_a_linear_patch_embedding():
-    """Patches cut by reshapes and embedded by a Linear show no grid in the graph: detection
-    refuses, naming the grid; with the grid given, the recipe's layer is explained."""
+def test_a_linear_patch_embedding_takes_the_grid_that_tiles_the_input():
+    """Patches cut by reshapes and embedded by a Linear show no Conv grid: the grid is the one
+    whose T - prefix patches tile the static 32 x 32 input (4 x 4 after 1 token)."""
     model = build(LinearEmbeddingViT)
-    exported = export(model)
+    assert_matches(model, model.blocks[-1].norm1, export(model), images(), tokens_to_map(1),
+                   expected={"layout": "tokens", "prefix_tokens": "1", "grid": "4x4"})
+
+
+def test_grid_override_rescues_a_grid_the_graph_cannot_tell():
+    """With a dynamic input size nothing in the graph tells the grid: refused, naming the
+    grid; with the grid given, the recipe's layer is explained."""
+    model = build(LinearEmbeddingViT)
+    exported = onnx.load_from_string(export(model))
+    for dim in exported.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "size"
     with pytest.raises(AugmentError, match="cannot tell the patch grid.*give the grid"):
         augment_model(exported, layout="tokens")
     assert_matches(model, model.blocks[-1].norm1, exported, images(), tokens_to_map(1),
                    grid=(GRID, GRID), expected={"layout": "tokens", "prefix_tokens": "1"})
+
+
+def test_an_input_size_two_grids_tile_is_refused():
+    """10 tokens on a 32 x 64 input: 2 x 4 patches after 2 tokens, or 1 x 2 after 8. Refused,
+    naming both; with the prefix given, the grid follows."""
+    graph_text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 32, 64] input) => (float[N, 5] logits) {
+        flat = Reshape(input, shape)
+        patches = MatMul(flat, embed)
+        tokens = Pad(patches, pads)
+        normed = LayerNormalization <axis = -1> (tokens, scale)
+        first = Gather <axis = 1> (normed, zero)
+        logits = MatMul(first, head)
+    }"""
+    model = onnx.parser.parse_model(graph_text)
+    rng = np.random.default_rng(0)
+    for name, value in {"shape": np.array([0, 8, 768], np.int64),
+                        "embed": rng.standard_normal((768, 8)).astype(np.float32),
+                        "pads": np.array([0, 2, 0, 0, 0, 0], np.int64),
+                        "scale": np.ones(8, np.float32), "zero": np.array(0, np.int64),
+                        "head": rng.standard_normal((8, 5)).astype(np.float32)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    with pytest.raises(AugmentError, match=r"input size does not decide it; it fits 2x4 after "
+                                           r"2, 1x2 after 8"):
+        augment_model(model, layer="normed")
+    target = explained_target(augment_model(model, layer="normed", prefix_tokens=2))
+    assert (target["prefix_tokens"], target["grid"]) == ("2", "2x4")
 
 
 def test_a_pooled_map_is_refused_as_one_by_one():

@@ -121,7 +121,7 @@ def vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def linear_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same weights with the Linear patch embedding: a graph that hides the grid."""
+    """The same weights with the Linear patch embedding: no Conv shows the grid."""
     torch.manual_seed(0)
     return servers.export_torch(TinyViT(linear_patches=True), SIZE,
                                 tmp_path_factory.mktemp("linear") / "model.onnx",
@@ -239,8 +239,7 @@ def test_gradcam_models_prints_each_layer_and_its_layout(server) -> None:
     assert lines["vit"].endswith(f"layer {TOKENS_LAYER} (tokens, prefix 1, grid 8x8)")
     assert lines["vit_nhwc"].endswith(f"layer {NHWC_LAYER} (nhwc)")
     assert lines["vit_linear"].endswith(f"layer {TOKENS_LAYER} (tokens, prefix 1, grid 8x8)")
-    assert "inference only" in lines["vit_linear_bare"] and "give the grid" in lines[
-        "vit_linear_bare"]
+    assert lines["vit_linear_bare"].endswith(f"layer {TOKENS_LAYER} (tokens, prefix 1, grid 8x8)")
 
 
 def test_typed_api_explains_the_tokens(stub, vit_path) -> None:
@@ -405,12 +404,16 @@ def test_the_config_layout_applies_to_a_requested_layer_unless_overridden(
     np.testing.assert_allclose(maps(response), direct(vit_path, x), atol=1e-5)
 
 
-def test_config_gives_the_grid_the_graph_cannot_tell(stub, kserve, vit_path, linear_path) -> None:
-    """The Linear patch embedding hides the grid: alone, the model serves inference only and
-    says why; with the grid in config.json it is explained as the Conv model is (same
-    weights)."""
+def test_a_linear_patch_embedding_is_explained_as_the_conv_one(
+    stub, kserve, vit_path, linear_path
+) -> None:
+    """The Linear patch embedding shows no Conv grid: alone, the model's grid is the one that
+    tiles its 32 x 32 input; config.json can also give it. Either way it is explained as the
+    Conv model is (same weights)."""
     bare = model_info(stub, "vit_linear_bare")
-    assert not bare.methods and "give the grid" in bare.explain_error
+    assert (bare.layer, bare.layout, bare.prefix_tokens, bare.grid) == (
+        TOKENS_LAYER, "tokens", 1, "8x8"
+    )
     info = model_info(stub, "vit_linear")
     assert (info.layer, info.layout, info.prefix_tokens, info.grid) == (
         TOKENS_LAYER, "tokens", 1, "8x8"
@@ -423,3 +426,5 @@ def test_config_gives_the_grid_the_graph_cannot_tell(stub, kserve, vit_path, lin
     response = explain(stub, x, model="vit_linear", grid="8x8", prefix_tokens=1)
     assert (response.layout, response.prefix_tokens, response.grid) == ("tokens", 1, "8x8")
     np.testing.assert_allclose(maps(response), expected, atol=1e-5)
+    np.testing.assert_allclose(maps(explain(stub, x, model="vit_linear_bare")), expected,
+                               atol=1e-5)

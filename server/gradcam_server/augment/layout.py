@@ -19,7 +19,9 @@ Detection reads the graph, never guesses from sizes alone:
   a Transpose (0, 3, 1, 2) mean NHWC. No evidence, or evidence both ways, is refused.
 - rank 3: tokens. The grid is the patch embedding's: the last Conv output [N, C, h, w] the tokens
   are computed from; prefix = T - h * w. Sizes are static where shape inference knows them and
-  read with Shape at run time otherwise.
+  read with Shape at run time otherwise. Without a Conv (patches cut by reshapes and embedded by
+  a Linear), the grid is the one that tiles the static input size with T - prefix patches, if
+  exactly one does.
 
 A view always checks at run time that the tensor's dim 0 is the image batch (a Reshape to the
 batch of the image fails otherwise), so a tensor whose dim 0 is not the batch (attention's
@@ -40,6 +42,7 @@ from .graph import GraphBuilder, axes_are_input
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 MAX_PREFIX_TOKENS = 64  # class, distillation and register tokens; more is not a patch grid
+MAX_INFERRED_PREFIX = 8  # the most prefix tokens a grid is inferred with from the input size
 
 # Ops whose output has the layout of their (first) input: evidence flows through them.
 _LAYOUT_PRESERVING = {
@@ -261,8 +264,8 @@ def _token_view(
     prefix_tokens: int | None,
     grid: tuple[int, int] | None,
 ) -> TargetView:
-    """Tokens [N, T, C]: the grid from `grid` or the patch embedding, the prefix from
-    `prefix_tokens` or T - h * w (static where T and the grid are)."""
+    """Tokens [N, T, C]: the grid from `grid`, the patch embedding, or else the input size; the
+    prefix from `prefix_tokens` or T - h * w (static where T and the grid are)."""
     shape = b.static_shape(tensor)
     tokens = shape[1] if shape and isinstance(shape[1], int) else None
     source = None
@@ -270,16 +273,18 @@ def _token_view(
         _check_grid_against_embedding(b, tensor, image, grid, tokens)
     if grid is None:
         source = _patch_embedding(b, tensor, image)
-        if source is None and tokens is not None and prefix_tokens is not None:
-            side = math.isqrt(tokens - prefix_tokens) if tokens >= prefix_tokens else 0
-            if side * side == tokens - prefix_tokens and side > 0:
-                grid = (side, side)
-        if source is None and grid is None:
-            raise AugmentError(
-                f"cannot tell the patch grid of tokens {tensor!r} (shape "
-                f"{_shape_text(b, tensor)}): no patch-embedding Conv feeds them; give the grid "
-                "(h, w) and prefix_tokens"
-            )
+        if source is None:
+            fits = _grids_tiling_the_input(b, image, tokens, prefix_tokens)
+            if len(fits) != 1:
+                why = ("; it fits " + ", ".join(f"{h}x{w} after {p}" for p, h, w in fits)
+                       if fits else "")
+                raise AugmentError(
+                    f"cannot tell the patch grid of tokens {tensor!r} (shape "
+                    f"{_shape_text(b, tensor)}): no patch-embedding Conv feeds them and the "
+                    f"input size does not decide it{why}; give the grid (h, w) and prefix_tokens"
+                )
+            prefix_tokens, *grid = fits[0]
+            grid = tuple(grid)
         if grid is None:
             known = b.static_shape(source)
             if known and all(isinstance(d, int) for d in known[2:]):
@@ -295,6 +300,31 @@ def _token_view(
                 "grid and prefix_tokens"
             )
     return TargetView(tensor, "tokens", prefix_tokens, grid, source if grid is None else None)
+
+
+def _grids_tiling_the_input(
+    b: GraphBuilder, image: str, tokens: int | None, prefix_tokens: int | None
+) -> list[tuple[int, int, int]]:
+    """(prefix, h, w) for which T - prefix patches tile the static input H x W with one integer
+    stride s >= 2 (H = s h, W = s w): `prefix_tokens` where given, else any of 0 ..
+    MAX_INFERRED_PREFIX (class, distillation and a few register tokens)."""
+    dims = b.static_shape(image) or ()
+    if tokens is None or len(dims) != 4:
+        return []
+    height, width = (dims[1], dims[2]) if dims[3] in (1, 3) and dims[1] not in (1, 3) else dims[2:]
+    if not (isinstance(height, int) and isinstance(width, int)):
+        return []
+    prefixes = [prefix_tokens] if prefix_tokens is not None else range(MAX_INFERRED_PREFIX + 1)
+    fits = []
+    for prefix in prefixes:
+        cells = tokens - prefix
+        if cells < 2 or (height * width) % cells:
+            continue
+        stride = math.isqrt(height * width // cells)
+        if (stride >= 2 and stride * stride * cells == height * width
+                and height % stride == 0 and width % stride == 0):
+            fits.append((prefix, height // stride, width // stride))
+    return fits
 
 
 def _check_grid_against_embedding(
