@@ -83,7 +83,7 @@ class TinyViT(torch.nn.Module):
     attention blocks, a final norm and a head on the class token. The head's random weights
     are torch's default (not zero), so every class score depends on the image. With
     `linear_patches`, the patches are cut by reshapes and embedded by a Linear: no Conv shows
-    the grid, which the graph then cannot tell."""
+    the grid, which the input size then tells."""
 
     def __init__(self, linear_patches: bool = False) -> None:
         super().__init__()
