@@ -448,6 +448,29 @@ def test_a_tensor_without_layout_evidence_is_refused_as_ambiguous():
     assert explained_target(augmented)["layout"] == "nchw"
 
 
+def test_a_grid_that_does_not_tile_the_image_is_not_a_feature_map():
+    """A per-head norm over [N, heads, T, d] (qk-norm) votes channels-last like Swin's maps,
+    but its "grid" heads x T gives the image strides 16 and 2: refused as a layout, accepted
+    when the user says it is one."""
+    graph_text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 32, 32] input) => (float[N, 5] logits) {
+        heads = Reshape(input, shape)
+        normed = LayerNormalization <axis = -1> (heads, scale)
+        pooled = ReduceMean <axes = [1, 2], keepdims = 0> (normed)
+        logits = MatMul(pooled, head)
+    }"""
+    model = onnx.parser.parse_model(graph_text)
+    rng = np.random.default_rng(0)
+    for name, value in {"shape": np.array([0, 2, 16, 96], np.int64),
+                        "scale": np.ones(96, np.float32),
+                        "head": rng.standard_normal((96, 5)).astype(np.float32)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    with pytest.raises(AugmentError, match=r"read as nhwc has a 2x16 grid .* does not cover the "
+                                           r"image with one stride"):
+        augment_model(model, layer="normed")
+    assert explained_target(augment_model(model, layer="normed", layout="nhwc"))["layout"] == "nhwc"
+
+
 def test_a_layer_whose_dim0_is_not_the_batch_fails_loudly():
     """A rank-5 qkv tensor and a [T, N, C] tensor: a static dim 0 other than the batch is
     refused when augmenting; one shape inference cannot see fails at run time, never

@@ -132,7 +132,8 @@ def detect_view(
     the graph shows (a layout against unanimous evidence, a grid the patch embedding refutes)."""
     layout, prefix_tokens, grid = check_view_options(layout, prefix_tokens, grid)
     rank = b.rank(tensor)
-    if layout is None:
+    detected = layout is None
+    if detected:
         layout = _detect_layout(b, tensor, rank)
     elif rank == 4 and layout != "tokens":
         shown = _layout_evidence(b, tensor)
@@ -161,7 +162,40 @@ def detect_view(
             f"{_shape_text(b, tensor)}): its heatmap would be constant; choose a layer before "
             "the global pooling"
         )
+    if detected and spatial is not None and not _tiles_the_image(b, image, spatial):
+        raise AugmentError(
+            f"target layer {tensor!r} read as {layout} has a {spatial[0]}x{spatial[1]} grid "
+            f"(shape {_shape_text(b, tensor)}), which does not cover the image with one stride "
+            "along both axes: it is not laid out as a feature map; give the layout if it is"
+        )
     return view
+
+
+def _tiles_the_image(b: GraphBuilder, image: str, grid: tuple[int, int]) -> bool:
+    """Whether a grid h x w could be a feature map of the image: where the image's H x W is
+    static, the strides H / h and W / w agree within a factor 1.5 (padding and rounding make
+    them differ a little; attention's [N, heads, T, d] read as a map makes them differ a
+    lot)."""
+    size = _image_size(b, image)
+    if size is None:
+        return True
+    height, width = size
+    if grid[0] > height or grid[1] > width:
+        return False
+    strides = (height / grid[0], width / grid[1])
+    return max(strides) / min(strides) <= 1.5
+
+
+def _image_size(b: GraphBuilder, image: str) -> tuple[int, int] | None:
+    """The image's static (H, W), NCHW unless a channel dim of 1 or 3 says NHWC; None where
+    either is dynamic."""
+    dims = b.static_shape(image) or ()
+    if len(dims) != 4:
+        return None
+    height, width = (dims[1], dims[2]) if dims[3] in (1, 3) and dims[1] not in (1, 3) else dims[2:]
+    if isinstance(height, int) and isinstance(width, int):
+        return height, width
+    return None
 
 
 def check_view_options(
@@ -308,12 +342,10 @@ def _grids_tiling_the_input(
     """(prefix, h, w) for which T - prefix patches tile the static input H x W with one integer
     stride s >= 2 (H = s h, W = s w): `prefix_tokens` where given, else any of 0 ..
     MAX_INFERRED_PREFIX (class, distillation and a few register tokens)."""
-    dims = b.static_shape(image) or ()
-    if tokens is None or len(dims) != 4:
+    size = _image_size(b, image)
+    if tokens is None or size is None:
         return []
-    height, width = (dims[1], dims[2]) if dims[3] in (1, 3) and dims[1] not in (1, 3) else dims[2:]
-    if not (isinstance(height, int) and isinstance(width, int)):
-        return []
+    height, width = size
     prefixes = [prefix_tokens] if prefix_tokens is not None else range(MAX_INFERRED_PREFIX + 1)
     fits = []
     for prefix in prefixes:
