@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gradcam_server.augment import AugmentError, augment_model
+from gradcam_server.augment.graph import infer_shapes, model_bytes
 
 
 class SmallCNN(nn.Module):
@@ -189,6 +190,23 @@ def test_bad_layers_are_clear_errors(small_onnx: Path) -> None:
         in str(error.value)
     with pytest.raises(AugmentError, match="unknown score"):
         augment_model(small_onnx, score="margin")
+
+
+def test_shape_inference_on_the_skeleton_knows_what_the_whole_model_does(small_onnx: Path):
+    """Shapes are inferred with the weights as typed inputs (so models over 2 GiB can be):
+    every type onnx infers on the whole model is the same, and model_bytes is its size."""
+    model = onnx.load(small_onnx)
+    whole = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    skeleton = infer_shapes(model)
+    inferred = {v.name: v.type for v in skeleton.graph.value_info}
+    assert whole.graph.value_info and all(
+        inferred[v.name] == v.type for v in whole.graph.value_info
+    )
+    kept = {i.name for i in skeleton.graph.initializer}
+    declared = {i.name for i in skeleton.graph.input}
+    assert all(int(np.prod(i.dims)) <= 4096 for i in skeleton.graph.initializer)
+    assert all(i.name in kept | declared for i in model.graph.initializer)
+    assert abs(model_bytes(model) - model.ByteSize()) < 0.01 * model.ByteSize()
 
 
 def test_external_data_model(small_cnn: SmallCNN, small_onnx: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from .errors import AugmentError
+from .graph import model_bytes
 from .layout import LAYOUTS
 from .passes import ALL_METHODS, NAMES, augment_model, explained_target
 from .targets import SCORES
@@ -89,7 +90,7 @@ def name_or_index(text: str) -> str | int:
 
 def save(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < _SINGLE_FILE_LIMIT_BYTES:
+    if model_bytes(model) < _SINGLE_FILE_LIMIT_BYTES:
         onnx.save(model, str(path))
     else:
         onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")

@@ -11,6 +11,7 @@ unknown.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -366,9 +367,40 @@ def tensor_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of `model`, near enough: its initializers' and nodes' sizes summed
+    (protobuf's own ByteSize fails on a model over 2 GiB, the case this is asked for)."""
+    graph = model.graph
+    return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+
+
+_WEIGHT_ELEMENTS = 4096  # initializers larger than this are weights, never shapes or indices
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that tolerates models whose shapes cannot all be inferred."""
+    """Shape inference that tolerates models whose shapes cannot all be inferred.
+
+    It runs on a skeleton of the model whose large initializers (weights) are typed graph
+    inputs: their values never decide a shape, and without them a model over protobuf's 2 GiB
+    limit (ViT-H/14) can be inferred at all, and any model faster."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = model.graph
+    skeleton.graph.name = graph.name
+    skeleton.graph.node.extend(graph.node)
+    skeleton.graph.input.extend(graph.input)
+    skeleton.graph.output.extend(graph.output)
+    skeleton.graph.value_info.extend(graph.value_info)
+    declared = {value.name for value in graph.input}
+    for init in graph.initializer:
+        if math.prod(init.dims) <= _WEIGHT_ELEMENTS:
+            skeleton.graph.initializer.append(init)
+        elif init.name not in declared:
+            skeleton.graph.input.append(
+                helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - partial information is still useful
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)

@@ -46,7 +46,7 @@ from .cam import (
     principal_projection,
 )
 from .errors import AugmentError
-from .graph import GraphBuilder, opset_version
+from .graph import GraphBuilder, model_bytes, opset_version
 from .group import group_cam
 from .score import score_cam
 from .smoothing import (
@@ -523,7 +523,7 @@ def _view_dims(b: GraphBuilder, view: TargetView) -> list:
 def check(model: onnx.ModelProto) -> None:
     """onnx's full checker (the graph's rules and strict shape inference) on what we wrote;
     models over protobuf's 2 GiB limit cannot be checked in memory."""
-    if model.ByteSize() < _CHECKER_LIMIT_BYTES:
+    if model_bytes(model) < _CHECKER_LIMIT_BYTES:
         try:
             onnx.checker.check_model(model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
