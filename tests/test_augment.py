@@ -206,7 +206,7 @@ def test_shape_inference_on_the_skeleton_knows_what_the_whole_model_does(small_o
     declared = {i.name for i in skeleton.graph.input}
     assert all(int(np.prod(i.dims)) <= 4096 for i in skeleton.graph.initializer)
     assert all(i.name in kept | declared for i in model.graph.initializer)
-    assert abs(model_bytes(model) - model.ByteSize()) < 0.01 * model.ByteSize()
+    assert 0.95 * model.ByteSize() <= model_bytes(model) <= model.ByteSize()  # tiny model: headers count
 
 
 def test_external_data_model(small_cnn: SmallCNN, small_onnx: Path, tmp_path: Path) -> None:
