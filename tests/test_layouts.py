@@ -209,6 +209,14 @@ def export(model: nn.Module, dynamo: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+def parsed(text: str, **initializers: np.ndarray) -> onnx.ModelProto:
+    """A model from ONNX text, with its initializers."""
+    model = onnx.parser.parse_model(text)
+    for name, value in initializers.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    return model
+
+
 def images(n: int = 2) -> np.ndarray:
     return np.random.default_rng(3).standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
 
@@ -398,14 +406,14 @@ def test_an_input_size_two_grids_tile_is_refused():
         first = Gather <axis = 1> (normed, zero)
         logits = MatMul(first, head)
     }"""
-    model = onnx.parser.parse_model(graph_text)
     rng = np.random.default_rng(0)
-    for name, value in {"shape": np.array([0, 8, 768], np.int64),
-                        "embed": rng.standard_normal((768, 8)).astype(np.float32),
-                        "pads": np.array([0, 2, 0, 0, 0, 0], np.int64),
-                        "scale": np.ones(8, np.float32), "zero": np.array(0, np.int64),
-                        "head": rng.standard_normal((8, 5)).astype(np.float32)}.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    model = parsed(graph_text,
+                   shape=np.array([0, 8, 768], np.int64),
+                   embed=rng.standard_normal((768, 8)).astype(np.float32),
+                   pads=np.array([0, 2, 0, 0, 0, 0], np.int64),
+                   scale=np.ones(8, np.float32),
+                   zero=np.array(0, np.int64),
+                   head=rng.standard_normal((8, 5)).astype(np.float32))
     with pytest.raises(AugmentError, match=r"input size does not decide it; it fits 2x4 after "
                                            r"2, 1x2 after 8"):
         augment_model(model, layer="normed")
@@ -434,13 +442,12 @@ def test_a_tensor_without_layout_evidence_is_refused_as_ambiguous():
         f = Flatten(t)
         logits = MatMul(f, head)
     }"""
-    model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(0)
-    for name, value in {"shape": np.array([0, 3, 64], np.int64),
-                        "w": rng.standard_normal((64, 64)).astype(np.float32),
-                        "back": np.array([0, 3, 8, 8], np.int64),
-                        "head": rng.standard_normal((192, 5)).astype(np.float32)}.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    model = parsed(text,
+                   shape=np.array([0, 3, 64], np.int64),
+                   w=rng.standard_normal((64, 64)).astype(np.float32),
+                   back=np.array([0, 3, 8, 8], np.int64),
+                   head=rng.standard_normal((192, 5)).astype(np.float32))
     with pytest.raises(AugmentError, match="layout of target layer 't'.*ambiguous.*give the "
                                            "layout"):
         augment_model(model, layer="t")
@@ -459,12 +466,11 @@ def test_a_grid_that_does_not_tile_the_image_is_not_a_feature_map():
         pooled = ReduceMean <axes = [1, 2], keepdims = 0> (normed)
         logits = MatMul(pooled, head)
     }"""
-    model = onnx.parser.parse_model(graph_text)
     rng = np.random.default_rng(0)
-    for name, value in {"shape": np.array([0, 2, 16, 96], np.int64),
-                        "scale": np.ones(96, np.float32),
-                        "head": rng.standard_normal((96, 5)).astype(np.float32)}.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    model = parsed(graph_text,
+                   shape=np.array([0, 2, 16, 96], np.int64),
+                   scale=np.ones(96, np.float32),
+                   head=rng.standard_normal((96, 5)).astype(np.float32))
     with pytest.raises(AugmentError, match=r"read as nhwc has a 2x16 grid .* does not cover the "
                                            r"image with one stride"):
         augment_model(model, layer="normed")

@@ -146,16 +146,8 @@ def repository(vit_path: Path, linear_path: Path, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    process = servers.ServerProcess(repository, log, "--max-variants", str(MAX_VARIANTS))
-    try:
-        with grpc.insecure_channel(process.address) as channel:
-            process.wait_serving(channel)
+    with servers.serving(repository, log, "--max-variants", str(MAX_VARIANTS)) as process:
         yield process
-    finally:
-        try:
-            process.stop()
-        finally:
-            process.kill()
 
 
 @pytest.fixture(scope="module")

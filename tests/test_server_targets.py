@@ -45,16 +45,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    process = servers.ServerProcess(repository, log)
-    try:
-        with grpc.insecure_channel(process.address) as channel:
-            process.wait_serving(channel)
+    with servers.serving(repository, log) as process:
         yield process
-    finally:
-        try:
-            process.stop()
-        finally:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
