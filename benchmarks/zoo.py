@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,17 @@ REPORT = ROOT / "docs" / "ZOO.md"
 WORK = Path(tempfile.gettempdir()) / "gradcam_zoo"  # exports kept where the outcome is not a match
 EXTRA_OUTCOMES = ("timeout", "crashed")
 GOAL_SHARE = 0.95
+# Why a run does not match, found by reading its graph: (source, model, exporter) -> one line.
+# Shown with the run's message in docs/ZOO.md; "*" stands for both exporters.
+CAUSES: dict[tuple[str, str, str], str] = {
+    ("timm", "levit_128s", "*"): (
+        "LeViT normalises with BatchNorm, no LayerNorm, so no transformer recipe applies; the CNN "
+        "rule then takes the last 4-D tensor flattened on the way to the score, attention's "
+        "per-head [N, heads, T, d] transpose in the last block, and its layout is refused. The "
+        "candidates listed give stage-3 tokens (T = 16) the stem's 14x14 grid: LeViT shrinks the "
+        "grid by subsampling tokens in attention, not by a Conv, so the grid must be given (4x4)."
+    ),
+}
 
 
 # -- one model, in the subprocess ----------------------------------------------------------------
@@ -55,7 +67,9 @@ def worker(source: str, name: str, exporter: str, out: Path) -> None:
     stage("build")
     model = zr.build_model(source, name)
     record["revived"] = model.revived
-    path = WORK / f"{source}-{name}-{exporter}.onnx"
+    folder = WORK / f"{source}-{name}-{exporter}"  # models over 2 GB export a file per weight
+    shutil.rmtree(folder, ignore_errors=True)
+    path = folder / "model.onnx"
     stage("export")
     t0 = time.time()
     dynamic = True
@@ -70,10 +84,11 @@ def worker(source: str, name: str, exporter: str, out: Path) -> None:
             record.update(outcome="export failed", message=str(error))
     record["export_s"] = round(time.time() - t0, 1)
     record["dynamic_batch"] = dynamic
+    scratch = Path(tempfile.mkdtemp(dir=folder))  # models over 2 GiB are saved here to be run
     if "outcome" not in record:
         stage("compare")
         t0 = time.time()
-        comparison, augmented = zr.compare(model, path, size, scratch=WORK)
+        comparison, augmented = zr.compare(model, path, size, scratch=scratch)
         record.update(comparison.as_dict())
         record["compare_s"] = round(time.time() - t0, 1)
         del model
@@ -81,14 +96,14 @@ def worker(source: str, name: str, exporter: str, out: Path) -> None:
             stage("timing")
             try:
                 record.update(zr.time_ratio(path, augmented, size,
-                                            batch=1 if dynamic else zr.BATCH, scratch=WORK))
+                                            batch=1 if dynamic else zr.BATCH, scratch=scratch))
             except Exception as error:  # noqa: BLE001 - recorded, the rest stands
                 record["timing_error"] = zr.one_line(error)
         if record["outcome"] != "match":
             record["kept"] = str(path)
+    shutil.rmtree(scratch, ignore_errors=True)
     if record.get("outcome") in ("match", "export failed"):
-        for leftover in (path, path.with_name(path.name + ".data")):
-            leftover.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
     record["worker_s"] = round(time.time() - started, 1)
     out.write_text(json.dumps(record))
 
@@ -162,15 +177,20 @@ def augmenter_version() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+modified" if dirty else "")
 
 
-def load_results(path: Path) -> dict[tuple[str, str, str], dict]:
+def load_records(path: Path) -> list[dict]:
+    """Every record, oldest first."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def key_of(record: dict) -> tuple[str, str, str]:
+    return record["source"], record["model"], record["exporter"]
+
+
+def latest(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     """The latest record of each (source, model, exporter)."""
-    results = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                results[(record["source"], record["model"], record["exporter"])] = record
-    return results
+    return {key_of(record): record for record in records}
 
 
 def planned(sources, models, exporters) -> list[tuple[str, str, str]]:
@@ -220,8 +240,11 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def write_report(results: dict, commands: list[str], path: Path = REPORT) -> None:
+def write_report(records: list[dict], path: Path = REPORT) -> None:
     import zoo_reference as zr
+
+    results = latest(records)
+    commands = list(dict.fromkeys(r["command"] for r in records if r.get("command")))
 
     everything = [(s, n, e) for s in zr.SOURCES for e in zr.EXPORTERS for n in zr.model_names(s)]
     order = {key: i for i, key in enumerate(everything)}
@@ -238,7 +261,9 @@ def write_report(results: dict, commands: list[str], path: Path = REPORT) -> Non
         "independent references on two photos (image 0 for its top-1 class, image 1 for class "
         f"{zr.EXPLICIT_CLASS}): pytorch-grad-cam 1.5.7's `GradCAM` at the torch module whose "
         "output equals the ONNX target tensor (found by exposing that tensor and matching the "
-        "forward-hook outputs of every module; its `reshape_transform` built from "
+        "forward-hook outputs of every module, or, where no module outputs it, of every torch "
+        "function called in the forward, tapped through an identity module; its "
+        "`reshape_transform` built from "
         "`explained_target`'s layout), and torch autograd's d logit / d that output. Random "
         "weights (nothing downloaded), BatchNorm calibrated on the scikit-image photos, "
         "zero-initialised linear layers (torchvision's ViT heads) given small random weights and "
@@ -255,7 +280,7 @@ def write_report(results: dict, commands: list[str], path: Path = REPORT) -> Non
         "- **outcome**: *match* (r >= 0.99 and gradient error <= 1e-2); *refused* "
         "(`AugmentError`, its message); *export failed* (the exporter's failure, or an export "
         "whose logits differ from torch's by over 1e-3); *mismatch* (augmented but not "
-        "matching: silently wrong); *no reference* (no torch module output equals the target, "
+        "matching, or every map flat in both: silently wrong or useless); *no reference* (no torch module output equals the target, "
         "and why); *error* (our code broke without a clear refusal); *timeout* / *crashed* "
         "(the subprocess ran out of time or memory, or died).",
         "",
@@ -298,9 +323,11 @@ def write_report(results: dict, commands: list[str], path: Path = REPORT) -> Non
         lines += ["## Not matching", ""]
         for k in problems:
             r = results[k]
-            lines.append(f"- **{k[1]}** ({k[0]}, {k[2]}), {r['outcome']}: "
-                         f"{_cell(r.get('message', ''), 700)}"
-                         + (f" *Cause:* {r['cause']}" if r.get("cause") else ""))
+            cause = CAUSES.get(k) or CAUSES.get((k[0], k[1], "*"))
+            lines.append(f"- **{k[1]}** ({k[0]}, {k[2]}), {r['outcome']}"
+                         + (f" ({r['augmenter']})" if r.get("augmenter") else "")
+                         + f": {_cell(r.get('message', ''), 500)}"
+                         + (f" **Cause:** {cause}" if cause else ""))
         lines.append("")
     failed = [k for k in done if results[k]["outcome"] == "export failed"]
     if failed:
@@ -329,6 +356,21 @@ def write_report(results: dict, commands: list[str], path: Path = REPORT) -> Non
             f"{_number(r.get('r'), '.4f')} | {_number(r.get('gradient_error'), '.1e')} | "
             f"{ratio} | {outcome}{': ' + _cell(detail) if detail and outcome != 'match' else ''} |"
         )
+    earlier = [r for r in records if r is not results[key_of(r)]
+               and r["outcome"] != results[key_of(r)]["outcome"]]
+    if earlier:
+        lines += ["", "## Earlier outcomes", "",
+                  "Runs whose outcome changed when run again (the augmenter, or for DenseNet the "
+                  "reference, changed in between; "
+                  "`augmenter` is the commit each ran, \"+modified\" with local changes):", ""]
+        for r in earlier:
+            now = results[key_of(r)]
+            lines.append(
+                f"- {r['model']} ({r['source']}, {r['exporter']}): {r['outcome']} with "
+                f"{r.get('augmenter') or 'an earlier augmenter'}"
+                + (f" ({_cell(r['message'], 200)})" if r.get("message") else "")
+                + f"; now {now['outcome']} with {now.get('augmenter', '?')}"
+            )
     if missing:
         lines += ["", "## Not run", ""]
         for source in zr.SOURCES:
@@ -366,10 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(*args.worker, args.out)
         return
-    results = load_results(RESULTS)
-    commands = sorted({r["command"] for r in results.values() if r.get("command")})
+    records = load_records(RESULTS)
+    results = latest(records)
     if args.report_only:
-        write_report(results, commands)
+        write_report(records)
         return
     command = "python benchmarks/zoo.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     command = command.rstrip()
@@ -379,8 +421,6 @@ def main(argv: list[str] | None = None) -> None:
         unknown = models - {name for _, name, _ in plan}
         if unknown:
             parser.error(f"unknown models: {', '.join(sorted(unknown))}")
-    if command not in commands:
-        commands.append(command)
     for key in plan:
         if key in results and not args.rerun:
             continue
@@ -390,8 +430,9 @@ def main(argv: list[str] | None = None) -> None:
         record["command"] = command
         with RESULTS.open("a") as sink:
             sink.write(json.dumps(record) + "\n")
+        records.append(record)
         results[key] = record
-        write_report(results, commands)
+        write_report(records)
         print(f"{record['outcome']} ({record['wall_s']} s) {record.get('message', '')[:160]}",
               flush=True)
 

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from google.protobuf.message import EncodeError
 from onnx import helper
 from torch.overrides import TorchFunctionMode
 
@@ -200,9 +201,6 @@ def export_model(
 
 
 # -- onnxruntime -------------------------------------------------------------------------------
-_PROTO_LIMIT = 2**31 - 2**24
-
-
 def session(
     model: str | Path | onnx.ModelProto, threads: int | None = None, scratch: Path | None = None
 ) -> ort.InferenceSession:
@@ -215,11 +213,11 @@ def session(
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _PROTO_LIMIT:
+        try:  # ByteSize() cannot tell: it overflows past 2 GiB
             source = model.SerializeToString()
-        else:
+        except EncodeError:  # over 2 GiB
             if scratch is None:
-                raise ValueError("a model over 2 GB needs a scratch folder")
+                raise ValueError("a model over 2 GiB needs a scratch folder") from None
             target = Path(tempfile.mkdtemp(dir=scratch)) / "model.onnx"
             onnx.save(model, str(target), save_as_external_data=True, location="model.onnx.data")
             source = str(target)
