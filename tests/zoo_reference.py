@@ -43,6 +43,7 @@ import onnxruntime as ort
 import torch
 from google.protobuf.message import EncodeError
 from onnx import helper
+from onnx.external_data_helper import load_external_data_for_model
 from torch.overrides import TorchFunctionMode
 
 import zoo
@@ -220,6 +221,8 @@ def session(
                 raise ValueError("a model over 2 GiB needs a scratch folder") from None
             target = Path(tempfile.mkdtemp(dir=scratch)) / "model.onnx"
             onnx.save(model, str(target), save_as_external_data=True, location="model.onnx.data")
+            # saving moved the weights out of the proto: read them back for the caller
+            load_external_data_for_model(model, str(target.parent))
             source = str(target)
     else:
         source = str(model)
