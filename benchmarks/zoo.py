@@ -40,12 +40,17 @@ GOAL_SHARE = 0.95
 # Why a run does not match, found by reading its graph: (source, model, exporter) -> one line.
 # Shown with the run's message in docs/ZOO.md; "*" stands for both exporters.
 CAUSES: dict[tuple[str, str, str], str] = {
-    ("timm", "levit_128s", "*"): (
+    ("timm", "levit_128s", "torchscript"): (
         "LeViT normalises with BatchNorm, no LayerNorm, so no transformer recipe applies; the CNN "
         "rule then takes the last 4-D tensor flattened on the way to the score, attention's "
-        "per-head [N, heads, T, d] transpose in the last block, and its layout is refused. The "
-        "candidates listed give stage-3 tokens (T = 16) the stem's 14x14 grid: LeViT shrinks the "
-        "grid by subsampling tokens in attention, not by a Conv, so the grid must be given (4x4)."
+        "per-head [N, heads, T, d] transpose in the last block, whose layout is refused. The "
+        "candidates listed mislead: they give stage-3 tokens (T = 16) the stem's 14x14 grid "
+        "(LeViT shrinks its grid by subsampling tokens in attention, not by a Conv; it is 4x4)."
+    ),
+    ("timm", "levit_128s", "dynamo"): (
+        "as with TorchScript: no LayerNorm, so the CNN rule lands on attention's per-head "
+        "[N, heads, T, d] transpose, refused; the candidates listed mislead too, starting with "
+        "attention's per-head tensors read as nhwc and nchw, then stage-1 tokens."
     ),
 }
 
@@ -276,12 +281,15 @@ def write_report(records: list[dict], path: Path = REPORT) -> None:
         "- **gradient error**: relative L2 error of our `gradients` against torch autograd, both "
         "seen as [N, C, h, w].",
         "- **explain/forward**: median onnxruntime time of the augmented session over the "
-        "original one, batch 1, one intra-op thread, interleaved runs (3 to 9 pairs).",
+        "original one, batch 1, one intra-op thread, interleaved runs (3 to 9 pairs); the 2-core "
+        "machine was shared with other work during the runs, so single ratios are noisy "
+        "(`benchmarks/bench_augment.py` measures the cost carefully).",
         "- **outcome**: *match* (r >= 0.99 and gradient error <= 1e-2); *refused* "
         "(`AugmentError`, its message); *export failed* (the exporter's failure, or an export "
         "whose logits differ from torch's by over 1e-3); *mismatch* (augmented but not "
-        "matching, or every map flat in both: silently wrong or useless); *no reference* (no torch module output equals the target, "
-        "and why); *error* (our code broke without a clear refusal); *timeout* / *crashed* "
+        "matching, or every map flat in both: silently wrong or useless); *no reference* (no "
+        "torch module or function output equals the target, and why); *error* (our code "
+        "broke without a clear refusal); *timeout* / *crashed* "
         "(the subprocess ran out of time or memory, or died).",
         "",
         "Goal: >= 95 % match, every other one refused clearly, 0 silently wrong.",
@@ -360,8 +368,10 @@ def write_report(records: list[dict], path: Path = REPORT) -> None:
                and r["outcome"] != results[key_of(r)]["outcome"]]
     if earlier:
         lines += ["", "## Earlier outcomes", "",
-                  "Runs whose outcome changed when run again (the augmenter, or for DenseNet the "
-                  "reference, changed in between; "
+                  "Runs whose outcome changed when run again: the augmenter changed in between, "
+                  "or the reference did (DenseNet: its target is a functional F.relu, which the "
+                  "first reference did not look for; ViT-H/14 and RegNet-Y-128GF: the second "
+                  "error was the reference failing to run a model over 2 GiB); "
                   "`augmenter` is the commit each ran, \"+modified\" with local changes):", ""]
         for r in earlier:
             now = results[key_of(r)]
@@ -372,7 +382,9 @@ def write_report(records: list[dict], path: Path = REPORT) -> None:
                 + f"; now {now['outcome']} with {now.get('augmenter', '?')}"
             )
     if missing:
-        lines += ["", "## Not run", ""]
+        lines += ["", "## Not run", "",
+                  "Not run within the time the report was given (runs go smallest first, so "
+                  "these are the largest); `python benchmarks/zoo.py` runs them, resuming.", ""]
         for source in zr.SOURCES:
             for exporter in zr.EXPORTERS:
                 names = [k[1] for k in missing if k[0] == source and k[2] == exporter]
