@@ -84,7 +84,7 @@ class TargetView:
         return f"tokens (prefix {prefix}, grid {grid})"
 
     def metadata(self) -> dict[str, str]:
-        """The view as the augmented model's metadata (`passes.METADATA_KEYS`)."""
+        """The view as the augmented model's metadata (`passes.record_target`)."""
         entries = {"layer": self.tensor, "layout": self.layout}
         if self.layout == "tokens":
             if self.prefix_tokens is not None:

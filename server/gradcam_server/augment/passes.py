@@ -179,9 +179,10 @@ def augment_model(
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
     highest-scoring class of that item, so -1 is its top-1 class) and the
     outputs ``activations`` and ``gradients`` (the target layer and d score / d layer, seen as
-    [N, C, h, w] whatever the layer's layout) and ``heatmap`` (FP32 [N, H, W] at the input's H x W, each map min-max
-    normalised to [0, 1]). Weights are shared with the forward graph, never differentiated.
-    The model's metadata records the explained layer and its view (`METADATA_KEYS`).
+    [N, C, h, w] whatever the layer's layout) and ``heatmap`` (FP32 [N, H, W] at the input's
+    H x W, each map min-max normalised to [0, 1]). Weights are shared with the forward graph,
+    never differentiated. The model's metadata records the explained layer and its view
+    (`explained_target` reads them).
     """
     if method not in ALL_METHODS:
         raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")

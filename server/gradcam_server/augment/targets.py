@@ -27,7 +27,9 @@ _HEAD_PASS_THROUGH = {
     "Transpose", "LayerNormalization", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast",
     "QuantizeLinear", "DequantizeLinear", "BatchNormalization",
 }
-_NORMS = {"LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+_NORMS = {
+    "LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+}
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 SCORES = ("logit", "probability", "similarity", "region")
 
@@ -76,6 +78,8 @@ def detect_target_layer(
 
 
 def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str | None:
+    """The transformer recipe's layer (see `detect_target_layer`), or None where no attention
+    Softmax (one feeding a MatMul) lies on the way to the score, or Convs follow the last."""
     nodes = list(b.graph.node)
     from_image = descendants(nodes, {image})
     on_path = from_image & ancestors(nodes, {score_output})
@@ -97,8 +101,9 @@ def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str |
     feeding = ancestors(nodes, {attention[-1].input[0]})
     norms = [node for node in nodes if node.op_type in _NORMS and node.output[0] in feeding
              and node.output[0] in on_path]
-    if norms and _feeds_attention_directly(nodes, norms[-1].output[0], attention[-1], from_image):
-        return norms[-1].output[0]  # pre-norm: x + attention(norm(x))
+    last_norm = norms[-1].output[0] if norms else None
+    if last_norm and _feeds_attention_directly(nodes, last_norm, attention[-1], from_image):
+        return last_norm  # pre-norm: x + attention(norm(x))
     finals = [node for node in nodes if node.op_type in _NORMS and node.output[0] in after
               and node.output[0] in on_path and _rank_or_none(b, node.output[0]) in (3, 4)]
     return finals[-1].output[0] if finals else None
