@@ -11,7 +11,7 @@ Every CAM method works on a feature map [N, C, h, w]. Target tensors come in thr
 The view is linear, so the gradient of the view is the view of the gradient: the backward pass
 runs to the raw tensor and both are viewed alike.
 
-Detection reads the graph, never guesses from sizes alone:
+Detection reads the graph; sizes only confirm it, or decide a grid no Conv shows:
 
 - rank 4: the ops that produce and consume the tensor (and the element-wise ops around it) say
   where its channels are: Conv, BatchNormalization, pooling and ReduceMean over (2, 3) mean NCHW;
@@ -22,6 +22,9 @@ Detection reads the graph, never guesses from sizes alone:
   read with Shape at run time otherwise. Without a Conv (patches cut by reshapes and embedded by
   a Linear), the grid is the one that tiles the static input size with T - prefix patches, if
   exactly one does.
+- a detected layout whose grid does not cover a static image with one stride along both axes
+  (attention's [N, heads, T, d] read as a map) is refused; so is a given layout or grid that
+  the graph refutes.
 
 A view always checks at run time that the tensor's dim 0 is the image batch (a Reshape to the
 batch of the image fails otherwise), so a tensor whose dim 0 is not the batch (attention's
