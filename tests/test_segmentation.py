@@ -162,5 +162,5 @@ def test_negative_mask_explains_the_predicted_region(
 
 
 def test_a_classifier_score_on_a_segmentation_output_is_refused(exported: Path) -> None:
-    with pytest.raises(AugmentError, match=r"must be \[N, classes\]"):
+    with pytest.raises(AugmentError, match=r"needs an output \[N, classes\].*region score"):
         augment_model(exported, layer=None, score="logit")

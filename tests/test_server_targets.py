@@ -189,7 +189,7 @@ def test_bad_segmentation_requests_are_refused(client, stub) -> None:
     x = images(1)
     expect_error(
         lambda: infer(client, "segmenter", [tensor("input", x)], score="logit"),
-        INVALID, "must be [N, classes]",
+        INVALID, "needs an output [N, classes]",
     )
     expect_error(
         lambda: infer(client, "segmenter", [

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from .augment import LAYOUTS, AugmentError, augment_model, explained_target, load_model
 from .augment.layout import check_view_options
 from .augment.passes import ALL_METHODS, NAMES
-from .augment.targets import image_input, score_output_name, spatial_axes
+from .augment.targets import default_score, image_input, score_output_name, spatial_axes
 from .batching import StopSignal
 from .config import ModelConfig, parse_grid, read_config
 from .errors import ExplainUnavailable, InvalidInput, RunStopped, shown
@@ -177,7 +177,7 @@ class ServedModel:
 
     def default_score(self, output: str) -> str:
         """"region" for a segmentation output [N, classes, h, w], else "logit"."""
-        return "region" if len(self.output_info(output).shape) == 4 else "logit"
+        return default_score(len(self.output_info(output).shape))
 
     def output_info(self, name: str) -> TensorInfo:
         return next(o for o in self.outputs if o.name == name)

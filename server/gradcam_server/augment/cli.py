@@ -12,8 +12,8 @@ import onnx
 from .errors import AugmentError
 from .graph import model_bytes
 from .layout import LAYOUTS
-from .passes import ALL_METHODS, NAMES, augment_model, explained_target
-from .targets import SCORES
+from .passes import ALL_METHODS, NAMES, augment_model, explained_target, load_model
+from .targets import SCORES, default_score, score_output_name
 
 # Protobuf cannot serialize 2 GiB; larger models keep their weights in a data file beside them.
 _SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="target layer tensor name (default: detected); repeat to fuse")
     parser.add_argument("--method", choices=ALL_METHODS, default="gradcam",
                         help="the CAM method computing the heatmap")
-    parser.add_argument("--score", choices=SCORES, default="logit", help="what is explained")
+    parser.add_argument(
+        "--score", choices=SCORES,
+        help='what is explained (default: "region" for a segmentation output, else "logit")',
+    )
     parser.add_argument(
         "--score-output", type=name_or_index,
         help="graph output explained, by name or index (default: the first)",
@@ -52,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens layout: the patch grid, e.g. 14x14")
     args = parser.parse_args(argv)
     try:
+        model = load_model(args.model)
+        score = args.score or default_score(_output_rank(model, args.score_output))
         augmented = augment_model(
-            args.model,
+            model,
             layer=args.layer,
             method=args.method,
-            score=args.score,
+            score=score,
             output=args.score_output,
             input_gradients=args.input_gradients,
             input=args.input,
@@ -70,8 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     save(augmented, args.output)
     target = explained_target(augmented)
     details = ", ".join(f"{key} {value}" for key, value in target.items() if key != "layer")
-    print(f"wrote {args.output} (target layer {target['layer']!r}: {details})")
+    print(f"wrote {args.output} ({score} score, target layer {target['layer']!r}: {details})")
     return 0
+
+
+def _output_rank(model: onnx.ModelProto, output: str | int | None) -> int | None:
+    """The rank of the explained output, None where the graph does not say."""
+    name = score_output_name(model, output)
+    info = next(o for o in model.graph.output if o.name == name)
+    shape = info.type.tensor_type
+    return len(shape.shape.dim) if shape.HasField("shape") else None
 
 
 def grid_size(text: str) -> tuple[int, int]:

@@ -254,9 +254,10 @@ def score_seed(
     if score not in ("logit", "probability"):
         raise AugmentError(f"score {score!r} has no class seed; expected logit or probability")
     if b.rank(logits) != 2:
-        raise AugmentError(
-            f"the score output {logits!r} must be [N, classes]; it has rank {b.rank(logits)}"
-        )
+        hint = (" (a segmentation map [N, classes, h, w]: explain it with the region score)"
+                if b.rank(logits) == 4 else "")
+        raise AugmentError(f"the {score} score needs an output [N, classes]; {logits!r} has "
+                           f"rank {b.rank(logits)}{hint}")
     onehot, resolved = _class_onehot(b, logits, target_class, b.elem_type(logits))
     if score == "logit":
         return onehot, resolved
@@ -393,6 +394,13 @@ def score_output_name(model: onnx.ModelProto, output: str | int | None) -> str:
         raise AugmentError(f"{output!r} is not an output of the model; its outputs are: "
                            f"{', '.join(outputs)}")
     return output
+
+
+def default_score(output_rank: int | None) -> str:
+    """The score an output is explained with when none is asked, by the server and by
+    ``gradcam-augment`` alike: "region" for a segmentation map [N, classes, h, w], "logit" for
+    anything else."""
+    return "region" if output_rank == 4 else "logit"
 
 
 def spatial_axes(image: onnx.ValueInfoProto) -> tuple[int, int]:
