@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gradcam_server.augment import augment_model
-from gradcam_server.augment.cli import save
+from gradcam_server.augment.graph import save_model
 
 
 def export(model_name: str, path: Path) -> None:
@@ -115,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plain_path, augmented_path = Path(tmp, "plain.onnx"), Path(tmp, "augmented.onnx")
         export(args.model, plain_path)
-        save(augment_model(plain_path), augmented_path)
+        save_model(augment_model(plain_path), augmented_path)
         sessions = {
             "plain": make_session(plain_path, args.threads),
             "gradcam": make_session(augmented_path, args.threads),

@@ -23,7 +23,7 @@ import numpy as np
 
 from bench_augment import export, interleaved, make_session
 from gradcam_server.augment import augment_model
-from gradcam_server.augment.cli import save
+from gradcam_server.augment.graph import save_model
 from gradcam_server.augment.cam import METHODS, PIXEL_METHODS
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         timed_alone = ("ablationcam", "scorecam")
         for method in (*METHODS, *PIXEL_METHODS, "integrated-gradcam", "groupcam", *timed_alone):
             path = Path(tmp, f"{method}.onnx")
-            save(augment_model(plain_path, method=method), path)
+            save_model(augment_model(plain_path, method=method), path)
             sessions[method] = make_session(path, args.threads)
 
         print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")

@@ -94,22 +94,34 @@ class ModelConfig:
 
 
 def read_config(
-    folder: Path, graph_size: Callable[[str | int | None], tuple[int, int] | None]
+    folder: Path, graph_size: Callable[[str | int | None], tuple[int, int] | None],
+    settings: dict | None = None, source: str = CONFIG_FILE,
 ) -> ModelConfig:
-    """Read ``folder/config.json`` if present. `graph_size(input)` is the static (H, W) of the
-    graph's image input as the config names it (None: the only one), or None if not static."""
+    """Read ``folder/config.json`` if present, or take `settings` (the same keys, read from
+    elsewhere: a Triton config's parameters) where given; errors name the `source`.
+    `graph_size(input)` is the static (H, W) of the graph's image input as the config names it
+    (None: the only one), or None if not static."""
+    raw: dict = {} if settings is None else settings
     path = folder / CONFIG_FILE
-    raw: dict = {}
-    if path.is_file():
+    if settings is None and path.is_file():
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ConfigError(f"{CONFIG_FILE} is not valid JSON: {error}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{CONFIG_FILE} must hold a JSON object")
+    try:
+        return _validated(folder, raw, graph_size)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
+
+
+def _validated(
+    folder: Path, raw: dict, graph_size: Callable[[str | int | None], tuple[int, int] | None]
+) -> ModelConfig:
     unknown = set(raw) - _PREPROCESSING_KEYS - _SERVING_KEYS
     if unknown:
-        raise ConfigError(f"{CONFIG_FILE}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))}")
     image = _name_or_index(raw, "input")
     try:
         preprocessing = Preprocessing.from_config(
@@ -117,28 +129,28 @@ def read_config(
             default_size=graph_size(image) or (224, 224),
         )
     except ValueError as error:
-        raise ConfigError(f"{CONFIG_FILE}: {error}") from error
+        raise ConfigError(str(error)) from error
     delay = _optional_int(raw, "max_queue_delay_microseconds", minimum=0)
     layout = _optional_str(raw, "target_layout")
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(
-            f"{CONFIG_FILE}: 'target_layout' must be one of {', '.join(LAYOUTS)}, got "
+            f"'target_layout' must be one of {', '.join(LAYOUTS)}, got "
             f"{shown(layout)} (the image input's layout is 'layout')"
         )
     prefix_tokens = _optional_int(raw, "prefix_tokens", minimum=0)
     if prefix_tokens is not None and prefix_tokens > MAX_PREFIX_TOKENS:
         raise ConfigError(
-            f"{CONFIG_FILE}: 'prefix_tokens' must be an integer in 0..{MAX_PREFIX_TOKENS}"
+            f"'prefix_tokens' must be an integer in 0..{MAX_PREFIX_TOKENS}"
         )
     grid = None
     if raw.get("grid") is not None:
         try:
             grid = parse_grid(raw["grid"])
         except ValueError as error:
-            raise ConfigError(f"{CONFIG_FILE}: {error}") from error
+            raise ConfigError(str(error)) from error
     if (prefix_tokens is not None or grid is not None) and layout not in (None, "tokens"):
         raise ConfigError(
-            f"{CONFIG_FILE}: 'prefix_tokens' and 'grid' apply to the tokens layout, not "
+            f"'prefix_tokens' and 'grid' apply to the tokens layout, not "
             f"{layout}"
         )
     return ModelConfig(
@@ -188,24 +200,24 @@ def _read_labels(folder: Path, value) -> tuple[str, ...] | None:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     if not isinstance(value, str):
-        raise ConfigError(f"{CONFIG_FILE}: 'labels' must be a file name or a list of names")
+        raise ConfigError("'labels' must be a file name or a list of names")
     # Checked by name, not by resolving links: the folder may be made of symbolic links (to a
     # shared copy of the files), but the name must not lead out of it.
     relative = Path(value)
     if not value or relative.is_absolute() or ".." in relative.parts:
-        raise ConfigError(f"{CONFIG_FILE}: 'labels' must name a file inside the model folder")
+        raise ConfigError("'labels' must name a file inside the model folder")
     path = folder / relative
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
-        raise ConfigError(f"{CONFIG_FILE}: cannot read labels file {value!r}") from error
+        raise ConfigError(f"cannot read labels file {value!r}") from error
     return tuple(line.strip() for line in lines if line.strip())
 
 
 def _optional_str(raw: dict, key: str) -> str | None:
     value = raw.get(key)
     if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{CONFIG_FILE}: {key!r} must be a non-empty string")
+        raise ConfigError(f"{key!r} must be a non-empty string")
     return value
 
 
@@ -220,5 +232,5 @@ def _optional_int(raw: dict, key: str, minimum: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{CONFIG_FILE}: {key!r} must be an integer >= {minimum}")
+        raise ConfigError(f"{key!r} must be an integer >= {minimum}")
     return value

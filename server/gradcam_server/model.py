@@ -32,9 +32,11 @@ from .augment.layout import check_view_options
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import default_score, image_input, score_output_name, spatial_axes
 from .batching import StopSignal
-from .config import ModelConfig, parse_grid, read_config
+from .config import CONFIG_FILE, ModelConfig, parse_grid, read_config
 from .errors import ExplainUnavailable, InvalidInput, RunStopped, shown
 from .runtime import RuntimeOptions, create_session
+from .triton_repository import CONFIG_FILE as TRITON_CONFIG_FILE
+from .triton_repository import TritonModel
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +91,18 @@ class ServedModel:
 
     def __init__(
         self, name: str, folder: Path, runtime: RuntimeOptions,
-        max_variants: int = DEFAULT_MAX_VARIANTS,
+        max_variants: int = DEFAULT_MAX_VARIANTS, triton: TritonModel | None = None,
     ) -> None:
+        """`folder` holds model.onnx and an optional config.json, or, where `triton` is given,
+        is a Triton-layout folder: the graph and the settings come from `triton`."""
         self.name = name
         self.runtime = runtime
         self.max_variants = max_variants
-        self._proto = load_model(folder / MODEL_FILE)
+        self._proto = load_model(triton.model_file if triton else folder / MODEL_FILE)
         self.config: ModelConfig = read_config(
-            folder, lambda name: _static_size(image_input(self._proto, name))
+            folder, lambda name: _static_size(image_input(self._proto, name)),
+            settings=triton.settings if triton else None,
+            source=f"{TRITON_CONFIG_FILE} parameters" if triton else CONFIG_FILE,
         )
         image = image_input(self._proto, self.config.input)
         self.input = _info(image)

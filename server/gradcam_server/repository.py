@@ -1,4 +1,6 @@
-"""The model repository: every ``<root>/<name>/model.onnx``, loaded in the background.
+"""The model repository: every ``<root>/<name>/model.onnx``, loaded in the background; a folder
+in Triton's layout (``<name>/config.pbtxt`` and version folders) serves its newest version
+(`triton_repository.read_model`).
 
 A folder that fails to load (bad graph, bad config) is kept with its reason and reported as not
 ready; it never stops the others. Requests for it fail with `ModelFailed` (FAILED_PRECONDITION:
@@ -22,6 +24,8 @@ from .config import ConfigError
 from .errors import ModelFailed, ModelNotFound, ModelNotReady, shown
 from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel
 from .runtime import RuntimeOptions
+from .triton_repository import CONFIG_FILE as TRITON_CONFIG_FILE
+from .triton_repository import TritonConfigError, is_triton_folder, read_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class ModelRepository:
                              model.providers[0])
                 else:
                     log.info("model %s ready for inference only (%s)", name, model.providers[0])
-            except (AugmentError, ConfigError, FileNotFoundError) as error:
+            except (AugmentError, ConfigError, TritonConfigError, FileNotFoundError) as error:
                 self._failures[name] = self._client_reason(name, error)
                 log.error("model %s failed to load: %s", name, error)
             except Exception as error:  # noqa: BLE001 - one bad folder must not stop the rest
@@ -79,8 +83,14 @@ class ModelRepository:
 
     def _load(self, name: str) -> ServedModel:
         folder = self.root / name
+        if is_triton_folder(folder):
+            triton = read_model(folder)
+            log.info("model %s: Triton layout, version %d", name, triton.version)
+            return ServedModel(name, folder, self.runtime, self.max_variants, triton=triton)
         if not (folder / MODEL_FILE).is_file():
-            raise FileNotFoundError(f"no {MODEL_FILE} in the model folder")
+            raise FileNotFoundError(
+                f"no {MODEL_FILE} in the model folder (nor a Triton {TRITON_CONFIG_FILE})"
+            )
         return ServedModel(name, folder, self.runtime, self.max_variants)
 
     @property

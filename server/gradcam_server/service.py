@@ -282,16 +282,19 @@ class GradCamService:
     def check_target_class(
         self, model: ServedModel, explain: Explaining, target_class: np.ndarray | None, rows: int
     ) -> np.ndarray:
-        """INT64 [N]: c in [0, classes) explains class c, -1 the top-1 class (-r the r-th)."""
+        """INT64 [N]: c in [0, classes) explains class c, -1 the top-1 class (-r the r-th).
+        [N, 1] is taken too: Triton declares a batched scalar so, and its clients send it."""
         classes = model.output_shapes[model.resolve(explain).output][0]
         if target_class is None:
             return np.full(rows, -1, dtype=np.int64)
         target_class = np.asarray(target_class)
         if target_class.dtype != np.int64:
             raise InvalidInput(f"target_class must be INT64, got {target_class.dtype}")
+        if target_class.shape == (rows, 1):
+            target_class = target_class.reshape(rows)
         if target_class.shape != (rows,):
             raise InvalidInput(
-                f"target_class must have shape [{rows}] (one per image), "
+                f"target_class must have shape [{rows}] or [{rows}, 1] (one per image), "
                 f"got {_shape(target_class.shape)}"
             )
         bad = (target_class >= classes) | (target_class < -classes)

@@ -1,5 +1,6 @@
-"""`gradcam-augment MODEL.onnx -o OUT.onnx [--layer TENSOR ...] [--method M] [--score S]
-[--score-output NAME|INDEX] [--input NAME|INDEX] [--layout L] [--prefix-tokens K] [--grid HxW]`."""
+"""`gradcam-augment MODEL.onnx (-o OUT.onnx | --triton-repository DIR [--name N]
+[--max-batch-size B]) [--layer TENSOR ...] [--method M] [--score S] [--score-output NAME|INDEX]
+[--input NAME|INDEX] [--layout L] [--prefix-tokens K] [--grid HxW]`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from pathlib import Path
 import onnx
 
 from .errors import AugmentError
-from .graph import model_bytes
+from .graph import save_model
 from .layout import LAYOUTS
 from .passes import ALL_METHODS, NAMES, augment_model, explained_target, load_model
 from .targets import SCORES, default_score, score_output_name
-
-# Protobuf cannot serialize 2 GiB; larger models keep their weights in a data file beside them.
-_SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
-
+from ..triton_repository import TritonConfigError, write_model
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -25,7 +23,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Add Grad-CAM outputs (activations, gradients, heatmap) to an ONNX model.",
     )
     parser.add_argument("model", type=Path, help="exported ONNX model (external data allowed)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="augmented model path")
+    destination = parser.add_mutually_exclusive_group(required=True)
+    destination.add_argument("-o", "--output", type=Path, help="augmented model path")
+    destination.add_argument(
+        "--triton-repository", type=Path, metavar="DIR",
+        help="write DIR/NAME/1/model.onnx and DIR/NAME/config.pbtxt, a model Triton serves",
+    )
+    parser.add_argument("--name", help="--triton-repository: the model's name (default: the "
+                        "file's name without .onnx, or its folder's for a model.onnx)")
+    parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
+                        help="--triton-repository: Triton's max_batch_size (default 8)")
     parser.add_argument("--layer", action="append",
                         help="target layer tensor name (default: detected); repeat to fuse")
     parser.add_argument("--method", choices=ALL_METHODS, default="gradcam",
@@ -72,10 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     except AugmentError as error:
         print(f"gradcam-augment: {error}", file=sys.stderr)
         return 1
-    save(augmented, args.output)
     target = explained_target(augmented)
+    if args.triton_repository is None:
+        save_model(augmented, args.output)
+        written = args.output
+    else:
+        name = args.name or (args.model.parent.name if args.model.name == "model.onnx"
+                             else args.model.stem)
+        parameters = {"gradcam.method": args.method, "gradcam.score": score,
+                      **{f"gradcam.{key}": value for key, value in target.items()}}
+        try:
+            written = write_model(augmented, args.triton_repository, name,
+                                  args.max_batch_size, parameters)
+        except TritonConfigError as error:
+            print(f"gradcam-augment: {error}", file=sys.stderr)
+            return 1
     details = ", ".join(f"{key} {value}" for key, value in target.items() if key != "layer")
-    print(f"wrote {args.output} ({score} score, target layer {target['layer']!r}: {details})")
+    print(f"wrote {written} ({score} score, target layer {target['layer']!r}: {details})")
     return 0
 
 
@@ -99,14 +119,6 @@ def grid_size(text: str) -> tuple[int, int]:
 def name_or_index(text: str) -> str | int:
     """A tensor's name, or its position when the text is a non-negative integer."""
     return int(text) if text.isdigit() else text
-
-
-def save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if model_bytes(model) < _SINGLE_FILE_LIMIT_BYTES:
-        onnx.save(model, str(path))
-    else:
-        onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -372,6 +374,21 @@ def model_bytes(model: onnx.ModelProto) -> int:
     (protobuf's own ByteSize fails on a model over 2 GiB, the case this is asked for)."""
     graph = model.graph
     return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+
+
+# Protobuf cannot serialize 2 GiB; larger models keep their weights in a data file beside them.
+_SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` to `path` (its folder made as needed): one file, or past protobuf's 2 GiB
+    the weights in ``<file name>.data`` beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model_bytes(model) < _SINGLE_FILE_LIMIT_BYTES:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
 _WEIGHT_ELEMENTS = 4096  # initializers larger than this are weights, never shapes or indices

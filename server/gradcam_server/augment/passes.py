@@ -196,6 +196,12 @@ def augment_model(
         raise AugmentError(f"{method} cannot be combined with aug_smooth")
     check_view_options(layout, prefix_tokens, grid)
     proto = upgrade_opset(load_model(model))
+    if explained_target(proto):
+        raise AugmentError(
+            "the graph is already augmented (it explains layer "
+            f"{explained_target(proto).get('layer')!r}); augment the original export, or run "
+            "this graph as it is with any ONNX runtime"
+        )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
     if aug_smooth or method in (*PERTURBATION_METHODS, *PATH_METHODS):
