@@ -626,7 +626,8 @@ def _parser() -> argparse.ArgumentParser:
     group = connection.add_argument_group("connection")
     group.add_argument("--server", default=os.environ.get("GRADCAM_SERVER", "127.0.0.1:8001"),
                        metavar="HOST:PORT",
-                       help="the server (default: $GRADCAM_SERVER or 127.0.0.1:8001)")
+                       help="the server (default: $GRADCAM_SERVER or 127.0.0.1:8001); several "
+                       "replicas comma-separated, or dns:///NAME:PORT, are balanced round-robin")
     group.add_argument("--token", default=os.environ.get("GRADCAM_TOKEN"),
                        help="bearer token (default: $GRADCAM_TOKEN)")
     group.add_argument("--tls", action="store_true", help="connect with TLS")

@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import numbers
 import os
 import random
 import re
 import reprlib
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -669,6 +671,53 @@ def _pem(value: PemInput | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
+# Several replicas: calls spread over every address that passes grpc.health.v1 (gRPC's
+# round_robin policy with health-checked subchannels); a failing replica leaves the rotation.
+_REPLICAS_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+})
+
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The gRPC target and channel options for ``target``: one "host:port"; several replicas,
+    as a sequence of "host:port" or one comma-separated string (each host resolved here, all
+    its addresses kept); or a resolver name such as "dns:///gradcam.example:8001" (every
+    address the name resolves to). Several addresses are balanced round-robin over the
+    replicas that report SERVING; one address is used as given."""
+    if isinstance(target, str):
+        target = target.strip()
+        if target.startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
+            return target, (("grpc.service_config", _REPLICAS_SERVICE_CONFIG),)
+        addresses = [a.strip() for a in target.split(",") if a.strip()]
+    else:
+        addresses = [str(a).strip() for a in target]
+    addresses = [a.removeprefix("grpc://").removeprefix("grpcs://") for a in addresses]
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0], ()
+    resolved: dict[int, list[str]] = {socket.AF_INET: [], socket.AF_INET6: []}
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {address!r}")
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise ValueError(f"cannot resolve {host!r}: {error}") from error
+        for family, _, _, _, sockaddr in infos:
+            if family in resolved:
+                ip = sockaddr[0] if family == socket.AF_INET else f"[{sockaddr[0]}]"
+                if f"{ip}:{port}" not in resolved[family]:
+                    resolved[family].append(f"{ip}:{port}")
+    family = socket.AF_INET if resolved[socket.AF_INET] else socket.AF_INET6
+    scheme = "ipv4" if family == socket.AF_INET else "ipv6"
+    options = (("grpc.service_config", _REPLICAS_SERVICE_CONFIG),
+               ("grpc.default_authority", addresses[0]))  # the name TLS checks
+    return f"{scheme}:{','.join(resolved[family])}", options
+
+
 @dataclass(frozen=True)
 class _Connection:
     """Settings both clients share: where, how securely, deadlines and retries."""
@@ -687,7 +736,7 @@ class _Connection:
     @classmethod
     def make(
         cls,
-        target: str,
+        target: str | Sequence[str],
         *,
         tls: bool | None,
         root_certificates: PemInput | None,
@@ -709,13 +758,15 @@ class _Connection:
         if not secure and (root_certificates is not None or client_certificate is not None):
             raise ValueError("certificates were given but tls=False")
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        target, balancing = channel_target(target)
         channel_options = (
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *balancing,
             *options,
         )
         return cls(
-            target.removeprefix("grpc://").removeprefix("grpcs://"), secure,
+            target, secure,
             _pem(root_certificates), _pem(client_certificate), _pem(client_key),
             metadata, timeout, retries, backoff, channel_options,
         )
@@ -766,7 +817,7 @@ class _Client:
 
     def __init__(
         self,
-        target: str = "127.0.0.1:8001",
+        target: str | Sequence[str] = "127.0.0.1:8001",
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
@@ -797,9 +848,12 @@ class GradCamClient(_Client):
     """A blocking client; use it in a ``with`` block or call `close`. Safe to share between
     threads.
 
-    ``target`` is "host:port". ``timeout`` (seconds, None: none) is every call's default
-    deadline, retries included; ``retries`` is how many times a call that found the server
-    UNAVAILABLE is tried again, after ``backoff`` seconds doubling each time (with jitter).
+    ``target`` is "host:port", or several replicas: a list of "host:port" (or one string of
+    them, comma-separated) or a resolver name such as "dns:///gradcam.example:8001", balanced
+    round-robin over the replicas that pass their health check (`channel_target`).
+    ``timeout`` (seconds, None: none) is every call's default deadline, retries included;
+    ``retries`` is how many times a call that found the server (or its replica) UNAVAILABLE is
+    tried again, after ``backoff`` seconds doubling each time (with jitter).
     ``token`` sends ``authorization: Bearer <token>``. TLS is on with ``tls=True`` or when
     certificates are given: ``root_certificates`` (PEM bytes or a file; default: the system's
     roots), and ``client_certificate`` with ``client_key`` for mutual TLS. ``options`` are
