@@ -16,7 +16,8 @@
 
 `render` is a small kustomize: resources, strategic-merge patches and image tags, the only
 features the kustomizations here use (it refuses any other), so what is checked is what
-`kubectl apply -k` applies.
+`kubectl apply -k` applies; where kubectl is installed, its own `kubectl kustomize` output is
+compared with it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,6 +227,17 @@ def test_render_merges_as_kustomize_does():
                        {"name": "b"}],
         "tolerations": [{"key": "y"}],
     }
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl on this machine")
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_render_equals_kubectl_kustomize(name):
+    """Where kubectl is installed (its kustomize), render() prints the same objects."""
+    folder = KUSTOMIZE / "overlays" / name
+    printed = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+    assert sorted(yaml.safe_load_all(printed), key=identity) == sorted(render(folder),
+                                                                        key=identity)
 
 
 # -- the server command in the Deployment ---------------------------------------------------------
@@ -461,6 +474,7 @@ KSERVE_FIELDS: dict[str, dict[str, str]] = {
         "canaryTrafficPercent": "int", "containerConcurrency": "int",
         "deploymentStrategy": "object", "huggingface": "object", "labels": "dict",
         "lightgbm": "object", "logger": "object", "maxReplicas": "int", "minReplicas": "int",
+        "name": "str",
         "model": "ModelSpec", "onnx": "object", "paddle": "object", "pmml": "object",
         "pytorch": "object", "scaleMetric": "str", "scaleMetricType": "str",
         "scaleTarget": "int", "serviceAccount": "str", "sklearn": "object",
@@ -486,6 +500,7 @@ PREDICTOR_POD_FIELDS = {
     "shareProcessNamespace", "subdomain", "terminationGracePeriodSeconds", "tolerations",
     "topologySpreadConstraints", "volumes",
 }
+PROTOCOL_VERSIONS = {"v1", "v2", "grpc-v1", "grpc-v2"}  # the SDK's documented values
 _SCALARS = {"str": str, "int": int, "bool": bool, "dict": dict, "list": list, "object": dict}
 
 
@@ -578,6 +593,7 @@ def test_kserve_predictor_runs_the_server_on_mnt_models(path):
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] in {f["name"] for f in spec["supportedModelFormats"]}
     assert model["protocolVersion"] in spec["protocolVersions"] == ["grpc-v2"]
+    assert set(spec["protocolVersions"]) <= PROTOCOL_VERSIONS
     assert container["name"] == "kserve-container"
     options = parse_server(container["command"] + container["args"])
     assert str(options.model_repository) == "/mnt/models", "where KServe puts storageUri"
