@@ -179,6 +179,17 @@ def parse_server(argv: list[str]) -> ServerOptions:
     return parse_args(argv[1:])
 
 
+def test_the_image_command_is_the_parsed_server():
+    """`gradcam-server`, which every manifest runs, is the entry point whose parser the tests
+    use; the Dockerfile's own command parses."""
+    script = re.search(r'^gradcam-server = "(.*)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert script and script.group(1) == "gradcam_server.server:main"
+    entrypoint, command = dockerfile_command()
+    options = parse_server(entrypoint + command)
+    assert (str(options.model_repository), options.host, options.port) == ("/models", "0.0.0.0",
+                                                                          8001)
+
+
 # -- plain Kubernetes objects --------------------------------------------------------------------
 
 
