@@ -365,6 +365,7 @@ def test_services_and_scraping_reach_the_server_ports(overlay):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = one(resources, "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+    assert "replicas" not in deployment["spec"], "the HPA owns the count; apply would reset it"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == identity(deployment)
 
