@@ -287,7 +287,8 @@ async def serve(options: ServerOptions) -> None:
     log.info("stopped")
 
 
-def parse_args(argv: list[str] | None) -> ServerOptions:
+def build_parser() -> argparse.ArgumentParser:
+    """The `gradcam-server` command line (the deployment manifests' tests parse with it)."""
     parser = argparse.ArgumentParser(
         prog="gradcam-server", description="Serve Grad-CAM for ONNX models over gRPC."
     )
@@ -327,6 +328,11 @@ def parse_args(argv: list[str] | None) -> ServerOptions:
                              f"(default: one per core, {DEFAULT_CPU_THREADS} here)")
     parser.add_argument("--grace-seconds", type=float, default=30.0,
                         help="how long shutdown waits for in-flight requests")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> ServerOptions:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("max_variants", "max_concurrent_rpcs", "max_pixels", "cpu_threads"):
         if getattr(args, name) < 1:
