@@ -181,7 +181,7 @@ def test_full_ssdlite_with_nms_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(output="scores"), "name both the scores and the boxes"),
+    (dict(output="boxes"), "name both the scores and the boxes"),
     (dict(detection_format="diagonal"), "unknown detection format"),
     (dict(method="scorecam"), "gradient methods"),
     (dict(iou_threshold=1.5), r"iou_threshold must be in \[0, 1\]"),

@@ -40,7 +40,7 @@ from onnx import TensorProto
 
 from .backward import ancestors, descendants, path_nodes
 from .errors import AugmentError
-from .graph import GraphBuilder
+from .graph import GraphBuilder, infer_shapes
 
 DETECTION_FORMATS = ("nac", "nca", "yolo")  # scores [N, A, C] / [N, C, A] / one YOLO output
 BOX_FORMATS = ("xyxy", "cxcywh")
@@ -94,6 +94,11 @@ def find_heads(
     for name in (scores, boxes):
         if name is not None and name not in _tensors(b):
             raise AugmentError(f"{name!r} is not a tensor of the model")
+    if scores is not None and boxes is None and detection_format != "yolo":
+        boxes = _only_box_output(b, scores, after_nms)
+        if boxes is None and detection_format is None and _yolo_shaped(
+                b.static_shape(scores) or ()):
+            detection_format = "yolo"
     if scores is not None and (boxes is not None or detection_format == "yolo"):
         chosen = (scores, boxes)
     elif scores is not None or boxes is not None:
@@ -141,9 +146,19 @@ def _detect_outputs(
     return score_outputs[0], box_outputs[0]
 
 
+def _only_box_output(b: GraphBuilder, scores: str, after_nms: set[str]) -> str | None:
+    """The boxes beside named scores: the one other output [N, A, 4] or [N, A, C, 4]; None
+    where there is none or several (or the scores are a YOLO output and no box output)."""
+    shapes = {o.name: b.static_shape(o.name) or () for o in b.graph.output
+              if o.name != scores and o.name not in after_nms}
+    found = [n for n, shape in shapes.items() if len(shape) in (3, 4) and shape[-1] == 4]
+    return found[0] if len(found) == 1 else None
+
+
 def _yolo_shaped(shape: tuple) -> bool:
-    return (len(shape) == 3 and isinstance(shape[1], int) and isinstance(shape[2], int)
-            and 4 < shape[1] < shape[2])
+    """[N, 4 + C, A] with 4 + C known, and A unknown or larger (a head alone, no boxes)."""
+    return (len(shape) == 3 and isinstance(shape[1], int) and shape[1] > 4
+            and (not isinstance(shape[2], int) or shape[2] > shape[1]))
 
 
 def _cut_before_nms(
@@ -230,7 +245,8 @@ def _view(
     elif layout == "yolo":
         raise AugmentError("detection format 'yolo' reads one output; do not name boxes")
     view = scores if layout == "nac" else b.op("Transpose", [scores], perm=[0, 2, 1])
-    box_view = boxes if box_format == "xyxy" else _corners(b, boxes)
+    box_view = boxes if box_format == "xyxy" else _corners(b, boxes, len(box_shape))
+    _know_types(b)
     return DetectionHeads(view, box_view, (scores, boxes), len(box_shape) == 4,
                           f"scores {scores!r} ({layout}), boxes {boxes!r} ({box_format})")
 
@@ -242,14 +258,22 @@ def _yolo_view(b: GraphBuilder, output: str, box_format: str | None) -> Detectio
     rows = b.op("Transpose", [output], perm=[0, 2, 1])  # [N, A, 4 + C]
     raw = b.op("Slice", [rows, b.ints([0]), b.ints([4]), b.ints([2])])
     scores = b.op("Slice", [rows, b.ints([4]), b.ints([2**62]), b.ints([2])])
-    boxes = raw if box_format == "xyxy" else _corners(b, raw)
+    boxes = raw if box_format == "xyxy" else _corners(b, raw, 3)
+    _know_types(b)
     return DetectionHeads(scores, boxes, (output,), False,
                           f"YOLO output {output!r} ({box_format or 'cxcywh'})")
 
 
-def _corners(b: GraphBuilder, boxes: str) -> str:
-    """cx, cy, w, h along the last axis to x1, y1, x2, y2."""
-    rank = b.rank(boxes)
+def _know_types(b: GraphBuilder) -> None:
+    """Shape inference over the views just appended, so that the walker's broadcasting rules
+    know their ranks as they know the forward graph's."""
+    inferred = infer_shapes(b.model)
+    for value in inferred.graph.value_info:
+        b.types.setdefault(value.name, value.type)
+
+
+def _corners(b: GraphBuilder, boxes: str, rank: int) -> str:
+    """cx, cy, w, h along the last axis of boxes of `rank` to x1, y1, x2, y2."""
     axis = rank - 1
     centre = b.op("Slice", [boxes, b.ints([0]), b.ints([2]), b.ints([axis])])
     half = b.op("Mul", [b.op("Slice", [boxes, b.ints([2]), b.ints([4]), b.ints([axis])]),
