@@ -369,6 +369,10 @@ def _augment_detection(
         b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name), image_dims)
     expose_detection(b, chosen, heads.scores, batch)
     record_target(proto, views)
+    anchors, classes = (b.static_shape(heads.scores) or (None, None, None))[1:]
+    for key, value in (("anchors", anchors), ("classes", classes)):
+        if isinstance(value, int):  # what a server checks requests against
+            proto.metadata_props.add(key=f"{METADATA_PREFIX}detection_{key}", value=str(value))
     check(proto)
     return proto
 
