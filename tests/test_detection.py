@@ -49,10 +49,11 @@ def assert_gradients_match(ours: np.ndarray, model: detectors.RawDetector,
     where float32 rounding alone costs more (as tests/test_end_to_end.py bounds deep
     targets)."""
     reference = torch_reference(model, module, x, anchors, classes, boxes, torch.float64)
-    float32 = torch_reference(model, module, x, anchors, classes, boxes, torch.float32)
     assert ours.shape == reference.shape
-    floor = zoo.rel_l2(float32, reference)
-    assert zoo.rel_l2(ours, reference) <= max(1e-2, 2 * floor)
+    error = zoo.rel_l2(ours, reference)
+    if error > 1e-2:  # only then is float32's own error needed
+        float32 = torch_reference(model, module, x, anchors, classes, boxes, torch.float32)
+        assert error <= 2 * zoo.rel_l2(float32, reference)
 
 
 def torch_reference(model: detectors.RawDetector, module: torch.nn.Module, x: np.ndarray,
@@ -210,3 +211,86 @@ def test_retinanet_detection_matches_torch(tmp_path: Path) -> None:
     assert_gradients_match(out["gradients"], model, module, x, [anchor], [label], [box])
     assert_same_maps(out["heatmap"], grad_cam_reference(model, module, x, [anchor], [label],
                                                         [box]))
+
+
+class TinyHeads(torch.nn.Module):
+    """A small conv net with a detector's heads over a 8 x 8 grid of anchors (A = 64), in the
+    layouts a two-stage head ("per-class": boxes [N, A, C, 4]) and Ultralytics ("yolo": one
+    [N, 4 + C, A] output, cx, cy, w, h) give; boxes in input pixels (32 x 32)."""
+
+    CLASSES = 3
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        torch.manual_seed(zoo.model_seed(f"tiny-{layout}"))
+        self.layout = layout
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=4, padding=1), torch.nn.ReLU(),
+        )
+        box_values = 4 * self.CLASSES if layout == "per-class" else 4
+        self.head = torch.nn.Conv2d(16, self.CLASSES + box_values, 1)
+        centres = (torch.arange(8, dtype=torch.float32) + 0.5) * 4
+        y, x = torch.meshgrid(centres, centres, indexing="ij")
+        self.register_buffer("centres", torch.stack([x.flatten(), y.flatten()], dim=-1))
+
+    def forward(self, x: torch.Tensor):
+        out = self.head(self.features(x)).flatten(2).transpose(1, 2)  # [N, A, C + boxes]
+        scores = torch.sigmoid(out[..., :self.CLASSES])
+        codes = out[..., self.CLASSES:].reshape(len(x), 64, -1, 4)  # [N, A, 1 or C, 4]
+        centre = self.centres[:, None] + 4 * torch.tanh(codes[..., :2])
+        size = 8 * torch.exp(0.5 * torch.tanh(codes[..., 2:]))
+        if self.layout == "yolo":
+            return torch.cat([centre[:, :, 0], size[:, :, 0], scores], dim=-1).transpose(1, 2)
+        return scores, torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+
+
+def _tiny_boxes(model: TinyHeads, x: torch.Tensor):
+    """(scores [N, A, C], boxes [N, A, C, 4] xyxy) of either layout, by torch."""
+    out = model(x)
+    if model.layout == "per-class":
+        return out
+    centre, size = out[:, :2].transpose(1, 2), out[:, 2:4].transpose(1, 2)
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+    return out[:, 4:].transpose(1, 2), boxes[:, :, None].expand(-1, -1, TinyHeads.CLASSES, -1)
+
+
+@pytest.mark.parametrize("layout", ["per-class", "yolo"])
+def test_per_class_and_yolo_heads_match_torch(layout: str, tmp_path: Path) -> None:
+    """Per-class boxes (the class's box is read) and a YOLO output (split and converted from
+    centre-size in the graph), detected from the output shapes: by box and by index, the
+    anchor and the gradient at the first ReLU against float64 torch autograd."""
+    model = TinyHeads(layout).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "tiny.onnx"
+    names = ["output0"] if layout == "yolo" else ["scores", "boxes"]
+    torch.onnx.export(model, (torch.from_numpy(x),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=names,
+                      dynamic_axes={"input": {0: "N"}, **{n: {0: "N"} for n in names}})
+    with torch.no_grad():
+        scores, boxes = (t.numpy() for t in _tiny_boxes(model, torch.from_numpy(x)))
+    box, label = np.array([6.0, 6.0, 18.0, 16.0], np.float32), 1
+    ious = torchvision.ops.box_iou(torch.from_numpy(box[None]),
+                                   torch.from_numpy(boxes[0, :, label]))[0].numpy()
+    candidates = np.flatnonzero(ious >= 0.3)
+    assert len(candidates), "the reference box overlaps no anchor: the check is vacuous"
+    anchor = int(candidates[np.argmax(scores[0, candidates, label])])
+
+    augmented = augment_model(path, score="detection", iou_threshold=0.3,
+                              layer="/features/features.1/Relu_output_0")
+    out = run(augmented, x, [label, 2], [-1, 17], [box, box])
+    assert out["explained_detection"].tolist() == [anchor, 17]
+
+    double = copy.deepcopy(model).double().requires_grad_(False)
+    captured = {}
+    hook = double.features[1].register_forward_hook(
+        lambda _, __, output: captured.update(relu=output.requires_grad_()))
+    scores64, boxes64 = _tiny_boxes(double, torch.from_numpy(x).double())
+    hook.remove()
+    reference = torch.from_numpy(box[None]).double()
+    total = 0
+    for n, (a, c) in enumerate([(anchor, label), (17, 2)]):
+        total = total + scores64[n, a, c] + torchvision.ops.box_iou(
+            boxes64[n, a, c][None], reference)[0, 0]
+    (gradient,) = torch.autograd.grad(total, captured["relu"])
+    assert zoo.rel_l2(out["gradients"], gradient.numpy()) <= 1e-5
