@@ -19,7 +19,7 @@ from pytorch_grad_cam import GradCAM
 
 import detectors
 import zoo
-from gradcam_server.augment import AugmentError, augment_model
+from gradcam_server.augment import AugmentError, augment_model, explained_target
 from test_end_to_end import assert_same_maps
 
 pytestmark = pytest.mark.slow
@@ -277,7 +277,7 @@ def test_per_class_and_yolo_heads_match_torch(layout: str, tmp_path: Path) -> No
     anchor = int(candidates[np.argmax(scores[0, candidates, label])])
 
     augmented = augment_model(path, score="detection", iou_threshold=0.3,
-                              layer="/features/features.1/Relu_output_0")
+                              layer="/features/features.1/Relu_output_0", input_gradients=True)
     out = run(augmented, x, [label, 2], [-1, 17], [box, box])
     assert out["explained_detection"].tolist() == [anchor, 17]
 
@@ -285,12 +285,29 @@ def test_per_class_and_yolo_heads_match_torch(layout: str, tmp_path: Path) -> No
     captured = {}
     hook = double.features[1].register_forward_hook(
         lambda _, __, output: captured.update(relu=output.requires_grad_()))
-    scores64, boxes64 = _tiny_boxes(double, torch.from_numpy(x).double())
+    image = torch.from_numpy(x).double().requires_grad_()
+    scores64, boxes64 = _tiny_boxes(double, image)
     hook.remove()
     reference = torch.from_numpy(box[None]).double()
     total = 0
     for n, (a, c) in enumerate([(anchor, label), (17, 2)]):
         total = total + scores64[n, a, c] + torchvision.ops.box_iou(
             boxes64[n, a, c][None], reference)[0, 0]
-    (gradient,) = torch.autograd.grad(total, captured["relu"])
+    gradient, input_gradient = torch.autograd.grad(total, [captured["relu"], image])
     assert zoo.rel_l2(out["gradients"], gradient.numpy()) <= 1e-5
+    assert zoo.rel_l2(out["input_gradients"], input_gradient.numpy()) <= 1e-5
+
+
+def test_guided_backprop_of_a_detection(tmp_path: Path) -> None:
+    """The pixel-level methods seed both heads too: a finite, nonzero pixel map per row."""
+    model = TinyHeads("per-class").eval()
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["scores", "boxes"])
+    augmented = augment_model(path, score="detection", method="guided-backprop")
+    # the default layer: the last map both heads read, not one head's own reshape
+    assert explained_target(augmented)["layer"] == "/features/features.3/Relu_output_0"
+    out = run(augmented, x, [0], [5], [[4, 4, 20, 20]])
+    assert out["pixel_map"].shape == x.shape
+    assert np.isfinite(out["pixel_map"]).all() and np.abs(out["pixel_map"]).max() > 0

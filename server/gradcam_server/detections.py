@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .errors import InvalidInput
 
@@ -181,9 +182,15 @@ async def explain_detections(
                                f"to explain, got {len(wanted)}")
     most = max(len(wanted) for wanted in detections)
 
+    tensor_sizes = [image_tensor_size(model, image) for image in images
+                    if not isinstance(image, bytes) and image.ndim == 3]
+
     def check_sizes(encoded_sizes: list[tuple[int, int]]) -> None:
-        service.check_heatmap_response(model, encoded_sizes, heatmap_size, most,
-                                       extra_bytes_per_pixel)
+        """The response's bound, before any image is decoded (as `GradCamService.explain`)."""
+        service.check_heatmap_response(
+            model, [*encoded_sizes, *tensor_sizes], heatmap_size, most, extra_bytes_per_pixel,
+            pixel_channels=model.channels if request.method in PIXEL_METHODS else 0,
+        )
 
     started = asyncio.get_running_loop().time()
     tensors, sizes = await service._prepare_mixed(model, images, check_sizes)
@@ -225,6 +232,9 @@ async def explain_detections(
             outputs = result.outputs
             _refuse_group(outputs, rows, members, detections, request.iou_threshold)
             weights = outputs[NAMES.gradients].mean(axis=(2, 3))
+            pixel_maps = outputs.get(NAMES.pixel_map)  # the pixel-level methods' [N, C, H, W]
+            if pixel_maps is not None and model.config.preprocessing.layout == "NHWC":
+                pixel_maps = pixel_maps.transpose(0, 3, 1, 2)
             for k, r in enumerate(members):
                 number, position = rows[r][0], rows[r][1]
                 graph_size = image_tensor_size(model, tensors[number])
@@ -239,6 +249,7 @@ async def explain_detections(
                         heatmap, heatmap_size.of(sizes[number], heatmap.shape[::-1])
                     ),
                     channels=tuple((int(c), float(weights[k][c])) for c in top),
+                    pixel_gradients=None if pixel_maps is None else pixel_maps[k],
                     detection=DetectedBox(
                         int(outputs[NAMES.explained_detection][k]),
                         tuple(float(v) for v in box),

@@ -144,7 +144,7 @@ class ServedModel:
         else:
             self.default_target = explained_target(augmented)
             self.default_layer = _exposed_layer(augmented)
-            self._default = self.resolve(replace(default, layer=self.default_layer))
+            self._default = self.resolve(Explaining(self.config.method, self.default_layer))
             self._default_explainer = create_session(augmented, runtime)
             del augmented
         self.providers = tuple(self._forward.get_providers())

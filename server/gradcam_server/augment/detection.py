@@ -48,6 +48,9 @@ DEFAULT_IOU_THRESHOLD = 0.5
 _NMS = "NonMaxSuppression"
 # Ops that select rows by value: a tensor computed through them is no longer one row per anchor
 _SELECTING = {"TopK", "NonZero", "Compress", "Loop", "If", "Scan", _NMS}
+# Ops that only rearrange a head's map into rows of anchors
+_REARRANGING = {"Reshape", "Transpose", "Slice", "Split", "Flatten", "Squeeze", "Unsqueeze",
+                "Gather", "Shape", "Size"}
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -445,7 +448,9 @@ def detection_target_layer(b: GraphBuilder, heads: DetectionHeads, image: str) -
     """The default layer of a detector: the last 4-D map (graph order, spatial size above
     1 x 1 where known) that every path from the image to the heads goes through, the end of
     the shared backbone in front of the multi-scale features (SSD's last common feature map,
-    a ResNet-FPN's first level). pytorch-grad-cam's detection tutorials target the backbone."""
+    a ResNet-FPN's first level). pytorch-grad-cam's detection tutorials target the backbone.
+    A map only rearranged into the heads (a shared head conv's output, read by Reshape or
+    Slice alone) holds scores and box codes, not features, and is passed over."""
     nodes = list(b.graph.node)
     ends = set(heads.sources)
     on_path = descendants(nodes, {image}) & ancestors(nodes, ends)
@@ -456,6 +461,10 @@ def detection_target_layer(b: GraphBuilder, heads: DetectionHeads, image: str) -
                 pending[name] = pending.get(name, 0) + 1
     live = {image}
     found = None
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in set(node.input):
+            consumers.setdefault(name, []).append(node)
     for node in nodes:
         outputs = [o for o in node.output if o in on_path]
         if not outputs:
@@ -465,8 +474,11 @@ def detection_target_layer(b: GraphBuilder, heads: DetectionHeads, image: str) -
                 pending[name] -= 1
                 if pending[name] == 0:
                     live.discard(name)
+        if any(o in ends for o in outputs):
+            break  # a head is out: no later tensor lies on every path to it
         live.update(o for o in outputs if pending.get(o, 0) > 0)
-        if len(live) == 1 and outputs[0] in live and _is_feature_map(b, outputs[0]):
+        if (len(live) == 1 and outputs[0] in live and _is_feature_map(b, outputs[0])
+                and not all(n.op_type in _REARRANGING for n in consumers.get(outputs[0], []))):
             found = outputs[0]
     if found is None:
         raise AugmentError("could not detect a detector's target layer (no feature map that "
