@@ -153,6 +153,10 @@ def test_kserve_rows_explain_detections(server, direct) -> None:
         for name in names:
             np.testing.assert_allclose(result.as_numpy(name), reference[name], atol=1e-5)
 
+        metadata = client.get_model_metadata("ssdlite")
+        assert {"detection_index", "reference_box"} <= {i.name for i in metadata.inputs}
+        assert {"explained_detection", "detection_box"} <= {o.name for o in metadata.outputs}
+
         inputs[3].set_data_from_numpy(np.array([(100, 100, 102, 102), BOX], np.float32))
         expect_error(lambda: client.infer("ssdlite", inputs), INVALID,
                      "no detection of class 5 overlaps box [100, 100, 102, 102] with IoU >= 0.5")

@@ -109,6 +109,13 @@ _KNOWN_PARAMETERS = {  # the kinds each may come as
 }
 
 
+_DETECTION_METADATA = (  # a detector's outputs beside the heatmap: (name, datatype, shape)
+    (NAMES.explained_detection, "INT64", [-1]), (NAMES.detection_class, "INT64", [-1]),
+    (NAMES.detection_score, "FP32", [-1]), (NAMES.detection_box, "FP32", [-1, 4]),
+    (NAMES.detection_iou, "FP32", [-1]),
+)
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: GradCamService, metrics: Metrics) -> None:
         self.service = service
@@ -371,6 +378,8 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
             *[TensorMetadata(name=o.name, datatype="FP32", shape=list(o.shape))
               for o in model.outputs],
             TensorMetadata(name=HEATMAP_OUTPUT, datatype="FP32", shape=[-1, -1, -1]),
+            *([TensorMetadata(name=name, datatype=datatype, shape=shape)
+               for name, datatype, shape in _DETECTION_METADATA] if model.is_detector else []),
         ],
     )
 
