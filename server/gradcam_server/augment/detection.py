@@ -328,13 +328,14 @@ def detection_seeds(
     ious = _iou(b, anchor_boxes, b.unsqueeze(reference, [1]))  # [N, A]
     threshold = b.op("CastLike", [b.const(iou_threshold), ious])
     qualifies = b.op("GreaterOrEqual", [ious, threshold])
-    lowest = b.reduce("ReduceMin", anchor_scores, [1], keepdims=True)
-    ranked = b.op("Where", [qualifies, b.op("Add", [b.op("Sub", [anchor_scores, lowest]),
-                                                    b.op("CastLike", [b.const(1.0), ious])]),
-                            b.op("CastLike", [b.const(0.0), ious])])
+    # the scores of the anchors that qualify as they are (exact ties resolved as ArgMax does),
+    # the others below every score
+    below = b.op("Sub", [b.reduce("ReduceMin", anchor_scores, [1], keepdims=True),
+                         b.op("CastLike", [b.const(1.0), anchor_scores])])
+    ranked = b.op("Where", [qualifies, anchor_scores, below])
     by_box = b.op("ArgMax", [ranked], axis=1, keepdims=0)  # [N]
-    any_overlap = b.op("Greater", [b.reduce("ReduceMax", ranked, [1], keepdims=False),
-                                   b.op("CastLike", [b.const(0.0), ious])])
+    overlapping = b.reduce("ReduceMax", b.op("Cast", [qualifies], to=dtype), [1], keepdims=False)
+    any_overlap = b.op("Greater", [overlapping, b.op("CastLike", [b.const(0.0), overlapping])])
     by_index = b.op("GreaterOrEqual", [detection_index, b.ints([0])])
     anchor = b.op("Where", [by_index, detection_index, by_box])
     valid = b.op("And", [b.op("Or", [by_index, any_overlap]), b.op("Less", [anchor, anchors])])
