@@ -121,8 +121,13 @@ def test_encoded_image_boxes_are_in_its_pixels(sdk: GradCamClient, direct,
     box = reference["detection_box"][0]
     np.testing.assert_allclose(heatmap.detection.box,
                                [box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy], rtol=1e-4)
-    picture = explained.overlay()
-    assert picture.size == (width, height)
+    picture = np.asarray(explained.overlay())
+    assert picture.shape == (height, width, 3)
+    x1, y1, x2, y2 = heatmap.detection.box  # its outline is drawn in white where inside
+    edges = [(round(x), round((y1 + y2) / 2)) for x in (x1, x2)] + [
+        (round((x1 + x2) / 2), round(y)) for y in (y1, y2)]
+    inside = [(x, y) for x, y in edges if 0 <= x < width and 0 <= y < height]
+    assert inside and all((picture[y, x] == 255).all() for x, y in inside)
 
     out = tmp_path / "overlay.png"
     command = [sys.executable, "-m", "gradcam_client", "explain", str(servers.SAMPLE),
