@@ -391,7 +391,18 @@ def write_report(records: list[dict], path: Path = REPORT) -> None:
                 if names:
                     lines.append(f"- {source} {exporter} ({len(names)}): {', '.join(names)}")
     lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + _kept_sections(path))
+
+
+KEPT_SECTIONS = ("\n## Detection\n",)  # written by hand from other checks; kept on rewrites
+
+
+def _kept_sections(path: Path) -> str:
+    """The report's hand-written sections (`KEPT_SECTIONS`, to the end of the file), so that
+    rewriting the classifier tables keeps them."""
+    old = path.read_text() if path.is_file() else ""
+    starts = [old.find(heading) for heading in KEPT_SECTIONS if heading in old]
+    return old[min(starts):] if starts else ""
 
 
 def _summary_row(label, keys, results, outcomes, missing) -> str:

@@ -72,3 +72,34 @@ def test_bad_target_layouts_are_refused(tmp_path: Path, config: dict, message: s
         read_config(tmp_path, lambda image: (224, 224))
     assert message in str(raised.value)
     assert len(str(raised.value)) < 300  # a long value is echoed cut
+
+
+def test_detector_keys(tmp_path: Path) -> None:
+    write(tmp_path, score="detection", score_output="scores", boxes_output="boxes",
+          detection_format="nca", box_format="cxcywh", iou_threshold=0.3)
+    config = read_config(tmp_path, lambda image: (320, 320))
+    assert (config.score, config.score_output, config.boxes_output, config.detection_format,
+            config.box_format, config.iou_threshold) == (
+        "detection", "scores", "boxes", "nca", "cxcywh", 0.3)
+    write(tmp_path)
+    assert read_config(tmp_path, lambda image: (320, 320)).iou_threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"score": "boxes"}, "'score' must be one of logit, probability"),
+        ({"score": "detection", "detection_format": "xywh"},
+         "'detection_format' must be one of nac, nca, yolo"),
+        ({"score": "detection", "box_format": "yxyx"}, "'box_format' must be one of xyxy"),
+        ({"score": "detection", "iou_threshold": 1.5}, "'iou_threshold' must be a number in"),
+        ({"score": "detection", "iou_threshold": True}, "'iou_threshold' must be a number in"),
+        ({"boxes_output": "boxes"}, "apply to detectors: set 'score' to \"detection\""),
+        ({"score": "logit", "iou_threshold": 0.3}, "apply to detectors"),
+    ],
+)
+def test_bad_detector_keys_are_refused(tmp_path: Path, config: dict, message: str) -> None:
+    write(tmp_path, **config)
+    with pytest.raises(ConfigError, match="config.json") as raised:
+        read_config(tmp_path, lambda image: (224, 224))
+    assert message in str(raised.value)

@@ -51,7 +51,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .client import METHODS, Explanation, GradCamClient, ModelInfo, heatmap_size_option
+from .client import (
+    METHODS,
+    DetectionTarget,
+    Explanation,
+    GradCamClient,
+    ModelInfo,
+    heatmap_size_option,
+)
 from .errors import (
     DeadlineError,
     GradCamError,
@@ -211,6 +218,7 @@ def _explain_one(
             eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
             target_mask=args.mask, output=args.score_output,
             num_predictions=args.num_predictions, heatmap_size=args.heatmap_size,
+            detections=_detections(args),
         )
     except InvalidInputError as error:
         if _IMAGE_PREFIX.match(error.message):  # about this image, not the whole request
@@ -403,6 +411,40 @@ def _summary_path(text: str) -> Path:
             f"{text}: the summary is written as CSV or JSON; end its name with .csv or .json"
         )
     return path
+
+
+def _box(text: str) -> tuple[float, ...]:
+    """--box X1,Y1,X2,Y2: four numbers (the server checks them against the image)."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"a box is X1,Y1,X2,Y2 in the image's pixels, got "
+                                         f"{text!r}")
+    return box
+
+
+def _detections(args: argparse.Namespace) -> list[DetectionTarget] | None:
+    """The detections of --box and --detection-index (boxes first), each with its --class:
+    one --class for all, or one per detection in that order."""
+    boxes, indices = args.box or [], args.detection_index or []
+    classes = args.detection_class or []
+    if not boxes and not indices:
+        if classes:
+            raise CommandError("--class goes with --box or --detection-index (detectors); "
+                               "for a classifier use --target-class")
+        return None
+    wanted = [DetectionTarget(box=box) for box in boxes] + [
+        DetectionTarget(index=index) for index in indices
+    ]
+    if len(classes) not in (0, 1, len(wanted)):
+        raise CommandError(f"give one --class for all {len(wanted)} detections, or one per "
+                           f"detection (--box first, then --detection-index), not {len(classes)}")
+    if classes:
+        per_detection = classes * len(wanted) if len(classes) == 1 else classes
+        wanted = [DetectionTarget(w.index, w.box, c) for w, c in zip(wanted, per_detection)]
+    return wanted
 
 
 def _heatmap_size(text: str) -> str:
@@ -674,6 +716,16 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--mask", type=Path, metavar="PICTURE",
                          help="segmentation models: explain the class over this region, the "
                               "picture's non-black pixels (default: its predicted region)")
+    explain.add_argument("--box", type=_box, action="append", metavar="X1,Y1,X2,Y2",
+                         help="detectors: explain the detection of --class that overlaps this "
+                              "box (image pixels) most, as NMS would keep it; repeat for more "
+                              "maps")
+    explain.add_argument("--class", dest="detection_class", type=int, action="append",
+                         metavar="C", help="detectors: the class of each --box (one for all, "
+                                           "or one each; default: any class)")
+    explain.add_argument("--detection-index", type=int, action="append", metavar="I",
+                         help="detectors: explain the pre-NMS box I of the raw head; repeat "
+                              "for more maps")
     explain.add_argument("--score-output", metavar="NAME",
                          help="the graph output explained (default: the model's)")
     explain.add_argument("-o", "--output", type=Path, metavar="PATH",

@@ -65,7 +65,7 @@ from .errors import (
     UnavailableError,
     error_from_rpc,
 )
-from .overlay import colorize, gradient_image, overlay as blend, panels
+from .overlay import colorize, draw_box, gradient_image, overlay as blend, panels
 
 ImageInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """One image: a path, encoded bytes, a PIL image, a uint8 image array or a float tensor."""
@@ -111,6 +111,29 @@ class Prediction:
         return _class_name(self.class_index, self.label)
 
 
+@dataclass(frozen=True)
+class DetectionTarget:
+    """A detection of a detector to explain (score "detection"): ``index``, a pre-NMS box
+    (an anchor of the raw head), or ``box`` (x1, y1, x2, y2 in the image's pixels) with
+    ``class_index``, or both (the index's class score plus the IoU of its box with ``box``).
+    ``class_index`` None or -1: the best class. See docs/DETECTION.md."""
+
+    index: int | None = None
+    box: Sequence[float] | None = None
+    class_index: int | None = None
+
+
+@dataclass(frozen=True)
+class DetectedBox:
+    """The detection a map explains: its pre-NMS index, its box (x1, y1, x2, y2, the image's
+    pixels), its class score, and the IoU of its box with the reference box (0 without)."""
+
+    index: int
+    box: tuple[float, float, float, float]
+    score: float
+    iou: float
+
+
 @dataclass(frozen=True, eq=False)
 class ClassHeatmap:
     """The map of one explained class."""
@@ -124,6 +147,8 @@ class ClassHeatmap:
     # in the model's order (its config's channel_order); None for the other methods, and from a
     # server too old to send them. `heatmap` is then their per-pixel max |value|, normalised.
     pixel_gradients: np.ndarray | None = None
+    # Detectors only: the detection this map explains (its box is drawn on overlays).
+    detection: DetectedBox | None = None
 
     @property
     def name(self) -> str:
@@ -246,7 +271,10 @@ class Explanation:
             return gradient_image(drawn, size=size)
         if base is None:
             return Image.fromarray(colorize(heatmap, colormap), mode="RGB")
-        return blend(base, heatmap, colormap=colormap, opacity=opacity)
+        blended = blend(base, heatmap, colormap=colormap, opacity=opacity)
+        if explained.detection is not None:
+            blended = draw_box(blended, explained.detection.box)
+        return blended
 
     def _captions(self, shown: list[ClassHeatmap]) -> list[list[str]]:
         """The image: its file name, the model and method; each map: its class and the
@@ -484,6 +512,8 @@ def _requests(
     num_predictions: int,
     num_channels: int,
     heatmap_size: HeatmapSize | None,
+    detections: Any = None,
+    iou_threshold: float | None = None,
 ) -> tuple[list[pb.ExplainRequest], list[list[_Source | None]]]:
     """The requests (at most IMAGES_PER_REQUEST images each) and the sources of their images."""
     if target_class is not None and top_k is not None:
@@ -522,11 +552,39 @@ def _requests(
                 reference_embedding=_rows_tensor(reference_embedding, 2, rows),
                 target_mask=_rows_tensor(target_mask, 3, rows), output=output or "",
                 inputs={name: _typed_rows(value, rows) for name, value in (inputs or {}).items()},
-                options=options,
+                options=options, detections=_detections_rows(detections, rows),
+                iou_threshold=iou_threshold,
             )
         )
         sources.append([source for _, source in chunk])
     return requests, sources
+
+
+def _detections_rows(detections: Any, rows: slice) -> list[pb.ImageDetections]:
+    """The request's detections: a flat list (every image's), or one list per image (only
+    the `rows` of this request's images); [] for None."""
+    if detections is None:
+        return []
+    if isinstance(detections, (str, bytes)) or not isinstance(detections, Sequence) or not len(
+            detections):
+        raise InvalidInputError("detections must be a list of DetectionTarget, or one list per "
+                                "image")
+    per_image = not isinstance(detections[0], DetectionTarget)
+    lists = list(detections)[rows] if per_image else [detections]
+    messages = []
+    for wanted in lists:
+        targets = []
+        for target in wanted:
+            if not isinstance(target, DetectionTarget):
+                raise InvalidInputError(f"a detection must be a DetectionTarget, got "
+                                        f"{reprlib.repr(target)}")
+            targets.append(pb.DetectionTarget(
+                index=None if target.index is None else int(target.index),
+                box=[] if target.box is None else [float(v) for v in target.box],
+                class_index=None if target.class_index is None else int(target.class_index),
+            ))
+        messages.append(pb.ImageDetections(detections=targets))
+    return messages
 
 
 def _grid_option(value: str | tuple[int, int] | None) -> str:
@@ -604,6 +662,9 @@ def _explanations(
                 .astype(np.float32),
                 channels=[(c.channel, c.weight) for c in h.channels],
                 pixel_gradients=_pixel_gradients(h),
+                detection=DetectedBox(h.detection.index, tuple(h.detection.box),
+                                      h.detection.score, h.detection.iou)
+                if h.HasField("detection") else None,
             )
             for h in message.heatmaps
         ]
@@ -885,6 +946,7 @@ class GradCamClient(_Client):
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        detections: Any = ..., iou_threshold: float | None = ...,
         timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -899,6 +961,7 @@ class GradCamClient(_Client):
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        detections: Any = ..., iou_threshold: float | None = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
 
@@ -913,6 +976,7 @@ class GradCamClient(_Client):
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        detections: Any = ..., iou_threshold: float | None = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
 
@@ -939,6 +1003,8 @@ class GradCamClient(_Client):
         num_predictions: int = 5,
         num_channels: int = 10,
         heatmap_size: HeatmapSize | None = None,
+        detections: Sequence[DetectionTarget] | Sequence[Sequence[DetectionTarget]] | None = None,
+        iou_threshold: float | None = None,
         timeout: float | None = None,
     ) -> Explanation | list[Explanation]:
         """Explain one image (gives an `Explanation`) or many (a list or a 4-D tensor batch:
@@ -983,7 +1049,7 @@ class GradCamClient(_Client):
             aug_smooth=aug_smooth, score=score,
             reference_embedding=reference_embedding, target_mask=target_mask, output=output,
             inputs=inputs, num_predictions=num_predictions, num_channels=num_channels,
-            heatmap_size=heatmap_size,
+            heatmap_size=heatmap_size, detections=detections, iou_threshold=iou_threshold,
         )
         results: list[Explanation] = []
         for request, request_sources in zip(requests, sources):
@@ -1083,6 +1149,7 @@ class AsyncGradCamClient(_Client):
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        detections: Any = ..., iou_threshold: float | None = ...,
         timeout: float | None = ...,
     ) -> Explanation: ...
 
@@ -1097,6 +1164,7 @@ class AsyncGradCamClient(_Client):
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        detections: Any = ..., iou_threshold: float | None = ...,
         timeout: float | None = ...,
     ) -> Explanation | list[Explanation]: ...
 
@@ -1111,6 +1179,7 @@ class AsyncGradCamClient(_Client):
         score: str | None = ..., reference_embedding: Any = ..., target_mask: Any = ...,
         output: str | None = ..., inputs: Any = ..., num_predictions: int = ...,
         num_channels: int = ..., heatmap_size: HeatmapSize | None = ...,
+        detections: Any = ..., iou_threshold: float | None = ...,
         timeout: float | None = ...,
     ) -> list[Explanation]: ...
 
@@ -1137,6 +1206,8 @@ class AsyncGradCamClient(_Client):
         num_predictions: int = 5,
         num_channels: int = 10,
         heatmap_size: HeatmapSize | None = None,
+        detections: Sequence[DetectionTarget] | Sequence[Sequence[DetectionTarget]] | None = None,
+        iou_threshold: float | None = None,
         timeout: float | None = None,
     ) -> Explanation | list[Explanation]:
         """As `GradCamClient.explain`."""
@@ -1147,7 +1218,7 @@ class AsyncGradCamClient(_Client):
             aug_smooth=aug_smooth, score=score, reference_embedding=reference_embedding,
             target_mask=target_mask, output=output, inputs=inputs,
             num_predictions=num_predictions, num_channels=num_channels,
-            heatmap_size=heatmap_size,
+            heatmap_size=heatmap_size, detections=detections, iou_threshold=iou_threshold,
         )
 
         async def send(

@@ -91,7 +91,7 @@ class ExplainOptions(_message.Message):
     def __init__(self, num_predictions: _Optional[int] = ..., num_channels: _Optional[int] = ..., overlay: _Optional[bool] = ..., colormap: _Optional[str] = ..., overlay_opacity: _Optional[float] = ..., heatmap_size: _Optional[str] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding", "layers", "aug_smooth", "target_mask", "output", "inputs", "layout", "prefix_tokens", "grid")
+    __slots__ = ("model", "images", "method", "target", "layer", "options", "counterfactual", "eigen_smooth", "score", "reference_embedding", "layers", "aug_smooth", "target_mask", "output", "inputs", "layout", "prefix_tokens", "grid", "detections", "iou_threshold")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class ExplainRequest(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     method: Method
@@ -135,7 +137,37 @@ class ExplainRequest(_message.Message):
     layout: str
     prefix_tokens: int
     grid: str
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., aug_smooth: _Optional[bool] = ..., target_mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[str] = ..., inputs: _Optional[_Mapping[str, TypedTensor]] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ...) -> None: ...
+    detections: _containers.RepeatedCompositeFieldContainer[ImageDetections]
+    iou_threshold: float
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., counterfactual: _Optional[bool] = ..., eigen_smooth: _Optional[bool] = ..., score: _Optional[str] = ..., reference_embedding: _Optional[_Union[Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., aug_smooth: _Optional[bool] = ..., target_mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[str] = ..., inputs: _Optional[_Mapping[str, TypedTensor]] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[ImageDetections, _Mapping]]] = ..., iou_threshold: _Optional[float] = ...) -> None: ...
+
+class DetectionTarget(_message.Message):
+    __slots__ = ("index", "box", "class_index")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    box: _containers.RepeatedScalarFieldContainer[float]
+    class_index: int
+    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Iterable[float]] = ..., class_index: _Optional[int] = ...) -> None: ...
+
+class ImageDetections(_message.Message):
+    __slots__ = ("detections",)
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    detections: _containers.RepeatedCompositeFieldContainer[DetectionTarget]
+    def __init__(self, detections: _Optional[_Iterable[_Union[DetectionTarget, _Mapping]]] = ...) -> None: ...
+
+class Detection(_message.Message):
+    __slots__ = ("index", "box", "score", "iou")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    box: _containers.RepeatedScalarFieldContainer[float]
+    score: float
+    iou: float
+    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., iou: _Optional[float] = ...) -> None: ...
 
 class ChannelImportance(_message.Message):
     __slots__ = ("channel", "weight")
@@ -146,7 +178,7 @@ class ChannelImportance(_message.Message):
     def __init__(self, channel: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients")
+    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +186,7 @@ class Heatmap(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     PIXEL_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
     height: int
@@ -161,7 +194,8 @@ class Heatmap(_message.Message):
     data: bytes
     channels: _containers.RepeatedCompositeFieldContainer[ChannelImportance]
     pixel_gradients: Tensor
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    detection: Detection
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "label", "score", "logit")
@@ -246,7 +280,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input", "input_shape", "input_size", "outputs", "layer", "layer_shape", "num_classes", "has_labels", "max_batch_size", "methods", "mean", "std", "default_score", "other_inputs", "explain_error", "layout", "prefix_tokens", "grid")
+    __slots__ = ("name", "input", "input_shape", "input_size", "outputs", "layer", "layer_shape", "num_classes", "has_labels", "max_batch_size", "methods", "mean", "std", "default_score", "other_inputs", "explain_error", "layout", "prefix_tokens", "grid", "num_boxes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +300,7 @@ class ModelInfo(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BOXES_FIELD_NUMBER: _ClassVar[int]
     name: str
     input: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -285,4 +320,5 @@ class ModelInfo(_message.Message):
     layout: str
     prefix_tokens: int
     grid: str
-    def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ..., explain_error: _Optional[str] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ...) -> None: ...
+    num_boxes: int
+    def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ..., explain_error: _Optional[str] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ..., num_boxes: _Optional[int] = ...) -> None: ...

@@ -30,6 +30,19 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
 ``grid``                                tokens only: the patch grid, "14x14" or [14, 14]
                                         (rows, columns; default: the patch embedding's)
 ``method``                              default method (default "gradcam")
+``score``                               the default score: "logit", "probability",
+                                        "similarity", "region" or "detection" (default:
+                                        "region" for a segmentation map, else "logit")
+``boxes_output``                        detectors: the pre-NMS boxes [N, A, 4] (or
+                                        [N, A, C, 4]), a name; ``score_output`` names the
+                                        class scores (default: both detected from shapes)
+``detection_format``                    detectors: "nac" (scores [N, A, C]), "nca"
+                                        ([N, C, A]) or "yolo" (one [N, 4 + C, A] output)
+                                        (default: detected)
+``box_format``                          detectors: "xyxy" or "cxcywh" (default: "xyxy",
+                                        "cxcywh" for "yolo")
+``iou_threshold``                       detectors: the least IoU of a detection chosen by
+                                        reference box (default 0.5)
 ``max_batch_size``                      dynamic batching bound (default 8; a graph with a
                                         fixed batch dimension serves with that size)
 ``max_queue_delay_microseconds``        how long a batch waits to fill (default 0: no
@@ -48,7 +61,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .augment.detection import (
+    BOX_FORMATS,
+    DEFAULT_IOU_THRESHOLD,
+    DETECTION_FORMATS,
+)
 from .augment.layout import LAYOUTS, MAX_PREFIX_TOKENS
+from .augment.targets import SCORES
 from .errors import SHOWN_CHARS, shown
 from .preprocess import Preprocessing
 
@@ -64,6 +83,11 @@ _SERVING_KEYS = {
     "prefix_tokens",
     "grid",
     "method",
+    "score",
+    "boxes_output",
+    "detection_format",
+    "box_format",
+    "iou_threshold",
     "max_batch_size",
     "max_queue_delay_microseconds",
     "max_queue_size",
@@ -88,6 +112,12 @@ class ModelConfig:
     prefix_tokens: int | None = None
     grid: tuple[int, int] | None = None
     method: str = "gradcam"
+    score: str | None = None  # None: "region" for a segmentation output, else "logit"
+    # Detectors (score "detection", augment's `detection.find_heads`): None: detected.
+    boxes_output: str | None = None
+    detection_format: str | None = None
+    box_format: str | None = None
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
     max_queue_delay_microseconds: int = 0
     max_queue_size: int = 64
@@ -153,6 +183,7 @@ def _validated(
             f"'prefix_tokens' and 'grid' apply to the tokens layout, not "
             f"{layout}"
         )
+    detection = _detection_keys(raw)
     return ModelConfig(
         preprocessing=preprocessing,
         labels=_read_labels(folder, raw.get("labels")),
@@ -163,10 +194,36 @@ def _validated(
         prefix_tokens=prefix_tokens,
         grid=grid,
         method=_optional_str(raw, "method") or "gradcam",
+        **detection,
         max_batch_size=_optional_int(raw, "max_batch_size", minimum=1),
         max_queue_delay_microseconds=0 if delay is None else delay,
         max_queue_size=_optional_int(raw, "max_queue_size", minimum=1) or 64,
     )
+
+
+def _detection_keys(raw: dict) -> dict:
+    """The score and the detector keys, checked against their choices."""
+    found: dict = {}
+    for key, choices in (("score", SCORES), ("detection_format", DETECTION_FORMATS),
+                         ("box_format", BOX_FORMATS)):
+        value = _optional_str(raw, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{CONFIG_FILE}: {key!r} must be one of {', '.join(choices)}, "
+                              f"got {shown(value)}")
+        found[key] = value
+    found["boxes_output"] = _optional_str(raw, "boxes_output")
+    threshold = raw.get("iou_threshold", DEFAULT_IOU_THRESHOLD)
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+            or not 0 <= threshold <= 1):
+        raise ConfigError(f"{CONFIG_FILE}: 'iou_threshold' must be a number in [0, 1]")
+    found["iou_threshold"] = float(threshold)
+    detector_keys = [k for k in ("boxes_output", "detection_format", "box_format")
+                     if found[k] is not None] + (["iou_threshold"] if "iou_threshold" in raw
+                                                 else [])
+    if detector_keys and found["score"] != "detection":
+        raise ConfigError(f"{CONFIG_FILE}: {', '.join(map(repr, detector_keys))} apply to "
+                          "detectors: set 'score' to \"detection\"")
+    return found
 
 
 def parse_grid(value) -> tuple[int, int]:

@@ -10,11 +10,12 @@ import time
 import grpc
 import numpy as np
 
-from gradcam_client.overlay import COLORMAPS, overlay
+from gradcam_client.overlay import COLORMAPS, draw_box, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
 from .datatypes import element_count, from_bytes
+from .detections import DetectionRequest, explain_detections
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import METHODS, Explaining, ServedModel, request_grid
@@ -85,23 +86,50 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             raise InvalidInput(f"overlay_opacity must be in [0, 1], got {options.overlay_opacity}")
         images = [_image(image, index) for index, image in enumerate(request.images)]
         target = request.target.WhichOneof("kind")
+        explaining = Explaining(
+            method=method,
+            layer=tuple(request.layers) or request.layer or None,
+            counterfactual=request.counterfactual,
+            eigen_smooth=request.eigen_smooth,
+            aug_smooth=request.aug_smooth,
+            score=request.score or None,
+            output=request.output or None,
+            layout=request.layout or None,
+            prefix_tokens=(
+                request.prefix_tokens if request.HasField("prefix_tokens") else None
+            ),
+            grid=request_grid(request.grid or None),
+            iou_threshold=(
+                request.iou_threshold if request.HasField("iou_threshold") else None
+            ),
+        )
+        heatmap_size = HeatmapSize.parse(options.heatmap_size, self.service.max_pixels)
+        overlay_bytes = OVERLAY_BYTES_PER_PIXEL if options.overlay else 0
+        if model.resolve(explaining).score == "detection":
+            if target is not None:
+                raise InvalidInput("a detector's classes are given per detection "
+                                   "(detections[].class_index), not as target")
+            if not request.detections:
+                raise InvalidInput(
+                    "score 'detection' needs the detections to explain: per image a box "
+                    "index, or a box x1, y1, x2, y2 and a class (detections)"
+                )
+            explained = await explain_detections(
+                self.service, model, images, _detections(request), request=explaining,
+                num_channels=options.num_channels or DEFAULT_CHANNELS,
+                heatmap_size=heatmap_size, extra_bytes_per_pixel=overlay_bytes,
+                deadline=deadline_of(context),
+            )
+            return await asyncio.to_thread(_response, model.name, images, explained, options,
+                                           self.service.max_pixels, started)
+        if request.detections:
+            raise InvalidInput("detections are explained with score 'detection' (a detector's "
+                               "score), not "
+                               f"{shown(model.resolve(explaining).score)}")
         explained = await self.service.explain(
             model,
             images,
-            request=Explaining(
-                method=method,
-                layer=tuple(request.layers) or request.layer or None,
-                counterfactual=request.counterfactual,
-                eigen_smooth=request.eigen_smooth,
-                aug_smooth=request.aug_smooth,
-                score=request.score or None,
-                output=request.output or None,
-                layout=request.layout or None,
-                prefix_tokens=(
-                    request.prefix_tokens if request.HasField("prefix_tokens") else None
-                ),
-                grid=request_grid(request.grid or None),
-            ),
+            request=explaining,
             reference=_tensor(request, "reference_embedding", (1, 2), "[D] or [N, D]"),
             mask=_tensor(request, "target_mask", (2, 3), "[h, w] or [N, h, w]"),
             others={
@@ -112,8 +140,8 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             top_k=request.target.top_k if target == "top_k" else None,
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
             num_channels=options.num_channels or DEFAULT_CHANNELS,
-            heatmap_size=HeatmapSize.parse(options.heatmap_size, self.service.max_pixels),
-            extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if options.overlay else 0,
+            heatmap_size=heatmap_size,
+            extra_bytes_per_pixel=overlay_bytes,
             deadline=deadline_of(context),
         )
         return await asyncio.to_thread(
@@ -148,6 +176,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             has_labels=model.labels is not None,
             max_batch_size=model.max_batch_size,
             methods=sorted(METHOD_ENUMS[m] for m in METHODS) if explainable else [],
+            num_boxes=model.num_anchors if model.is_detector else 0,
             mean=list(prep.mean),
             std=list(prep.std),
             default_score=model.resolve(Explaining()).score if explainable else "",
@@ -181,8 +210,10 @@ def _response(
                 class_index=p.class_index, label=p.label, score=p.score, logit=p.logit
             )
         if options.overlay and isinstance(image, bytes):
+            first = explanation.maps[0]
             message.overlay_png = _overlay_png(
-                image, explanation.maps[0].heatmap, options, max_pixels
+                image, first.heatmap, options, max_pixels,
+                None if first.detection is None else first.detection.box,
             )
     response.timings.preprocess_seconds = explained.preprocess_seconds
     response.timings.queue_seconds = explained.queue_seconds
@@ -251,17 +282,40 @@ def _heatmap(class_map: ClassMap) -> pb.Heatmap:
             shape=list(class_map.pixel_gradients.shape),
             data=np.ascontiguousarray(class_map.pixel_gradients, dtype="<f4").tobytes(),
         ),
+        detection=None if class_map.detection is None else pb.Detection(
+            index=class_map.detection.index, box=list(class_map.detection.box),
+            score=class_map.detection.score, iou=class_map.detection.iou,
+        ),
     )
 
 
+def _detections(request: pb.ExplainRequest) -> list[list[DetectionRequest]]:
+    """The request's detections per image, as the service takes them."""
+    return [
+        [
+            DetectionRequest(
+                index=target.index if target.HasField("index") else None,
+                box=tuple(target.box) if len(target.box) else None,
+                class_index=target.class_index if target.HasField("class_index") else None,
+            )
+            for target in image.detections
+        ]
+        for image in request.detections
+    ]
+
+
 def _overlay_png(
-    data: bytes, heatmap: np.ndarray, options: pb.ExplainOptions, max_pixels: int
+    data: bytes, heatmap: np.ndarray, options: pb.ExplainOptions, max_pixels: int,
+    box: tuple[float, ...] | None = None,
 ) -> bytes:
+    """The heatmap over the image, a detection's `box` (image pixels) outlined on it."""
     image = decode_image(data, max_pixels)
     blended = overlay(
         image.convert("RGB"), heatmap, colormap=options.colormap or "jet",
         opacity=options.overlay_opacity or DEFAULT_OPACITY,
     )
+    if box is not None:
+        blended = draw_box(blended, box)
     buffer = io.BytesIO()
     blended.save(buffer, format="PNG")
     return buffer.getvalue()

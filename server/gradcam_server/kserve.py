@@ -21,10 +21,18 @@ Contract, for every model:
   ``reference_embedding``, [D] or [N, D]; "region", the default for a segmentation output
   [N, classes, h, w]) and ``output`` (the output explained, a name or an INT64 index;
   default: the model's score output), ``heatmap_size`` ("image", the default: the pixel size of
-  what was sent; "model": the graph's own map, at the model's input size; or "WIDTHxHEIGHT");
+  what was sent; "model": the graph's own map, at the model's input size; or "WIDTHxHEIGHT"),
+  ``iou_threshold`` (double, detectors: the least IoU of a detection chosen by box);
+- detectors (score "detection", docs/DETECTION.md): one detection per row, by the inputs
+  ``detection_index`` (INT64 [N]: a pre-NMS box index; -1 or absent: chosen by box) and
+  ``reference_box`` (FP32 [N, 4]: x1, y1, x2, y2 in the pixels of the image sent; zeros: none),
+  with ``target_class`` the class (-1: any); to explain several detections of one image, send
+  it once per detection. A row chosen by box that no anchor of its class overlaps enough is
+  INVALID_ARGUMENT. Outputs ``explained_detection``, ``detection_class``, ``detection_score``,
+  ``detection_box`` (in the image's pixels) and ``detection_iou``;
 - outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the
-  ``heatmap_size``). No requested outputs means all of them. A request for the model's own
-  outputs only runs the plain forward graph.
+  ``heatmap_size``). No requested outputs means all of them (a detector's: with its detection
+  outputs). A request for the model's own outputs only runs the plain forward graph.
 
 Bounds, checked before the work they guard: a model's request places (RESOURCE_EXHAUSTED before
 anything is decoded, `GradCamService.admit`), the number of encoded images (before the BYTES
@@ -50,6 +58,7 @@ from . import __version__
 from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
+from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import METHODS, Explaining, ServedModel, request_grid
@@ -68,6 +77,8 @@ PIXEL_MAP_OUTPUT = NAMES.pixel_map  # guided-backprop and guided-gradcam only, w
 TARGET_CLASS_INPUT = NAMES.target_class
 REFERENCE_INPUT = NAMES.reference_embedding
 MASK_INPUT = NAMES.target_mask
+INDEX_INPUT = NAMES.detection_index
+BOX_INPUT = NAMES.reference_box
 SERVER_NAME = "gradcam"
 
 _CONTENTS_FIELD = {  # FP16 has none: it comes as raw_input_contents only
@@ -94,7 +105,15 @@ _KNOWN_PARAMETERS = {  # the kinds each may come as
     "score": ("string_param",),
     "output": ("string_param", "int64_param"),
     "heatmap_size": ("string_param",),
+    "iou_threshold": ("double_param",),
 }
+
+
+_DETECTION_METADATA = (  # a detector's outputs beside the heatmap: (name, datatype, shape)
+    (NAMES.explained_detection, "INT64", [-1]), (NAMES.detection_class, "INT64", [-1]),
+    (NAMES.detection_score, "FP32", [-1]), (NAMES.detection_box, "FP32", [-1, 4]),
+    (NAMES.detection_iou, "FP32", [-1]),
+)
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -144,7 +163,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The serialized response to a request for `model` with `method` (the model's
         default filled in); the request's place is held by the caller."""
         heatmap_size = HeatmapSize.parse(parameters.get("heatmap_size"), self.service.max_pixels)
+        explain = Explaining(
+            method=parameters.get("method"),
+            layer=parameters.get("target_layer"),
+            counterfactual=bool(parameters.get("counterfactual", False)),
+            eigen_smooth=bool(parameters.get("eigen_smooth", False)),
+            aug_smooth=bool(parameters.get("aug_smooth", False)),
+            score=parameters.get("score"),
+            output=parameters.get("output"),
+            layout=parameters.get("target_layout"),
+            prefix_tokens=parameters.get("prefix_tokens"),
+            grid=request_grid(parameters.get("grid")),
+            iou_threshold=parameters.get("iou_threshold"),
+        )
+        detector = (model.is_detector and model.explain_error is None
+                    and parameters.get("score") in (None, "detection"))
         available = [o.name for o in model.outputs] + [HEATMAP_OUTPUT]
+        if detector:
+            available += DETECTION_OUTPUTS
         requested = [o.name for o in request.outputs] or available
         if PIXEL_MAP_OUTPUT in requested and PIXEL_MAP_OUTPUT not in available:
             if method not in PIXEL_METHODS:
@@ -160,7 +196,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         others = [i.name for i in model.other_inputs]
         expected = {model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT, REFERENCE_INPUT,
-                    MASK_INPUT, *others}
+                    MASK_INPUT, INDEX_INPUT, BOX_INPUT, *others}
         for tensor in request.inputs:  # names first: nothing is decoded for a wrong one
             name = tensor.name
             if name not in expected:
@@ -169,10 +205,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"unknown input {shown(name)}; send {model.input.name!r} (FP32 tensor) or "
                     f"{IMAGE_INPUT!r} (BYTES, encoded images){also}, and optionally "
                     f"{TARGET_CLASS_INPUT!r} (INT64), {REFERENCE_INPUT!r} or {MASK_INPUT!r} "
-                    "(FP32)"
+                    f"(FP32), and for detectors {INDEX_INPUT!r} (INT64) and {BOX_INPUT!r} (FP32)"
                 )
         inputs = decode_inputs(request, max_bytes_elements=MAX_IMAGES_PER_REQUEST)
-        for name in (TARGET_CLASS_INPUT, REFERENCE_INPUT, MASK_INPUT, *others):
+        for name in (TARGET_CLASS_INPUT, REFERENCE_INPUT, MASK_INPUT, INDEX_INPUT, BOX_INPUT,
+                     *others):
             if isinstance(inputs.get(name), list):
                 raise InvalidInput(f"input {name!r} must be a numeric tensor, got BYTES")
         # A model whose image input is itself named "image" takes both under that name, told
@@ -204,7 +241,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             other_bytes = sum(
                 4 * len(sizes) * math.prod(max(d, 1) for d in model.output_shapes[name])
-                for name in requested if name not in (HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT)
+                for name in requested
+                if name not in (HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT, *DETECTION_OUTPUTS)
             )
             self.service.check_heatmap_response(
                 model, sizes, heatmap_size, maps, other_bytes=other_bytes,
@@ -228,30 +266,69 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             heatmap_sizes = [
                 heatmap_size.of(size, tensor_size) for size in (sizes or [tensor_size] * len(x))
             ]
-        explain = None
-        if HEATMAP_OUTPUT in requested or PIXEL_MAP_OUTPUT in requested:
-            explain = Explaining(
-                method=parameters.get("method"),
-                layer=parameters.get("target_layer"),
-                counterfactual=bool(parameters.get("counterfactual", False)),
-                eigen_smooth=bool(parameters.get("eigen_smooth", False)),
-                aug_smooth=bool(parameters.get("aug_smooth", False)),
-                score=parameters.get("score"),
-                output=parameters.get("output"),
-                layout=parameters.get("target_layout"),
-                prefix_tokens=parameters.get("prefix_tokens"),
-                grid=request_grid(parameters.get("grid")),
-            )
+        explaining = {HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT, *DETECTION_OUTPUTS} & set(requested)
+        if not explaining:
+            explain = None
+        image_sizes = sizes or [tensor_size] * len(x)
+        detection = None
+        if explain is not None and detector:
+            detection = _detection_rows(inputs, image_sizes, tensor_size)
+        elif INDEX_INPUT in inputs or BOX_INPUT in inputs:
+            raise InvalidInput(f"inputs {INDEX_INPUT!r} and {BOX_INPUT!r} are only used with "
+                               "score 'detection', explaining (heatmap output)")
         result = await self.service.run(
             model, x, explain=explain, target_class=inputs.get(TARGET_CLASS_INPUT),
             reference=inputs.get(REFERENCE_INPUT), mask=inputs.get(MASK_INPUT),
             others={name: inputs[name] for name in others if name in inputs},
-            deadline=deadline,
+            deadline=deadline, detection=detection,
         )
         outputs = {name: result.outputs[name] for name in requested}
+        if detection is not None:
+            classes = inputs.get(TARGET_CLASS_INPUT)
+            classes = [-1] * len(x) if classes is None else list(classes)
+            wanted = [inputs[BOX_INPUT][row] if BOX_INPUT in inputs else None
+                      for row in range(len(x))]
+            explained = result.outputs[NAMES.explained_detection]
+            indices = detection[0] if detection[0] is not None else np.full(len(x), -1)
+            for row in np.flatnonzero((explained < 0) & (indices >= 0)):
+                raise InvalidInput(f"row {row}: detection index {indices[row]} is out of range "
+                                   "of the model's pre-NMS boxes")
+            refuse_missing(explained, classes, wanted, model.resolve(explain).iou_threshold,
+                           label="row {row}")
+            if NAMES.detection_box in outputs:
+                outputs[NAMES.detection_box] = np.stack([
+                    to_model_pixels(box, tensor_size, size)
+                    for box, size in zip(outputs[NAMES.detection_box], image_sizes)
+                ])
         return await asyncio.to_thread(
             _response, model.name, request.id, outputs, heatmap_sizes
         )
+
+
+def _detection_rows(
+    inputs: dict, sizes: list[tuple[int, int]], graph_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(detection_index, reference_box in the graph's pixels) of a detector's rows; each given
+    box checked in the pixels of its image (`sizes`, (width, height)); zero rows: no box."""
+    rows = len(sizes)
+    index = inputs.get(INDEX_INPUT)
+    boxes = inputs.get(BOX_INPUT)
+    if boxes is not None:
+        boxes = np.asarray(boxes)
+        if boxes.dtype != np.float32 or boxes.shape != (rows, 4):
+            raise InvalidInput(f"input {BOX_INPUT!r} must be FP32 [{rows}, 4] (x1, y1, x2, y2 "
+                               f"per row), got {boxes.dtype} {list(boxes.shape)}")
+        scaled = np.zeros((rows, 4), np.float32)
+        for row, (box, size) in enumerate(zip(boxes, sizes)):
+            if np.any(box != 0) or not np.isfinite(box).all():
+                check_box(box, size, f"{BOX_INPUT} row {row}")
+                scaled[row] = to_model_pixels(box, size, graph_size)
+        boxes = scaled
+    if index is None and boxes is None:
+        raise InvalidInput(f"score 'detection' explains one detection per row: send "
+                           f"{INDEX_INPUT!r} (INT64 [N]) or {BOX_INPUT!r} (FP32 [N, 4]) and "
+                           f"{TARGET_CLASS_INPUT!r}")
+    return index, boxes
 
 
 def _response(
@@ -291,6 +368,9 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
             TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),
             TensorMetadata(name=REFERENCE_INPUT, datatype="FP32", shape=[-1, -1]),
             TensorMetadata(name=MASK_INPUT, datatype="FP32", shape=[-1, -1, -1]),
+            *([TensorMetadata(name=INDEX_INPUT, datatype="INT64", shape=[-1]),
+               TensorMetadata(name=BOX_INPUT, datatype="FP32", shape=[-1, 4])]
+              if model.is_detector else []),
             *[TensorMetadata(name=i.name, datatype=datatype_of(i.dtype), shape=list(i.shape))
               for i in model.other_inputs],
         ],
@@ -298,6 +378,8 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
             *[TensorMetadata(name=o.name, datatype="FP32", shape=list(o.shape))
               for o in model.outputs],
             TensorMetadata(name=HEATMAP_OUTPUT, datatype="FP32", shape=[-1, -1, -1]),
+            *([TensorMetadata(name=name, datatype=datatype, shape=shape)
+               for name, datatype, shape in _DETECTION_METADATA] if model.is_detector else []),
         ],
     )
 

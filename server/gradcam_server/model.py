@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 METHODS = ALL_METHODS
-SERVED_SCORES = ("logit", "probability", "similarity", "region")
+SERVED_SCORES = ("logit", "probability", "similarity", "region", "detection")
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
 _MAX_TARGETS = 256  # explained targets remembered per model (a few strings each), LRU
@@ -67,6 +67,9 @@ class Explaining:
     layout: str | None = None
     prefix_tokens: int | None = None
     grid: tuple[int, int] | None = None
+    # Score "detection" only: the least IoU of a detection chosen by reference box; None: the
+    # model's (config.json's iou_threshold).
+    iou_threshold: float | None = None
 
     @property
     def graph(self) -> str:
@@ -130,18 +133,15 @@ class ServedModel:
         self.default_target: dict[str, str] = {}  # explained_target of the default graph
         self._targets: OrderedDict[Explaining, dict[str, str]] = OrderedDict()
         self._targets_lock = threading.Lock()  # never held while a graph is built
+        default = Explaining(
+            method=self.config.method, layer=self.config.target_layer,
+            score=self.default_score(self.score_output), output=self.score_output,
+            layout=self.config.target_layout, prefix_tokens=self.config.prefix_tokens,
+            grid=self.config.grid,
+            iou_threshold=self.config.iou_threshold if self.is_detector else None,
+        )
         try:
-            augmented = augment_model(
-                self._proto,
-                layer=self.config.target_layer,
-                output=self.score_output,
-                method=self.config.method,
-                score=self.default_score(self.score_output),
-                input=self.input.name,
-                layout=self.config.target_layout,
-                prefix_tokens=self.config.prefix_tokens,
-                grid=self.config.grid,
-            )
+            augmented = self._augment(default)
         except AugmentError as error:
             self.explain_error = str(error)
             self.default_layer = None
@@ -156,7 +156,12 @@ class ServedModel:
         self.providers = tuple(self._forward.get_providers())
         self.output_shapes, self.layer_shape = self._warm_up()  # shapes at `input_hw`
         self.num_classes = self.output_shapes[self.score_output][0]
-        if self.config.labels is not None and len(self.config.labels) != self.num_classes:
+        self.num_anchors = -1  # detectors: the pre-NMS boxes, -1 where the graph leaves it free
+        if self.is_detector:
+            self.num_classes = int(self.default_target.get("detection_classes", -1))
+            self.num_anchors = int(self.default_target.get("detection_anchors", -1))
+        if (self.config.labels is not None and self.num_classes > 0
+                and len(self.config.labels) != self.num_classes):
             raise AugmentError(
                 f"labels list {len(self.config.labels)} names for {self.num_classes} classes"
             )
@@ -182,8 +187,31 @@ class ServedModel:
         return self.config.preprocessing.size
 
     def default_score(self, output: str) -> str:
-        """"region" for a segmentation output [N, classes, h, w], else "logit"."""
+        """config.json's score for the model's score output; else "region" for a
+        segmentation output [N, classes, h, w], else "logit" (`targets.default_score`)."""
+        if self.config.score is not None and output == self.score_output:
+            return self.config.score
         return default_score(len(self.output_info(output).shape))
+
+    @property
+    def is_detector(self) -> bool:
+        """Whether the model's score is "detection" (config.json): one map per detection."""
+        return self.config.score == "detection"
+
+    def _augment(self, key: Explaining) -> onnx.ModelProto:
+        """The augmented graph of a resolved request (AugmentError as augment_model raises)."""
+        detection = {}
+        if key.score == "detection":
+            detection = dict(
+                boxes=self.config.boxes_output, detection_format=self.config.detection_format,
+                box_format=self.config.box_format, iou_threshold=key.iou_threshold,
+            )
+        return augment_model(
+            self._proto, layer=key.layer, output=key.output, method=key.method,
+            counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
+            aug_smooth=key.aug_smooth, score=key.score, input=self.input.name,
+            layout=key.layout, prefix_tokens=key.prefix_tokens, grid=key.grid, **detection,
+        )
 
     def output_info(self, name: str) -> TensorInfo:
         return next(o for o in self.outputs if o.name == name)
@@ -218,8 +246,15 @@ class ServedModel:
             )
         layer = request.layer or self.default_layer
         layout, prefix_tokens, grid = self._layout_of(request, layer)
+        iou_threshold = None
+        if score == "detection":
+            iou_threshold = (self.config.iou_threshold if request.iou_threshold is None
+                             else request.iou_threshold)
+            if not 0 <= iou_threshold <= 1:
+                raise InvalidInput(f"iou_threshold must be in [0, 1], got {iou_threshold}")
         return replace(request, method=method, layer=layer, score=score, output=output,
-                       layout=layout, prefix_tokens=prefix_tokens, grid=grid)
+                       layout=layout, prefix_tokens=prefix_tokens, grid=grid,
+                       iou_threshold=iou_threshold)
 
     def _layout_of(
         self, request: Explaining, layer: str | tuple[str, ...]
@@ -294,12 +329,16 @@ class ServedModel:
         mask: np.ndarray | None = None,
         others: dict[str, np.ndarray] | None = None,
         stop: StopSignal | None = None,
+        detection: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap.
         `reference` [N, D] is the reference embedding of the "similarity" score, `mask`
         [N, h, w] (any size) the region of the "region" score (all negative: the predicted
-        region)."""
+        region), `detection` the "detection" score's (detection_index INT64 [N],
+        reference_box FP32 [N, 4] in the graph's input pixels)."""
         feeds = {self.input.name: x, NAMES.target_class: target_class, **(others or {})}
+        if detection is not None:
+            feeds[NAMES.detection_index], feeds[NAMES.reference_box] = detection
         if reference is not None:
             feeds[NAMES.reference_embedding] = reference
         if mask is not None:
@@ -322,12 +361,7 @@ class ServedModel:
                 self._explainers.move_to_end(key)
                 return self._explainers[key]
             try:
-                augmented = augment_model(
-                    self._proto, layer=key.layer, output=key.output, method=key.method,
-                    counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
-                    aug_smooth=key.aug_smooth, score=key.score, input=self.input.name,
-                    layout=key.layout, prefix_tokens=key.prefix_tokens, grid=key.grid,
-                )
+                augmented = self._augment(key)
             except AugmentError as error:
                 raise InvalidInput(str(error)) from error
             session = create_session(augmented, self.runtime)
@@ -396,8 +430,11 @@ class ServedModel:
         mask = None
         if self._default.score == "region":
             mask = np.full((batch, 1, 1), -1.0, dtype=np.float32)  # the predicted regions
+        detection = None
+        if self._default.score == "detection":  # anchor 0, no reference box
+            detection = (np.zeros(batch, dtype=np.int64), np.zeros((batch, 4), np.float32))
         explained = self.explain(x, np.full(batch, -1, dtype=np.int64), self._default,
-                                 mask=mask, others=others)
+                                 mask=mask, others=others, detection=detection)
         return shapes, tuple(explained[NAMES.activations].shape[1:])
 
 

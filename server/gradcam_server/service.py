@@ -25,6 +25,7 @@ from PIL import Image
 from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .batching import BatchStats, DynamicBatcher, StopSignal
+from .detections import check_detection
 from .errors import InvalidInput, QueueFull, shown
 from .model import Explaining, ServedModel
 from .preprocess import decode_image, image_size, to_tensor
@@ -91,6 +92,9 @@ class _Call:
     reference: np.ndarray | None = None
     mask: np.ndarray | None = None
     others: dict[str, np.ndarray] = field(default_factory=dict)
+    # score "detection": (detection_index INT64 [N], reference_box FP32 [N, 4] in the graph's
+    # input pixels), `detections.check_detection`
+    detection: tuple[np.ndarray, np.ndarray] | None = None
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -122,6 +126,8 @@ class ClassMap:
     channels: tuple[tuple[int, float], ...]  # (channel, weight), most important first
     # Pixel-level methods only: the signed input gradients [C, H, W] at the model's input size.
     pixel_gradients: np.ndarray | None = None
+    # Score "detection" only: the detection explained (`detections.DetectedBox`).
+    detection: object | None = None
 
 
 @dataclass(frozen=True)
@@ -283,8 +289,13 @@ class GradCamService:
         self, model: ServedModel, explain: Explaining, target_class: np.ndarray | None, rows: int
     ) -> np.ndarray:
         """INT64 [N]: c in [0, classes) explains class c, -1 the top-1 class (-r the r-th).
-        [N, 1] is taken too: Triton declares a batched scalar so, and its clients send it."""
-        classes = model.output_shapes[model.resolve(explain).output][0]
+        [N, 1] is taken too: Triton declares a batched scalar so, and its clients send it.
+        A detector's classes are the pre-NMS scores' (unchecked where the graph leaves them
+        free)."""
+        explain = model.resolve(explain)
+        classes = model.output_shapes[explain.output][0]
+        if explain.score == "detection":
+            classes = model.num_classes if model.num_classes > 0 else np.iinfo(np.int64).max
         if target_class is None:
             return np.full(rows, -1, dtype=np.int64)
         target_class = np.asarray(target_class)
@@ -406,11 +417,14 @@ class GradCamService:
         mask: np.ndarray | None = None,
         others: dict[str, np.ndarray] | None = None,
         deadline: float | None = None,
+        detection: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> RunResult:
         """Run a validated batch through the model's batcher: the plain graph (`explain` None)
         or the augmented graph `explain` asks for, built on first use. `reference` is the
         reference embedding of the "similarity" score ([D] or [N, D]), `mask` the region of
-        the "region" score (`check_mask`), `others` the model's other inputs by name."""
+        the "region" score (`check_mask`), `others` the model's other inputs by name,
+        `detection` the "detection" score's index and reference box per row, in the graph's
+        input pixels (`detections.check_detection`)."""
         if explain is not None:
             explain = model.resolve(explain)
 
@@ -424,6 +438,7 @@ class GradCamService:
                 self.check_reference(model, explain, reference, len(x)),
                 self.check_mask(model, explain, mask, x),
                 checked,
+                check_detection(model, explain, detection, target_class, x),
             )
 
         call = await asyncio.to_thread(validate)
@@ -470,7 +485,12 @@ class GradCamService:
                     reference = np.concatenate([c.reference for c in calls])
                 if explain.score == "region":
                     mask = np.concatenate([c.mask for c in calls])
-                outputs = model.explain(x, classes, explain, reference, mask, others, stop=stop)
+                detection = None
+                if explain.score == "detection":
+                    detection = tuple(np.concatenate([c.detection[i] for c in calls])
+                                      for i in (0, 1))
+                outputs = model.explain(x, classes, explain, reference, mask, others, stop=stop,
+                                        detection=detection)
             run_seconds = time.perf_counter() - start
             results, row = [], 0
             for call in calls:

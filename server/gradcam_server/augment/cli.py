@@ -10,12 +10,14 @@ from pathlib import Path
 
 import onnx
 
+from .detection import BOX_FORMATS, DEFAULT_IOU_THRESHOLD, DETECTION_FORMATS
 from .errors import AugmentError
 from .graph import save_model
 from .layout import LAYOUTS
 from .passes import ALL_METHODS, NAMES, augment_model, explained_target, load_model
 from .targets import SCORES, default_score, score_output_name
 from ..triton_repository import TritonConfigError, write_model
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -60,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens layout: class/distillation/register tokens before the patches")
     parser.add_argument("--grid", type=grid_size, metavar="HxW",
                         help="tokens layout: the patch grid, e.g. 14x14")
+    parser.add_argument("--boxes-output", metavar="NAME",
+                        help="score detection: the pre-NMS boxes output (--score-output names "
+                             "the class scores; default: both detected from their shapes)")
+    parser.add_argument("--detection-format", choices=DETECTION_FORMATS,
+                        help="score detection: scores [N, A, C] (nac), [N, C, A] (nca), or one "
+                             "YOLO output [N, 4 + C, A] (default: detected)")
+    parser.add_argument("--box-format", choices=BOX_FORMATS,
+                        help="score detection: x1, y1, x2, y2 (xyxy) or centre and size")
+    parser.add_argument("--iou-threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
+                        help="score detection: least IoU of a detection chosen by box")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model)
@@ -75,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             layout=args.layout,
             prefix_tokens=args.prefix_tokens,
             grid=args.grid,
+            boxes=args.boxes_output,
+            detection_format=args.detection_format,
+            box_format=args.box_format,
+            iou_threshold=args.iou_threshold,
         )
     except AugmentError as error:
         print(f"gradcam-augment: {error}", file=sys.stderr)

@@ -45,6 +45,14 @@ from .cam import (
     pixel_heatmap,
     principal_projection,
 )
+from .detection import (
+    DEFAULT_IOU_THRESHOLD,
+    DetectionSeeds,
+    detection_seeds,
+    detection_target_layer,
+    find_heads,
+    refuse_unexplainable,
+)
 from .errors import AugmentError
 from .graph import GraphBuilder, model_bytes, opset_version
 from .group import group_cam
@@ -89,6 +97,13 @@ class AugmentedOutputs:
     pixel_map: str = "pixel_map"
     reference_embedding: str = "reference_embedding"
     target_mask: str = "target_mask"
+    detection_index: str = "detection_index"  # the "detection" score's inputs and outputs
+    reference_box: str = "reference_box"
+    explained_detection: str = "explained_detection"
+    detection_class: str = "detection_class"
+    detection_score: str = "detection_score"
+    detection_box: str = "detection_box"
+    detection_iou: str = "detection_iou"
 
 
 NAMES = AugmentedOutputs()
@@ -126,6 +141,10 @@ def augment_model(
     layout: str | None = None,
     prefix_tokens: int | None = None,
     grid: Sequence[int] | None = None,
+    boxes: str | None = None,
+    detection_format: str | None = None,
+    box_format: str | None = None,
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -174,6 +193,21 @@ def augment_model(
             "nhwc" or "tokens" [N, T, C] with `prefix_tokens` class/distillation/register
             tokens before an h x w `grid` of patches. Detected from the graph by default;
             given, they override detection (for every target layer).
+        boxes, detection_format, box_format, iou_threshold: the "detection" score's heads
+            (`detection.find_heads`): `output` names the pre-NMS class scores and `boxes`
+            the decoded boxes (both detected from the outputs' shapes by default, and cut
+            out in front of a NonMaxSuppression where it reads them directly);
+            `detection_format` "nac" (scores [N, A, C]), "nca" ([N, C, A]) or "yolo" (one
+            [N, 4 + C, A] output); `box_format` "xyxy" or "cxcywh"; `iou_threshold` bounds
+            the reference box's overlap when a detection is chosen by box.
+
+    Score "detection" (`detection.py`) explains one detection per row: the class score plus
+    the IoU of its box with a reference box (pytorch-grad-cam's FasterRCNNBoxScoreTarget).
+    It adds the inputs ``detection_index`` (INT64 [N]: the anchor, or negative to choose by
+    box) and ``reference_box`` (FP32 [N, 4]) and the outputs ``explained_detection`` (-1
+    where no anchor of the class overlaps the box enough), ``detection_class``,
+    ``detection_score``, ``detection_box`` and ``detection_iou``. Its default layer is the
+    last feature map every head reads (`detection.detection_target_layer`).
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
@@ -188,12 +222,20 @@ def augment_model(
         raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")
     if score not in SCORES:
         raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
+    if score == "detection" and (method not in (*METHODS, *PIXEL_METHODS) or aug_smooth):
+        raise AugmentError(
+            f"score 'detection' is explained by gradient methods ({', '.join(METHODS)}, "
+            f"{', '.join(PIXEL_METHODS)}), without aug_smooth; not {method}"
+            + (" with aug_smooth" if aug_smooth else "")
+        )
     if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
         raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
     if (aug_smooth or method in PATH_METHODS) and (method in PIXEL_METHODS or input_gradients):
         raise AugmentError("aug_smooth is not available with pixel-level gradients")
     if aug_smooth and method in PATH_METHODS:
         raise AugmentError(f"{method} cannot be combined with aug_smooth")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise AugmentError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     check_view_options(layout, prefix_tokens, grid)
     proto = upgrade_opset(load_model(model))
     if explained_target(proto):
@@ -201,6 +243,13 @@ def augment_model(
             "the graph is already augmented (it explains layer "
             f"{explained_target(proto).get('layer')!r}); augment the original export, or run "
             "this graph as it is with any ONNX runtime"
+        )
+    if score == "detection":
+        return _augment_detection(
+            proto, layer, output, input_gradients, method, counterfactual, eigen_smooth, input,
+            dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
+            dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
+            iou_threshold,
         )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
@@ -248,8 +297,8 @@ def augment_model(
         for view in views
     }
     heatmap, pixel_map = append_heatmap(
-        b, method, features, image, network_image, network_score, seed, resolved_class,
-        eigen_smooth,
+        b, method, features, image, network_image, network_score, {network_score: seed},
+        resolved_class, eigen_smooth,
     )
     activations, layer_gradients = features[target].activations, features[target].gradients
     if transforms:
@@ -268,6 +317,81 @@ def augment_model(
     record_target(proto, views)
     check(proto)
     return proto
+
+
+def _augment_detection(
+    proto: onnx.ModelProto,
+    layer: str | Sequence[str] | None,
+    output: str | int | None,
+    input_gradients: bool,
+    method: str,
+    counterfactual: bool,
+    eigen_smooth: bool,
+    input: str | int | None,
+    view_options: dict,
+    head_options: dict,
+    iou_threshold: float,
+) -> onnx.ModelProto:
+    """`augment_model` for score "detection": the heads found (or cut before NMS), the
+    detection's seeds on them, then the shared backward, heatmap and outputs passes."""
+    try:
+        image = image_input(proto, input)
+    except AugmentError as error:
+        raise refuse_unexplainable(proto, error) from None
+    scores = None if output is None else score_output_name(proto, output)
+    b = GraphBuilder(proto)
+    heads = find_heads(b, image.name, scores, **head_options)
+    if layer is None:
+        layer = detection_target_layer(b, heads, image.name)
+    views = _target_views(b, layer, heads.scores, image.name, view_options)
+    target_class = add_target_class(proto, image)
+    batch = _dim(image.type.tensor_type.shape.dim[0])
+    b.graph.input.extend([
+        helper.make_tensor_value_info(NAMES.detection_index, TensorProto.INT64, [batch]),
+        helper.make_tensor_value_info(NAMES.reference_box, TensorProto.FLOAT, [batch, 4]),
+    ])
+    chosen = detection_seeds(b, heads, target_class, NAMES.detection_index,
+                             NAMES.reference_box, iou_threshold)
+    seeds = chosen.seeds
+    if counterfactual:
+        seeds = {tensor: b.op("Neg", [seed]) for tensor, seed in seeds.items()}
+    layers = [view.tensor for view in views]
+    wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
+    gradients = build_backward(b, seeds, wrt)
+    features = {
+        view.tensor: Features(view, view.apply(b, view.tensor, image.name),
+                              view.apply(b, gradients[view.tensor], image.name))
+        for view in views
+    }
+    heatmap, pixel_map = append_heatmap(b, method, features, image, image.name, heads.scores,
+                                        seeds, chosen.resolved_class, eigen_smooth)
+    first = features[layers[0]]
+    expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
+    image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
+    if input_gradients:
+        b.add_output(gradients[image.name], NAMES.input_gradients, b.elem_type(image.name),
+                     image_dims)
+    if pixel_map is not None:
+        b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name), image_dims)
+    expose_detection(b, chosen, heads.scores, batch)
+    record_target(proto, views)
+    anchors, classes = (b.static_shape(heads.scores) or (None, None, None))[1:]
+    for key, value in (("anchors", anchors), ("classes", classes)):
+        if isinstance(value, int):  # what a server checks requests against
+            proto.metadata_props.add(key=f"{METADATA_PREFIX}detection_{key}", value=str(value))
+    check(proto)
+    return proto
+
+
+def expose_detection(b: GraphBuilder, chosen: DetectionSeeds, scores: str, batch) -> None:
+    """The explained detection of each row: anchor (-1: none qualifies), class, class score,
+    box (x1, y1, x2, y2) and IoU with the reference box."""
+    dtype = b.elem_type(scores)
+    b.add_output(chosen.explained, NAMES.explained_detection, TensorProto.INT64, [batch])
+    b.add_output(chosen.resolved_class, NAMES.detection_class, TensorProto.INT64, [batch])
+    b.add_output(chosen.score, NAMES.detection_score, dtype, [batch])
+    b.add_output(chosen.box, NAMES.detection_box, dtype, [batch, 4])
+    b.add_output(chosen.iou, NAMES.detection_iou, dtype, [batch])
 
 
 @dataclass(frozen=True)
@@ -412,18 +536,19 @@ def append_heatmap(
     image: onnx.ValueInfoProto,
     network_image: str,
     score_output: str,
-    seed: str,
+    seeds: dict[str, str],
     resolved_class: str | None,
     eigen_smooth: bool,
 ) -> tuple[str, str | None]:
     """The method's heatmap [N, H, W] (the layers' maps fused), and its pixel map [N, C, H, W]
     for the pixel-level methods (None for the others). Every method reads the layers' views
-    [N, C, h, w]; Ablation-CAM ablates the channels of the raw layer."""
+    [N, C, h, w]; Ablation-CAM ablates the channels of the raw layer. `seeds` are the
+    backward pass's (d score / d tensor): the score output's, or a detection's heads'."""
     if method in PIXEL_METHODS:
         first = next(iter(features.values()))
         grad_cam = METHODS["gradcam"](b, first.activations, first.gradients)
         pixel_map, heatmap = append_pixel_map(
-            b, score_output, seed, image, method, append_cam(b, grad_cam, image)
+            b, seeds, image, method, append_cam(b, grad_cam, image)
         )
         return heatmap, pixel_map
     maps = []
@@ -440,7 +565,8 @@ def append_heatmap(
             maps.append(cam_heatmap(b, raw, image.name, spatial_axes(image)))
             continue
         if method == ABLATION_CAM:
-            weights = ablation_weights(b, layer, view.channel_axis, score_output, onehot=seed)
+            weights = ablation_weights(b, layer, view.channel_axis, score_output,
+                                       onehot=seeds[score_output])
             contributions = b.op("Mul", [b.unsqueeze(weights, [2, 3]), activations])
         elif method == SCORE_CAM:
             if spatial_axes(image) != (2, 3) or resolved_class is None:
@@ -480,14 +606,13 @@ def append_cam(
 
 def append_pixel_map(
     b: GraphBuilder,
-    score_output: str,
-    seed: str,
+    seeds: dict[str, str],
     image: onnx.ValueInfoProto,
     method: str,
     grad_cam_map: str,
 ) -> tuple[str, str]:
     """A second backward pass, guided, to the image: (pixel map, its heatmap)."""
-    guided = build_backward(b, {score_output: seed}, [image.name], guided=True)[image.name]
+    guided = build_backward(b, seeds, [image.name], guided=True)[image.name]
     if method == GUIDED_GRAD_CAM:
         height, width = spatial_axes(image)
         channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()

@@ -31,7 +31,7 @@ _NORMS = {
     "LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
 }
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-SCORES = ("logit", "probability", "similarity", "region")
+SCORES = ("logit", "probability", "similarity", "region", "detection")  # detection.py: detections
 
 
 def detect_target_layer(
