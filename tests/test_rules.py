@@ -399,7 +399,35 @@ RESIZES = [
            inputs=["x", "roi", "scales", "sizes"], label="nearest-half-pixel"),
 ]
 
-SPECS = UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + COMPOSED
+# Rois [x1, y1, x2, y2] of two images: inside, partly outside (left and below), thin, tiny,
+# entirely outside; RoiAlign is linear in X, so its finite differences are exact.
+ROIS = np.array([[0.5, 1.0, 4.5, 5.5], [-2.0, 3.0, 3.0, 9.0], [2.2, 0.3, 6.9, 1.1],
+                 [3.0, 3.0, 3.2, 3.1], [8.0, 7.5, 11.0, 12.0]], np.float32)
+ROI_IMAGES = ints(0, 1, 1, 0, 1)
+
+
+def roi_align(label: str, **attrs) -> OpSpec:
+    distinct = attrs.get("mode") == "max"  # max mode: no ties between taps
+    return OpSpec("RoiAlign", {"x": Wrt((2, 3, 6, 7), distinct=distinct)},
+                  consts={"rois": ROIS, "batch_indices": ROI_IMAGES}, attrs=attrs,
+                  inputs=["x", "rois", "batch_indices"], eps=1e-4 if distinct else 1e-3,
+                  label=label)
+
+
+ROI_POOLS = [
+    roi_align("avg-ratio2", output_height=2, output_width=3, sampling_ratio=2),
+    roi_align("avg-adaptive-scaled", output_height=2, output_width=3, spatial_scale=0.9),
+    roi_align("avg-output-half-pixel", output_height=3, output_width=2, sampling_ratio=1,
+              coordinate_transformation_mode="output_half_pixel"),
+    roi_align("avg-adaptive-output-half-pixel", output_height=2, output_width=2,
+              spatial_scale=1.3, coordinate_transformation_mode="output_half_pixel"),
+    roi_align("max-ratio2", output_height=2, output_width=3, sampling_ratio=2, mode="max"),
+    roi_align("max-adaptive-scaled", output_height=2, output_width=2, spatial_scale=0.8,
+              mode="max"),
+]
+
+SPECS = (UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + ROI_POOLS
+         + COMPOSED)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
@@ -460,6 +488,31 @@ def test_ties_are_broken_as_torch_autograd(spec: OpSpec, reference, kind: str) -
     for name, tensor in zip(inputs, tensors):
         np.testing.assert_allclose(ours[name], tensor.grad.numpy(), rtol=1e-6, atol=1e-6,
                                    err_msg=f"d/d{name} of {spec.id} with {kind} values")
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["output-half-pixel", "half-pixel"])
+@pytest.mark.parametrize("sampling_ratio, spatial_scale", [(0, 1.0), (1, 0.7), (3, 0.5)])
+def test_roi_align_matches_torchvision_autograd(
+    aligned: bool, sampling_ratio: int, spatial_scale: float
+) -> None:
+    """torchvision.ops.roi_align (what Faster R-CNN's MultiScaleRoIAlign exports as RoiAlign,
+    aligned=False as output_half_pixel) on the same rois: the gradient w.r.t. the features."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    features = torch.tensor(x, requires_grad=True)
+    boxes = torch.tensor(np.concatenate([ROI_IMAGES[:, None].astype(np.float32), ROIS], 1))
+    pooled = torchvision.ops.roi_align(features, boxes, (3, 2), spatial_scale, sampling_ratio,
+                                       aligned)
+    cotangent = rng.standard_normal(tuple(pooled.shape)).astype(np.float32)
+    pooled.backward(torch.tensor(cotangent))
+    transform = "half_pixel" if aligned else "output_half_pixel"
+    spec = roi_align("torch", output_height=3, output_width=2, sampling_ratio=sampling_ratio,
+                     spatial_scale=spatial_scale, coordinate_transformation_mode=transform)
+    ours = gradients(spec, {"x": x}, [cotangent])["x"]
+    assert np.abs(features.grad.numpy()).max() > 0.1
+    np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_reduce_prod_at_zeros_matches_torch() -> None:

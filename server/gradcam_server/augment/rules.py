@@ -1248,6 +1248,223 @@ def _interpolation_matrix(
 
 
 # ---------------------------------------------------------------------------------------------
+# Region pooling (two-stage detectors)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RoiSamples:
+    """One spatial axis of RoiAlign's sample grid, every tensor [R, bins, G] (G: the most
+    samples per bin of any roi): each sample's two bilinear taps `low`/`high` (INT64 rows or
+    columns) and their weights (zero where the sample lies beyond [-1, size], as the runtime
+    skips it), `in_grid` (a roi's own grid may be smaller than G under adaptive sampling) and
+    `grid` (that roi's sample count per bin, at least 1)."""
+
+    low: str
+    high: str
+    weight_low: str
+    weight_high: str
+    in_grid: str
+    grid: str
+
+
+@rule("RoiAlign")
+def _roi_align(ctx: RuleContext) -> Gradients:
+    """Y[r, c, i, j] pools X[batch_indices[r], c] over bin (i, j) of roi r at a grid of bilinear
+    samples (onnxruntime's and torchvision's roi_align geometry: roi = rois * spatial_scale, less
+    0.5 under half_pixel; under output_half_pixel a roi is at least 1 x 1; sampling_ratio samples
+    per bin and axis, or ceil(roi size / bins) per roi when it is 0; samples beyond [-1, size] add
+    nothing). Only X gets a gradient: rois and batch_indices get none, as torch detaches
+    proposals.
+
+    avg: the samples are separable, Y[r, c] = A_h[r] X[n_r, c] A_w[r]^T with A [R, bins, size]
+    the per-roi sample matrices, so dX[n, c] = sum over the rois of image n of
+    A_h[r]^T dY[r, c] A_w[r]: two MatMuls, the second summing over rois through a one-hot of
+    batch_indices (no scatter). max (the runtime's: the largest weighted tap w_k X[p_k] over all
+    samples and their four taps): dY times w_k goes to the chosen tap, the first of ties as the
+    runtime picks, by ArgMax and a ScatterElements add."""
+    b, x, dy = ctx.b, ctx.x(0), ctx.dy()
+    mode = ctx.attr("mode", "avg")
+    default_transform = "half_pixel" if b.opset >= 16 else "output_half_pixel"
+    transform = ctx.attr("coordinate_transformation_mode", default_transform)
+    if mode not in ("avg", "max"):
+        raise ctx.unsupported(f"mode {mode!r} is not supported, only 'avg' and 'max'")
+    if transform not in ("half_pixel", "output_half_pixel"):
+        raise ctx.unsupported(f"coordinate_transformation_mode {transform!r} is not supported")
+    boxes = b.op("Mul", [b.op("Cast", [ctx.x(1)], to=onnx.TensorProto.FLOAT),
+                         b.const(float(ctx.attr("spatial_scale", 1.0)))])
+    if transform == "half_pixel":
+        boxes = b.op("Sub", [boxes, b.const(0.5)])
+    bins = {2: ctx.attr("output_height", 1), 3: ctx.attr("output_width", 1)}
+    first_corner = {2: 1, 3: 0}  # rois are [x1, y1, x2, y2]
+    samples = {
+        axis: _roi_samples(ctx, boxes, first_corner[axis], bins[axis], axis,
+                           min_size=1.0 if transform == "output_half_pixel" else None)
+        for axis in (2, 3)
+    }
+    images = b.op("Cast", [ctx.x(2)], to=onnx.TensorProto.INT64)
+    if mode == "avg":
+        grad = _roi_average_grad(b, x, dy, images, samples[2], samples[3])
+    else:
+        grad = _roi_max_grad(ctx, x, dy, images, samples[2], samples[3], bins)
+    return [grad, None, None]
+
+
+def _roi_samples(
+    ctx: RuleContext, boxes: str, corner: int, bins: int, axis: int, min_size: float | None
+) -> _RoiSamples:
+    """The sample grid of spatial `axis` of X, from box columns `corner` and `corner` + 2."""
+    b, x = ctx.b, ctx.x(0)
+
+    def column(index: int) -> str:  # [R, 1, 1]
+        return b.unsqueeze(b.op("Slice", [boxes, b.ints([index]), b.ints([index + 1]),
+                                          b.ints([1])]), [2])
+
+    start = column(corner)
+    size = b.op("Sub", [column(corner + 2), start])
+    if min_size is not None:
+        size = b.op("Max", [size, b.const(min_size)])
+    bin_size = b.op("Div", [size, b.const(float(bins))])
+    ratio = ctx.attr("sampling_ratio", 0)
+    if ratio > 0:
+        grid, most = b.const(float(ratio)), b.const(ratio, np.int64)
+    else:  # adaptive: ceil(roi size / bins) samples per bin, per roi
+        grid = b.op("Ceil", [bin_size])
+        with_one = b.op("Concat", [b.op("Reshape", [grid, b.ints([-1])]), b.const([1.0])],
+                        axis=0)
+        most = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
+                    to=onnx.TensorProto.INT64)
+    sample = b.op("Cast", [b.op("Range", [b.const(0, np.int64), most, b.const(1, np.int64)])],
+                  to=onnx.TensorProto.FLOAT)
+    sample = b.op("Reshape", [sample, b.ints([1, 1, -1])])
+    in_grid = b.op("Less", [sample, grid])
+    grid = b.op("Max", [grid, b.const(1.0)])
+    bin_index = b.const(np.arange(bins, dtype=np.float32).reshape(1, bins, 1))
+    offset = b.op("Div", [b.op("Mul", [b.op("Add", [sample, b.const(0.5)]), bin_size]), grid])
+    position = b.op("Add", [b.op("Add", [start, b.op("Mul", [bin_index, bin_size])]), offset])
+    extent = b.op("Cast", [b.shape_slice(x, axis, axis + 1)], to=onnx.TensorProto.FLOAT)
+    last = b.op("Sub", [extent, b.const(1.0)])
+    outside = b.op("Or", [b.op("Less", [position, b.const(-1.0)]),
+                          b.op("Greater", [position, extent])])
+    inside = b.op("Cast", [b.op("Not", [outside])], to=onnx.TensorProto.FLOAT)
+    clamped = b.op("Min", [b.op("Max", [position, b.const(0.0)]), last])
+    low = b.op("Floor", [clamped])
+    high = b.op("Min", [b.op("Add", [low, b.const(1.0)]), last])
+    fraction = b.op("Sub", [clamped, low])
+    as_int = dict(to=onnx.TensorProto.INT64)
+    return _RoiSamples(
+        low=b.op("Cast", [low], **as_int),
+        high=b.op("Cast", [high], **as_int),
+        weight_low=b.op("Mul", [b.op("Sub", [b.const(1.0), fraction]), inside]),
+        weight_high=b.op("Mul", [fraction, inside]),
+        in_grid=in_grid,
+        grid=grid,
+    )
+
+
+def _roi_sample_matrix(b: GraphBuilder, samples: _RoiSamples, extent: str) -> str:
+    """A [R, bins, size]: row (r, i) holds the weight each row (column) of X gets in bin i of
+    roi r, averaged over the bin's samples."""
+    one_zero = b.const([0.0, 1.0])
+    share = b.op("Div", [b.op("Cast", [samples.in_grid], to=onnx.TensorProto.FLOAT),
+                         samples.grid])
+    taps = []
+    for index, weight in ((samples.low, samples.weight_low), (samples.high, samples.weight_high)):
+        one_hot = b.op("OneHot", [index, extent, one_zero], axis=-1)  # [R, bins, G, size]
+        taps.append(b.op("Mul", [one_hot, b.unsqueeze(b.op("Mul", [weight, share]), [3])]))
+    return b.reduce("ReduceSum", b.op("Add", taps), [2], keepdims=False)
+
+
+def _roi_average_grad(
+    b: GraphBuilder, x: str, dy: str, images: str, rows: _RoiSamples, columns: _RoiSamples
+) -> str:
+    """dX = sum over rois r of image n of A_h[r]^T dY[r, c] A_w[r]."""
+    dims = b.shape(x)
+
+    def dim(axis: int) -> str:
+        return b.op("Slice", [dims, b.ints([axis]), b.ints([axis + 1])])
+
+    matrices = [_roi_sample_matrix(b, s, dim(axis)) for axis, s in ((2, rows), (3, columns))]
+    if b.elem_type(x) != onnx.TensorProto.FLOAT:
+        matrices = [b.op("CastLike", [m, dy]) for m in matrices]
+    along_width = b.op("MatMul", [dy, b.unsqueeze(matrices[1], [1])])  # [R, C, bins_h, W]
+    by_bin = b.op("Transpose", [along_width], perm=[0, 2, 1, 3])  # [R, bins_h, C, W]
+    by_bin = b.op("Reshape", [by_bin, b.op("Concat", [b.ints([-1]),
+                                                      b.op("Mul", [dim(1), dim(3)])], axis=0)])
+    one_zero = b.op("CastLike", [b.const([0.0, 1.0]), dy])
+    of_image = b.op("OneHot", [images, dim(0), one_zero], axis=0)  # [N, R]
+    rows_of_image = b.op("Mul", [
+        b.op("Reshape", [of_image, b.ints([0, 1, -1, 1])]),
+        b.unsqueeze(b.op("Transpose", [matrices[0]], perm=[2, 0, 1]), [0]),
+    ])  # [N, H, R, bins_h]
+    rows_of_image = b.op("Reshape", [rows_of_image, b.ints([0, 0, -1])])
+    grad = b.op("MatMul", [rows_of_image, by_bin])  # [N, H, C * W]
+    grad = b.op("Reshape", [grad, b.op("Concat", [dim(0), dim(2), dim(1), dim(3)], axis=0)])
+    return b.op("Transpose", [grad], perm=[0, 2, 1, 3])
+
+
+def _roi_max_grad(
+    ctx: RuleContext, x: str, dy: str, images: str, rows: _RoiSamples, columns: _RoiSamples,
+    bins: dict[int, int],
+) -> str:
+    """dY[r, c, i, j] times the weight of the chosen tap, added at that tap of X[n_r, c]."""
+    b = ctx.b
+    dims = b.shape(x)
+    width = b.op("Slice", [dims, b.ints([3]), b.ints([4])])
+    plane = b.op("Mul", [b.op("Slice", [dims, b.ints([2]), b.ints([3])]), width])
+    # Each axis' two taps, laid out [R, bins_h, bins_w, G_h, G_w, tap_h, tap_w] so that the
+    # flattened order is the runtime's: samples row-major, then taps (low, low) ... (high, high).
+    y_view = b.ints([0, bins[2], 1, -1, 1, 2, 1])
+    x_view = b.ints([0, 1, bins[3], 1, -1, 1, 2])
+
+    def taps(view: str, pair: tuple[str, str]) -> str:
+        return b.op("Reshape", [b.op("Concat", [b.unsqueeze(t, [3]) for t in pair], axis=3),
+                                view])
+
+    def grid_mask(samples: _RoiSamples, view: list[int]) -> str:
+        return b.op("Reshape", [samples.in_grid, b.ints(view)])
+
+    row_index = taps(y_view, (rows.low, rows.high))
+    column_index = taps(x_view, (columns.low, columns.high))
+    image_start = b.op("Reshape", [b.op("Mul", [images, plane]), b.ints([-1, 1, 1, 1, 1, 1, 1])])
+    flat_index = b.op("Add", [image_start, b.op("Add", [b.op("Mul", [row_index, width]),
+                                                        column_index])])
+    in_grid = b.op("And", [grid_mask(rows, [0, 1, 1, -1, 1, 1, 1]),
+                           grid_mask(columns, [0, 1, 1, 1, -1, 1, 1])])
+    weight = b.op("Mul", [taps(y_view, (rows.weight_low, rows.weight_high)),
+                          taps(x_view, (columns.weight_low, columns.weight_high))])
+    weight = b.op("Mul", [weight, b.op("Cast", [in_grid], to=onnx.TensorProto.FLOAT)])
+    if b.elem_type(x) != onnx.TensorProto.FLOAT:
+        weight = b.op("CastLike", [weight, dy])
+    cells = bins[2] * bins[3]
+    by_cell = b.ints([0, cells, -1])  # [R, cells, K]
+    in_grid = b.op("Reshape", [b.op("Expand", [in_grid, b.shape(flat_index)]), by_cell])
+    flat_index, weight = (b.op("Reshape", [t, by_cell]) for t in (flat_index, weight))
+    pixels = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1]),
+                              b.op("Concat", [b.ints([-1]), b.op("Slice", [dims, b.ints([1]),
+                                                                           b.ints([2])])], axis=0)])
+    values = b.op("Gather", [pixels, flat_index], axis=0)  # [R, cells, K, C]
+    values = b.op("Mul", [values, b.unsqueeze(weight, [3])])
+    values = b.op("Where", [b.unsqueeze(in_grid, [3]), values,
+                            b.op("CastLike", [b.const(-np.inf), dy])])
+    chosen = b.op("Transpose", [b.op("ArgMax", [values], axis=2, keepdims=1)],
+                  perm=[0, 1, 3, 2])  # [R, cells, C, 1]
+    chosen_index = b.op("GatherND", [flat_index, chosen], batch_dims=2)  # [R, cells, C]
+    chosen_weight = b.op("GatherND", [weight, chosen], batch_dims=2)
+    per_cell = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]), b.ints([0, cells, -1])])
+    updates = b.op("Mul", [per_cell, chosen_weight])
+    channels = b.op("Slice", [dims, b.ints([1]), b.ints([2])])
+    by_channel = b.op("Concat", [b.ints([-1]), channels], axis=0)
+    grad = _scatter_add(ctx, "ScatterElements", b.zeros_like(pixels),
+                        b.op("Reshape", [chosen_index, by_channel]),
+                        b.op("Reshape", [updates, by_channel]), axis=0)
+    grad = b.op("Reshape", [grad, b.op("Concat", [
+        b.op("Slice", [dims, b.ints([0]), b.ints([1])]),
+        b.op("Slice", [dims, b.ints([2]), b.ints([4])]), channels], axis=0)])
+    return b.op("Transpose", [grad], perm=[0, 3, 1, 2])
+
+
+# ---------------------------------------------------------------------------------------------
 # Linear layers
 # ---------------------------------------------------------------------------------------------
 
