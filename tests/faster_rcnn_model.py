@@ -1,0 +1,113 @@
+"""Faster R-CNN's raw box head as one ONNX graph, for the two-stage detector tests.
+
+torchvision's detection models end in per-class NMS and a variable number of detections, and
+start with GeneralizedRCNNTransform, which resizes the image. `RawFasterRCNN` keeps what lies
+between: it takes an already normalised image batch at a fixed size and runs the backbone (with
+its FPN), the RPN (whose proposal NMS stays in the graph: it only selects integer indices) and
+the RoI heads up to the box predictor, returning for every proposal
+
+* ``scores`` [N, R, classes]: softmax of the class logits,
+* ``boxes`` [N, R, classes, 4]: the per-class decoded boxes (x1, y1, x2, y2 in input pixels),
+  clipped to the image,
+* ``proposals`` [N, R, 4] (only `with_proposals`): the RPN's boxes the head pooled.
+
+R is fixed, the RPN's post-NMS count at test time (150 for fasterrcnn_mobilenet_v3_large_320_fpn):
+an image with fewer proposals gets rows of zeros, whose boxes decode to [0, 0, 0, 0] for every
+class (they overlap nothing). There is no final per-class NMS and no score threshold.
+
+Gradients reach the features only through the head's RoiAlign: the proposals are constants (torch
+decodes them from detached regression deltas; our RoiAlign rule gives rois no gradient).
+
+* `build_faster_rcnn()`: the seeded, BatchNorm-calibrated torchvision model (weights=None), eval.
+* `export_raw_head(path, batch, size, with_proposals)`: the TorchScript export at opset 17.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import boxes as box_ops
+
+from zoo import calibrate_batch_norms, model_seed, sample_batch
+
+NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
+SIZE = 320
+OUTPUTS = ["scores", "boxes"]
+CLASS_WEIGHT_SCALE = 10.0
+
+
+class RawFasterRCNN(torch.nn.Module):
+    """A torchvision Faster R-CNN from normalised images to every proposal's class scores and
+    per-class boxes (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, size: int, with_proposals: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.size = size
+        self.with_proposals = with_proposals
+
+    @property
+    def proposals_per_image(self) -> int:
+        return self.model.rpn.post_nms_top_n()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, count = self.model, self.proposals_per_image
+        sizes = [(self.size, self.size)] * images.shape[0]
+        features = model.backbone(images)
+        proposals, _ = model.rpn(ImageList(images, sizes), features)
+        # exactly `count` rows per image: padding with zero boxes keeps every size static
+        proposals = [torch.cat([p, p.new_zeros(count, 4)])[:count] for p in proposals]
+        heads = model.roi_heads
+        pooled = heads.box_roi_pool(features, proposals, sizes)
+        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+        boxes = box_ops.clip_boxes_to_image(
+            heads.box_coder.decode(box_regression, proposals), (self.size, self.size)
+        )
+        classes = class_logits.shape[-1]
+        scores = F.softmax(class_logits, -1).reshape(-1, count, classes)
+        boxes = boxes.reshape(-1, count, classes, 4)
+        if self.with_proposals:
+            return scores, boxes, torch.stack(proposals)
+        return scores, boxes
+
+
+@functools.cache
+def build_faster_rcnn() -> torch.nn.Module:
+    """fasterrcnn_mobilenet_v3_large_320_fpn without any weights file (seeded), its backbone's
+    BatchNorm statistics calibrated on the scikit-image photos at SIZE, in eval mode.
+
+    The class-score layer's random weights are scaled by CLASS_WEIGHT_SCALE: at torch's default
+    initialisation no proposal scores any class above 0.016 (uniform: 1/91); scaled, the
+    top scores reach ~0.27 and the top class differs between proposals."""
+    torch.manual_seed(model_seed(NAME))
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    calibrate_batch_norms(model.backbone, size=SIZE)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(CLASS_WEIGHT_SCALE)
+    return model.eval()
+
+
+def export_raw_head(
+    path: str | Path, batch: int = 1, size: int = SIZE, with_proposals: bool = False
+) -> Path:
+    """`RawFasterRCNN` through the TorchScript exporter at opset 17, input "input" [batch, 3,
+    size, size] (fixed: the RPN's per-image loops are unrolled for the traced batch), outputs
+    "scores", "boxes" (and "proposals")."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = RawFasterRCNN(build_faster_rcnn(), size, with_proposals).eval()
+    images = torch.from_numpy(sample_batch(batch, size))
+    outputs = OUTPUTS + (["proposals"] if with_proposals else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            wrapper, (images,), str(path), dynamo=False, opset_version=17,
+            input_names=["input"], output_names=outputs,
+        )
+    return path

@@ -1,0 +1,148 @@
+"""Faster R-CNN's box head (torchvision fasterrcnn_mobilenet_v3_large_320_fpn, weights=None)
+exported raw (tests/faster_rcnn_model.py): d scores[n, r, c] / d a backbone or FPN feature map
+from our backward graph against torch autograd of the same wrapper on the same images.
+
+The gradient reaches the features only through the head's RoiAlign (proposals are constants in
+both), so the proposals of the ONNX graph and of torch are compared first. One export and one
+augmented graph per session (batch 2 at 320 x 320).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from faster_rcnn_model import SIZE, RawFasterRCNN, build_faster_rcnn, export_raw_head
+from gradcam_server.augment.backward import build_backward
+from gradcam_server.augment.graph import GraphBuilder
+from zoo import find_matching_tensor, ort_session, rel_l2, sample_batch
+
+BATCH = 2
+STRIDE = 32  # both FPN levels of the 320 model are 10 x 10
+TARGETS = ["fpn_level_0", "backbone_last_stage"]
+
+
+@pytest.fixture(scope="session")
+def images() -> np.ndarray:
+    return sample_batch(BATCH, SIZE)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> str:
+    return str(export_raw_head(tmp_path_factory.mktemp("frcnn") / "raw.onnx", batch=BATCH,
+                               with_proposals=True))
+
+
+class Captured:
+    """The wrapper run by torch with the target activations kept for autograd."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        model = build_faster_rcnn()
+        self.activations: dict[str, torch.Tensor] = {}
+        hooks = [
+            model.backbone.fpn.layer_blocks[0].register_forward_hook(self._keep("fpn_level_0")),
+            model.backbone.body.register_forward_hook(self._keep_last_stage),
+        ]
+        try:
+            self.scores, self.boxes, self.proposals = RawFasterRCNN(model, SIZE, True)(
+                torch.from_numpy(images)
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _keep(self, name: str):
+        def hook(module, inputs, output):
+            output.retain_grad()
+            self.activations[name] = output
+        return hook
+
+    def _keep_last_stage(self, module, inputs, output):
+        self._keep("backbone_last_stage")(module, inputs, list(output.values())[-1])
+
+    def gradients(self, n: int, r: int, c: int) -> dict[str, np.ndarray]:
+        grads = torch.autograd.grad(self.scores[n, r, c],
+                                    [self.activations[t] for t in TARGETS], retain_graph=True)
+        return {t: g.numpy() for t, g in zip(TARGETS, grads)}
+
+
+@pytest.fixture(scope="session")
+def reference(images) -> Captured:
+    return Captured(images)
+
+
+@pytest.fixture(scope="session")
+def augmented(exported, images, reference) -> tuple:
+    """A session computing the exported graph's outputs and d <seed, scores> / d each target,
+    the targets found as the ONNX tensors equal to torch's activations."""
+    names = {
+        t: find_matching_tensor(exported, images, reference.activations[t].detach().numpy())
+        for t in TARGETS
+    }
+    model = onnx.load(exported)
+    builder = GraphBuilder(model)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    grads = build_backward(builder, {"scores": "seed"}, list(names.values()))
+    for target, tensor in names.items():
+        model.graph.node.append(helper.make_node("Identity", [grads[tensor]], [f"d_{target}"]))
+        model.graph.output.append(helper.make_empty_tensor_value_info(f"d_{target}"))
+    return ort_session(model.SerializeToString()), names
+
+
+def test_export_matches_torch_and_proposals_agree(exported, images, reference) -> None:
+    scores, boxes, proposals = ort_session(exported).run(None, {"input": images})
+    count = build_faster_rcnn().rpn.post_nms_top_n()
+    assert scores.shape == (BATCH, count, 91) and boxes.shape == (BATCH, count, 91, 4)
+    assert proposals.shape == (BATCH, count, 4)
+    # the same proposals, row for row (coordinates in pixels of a 320 x 320 image)
+    np.testing.assert_allclose(proposals, reference.proposals.detach().numpy(), atol=0.01)
+    np.testing.assert_allclose(scores, reference.scores.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(boxes, reference.boxes.detach().numpy(), atol=0.01)
+    np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-5)
+    assert scores.max() > 0.1  # not uniform over the 91 classes
+    assert boxes.min() >= 0 and boxes.max() <= SIZE
+
+
+def chosen_detections(scores: np.ndarray) -> list[tuple[int, int, int]]:
+    """Per image, the proposal with the highest non-background score, and that class."""
+    picks = []
+    for n in range(scores.shape[0]):
+        r, c = np.unravel_index(np.argmax(scores[n, :, 1:]), scores[n, :, 1:].shape)
+        picks.append((n, int(r), int(c) + 1))
+    return picks
+
+
+def test_score_gradients_match_torch_autograd(augmented, images, reference) -> None:
+    session, _ = augmented
+    scores = reference.scores.detach().numpy()
+    for n, r, c in chosen_detections(scores):
+        seed = np.zeros_like(scores)
+        seed[n, r, c] = 1.0
+        ours = dict(zip([o.name for o in session.get_outputs()],
+                        session.run(None, {"input": images, "seed": seed})))
+        expected = reference.gradients(n, r, c)
+        for target in TARGETS:
+            grad = ours[f"d_{target}"]
+            assert np.abs(expected[target]).max() > 1e-6, (target, n)  # a live gradient
+            assert rel_l2(grad, expected[target]) < 1e-4, (target, n, r, c)
+            assert np.abs(grad[1 - n]).max() == 0  # the other image's features get nothing
+
+
+def test_gradient_stays_inside_the_proposal(augmented, images, reference) -> None:
+    """d scores[n, r, c] / d the pooled FPN map is zero beyond proposal r's bilinear taps."""
+    session, _ = augmented
+    scores = reference.scores.detach().numpy()
+    proposals = reference.proposals.detach().numpy()
+    n, r, c = chosen_detections(scores)[0]
+    seed = np.zeros_like(scores)
+    seed[n, r, c] = 1.0
+    names = [o.name for o in session.get_outputs()]
+    grad = dict(zip(names, session.run(None, {"input": images, "seed": seed})))["d_fpn_level_0"]
+    x1, y1, x2, y2 = proposals[n, r] / STRIDE
+    rows, columns = np.nonzero(np.abs(grad[n]).sum(0))
+    assert rows.size > 0
+    assert rows.min() >= np.floor(y1) - 1 and rows.max() <= np.ceil(y2) + 1
+    assert columns.min() >= np.floor(x1) - 1 and columns.max() <= np.ceil(x2) + 1
