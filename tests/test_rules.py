@@ -414,6 +414,16 @@ def roi_align(label: str, **attrs) -> OpSpec:
                   label=label)
 
 
+# MaxRoiPool's rois carry their image first; corners at .5 check rounding half away from zero.
+POOLED_ROIS = np.concatenate([ROI_IMAGES[:, None].astype(np.float32), ROIS], axis=1)
+POOLED_ROIS = np.concatenate([POOLED_ROIS, [[0.0, 2.5, 1.5, 0.5, 4.5]]]).astype(np.float32)
+
+
+def max_roi_pool(label: str, x: Wrt, **attrs) -> OpSpec:
+    return OpSpec("MaxRoiPool", {"x": x}, consts={"rois": POOLED_ROIS}, attrs=attrs,
+                  inputs=["x", "rois"], eps=1e-4, label=label)
+
+
 ROI_POOLS = [
     roi_align("avg-ratio2", output_height=2, output_width=3, sampling_ratio=2),
     roi_align("avg-adaptive-scaled", output_height=2, output_width=3, spatial_scale=0.9),
@@ -424,6 +434,9 @@ ROI_POOLS = [
     roi_align("max-ratio2", output_height=2, output_width=3, sampling_ratio=2, mode="max"),
     roi_align("max-adaptive-scaled", output_height=2, output_width=2, spatial_scale=0.8,
               mode="max"),
+    max_roi_pool("2x3", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[2, 3]),
+    max_roi_pool("3x2-scaled", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[3, 2],
+                 spatial_scale=0.7),
 ]
 
 SPECS = (UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + ROI_POOLS
@@ -513,6 +526,27 @@ def test_roi_align_matches_torchvision_autograd(
     ours = gradients(spec, {"x": x}, [cotangent])["x"]
     assert np.abs(features.grad.numpy()).max() > 0.1
     np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "repeated"])
+@pytest.mark.parametrize("spatial_scale", [1.0, 0.5])
+def test_max_roi_pool_matches_torchvision_autograd(kind: str, spatial_scale: float) -> None:
+    """torchvision.ops.roi_pool on the same rois: bins, rounding and the element each bin's
+    gradient goes to (the first maximum; three values only: ties everywhere)."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(12)
+    if kind == "distinct":
+        x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    else:
+        x = tied_values((2, 3, 6, 7), kind, rng)
+    features = torch.tensor(x, requires_grad=True)
+    pooled = torchvision.ops.roi_pool(features, torch.tensor(POOLED_ROIS), (3, 2), spatial_scale)
+    cotangent = rng.standard_normal(tuple(pooled.shape)).astype(np.float32)
+    pooled.backward(torch.tensor(cotangent))
+    spec = max_roi_pool("torch", Wrt(x.shape), pooled_shape=[3, 2], spatial_scale=spatial_scale)
+    ours = gradients(spec, {"x": x}, [cotangent])["x"]
+    np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_reduce_prod_at_zeros_matches_torch() -> None:

@@ -1409,9 +1409,6 @@ def _roi_max_grad(
 ) -> str:
     """dY[r, c, i, j] times the weight of the chosen tap, added at that tap of X[n_r, c]."""
     b = ctx.b
-    dims = b.shape(x)
-    width = b.op("Slice", [dims, b.ints([3]), b.ints([4])])
-    plane = b.op("Mul", [b.op("Slice", [dims, b.ints([2]), b.ints([3])]), width])
     # Each axis' two taps, laid out [R, bins_h, bins_w, G_h, G_w, tap_h, tap_w] so that the
     # flattened order is the runtime's: samples row-major, then taps (low, low) ... (high, high).
     y_view = b.ints([0, bins[2], 1, -1, 1, 2, 1])
@@ -1424,37 +1421,58 @@ def _roi_max_grad(
     def grid_mask(samples: _RoiSamples, view: list[int]) -> str:
         return b.op("Reshape", [samples.in_grid, b.ints(view)])
 
-    row_index = taps(y_view, (rows.low, rows.high))
-    column_index = taps(x_view, (columns.low, columns.high))
-    image_start = b.op("Reshape", [b.op("Mul", [images, plane]), b.ints([-1, 1, 1, 1, 1, 1, 1])])
-    flat_index = b.op("Add", [image_start, b.op("Add", [b.op("Mul", [row_index, width]),
-                                                        column_index])])
+    flat_index = _flat_positions(b, x, images, taps(y_view, (rows.low, rows.high)),
+                                 taps(x_view, (columns.low, columns.high)), rank=7)
     in_grid = b.op("And", [grid_mask(rows, [0, 1, 1, -1, 1, 1, 1]),
                            grid_mask(columns, [0, 1, 1, 1, -1, 1, 1])])
     weight = b.op("Mul", [taps(y_view, (rows.weight_low, rows.weight_high)),
                           taps(x_view, (columns.weight_low, columns.weight_high))])
     weight = b.op("Mul", [weight, b.op("Cast", [in_grid], to=onnx.TensorProto.FLOAT)])
+    return _chosen_tap_grad(ctx, x, dy, flat_index, weight, in_grid, bins[2] * bins[3])
+
+
+def _flat_positions(
+    b: GraphBuilder, x: str, images: str, row: str, column: str, rank: int
+) -> str:
+    """Positions in X viewed as [N * H * W, C] of rows `row` and columns `column` (INT64, both
+    [R, ...] of `rank`, broadcast together) of each roi's image `images` [R]."""
+    dims = b.shape(x)
+    width = b.op("Slice", [dims, b.ints([3]), b.ints([4])])
+    plane = b.op("Mul", [b.op("Slice", [dims, b.ints([2]), b.ints([3])]), width])
+    image_start = b.op("Reshape", [b.op("Mul", [images, plane]), b.ints([-1] + [1] * (rank - 1))])
+    return b.op("Add", [image_start, b.op("Add", [b.op("Mul", [row, width]), column])])
+
+
+def _chosen_tap_grad(
+    ctx: RuleContext, x: str, dy: str, flat_index: str, weight: str, candidate: str, cells: int
+) -> str:
+    """The gradient of a max over candidate taps per output cell (the first maximum of
+    weight * X at `flat_index` among the taps where `candidate` holds, in row-major order):
+    dY times the chosen tap's weight, added at that tap. `flat_index` (from `_flat_positions`),
+    `weight` and `candidate` are [R, bins_h, bins_w, ...taps...], broadcast to the shape of
+    `flat_index`, which must be the full one; a cell
+    without any candidate gets no gradient (its weights must be 0 there)."""
+    b = ctx.b
+    dims = b.shape(x)
     if b.elem_type(x) != onnx.TensorProto.FLOAT:
         weight = b.op("CastLike", [weight, dy])
-    cells = bins[2] * bins[3]
     by_cell = b.ints([0, cells, -1])  # [R, cells, K]
-    in_grid = b.op("Reshape", [b.op("Expand", [in_grid, b.shape(flat_index)]), by_cell])
-    flat_index, weight = (b.op("Reshape", [t, by_cell]) for t in (flat_index, weight))
-    pixels = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1]),
-                              b.op("Concat", [b.ints([-1]), b.op("Slice", [dims, b.ints([1]),
-                                                                           b.ints([2])])], axis=0)])
+    full = b.shape(flat_index)
+    flat_index, weight, candidate = (b.op("Reshape", [b.op("Expand", [t, full]), by_cell])
+                                     for t in (flat_index, weight, candidate))
+    channels = b.op("Slice", [dims, b.ints([1]), b.ints([2])])
+    by_channel = b.op("Concat", [b.ints([-1]), channels], axis=0)
+    pixels = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1]), by_channel])
     values = b.op("Gather", [pixels, flat_index], axis=0)  # [R, cells, K, C]
     values = b.op("Mul", [values, b.unsqueeze(weight, [3])])
-    values = b.op("Where", [b.unsqueeze(in_grid, [3]), values,
+    values = b.op("Where", [b.unsqueeze(candidate, [3]), values,
                             b.op("CastLike", [b.const(-np.inf), dy])])
     chosen = b.op("Transpose", [b.op("ArgMax", [values], axis=2, keepdims=1)],
                   perm=[0, 1, 3, 2])  # [R, cells, C, 1]
     chosen_index = b.op("GatherND", [flat_index, chosen], batch_dims=2)  # [R, cells, C]
     chosen_weight = b.op("GatherND", [weight, chosen], batch_dims=2)
-    per_cell = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]), b.ints([0, cells, -1])])
+    per_cell = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]), by_cell])
     updates = b.op("Mul", [per_cell, chosen_weight])
-    channels = b.op("Slice", [dims, b.ints([1]), b.ints([2])])
-    by_channel = b.op("Concat", [b.ints([-1]), channels], axis=0)
     grad = _scatter_add(ctx, "ScatterElements", b.zeros_like(pixels),
                         b.op("Reshape", [chosen_index, by_channel]),
                         b.op("Reshape", [updates, by_channel]), axis=0)
@@ -1462,6 +1480,70 @@ def _roi_max_grad(
         b.op("Slice", [dims, b.ints([0]), b.ints([1])]),
         b.op("Slice", [dims, b.ints([2]), b.ints([4])]), channels], axis=0)])
     return b.op("Transpose", [grad], perm=[0, 3, 1, 2])
+
+
+@rule("MaxRoiPool")
+def _max_roi_pool(ctx: RuleContext) -> Gradients:
+    """Y[r, c, i, j] = the maximum of X[n_r, c] over bin (i, j) of roi r = [n_r, x1, y1, x2, y2]
+    (onnxruntime's and torchvision's roi_pool: corners scaled by spatial_scale and rounded half
+    away from zero, the roi at least 1 x 1 cells with its end included, bin i spanning rows
+    floor(i * size / bins) to ceil((i + 1) * size / bins) - 1 from its start, clipped to X; an
+    empty bin is 0). dY goes to the first maximum of each bin in row-major order, as both pick
+    it; rois get no gradient."""
+    b, x = ctx.b, ctx.x(0)
+    bins = list(ctx.attr("pooled_shape"))
+    rois = b.op("Mul", [b.op("Cast", [ctx.x(1)], to=onnx.TensorProto.FLOAT),
+                        b.const([1.0] + [float(ctx.attr("spatial_scale", 1.0))] * 4)])
+    rounded = b.op("Mul", [b.op("Sign", [rois]),
+                           b.op("Floor", [b.op("Add", [b.op("Abs", [rois]), b.const(0.5)])])])
+    rows = _roi_pool_window(b, x, rounded, 2, bins[0], axis=2)
+    columns = _roi_pool_window(b, x, rounded, 1, bins[1], axis=3)
+    images = b.op("Cast", [b.op("Reshape", [b.op("Slice", [rois, b.ints([0]), b.ints([1]),
+                                                         b.ints([1])]), b.ints([-1])])],
+                  to=onnx.TensorProto.INT64)
+    flat_index = _flat_positions(
+        b, x, images, b.op("Reshape", [rows[0], b.ints([0, bins[0], 1, -1, 1])]),
+        b.op("Reshape", [columns[0], b.ints([0, 1, bins[1], 1, -1])]), rank=5)
+    candidate = b.op("And", [b.op("Reshape", [rows[1], b.ints([0, bins[0], 1, -1, 1])]),
+                             b.op("Reshape", [columns[1], b.ints([0, 1, bins[1], 1, -1])])])
+    weight = b.op("Cast", [candidate], to=onnx.TensorProto.FLOAT)
+    return [_chosen_tap_grad(ctx, x, ctx.dy(), flat_index, weight, candidate,
+                             bins[0] * bins[1]), None]
+
+
+def _roi_pool_window(
+    b: GraphBuilder, x: str, rounded: str, corner: int, bins: int, axis: int
+) -> tuple[str, str]:
+    """One axis of MaxRoiPool's bins, [R, bins, K] each (K: the widest bin of any roi): the
+    rows (columns) of X each bin reads, clamped into X, and whether each lies in the bin."""
+    def column(index: int) -> str:  # [R, 1, 1]
+        return b.unsqueeze(b.op("Slice", [rounded, b.ints([index]), b.ints([index + 1]),
+                                          b.ints([1])]), [2])
+
+    start = column(corner)
+    size = b.op("Max", [b.op("Add", [b.op("Sub", [column(corner + 2), start]), b.const(1.0)]),
+                        b.const(1.0)])
+    bin_size = b.op("Div", [size, b.const(float(bins))])
+    bin_index = b.const(np.arange(bins, dtype=np.float32).reshape(1, bins, 1))
+    extent = b.op("Cast", [b.shape_slice(x, axis, axis + 1)], to=onnx.TensorProto.FLOAT)
+
+    def clipped(edge: str) -> str:
+        return b.op("Min", [b.op("Max", [b.op("Add", [edge, start]), b.const(0.0)]), extent])
+
+    low = clipped(b.op("Floor", [b.op("Mul", [bin_index, bin_size])]))
+    high = clipped(b.op("Ceil", [b.op("Mul", [b.op("Add", [bin_index, b.const(1.0)]),
+                                              bin_size])]))
+    span = b.op("Sub", [high, low])
+    with_one = b.op("Concat", [b.op("Reshape", [span, b.ints([-1])]), b.const([1.0])], axis=0)
+    widest = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
+                  to=onnx.TensorProto.INT64)
+    offset = b.op("Cast", [b.op("Range", [b.const(0, np.int64), widest, b.const(1, np.int64)])],
+                  to=onnx.TensorProto.FLOAT)
+    offset = b.op("Reshape", [offset, b.ints([1, 1, -1])])
+    inside = b.op("Less", [offset, span])
+    last = b.op("Max", [b.op("Sub", [extent, b.const(1.0)]), b.const(0.0)])
+    index = b.op("Min", [b.op("Add", [low, offset]), last])
+    return b.op("Cast", [index], to=onnx.TensorProto.INT64), inside
 
 
 # ---------------------------------------------------------------------------------------------
