@@ -17,8 +17,10 @@ from onnx import TensorProto, helper
 
 from faster_rcnn_model import SIZE, RawFasterRCNN, build_faster_rcnn, export_raw_head
 from gradcam_server.augment.backward import build_backward
+from gradcam_server.augment.cam import cam_heatmap, channel_sum, grad_cam
 from gradcam_server.augment.graph import GraphBuilder
 from zoo import find_matching_tensor, ort_session, rel_l2, sample_batch
+from zoo_reference import R_MIN, map_agreement
 
 BATCH = 2
 STRIDE = 32  # both FPN levels of the 320 model are 10 x 10
@@ -76,8 +78,9 @@ def reference(images) -> Captured:
 
 @pytest.fixture(scope="session")
 def augmented(exported, images, reference) -> tuple:
-    """A session computing the exported graph's outputs and d <seed, scores> / d each target,
-    the targets found as the ONNX tensors equal to torch's activations."""
+    """A session computing the exported graph's outputs, d <seed, scores> / d each target (the
+    targets found as the ONNX tensors equal to torch's activations) and the Grad-CAM heatmap
+    [N, H, W] at the FPN level the head pools, all from one seed."""
     names = {
         t: find_matching_tensor(exported, images, reference.activations[t].detach().numpy())
         for t in TARGETS
@@ -89,6 +92,11 @@ def augmented(exported, images, reference) -> tuple:
     for target, tensor in names.items():
         model.graph.node.append(helper.make_node("Identity", [grads[tensor]], [f"d_{target}"]))
         model.graph.output.append(helper.make_empty_tensor_value_info(f"d_{target}"))
+    level = names["fpn_level_0"]
+    raw = channel_sum(builder, grad_cam(builder, level, grads[level]))
+    heatmap = cam_heatmap(builder, raw, "input", (2, 3))
+    model.graph.node.append(helper.make_node("Identity", [heatmap], ["heatmap"]))
+    model.graph.output.append(helper.make_empty_tensor_value_info("heatmap"))
     return ort_session(model.SerializeToString()), names
 
 
@@ -146,3 +154,37 @@ def test_gradient_stays_inside_the_proposal(augmented, images, reference) -> Non
     assert rows.size > 0
     assert rows.min() >= np.floor(y1) - 1 and rows.max() <= np.ceil(y2) + 1
     assert columns.min() >= np.floor(x1) - 1 and columns.max() <= np.ceil(x2) + 1
+
+
+class _Scores(torch.nn.Module):
+    """The raw head's scores alone, the output pytorch-grad-cam's targets read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw = RawFasterRCNN(build_faster_rcnn(), SIZE)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.raw(images)[0]
+
+
+def test_grad_cam_matches_pytorch_grad_cam(augmented, images, reference) -> None:
+    """Grad-CAM of each image's top detection at the pooled FPN level: our graph's heatmap
+    against pytorch-grad-cam's GradCAM on the same wrapper, both images in one batch."""
+    from pytorch_grad_cam import GradCAM
+
+    session, _ = augmented
+    scores = reference.scores.detach().numpy()
+    picks = chosen_detections(scores)
+    seed = np.zeros_like(scores)
+    for n, r, c in picks:
+        seed[n, r, c] = 1.0
+    names = [o.name for o in session.get_outputs()]
+    ours = dict(zip(names, session.run(None, {"input": images, "seed": seed})))["heatmap"]
+    wrapper = _Scores().eval()
+    targets = [lambda out, r=r, c=c: out[r, c] for _, r, c in picks]
+    with GradCAM(model=wrapper, target_layers=[wrapper.raw.model.backbone.fpn.layer_blocks[0]]
+                 ) as cam:
+        theirs = cam(torch.from_numpy(images), targets=targets)
+    lowest, flat = map_agreement(ours, theirs)
+    assert flat == 0 and lowest >= R_MIN, (lowest, flat)
+    assert np.abs(ours - theirs).max() < 1e-3
