@@ -20,6 +20,10 @@ decodes them from detached regression deltas; our RoiAlign rule gives rois no gr
 
 * `build_faster_rcnn()`: the seeded, BatchNorm-calibrated torchvision model (weights=None), eval.
 * `export_raw_head(path, batch, size, with_proposals)`: the TorchScript export at opset 17.
+* `run_with_targets(wrapper, images)`: torch's outputs and the TARGETS activations, kept for
+  autograd; `find_targets` names the ONNX tensors holding them.
+* `append_score_gradients(model, targets, heatmap_of)`: the export plus input "seed" (d score /
+  d scores, [N, R, classes]), outputs "d_<target>" and optionally a Grad-CAM "heatmap" [N, H, W].
 """
 
 from __future__ import annotations
@@ -28,18 +32,30 @@ import functools
 import warnings
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
-from zoo import calibrate_batch_norms, model_seed, sample_batch
+from gradcam_server.augment.backward import build_backward
+from gradcam_server.augment.cam import cam_heatmap, channel_sum, grad_cam
+from gradcam_server.augment.graph import GraphBuilder
+from zoo import calibrate_batch_norms, find_matching_tensor, model_seed, sample_batch
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
 SIZE = 320
 OUTPUTS = ["scores", "boxes"]
 CLASS_WEIGHT_SCALE = 10.0
+# Target layers: the FPN level the box head pools (both levels of the 320 model are 10 x 10, so
+# every proposal maps to level "0") and the backbone's last stage, which feeds both FPN levels.
+TARGETS = {
+    "fpn_level_0": lambda model: model.backbone.fpn.layer_blocks[0],
+    "backbone_last_stage": lambda model: model.backbone.body,
+}
 
 
 class RawFasterRCNN(torch.nn.Module):
@@ -111,3 +127,56 @@ def export_raw_head(
             input_names=["input"], output_names=outputs,
         )
     return path
+
+
+def run_with_targets(
+    wrapper: RawFasterRCNN, images: np.ndarray
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """wrapper(images) with the TARGETS activations kept (retain_grad) for torch autograd."""
+    activations: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def hook(module, inputs, output):
+            if isinstance(output, dict):  # the backbone body: its stages, the last one kept
+                output = list(output.values())[-1]
+            output.retain_grad()
+            activations[name] = output
+        return hook
+
+    hooks = [find(wrapper.model).register_forward_hook(keeper(name))
+             for name, find in TARGETS.items()]
+    try:
+        outputs = wrapper(torch.from_numpy(images))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, activations
+
+
+def find_targets(
+    path: str | Path, images: np.ndarray, activations: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """The ONNX tensor of `path` equal to each torch activation on `images`."""
+    return {name: find_matching_tensor(path, images, value.detach().numpy())
+            for name, value in activations.items()}
+
+
+def append_score_gradients(
+    model: onnx.ModelProto, targets: dict[str, str], heatmap_of: str | None = None
+) -> onnx.ModelProto:
+    """`model` (the raw head) plus graph input "seed" [N, R, classes], the gradient of the score
+    with respect to "scores" (a one-hot at (n, r, c) explains scores[n, r, c]), one output
+    "d_<name>" per target tensor, and with `heatmap_of` the Grad-CAM heatmap [N, H, W] at that
+    target as output "heatmap". Built with the library's walker and CAM tail, in place."""
+    b = GraphBuilder(model)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    grads = build_backward(b, {"scores": "seed"}, list(targets.values()))
+    outputs = {f"d_{name}": grads[tensor] for name, tensor in targets.items()}
+    if heatmap_of is not None:
+        tensor = targets[heatmap_of]
+        raw = channel_sum(b, grad_cam(b, tensor, grads[tensor]))
+        outputs["heatmap"] = cam_heatmap(b, raw, model.graph.input[0].name, (2, 3))
+    for name, tensor in outputs.items():
+        model.graph.node.append(helper.make_node("Identity", [tensor], [name]))
+        model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return model

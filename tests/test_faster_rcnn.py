@@ -13,18 +13,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 
-from faster_rcnn_model import SIZE, RawFasterRCNN, build_faster_rcnn, export_raw_head
-from gradcam_server.augment.backward import build_backward
-from gradcam_server.augment.cam import cam_heatmap, channel_sum, grad_cam
-from gradcam_server.augment.graph import GraphBuilder
-from zoo import find_matching_tensor, ort_session, rel_l2, sample_batch
+from faster_rcnn_model import (
+    SIZE,
+    TARGETS,
+    RawFasterRCNN,
+    append_score_gradients,
+    build_faster_rcnn,
+    export_raw_head,
+    find_targets,
+    run_with_targets,
+)
+from zoo import ort_session, rel_l2, sample_batch
 from zoo_reference import R_MIN, map_agreement
 
 BATCH = 2
 STRIDE = 32  # both FPN levels of the 320 model are 10 x 10
-TARGETS = ["fpn_level_0", "backbone_last_stage"]
 
 
 @pytest.fixture(scope="session")
@@ -42,28 +46,9 @@ class Captured:
     """The wrapper run by torch with the target activations kept for autograd."""
 
     def __init__(self, images: np.ndarray) -> None:
-        model = build_faster_rcnn()
-        self.activations: dict[str, torch.Tensor] = {}
-        hooks = [
-            model.backbone.fpn.layer_blocks[0].register_forward_hook(self._keep("fpn_level_0")),
-            model.backbone.body.register_forward_hook(self._keep_last_stage),
-        ]
-        try:
-            self.scores, self.boxes, self.proposals = RawFasterRCNN(model, SIZE, True)(
-                torch.from_numpy(images)
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    def _keep(self, name: str):
-        def hook(module, inputs, output):
-            output.retain_grad()
-            self.activations[name] = output
-        return hook
-
-    def _keep_last_stage(self, module, inputs, output):
-        self._keep("backbone_last_stage")(module, inputs, list(output.values())[-1])
+        wrapper = RawFasterRCNN(build_faster_rcnn(), SIZE, with_proposals=True)
+        outputs, self.activations = run_with_targets(wrapper, images)
+        self.scores, self.boxes, self.proposals = outputs
 
     def gradients(self, n: int, r: int, c: int) -> dict[str, np.ndarray]:
         grads = torch.autograd.grad(self.scores[n, r, c],
@@ -77,27 +62,13 @@ def reference(images) -> Captured:
 
 
 @pytest.fixture(scope="session")
-def augmented(exported, images, reference) -> tuple:
+def augmented(exported, images, reference):
     """A session computing the exported graph's outputs, d <seed, scores> / d each target (the
     targets found as the ONNX tensors equal to torch's activations) and the Grad-CAM heatmap
     [N, H, W] at the FPN level the head pools, all from one seed."""
-    names = {
-        t: find_matching_tensor(exported, images, reference.activations[t].detach().numpy())
-        for t in TARGETS
-    }
-    model = onnx.load(exported)
-    builder = GraphBuilder(model)
-    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
-    grads = build_backward(builder, {"scores": "seed"}, list(names.values()))
-    for target, tensor in names.items():
-        model.graph.node.append(helper.make_node("Identity", [grads[tensor]], [f"d_{target}"]))
-        model.graph.output.append(helper.make_empty_tensor_value_info(f"d_{target}"))
-    level = names["fpn_level_0"]
-    raw = channel_sum(builder, grad_cam(builder, level, grads[level]))
-    heatmap = cam_heatmap(builder, raw, "input", (2, 3))
-    model.graph.node.append(helper.make_node("Identity", [heatmap], ["heatmap"]))
-    model.graph.output.append(helper.make_empty_tensor_value_info("heatmap"))
-    return ort_session(model.SerializeToString()), names
+    targets = find_targets(exported, images, reference.activations)
+    model = append_score_gradients(onnx.load(exported), targets, heatmap_of="fpn_level_0")
+    return ort_session(model.SerializeToString())
 
 
 def test_export_matches_torch_and_proposals_agree(exported, images, reference) -> None:
@@ -124,7 +95,7 @@ def chosen_detections(scores: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def test_score_gradients_match_torch_autograd(augmented, images, reference) -> None:
-    session, _ = augmented
+    session = augmented
     scores = reference.scores.detach().numpy()
     for n, r, c in chosen_detections(scores):
         seed = np.zeros_like(scores)
@@ -141,7 +112,7 @@ def test_score_gradients_match_torch_autograd(augmented, images, reference) -> N
 
 def test_gradient_stays_inside_the_proposal(augmented, images, reference) -> None:
     """d scores[n, r, c] / d the pooled FPN map is zero beyond proposal r's bilinear taps."""
-    session, _ = augmented
+    session = augmented
     scores = reference.scores.detach().numpy()
     proposals = reference.proposals.detach().numpy()
     n, r, c = chosen_detections(scores)[0]
@@ -172,7 +143,7 @@ def test_grad_cam_matches_pytorch_grad_cam(augmented, images, reference) -> None
     against pytorch-grad-cam's GradCAM on the same wrapper, both images in one batch."""
     from pytorch_grad_cam import GradCAM
 
-    session, _ = augmented
+    session = augmented
     scores = reference.scores.detach().numpy()
     picks = chosen_detections(scores)
     seed = np.zeros_like(scores)
