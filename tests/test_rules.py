@@ -5,6 +5,7 @@ Adding an op: write its rule in rules.py and one line here.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -437,6 +438,16 @@ ROI_POOLS = [
     max_roi_pool("2x3", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[2, 3]),
     max_roi_pool("3x2-scaled", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[3, 2],
                  spatial_scale=0.7),
+    # no rois at all (a level of a multi-scale pooler that no proposal maps to)
+    *(dataclasses.replace(spec, consts={**spec.consts, **empty}, label=f"{spec.label}-no-rois")
+      for spec, empty in (
+          (roi_align("avg", output_height=2, output_width=3, sampling_ratio=2),
+           {"rois": ROIS[:0], "batch_indices": ROI_IMAGES[:0]}),
+          (roi_align("adaptive", output_height=2, output_width=3, mode="max"),
+           {"rois": ROIS[:0], "batch_indices": ROI_IMAGES[:0]}),
+          (max_roi_pool("2x3", Wrt((2, 3, 6, 7)), pooled_shape=[2, 3]),
+           {"rois": POOLED_ROIS[:0]}),
+      )),
 ]
 
 SPECS = (UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + ROI_POOLS
