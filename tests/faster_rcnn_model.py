@@ -22,8 +22,9 @@ decodes them from detached regression deltas; our RoiAlign rule gives rois no gr
 * `export_raw_head(path, batch, size, with_proposals)`: the TorchScript export at opset 17.
 * `run_with_targets(wrapper, images)`: torch's outputs and the TARGETS activations, kept for
   autograd; `find_targets` names the ONNX tensors holding them.
-* `append_score_gradients(model, targets, heatmap_of)`: the export plus input "seed" (d score /
-  d scores, [N, R, classes]), outputs "d_<target>" and optionally a Grad-CAM "heatmap" [N, H, W].
+* `append_score_gradients(model, targets, heatmap_of)`: the export plus inputs "seed" and
+  "box_seed" (d score / d scores and / d boxes), outputs "d_<target>" and optionally a Grad-CAM
+  "heatmap" [N, H, W].
 """
 
 from __future__ import annotations
@@ -164,13 +165,16 @@ def find_targets(
 def append_score_gradients(
     model: onnx.ModelProto, targets: dict[str, str], heatmap_of: str | None = None
 ) -> onnx.ModelProto:
-    """`model` (the raw head) plus graph input "seed" [N, R, classes], the gradient of the score
-    with respect to "scores" (a one-hot at (n, r, c) explains scores[n, r, c]), one output
+    """`model` (the raw head) plus graph inputs "seed" [N, R, classes] and "box_seed" [N, R,
+    classes, 4], the gradient of the explained score with respect to "scores" and "boxes" (a
+    one-hot "seed" at (n, r, c) and a zero "box_seed" explain scores[n, r, c]), one output
     "d_<name>" per target tensor, and with `heatmap_of` the Grad-CAM heatmap [N, H, W] at that
     target as output "heatmap". Built with the library's walker and CAM tail, in place."""
     b = GraphBuilder(model)
-    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
-    grads = build_backward(b, {"scores": "seed"}, list(targets.values()))
+    seeds = {"scores": "seed", "boxes": "box_seed"}
+    for seed in seeds.values():
+        model.graph.input.append(helper.make_tensor_value_info(seed, TensorProto.FLOAT, None))
+    grads = build_backward(b, seeds, list(targets.values()))
     outputs = {f"d_{name}": grads[tensor] for name, tensor in targets.items()}
     if heatmap_of is not None:
         tensor = targets[heatmap_of]

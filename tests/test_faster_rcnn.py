@@ -50,9 +50,9 @@ class Captured:
         outputs, self.activations = run_with_targets(wrapper, images)
         self.scores, self.boxes, self.proposals = outputs
 
-    def gradients(self, n: int, r: int, c: int) -> dict[str, np.ndarray]:
-        grads = torch.autograd.grad(self.scores[n, r, c],
-                                    [self.activations[t] for t in TARGETS], retain_graph=True)
+    def gradients(self, score: torch.Tensor) -> dict[str, np.ndarray]:
+        grads = torch.autograd.grad(score, [self.activations[t] for t in TARGETS],
+                                    retain_graph=True)
         return {t: g.numpy() for t, g in zip(TARGETS, grads)}
 
 
@@ -65,10 +65,19 @@ def reference(images) -> Captured:
 def augmented(exported, images, reference):
     """A session computing the exported graph's outputs, d <seed, scores> / d each target (the
     targets found as the ONNX tensors equal to torch's activations) and the Grad-CAM heatmap
-    [N, H, W] at the FPN level the head pools, all from one seed."""
+    [N, H, W] at the FPN level the head pools, from the seeds of scores and boxes."""
     targets = find_targets(exported, images, reference.activations)
     model = append_score_gradients(onnx.load(exported), targets, heatmap_of="fpn_level_0")
     return ort_session(model.SerializeToString())
+
+
+def run_seeded(session, images: np.ndarray, seed: np.ndarray, box_seed=None) -> dict:
+    """The augmented session's outputs by name for these seeds (boxes' seed zero by default)."""
+    if box_seed is None:
+        box_seed = np.zeros((*seed.shape, 4), np.float32)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"input": images, "seed": seed,
+                                              "box_seed": box_seed})))
 
 
 def test_export_matches_torch_and_proposals_agree(exported, images, reference) -> None:
@@ -100,14 +109,29 @@ def test_score_gradients_match_torch_autograd(augmented, images, reference) -> N
     for n, r, c in chosen_detections(scores):
         seed = np.zeros_like(scores)
         seed[n, r, c] = 1.0
-        ours = dict(zip([o.name for o in session.get_outputs()],
-                        session.run(None, {"input": images, "seed": seed})))
-        expected = reference.gradients(n, r, c)
+        ours = run_seeded(session, images, seed)
+        expected = reference.gradients(reference.scores[n, r, c])
         for target in TARGETS:
             grad = ours[f"d_{target}"]
             assert np.abs(expected[target]).max() > 1e-6, (target, n)  # a live gradient
             assert rel_l2(grad, expected[target]) < 1e-4, (target, n, r, c)
             assert np.abs(grad[1 - n]).max() == 0  # the other image's features get nothing
+
+
+def test_box_gradients_match_torch_autograd(augmented, images, reference) -> None:
+    """d <v, boxes[n, r]> / d the feature maps (a score over boxes, such as an IoU with a
+    reference box, differentiates the box regression and its decoding, clipping included)."""
+    session = augmented
+    scores = reference.scores.detach().numpy()
+    rng = np.random.default_rng(3)
+    for n, r, c in chosen_detections(scores):
+        box_seed = np.zeros(tuple(reference.boxes.shape), np.float32)
+        box_seed[n, r] = rng.standard_normal(box_seed.shape[2:])
+        ours = run_seeded(session, images, np.zeros_like(scores), box_seed)
+        expected = reference.gradients((reference.boxes * torch.from_numpy(box_seed)).sum())
+        for target in TARGETS:
+            assert np.abs(expected[target]).max() > 1e-6, (target, n)
+            assert rel_l2(ours[f"d_{target}"], expected[target]) < 1e-4, (target, n, r)
 
 
 def test_gradient_stays_inside_the_proposal(augmented, images, reference) -> None:
@@ -118,8 +142,7 @@ def test_gradient_stays_inside_the_proposal(augmented, images, reference) -> Non
     n, r, c = chosen_detections(scores)[0]
     seed = np.zeros_like(scores)
     seed[n, r, c] = 1.0
-    names = [o.name for o in session.get_outputs()]
-    grad = dict(zip(names, session.run(None, {"input": images, "seed": seed})))["d_fpn_level_0"]
+    grad = run_seeded(session, images, seed)["d_fpn_level_0"]
     x1, y1, x2, y2 = proposals[n, r] / STRIDE
     rows, columns = np.nonzero(np.abs(grad[n]).sum(0))
     assert rows.size > 0
@@ -149,8 +172,7 @@ def test_grad_cam_matches_pytorch_grad_cam(augmented, images, reference) -> None
     seed = np.zeros_like(scores)
     for n, r, c in picks:
         seed[n, r, c] = 1.0
-    names = [o.name for o in session.get_outputs()]
-    ours = dict(zip(names, session.run(None, {"input": images, "seed": seed})))["heatmap"]
+    ours = run_seeded(session, images, seed)["heatmap"]
     wrapper = _Scores().eval()
     targets = [lambda out, r=r, c=c: out[r, c] for _, r, c in picks]
     with GradCAM(model=wrapper, target_layers=[wrapper.raw.model.backbone.fpn.layer_blocks[0]]

@@ -101,6 +101,11 @@ SHAPES = [
            consts={"starts": ints(1, -4), "ends": ints(3, 1_000_000), "axes": ints(0, 2)}),
     OpSpec("Slice", {"x": Wrt((4, 6))}, consts={"starts": ints(0, 2), "ends": ints(-1, 5)},
            symbolic=True, label="all-axes-symbolic"),
+    OpSpec("Slice", {"x": Wrt((3, 12))}, consts={"starts": ints(1), "ends": ints(1_000_000),
+           "axes": ints(1), "steps": ints(4)}, label="step-4"),
+    OpSpec("Slice", {"x": Wrt((4, 6, 5))}, consts={"starts": ints(-1, 4), "ends": ints(0, -100),
+           "axes": ints(0, 1), "steps": ints(-2, -3)}, symbolic=True,
+           label="negative-steps-symbolic"),
     OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))}, consts={"pads": ints(0, 0, 1, 0, 0, 0, 2, 1)}),
     OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))},
            consts={"pads": ints(1, 2, 0, 1), "value": np.float32(0), "axes": ints(2, 3)},
@@ -558,6 +563,48 @@ def test_max_roi_pool_matches_torchvision_autograd(kind: str, spatial_scale: flo
     spec = max_roi_pool("torch", Wrt(x.shape), pooled_shape=[3, 2], spatial_scale=spatial_scale)
     ours = gradients(spec, {"x": x}, [cotangent])["x"]
     np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+PROPOSALS_FROM_FEATURES = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,2,6,7] x, float[5,4] base, int64[5] images) => (float[5,2,2,3] y, float[5,4] z) {
+        f = Relu(x)
+        m = ReduceMean <keepdims = 0> (x)
+        rois = Add(base, m)
+        y = RoiAlign <output_height = 2, output_width = 3, sampling_ratio = 2> (f, rois, images)
+        two = Constant <value = float {2.0}> ()
+        z = Mul(rois, two)
+    }"""
+
+
+def test_region_proposals_are_constants_as_torch_detaches_them() -> None:
+    """Rois computed from the features (a detector's proposals) and read again by an output
+    (its decoded boxes) get no gradient, as torch's detached proposals: d <v, y> + <w, z> / dx
+    flows through the pooled features only. Explaining z alone is refused, naming the cause."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    spec = OpSpec("RoiAlign", {"x": Wrt((2, 2, 6, 7), avoid=(0.0,))},
+                  consts={"base": ROIS, "images": ROI_IMAGES}, outputs=2,
+                  text=PROPOSALS_FROM_FEATURES, label="proposals")
+    rng = np.random.default_rng(13)
+    x = rng.uniform(-2, 2, (2, 2, 6, 7)).astype(np.float32)
+    v = rng.standard_normal((5, 2, 2, 3)).astype(np.float32)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    ours = gradients(spec, {"x": x}, [v, w])["x"]
+    features = torch.tensor(x, requires_grad=True)
+    rois = (torch.tensor(ROIS) + features.mean()).detach()
+    boxes = torch.cat([torch.tensor(ROI_IMAGES, dtype=torch.float32)[:, None], rois], 1)
+    pooled = torchvision.ops.roi_align(features.relu(), boxes, (2, 3), 1.0, 2, aligned=True)
+    ((pooled * torch.tensor(v)).sum() + (rois * 2 * torch.tensor(w)).sum()).backward()
+    np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-5, atol=1e-6)
+    model = build_model(spec)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    with pytest.raises(AugmentError, match="does not depend"):
+        build_backward(GraphBuilder(model), {"z": "seed"}, ["x"])
+    model = build_model(spec)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    with pytest.raises(AugmentError, match="produce the rois of region pooling"):
+        build_backward(GraphBuilder(model), {"y": "seed"}, ["m"])
 
 
 def test_reduce_prod_at_zeros_matches_torch() -> None:

@@ -164,12 +164,13 @@ def _split(ctx: RuleContext) -> Gradients:
 
 @rule("Slice")
 def _slice(ctx: RuleContext) -> Gradients:
-    """Pad the incoming gradient back to the input's size (unit steps only)."""
+    """Pad the incoming gradient back to the input's size; other steps than 1 (box decoding's
+    ``deltas[:, 0::4]``) by `_strided_slice_grad`."""
     b, x = ctx.b, ctx.x(0)
     rank = b.rank(x)
     steps = ctx.const_input(4)
     if ctx.x(4) and (steps is None or np.any(steps != 1)):
-        raise ctx.unsupported("only unit steps are supported")
+        return [_strided_slice_grad(ctx), None, None, None, None]
     axes_value = ctx.const_input(3)
     if ctx.x(3) and axes_value is None:
         raise ctx.unsupported("its axes must be constant")
@@ -185,6 +186,20 @@ def _slice(ctx: RuleContext) -> Gradients:
     pads_end = b.op("ScatterElements", [zeros, axes_tensor, after], axis=0)
     pads = b.op("Concat", [pads_begin, pads_end], axis=0)
     return [b.op("Pad", [ctx.dy(), pads]), None, None, None, None]
+
+
+def _strided_slice_grad(ctx: RuleContext) -> str:
+    """Any steps, negative too: the same Slice of x's flat positions says where each element of
+    dy came from, and dy is scattered there (no position is taken twice)."""
+    b, x = ctx.b, ctx.x(0)
+    count = b.op("Size", [x])
+    positions = b.op("Range", [b.const(0, np.int64), count, b.const(1, np.int64)])
+    taken = b.op("Slice", [b.op("Reshape", [positions, b.shape(x)]), *ctx.node.input[1:]])
+    flat = b.ints([-1])
+    grad = b.op("ScatterElements", [b.op("Reshape", [b.zeros_like(x), flat]),
+                                    b.op("Reshape", [taken, flat]),
+                                    b.op("Reshape", [ctx.dy(), flat])], axis=0)
+    return b.op("Reshape", [grad, b.shape(x)])
 
 
 def _clamp_index(b: GraphBuilder, index: str, dims: str) -> str:
@@ -1250,6 +1265,13 @@ def _interpolation_matrix(
 # ---------------------------------------------------------------------------------------------
 # Region pooling (two-stage detectors)
 # ---------------------------------------------------------------------------------------------
+
+
+# Inputs torch detaches: the rois of region pooling, a two-stage detector's proposals (its RPN
+# decodes them from detached outputs). The walker treats them, and every tensor computed only to
+# produce them, as constants (`backward.detached_tensors`), so that a score reading the decoded
+# boxes (proposal + predicted offset) is not differentiated through the RPN either.
+DETACHED_INPUTS = {"RoiAlign": (1, 2), "MaxRoiPool": (1,)}
 
 
 @dataclass(frozen=True)
