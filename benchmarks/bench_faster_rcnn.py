@@ -57,7 +57,8 @@ def main() -> None:
         sessions = {"forward": make_session(plain, args.threads)}
         runs = {"forward": lambda: sessions["forward"].run(None, {"input": images})}
         for name in targets:
-            model = append_score_gradients(onnx.load(plain), {name: targets[name]}, name)
+            model = append_score_gradients(onnx.load(plain), {name: targets[name]}, name,
+                                           with_boxes=False)
             path = Path(tmp, f"{name}.onnx")
             onnx.save(model, str(path))
             sessions[name] = make_session(path, args.threads)

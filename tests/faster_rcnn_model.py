@@ -15,16 +15,18 @@ R is fixed, the RPN's post-NMS count at test time (150 for fasterrcnn_mobilenet_
 an image with fewer proposals gets rows of zeros, whose boxes decode to [0, 0, 0, 0] for every
 class (they overlap nothing). There is no final per-class NMS and no score threshold.
 
-Gradients reach the features only through the head's RoiAlign: the proposals are constants (torch
-decodes them from detached regression deltas; our RoiAlign rule gives rois no gradient).
+Gradients reach the features only through the head's RoiAlign (scores and boxes) and box
+regression (boxes): the proposals are constants, as torch decodes them from detached RPN outputs
+and our walker sends no gradient into RoiAlign's rois nor what only computes them
+(`backward.detached_tensors`).
 
 * `build_faster_rcnn()`: the seeded, BatchNorm-calibrated torchvision model (weights=None), eval.
 * `export_raw_head(path, batch, size, with_proposals)`: the TorchScript export at opset 17.
 * `run_with_targets(wrapper, images)`: torch's outputs and the TARGETS activations, kept for
   autograd; `find_targets` names the ONNX tensors holding them.
-* `append_score_gradients(model, targets, heatmap_of)`: the export plus inputs "seed" and
-  "box_seed" (d score / d scores and / d boxes), outputs "d_<target>" and optionally a Grad-CAM
-  "heatmap" [N, H, W].
+* `append_score_gradients(model, targets, heatmap_of, with_boxes)`: the export plus inputs
+  "seed" and "box_seed" (d score / d scores and / d boxes), outputs "d_<target>" and optionally
+  a Grad-CAM "heatmap" [N, H, W].
 """
 
 from __future__ import annotations
@@ -163,15 +165,17 @@ def find_targets(
 
 
 def append_score_gradients(
-    model: onnx.ModelProto, targets: dict[str, str], heatmap_of: str | None = None
+    model: onnx.ModelProto, targets: dict[str, str], heatmap_of: str | None = None,
+    with_boxes: bool = True,
 ) -> onnx.ModelProto:
-    """`model` (the raw head) plus graph inputs "seed" [N, R, classes] and "box_seed" [N, R,
-    classes, 4], the gradient of the explained score with respect to "scores" and "boxes" (a
-    one-hot "seed" at (n, r, c) and a zero "box_seed" explain scores[n, r, c]), one output
-    "d_<name>" per target tensor, and with `heatmap_of` the Grad-CAM heatmap [N, H, W] at that
-    target as output "heatmap". Built with the library's walker and CAM tail, in place."""
+    """`model` (the raw head) plus graph inputs "seed" [N, R, classes] and (`with_boxes`)
+    "box_seed" [N, R, classes, 4], the gradient of the explained score with respect to "scores"
+    and "boxes" (a one-hot "seed" at (n, r, c) and a zero "box_seed" explain scores[n, r, c]),
+    one output "d_<name>" per target tensor, and with `heatmap_of` the Grad-CAM heatmap
+    [N, H, W] at that target as output "heatmap". Built with the library's walker and CAM tail,
+    in place."""
     b = GraphBuilder(model)
-    seeds = {"scores": "seed", "boxes": "box_seed"}
+    seeds = {"scores": "seed", "boxes": "box_seed"} if with_boxes else {"scores": "seed"}
     for seed in seeds.values():
         model.graph.input.append(helper.make_tensor_value_info(seed, TensorProto.FLOAT, None))
     grads = build_backward(b, seeds, list(targets.values()))
