@@ -27,6 +27,8 @@ from faster_rcnn_model import (
 from zoo import ort_session, rel_l2, sample_batch
 from zoo_reference import R_MIN, map_agreement
 
+pytestmark = pytest.mark.slow
+
 BATCH = 2
 STRIDE = 32  # both FPN levels of the 320 model are 10 x 10
 
