@@ -430,6 +430,22 @@ def max_roi_pool(label: str, x: Wrt, **attrs) -> OpSpec:
                   inputs=["x", "rois"], eps=1e-4, label=label)
 
 
+def roi_align_in_double(mode: str) -> OpSpec:
+    """RoiAlign on float64 features and rois (the rule builds its weights in float32)."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,6,7] x) => (float[5,3,2,3] y) {{
+            features = Cast <to = 11> (x)
+            boxes = Cast <to = 11> (rois)
+            pooled = RoiAlign <output_height = 2, output_width = 3, mode = "{mode}"> (
+                features, boxes, batch_indices)
+            y = Cast <to = 1> (pooled)
+        }}"""
+    return OpSpec("RoiAlign", {"x": Wrt((2, 3, 6, 7), distinct=True)},
+                  consts={"rois": ROIS, "batch_indices": ROI_IMAGES}, text=text, eps=1e-4,
+                  label=f"{mode}-double")
+
+
 ROI_POOLS = [
     roi_align("avg-ratio2", output_height=2, output_width=3, sampling_ratio=2),
     roi_align("avg-adaptive-scaled", output_height=2, output_width=3, spatial_scale=0.9),
@@ -443,6 +459,8 @@ ROI_POOLS = [
     max_roi_pool("2x3", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[2, 3]),
     max_roi_pool("3x2-scaled", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[3, 2],
                  spatial_scale=0.7),
+    roi_align_in_double("avg"),
+    roi_align_in_double("max"),
     # no rois at all (a level of a multi-scale pooler that no proposal maps to)
     *(dataclasses.replace(spec, consts={**spec.consts, **empty}, label=f"{spec.label}-no-rois")
       for spec, empty in (

@@ -1408,28 +1408,31 @@ def _roi_average_grad(
     def dim(axis: int) -> str:
         return b.op("Slice", [dims, b.ints([axis]), b.ints([axis + 1])])
 
-    matrices = [_roi_sample_matrix(b, s, dim(axis)) for axis, s in ((2, rows), (3, columns))]
-    if b.elem_type(x) != onnx.TensorProto.FLOAT:
-        matrices = [b.op("CastLike", [m, dy]) for m in matrices]
-    # one [C * bins_h, bins_w] x [bins_w, W] product per roi (batching per roi and channel
-    # measured ~10x slower in onnxruntime)
-    # Reshapes spell every size out: onnxruntime cannot infer a -1 beside a 0 (no rois).
+    def like_dy(tensor: str) -> str:  # the matrices are built in float32
+        if b.elem_type(x) == onnx.TensorProto.FLOAT:
+            return tensor
+        return b.op("CastLike", [tensor, dy])
+
+    row_matrix, column_matrix = (_roi_sample_matrix(b, s, dim(axis))
+                                 for axis, s in ((2, rows), (3, columns)))
+    # One [C * bins_h, bins_w] x [bins_w, W] product per roi (batching per roi and channel
+    # measured ~10x slower in onnxruntime). Reshapes spell every size out: onnxruntime cannot
+    # infer a -1 beside a 0 (no rois).
     channels_by_bin = b.op("Mul", [dim(1), b.ints([bins_h])])
     by_roi = b.op("Reshape", [dy, b.op("Concat", [b.ints([0]), channels_by_bin,
                                                   b.ints([bins_w])], axis=0)])
-    along_width = b.op("MatMul", [by_roi, matrices[1]])  # [R, C * bins_h, W]
+    along_width = b.op("MatMul", [by_roi, like_dy(column_matrix)])  # [R, C * bins_h, W]
     along_width = b.op("Reshape", [along_width, b.op("Concat", [
         b.ints([0]), dim(1), b.ints([bins_h]), dim(3)], axis=0)])  # [R, C, bins_h, W]
     by_bin = b.op("Transpose", [along_width], perm=[0, 2, 1, 3])  # [R, bins_h, C, W]
     by_bin = b.op("Reshape", [by_bin, b.op("Concat", [b.ints([-1]),
                                                       b.op("Mul", [dim(1), dim(3)])], axis=0)])
-    one_zero = b.op("CastLike", [b.const([0.0, 1.0]), dy])
-    of_image = b.op("OneHot", [images, dim(0), one_zero], axis=0)  # [N, R]
+    of_image = b.op("OneHot", [images, dim(0), b.const([0.0, 1.0])], axis=0)  # [N, R]
     rows_of_image = b.op("Mul", [
         b.op("Reshape", [of_image, b.ints([0, 1, -1, 1])]),
-        b.unsqueeze(b.op("Transpose", [matrices[0]], perm=[2, 0, 1]), [0]),
+        b.unsqueeze(b.op("Transpose", [row_matrix], perm=[2, 0, 1]), [0]),
     ])  # [N, H, R, bins_h]
-    rows_of_image = b.op("Reshape", [rows_of_image, b.ints([0, 0, -1])])
+    rows_of_image = like_dy(b.op("Reshape", [rows_of_image, b.ints([0, 0, -1])]))
     grad = b.op("MatMul", [rows_of_image, by_bin])  # [N, H, C * W]
     grad = b.op("Reshape", [grad, b.op("Concat", [dim(0), dim(2), dim(1), dim(3)], axis=0)])
     return b.op("Transpose", [grad], perm=[0, 2, 1, 3])
@@ -1503,7 +1506,8 @@ def _chosen_tap_grad(
     per_cell = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]),
                                 b.op("Concat", [b.ints([-1, cells]), channels], axis=0)])
     updates = b.op("Mul", [per_cell, chosen_weight])
-    grad = _scatter_add(ctx, "ScatterElements", b.zeros_like(pixels),
+    zeros = b.op("Reshape", [b.zeros_like(x), by_channel])  # of x's type, as pixels
+    grad = _scatter_add(ctx, "ScatterElements", zeros,
                         b.op("Reshape", [chosen_index, by_channel]),
                         b.op("Reshape", [updates, by_channel]), axis=0)
     grad = b.op("Reshape", [grad, b.op("Concat", [
