@@ -5,7 +5,6 @@ Adding an op: write its rule in rules.py and one line here.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -412,10 +411,11 @@ ROIS = np.array([[0.5, 1.0, 4.5, 5.5], [-2.0, 3.0, 3.0, 9.0], [2.2, 0.3, 6.9, 1.
 ROI_IMAGES = ints(0, 1, 1, 0, 1)
 
 
-def roi_align(label: str, **attrs) -> OpSpec:
+def roi_align(label: str, rois: np.ndarray = ROIS, images: np.ndarray = ROI_IMAGES,
+              **attrs) -> OpSpec:
     distinct = attrs.get("mode") == "max"  # max mode: no ties between taps
     return OpSpec("RoiAlign", {"x": Wrt((2, 3, 6, 7), distinct=distinct)},
-                  consts={"rois": ROIS, "batch_indices": ROI_IMAGES}, attrs=attrs,
+                  consts={"rois": rois, "batch_indices": images}, attrs=attrs,
                   inputs=["x", "rois", "batch_indices"], eps=1e-4 if distinct else 1e-3,
                   label=label)
 
@@ -425,8 +425,8 @@ POOLED_ROIS = np.concatenate([ROI_IMAGES[:, None].astype(np.float32), ROIS], axi
 POOLED_ROIS = np.concatenate([POOLED_ROIS, [[0.0, 2.5, 1.5, 0.5, 4.5]]]).astype(np.float32)
 
 
-def max_roi_pool(label: str, x: Wrt, **attrs) -> OpSpec:
-    return OpSpec("MaxRoiPool", {"x": x}, consts={"rois": POOLED_ROIS}, attrs=attrs,
+def max_roi_pool(label: str, x: Wrt, rois: np.ndarray = POOLED_ROIS, **attrs) -> OpSpec:
+    return OpSpec("MaxRoiPool", {"x": x}, consts={"rois": rois}, attrs=attrs,
                   inputs=["x", "rois"], eps=1e-4, label=label)
 
 
@@ -462,15 +462,11 @@ ROI_POOLS = [
     roi_align_in_double("avg"),
     roi_align_in_double("max"),
     # no rois at all (a level of a multi-scale pooler that no proposal maps to)
-    *(dataclasses.replace(spec, consts={**spec.consts, **empty}, label=f"{spec.label}-no-rois")
-      for spec, empty in (
-          (roi_align("avg", output_height=2, output_width=3, sampling_ratio=2),
-           {"rois": ROIS[:0], "batch_indices": ROI_IMAGES[:0]}),
-          (roi_align("adaptive", output_height=2, output_width=3, mode="max"),
-           {"rois": ROIS[:0], "batch_indices": ROI_IMAGES[:0]}),
-          (max_roi_pool("2x3", Wrt((2, 3, 6, 7)), pooled_shape=[2, 3]),
-           {"rois": POOLED_ROIS[:0]}),
-      )),
+    roi_align("avg-no-rois", ROIS[:0], ROI_IMAGES[:0], output_height=2, output_width=3,
+              sampling_ratio=2),
+    roi_align("adaptive-no-rois", ROIS[:0], ROI_IMAGES[:0], output_height=2, output_width=3,
+              mode="max"),
+    max_roi_pool("2x3-no-rois", Wrt((2, 3, 6, 7)), POOLED_ROIS[:0], pooled_shape=[2, 3]),
 ]
 
 SPECS = (UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + ROI_POOLS
