@@ -1,13 +1,14 @@
 """Cost of Grad-CAM on Faster R-CNN's raw box head, as ratios to its plain forward.
 
-    python benchmarks/bench_faster_rcnn.py [--threads 2] [--seconds 20] [--batch 1]
+    python benchmarks/bench_faster_rcnn.py [--model NAME] [--threads 2] [--seconds 20] [--batch 1]
 
-Exports torchvision's fasterrcnn_mobilenet_v3_large_320_fpn (weights=None, seeded and
-calibrated as in the tests: speed does not depend on the weights) through
-tests/faster_rcnn_model.py at 320 x 320, and times, interleaved, the plain graph and the graph
-with Grad-CAM of one score scores[n, r, c] (a one-hot seed) appended at each target layer: the
-FPN level the box head pools, and the backbone's last stage before the FPN; and, for scale,
-torch's forward of the same wrapper and pytorch-grad-cam's GradCAM at the FPN level.
+Exports torchvision's fasterrcnn_mobilenet_v3_large_320_fpn (or --model, e.g.
+fasterrcnn_resnet50_fpn; weights=None, seeded and calibrated as in the tests: speed does not
+depend on the weights) through tests/faster_rcnn_model.py at 320 x 320, and times,
+interleaved, the plain graph and the graph with Grad-CAM of one score scores[n, r, c] (a
+one-hot seed) appended at each target layer: the finest FPN level, and the backbone's last
+stage before the FPN; and, for scale, torch's forward of the same wrapper and
+pytorch-grad-cam's GradCAM at the FPN level.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(Path(__file__).parent)]
 
 from bench_augment import interleaved, make_session  # noqa: E402
 from faster_rcnn_model import (  # noqa: E402
+    NAME,
     SIZE,
     RawFasterRCNN,
     append_score_gradients,
@@ -41,18 +43,19 @@ from zoo import sample_batch  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=NAME)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
 
     images = sample_batch(args.batch, SIZE)
-    wrapper = RawFasterRCNN(build_faster_rcnn(), SIZE)
+    wrapper = RawFasterRCNN(build_faster_rcnn(args.model), SIZE)
     (scores, _), activations = run_with_targets(wrapper, images)
     seed = np.zeros(tuple(scores.shape), np.float32)
     seed[0, 0, 1] = 1.0
     with tempfile.TemporaryDirectory() as tmp:
-        plain = export_raw_head(Path(tmp, "raw.onnx"), batch=args.batch)
+        plain = export_raw_head(Path(tmp, "raw.onnx"), batch=args.batch, name=args.model)
         targets = find_targets(plain, images, activations)
         sessions = {"forward": make_session(plain, args.threads)}
         runs = {"forward": lambda: sessions["forward"].run(None, {"input": images})}
@@ -78,7 +81,7 @@ def main() -> None:
             runs["torch forward"] = torch_forward
             runs["pytorch-grad-cam at fpn_level_0"] = lambda: cam(batch, targets=targets)
             medians = interleaved(runs, args.seconds)
-    print(f"fasterrcnn_mobilenet_v3_large_320_fpn raw head, batch {args.batch}, {SIZE} x {SIZE}, "
+    print(f"{args.model} raw head, batch {args.batch}, {SIZE} x {SIZE}, "
           f"CPU, {args.threads} threads, onnxruntime {ort.__version__}")
     print("run                                     ms   ratio to the onnxruntime forward")
     for name, seconds in medians.items():

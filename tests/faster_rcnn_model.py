@@ -39,8 +39,8 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+import torchvision
 from onnx import TensorProto, helper
-from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
@@ -97,15 +97,16 @@ class RawFasterRCNN(torch.nn.Module):
 
 
 @functools.cache
-def build_faster_rcnn() -> torch.nn.Module:
-    """fasterrcnn_mobilenet_v3_large_320_fpn without any weights file (seeded), its backbone's
-    BatchNorm statistics calibrated on the scikit-image photos at SIZE, in eval mode.
+def build_faster_rcnn(name: str = NAME) -> torch.nn.Module:
+    """torchvision's Faster R-CNN `name` (default fasterrcnn_mobilenet_v3_large_320_fpn; the
+    benchmarks also use fasterrcnn_resnet50_fpn) without any weights file (seeded), its
+    backbone's BatchNorm statistics calibrated on the scikit-image photos at SIZE, in eval mode.
 
     The class-score layer's random weights are scaled by CLASS_WEIGHT_SCALE: at torch's default
-    initialisation no proposal scores any class above 0.016 (uniform: 1/91); scaled, the
-    top scores reach ~0.27 and the top class differs between proposals."""
-    torch.manual_seed(model_seed(NAME))
-    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    initialisation no proposal of the mobilenet model scores any class above 0.016 (uniform:
+    1/91); scaled, the top scores reach ~0.27 and the top class differs between proposals."""
+    torch.manual_seed(model_seed(name))
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
     calibrate_batch_norms(model.backbone, size=SIZE)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(CLASS_WEIGHT_SCALE)
@@ -113,14 +114,15 @@ def build_faster_rcnn() -> torch.nn.Module:
 
 
 def export_raw_head(
-    path: str | Path, batch: int = 1, size: int = SIZE, with_proposals: bool = False
+    path: str | Path, batch: int = 1, size: int = SIZE, with_proposals: bool = False,
+    name: str = NAME,
 ) -> Path:
-    """`RawFasterRCNN` through the TorchScript exporter at opset 17, input "input" [batch, 3,
-    size, size] (fixed: the RPN's per-image loops are unrolled for the traced batch), outputs
-    "scores", "boxes" (and "proposals")."""
+    """`RawFasterRCNN` of `build_faster_rcnn(name)` through the TorchScript exporter at opset
+    17, input "input" [batch, 3, size, size] (fixed: the RPN's per-image loops are unrolled for
+    the traced batch), outputs "scores", "boxes" (and "proposals")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = RawFasterRCNN(build_faster_rcnn(), size, with_proposals).eval()
+    wrapper = RawFasterRCNN(build_faster_rcnn(name), size, with_proposals).eval()
     images = torch.from_numpy(sample_batch(batch, size))
     outputs = OUTPUTS + (["proposals"] if with_proposals else [])
     with warnings.catch_warnings():
