@@ -40,7 +40,9 @@ opset) raises `AugmentError` saying which.
 Each check is one case of `test_rule_matches_finite_differences`: the rule's gradient against
 central finite differences of the original graph, every input element perturbed. The
 tie-breaking of ReduceMax, ReduceMin, Max, Min, MaxPool and GlobalMaxPool is also compared
-with torch autograd (`test_ties_are_broken_as_torch_autograd`).
+with torch autograd (`test_ties_are_broken_as_torch_autograd`), RoiAlign and MaxRoiPool with
+torchvision's roi_align and roi_pool (`test_roi_align_matches_torchvision_autograd`,
+`test_max_roi_pool_matches_torchvision_autograd`).
 """
 TABLE_HEADER = [
     f"| Op | Latest version (opset <= {MAX_OPSET}) | Rule | Finite-difference checks |",

@@ -100,6 +100,11 @@ SHAPES = [
            consts={"starts": ints(1, -4), "ends": ints(3, 1_000_000), "axes": ints(0, 2)}),
     OpSpec("Slice", {"x": Wrt((4, 6))}, consts={"starts": ints(0, 2), "ends": ints(-1, 5)},
            symbolic=True, label="all-axes-symbolic"),
+    OpSpec("Slice", {"x": Wrt((3, 12))}, consts={"starts": ints(1), "ends": ints(1_000_000),
+           "axes": ints(1), "steps": ints(4)}, label="step-4"),
+    OpSpec("Slice", {"x": Wrt((4, 6, 5))}, consts={"starts": ints(-1, 4), "ends": ints(0, -100),
+           "axes": ints(0, 1), "steps": ints(-2, -3)}, symbolic=True,
+           label="negative-steps-symbolic"),
     OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))}, consts={"pads": ints(0, 0, 1, 0, 0, 0, 2, 1)}),
     OpSpec("Pad", {"x": Wrt((2, 3, 4, 4))},
            consts={"pads": ints(1, 2, 0, 1), "value": np.float32(0), "axes": ints(2, 3)},
@@ -399,7 +404,73 @@ RESIZES = [
            inputs=["x", "roi", "scales", "sizes"], label="nearest-half-pixel"),
 ]
 
-SPECS = UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + COMPOSED
+# Rois [x1, y1, x2, y2] of two images: inside, partly outside (left and below), thin, tiny,
+# entirely outside; RoiAlign is linear in X, so its finite differences are exact.
+ROIS = np.array([[0.5, 1.0, 4.5, 5.5], [-2.0, 3.0, 3.0, 9.0], [2.2, 0.3, 6.9, 1.1],
+                 [3.0, 3.0, 3.2, 3.1], [8.0, 7.5, 11.0, 12.0]], np.float32)
+ROI_IMAGES = ints(0, 1, 1, 0, 1)
+
+
+def roi_align(label: str, rois: np.ndarray = ROIS, images: np.ndarray = ROI_IMAGES,
+              **attrs) -> OpSpec:
+    distinct = attrs.get("mode") == "max"  # max mode: no ties between taps
+    return OpSpec("RoiAlign", {"x": Wrt((2, 3, 6, 7), distinct=distinct)},
+                  consts={"rois": rois, "batch_indices": images}, attrs=attrs,
+                  inputs=["x", "rois", "batch_indices"], eps=1e-4 if distinct else 1e-3,
+                  label=label)
+
+
+# MaxRoiPool's rois carry their image first; corners at .5 check rounding half away from zero.
+POOLED_ROIS = np.concatenate([ROI_IMAGES[:, None].astype(np.float32), ROIS], axis=1)
+POOLED_ROIS = np.concatenate([POOLED_ROIS, [[0.0, 2.5, 1.5, 0.5, 4.5]]]).astype(np.float32)
+
+
+def max_roi_pool(label: str, x: Wrt, rois: np.ndarray = POOLED_ROIS, **attrs) -> OpSpec:
+    return OpSpec("MaxRoiPool", {"x": x}, consts={"rois": rois}, attrs=attrs,
+                  inputs=["x", "rois"], eps=1e-4, label=label)
+
+
+def roi_align_in_double(mode: str) -> OpSpec:
+    """RoiAlign on float64 features and rois (the rule builds its weights in float32)."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,6,7] x) => (float[5,3,2,3] y) {{
+            features = Cast <to = 11> (x)
+            boxes = Cast <to = 11> (rois)
+            pooled = RoiAlign <output_height = 2, output_width = 3, mode = "{mode}"> (
+                features, boxes, batch_indices)
+            y = Cast <to = 1> (pooled)
+        }}"""
+    return OpSpec("RoiAlign", {"x": Wrt((2, 3, 6, 7), distinct=True)},
+                  consts={"rois": ROIS, "batch_indices": ROI_IMAGES}, text=text, eps=1e-4,
+                  label=f"{mode}-double")
+
+
+ROI_POOLS = [
+    roi_align("avg-ratio2", output_height=2, output_width=3, sampling_ratio=2),
+    roi_align("avg-adaptive-scaled", output_height=2, output_width=3, spatial_scale=0.9),
+    roi_align("avg-output-half-pixel", output_height=3, output_width=2, sampling_ratio=1,
+              coordinate_transformation_mode="output_half_pixel"),
+    roi_align("avg-adaptive-output-half-pixel", output_height=2, output_width=2,
+              spatial_scale=1.3, coordinate_transformation_mode="output_half_pixel"),
+    roi_align("max-ratio2", output_height=2, output_width=3, sampling_ratio=2, mode="max"),
+    roi_align("max-adaptive-scaled", output_height=2, output_width=2, spatial_scale=0.8,
+              mode="max"),
+    max_roi_pool("2x3", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[2, 3]),
+    max_roi_pool("3x2-scaled", Wrt((2, 3, 6, 7), distinct=True), pooled_shape=[3, 2],
+                 spatial_scale=0.7),
+    roi_align_in_double("avg"),
+    roi_align_in_double("max"),
+    # no rois at all (a level of a multi-scale pooler that no proposal maps to)
+    roi_align("avg-no-rois", ROIS[:0], ROI_IMAGES[:0], output_height=2, output_width=3,
+              sampling_ratio=2),
+    roi_align("adaptive-no-rois", ROIS[:0], ROI_IMAGES[:0], output_height=2, output_width=3,
+              mode="max"),
+    max_roi_pool("2x3-no-rois", Wrt((2, 3, 6, 7)), POOLED_ROIS[:0], pooled_shape=[2, 3]),
+]
+
+SPECS = (UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + ROI_POOLS
+         + COMPOSED)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
@@ -460,6 +531,94 @@ def test_ties_are_broken_as_torch_autograd(spec: OpSpec, reference, kind: str) -
     for name, tensor in zip(inputs, tensors):
         np.testing.assert_allclose(ours[name], tensor.grad.numpy(), rtol=1e-6, atol=1e-6,
                                    err_msg=f"d/d{name} of {spec.id} with {kind} values")
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["output-half-pixel", "half-pixel"])
+@pytest.mark.parametrize("sampling_ratio, spatial_scale", [(0, 1.0), (1, 0.7), (3, 0.5)])
+def test_roi_align_matches_torchvision_autograd(
+    aligned: bool, sampling_ratio: int, spatial_scale: float
+) -> None:
+    """torchvision.ops.roi_align (what Faster R-CNN's MultiScaleRoIAlign exports as RoiAlign,
+    aligned=False as output_half_pixel) on the same rois: the gradient w.r.t. the features."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    features = torch.tensor(x, requires_grad=True)
+    boxes = torch.tensor(np.concatenate([ROI_IMAGES[:, None].astype(np.float32), ROIS], 1))
+    pooled = torchvision.ops.roi_align(features, boxes, (3, 2), spatial_scale, sampling_ratio,
+                                       aligned)
+    cotangent = rng.standard_normal(tuple(pooled.shape)).astype(np.float32)
+    pooled.backward(torch.tensor(cotangent))
+    transform = "half_pixel" if aligned else "output_half_pixel"
+    spec = roi_align("torch", output_height=3, output_width=2, sampling_ratio=sampling_ratio,
+                     spatial_scale=spatial_scale, coordinate_transformation_mode=transform)
+    ours = gradients(spec, {"x": x}, [cotangent])["x"]
+    assert np.abs(features.grad.numpy()).max() > 0.1
+    np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "repeated"])
+@pytest.mark.parametrize("spatial_scale", [1.0, 0.5])
+def test_max_roi_pool_matches_torchvision_autograd(kind: str, spatial_scale: float) -> None:
+    """torchvision.ops.roi_pool on the same rois: bins, rounding and the element each bin's
+    gradient goes to (the first maximum; three values only: ties everywhere)."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(12)
+    if kind == "distinct":
+        x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    else:
+        x = tied_values((2, 3, 6, 7), kind, rng)
+    features = torch.tensor(x, requires_grad=True)
+    pooled = torchvision.ops.roi_pool(features, torch.tensor(POOLED_ROIS), (3, 2), spatial_scale)
+    cotangent = rng.standard_normal(tuple(pooled.shape)).astype(np.float32)
+    pooled.backward(torch.tensor(cotangent))
+    spec = max_roi_pool("torch", Wrt(x.shape), pooled_shape=[3, 2], spatial_scale=spatial_scale)
+    ours = gradients(spec, {"x": x}, [cotangent])["x"]
+    np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+PROPOSALS_FROM_FEATURES = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,2,6,7] x, float[5,4] base, int64[5] images) => (float[5,2,2,3] y, float[5,4] z) {
+        f = Relu(x)
+        m = ReduceMean <keepdims = 0> (x)
+        rois = Add(base, m)
+        y = RoiAlign <output_height = 2, output_width = 3, sampling_ratio = 2> (f, rois, images)
+        two = Constant <value = float {2.0}> ()
+        z = Mul(rois, two)
+    }"""
+
+
+def test_region_proposals_are_constants_as_torch_detaches_them() -> None:
+    """Rois computed from the features (a detector's proposals) and read again by an output
+    (its decoded boxes) get no gradient, as torch's detached proposals: d <v, y> + <w, z> / dx
+    flows through the pooled features only. Explaining z alone is refused, naming the cause."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    spec = OpSpec("RoiAlign", {"x": Wrt((2, 2, 6, 7), avoid=(0.0,))},
+                  consts={"base": ROIS, "images": ROI_IMAGES}, outputs=2,
+                  text=PROPOSALS_FROM_FEATURES, label="proposals")
+    rng = np.random.default_rng(13)
+    x = rng.uniform(-2, 2, (2, 2, 6, 7)).astype(np.float32)
+    v = rng.standard_normal((5, 2, 2, 3)).astype(np.float32)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    ours = gradients(spec, {"x": x}, [v, w])["x"]
+    features = torch.tensor(x, requires_grad=True)
+    rois = (torch.tensor(ROIS) + features.mean()).detach()
+    boxes = torch.cat([torch.tensor(ROI_IMAGES, dtype=torch.float32)[:, None], rois], 1)
+    pooled = torchvision.ops.roi_align(features.relu(), boxes, (2, 3), 1.0, 2, aligned=True)
+    ((pooled * torch.tensor(v)).sum() + (rois * 2 * torch.tensor(w)).sum()).backward()
+    np.testing.assert_allclose(ours, features.grad.numpy(), rtol=1e-5, atol=1e-6)
+    model = build_model(spec)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    with pytest.raises(AugmentError, match="does not depend"):
+        build_backward(GraphBuilder(model), {"z": "seed"}, ["x"])
+    model = build_model(spec)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, None))
+    with pytest.raises(AugmentError, match="produce the rois of region pooling"):
+        build_backward(GraphBuilder(model), {"y": "seed"}, ["m"])
 
 
 def test_reduce_prod_at_zeros_matches_torch() -> None:

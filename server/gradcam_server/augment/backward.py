@@ -4,7 +4,9 @@ Only nodes on a path from a `wrt` tensor to a seeded tensor are visited, in reve
 order, so no gradient is ever built for weights or for the part of the network in front of the
 target layer. The walker owns the two pieces of bookkeeping every rule would otherwise repeat:
 fan-out (contributions to one tensor are summed once) and broadcast reduction (for rules
-registered with ``broadcasting=True``).
+registered with ``broadcasting=True``). Region proposals are constants, as in torch: no gradient
+flows into the rois of RoiAlign / MaxRoiPool nor into what is computed only to produce them
+(`detached_tensors`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from onnx import TensorProto, helper
 
 from .errors import AugmentError, MissingRuleError
 from .graph import GraphBuilder
-from .rules import RULES, RuleContext
+from .rules import DETACHED_INPUTS, RULES, RuleContext
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
@@ -41,7 +43,8 @@ def build_backward(
     at the first op that mixes rows.
     """
     nodes = list(b.graph.node)  # rules may append nodes; walk the forward graph only
-    depends_on_wrt = descendants(nodes, set(wrt))
+    detached = detached_tensors(nodes)
+    depends_on_wrt = descendants(nodes, set(wrt)) - detached
     on_path = path_nodes(nodes, set(wrt), set(seeds))
     rows = _RowSlicer(b)
 
@@ -96,6 +99,12 @@ def build_backward(
     result = {}
     for tensor in wrt:
         grad = gradient_of(tensor)
+        if grad is None and tensor in detached:
+            raise AugmentError(
+                f"tensor {tensor!r} is computed only to produce the rois of region pooling "
+                "(a two-stage detector's proposals), which are constants, as torch detaches "
+                "them: choose a layer the pooled features are computed from"
+            )
         if grad is None:
             raise AugmentError(f"the score does not depend on tensor {tensor!r}")
         result[tensor] = rows.dense(tensor, grad)
@@ -268,6 +277,23 @@ def _attr(node, name: str, default):
         if attribute.name == name:
             return helper.get_attribute_value(attribute)
     return default
+
+
+def detached_tensors(nodes: Sequence) -> set[str]:
+    """Tensors no gradient flows into, as torch detaches them: the inputs named in
+    `DETACHED_INPUTS` (region pooling's rois) and every tensor computed only to produce them,
+    that is, not also for the pooled features (a two-stage detector's RPN outputs, proposal
+    decoding and selection; its backbone and FPN stay differentiable)."""
+    detached, pooled = set(), set()
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in DETACHED_INPUTS:
+            continue
+        for i, tensor in enumerate(node.input):
+            if tensor:
+                (detached if i in DETACHED_INPUTS[node.op_type] else pooled).add(tensor)
+    if not detached:
+        return set()
+    return ancestors(nodes, detached) - ancestors(nodes, pooled)
 
 
 def descendants(nodes: Sequence, start: set[str]) -> set[str]:

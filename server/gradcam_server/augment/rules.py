@@ -164,12 +164,13 @@ def _split(ctx: RuleContext) -> Gradients:
 
 @rule("Slice")
 def _slice(ctx: RuleContext) -> Gradients:
-    """Pad the incoming gradient back to the input's size (unit steps only)."""
+    """Pad the incoming gradient back to the input's size; other steps than 1 (box decoding's
+    ``deltas[:, 0::4]``) by `_strided_slice_grad`."""
     b, x = ctx.b, ctx.x(0)
     rank = b.rank(x)
     steps = ctx.const_input(4)
     if ctx.x(4) and (steps is None or np.any(steps != 1)):
-        raise ctx.unsupported("only unit steps are supported")
+        return [_strided_slice_grad(ctx), None, None, None, None]
     axes_value = ctx.const_input(3)
     if ctx.x(3) and axes_value is None:
         raise ctx.unsupported("its axes must be constant")
@@ -185,6 +186,20 @@ def _slice(ctx: RuleContext) -> Gradients:
     pads_end = b.op("ScatterElements", [zeros, axes_tensor, after], axis=0)
     pads = b.op("Concat", [pads_begin, pads_end], axis=0)
     return [b.op("Pad", [ctx.dy(), pads]), None, None, None, None]
+
+
+def _strided_slice_grad(ctx: RuleContext) -> str:
+    """Any steps, negative too: the same Slice of x's flat positions says where each element of
+    dy came from, and dy is scattered there (no position is taken twice)."""
+    b, x = ctx.b, ctx.x(0)
+    count = b.op("Size", [x])
+    positions = b.op("Range", [b.const(0, np.int64), count, b.const(1, np.int64)])
+    taken = b.op("Slice", [b.op("Reshape", [positions, b.shape(x)]), *ctx.node.input[1:]])
+    flat = b.ints([-1])
+    grad = b.op("ScatterElements", [b.op("Reshape", [b.zeros_like(x), flat]),
+                                    b.op("Reshape", [taken, flat]),
+                                    b.op("Reshape", [ctx.dy(), flat])], axis=0)
+    return b.op("Reshape", [grad, b.shape(x)])
 
 
 def _clamp_index(b: GraphBuilder, index: str, dims: str) -> str:
@@ -1245,6 +1260,322 @@ def _interpolation_matrix(
     weight = b.unsqueeze(b.op("Sub", [clamped, low]), [1])
     keep = b.op("Sub", [b.const(1.0), weight])
     return b.op("Add", [b.op("Mul", [one_hot(low), keep]), b.op("Mul", [one_hot(high), weight])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Region pooling (two-stage detectors)
+# ---------------------------------------------------------------------------------------------
+
+
+# Inputs torch detaches: the rois of region pooling, a two-stage detector's proposals (its RPN
+# decodes them from detached outputs). The walker treats them, and every tensor computed only to
+# produce them, as constants (`backward.detached_tensors`), so that a score reading the decoded
+# boxes (proposal + predicted offset) is not differentiated through the RPN either.
+DETACHED_INPUTS = {"RoiAlign": (1, 2), "MaxRoiPool": (1,)}
+
+
+@dataclass(frozen=True)
+class _RoiSamples:
+    """One spatial axis of RoiAlign's sample grid, every tensor [R, bins, G] (G: the most
+    samples per bin of any roi): each sample's two bilinear taps `low`/`high` (INT64 rows or
+    columns) and their weights (zero where the sample lies beyond [-1, size], as the runtime
+    skips it), `in_grid` (a roi's own grid may be smaller than G under adaptive sampling) and
+    `grid` (that roi's sample count per bin, at least 1)."""
+
+    low: str
+    high: str
+    weight_low: str
+    weight_high: str
+    in_grid: str
+    grid: str
+
+
+@rule("RoiAlign")
+def _roi_align(ctx: RuleContext) -> Gradients:
+    """Y[r, c, i, j] pools X[batch_indices[r], c] over bin (i, j) of roi r at a grid of bilinear
+    samples (onnxruntime's and torchvision's roi_align geometry: roi = rois * spatial_scale, less
+    0.5 under half_pixel; under output_half_pixel a roi is at least 1 x 1; sampling_ratio samples
+    per bin and axis, or ceil(roi size / bins) per roi when it is 0; samples beyond [-1, size] add
+    nothing). Only X gets a gradient: rois and batch_indices get none, as torch detaches
+    proposals.
+
+    avg: the samples are separable, Y[r, c] = A_h[r] X[n_r, c] A_w[r]^T with A [R, bins, size]
+    the per-roi sample matrices, so dX[n, c] = sum over the rois of image n of
+    A_h[r]^T dY[r, c] A_w[r]: two MatMuls, the second summing over rois through a one-hot of
+    batch_indices (no scatter). max (the runtime's: the largest weighted tap w_k X[p_k] over all
+    samples and their four taps): dY times w_k goes to the chosen tap, the first of ties as the
+    runtime picks, by ArgMax and a ScatterElements add."""
+    b, x, dy = ctx.b, ctx.x(0), ctx.dy()
+    mode = ctx.attr("mode", "avg")
+    default_transform = "half_pixel" if b.opset >= 16 else "output_half_pixel"
+    transform = ctx.attr("coordinate_transformation_mode", default_transform)
+    if mode not in ("avg", "max"):
+        raise ctx.unsupported(f"mode {mode!r} is not supported, only 'avg' and 'max'")
+    if transform not in ("half_pixel", "output_half_pixel"):
+        raise ctx.unsupported(f"coordinate_transformation_mode {transform!r} is not supported")
+    boxes = b.op("Mul", [b.op("Cast", [ctx.x(1)], to=onnx.TensorProto.FLOAT),
+                         b.const(float(ctx.attr("spatial_scale", 1.0)))])
+    if transform == "half_pixel":
+        boxes = b.op("Sub", [boxes, b.const(0.5)])
+    bins = {2: ctx.attr("output_height", 1), 3: ctx.attr("output_width", 1)}
+    first_corner = {2: 1, 3: 0}  # rois are [x1, y1, x2, y2]
+    samples = {
+        axis: _roi_samples(ctx, boxes, first_corner[axis], bins[axis], axis,
+                           min_size=1.0 if transform == "output_half_pixel" else None)
+        for axis in (2, 3)
+    }
+    images = b.op("Cast", [ctx.x(2)], to=onnx.TensorProto.INT64)
+    if mode == "avg":
+        grad = _roi_average_grad(b, x, dy, images, samples[2], samples[3], bins[2],
+                                 bins[3])
+    else:
+        grad = _roi_max_grad(ctx, x, dy, images, samples[2], samples[3], bins)
+    return [grad, None, None]
+
+
+def _roi_samples(
+    ctx: RuleContext, boxes: str, corner: int, bins: int, axis: int, min_size: float | None
+) -> _RoiSamples:
+    """The sample grid of spatial `axis` of X, from box columns `corner` and `corner` + 2."""
+    b, x = ctx.b, ctx.x(0)
+
+    def column(index: int) -> str:  # [R, 1, 1]
+        return b.unsqueeze(b.op("Slice", [boxes, b.ints([index]), b.ints([index + 1]),
+                                          b.ints([1])]), [2])
+
+    start = column(corner)
+    size = b.op("Sub", [column(corner + 2), start])
+    if min_size is not None:
+        size = b.op("Max", [size, b.const(min_size)])
+    bin_size = b.op("Div", [size, b.const(float(bins))])
+    ratio = ctx.attr("sampling_ratio", 0)
+    if ratio > 0:
+        grid, most = b.const(float(ratio)), b.const(ratio, np.int64)
+    else:  # adaptive: ceil(roi size / bins) samples per bin, per roi
+        grid = b.op("Ceil", [bin_size])
+        with_one = b.op("Concat", [b.op("Reshape", [grid, b.ints([-1])]), b.const([1.0])],
+                        axis=0)
+        most = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
+                    to=onnx.TensorProto.INT64)
+    sample = b.op("Cast", [b.op("Range", [b.const(0, np.int64), most, b.const(1, np.int64)])],
+                  to=onnx.TensorProto.FLOAT)
+    sample = b.op("Reshape", [sample, b.ints([1, 1, -1])])
+    in_grid = b.op("Less", [sample, grid])
+    grid = b.op("Max", [grid, b.const(1.0)])
+    bin_index = b.const(np.arange(bins, dtype=np.float32).reshape(1, bins, 1))
+    offset = b.op("Div", [b.op("Mul", [b.op("Add", [sample, b.const(0.5)]), bin_size]), grid])
+    position = b.op("Add", [b.op("Add", [start, b.op("Mul", [bin_index, bin_size])]), offset])
+    extent = b.op("Cast", [b.shape_slice(x, axis, axis + 1)], to=onnx.TensorProto.FLOAT)
+    last = b.op("Sub", [extent, b.const(1.0)])
+    outside = b.op("Or", [b.op("Less", [position, b.const(-1.0)]),
+                          b.op("Greater", [position, extent])])
+    inside = b.op("Cast", [b.op("Not", [outside])], to=onnx.TensorProto.FLOAT)
+    clamped = b.op("Min", [b.op("Max", [position, b.const(0.0)]), last])
+    low = b.op("Floor", [clamped])
+    high = b.op("Min", [b.op("Add", [low, b.const(1.0)]), last])
+    fraction = b.op("Sub", [clamped, low])
+    as_int = dict(to=onnx.TensorProto.INT64)
+    return _RoiSamples(
+        low=b.op("Cast", [low], **as_int),
+        high=b.op("Cast", [high], **as_int),
+        weight_low=b.op("Mul", [b.op("Sub", [b.const(1.0), fraction]), inside]),
+        weight_high=b.op("Mul", [fraction, inside]),
+        in_grid=in_grid,
+        grid=grid,
+    )
+
+
+def _roi_sample_matrix(b: GraphBuilder, samples: _RoiSamples, extent: str) -> str:
+    """A [R, bins, size]: row (r, i) holds the weight each row (column) of X gets in bin i of
+    roi r, averaged over the bin's samples."""
+    one_zero = b.const([0.0, 1.0])
+    share = b.op("Div", [b.op("Cast", [samples.in_grid], to=onnx.TensorProto.FLOAT),
+                         samples.grid])
+    taps = []
+    for index, weight in ((samples.low, samples.weight_low), (samples.high, samples.weight_high)):
+        one_hot = b.op("OneHot", [index, extent, one_zero], axis=-1)  # [R, bins, G, size]
+        taps.append(b.op("Mul", [one_hot, b.unsqueeze(b.op("Mul", [weight, share]), [3])]))
+    return b.reduce("ReduceSum", b.op("Add", taps), [2], keepdims=False)
+
+
+def _roi_average_grad(
+    b: GraphBuilder, x: str, dy: str, images: str, rows: _RoiSamples, columns: _RoiSamples,
+    bins_h: int, bins_w: int,
+) -> str:
+    """dX = sum over rois r of image n of A_h[r]^T dY[r, c] A_w[r]."""
+    dims = b.shape(x)
+
+    def dim(axis: int) -> str:
+        return b.op("Slice", [dims, b.ints([axis]), b.ints([axis + 1])])
+
+    def like_dy(tensor: str) -> str:  # the matrices are built in float32
+        if b.elem_type(x) == onnx.TensorProto.FLOAT:
+            return tensor
+        return b.op("CastLike", [tensor, dy])
+
+    row_matrix, column_matrix = (_roi_sample_matrix(b, s, dim(axis))
+                                 for axis, s in ((2, rows), (3, columns)))
+    # One [C * bins_h, bins_w] x [bins_w, W] product per roi (batching per roi and channel
+    # measured ~10x slower in onnxruntime). Reshapes spell every size out: onnxruntime cannot
+    # infer a -1 beside a 0 (no rois).
+    channels_by_bin = b.op("Mul", [dim(1), b.ints([bins_h])])
+    by_roi = b.op("Reshape", [dy, b.op("Concat", [b.ints([0]), channels_by_bin,
+                                                  b.ints([bins_w])], axis=0)])
+    along_width = b.op("MatMul", [by_roi, like_dy(column_matrix)])  # [R, C * bins_h, W]
+    along_width = b.op("Reshape", [along_width, b.op("Concat", [
+        b.ints([0]), dim(1), b.ints([bins_h]), dim(3)], axis=0)])  # [R, C, bins_h, W]
+    by_bin = b.op("Transpose", [along_width], perm=[0, 2, 1, 3])  # [R, bins_h, C, W]
+    by_bin = b.op("Reshape", [by_bin, b.op("Concat", [b.ints([-1]),
+                                                      b.op("Mul", [dim(1), dim(3)])], axis=0)])
+    of_image = b.op("OneHot", [images, dim(0), b.const([0.0, 1.0])], axis=0)  # [N, R]
+    rows_of_image = b.op("Mul", [
+        b.op("Reshape", [of_image, b.ints([0, 1, -1, 1])]),
+        b.unsqueeze(b.op("Transpose", [row_matrix], perm=[2, 0, 1]), [0]),
+    ])  # [N, H, R, bins_h]
+    rows_of_image = like_dy(b.op("Reshape", [rows_of_image, b.ints([0, 0, -1])]))
+    grad = b.op("MatMul", [rows_of_image, by_bin])  # [N, H, C * W]
+    grad = b.op("Reshape", [grad, b.op("Concat", [dim(0), dim(2), dim(1), dim(3)], axis=0)])
+    return b.op("Transpose", [grad], perm=[0, 2, 1, 3])
+
+
+def _roi_max_grad(
+    ctx: RuleContext, x: str, dy: str, images: str, rows: _RoiSamples, columns: _RoiSamples,
+    bins: dict[int, int],
+) -> str:
+    """dY[r, c, i, j] times the weight of the chosen tap, added at that tap of X[n_r, c]."""
+    b = ctx.b
+    # Each axis' two taps, laid out [R, bins_h, bins_w, G_h, G_w, tap_h, tap_w] so that the
+    # flattened order is the runtime's: samples row-major, then taps (low, low) ... (high, high).
+    # (Unsqueeze, not Reshape: onnxruntime cannot infer a -1 beside a 0, as when no rois.)
+    y_view, x_view = [2, 4, 6], [1, 3, 5]
+
+    def taps(view: list[int], pair: tuple[str, str]) -> str:
+        return b.unsqueeze(b.op("Concat", [b.unsqueeze(t, [3]) for t in pair], axis=3), view)
+
+    flat_index = _flat_positions(b, x, images, taps(y_view, (rows.low, rows.high)),
+                                 taps(x_view, (columns.low, columns.high)), rank=7)
+    in_grid = b.op("And", [b.unsqueeze(rows.in_grid, [2, 4, 5, 6]),
+                           b.unsqueeze(columns.in_grid, [2, 3, 5, 6])])
+    weight = b.op("Mul", [taps(y_view, (rows.weight_low, rows.weight_high)),
+                          taps(x_view, (columns.weight_low, columns.weight_high))])
+    weight = b.op("Mul", [weight, b.op("Cast", [in_grid], to=onnx.TensorProto.FLOAT)])
+    return _chosen_tap_grad(ctx, x, dy, flat_index, weight, in_grid, bins[2] * bins[3])
+
+
+def _flat_positions(
+    b: GraphBuilder, x: str, images: str, row: str, column: str, rank: int
+) -> str:
+    """Positions in X viewed as [N * H * W, C] of rows `row` and columns `column` (INT64, both
+    [R, ...] of `rank`, broadcast together) of each roi's image `images` [R]."""
+    dims = b.shape(x)
+    width = b.op("Slice", [dims, b.ints([3]), b.ints([4])])
+    plane = b.op("Mul", [b.op("Slice", [dims, b.ints([2]), b.ints([3])]), width])
+    image_start = b.op("Reshape", [b.op("Mul", [images, plane]), b.ints([-1] + [1] * (rank - 1))])
+    return b.op("Add", [image_start, b.op("Add", [b.op("Mul", [row, width]), column])])
+
+
+def _chosen_tap_grad(
+    ctx: RuleContext, x: str, dy: str, flat_index: str, weight: str, candidate: str, cells: int
+) -> str:
+    """The gradient of a max over candidate taps per output cell (the first maximum of
+    weight * X at `flat_index` among the taps where `candidate` holds, in row-major order):
+    dY times the chosen tap's weight, added at that tap. `flat_index` (from `_flat_positions`),
+    `weight` and `candidate` are [R, bins_h, bins_w, ...taps...], broadcast to the shape of
+    `flat_index`, which must be the full one; a cell without any candidate gets no gradient
+    (its weights must be 0 there)."""
+    b = ctx.b
+    dims = b.shape(x)
+    if b.elem_type(x) != onnx.TensorProto.FLOAT:
+        weight = b.op("CastLike", [weight, dy])
+    full = b.shape(flat_index)
+    taps = b.reduce("ReduceProd", b.shape_slice(flat_index, 3), [0], keepdims=True)
+    by_cell = b.op("Concat", [b.ints([-1, cells]), taps], axis=0)  # [R, cells, K]
+    flat_index, weight, candidate = (b.op("Reshape", [b.op("Expand", [t, full]), by_cell])
+                                     for t in (flat_index, weight, candidate))
+    channels = b.op("Slice", [dims, b.ints([1]), b.ints([2])])
+    by_channel = b.op("Concat", [b.ints([-1]), channels], axis=0)
+    pixels = b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 3, 1]), by_channel])
+    values = b.op("Gather", [pixels, flat_index], axis=0)  # [R, cells, K, C]
+    values = b.op("Mul", [values, b.unsqueeze(weight, [3])])
+    values = b.op("Where", [b.unsqueeze(candidate, [3]), values,
+                            b.op("CastLike", [b.const(-np.inf), dy])])
+    chosen = b.op("Transpose", [b.op("ArgMax", [values], axis=2, keepdims=1)],
+                  perm=[0, 1, 3, 2])  # [R, cells, C, 1]
+    chosen_index = b.op("GatherND", [flat_index, chosen], batch_dims=2)  # [R, cells, C]
+    chosen_weight = b.op("GatherND", [weight, chosen], batch_dims=2)
+    per_cell = b.op("Reshape", [b.op("Transpose", [dy], perm=[0, 2, 3, 1]),
+                                b.op("Concat", [b.ints([-1, cells]), channels], axis=0)])
+    updates = b.op("Mul", [per_cell, chosen_weight])
+    zeros = b.op("Reshape", [b.zeros_like(x), by_channel])  # of x's type, as pixels
+    grad = _scatter_add(ctx, "ScatterElements", zeros,
+                        b.op("Reshape", [chosen_index, by_channel]),
+                        b.op("Reshape", [updates, by_channel]), axis=0)
+    grad = b.op("Reshape", [grad, b.op("Concat", [
+        b.op("Slice", [dims, b.ints([0]), b.ints([1])]),
+        b.op("Slice", [dims, b.ints([2]), b.ints([4])]), channels], axis=0)])
+    return b.op("Transpose", [grad], perm=[0, 3, 1, 2])
+
+
+@rule("MaxRoiPool")
+def _max_roi_pool(ctx: RuleContext) -> Gradients:
+    """Y[r, c, i, j] = the maximum of X[n_r, c] over bin (i, j) of roi r = [n_r, x1, y1, x2, y2]
+    (onnxruntime's and torchvision's roi_pool: corners scaled by spatial_scale and rounded half
+    away from zero, the roi at least 1 x 1 cells with its end included, bin i spanning rows
+    floor(i * size / bins) to ceil((i + 1) * size / bins) - 1 from its start, clipped to X; an
+    empty bin is 0). dY goes to the first maximum of each bin in row-major order, as both pick
+    it; rois get no gradient."""
+    b, x = ctx.b, ctx.x(0)
+    bins = list(ctx.attr("pooled_shape"))
+    rois = b.op("Mul", [b.op("Cast", [ctx.x(1)], to=onnx.TensorProto.FLOAT),
+                        b.const([1.0] + [float(ctx.attr("spatial_scale", 1.0))] * 4)])
+    rounded = b.op("Mul", [b.op("Sign", [rois]),
+                           b.op("Floor", [b.op("Add", [b.op("Abs", [rois]), b.const(0.5)])])])
+    rows = _roi_pool_window(b, x, rounded, 2, bins[0], axis=2)
+    columns = _roi_pool_window(b, x, rounded, 1, bins[1], axis=3)
+    images = b.op("Cast", [b.op("Reshape", [b.op("Slice", [rois, b.ints([0]), b.ints([1]),
+                                                         b.ints([1])]), b.ints([-1])])],
+                  to=onnx.TensorProto.INT64)
+    flat_index = _flat_positions(b, x, images, b.unsqueeze(rows[0], [2, 4]),
+                                 b.unsqueeze(columns[0], [1, 3]), rank=5)
+    candidate = b.op("And", [b.unsqueeze(rows[1], [2, 4]), b.unsqueeze(columns[1], [1, 3])])
+    weight = b.op("Cast", [candidate], to=onnx.TensorProto.FLOAT)
+    return [_chosen_tap_grad(ctx, x, ctx.dy(), flat_index, weight, candidate,
+                             bins[0] * bins[1]), None]
+
+
+def _roi_pool_window(
+    b: GraphBuilder, x: str, rounded: str, corner: int, bins: int, axis: int
+) -> tuple[str, str]:
+    """One axis of MaxRoiPool's bins, [R, bins, K] each (K: the widest bin of any roi): the
+    rows (columns) of X each bin reads, clamped into X, and whether each lies in the bin."""
+    def column(index: int) -> str:  # [R, 1, 1]
+        return b.unsqueeze(b.op("Slice", [rounded, b.ints([index]), b.ints([index + 1]),
+                                          b.ints([1])]), [2])
+
+    start = column(corner)
+    size = b.op("Max", [b.op("Add", [b.op("Sub", [column(corner + 2), start]), b.const(1.0)]),
+                        b.const(1.0)])
+    bin_size = b.op("Div", [size, b.const(float(bins))])
+    bin_index = b.const(np.arange(bins, dtype=np.float32).reshape(1, bins, 1))
+    extent = b.op("Cast", [b.shape_slice(x, axis, axis + 1)], to=onnx.TensorProto.FLOAT)
+
+    def clipped(edge: str) -> str:
+        return b.op("Min", [b.op("Max", [b.op("Add", [edge, start]), b.const(0.0)]), extent])
+
+    low = clipped(b.op("Floor", [b.op("Mul", [bin_index, bin_size])]))
+    high = clipped(b.op("Ceil", [b.op("Mul", [b.op("Add", [bin_index, b.const(1.0)]),
+                                              bin_size])]))
+    span = b.op("Sub", [high, low])
+    with_one = b.op("Concat", [b.op("Reshape", [span, b.ints([-1])]), b.const([1.0])], axis=0)
+    widest = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
+                  to=onnx.TensorProto.INT64)
+    offset = b.op("Cast", [b.op("Range", [b.const(0, np.int64), widest, b.const(1, np.int64)])],
+                  to=onnx.TensorProto.FLOAT)
+    offset = b.op("Reshape", [offset, b.ints([1, 1, -1])])
+    inside = b.op("Less", [offset, span])
+    last = b.op("Max", [b.op("Sub", [extent, b.const(1.0)]), b.const(0.0)])
+    index = b.op("Min", [b.op("Add", [low, offset]), last])
+    return b.op("Cast", [index], to=onnx.TensorProto.INT64), inside
 
 
 # ---------------------------------------------------------------------------------------------
