@@ -20,7 +20,7 @@ from pathlib import Path
 from .augment import AugmentError
 from .config import ConfigError
 from .errors import ModelFailed, ModelNotFound, ModelNotReady, shown
-from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel
+from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel, UnservableModel
 from .runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ModelRepository:
                              model.providers[0])
                 else:
                     log.info("model %s ready for inference only (%s)", name, model.providers[0])
-            except (AugmentError, ConfigError, FileNotFoundError) as error:
+            except (AugmentError, ConfigError, FileNotFoundError, UnservableModel) as error:
                 self._failures[name] = self._client_reason(name, error)
                 log.error("model %s failed to load: %s", name, error)
             except Exception as error:  # noqa: BLE001 - one bad folder must not stop the rest
