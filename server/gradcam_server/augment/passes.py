@@ -181,7 +181,10 @@ def augment_model(
     outputs ``activations`` and ``gradients`` (the target layer and d score / d layer, seen as
     [N, C, h, w] whatever the layer's layout) and ``heatmap`` (FP32 [N, H, W] at the input's
     H x W, each map min-max normalised to [0, 1]). Weights are shared with the forward graph,
-    never differentiated. The model's metadata records the explained layer and its view
+    never differentiated. For a float16 or bfloat16 model the backward pass and the CAM math
+    run in float32 (`graph.py`), and the added inputs and outputs (``activations``,
+    ``gradients``, ``input_gradients``, ``pixel_map``, ``reference_embedding``,
+    ``target_mask``) are FP32. The model's metadata records the explained layer and its view
     (`explained_target` reads them).
     """
     if method not in ALL_METHODS:
