@@ -26,8 +26,8 @@ when a gradient actually reaches it (`MissingRuleError` names the op, node and o
 
 Half precision: gradients are float32 for float16 and bfloat16 tensors
 (`GraphBuilder.compute_type`); ``ctx.x(i)`` and ``ctx.y(i)`` name such a tensor's float32 cast
-(`GraphBuilder.computed`, made once per tensor), so rules read forward tensors through them, never
-through ``ctx.node.input``, and their float32 constants always meet float32 tensors.
+(`GraphBuilder.computed`, made once per tensor), so rules read forward tensors' values through
+them (``ctx.node.input`` only for sizes), and their float32 constants always meet float32 tensors.
 ``ctx.b.shape`` of a cast reads the source's shape, so reading only a size costs no cast.
 
 Models reach the rules at opset 17 or later (the `upgrade_opset` pass), so rules may emit any
