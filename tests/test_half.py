@@ -103,12 +103,21 @@ def half_models(tmp_path_factory: pytest.TempPathFactory):
 
 def run(path: Path, x: np.ndarray, outputs=("heatmap",), **options) -> dict[str, np.ndarray]:
     """The augmented graph's `outputs` for float32 images `x` (cast to the input's type) and
-    each image's top-1 class; the graph is checked with onnx's full checker first."""
+    each image's top-1 class (a seeded FP32 reference embedding for the similarity score, the
+    top-left quarter as the region score's mask); the graph is checked with onnx's full
+    checker first."""
     augmented = augment_model(path, **options)
     onnx.checker.check_model(augmented, full_check=True)
     session = zoo.ort_session(augmented.SerializeToString())
     dtype = helper.tensor_dtype_to_np_dtype(session_input_type(augmented))
     feeds = {"input": x.astype(dtype), "target_class": np.full(len(x), -1, np.int64)}
+    if options.get("score") == "similarity":
+        width = session.get_inputs()[-1].shape[-1]
+        feeds["reference_embedding"] = np.random.default_rng(0).standard_normal(
+            (len(x), width)).astype(np.float32)
+    if options.get("score") == "region":
+        feeds["target_mask"] = np.zeros((len(x), 8, 8), np.float32)
+        feeds["target_mask"][:, :4, :4] = 1.0
     return dict(zip(outputs, session.run(list(outputs), feeds)))
 
 
@@ -183,7 +192,9 @@ def test_float16_resnet18_every_method(half_models, method: str, variant: str) -
     ({"eigen_smooth": True}, FLOAT16_R),
     ({"aug_smooth": True, "method": "layercam"}, FLOAT16_R),
     ({"layer": (RESNET18_LAYER3, "/layer4/layer4.1/relu_1/Relu_output_0")}, 0.995),
-], ids=["probability", "counterfactual", "eigen_smooth", "aug_smooth", "two_layers"])
+    ({"score": "similarity"}, FLOAT16_R),
+], ids=["probability", "counterfactual", "eigen_smooth", "aug_smooth", "two_layers",
+        "similarity"])
 def test_float16_resnet18_options(half_models, options: dict, minimum: float,
                                   variant: str) -> None:
     check_against_float32(half_models, "resnet18", variant, SIZE, 2, minimum, **options)
@@ -227,6 +238,21 @@ def test_float16_shipped_efficientnet_lite0(half_models, method: str, variant: s
     check_against_float32(half_models, zoo.LITE0, variant, LITE0_SIZE, 1,
                           LITE0_GUIDED_R if guided else FLOAT16_R,
                           LITE0_GUIDED_SAME_NETWORK_R if guided else FLOAT16_R, method=method)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float16_segmenter_region_score(variant: str, tmp_path: Path) -> None:
+    """A segmentation output explained for a region (HiResCAM: Grad-CAM's channel means cancel
+    the mask through this model's linear head, as test_server_targets says)."""
+    single = tmp_path / "float32.onnx"
+    servers.export_segmenter(single)
+    half = tmp_path / f"{variant}.onnx"
+    onnx.save(to_float16(onnx.load(single), variant == "float16-io"), half)
+    x = np.random.default_rng(2).standard_normal((2, 3, servers.TINY_SIZE, servers.TINY_SIZE))
+    options = dict(score="region", method="hirescam")
+    got = run(half, x.astype(np.float32), **options)["heatmap"]
+    want = run(single, x.astype(np.float32), **options)["heatmap"]
+    assert_maps_agree(got, want, FLOAT16_R)
 
 
 # -- bfloat16 --------------------------------------------------------------------------------
