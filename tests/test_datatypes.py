@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -9,6 +10,7 @@ from gradcam_server.datatypes import (
     DATATYPES,
     MAX_DIMENSIONS,
     MAX_ELEMENTS,
+    carried_datatype,
     datatype_of,
     element_count,
     from_bytes,
@@ -25,6 +27,15 @@ def test_round_trip_in_native_order(datatype: str) -> None:
     assert array.dtype == dtype.newbyteorder("=")
     np.testing.assert_array_equal(array, values)
     assert datatype_of(array.dtype) == datatype
+
+
+def test_bfloat16_is_carried_as_fp32_and_the_rest_as_themselves() -> None:
+    """KServe v2 defines no bfloat16 datatype; FP16 it does."""
+    assert carried_datatype(np.dtype(ml_dtypes.bfloat16)) == "FP32"
+    assert carried_datatype(np.dtype(np.float16)) == "FP16"
+    assert carried_datatype(np.dtype(">f4")) == "FP32"
+    with pytest.raises(TypeError):
+        datatype_of(np.dtype(ml_dtypes.bfloat16))
 
 
 def test_scalar_and_empty_shapes() -> None:

@@ -296,10 +296,11 @@ def export_onnx(
     path: str | os.PathLike,
     dynamic_batch: bool = True,
     check: bool = True,
+    size: int = CALIBRATION_SIZE,
 ) -> Path:
     """Export the calibrated model (eval mode) to `path`, input "input", output "logits".
 
-    The example input has batch 2. "torchscript" writes opset 17 with every weight inside the
+    The example input has batch 2 and `size` x `size` pixels (the export's fixed size). "torchscript" writes opset 17 with every weight inside the
     file; "dynamo" writes opset 18 and may put the weights in ``<file>.data`` beside it. With
     `check`, the file is loaded back and run by onnxruntime (batch 1 and 2 when the batch is
     dynamic) and compared with torch's logits.
@@ -307,7 +308,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = build_torch_model(name)
-    x = torch.from_numpy(sample_batch(2))
+    x = torch.from_numpy(sample_batch(2, size))
     if exporter == "torchscript":
         dynamic_axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
         with warnings.catch_warnings():
@@ -338,7 +339,7 @@ def export_onnx(
     else:
         raise ValueError(f"unknown exporter {exporter!r}; known: {EXPORTERS}")
     if check:
-        check_onnx(name, path, batch_sizes=(1, 2) if dynamic_batch else (2,))
+        check_onnx(name, path, batch_sizes=(1, 2) if dynamic_batch else (2,), size=size)
     return path
 
 
@@ -355,14 +356,16 @@ def rel_l2(actual: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(actual - reference) / max(np.linalg.norm(reference), 1e-30))
 
 
-def check_onnx(name: str, path: str | os.PathLike, batch_sizes=(1, 2)) -> dict[int, float]:
+def check_onnx(
+    name: str, path: str | os.PathLike, batch_sizes=(1, 2), size: int = CALIBRATION_SIZE
+) -> dict[int, float]:
     """Load `path` with onnx, run it in onnxruntime, compare with torch; returns rel L2 errors."""
     onnx.checker.check_model(str(path))  # by path: finds external data beside it
     onnx.load(str(path))
     session = ort_session(path)
     errors = {}
     for n in batch_sizes:
-        x = sample_batch(n)
+        x = sample_batch(n, size)
         (logits,) = session.run(["logits"], {"input": x})
         errors[n] = rel_l2(logits, torch_logits(name, x))
         if not errors[n] <= LOGITS_RTOL:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 
 from .errors import InvalidInput
@@ -28,6 +29,14 @@ def datatype_of(dtype: np.dtype) -> str:
         if np.dtype(dtype).newbyteorder("<") == known:
             return name
     raise TypeError(f"no KServe datatype for {dtype}")
+
+
+def carried_datatype(dtype: np.dtype) -> str:
+    """The datatype a tensor of `dtype` travels as: its own, but bfloat16 (which KServe v2
+    does not define) as FP32."""
+    if np.dtype(dtype) == ml_dtypes.bfloat16:
+        return "FP32"
+    return datatype_of(dtype)
 
 
 MAX_ELEMENTS = 2**31  # far above anything a 64 MiB message can hold

@@ -2,7 +2,8 @@
 
 Contract, for every model:
 
-- inputs: the model's own image input by name (FP32, preprocessed, as the graph expects) or
+- inputs: the model's own image input by name (FP32 or FP16, preprocessed, as the graph expects;
+  cast to the graph's type, so a float16 model takes either) or
   ``image`` (BYTES [N], one encoded JPEG/PNG/WebP/BMP per item, preprocessed by the server; all
   of one pixel size); the model's other inputs by name, if it has any; optional
   ``target_class`` (INT64 [N]; a class index, or -r: the image's r-th highest-scoring class;
@@ -30,7 +31,8 @@ Contract, for every model:
   it once per detection. A row chosen by box that no anchor of its class overlaps enough is
   INVALID_ARGUMENT. Outputs ``explained_detection``, ``detection_class``, ``detection_score``,
   ``detection_box`` (in the image's pixels) and ``detection_iou``;
-- outputs: the model's own outputs by name and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the
+- outputs: the model's own outputs by name (in the graph's datatype, FP16 for a float16 model
+  without float32 outputs; bfloat16 ones as FP32) and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the
   ``heatmap_size``). No requested outputs means all of them (a detector's: with its detection
   outputs). A request for the model's own outputs only runs the plain forward graph.
 
@@ -57,7 +59,7 @@ from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 from . import __version__
 from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
-from .datatypes import DATATYPES, datatype_of, element_count, from_bytes
+from .datatypes import DATATYPES, carried_datatype, datatype_of, element_count, from_bytes
 from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
@@ -202,7 +204,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if name not in expected:
                 also = f", the model's other input(s) {', '.join(others)}" if others else ""
                 raise InvalidInput(
-                    f"unknown input {shown(name)}; send {model.input.name!r} (FP32 tensor) or "
+                    f"unknown input {shown(name)}; send {model.input.name!r} (FP32 or FP16 "
+                    "tensor) or "
                     f"{IMAGE_INPUT!r} (BYTES, encoded images){also}, and optionally "
                     f"{TARGET_CLASS_INPUT!r} (INT64), {REFERENCE_INPUT!r} or {MASK_INPUT!r} "
                     f"(FP32), and for detectors {INDEX_INPUT!r} (INT64) and {BOX_INPUT!r} (FP32)"
@@ -222,11 +225,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         x = inputs.get(model.input.name)
         if isinstance(x, list):
             if model.input.name != IMAGE_INPUT:
-                raise InvalidInput(f"input {model.input.name!r} must be FP32, got BYTES")
+                raise InvalidInput(
+                    f"input {model.input.name!r} must be FP32 or FP16, got BYTES"
+                )
             x = None
+        if x is not None and x.dtype not in (np.float32, np.float16):
+            raise InvalidInput(
+                f"input {model.input.name!r} must be FP32 or FP16, got {datatype_of(x.dtype)}"
+            )
+        if x is not None and x.dtype == np.float16:  # exactly representable in FP32
+            x = x.astype(np.float32)
         if (x is None) == (encoded is None):
             raise InvalidInput(
-                f"send exactly one of {model.input.name!r} (FP32 tensor) and "
+                f"send exactly one of {model.input.name!r} (FP32 or FP16 tensor) and "
                 f"{IMAGE_INPUT!r} (BYTES, encoded images)"
             )
         maps = 1 if HEATMAP_OUTPUT in requested else 0
@@ -363,7 +374,8 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
         versions=["1"],
         platform="onnxruntime_onnx",
         inputs=[
-            TensorMetadata(name=model.input.name, datatype="FP32", shape=list(model.input.shape)),
+            TensorMetadata(name=model.input.name, datatype=carried_datatype(model.input.dtype),
+                           shape=list(model.input.shape)),
             TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
             TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),
             TensorMetadata(name=REFERENCE_INPUT, datatype="FP32", shape=[-1, -1]),
@@ -375,7 +387,7 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
               for i in model.other_inputs],
         ],
         outputs=[
-            *[TensorMetadata(name=o.name, datatype="FP32", shape=list(o.shape))
+            *[TensorMetadata(name=o.name, datatype=carried_datatype(o.dtype), shape=list(o.shape))
               for o in model.outputs],
             TensorMetadata(name=HEATMAP_OUTPUT, datatype="FP32", shape=[-1, -1, -1]),
             *([TensorMetadata(name=name, datatype=datatype, shape=shape)

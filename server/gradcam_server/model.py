@@ -5,6 +5,12 @@ A model explains one of its outputs: class scores [N, classes] (scores "logit",
 "probability"), an embedding [N, D] ("similarity") or a segmentation map [N, classes, h, w]
 ("region", the default for such an output). Inputs other than the image are fed as they are.
 
+Half precision: images are preprocessed in float32 and cast to the image input's type (float16,
+bfloat16) as they are fed; bfloat16 outputs are returned as float32, which every protocol carries
+(float16 ones stay float16, KServe's FP16). A model that onnxruntime cannot run at all on the
+chosen provider (onnxruntime's CPU provider has no bfloat16 arithmetic kernel) is refused at load
+with `UnservableModel`, naming the op that has no kernel.
+
 A graph the augmenter cannot explain (an op without a backward rule on the gradient path, a
 layer it cannot find) still serves plain inference: `explain_error` says why, and every explain
 request is refused with that reason (`ExplainUnavailable`).
@@ -23,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -47,6 +54,10 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
 _MAX_TARGETS = 256  # explained targets remembered per model (a few strings each), LRU
 _FATAL_ONLY = 4  # onnxruntime log severity
+
+
+class UnservableModel(Exception):
+    """The model cannot run on this server's execution provider (its message says why)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class ServedModel:
             self.fixed_batch or self.config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
         )
 
-        self._forward = create_session(self._proto, runtime)
+        self._forward = _forward_session(self._proto, runtime)
         self._lock = threading.Lock()
         self._explainers: OrderedDict[Explaining, ort.InferenceSession] = OrderedDict()
         if self.config.method not in METHODS:
@@ -318,7 +329,7 @@ class ServedModel:
     ) -> dict:
         """The plain graph's outputs for a batch [N, ...] of preprocessed images (and the
         model's other inputs, [N, ...] each)."""
-        return self._run(self._forward, {self.input.name: x, **(others or {})}, stop)
+        return self._run(self._forward, {self.input.name: self._fed(x), **(others or {})}, stop)
 
     def explain(
         self,
@@ -336,7 +347,7 @@ class ServedModel:
         [N, h, w] (any size) the region of the "region" score (all negative: the predicted
         region), `detection` the "detection" score's (detection_index INT64 [N],
         reference_box FP32 [N, 4] in the graph's input pixels)."""
-        feeds = {self.input.name: x, NAMES.target_class: target_class, **(others or {})}
+        feeds = {self.input.name: self._fed(x), NAMES.target_class: target_class, **(others or {})}
         if detection is not None:
             feeds[NAMES.detection_index], feeds[NAMES.reference_box] = detection
         if reference is not None:
@@ -344,6 +355,11 @@ class ServedModel:
         if mask is not None:
             feeds[NAMES.target_mask] = mask
         return self._run(self.explainer(request), feeds, stop)
+
+    def _fed(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 images as the image input's type (a float16 or bfloat16
+        graph's)."""
+        return x.astype(self.input.dtype, copy=False)
 
     def is_built(self, request: Explaining) -> bool:
         """Whether the session for `request` exists already (no augmentation needed)."""
@@ -405,7 +421,7 @@ class ServedModel:
                 if stop is not None and stop.is_set():
                     raise RunStopped("the run was stopped: no request waits for it") from None
                 raise
-            chunks.append([out[:rows] for out in outputs])
+            chunks.append([_carried(out[:rows]) for out in outputs])
         if len(chunks) == 1:
             return dict(zip(names, chunks[0]))
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
@@ -472,6 +488,37 @@ def _static_size(image: onnx.ValueInfoProto) -> tuple[int, int] | None:
     dims = _dims(image)
     size = tuple(dims[axis] for axis in spatial_axes(image))
     return size if all(d > 0 for d in size) else None
+
+
+def _forward_session(model: onnx.ModelProto, runtime: RuntimeOptions) -> ort.InferenceSession:
+    """The plain session; UnservableModel where the provider has no kernel for an op of a
+    bfloat16 graph (onnxruntime's CPU provider implements bfloat16 for data movement only)."""
+    try:
+        return create_session(model, runtime)
+    except Exception as error:
+        if not _has_bfloat16(model) or "NOT_IMPLEMENTED" not in str(error):
+            raise
+        missing = str(error).split("NOT_IMPLEMENTED : ", 1)[-1].strip()
+        raise UnservableModel(
+            "the model computes in bfloat16, which onnxruntime's "
+            f"{' and '.join(runtime.providers())} cannot run ({missing}); serve a float16 or "
+            "float32 version of it (e.g. converted with onnxconverter-common's "
+            "float16.convert_float_to_float16)"
+        ) from None
+
+
+def _has_bfloat16(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    typed = [*graph.input, *graph.output, *graph.value_info]
+    return (any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in typed)
+            or any(i.data_type == onnx.TensorProto.BFLOAT16 for i in graph.initializer)
+            or any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16
+                   for node in graph.node for a in node.attribute))
+
+
+def _carried(value: np.ndarray) -> np.ndarray:
+    """An output as the protocols carry it: bfloat16 (no KServe datatype) as float32."""
+    return value.astype(np.float32) if value.dtype == ml_dtypes.bfloat16 else value
 
 
 def _info(value: onnx.ValueInfoProto) -> TensorInfo:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .augment import AugmentError
 from .config import ConfigError
 from .errors import ModelFailed, ModelNotFound, ModelNotReady, shown
-from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel
+from .model import DEFAULT_MAX_VARIANTS, MODEL_FILE, ServedModel, UnservableModel
 from .runtime import RuntimeOptions
 from .triton_repository import CONFIG_FILE as TRITON_CONFIG_FILE
 from .triton_repository import TritonConfigError, is_triton_folder, read_model
@@ -65,7 +65,8 @@ class ModelRepository:
                              model.providers[0])
                 else:
                     log.info("model %s ready for inference only (%s)", name, model.providers[0])
-            except (AugmentError, ConfigError, TritonConfigError, FileNotFoundError) as error:
+            except (AugmentError, ConfigError, TritonConfigError, FileNotFoundError,
+                    UnservableModel) as error:
                 self._failures[name] = self._client_reason(name, error)
                 log.error("model %s failed to load: %s", name, error)
             except Exception as error:  # noqa: BLE001 - one bad folder must not stop the rest

@@ -10,11 +10,18 @@ Only the nodes between the target layer and the score output are cloned into the
 everything in front of the target layer runs once, and the body reads the forward graph's
 weights and tensors from the outer scope. Each iteration runs the head for the whole batch with
 one channel ablated.
+
+Half precision: the ablated layer is computed in float32 from the layer's float32 cast, the
+ablated value clamped to the layer type's largest finite magnitude (float16: the minimum - 1e7
+would round to -inf, it becomes -65504), and cast to the layer's type where it enters the
+cloned head; the scores are compared in float32.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import onnx
+from onnx import helper
 
 from .backward import path_nodes
 from .graph import GraphBuilder, LoopBody
@@ -32,16 +39,20 @@ def ablation_weights(
     head = path_nodes(list(b.graph.node), layer, score_output)
     rank = b.rank(layer)
     axis = channel_axis % rank
-    lowest = b.reduce("ReduceMin", layer, list(range(1, rank)), keepdims=True)
+    values = b.computed(layer)
+    lowest = b.reduce("ReduceMin", values, list(range(1, rank)), keepdims=True)
+    below = b.op("Sub", [lowest, b.const(ABLATION_OFFSET)])
+    if b.elem_type(layer) != b.compute_type(layer):  # half precision: stay finite when cast
+        largest = ml_dtypes.finfo(helper.tensor_dtype_to_np_dtype(b.elem_type(layer))).max
+        below = b.op("Max", [below, b.const(-float(largest))])
     ablated_value = b.op(
-        "Where",
-        [b.op("Equal", [lowest, b.const(0.0)]), b.const(0.0),
-         b.op("Sub", [lowest, b.const(ABLATION_OFFSET)])],
+        "Where", [b.op("Equal", [lowest, b.const(0.0)]), b.const(0.0), below]
     )
     channels = b.shape_slice(layer, axis, axis + 1)
     scores = _loop(b, head, layer, score_output, onehot, channels, ablated_value,
                    [a for a in range(rank) if a != axis])  # [C, N]
-    original = b.reduce("ReduceSum", b.op("Mul", [score_output, onehot]), [1], keepdims=True)
+    original = b.reduce("ReduceSum", b.op("Mul", [b.computed(score_output), onehot]), [1],
+                        keepdims=True)
     drop = b.op("Sub", [original, b.op("Transpose", [scores], perm=[1, 0])])
     return b.op("Div", [drop, original])
 
@@ -61,10 +72,10 @@ def _loop(
     k = body.op("Reshape", [body.step, b.ints([1])])
     mask = body.op("Unsqueeze", [body.op("OneHot", [k, channels, b.const([0.0, 1.0])], axis=-1),
                                  b.ints(other_axes[1:])])  # C along the channel axis
-    kept = body.op("Mul", [activations, body.op("Sub", [b.const(1.0), mask])])
+    kept = body.op("Mul", [b.computed(activations), body.op("Sub", [b.const(1.0), mask])])
     ablated = body.op("Add", [kept, body.op("Mul", [ablated_value, mask])])
-    renamed = {activations: ablated}
+    renamed = {activations: body.cast_like(ablated, activations)}
     body.clone(head, renamed)
-    selected = body.op("Mul", [renamed[score_output], onehot])
+    selected = body.op("Mul", [body.computed(renamed[score_output], score_output), onehot])
     score = body.op("ReduceSum", [selected, b.ints([1])], keepdims=0)
-    return body.loop(b.squeeze(channels, [0]), score, b.elem_type(score_output), [None])
+    return body.loop(b.squeeze(channels, [0]), score, b.compute_type(score_output), [None])

@@ -10,6 +10,10 @@ s_g = softmax(f(x M_g + x~ (1 - M_g)))_c - softmax(f(x~))_c, and the map is
 ReLU(sum_g s_g M_g), normalised to [0, 1].
 
 Each Loop iteration runs the cloned network once, on the blurred image and its 32 blends.
+
+Half precision: the masks, the blur and the blends are computed in float32 (from the image's
+float32 cast) and the blends cast to the image's type where they meet the network; the
+probabilities are computed in float32.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def group_cam(
                               b.op("Where", [varies, span, b.const(1.0)])])
     normalised = b.op("Mul", [normalised, b.op("Cast", [varies], to=TensorProto.FLOAT)])
 
-    blurred = _gaussian_blur(b, image)
+    blurred = _gaussian_blur(b, b.computed(image))
     probabilities = _loop(b, image, blurred, normalised, score_output, resolved_class)
     baseline = b.op("Slice", [probabilities, b.ints([0]), b.ints([1]), b.ints([1])])
     blends = b.op("Slice", [probabilities, b.ints([1]), b.ints([_TO_THE_END]), b.ints([1])])
@@ -130,7 +134,7 @@ def _loop(
     start = body.op("Reshape", [body.step, b.ints([1])])
     end = body.op("Add", [start, b.ints([1])])
     axis0 = b.ints([0])
-    pixels = body.op("Slice", [image, start, end, axis0])  # [1, C, H, W]
+    pixels = body.op("Slice", [b.computed(image), start, end, axis0])  # [1, C, H, W]
     soft = body.op("Slice", [blurred, start, end, axis0])
     mask = body.op("Transpose", [body.op("Slice", [masks, start, end, axis0])],
                    perm=[1, 0, 2, 3])  # [G, 1, H, W]
@@ -138,11 +142,12 @@ def _loop(
     rest = body.op("Mul", [soft, body.op("Sub", [b.const(1.0), mask])])
     batch = body.op("Concat", [soft, body.op("Add", [kept, rest])], axis=0)  # [1 + G, C, H, W]
 
-    renamed = {image: batch}
+    renamed = {image: body.cast_like(batch, image)}
     body.clone(forward, renamed)
-    probabilities = body.op("Softmax", [renamed[score_output]], axis=1)
+    probabilities = body.op("Softmax", [body.computed(renamed[score_output], score_output)],
+                            axis=1)
     category = body.op("Gather", [resolved_class, start], axis=0)
     chosen = body.op("Reshape", [body.op("Gather", [probabilities, category], axis=1),
                                  b.ints([-1])])
     count = b.squeeze(b.shape_slice(image, 0, 1), [0])
-    return body.loop(count, chosen, b.elem_type(score_output), [None])
+    return body.loop(count, chosen, b.compute_type(score_output), [None])

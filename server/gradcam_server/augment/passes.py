@@ -215,7 +215,10 @@ def augment_model(
     outputs ``activations`` and ``gradients`` (the target layer and d score / d layer, seen as
     [N, C, h, w] whatever the layer's layout) and ``heatmap`` (FP32 [N, H, W] at the input's
     H x W, each map min-max normalised to [0, 1]). Weights are shared with the forward graph,
-    never differentiated. The model's metadata records the explained layer and its view
+    never differentiated. For a float16 or bfloat16 model the backward pass and the CAM math
+    run in float32 (`graph.py`), and the added inputs and outputs (``activations``,
+    ``gradients``, ``input_gradients``, ``pixel_map``, ``reference_embedding``,
+    ``target_mask``) are FP32. The model's metadata records the explained layer and its view
     (`explained_target` reads them).
     """
     if method not in ALL_METHODS:
@@ -292,7 +295,7 @@ def augment_model(
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, network_score, seed, wrt)
     features = {
-        view.tensor: Features(view, view.apply(b, view.tensor, network_image),
+        view.tensor: Features(view, view.apply(b, b.computed(view.tensor), network_image),
                               view.apply(b, gradients[view.tensor], network_image))
         for view in views
     }
@@ -309,11 +312,12 @@ def augment_model(
         activations = identity_rows(b, activations, image.name, identity)
     expose_outputs(b, image, views[0], activations, layer_gradients, heatmap)
     if input_gradients:
-        b.add_output(gradients[image.name], NAMES.input_gradients, b.elem_type(image.name),
+        b.add_output(gradients[image.name], NAMES.input_gradients, b.compute_type(image.name),
                      [_dim(d) for d in image.type.tensor_type.shape.dim])
     if pixel_map is not None:
-        b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name),
+        b.add_output(pixel_map, NAMES.pixel_map, b.compute_type(image.name),
                      [_dim(d) for d in image.type.tensor_type.shape.dim])
+    b.drop_unused_casts()
     record_target(proto, views)
     check(proto)
     return proto
@@ -501,11 +505,12 @@ def add_target_class(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> str:
 def add_reference_embedding(
     b: GraphBuilder, image: onnx.ValueInfoProto, embedding: str
 ) -> str:
-    """The FP32 [N, D] input ``reference_embedding`` (N as the image's, D as the output's)."""
+    """The FP32 [N, D] input ``reference_embedding`` (N as the image's, D as the output's;
+    typed as the output's compute type: FP32 for a half-precision output too)."""
     width = (b.static_shape(embedding) or (None, None))[-1]
     b.graph.input.append(
         helper.make_tensor_value_info(
-            NAMES.reference_embedding, b.elem_type(embedding),
+            NAMES.reference_embedding, b.compute_type(embedding),
             [_dim(image.type.tensor_type.shape.dim[0]), width],
         )
     )
@@ -513,10 +518,11 @@ def add_reference_embedding(
 
 
 def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) -> str:
-    """The FP32 [N, h', w'] input ``target_mask``, of any size (`targets.region_seed`)."""
+    """The FP32 [N, h', w'] input ``target_mask``, of any size (`targets.region_seed`), in
+    the scores' compute type (FP32 for a half-precision output too)."""
     b.graph.input.append(
         helper.make_tensor_value_info(
-            NAMES.target_mask, b.elem_type(scores),
+            NAMES.target_mask, b.compute_type(scores),
             [_dim(image.type.tensor_type.shape.dim[0]), "mask_height", "mask_width"],
         )
     )
@@ -633,7 +639,7 @@ def expose_outputs(
     image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
     batch = image_dims[0]
     layer_dims = [batch, *_view_dims(b, view)]
-    dtype = b.elem_type(view.tensor)
+    dtype = b.compute_type(view.tensor)
     b.add_output(activations, NAMES.activations, dtype, layer_dims)
     b.add_output(gradients, NAMES.gradients, dtype, layer_dims)
     height, width = spatial_axes(image)

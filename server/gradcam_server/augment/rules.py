@@ -6,7 +6,8 @@ A rule is registered with ``@rule("OpType", ...)`` and called as ``rule(ctx)`` f
 node that a gradient reaches. ``ctx`` (a `RuleContext`) gives:
 
 - ``ctx.node``: the forward node; ``ctx.x(i)`` / ``ctx.y(i)`` its input / output names (``""``
-  where an optional one is absent); ``ctx.attr(name, default)`` its attributes;
+  where an optional one is absent), in their compute type (see below); ``ctx.attr(name,
+  default)`` its attributes;
 - ``ctx.dy(i)``: the name of d score / d output ``i`` (None where no gradient reaches that output;
   fan-out contributions are already summed by the walker);
 - ``ctx.needs(i)``: whether input ``i`` needs a gradient (it lies on the path from the target
@@ -22,6 +23,12 @@ Rules emit standard ``ai.onnx`` ops only (never a runtime's private training ker
 with ``Shape`` at run time rather than trusting static shapes, and reuse forward outputs where the
 math allows (Relu masks, Sigmoid, Tanh, Exp, Softmax). A node whose op has no rule is an error only
 when a gradient actually reaches it (`MissingRuleError` names the op, node and opset).
+
+Half precision: gradients are float32 for float16 and bfloat16 tensors
+(`GraphBuilder.compute_type`); ``ctx.x(i)`` and ``ctx.y(i)`` name such a tensor's float32 cast
+(`GraphBuilder.computed`, made once per tensor), so rules read forward tensors' values through
+them (``ctx.node.input`` only for sizes), and their float32 constants always meet float32 tensors.
+``ctx.b.shape`` of a cast reads the source's shape, so reading only a size costs no cast.
 
 Models reach the rules at opset 17 or later (the `upgrade_opset` pass), so rules may emit any
 opset-17 op but must read attributes that later opsets moved to inputs (Reduce* axes) at the
@@ -75,10 +82,15 @@ class RuleContext:
     guided: bool = False
 
     def x(self, i: int) -> str:
-        return self.node.input[i] if i < len(self.node.input) else ""
+        return self.b.computed(self.node.input[i]) if self.input_name(i) else ""
 
     def y(self, i: int) -> str:
-        return self.node.output[i] if i < len(self.node.output) else ""
+        name = self.node.output[i] if i < len(self.node.output) else ""
+        return self.b.computed(name) if name else ""
+
+    def input_name(self, i: int) -> str:
+        """The forward node's input `i` as named in the graph (``""`` where absent)."""
+        return self.node.input[i] if i < len(self.node.input) else ""
 
     def dy(self, i: int = 0) -> str | None:
         return self.grad_outputs[i] if i < len(self.grad_outputs) else None
@@ -95,9 +107,9 @@ class RuleContext:
 
     def const_input(self, i: int) -> np.ndarray | None:
         """The value of input `i` when it is a constant (initializer or Constant node)."""
-        if not self.x(i):
+        if not self.input_name(i):
             return None
-        return self.b.initializer_value(self.x(i))
+        return self.b.initializer_value(self.input_name(i))
 
     def unsupported(self, why: str) -> AugmentError:
         return AugmentError(
@@ -138,7 +150,13 @@ def _expand(ctx: RuleContext) -> Gradients:
 
 @rule("Cast", "CastLike")
 def _cast(ctx: RuleContext) -> Gradients:
-    return [ctx.b.op("Cast", [ctx.dy()], to=ctx.b.elem_type(ctx.x(0))), None]
+    """dy cast back to the input's compute type (a float16 <-> float32 cast passes the float32
+    gradient on unchanged)."""
+    b = ctx.b
+    to = b.compute_type(ctx.input_name(0))
+    if to == b.compute_type(ctx.node.output[0]):
+        return [ctx.dy(), None]
+    return [b.op("Cast", [ctx.dy()], to=to), None]
 
 
 @rule("Concat")
@@ -463,7 +481,8 @@ def _max_min(ctx: RuleContext) -> Gradients:
     """dx_i = dy [x_i == y] / (number of inputs equal to y): tied inputs share the gradient
     evenly, as torch.maximum / torch.minimum."""
     b, y = ctx.b, ctx.y(0)
-    masks = [b.op("Cast", [b.op("Equal", [x, y])], to=b.elem_type(y)) for x in ctx.node.input]
+    masks = [b.op("Cast", [b.op("Equal", [ctx.x(i), y])], to=b.elem_type(y))
+             for i in range(len(ctx.node.input))]
     share = b.op("Div", [ctx.dy(), b.op("Sum", masks)]) if len(masks) > 1 else ctx.dy()
     return [b.op("Mul", [share, mask]) if ctx.needs(i) else None for i, mask in enumerate(masks)]
 
@@ -1756,7 +1775,7 @@ def _einsum(ctx: RuleContext) -> Gradients:
         elsewhere = set(output).union(*others)
         kept = "".join(c for c in term if c in elsewhere)
         equation = ",".join([output, *others]) + "->" + kept
-        operands = [ctx.dy(), *ctx.node.input[:i], *ctx.node.input[i + 1:]]
+        operands = [ctx.dy(), *(ctx.x(j) for j in range(len(terms)) if j != i)]
         grad = ctx.dy() if equation == f"{kept}->{kept}" else b.op(
             "Einsum", operands, equation=equation
         )

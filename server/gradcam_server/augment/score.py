@@ -9,6 +9,10 @@ ReLU(sum_k w_k A^k).
 The Loop runs `chunks` iterations per image, each one forward pass of the cloned network on a
 batch of CHUNK masked copies of one image, so memory holds one chunk of masked images, never all
 C of them.
+
+Half precision: the masked images are computed in float32 (from the layer's float32 view and
+the image's float32 cast) and cast to the image's type where they enter the cloned network;
+the masked images' scores are compared in float32.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def _loop(
     ends = body.op("Add", [starts, body.op("Concat", [b.ints([1]), chunk], axis=0)])
     maps = body.op("Slice", [activations, starts, ends, b.ints([0, 1])])  # [1, chunk, h, w]
     maps = body.op("Transpose", [maps], perm=[1, 0, 2, 3])  # [chunk, 1, h, w]
-    pixels = body.op("Slice", [image, item, body.op("Add", [item, b.ints([1])]), b.ints([0])])
+    pixels = body.op("Slice", [b.computed(image), item, body.op("Add", [item, b.ints([1])]),
+                               b.ints([0])])
     size = body.op("Concat", [chunk, b.ints([1]), b.shape_slice(image, 2)], axis=0)
     masks = body.op("Resize", [maps, "", "", size], mode="linear",
                     coordinate_transformation_mode="align_corners")
@@ -71,9 +76,10 @@ def _loop(
                             body.op("Add", [span, b.const(MASK_EPSILON)])])
     masked = body.op("Mul", [pixels, masks])  # [chunk, C_in, H, W]
 
-    renamed = {image: masked}
+    renamed = {image: body.cast_like(masked, image)}
     body.clone(forward, renamed)
     category = body.op("Gather", [resolved_class, item], axis=0)  # [1]
-    scores = body.op("Gather", [renamed[score_output], category], axis=1)  # [chunk, 1]
+    logits = body.computed(renamed[score_output], score_output)
+    scores = body.op("Gather", [logits, category], axis=1)  # [chunk, 1]
     scores = body.op("Reshape", [scores, b.ints([-1])])
-    return body.loop(iterations, scores, b.elem_type(score_output), [None])
+    return body.loop(iterations, scores, b.compute_type(score_output), [None])

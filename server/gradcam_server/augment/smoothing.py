@@ -9,7 +9,8 @@ back (flipped back) and the maps are averaged; here the mean is min-max normalis
 heatmap keeps spanning [0, 1].
 
 In the graph: the image input feeds one batch of all transforms [T*N, ...] into the unchanged
-network, so every item of the batch is explained in the same run. The model's own outputs, and
+network, so every item of the batch is explained in the same run. A half-precision image is
+transformed in float32 and the stack cast back to its type. The model's own outputs, and
 the ``activations`` and ``gradients`` outputs, are the rows of the identity transform, so their
 meaning and batch size are the original's.
 """
@@ -52,21 +53,29 @@ def tile_transforms(
         for i, name in enumerate(node.input):
             if name == image:
                 node.input[i] = tiled
+    prologue = []
+    pixels = image
+    if b.compute_type(image) != b.elem_type(image):  # half precision: transform in float32
+        pixels = b.fresh("pixels")
+        prologue.append(helper.make_node("Cast", [image], [pixels], to=b.compute_type(image),
+                                         name=b.fresh("to_float")))
     flipped = b.fresh("flipped")
-    prologue = [
-        helper.make_node(
-            "Slice", [image, b.ints([-1]), b.ints([-(2**63)]), b.ints([width_axis]),
-                      b.ints([-1])], [flipped], name=b.fresh("flip"),
-        )
-    ]
+    prologue.append(helper.make_node(
+        "Slice", [pixels, b.ints([-1]), b.ints([-(2**63)]), b.ints([width_axis]),
+                  b.ints([-1])], [flipped], name=b.fresh("flip"),
+    ))
     parts = []
     for flip, factor in transforms:
         part = b.fresh("transform")
         prologue.append(helper.make_node(
-            "Mul", [flipped if flip else image, b.const(factor)], [part], name=b.fresh("scale")
+            "Mul", [flipped if flip else pixels, b.const(factor)], [part], name=b.fresh("scale")
         ))
         parts.append(part)
-    prologue.append(helper.make_node("Concat", parts, [tiled], axis=0, name=b.fresh("tile")))
+    stacked = tiled if pixels == image else b.fresh("stacked")
+    prologue.append(helper.make_node("Concat", parts, [stacked], axis=0, name=b.fresh("tile")))
+    if stacked != tiled:  # back to the network's type
+        prologue.append(helper.make_node("Cast", [stacked], [tiled], to=b.elem_type(image),
+                                         name=b.fresh("to_image_type")))
     for node in reversed(prologue):
         model.graph.node.insert(0, node)
 

@@ -234,7 +234,7 @@ def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
     if layer not in _all_tensors(b.graph):
         raise AugmentError(f"target layer {layer!r} is not a tensor of the graph")
-    if b.elem_type(layer) not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+    if b.elem_type(layer) not in _FLOATS:
         raise AugmentError(f"target layer {layer!r} is not a floating-point tensor")
     if layer not in ancestors(list(b.graph.node), {score_output}):
         raise AugmentError(f"output {score_output!r} does not depend on target layer {layer!r}")
@@ -249,7 +249,8 @@ def score_seed(
     -r explains the r-th highest-scoring class of that item (-1: the top-1 class), decided
     inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
     (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)); ``similarity`` and
-    ``region`` have seeds of their own (`similarity_seed`, `region_seed`).
+    ``region`` have seeds of their own (`similarity_seed`, `region_seed`). Every seed is in
+    the score's compute type (float32 for a half-precision output, `GraphBuilder.computed`).
     """
     if score not in ("logit", "probability"):
         raise AugmentError(f"score {score!r} has no class seed; expected logit or probability")
@@ -258,6 +259,7 @@ def score_seed(
                 if b.rank(logits) == 4 else "")
         raise AugmentError(f"the {score} score needs an output [N, classes]; {logits!r} has "
                            f"rank {b.rank(logits)}{hint}")
+    logits = b.computed(logits)
     onehot, resolved = _class_onehot(b, logits, target_class, b.elem_type(logits))
     if score == "logit":
         return onehot, resolved
@@ -282,6 +284,7 @@ def region_seed(
             f"the region score needs a segmentation output [N, classes, h, w]; {scores!r} has "
             f"rank {b.rank(scores)}"
         )
+    scores = b.computed(scores)
     dtype = b.elem_type(scores)
     size = b.op("Concat", [b.shape_slice(mask, 0, 1), b.ints([1]), b.shape_slice(scores, 2)],
                 axis=0)
@@ -314,6 +317,8 @@ def similarity_seed(b: GraphBuilder, embedding: str, reference: str) -> str:
         raise AugmentError(
             f"the embedding output {embedding!r} must be [N, D]; it has rank {b.rank(embedding)}"
         )
+
+    embedding = b.computed(embedding)
 
     def norm(x: str) -> str:
         squares = b.reduce("ReduceSum", b.op("Mul", [x, x]), [1], keepdims=True)
