@@ -347,7 +347,8 @@ class ServedModel:
         [N, h, w] (any size) the region of the "region" score (all negative: the predicted
         region), `detection` the "detection" score's (detection_index INT64 [N],
         reference_box FP32 [N, 4] in the graph's input pixels)."""
-        feeds = {self.input.name: self._fed(x), NAMES.target_class: target_class, **(others or {})}
+        feeds = {self.input.name: self._fed(x), NAMES.target_class: target_class,
+                 **(others or {})}
         if detection is not None:
             feeds[NAMES.detection_index], feeds[NAMES.reference_box] = detection
         if reference is not None:
