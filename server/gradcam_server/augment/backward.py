@@ -5,6 +5,11 @@ order, so no gradient is ever built for weights or for the part of the network i
 target layer. The walker owns the two pieces of bookkeeping every rule would otherwise repeat:
 fan-out (contributions to one tensor are summed once) and broadcast reduction (for rules
 registered with ``broadcasting=True``).
+
+Gradients flow through float tensors, and through the integer tensors of a quantized chain
+(`quantized_tensors`: what QuantizeLinear, DynamicQuantizeLinear, ConvInteger and MatMulInteger
+compute, and reshapes of it), whose gradient is d score / d the integer value (rules.py's
+quantization section), into the ops that read them (`_QUANTIZED_CONSUMERS`) and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,9 +21,14 @@ from onnx import TensorProto, helper
 
 from .errors import AugmentError, MissingRuleError
 from .graph import GraphBuilder
-from .rules import RULES, RuleContext
+from .rules import INTEGER_RULES, RULES, RuleContext
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+# Ops whose output 0 is an integer tensor with a gradient, and the ops that may read one.
+_QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}
+_INTEGER_RESHAPES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+_QUANTIZED_CONSUMERS = {"DequantizeLinear", "ConvInteger", "MatMulInteger", "Cast",
+                        *_INTEGER_RESHAPES}
 
 
 def build_backward(
@@ -44,6 +54,7 @@ def build_backward(
     depends_on_wrt = descendants(nodes, set(wrt))
     on_path = path_nodes(nodes, set(wrt), set(seeds))
     rows = _RowSlicer(b)
+    quantized = quantized_tensors(nodes)
 
     contributions: dict[str, list[Gradient]] = {t: [Gradient(g)] for t, g in seeds.items()}
     summed: dict[str, Gradient | None] = {}
@@ -58,15 +69,21 @@ def build_backward(
         if all(g is None for g in grad_outputs):
             continue
         needs = [
-            bool(t) and t in depends_on_wrt and b.elem_type(t) in _FLOAT_TYPES for t in node.input
+            bool(t) and t in depends_on_wrt
+            and (b.elem_type(t) in _FLOAT_TYPES or t in quantized)
+            for t in node.input
         ]
         if not any(needs):
             continue
+        if any(need and t in quantized for need, t in zip(needs, node.input)):
+            _check_quantized_consumer(node, b.opset)
         origin = rows.origin(node, grad_outputs)
         if origin is not None:
             contributions.setdefault(node.input[0], []).append(origin)
             continue
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        table = INTEGER_RULES if needs[0] and node.input[0] in quantized else {}
+        rule = table.get(node.op_type) or RULES.get(node.op_type)
+        rule = rule if node.domain in ("", "ai.onnx") else None
         if rule is None:
             raise MissingRuleError(
                 node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
@@ -100,6 +117,35 @@ def build_backward(
             raise AugmentError(f"the score does not depend on tensor {tensor!r}")
         result[tensor] = rows.dense(tensor, grad)
     return result
+
+
+def quantized_tensors(nodes: Sequence) -> set[str]:
+    """The integer tensors a gradient may pass: output 0 of QuantizeLinear,
+    DynamicQuantizeLinear, ConvInteger and MatMulInteger, and reshapes and transposes of
+    those."""
+    found: set[str] = set()
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _QUANTIZERS or (
+            node.op_type in _INTEGER_RESHAPES and node.input and node.input[0] in found
+        ):
+            found.add(node.output[0])
+    return found
+
+
+def _check_quantized_consumer(node, opset: int) -> None:
+    """Refuse an op reading a quantized integer tensor on the gradient path unless it is one
+    whose rule knows the integer convention (`_QUANTIZED_CONSUMERS`)."""
+    if node.domain in ("", "ai.onnx") and node.op_type in _QUANTIZED_CONSUMERS:
+        return
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    raise AugmentError(
+        f"cannot differentiate {op} node {node.name!r} (opset {opset}): it computes on the "
+        f"quantized integer tensor {node.input[0]!r}; gradients pass quantized tensors only "
+        "into DequantizeLinear, ConvInteger, MatMulInteger, Cast and reshapes. Quantize in "
+        "the QDQ format (onnxruntime's QuantFormat.QDQ), or augment the float model"
+    )
 
 
 @dataclass(frozen=True)
