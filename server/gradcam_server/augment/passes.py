@@ -62,6 +62,7 @@ from .layout import TargetView, check_view_options, detect_view
 from .targets import (
     SCORES,
     candidate_layers,
+    dequantized_layer,
     detect_target_layer,
     image_input,
     region_seed,
@@ -135,7 +136,9 @@ def augment_model(
         layer: tensor name of the target layer; by default the field's recipe for the
             architecture (`targets.detect_target_layer`): a CNN's last spatial map before the
             global pooling, a transformer's norm in front of its last attention block, a
-            segmentation network's coarsest feature map. Several names:
+            segmentation network's coarsest feature map. In a quantized (QDQ) graph, a layer
+            read only by a QuantizeLinear/DequantizeLinear pair is explained at the pair's
+            output (`targets.dequantized_layer`: the ReLU'd map). Several names:
             each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
@@ -338,7 +341,7 @@ def _target_views(
         if not layers:
             raise AugmentError("no target layer given")
     views = []
-    for each in layers:
+    for each in dict.fromkeys(dequantized_layer(b, each) for each in layers):
         validate_target_layer(b, each, score_output)
         try:
             views.append(detect_view(b, each, image, **view_options))

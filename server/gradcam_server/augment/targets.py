@@ -231,6 +231,26 @@ def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str
     return best
 
 
+def dequantized_layer(b: GraphBuilder, layer: str) -> str:
+    """The tensor a quantized (QDQ) graph computes with in place of `layer`: where `layer` is
+    read only by one QuantizeLinear whose output only one DequantizeLinear reads, that
+    DequantizeLinear's output; `layer` itself otherwise. onnxruntime's quantizer drops the ReLU
+    in front of such a pair (the integer range clips instead) and gives its name to the tensor
+    before it, so a float model's layer name then names the pre-ReLU values, and the ReLU'd
+    map is the DequantizeLinear output."""
+    consumers: dict[str, list] = {}
+    for node in b.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    readers = consumers.get(layer, [])
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or readers[0].input[0] != layer:
+        return layer
+    dequantizers = consumers.get(readers[0].output[0], [])
+    if len(dequantizers) != 1 or dequantizers[0].op_type != "DequantizeLinear":
+        return layer
+    return dequantizers[0].output[0]
+
+
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
     if layer not in _all_tensors(b.graph):
         raise AugmentError(f"target layer {layer!r} is not a tensor of the graph")

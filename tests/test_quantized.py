@@ -1,0 +1,193 @@
+"""Quantized models: onnxruntime's quantize_static (QDQ, per tensor and per channel) and
+quantize_dynamic (DynamicQuantizeLinear, ConvInteger, MatMulInteger), augmented as float ones.
+
+References, none of them our own output:
+
+- maps: the float model's maps for the same class (the float model's top-1) on the same photos;
+  the difference is the quantization's own error, so the bound is a correlation, measured per
+  model and format (docs/ZOO.md, "Quantized");
+- gradients: a quantized graph is piecewise constant, so its gradients are defined
+  straight-through (rules.py's quantization section: rounding passes the gradient, saturation
+  stops it). They are the derivative of the graph's continuous relaxation (`quantized.relax`:
+  each Q/DQ pair replaced by its clip, integers as floats), and are checked against central
+  finite differences of that relaxation along random directions. The relaxation is evaluated
+  at the same input without rounding, so a unit whose rounding alone decides its saturation
+  may differ: a relative error of a few percent at most.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import quantized
+import zoo
+from gradcam_server.augment import AugmentError, augment_model, explained_target
+from servers import export_torch, tiny_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+LITE0 = ROOT / "models" / "efficientnet_lite0" / "model.onnx"
+MODELS = ("resnet18", "efficientnet_lite0")
+METHODS = ("gradcam", "gradcam++", "layercam")
+IMAGES = 4
+# Mean and least Pearson r of the quantized model's maps with the float model's over IMAGES
+# photos, per format (measured: docs/ZOO.md), with a margin of about 0.01.
+TOLERANCE = 2e-3  # relative error of directional derivatives against finite differences
+MAP_BOUNDS = {
+    "qdq-per-channel": (0.97, 0.94),
+    "qdq": (0.94, 0.92),
+    "dynamic": (0.95, 0.93),
+}
+
+
+@pytest.fixture(scope="session")
+def model_path(onnx_zoo, tmp_path_factory):
+    """``get(name, fmt) -> Path``: the float model (fmt "float") or its quantized form, each
+    written once per session, calibrated on all of zoo.PHOTOS."""
+    folder = tmp_path_factory.mktemp("quantized")
+    calibration = zoo.sample_batch(len(zoo.PHOTOS))
+
+    @functools.cache
+    def get(name: str, fmt: str) -> Path:
+        source = LITE0 if name == "efficientnet_lite0" else onnx_zoo(name, "torchscript")
+        if fmt == "float":
+            return source
+        return quantized.quantize(source, folder / f"{name}-{fmt}.onnx", fmt, calibration)
+
+    return get
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+    session = zoo.ort_session(model.SerializeToString())
+    feeds = {"input": x, "target_class": classes.astype(np.int64)}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+@functools.cache
+def float_classes(path: Path) -> np.ndarray:
+    return zoo.ort_session(str(path)).run(None, {"input": zoo.sample_batch(IMAGES)})[0].argmax(1)
+
+
+@functools.cache
+def maps(path: Path, method: str, classes: tuple[int, ...]) -> np.ndarray:
+    return run(augment_model(path, method=method), zoo.sample_batch(IMAGES),
+               np.array(classes))["heatmap"]
+
+
+def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fmt", quantized.FORMATS)
+@pytest.mark.parametrize("name", MODELS)
+def test_maps_match_the_float_model(model_path, name: str, fmt: str, method: str) -> None:
+    """Every augmented graph passes onnx's full checker (augment_model runs it) and loads in
+    onnxruntime; the quantized model's maps follow the float model's."""
+    classes = tuple(int(c) for c in float_classes(model_path(name, "float")))
+    reference = maps(model_path(name, "float"), method, classes)
+    ours = maps(model_path(name, fmt), method, classes)
+    r = correlations(ours, reference)
+    mean_bound, least_bound = MAP_BOUNDS[fmt]
+    assert r.mean() >= mean_bound and r.min() >= least_bound, np.round(r, 4)
+
+
+def dequantized_of(model: onnx.ModelProto, tensor: str) -> str | None:
+    """The DequantizeLinear output of the Q/DQ pair reading `tensor`, if there is one."""
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                  and n.input[0] == tensor]
+    for q in quantizers:
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] == q.output[0]:
+                return node.output[0]
+    return None
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qdq-per-channel"])
+@pytest.mark.parametrize("name", MODELS)
+def test_default_and_named_layers_are_the_dequantized_map(model_path, name, fmt) -> None:
+    """The default target of a QDQ graph is the float model's layer after its Q/DQ pair (the
+    ReLU'd map the pair stands in for, not the pre-ReLU tensor that took the layer's name);
+    naming the float model's layer explains the same tensor, with the same maps."""
+    float_layer = explained_target(augment_model(model_path(name, "float")))["layer"]
+    model = onnx.load(str(model_path(name, fmt)))
+    expected = dequantized_of(model, float_layer)
+    assert expected is not None
+    default = augment_model(model)
+    named = augment_model(model, layer=float_layer)
+    assert explained_target(default) == explained_target(named) == {
+        "layer": expected, "layout": "nchw"}
+    x, classes = zoo.sample_batch(2), np.array([3, -1])
+    np.testing.assert_array_equal(run(default, x, classes)["heatmap"],
+                                  run(named, x, classes)["heatmap"])
+
+
+def directional_error(gradient: np.ndarray, function, point: np.ndarray,
+                      step: float = 1e-2) -> float:
+    """Relative error of <gradient, v> against central differences of `function` at `point`
+    along unit directions v: the gradient's own, the gradient on two random halves of the
+    elements, and a random one."""
+    rng = np.random.default_rng(0)
+    gradient = gradient.astype(np.float64)
+    directions = [gradient, *(gradient * (rng.random(point.shape) < 0.5) for _ in range(2)),
+                  rng.standard_normal(point.shape)]
+    analytic, numeric = [], []
+    for v in directions:
+        v = v / np.linalg.norm(v)
+        analytic.append(float(np.sum(gradient * v)))
+        numeric.append((function(point + step * v) - function(point - step * v)) / (2 * step))
+    analytic, numeric = np.array(analytic), np.array(numeric)
+    return float(np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric))
+
+
+def score_of(session, feeds: dict, image: str, classes: np.ndarray):
+    """x -> sum over items of logits[n, classes[n]] by `session`, the other feeds fixed."""
+    def score(x: np.ndarray) -> float:
+        logits = session.run(None, feeds | {image: x.astype(np.float32)})[0]
+        return float(logits.astype(np.float64)[np.arange(len(classes)), classes].sum())
+    return score
+
+
+@pytest.mark.parametrize("fmt", quantized.FORMATS)
+@pytest.mark.parametrize("name", MODELS)
+def test_layer_gradients_match_the_relaxation(model_path, name, fmt) -> None:
+    """d score / d target layer against finite differences of the relaxed graph's head (the
+    layers after the target, cut out with onnx.utils.Extractor)."""
+    model = onnx.load(str(model_path(name, fmt)))
+    x = zoo.sample_batch(len(zoo.PHOTOS) + 2)[-2:]  # mirrored photos, not calibrated on
+    classes = np.array([3, 7])
+    augmented = augment_model(model)
+    layer = explained_target(augmented)["layer"]
+    out = run(augmented, x, classes)
+    relaxed = onnx.shape_inference.infer_shapes(quantized.relax(model, at={"input": x}))
+    head = onnx.utils.Extractor(relaxed).extract_model([layer, "input"], ["logits"])
+    session = zoo.ort_session(head.SerializeToString())
+    score = score_of(session, {"input": x}, layer, classes)
+    error = directional_error(out["gradients"], score, out["activations"])
+    assert error < TOLERANCE, error
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    return export_torch(tiny_cnn(), 32, tmp_path_factory.mktemp("tiny") / "tiny.onnx",
+                        dynamic_batch=True)
+
+
+@pytest.mark.parametrize("fmt", quantized.FORMATS)
+def test_input_gradients_match_the_relaxation(tiny_path, tmp_path, fmt) -> None:
+    """d score / d image through the whole quantized network (every Conv, Q/DQ pair or
+    integer op) against finite differences of the relaxed graph."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    path = quantized.quantize(tiny_path, tmp_path / "tiny-q.onnx", fmt,
+                              rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    model = onnx.load(str(path))
+    classes = np.array([1, 4])
+    out = run(augment_model(model, input_gradients=True), x, classes)
+    session = zoo.ort_session(quantized.relax(model, at={"input": x}).SerializeToString())
+    error = directional_error(out["input_gradients"], score_of(session, {}, "input", classes), x)
+    assert error < TOLERANCE, error
