@@ -27,6 +27,8 @@ import pytest
 import quantized
 import zoo
 from gradcam_server.augment import AugmentError, augment_model, explained_target
+from gradcam_server.augment.backward import build_backward
+from gradcam_server.augment.graph import GraphBuilder
 from servers import export_torch, tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +193,96 @@ def test_input_gradients_match_the_relaxation(tiny_path, tmp_path, fmt) -> None:
     session = zoo.ort_session(quantized.relax(model, at={"input": x}).SerializeToString())
     error = directional_error(out["input_gradients"], score_of(session, {}, "input", classes), x)
     assert error < TOLERANCE, error
+
+
+def parsed(text: str, **initializers: np.ndarray) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    for name, value in initializers.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    return model
+
+
+def backward(model: onnx.ModelProto) -> None:
+    model.graph.input.append(onnx.helper.make_tensor_value_info("seed", 1, None))
+    build_backward(GraphBuilder(model), {"y": "seed"}, ["x"])
+
+
+REFUSED = {
+    "blocked": (parsed("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[2,3,4] x) => (float[2,3,4] y) {
+            q = QuantizeLinear <axis = 2, block_size = 2> (x, s, zp)
+            y = DequantizeLinear <axis = 2, block_size = 2> (q, s, zp)
+        }""", s=np.full((2, 3, 2), 0.1, np.float32), zp=np.zeros((2, 3, 2), np.uint8)),
+        "DequantizeLinear node .*blocked quantization"),
+    "float8": (parsed("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[2,3,4] x) => (float[2,3,4] y) {
+            q = QuantizeLinear(x, s, zp)
+            y = DequantizeLinear(q, s, zp)
+        }""", s=np.float32(0.1), zp=np.zeros((), np.uint8)),
+        None),
+    "integer-op-in-the-chain": (parsed("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,3,4,4] x) => (float[1,3,2,2] y) {
+            q = QuantizeLinear(x, s, zp)
+            p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (q)
+            y = DequantizeLinear(p, s, zp)
+        }""", s=np.float32(0.1), zp=np.uint8(0)),
+        "MaxPool node .*quantized integer tensor 'q'.*QDQ format"),
+    "fused-kernel": (parsed("""
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        g (float[2,4] x) => (float[2,3] y) {
+            y = com.microsoft.DynamicQuantizeMatMul(x, w, ws, wzp)
+        }""", w=np.ones((4, 3), np.int8), ws=np.float32(0.1), wzp=np.int8(0)),
+        "com.microsoft.DynamicQuantizeMatMul node .*fused quantized kernel.*float model"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_unsupported_quantization_is_refused_by_name(case: str) -> None:
+    model, message = REFUSED[case]
+    if case == "float8":  # a float8 zero point makes the Q/DQ pair float8
+        model.graph.initializer[1].CopyFrom(onnx.helper.make_tensor(
+            "zp", onnx.TensorProto.FLOAT8E4M3FN, [], [0.0]))
+        message = "DequantizeLinear node .*FLOAT8E4M3FN is not supported.*float model"
+    with pytest.raises(AugmentError, match=message):
+        backward(model)
+
+
+def test_operator_format_is_refused_with_the_qdq_advice(tiny_path, tmp_path) -> None:
+    """quantize_static's QOperator format (QLinearConv, com.microsoft.QGemm, ...) computes on the
+    integers themselves: refused, naming the op and the QDQ format."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    rng = np.random.default_rng(2)
+    target = tmp_path / "tiny-qoperator.onnx"
+    quantize_static(str(tiny_path), str(target),
+                    quantized._Images("input", rng.standard_normal((4, 3, 32, 32), np.float32)),
+                    quant_format=QuantFormat.QOperator)
+    with pytest.raises(AugmentError, match=r"(QLinear\w+|QGemm) node .*QDQ format"):
+        augment_model(target)
+
+
+@pytest.mark.parametrize("architecture", ["ChannelsLast", "ConvNeXtHead"])
+def test_layouts_are_read_through_q_dq(tmp_path, architecture: str) -> None:
+    """layout.py's evidence passes Q/DQ pairs: a channels-last stage (Swin-like) stays nhwc and
+    ConvNeXt's head (LayerNorm on the pooled map) is stepped over, as for the float model; the
+    layout given explicitly with the float model's layer name explains the same tensor."""
+    import test_layouts
+
+    model = test_layouts.build(getattr(test_layouts, architecture))
+    source = tmp_path / "float.onnx"
+    source.write_bytes(test_layouts.export(model))
+    images = test_layouts.images(8)
+    path = quantized.quantize(source, tmp_path / "qdq.onnx", "qdq-per-channel", images)
+    float_target = explained_target(augment_model(source))
+    default = augment_model(path)
+    expected = {"layer": dequantized_of(onnx.load(str(path)), float_target["layer"]),
+                "layout": float_target["layout"]}
+    assert explained_target(default) == expected
+    named = augment_model(path, layer=float_target["layer"], layout=float_target["layout"])
+    assert explained_target(named) == expected
+    classes = np.array([1, 2])
+    reference = run(augment_model(source), images[:2], classes)["heatmap"]
+    assert correlations(run(named, images[:2], classes)["heatmap"], reference).min() > 0.99

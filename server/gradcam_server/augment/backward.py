@@ -54,7 +54,7 @@ def build_backward(
     depends_on_wrt = descendants(nodes, set(wrt))
     on_path = path_nodes(nodes, set(wrt), set(seeds))
     rows = _RowSlicer(b)
-    quantized = quantized_tensors(nodes)
+    quantized = quantized_tensors(b, nodes)
 
     contributions: dict[str, list[Gradient]] = {t: [Gradient(g)] for t, g in seeds.items()}
     summed: dict[str, Gradient | None] = {}
@@ -84,6 +84,14 @@ def build_backward(
         table = INTEGER_RULES if needs[0] and node.input[0] in quantized else {}
         rule = table.get(node.op_type) or RULES.get(node.op_type)
         rule = rule if node.domain in ("", "ai.onnx") else None
+        if rule is None and _is_quantized_kernel(node):
+            raise AugmentError(
+                f"cannot differentiate {node.domain}.{node.op_type} node {node.name!r}: a "
+                "runtime's fused quantized kernel has no gradient rule. Augment the float "
+                "model instead, or quantize it in the QDQ format (quantize_static with "
+                "QuantFormat.QDQ) or with quantize_dynamic's standard ops (DynamicQuantizeLinear, "
+                "ConvInteger, MatMulInteger), which are differentiated"
+            )
         if rule is None:
             raise MissingRuleError(
                 node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
@@ -119,19 +127,28 @@ def build_backward(
     return result
 
 
-def quantized_tensors(nodes: Sequence) -> set[str]:
-    """The integer tensors a gradient may pass: output 0 of QuantizeLinear,
-    DynamicQuantizeLinear, ConvInteger and MatMulInteger, and reshapes and transposes of
-    those."""
+def quantized_tensors(b: GraphBuilder, nodes: Sequence) -> set[str]:
+    """The integer tensors of quantized chains: output 0 of QuantizeLinear,
+    DynamicQuantizeLinear, ConvInteger and MatMulInteger, and the integer outputs of any op
+    reading one (but Shape and Size), so that a gradient reaching an op that cannot pass it
+    (`_QUANTIZED_CONSUMERS`) is refused there rather than lost."""
     found: set[str] = set()
     for node in nodes:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type in _QUANTIZERS or (
-            node.op_type in _INTEGER_RESHAPES and node.input and node.input[0] in found
-        ):
+        if node.domain in ("", "ai.onnx") and node.op_type in _QUANTIZERS:
             found.add(node.output[0])
+        elif node.op_type not in ("Shape", "Size") and any(t in found for t in node.input):
+            found.update(t for t in node.output if t and b.elem_type(t) not in _FLOAT_TYPES)
     return found
+
+
+def _is_quantized_kernel(node) -> bool:
+    """A contributed quantized op (com.microsoft's DynamicQuantizeMatMul,
+    MatMulIntegerToFloat, QLinearConv, QAttention, ...)."""
+    name = node.op_type
+    return node.domain not in ("", "ai.onnx") and (
+        "Quantize" in name or "Integer" in name or name.startswith(("QLinear", "QAttention",
+                                                                    "QOrdered", "QGemm"))
+    )
 
 
 def _check_quantized_consumer(node, opset: int) -> None:
@@ -144,7 +161,7 @@ def _check_quantized_consumer(node, opset: int) -> None:
         f"cannot differentiate {op} node {node.name!r} (opset {opset}): it computes on the "
         f"quantized integer tensor {node.input[0]!r}; gradients pass quantized tensors only "
         "into DequantizeLinear, ConvInteger, MatMulInteger, Cast and reshapes. Quantize in "
-        "the QDQ format (onnxruntime's QuantFormat.QDQ), or augment the float model"
+        "the QDQ format (quantize_static with QuantFormat.QDQ), or augment the float model"
     )
 
 

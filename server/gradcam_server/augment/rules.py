@@ -1602,7 +1602,9 @@ def _quantize_linear(ctx: RuleContext) -> Gradients:
 def _dequantize_linear(ctx: RuleContext) -> Gradients:
     """y = (q - zp) scale, per tensor or per `axis`: dq = dy scale (d score / d the integer)."""
     b, q = ctx.b, ctx.x(0)
-    if b.elem_type(q) not in _INTEGER_RANGES:
+    # An input of unknown type reads as FLOAT (a contributed op's output): the op before it
+    # decides whether the gradient can pass.
+    if b.elem_type(q) not in _INTEGER_RANGES and b.elem_type(q) != onnx.TensorProto.FLOAT:
         raise ctx.unsupported(
             f"dequantization of {onnx.TensorProto.DataType.Name(b.elem_type(q))} is not "
             "supported, only of integer types; augment the float model"
