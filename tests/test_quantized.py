@@ -23,12 +23,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import tritonclient.grpc as triton
 
 import quantized
 import zoo
 from gradcam_server.augment import AugmentError, augment_model, explained_target
 from gradcam_server.augment.backward import build_backward
 from gradcam_server.augment.graph import GraphBuilder
+import servers
+from gradcam_client import GradCamClient, InvalidInputError
 from servers import export_torch, tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +289,53 @@ def test_layouts_are_read_through_q_dq(tmp_path, architecture: str) -> None:
     classes = np.array([1, 2])
     reference = run(augment_model(source), images[:2], classes)["heatmap"]
     assert correlations(run(named, images[:2], classes)["heatmap"], reference).min() > 0.99
+
+
+# -- served end to end ---------------------------------------------------------------------------
+
+LITE0_LAYER = "/_swish_1/Clip_output_0"  # the float model's head ReLU6 (its config's layer)
+EGYPTIAN_CAT = 285
+
+
+@pytest.fixture(scope="module")
+def served(model_path, tmp_path_factory):
+    """A server with the shipped efficientnet_lite0 (``lite0``) and its per-channel QDQ form
+    (``lite0_qdq``) beside the same config.json and labels (whose target_layer names the float
+    model's layer)."""
+    root = tmp_path_factory.mktemp("quantized-repository")
+    servers.link_lite0(root / "lite0")
+    (root / "lite0_qdq").mkdir()
+    (root / "lite0_qdq" / "model.onnx").symlink_to(model_path("efficientnet_lite0",
+                                                              "qdq-per-channel"))
+    for name in ("config.json", "labels.txt"):
+        (root / "lite0_qdq" / name).symlink_to(LITE0.parent / name)
+    log = tmp_path_factory.mktemp("quantized-log") / "server.log"
+    with servers.serving(root, log) as process:
+        yield process
+
+
+def test_a_served_qdq_model_explains_like_the_float_one(served, model_path) -> None:
+    """The typed API (through the SDK) explains the photo with the quantized model at the
+    dequantized head map, the cat as its top class, and a map that follows the float model's;
+    KServe's heatmap is the augmented graph's, run here; a layer naming an integer tensor is
+    INVALID_ARGUMENT and the server keeps serving."""
+    with GradCamClient(served.address, timeout=120.0) as sdk:
+        float_result = sdk.explain(servers.SAMPLE, model="lite0", method="gradcam")
+        ours = sdk.explain(servers.SAMPLE, model="lite0_qdq", method="gradcam")
+        path = model_path("efficientnet_lite0", "qdq-per-channel")
+        assert ours.layer == dequantized_of(onnx.load(str(path)), LITE0_LAYER)
+        assert ours.predictions[0].class_index == float_result.predictions[0].class_index
+        assert ours.predictions[0].class_index == EGYPTIAN_CAT
+        assert correlations(ours.heatmap[None], float_result.heatmap[None])[0] >= 0.97
+        with pytest.raises(InvalidInputError, match="not a floating-point tensor"):
+            sdk.explain(servers.SAMPLE, model="lite0_qdq", layer=f"{LITE0_LAYER}"
+                        "_QuantizeLinear_Output")
+        assert sdk.explain(servers.SAMPLE, model="lite0_qdq").layer == ours.layer
+    x = zoo.sample_batch(2)
+    with triton.InferenceServerClient(served.address) as kserve:
+        item = triton.InferInput("input", list(x.shape), "FP32")
+        item.set_data_from_numpy(x)
+        result = kserve.infer("lite0_qdq", [item], outputs=[
+            triton.InferRequestedOutput("heatmap")], client_timeout=120.0)
+    direct = run(augment_model(path, layer=LITE0_LAYER), x, np.array([-1, -1]))["heatmap"]
+    np.testing.assert_allclose(result.as_numpy("heatmap"), direct, atol=1e-5)
