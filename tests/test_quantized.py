@@ -39,13 +39,18 @@ LITE0 = ROOT / "models" / "efficientnet_lite0" / "model.onnx"
 MODELS = ("resnet18", "efficientnet_lite0")
 METHODS = ("gradcam", "gradcam++", "layercam")
 IMAGES = 4
-# Mean and least Pearson r of the quantized model's maps with the float model's over IMAGES
-# photos, per format (measured: docs/ZOO.md), with a margin of about 0.01.
 TOLERANCE = 2e-3  # relative error of directional derivatives against finite differences
+# Mean and least Pearson r of the quantized model's maps with the float model's over IMAGES
+# photos, per model and format, about 0.01 under what was measured (docs/ZOO.md, "Quantized").
+# Per tensor and dynamic, resnet18's random (calibrated) weights lose more to quantization
+# than efficientnet_lite0's trained ones; per channel, lite0 stays within 0.01 of its float maps.
 MAP_BOUNDS = {
-    "qdq-per-channel": (0.97, 0.94),
-    "qdq": (0.94, 0.92),
-    "dynamic": (0.95, 0.93),
+    ("resnet18", "qdq"): (0.94, 0.92),
+    ("resnet18", "qdq-per-channel"): (0.96, 0.94),
+    ("resnet18", "dynamic"): (0.95, 0.93),
+    ("efficientnet_lite0", "qdq"): (0.96, 0.92),
+    ("efficientnet_lite0", "qdq-per-channel"): (0.99, 0.98),
+    ("efficientnet_lite0", "dynamic"): (0.96, 0.92),
 }
 
 
@@ -97,7 +102,7 @@ def test_maps_match_the_float_model(model_path, name: str, fmt: str, method: str
     reference = maps(model_path(name, "float"), method, classes)
     ours = maps(model_path(name, fmt), method, classes)
     r = correlations(ours, reference)
-    mean_bound, least_bound = MAP_BOUNDS[fmt]
+    mean_bound, least_bound = MAP_BOUNDS[name, fmt]
     assert r.mean() >= mean_bound and r.min() >= least_bound, np.round(r, 4)
 
 
