@@ -37,6 +37,7 @@ REPORT = ROOT / "docs" / "ZOO.md"
 WORK = Path(tempfile.gettempdir()) / "gradcam_zoo"  # exports kept where the outcome is not a match
 EXTRA_OUTCOMES = ("timeout", "crashed")
 GOAL_SHARE = 0.95
+KEPT_SECTIONS = ("## Quantized",)  # written by benchmarks/quantized.py, kept on rewrites
 # Why a run does not match, found by reading its graph: (source, model, exporter) -> one line.
 # Shown with the run's message in docs/ZOO.md; "*" stands for both exporters.
 CAUSES: dict[tuple[str, str, str], str] = {
@@ -391,7 +392,24 @@ def write_report(records: list[dict], path: Path = REPORT) -> None:
                 if names:
                     lines.append(f"- {source} {exporter} ({len(names)}): {', '.join(names)}")
     lines.append("")
+    lines += _kept_sections(path)
     path.write_text("\n".join(lines))
+
+
+def _kept_sections(path: Path) -> list[str]:
+    """The report's sections that other scripts write (KEPT_SECTIONS), carried over as they
+    are, each up to the next "## " heading."""
+    if not path.exists():
+        return []
+    old = path.read_text(encoding="utf-8").splitlines()
+    kept: list[str] = []
+    for heading in KEPT_SECTIONS:
+        if heading in old:
+            start = old.index(heading)
+            end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")),
+                       len(old))
+            kept += [*old[start:end], ""]
+    return kept
 
 
 def _summary_row(label, keys, results, outcomes, missing) -> str:

@@ -168,6 +168,7 @@ def _intermediates(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict
                               for name in dict.fromkeys(wanted) if name not in names)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     outputs = [o.name for o in session.get_outputs()]
