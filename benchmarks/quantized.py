@@ -49,7 +49,8 @@ def layer_gradient_error(path: Path) -> float:
     layer = explained_target(augmented)["layer"]
     out = checks.run(augmented, x, classes)
     relaxed = onnx.shape_inference.infer_shapes(quantized.relax(model, at={"input": x}))
-    head = onnx.utils.Extractor(relaxed).extract_model([layer, "input"], ["logits"])
+    head = onnx.utils.Extractor(relaxed).extract_model([layer, "input"],
+                                                        [checks.score_tensor(model)])
     session = zoo.ort_session(head.SerializeToString())
     score = checks.score_of(session, {"input": x}, layer, classes)
     return checks.directional_error(out["gradients"], score, out["activations"])

@@ -9,10 +9,10 @@ References, none of them our own output:
 - gradients: a quantized graph is piecewise constant, so its gradients are defined
   straight-through (rules.py's quantization section: rounding passes the gradient, saturation
   stops it). They are the derivative of the graph's continuous relaxation (`quantized.relax`:
-  each Q/DQ pair replaced by its clip, integers as floats), and are checked against central
-  finite differences of that relaxation along random directions. The relaxation is evaluated
-  at the same input without rounding, so a unit whose rounding alone decides its saturation
-  may differ: a relative error of a few percent at most.
+  each Q/DQ pair replaced by its clip, integers as floats, taken at the input explained so
+  that it computes what the quantized graph computes there), and are checked against central
+  finite differences of that relaxation along four directions. The score is the logits in
+  front of the output's own Q/DQ pair, as the backward pass takes it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import zoo
 from gradcam_server.augment import AugmentError, augment_model, explained_target
 from gradcam_server.augment.backward import build_backward
 from gradcam_server.augment.graph import GraphBuilder
+from gradcam_server.augment.targets import differentiated_score
 import servers
 from gradcam_client import GradCamClient, InvalidInputError
 from servers import export_torch, tiny_cnn
@@ -154,6 +155,12 @@ def directional_error(gradient: np.ndarray, function, point: np.ndarray,
     return float(np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric))
 
 
+def score_tensor(model: onnx.ModelProto) -> str:
+    """The logits as the gradients differentiate them: in front of a QDQ model's output
+    quantizer (`targets.differentiated_score`)."""
+    return differentiated_score(GraphBuilder(model), "logits")
+
+
 def score_of(session, feeds: dict, image: str, classes: np.ndarray):
     """x -> sum over items of logits[n, classes[n]] by `session`, the other feeds fixed."""
     def score(x: np.ndarray) -> float:
@@ -174,7 +181,7 @@ def test_layer_gradients_match_the_relaxation(model_path, name, fmt) -> None:
     layer = explained_target(augmented)["layer"]
     out = run(augmented, x, classes)
     relaxed = onnx.shape_inference.infer_shapes(quantized.relax(model, at={"input": x}))
-    head = onnx.utils.Extractor(relaxed).extract_model([layer, "input"], ["logits"])
+    head = onnx.utils.Extractor(relaxed).extract_model([layer, "input"], [score_tensor(model)])
     session = zoo.ort_session(head.SerializeToString())
     score = score_of(session, {"input": x}, layer, classes)
     error = directional_error(out["gradients"], score, out["activations"])
@@ -198,7 +205,9 @@ def test_input_gradients_match_the_relaxation(tiny_path, tmp_path, fmt) -> None:
     model = onnx.load(str(path))
     classes = np.array([1, 4])
     out = run(augment_model(model, input_gradients=True), x, classes)
-    session = zoo.ort_session(quantized.relax(model, at={"input": x}).SerializeToString())
+    relaxed = onnx.shape_inference.infer_shapes(quantized.relax(model, at={"input": x}))
+    network = onnx.utils.Extractor(relaxed).extract_model(["input"], [score_tensor(model)])
+    session = zoo.ort_session(network.SerializeToString())
     error = directional_error(out["input_gradients"], score_of(session, {}, "input", classes), x)
     assert error < TOLERANCE, error
 
@@ -344,3 +353,23 @@ def test_a_served_qdq_model_explains_like_the_float_one(served, model_path) -> N
             triton.InferRequestedOutput("heatmap")], client_timeout=120.0)
     direct = run(augment_model(path, layer=LITE0_LAYER), x, np.array([-1, -1]))["heatmap"]
     np.testing.assert_allclose(result.as_numpy("heatmap"), direct, atol=1e-5)
+
+
+def test_a_score_beyond_the_output_range_still_has_its_map(model_path) -> None:
+    """A QDQ model's logits pass a Q/DQ pair calibrated on the calibration photos; a logit
+    beyond that range saturates. The backward pass starts in front of that pair, so such a
+    class still gets the map that follows the float model's (differentiating the pair would
+    give a blank map). Of 16 photos (8 mirrored), those whose top-1 logit saturates."""
+    path = model_path("resnet18", "qdq")
+    model = onnx.load(str(path))
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    top = (127 - int(values["logits_zero_point"])) * float(values["logits_scale"])
+    x = zoo.sample_batch(16)
+    logits = zoo.ort_session(str(path)).run(None, {"input": x})[0]
+    saturated = np.flatnonzero(logits.max(1) >= top - 1e-6)
+    assert len(saturated) > 0
+    x, classes = x[saturated], logits[saturated].argmax(1)
+    ours = run(augment_model(model), x, classes)["heatmap"]
+    reference = run(augment_model(model_path("resnet18", "float")), x, classes)["heatmap"]
+    assert ours.max(axis=(1, 2)).min() > 0.99  # min-max normalised: not blank
+    assert correlations(ours, reference).min() >= 0.9

@@ -5,8 +5,9 @@
 3. `_target_views`     ensures each target layer exists, feeds the score and has a layout
                        (`layout.detect_view`), or refuses with the candidate layers.
 4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
-                       layer (and, when asked, d score / d image) tensors exist; each layer and
-                       its gradient are then seen as [N, C, h, w] (`Features`).
+                       layer (and, when asked, d score / d image) tensors exist, started in
+                       front of a QDQ model's output quantizer (`targets.differentiated_score`);
+                       each layer and its gradient are then seen as [N, C, h, w] (`Features`).
 5. `append_heatmap`    ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
                        target layer, fused), and ``pixel_map`` for the pixel-level methods.
 6. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
@@ -64,6 +65,7 @@ from .targets import (
     candidate_layers,
     dequantized_layer,
     detect_target_layer,
+    differentiated_score,
     image_input,
     region_seed,
     score_output_name,
@@ -399,7 +401,7 @@ def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) ->
 def append_backward(
     b: GraphBuilder, score_output: str, seed: str, wrt: list[str]
 ) -> dict[str, str]:
-    return build_backward(b, {score_output: seed}, wrt)
+    return build_backward(b, {differentiated_score(b, score_output): seed}, wrt)
 
 
 def append_heatmap(
@@ -484,7 +486,8 @@ def append_pixel_map(
     grad_cam_map: str,
 ) -> tuple[str, str]:
     """A second backward pass, guided, to the image: (pixel map, its heatmap)."""
-    guided = build_backward(b, {score_output: seed}, [image.name], guided=True)[image.name]
+    start = differentiated_score(b, score_output)
+    guided = build_backward(b, {start: seed}, [image.name], guided=True)[image.name]
     if method == GUIDED_GRAD_CAM:
         height, width = spatial_axes(image)
         channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()

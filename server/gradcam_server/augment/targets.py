@@ -251,6 +251,28 @@ def dequantized_layer(b: GraphBuilder, layer: str) -> str:
     return dequantizers[0].output[0]
 
 
+def differentiated_score(b: GraphBuilder, score_output: str) -> str:
+    """The tensor the backward pass of `score_output` starts from: where the output is a
+    DequantizeLinear of a QuantizeLinear of a float tensor with the same scale and zero point
+    (a QDQ model's quantized logits), that float tensor, seeded as the output would be
+    (straight through, the pair's derivative is 1). The output's own quantizer is not
+    differentiated: its saturation would zero the gradient, and blank the map, of every class
+    whose score passes the range calibrated for the output."""
+    producers = {t: node for node in b.graph.node for t in node.output}
+    dequantize = producers.get(score_output)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return score_output
+    quantize = producers.get(dequantize.input[0])
+    if (
+        quantize is None or quantize.op_type != "QuantizeLinear"
+        or list(quantize.input[1:]) != list(dequantize.input[1:])
+        or list(quantize.attribute) != list(dequantize.attribute)
+        or b.elem_type(quantize.input[0]) not in _FLOATS
+    ):
+        return score_output
+    return quantize.input[0]
+
+
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
     if layer not in _all_tensors(b.graph):
         raise AugmentError(f"target layer {layer!r} is not a tensor of the graph")
