@@ -103,7 +103,9 @@ def section(rows: list[str], images: int) -> str:
         "",
         "The default layer is the float model's, read after the Q/DQ pair that stands in for "
         "its dropped ReLU (the DequantizeLinear output); a float layer name given by a config "
-        "or a request is read there too. The QOperator format (QLinearConv, com.microsoft.QGemm) "
+        "or a request is read there too. The backward pass starts in front of the output's own "
+        "Q/DQ pair, so a logit beyond the range calibrated for it keeps its map (differentiated, "
+        "its saturation would blank the map). The QOperator format (QLinearConv, com.microsoft.QGemm) "
         "and onnxruntime's fused kernels (com.microsoft DynamicQuantizeMatMul, "
         "MatMulIntegerToFloat) are refused by name.",
         "",
