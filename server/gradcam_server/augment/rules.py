@@ -1531,7 +1531,8 @@ def _matmul(ctx: RuleContext) -> Gradients:
 # range, as torch's fake-quantize backward has it. The quantizer removes the ReLUs in front of
 # a Q/DQ pair (the range of the uint8 or int8 type stands in for them), so that mask is the
 # ReLU's. Scales and zero points get no gradient, also where they are computed from the input
-# (DynamicQuantizeLinear): in the continuous relaxation, round dropped, they cancel.
+# (DynamicQuantizeLinear): in the continuous relaxation, round dropped, they cancel. Guided
+# backprop treats a QuantizeLinear that stands for a removed ReLU as that ReLU.
 
 _INTEGER_RANGES = {
     onnx.TensorProto.UINT8: (0, 255),
@@ -1584,7 +1585,38 @@ def _quantizer_grad(ctx: RuleContext, x: str, scale: str, zero_point: str | None
     bounds = [b.op("Cast", [b.const(bound)], to=dtype) for bound in (low, high)]
     inside = b.op("And", [b.op("GreaterOrEqual", [value, bounds[0]]),
                           b.op("LessOrEqual", [value, bounds[1]])])
+    if ctx.guided and _stands_for_relu(ctx, zero_point, low, high):
+        inside = b.op("And", [inside, b.op("Greater", [ctx.dy(), b.const(0.0)])])
     return _kept(b, inside, b.op("Div", [ctx.dy(), scale]))
+
+
+# Ops whose output is non-negative where their input is: a Q/DQ pair after one of them clips
+# values that were never negative, where the float model has no ReLU.
+_SIGN_PRESERVING = {
+    "GlobalAveragePool", "AveragePool", "GlobalMaxPool", "MaxPool", "ReduceMean", "ReduceMax",
+    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Concat", "Resize",
+    "Pad", "Relu", "Clip", "DequantizeLinear",
+}
+_RELU6_TOP = 6.0
+
+
+def _stands_for_relu(ctx: RuleContext, zero_point: str | None, low: int, high: int) -> bool:
+    """Whether a QuantizeLinear stands for a ReLU the quantizer removed: it saturates at 0
+    below (a constant zero point equal to the type's minimum), its input comes from an op that
+    can make negative values (not a pooling, padding or reshape of clipped values), and it
+    does not also saturate at exactly 6 (a removed ReLU6, a Clip, which guided backprop leaves
+    alone as pytorch-grad-cam's guided model and the Clip rule do). Guided backprop drops
+    negative incoming gradients there, as at a ReLU."""
+    if ctx.node.op_type != "QuantizeLinear":
+        return False
+    zero = ctx.const_input(2) if zero_point else np.zeros((), np.int64)
+    scale = ctx.const_input(1)
+    if zero is None or scale is None or not np.all(zero == low):
+        return False
+    if np.allclose((high - zero.astype(np.float64)) * scale, _RELU6_TOP, rtol=1e-6):
+        return False
+    producer = next((n for n in ctx.b.graph.node if ctx.x(0) in n.output), None)
+    return producer is None or producer.op_type not in _SIGN_PRESERVING
 
 
 @rule("QuantizeLinear")
