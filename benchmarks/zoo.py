@@ -37,7 +37,7 @@ REPORT = ROOT / "docs" / "ZOO.md"
 WORK = Path(tempfile.gettempdir()) / "gradcam_zoo"  # exports kept where the outcome is not a match
 EXTRA_OUTCOMES = ("timeout", "crashed")
 GOAL_SHARE = 0.95
-KEPT_SECTIONS = ("## Quantized",)  # written by benchmarks/quantized.py, kept on rewrites
+KEPT_SECTIONS = ("## Quantized",)  # written by benchmarks/quantized_zoo.py, kept on rewrites
 # Why a run does not match, found by reading its graph: (source, model, exporter) -> one line.
 # Shown with the run's message in docs/ZOO.md; "*" stands for both exporters.
 CAUSES: dict[tuple[str, str, str], str] = {
