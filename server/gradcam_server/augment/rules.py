@@ -14,9 +14,11 @@ node that a gradient reaches. ``ctx`` (a `RuleContext`) gives:
 - ``ctx.b``: the `GraphBuilder` to emit nodes with; ``ctx.guided``: guided-backprop mode.
 
 It returns one entry per input: the name of d score / d input, or None where none is needed or none
-flows (integer inputs, masks, weights). Rules registered with ``broadcasting=True`` may return
-gradients at the shape of output 0; the walker sums them down to each input's shape. Every other
-rule returns gradients already at the input's shape.
+flows (integer inputs, masks, weights). The integer tensors of a quantized chain are the exception:
+their gradient is d score / d the integer value (the quantization section at the end). Rules
+registered with ``broadcasting=True`` may return gradients at the shape of output 0; the walker
+sums them down to each input's shape. Every other rule returns gradients already at the input's
+shape.
 
 Rules emit standard ``ai.onnx`` ops only (never a runtime's private training kernels), read sizes
 with ``Shape`` at run time rather than trusting static shapes, and reuse forward outputs where the
@@ -1623,10 +1625,7 @@ def _stands_for_relu(ctx: RuleContext, zero_point: str | None, low: int, high: i
 def _quantize_linear(ctx: RuleContext) -> Gradients:
     """q = saturate(round(x / scale) + zp), per tensor or per `axis`: dx = dq / scale inside
     the output type's range, 0 where it saturates."""
-    b = ctx.b
-    if ctx.attr("saturate", 1) != 1 and b.elem_type(ctx.y(0)) not in _INTEGER_RANGES:
-        raise ctx.unsupported("float8 quantization is not supported")
-    grad = _quantizer_grad(ctx, ctx.x(0), ctx.x(1), ctx.x(2), b.elem_type(ctx.y(0)))
+    grad = _quantizer_grad(ctx, ctx.x(0), ctx.x(1), ctx.x(2), ctx.b.elem_type(ctx.y(0)))
     return [grad, None, None]
 
 
