@@ -87,7 +87,7 @@ def build_backward(
         if rule is None and _is_quantized_kernel(node):
             raise AugmentError(
                 f"cannot differentiate {node.domain}.{node.op_type} node {node.name!r}: a "
-                "runtime's fused quantized kernel has no gradient rule. Augment the float "
+                "runtime's own quantized kernel has no gradient rule. Augment the float "
                 "model instead, or quantize it in the QDQ format (quantize_static with "
                 "QuantFormat.QDQ) or with quantize_dynamic's standard ops (DynamicQuantizeLinear, "
                 "ConvInteger, MatMulInteger), which are differentiated"
