@@ -75,8 +75,9 @@ def build_backward(
         ]
         if not any(needs):
             continue
-        if any(need and t in quantized for need, t in zip(needs, node.input)):
-            _check_quantized_consumer(node, b.opset)
+        integers = [t for need, t in zip(needs, node.input) if need and t in quantized]
+        if integers:
+            _check_quantized_consumer(node, integers[0], b.opset)
         origin = rows.origin(node, grad_outputs)
         if origin is not None:
             contributions.setdefault(node.input[0], []).append(origin)
@@ -151,7 +152,7 @@ def _is_quantized_kernel(node) -> bool:
     )
 
 
-def _check_quantized_consumer(node, opset: int) -> None:
+def _check_quantized_consumer(node, tensor: str, opset: int) -> None:
     """Refuse an op reading a quantized integer tensor on the gradient path unless it is one
     whose rule knows the integer convention (`_QUANTIZED_CONSUMERS`)."""
     if node.domain in ("", "ai.onnx") and node.op_type in _QUANTIZED_CONSUMERS:
@@ -159,7 +160,7 @@ def _check_quantized_consumer(node, opset: int) -> None:
     op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
     raise AugmentError(
         f"cannot differentiate {op} node {node.name!r} (opset {opset}): it computes on the "
-        f"quantized integer tensor {node.input[0]!r}; gradients pass quantized tensors only "
+        f"quantized integer tensor {tensor!r}; gradients pass quantized tensors only "
         "into DequantizeLinear, ConvInteger, MatMulInteger, Cast and reshapes. Quantize in "
         "the QDQ format (quantize_static with QuantFormat.QDQ), or augment the float model"
     )
