@@ -37,6 +37,9 @@ REPORT = ROOT / "docs" / "ZOO.md"
 WORK = Path(tempfile.gettempdir()) / "gradcam_zoo"  # exports kept where the outcome is not a match
 EXTRA_OUTCOMES = ("timeout", "crashed")
 GOAL_SHARE = 0.95
+# Sections other checks write (test_half.py's figures, benchmarks/quantized_zoo.py,
+# benchmarks/bench_detection.py), kept on rewrites.
+KEPT_SECTIONS = ("## Half precision", "## Quantized", "## Detection")
 # Why a run does not match, found by reading its graph: (source, model, exporter) -> one line.
 # Shown with the run's message in docs/ZOO.md; "*" stands for both exporters.
 CAUSES: dict[tuple[str, str, str], str] = {
@@ -391,18 +394,24 @@ def write_report(records: list[dict], path: Path = REPORT) -> None:
                 if names:
                     lines.append(f"- {source} {exporter} ({len(names)}): {', '.join(names)}")
     lines.append("")
-    path.write_text("\n".join(lines) + _kept_sections(path))
+    lines += _kept_sections(path)
+    path.write_text("\n".join(lines))
 
 
-KEPT_SECTIONS = ("\n## Detection\n",)  # written by hand from other checks; kept on rewrites
-
-
-def _kept_sections(path: Path) -> str:
-    """The report's hand-written sections (`KEPT_SECTIONS`, to the end of the file), so that
-    rewriting the classifier tables keeps them."""
-    old = path.read_text() if path.is_file() else ""
-    starts = [old.find(heading) for heading in KEPT_SECTIONS if heading in old]
-    return old[min(starts):] if starts else ""
+def _kept_sections(path: Path) -> list[str]:
+    """The report's sections that other scripts write (KEPT_SECTIONS), carried over as they
+    are, each up to the next "## " heading."""
+    if not path.exists():
+        return []
+    old = path.read_text(encoding="utf-8").splitlines()
+    kept: list[str] = []
+    for heading in KEPT_SECTIONS:
+        if heading in old:
+            start = old.index(heading)
+            end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")),
+                       len(old))
+            kept += [*old[start:end], ""]
+    return kept
 
 
 def _summary_row(label, keys, results, outcomes, missing) -> str:

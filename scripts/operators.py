@@ -39,6 +39,9 @@ opset) raises `AugmentError` saying which.
 
 Each check is one case of `test_rule_matches_finite_differences`: the rule's gradient against
 central finite differences of the original graph, every input element perturbed. The
+straight-through rules of quantization (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear,
+ConvInteger, MatMulInteger), whose graphs are piecewise constant, are checked against finite
+differences of the graph's continuous relaxation instead (round dropped, saturation kept). The
 tie-breaking of ReduceMax, ReduceMin, Max, Min, MaxPool and GlobalMaxPool is also compared
 with torch autograd (`test_ties_are_broken_as_torch_autograd`), RoiAlign and MaxRoiPool with
 torchvision's roi_align and roi_pool (`test_roi_align_matches_torchvision_autograd`,

@@ -5,6 +5,11 @@ the backward graph with the library's walker, runs it in stock onnxruntime, and 
 J^T v for a random v against central differences of <v, f(x)> taken on the ORIGINAL graph, also
 run by onnxruntime. Every element of every differentiable input is perturbed, so inputs are kept
 small.
+
+Straight-through rules (QuantizeLinear, DequantizeLinear and the integer ops of a quantized
+chain) have no finite differences on the graph itself, which is piecewise constant: their spec
+gives `relaxed`, the graph's continuous relaxation (round dropped, saturation kept as a clip,
+integers as floats), whose finite differences are the reference instead.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class OpSpec:
     outputs: int = 1
     opset: int = 17
     text: str | None = None  # a graph in ONNX text instead of a single node
+    relaxed: str | None = None  # ONNX text whose finite differences stand for the graph's
     symbolic: bool = False  # declare every input dim symbolic (exercises run-time shapes)
     eps: float = 1e-3
     rtol: float = 1e-2
@@ -56,9 +62,11 @@ class OpSpec:
         return f"{self.op}-{self.label}" if self.label else self.op
 
 
-def build_model(spec: OpSpec) -> onnx.ModelProto:
-    if spec.text is not None:
-        model = onnx.parser.parse_model(spec.text)
+def build_model(spec: OpSpec, relaxed: bool = False) -> onnx.ModelProto:
+    """The spec's model, or with `relaxed` its continuous relaxation (`OpSpec.relaxed`)."""
+    text = spec.relaxed if relaxed else spec.text
+    if text is not None:
+        model = onnx.parser.parse_model(text)
         for name, value in spec.consts.items():
             model.graph.initializer.append(numpy_helper.from_array(value, name))
         model.ir_version = IR_VERSION
@@ -149,6 +157,8 @@ def check_op(spec: OpSpec, seed: int = 0) -> None:
     forward = session(build_model(spec))
     inputs = sample_inputs(spec, rng)
     outputs = forward.run(None, inputs)
+    if spec.relaxed is not None:
+        forward = session(build_model(spec, relaxed=True))
     cotangents = [rng.standard_normal(y.shape).astype(y.dtype) for y in outputs]
     results = gradients(spec, inputs, cotangents)
 

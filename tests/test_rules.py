@@ -469,8 +469,110 @@ ROI_POOLS = [
     max_roi_pool("2x3-no-rois", Wrt((2, 3, 6, 7)), POOLED_ROIS[:0], pooled_shape=[2, 3]),
 ]
 
+
+def quantized_weights(*shape: int, dtype=np.int8) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+# Straight-through quantization: checked against finite differences of each graph's continuous
+# relaxation (`OpSpec.relaxed`). Kinks (saturation) are kept farther from x than half a step.
+PER_CHANNEL_SCALES = np.array([0.02, 0.05, 0.1], np.float32)
+CONV_WEIGHTS = quantized_weights(4, 3, 3, 3)
+MATMUL_WEIGHTS = quantized_weights(6, 5, dtype=np.uint8)
+MATMUL_ZERO_POINTS = np.array([128, 120, 131, 127, 100], np.uint8)
+QUANTIZED = [
+    OpSpec("QuantizeLinear", {"x": Wrt((2, 3, 4), low=-3, high=3, avoid=(-2.0,))},
+           label="dequantized-uint8", consts={"s": np.float32(0.05), "zp": np.uint8(40)},
+           text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) { q = QuantizeLinear(x, s, zp)
+                                                  y = DequantizeLinear(q, s, zp) }""",
+           relaxed="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) {
+            lo = Constant <value = float {0.0}> ()
+            hi = Constant <value = float {255.0}> ()
+            f = Cast <to = 1> (zp)
+            r = Div(x, s)
+            a = Add(r, f)
+            q = Clip(a, lo, hi)
+            c = Sub(q, f)
+            y = Mul(c, s)
+        }"""),
+    OpSpec("DequantizeLinear", {"x": Wrt((2, 3, 4), low=-2, high=2, avoid=(0.0,))},
+           label="per-channel-int8-other-scales",
+           consts={"s": PER_CHANNEL_SCALES, "zp": np.array([-128, 0, 10], np.int8),
+                   "s2": PER_CHANNEL_SCALES[::-1] * 3, "zp2": np.array([1, -2, 3], np.int8),
+                   "s_": PER_CHANNEL_SCALES.reshape(3, 1),
+                   "s2_": PER_CHANNEL_SCALES[::-1].reshape(3, 1) * 3},
+           text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) { q = QuantizeLinear <axis = 1> (x, s, zp)
+                                                  y = DequantizeLinear <axis = 1> (q, s2, zp2) }""",
+           relaxed="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) {
+            lo = Constant <value = float {-128.0}> ()
+            hi = Constant <value = float {127.0}> ()
+            axes = Constant <value = int64[1] {1}> ()
+            z = Cast <to = 1> (zp)
+            f = Unsqueeze(z, axes)
+            z2 = Cast <to = 1> (zp2)
+            f2 = Unsqueeze(z2, axes)
+            r = Div(x, s_)
+            a = Add(r, f)
+            q = Clip(a, lo, hi)
+            c = Sub(q, f2)
+            y = Mul(c, s2_)
+        }"""),
+    OpSpec("DynamicQuantizeLinear", {"x": Wrt((2, 3, 4))}, label="dequantized", text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) { q, s, zp = DynamicQuantizeLinear(x)
+                                                  y = DequantizeLinear(q, s, zp) }""",
+           relaxed="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,4] x) => (float[2,3,4] y) { y = Identity(x) }"""),
+    OpSpec("ConvInteger", {"x": Wrt((2, 3, 6, 6))}, label="dynamic-strided",
+           consts={"w": CONV_WEIGHTS, "wzp": np.int8(3), "ws": np.float32(0.01),
+                   "w_": (CONV_WEIGHTS.astype(np.float32) - 3) * np.float32(0.01)},
+           text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,6,6] x) => (float[2,4,3,3] y) {
+            q, s, zp = DynamicQuantizeLinear(x)
+            c = ConvInteger <pads = [1, 1, 1, 1], strides = [2, 2]> (q, w, zp, wzp)
+            f = Cast <to = 1> (c)
+            t = Mul(s, ws)
+            y = Mul(f, t)
+        }""",
+           relaxed="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,6,6] x) => (float[2,4,3,3] y) {
+            y = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w_)
+        }"""),
+    OpSpec("MatMulInteger", {"x": Wrt((2, 3, 6))}, label="dynamic-per-column",
+           consts={"w": MATMUL_WEIGHTS, "wzp": MATMUL_ZERO_POINTS, "ws": np.float32(0.01),
+                   "shape": ints(6, 6), "back": ints(2, 3, 5),
+                   "w_": (MATMUL_WEIGHTS.astype(np.float32) - MATMUL_ZERO_POINTS)
+                   * np.float32(0.01)},
+           text="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,6] x) => (float[2,3,5] y) {
+            q, s, zp = DynamicQuantizeLinear(x)
+            flat = Reshape(q, shape)
+            c = MatMulInteger(flat, w, zp, wzp)
+            r = Reshape(c, back)
+            f = Cast <to = 1> (r)
+            t = Mul(s, ws)
+            y = Mul(f, t)
+        }""",
+           relaxed="""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,6] x) => (float[2,3,5] y) { y = MatMul(x, w_) }"""),
+]
+
 SPECS = (UNARY + SHAPES + INDEXING + BINARY + NORMS + POOLS + LINEAR + RESIZES + ROI_POOLS
-         + COMPOSED)
+         + COMPOSED + QUANTIZED)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)

@@ -7,6 +7,11 @@ fan-out (contributions to one tensor are summed once) and broadcast reduction (f
 registered with ``broadcasting=True``). Region proposals are constants, as in torch: no gradient
 flows into the rois of RoiAlign / MaxRoiPool nor into what is computed only to produce them
 (`detached_tensors`).
+
+Gradients flow through float tensors, and through the integer tensors of a quantized chain
+(`quantized_tensors`: what QuantizeLinear, DynamicQuantizeLinear, ConvInteger and MatMulInteger
+compute, and reshapes of it), whose gradient is d score / d the integer value (rules.py's
+quantization section), into the ops that read them (`_QUANTIZED_CONSUMERS`) and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ from onnx import TensorProto, helper
 
 from .errors import AugmentError, MissingRuleError
 from .graph import GraphBuilder
-from .rules import DETACHED_INPUTS, RULES, RuleContext
+from .rules import DETACHED_INPUTS, INTEGER_RULES, RULES, RuleContext
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+# Ops whose output 0 is an integer tensor with a gradient, and the ops that may read one.
+_QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}
+_INTEGER_RESHAPES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+_QUANTIZED_CONSUMERS = {"DequantizeLinear", "ConvInteger", "MatMulInteger", "Cast",
+                        *_INTEGER_RESHAPES}
 
 
 def build_backward(
@@ -47,6 +57,7 @@ def build_backward(
     depends_on_wrt = descendants(nodes, set(wrt)) - detached
     on_path = path_nodes(nodes, set(wrt), set(seeds))
     rows = _RowSlicer(b)
+    quantized = quantized_tensors(b, nodes)
 
     contributions: dict[str, list[Gradient]] = {t: [Gradient(g)] for t, g in seeds.items()}
     summed: dict[str, Gradient | None] = {}
@@ -61,15 +72,30 @@ def build_backward(
         if all(g is None for g in grad_outputs):
             continue
         needs = [
-            bool(t) and t in depends_on_wrt and b.elem_type(t) in _FLOAT_TYPES for t in node.input
+            bool(t) and t in depends_on_wrt
+            and (b.elem_type(t) in _FLOAT_TYPES or t in quantized)
+            for t in node.input
         ]
         if not any(needs):
             continue
+        integers = [t for need, t in zip(needs, node.input) if need and t in quantized]
+        if integers:
+            _check_quantized_consumer(node, integers[0], b.opset)
         origin = rows.origin(node, grad_outputs)
         if origin is not None:
             contributions.setdefault(node.input[0], []).append(origin)
             continue
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        table = INTEGER_RULES if needs[0] and node.input[0] in quantized else {}
+        rule = table.get(node.op_type) or RULES.get(node.op_type)
+        rule = rule if node.domain in ("", "ai.onnx") else None
+        if rule is None and _is_quantized_kernel(node):
+            raise AugmentError(
+                f"cannot differentiate {node.domain}.{node.op_type} node {node.name!r}: a "
+                "runtime's own quantized kernel has no gradient rule. Augment the float "
+                "model instead, or quantize it in the QDQ format (quantize_static with "
+                "QuantFormat.QDQ) or with quantize_dynamic's standard ops (DynamicQuantizeLinear, "
+                "ConvInteger, MatMulInteger), which are differentiated"
+            )
         if rule is None:
             raise MissingRuleError(
                 node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
@@ -109,6 +135,44 @@ def build_backward(
             raise AugmentError(f"the score does not depend on tensor {tensor!r}")
         result[tensor] = rows.dense(tensor, grad)
     return result
+
+
+def quantized_tensors(b: GraphBuilder, nodes: Sequence) -> set[str]:
+    """The integer tensors of quantized chains: output 0 of QuantizeLinear,
+    DynamicQuantizeLinear, ConvInteger and MatMulInteger, and the integer outputs of any op
+    reading one (but Shape and Size), so that a gradient reaching an op that cannot pass it
+    (`_QUANTIZED_CONSUMERS`) is refused there rather than lost."""
+    found: set[str] = set()
+    for node in nodes:
+        if node.domain in ("", "ai.onnx") and node.op_type in _QUANTIZERS:
+            found.add(node.output[0])
+        elif node.op_type not in ("Shape", "Size") and any(t in found for t in node.input):
+            found.update(t for t in node.output if t and b.elem_type(t) not in _FLOAT_TYPES)
+    return found
+
+
+def _is_quantized_kernel(node) -> bool:
+    """A contributed quantized op (com.microsoft's DynamicQuantizeMatMul,
+    MatMulIntegerToFloat, QLinearConv, QAttention, ...)."""
+    name = node.op_type
+    return node.domain not in ("", "ai.onnx") and (
+        "Quantize" in name or "Integer" in name or name.startswith(("QLinear", "QAttention",
+                                                                    "QOrdered", "QGemm"))
+    )
+
+
+def _check_quantized_consumer(node, tensor: str, opset: int) -> None:
+    """Refuse an op reading a quantized integer tensor on the gradient path unless it is one
+    whose rule knows the integer convention (`_QUANTIZED_CONSUMERS`)."""
+    if node.domain in ("", "ai.onnx") and node.op_type in _QUANTIZED_CONSUMERS:
+        return
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    raise AugmentError(
+        f"cannot differentiate {op} node {node.name!r} (opset {opset}): it computes on the "
+        f"quantized integer tensor {tensor!r}; gradients pass quantized tensors only "
+        "into DequantizeLinear, ConvInteger, MatMulInteger, Cast and reshapes. Quantize in "
+        "the QDQ format (quantize_static with QuantFormat.QDQ), or augment the float model"
+    )
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
 3. `_target_views`     ensures each target layer exists, feeds the score and has a layout
                        (`layout.detect_view`), or refuses with the candidate layers.
 4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
-                       layer (and, when asked, d score / d image) tensors exist; each layer and
-                       its gradient are then seen as [N, C, h, w] (`Features`).
+                       layer (and, when asked, d score / d image) tensors exist, started in
+                       front of a QDQ model's output quantizer (`targets.differentiated_score`);
+                       each layer and its gradient are then seen as [N, C, h, w] (`Features`).
 5. `append_heatmap`    ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
                        target layer, fused), and ``pixel_map`` for the pixel-level methods.
 6. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
@@ -70,7 +71,9 @@ from .layout import TargetView, check_view_options, detect_view
 from .targets import (
     SCORES,
     candidate_layers,
+    dequantized_layer,
     detect_target_layer,
+    differentiated_score,
     image_input,
     region_seed,
     score_output_name,
@@ -154,7 +157,9 @@ def augment_model(
         layer: tensor name of the target layer; by default the field's recipe for the
             architecture (`targets.detect_target_layer`): a CNN's last spatial map before the
             global pooling, a transformer's norm in front of its last attention block, a
-            segmentation network's coarsest feature map. Several names:
+            segmentation network's coarsest feature map. In a quantized (QDQ) graph, a layer
+            read only by a QuantizeLinear/DequantizeLinear pair is explained at the pair's
+            output (`targets.dequantized_layer`: the ReLU'd map). Several names:
             each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
@@ -293,7 +298,7 @@ def augment_model(
     if counterfactual:
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
-    gradients = append_backward(b, network_score, seed, wrt)
+    gradients = append_backward(b, {network_score: seed}, wrt)
     features = {
         view.tensor: Features(view, view.apply(b, b.computed(view.tensor), network_image),
                               view.apply(b, gradients[view.tensor], network_image))
@@ -361,7 +366,7 @@ def _augment_detection(
         seeds = {tensor: b.op("Neg", [seed]) for tensor, seed in seeds.items()}
     layers = [view.tensor for view in views]
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
-    gradients = build_backward(b, seeds, wrt)
+    gradients = append_backward(b, seeds, wrt)
     features = {
         view.tensor: Features(view, view.apply(b, view.tensor, image.name),
                               view.apply(b, gradients[view.tensor], image.name))
@@ -472,7 +477,7 @@ def _target_views(
         if not layers:
             raise AugmentError("no target layer given")
     views = []
-    for each in layers:
+    for each in dict.fromkeys(dequantized_layer(b, each) for each in layers):
         validate_target_layer(b, each, score_output)
         try:
             views.append(detect_view(b, each, image, **view_options))
@@ -530,9 +535,12 @@ def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) ->
 
 
 def append_backward(
-    b: GraphBuilder, score_output: str, seed: str, wrt: list[str]
+    b: GraphBuilder, seeds: dict[str, str], wrt: list[str], guided: bool = False
 ) -> dict[str, str]:
-    return build_backward(b, {score_output: seed}, wrt)
+    """d score / d tensor for each of `wrt`, from `seeds` (d score / d output), each output's
+    backward pass started in front of its own quantizer (`targets.differentiated_score`)."""
+    starts = {differentiated_score(b, tensor): seed for tensor, seed in seeds.items()}
+    return build_backward(b, starts, wrt, guided=guided)
 
 
 def append_heatmap(
@@ -618,7 +626,7 @@ def append_pixel_map(
     grad_cam_map: str,
 ) -> tuple[str, str]:
     """A second backward pass, guided, to the image: (pixel map, its heatmap)."""
-    guided = build_backward(b, seeds, [image.name], guided=True)[image.name]
+    guided = append_backward(b, seeds, [image.name], guided=True)[image.name]
     if method == GUIDED_GRAD_CAM:
         height, width = spatial_axes(image)
         channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()

@@ -15,9 +15,11 @@ node that a gradient reaches. ``ctx`` (a `RuleContext`) gives:
 - ``ctx.b``: the `GraphBuilder` to emit nodes with; ``ctx.guided``: guided-backprop mode.
 
 It returns one entry per input: the name of d score / d input, or None where none is needed or none
-flows (integer inputs, masks, weights). Rules registered with ``broadcasting=True`` may return
-gradients at the shape of output 0; the walker sums them down to each input's shape. Every other
-rule returns gradients already at the input's shape.
+flows (integer inputs, masks, weights). The integer tensors of a quantized chain are the exception:
+their gradient is d score / d the integer value (the quantization section at the end). Rules
+registered with ``broadcasting=True`` may return gradients at the shape of output 0; the walker
+sums them down to each input's shape. Every other rule returns gradients already at the input's
+shape.
 
 Rules emit standard ``ai.onnx`` ops only (never a runtime's private training kernels), read sizes
 with ``Shape`` at run time rather than trusting static shapes, and reuse forward outputs where the
@@ -1867,3 +1869,197 @@ def _matmul(ctx: RuleContext) -> Gradients:
     if ctx.needs(1):
         grad_b = batch_reduced(b.op("MatMul", [swap_last(a_in, rank_a), dy]), b_in)
     return [grad_a, grad_b]
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization: straight-through, keeping the clipping mask
+# ---------------------------------------------------------------------------------------------
+#
+# The gradient of an integer tensor of the quantized chain (`backward.quantized_tensors`) is
+# d score / d its integer value, a float tensor of its shape. So DequantizeLinear, y = (q - zp)
+# scale, multiplies by the scale, and QuantizeLinear, q = saturate(round(x / scale) + zp),
+# divides by it: any pairing of scales is exact. Rounding is passed straight through, but the
+# saturation is not: d q / d x is 0 where round(x / scale) + zp falls outside the output type's
+# range, as torch's fake-quantize backward has it. The quantizer removes the ReLUs in front of
+# a Q/DQ pair (the range of the uint8 or int8 type stands in for them), so that mask is the
+# ReLU's. Scales and zero points get no gradient, also where they are computed from the input
+# (DynamicQuantizeLinear): in the continuous relaxation, round dropped, they cancel. Guided
+# backprop treats a QuantizeLinear that stands for a removed ReLU as that ReLU.
+
+_INTEGER_RANGES = {
+    onnx.TensorProto.UINT8: (0, 255),
+    onnx.TensorProto.INT8: (-128, 127),
+    onnx.TensorProto.UINT16: (0, 65535),
+    onnx.TensorProto.INT16: (-32768, 32767),
+    onnx.TensorProto.INT32: (-(2**31), 2**31 - 1),
+    onnx.TensorProto.UINT4: (0, 15),
+    onnx.TensorProto.INT4: (-8, 7),
+}
+
+
+def _per_axis(ctx: RuleContext, parameter: str, like: str) -> str:
+    """A Q/DQ scale or zero point shaped to broadcast against `like`: a scalar as it is, a 1-D
+    tensor along the node's `axis` (per-channel); blocked quantization is refused."""
+    b = ctx.b
+    if ctx.attr("block_size", 0):
+        raise ctx.unsupported("blocked quantization (block_size) is not supported; augment the "
+                              "float model, or quantize per tensor or per channel")
+    shape = b.static_shape(parameter)
+    if shape is None:
+        raise ctx.unsupported(f"the rank of its scale or zero point {parameter!r} is unknown")
+    if len(shape) == 0:
+        return parameter
+    if len(shape) > 1:
+        raise ctx.unsupported("scales of rank above 1 (blocked quantization) are not supported")
+    rank = b.rank(like)
+    axis = ctx.attr("axis", 1) % rank
+    others = [a for a in range(rank) if a != axis]
+    return b.unsqueeze(parameter, others) if others else parameter
+
+
+def _quantizer_grad(ctx: RuleContext, x: str, scale: str, zero_point: str | None,
+                    integer_type: int) -> str:
+    """d score / d x of q = saturate(round(x / scale) + zero_point): dq / scale where the
+    rounded value lies in the integer type's range, 0 where it saturates."""
+    b = ctx.b
+    if integer_type not in _INTEGER_RANGES:
+        raise ctx.unsupported(
+            f"quantization to {onnx.TensorProto.DataType.Name(integer_type)} is not supported, "
+            "only to integer types; augment the float model"
+        )
+    low, high = _INTEGER_RANGES[integer_type]
+    dtype = b.elem_type(scale)
+    scale = _per_axis(ctx, scale, x)
+    value = b.op("Round", [b.op("Div", [x, scale])])
+    if zero_point:
+        offset = b.op("Cast", [_per_axis(ctx, zero_point, x)], to=dtype)
+        value = b.op("Add", [value, offset])
+    bounds = [b.op("Cast", [b.const(bound)], to=dtype) for bound in (low, high)]
+    inside = b.op("And", [b.op("GreaterOrEqual", [value, bounds[0]]),
+                          b.op("LessOrEqual", [value, bounds[1]])])
+    if ctx.guided and _stands_for_relu(ctx, zero_point, low, high):
+        inside = b.op("And", [inside, b.op("Greater", [ctx.dy(), b.const(0.0)])])
+    return _kept(b, inside, b.op("Div", [ctx.dy(), scale]))
+
+
+# Ops whose output is non-negative where their input is: a Q/DQ pair after one of them clips
+# values that were never negative, where the float model has no ReLU.
+_SIGN_PRESERVING = {
+    "GlobalAveragePool", "AveragePool", "GlobalMaxPool", "MaxPool", "ReduceMean", "ReduceMax",
+    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Concat", "Resize",
+    "Pad", "Relu", "Clip", "DequantizeLinear",
+}
+_RELU6_TOP = 6.0
+
+
+def _stands_for_relu(ctx: RuleContext, zero_point: str | None, low: int, high: int) -> bool:
+    """Whether a QuantizeLinear stands for a ReLU the quantizer removed: it saturates at 0
+    below (a constant zero point equal to the type's minimum), its input comes from an op that
+    can make negative values (not a pooling, padding or reshape of clipped values), and it
+    does not also saturate at exactly 6 (a removed ReLU6, a Clip, which guided backprop leaves
+    alone as pytorch-grad-cam's guided model and the Clip rule do). Guided backprop drops
+    negative incoming gradients there, as at a ReLU."""
+    if ctx.node.op_type != "QuantizeLinear":
+        return False
+    zero = ctx.const_input(2) if zero_point else np.zeros((), np.int64)
+    scale = ctx.const_input(1)
+    if zero is None or scale is None or not np.all(zero == low):
+        return False
+    if np.allclose((high - zero.astype(np.float64)) * scale, _RELU6_TOP, rtol=1e-6):
+        return False
+    producer = next((n for n in ctx.b.graph.node if ctx.x(0) in n.output), None)
+    return producer is None or producer.op_type not in _SIGN_PRESERVING
+
+
+@rule("QuantizeLinear")
+def _quantize_linear(ctx: RuleContext) -> Gradients:
+    """q = saturate(round(x / scale) + zp), per tensor or per `axis`: dx = dq / scale inside
+    the output type's range, 0 where it saturates."""
+    grad = _quantizer_grad(ctx, ctx.x(0), ctx.x(1), ctx.x(2), ctx.b.elem_type(ctx.y(0)))
+    return [grad, None, None]
+
+
+@rule("DequantizeLinear")
+def _dequantize_linear(ctx: RuleContext) -> Gradients:
+    """y = (q - zp) scale, per tensor or per `axis`: dq = dy scale (d score / d the integer)."""
+    b, q = ctx.b, ctx.x(0)
+    # An input of unknown type reads as FLOAT (a contributed op's output): the op before it
+    # decides whether the gradient can pass.
+    if b.elem_type(q) not in _INTEGER_RANGES and b.elem_type(q) != onnx.TensorProto.FLOAT:
+        raise ctx.unsupported(
+            f"dequantization of {onnx.TensorProto.DataType.Name(b.elem_type(q))} is not "
+            "supported, only of integer types; augment the float model"
+        )
+    return [b.op("Mul", [ctx.dy(), _per_axis(ctx, ctx.x(1), q)]), None, None]
+
+
+@rule("DynamicQuantizeLinear")
+def _dynamic_quantize_linear(ctx: RuleContext) -> Gradients:
+    """(q, scale, zp) with the scale and zero point fitted to x's range (uint8): dx = dq /
+    scale, 0 where the rounding saturates; the scale's and zero point's own gradients are
+    dropped (they cancel in the relaxation: DequantizeLinear or the integer op's zero point
+    and output scale undo them)."""
+    if ctx.dy(0) is None:
+        return [None]
+    return [_quantizer_grad(ctx, ctx.x(0), ctx.y(1), ctx.y(2), onnx.TensorProto.UINT8)]
+
+
+def _centered(ctx: RuleContext, index: int, zero_point_index: int, axis: int,
+              dtype: int) -> str:
+    """Integer input `index` minus its zero point (scalar, or 1-D along `axis`), as `dtype`."""
+    b = ctx.b
+    value = b.op("Cast", [ctx.x(index)], to=dtype)
+    zero_point = ctx.x(zero_point_index)
+    if not zero_point:
+        return value
+    offset = b.op("Cast", [zero_point], to=dtype)
+    shape = b.static_shape(zero_point)
+    if shape is not None and len(shape) == 1:
+        rank = b.rank(ctx.x(index))
+        offset = b.unsqueeze(offset, [a for a in range(rank) if a != axis % rank])
+    return b.op("Sub", [value, offset])
+
+
+@rule("ConvInteger")
+def _conv_integer(ctx: RuleContext) -> Gradients:
+    """y = conv(x - x_zp, w - w_zp), int32: dx = ConvTranspose(dy, w - w_zp) as for Conv
+    (`_conv`), with the weights minus their zero point (per output channel where 1-D)."""
+    b = ctx.b
+    if ctx.needs(1):
+        raise ctx.unsupported("gradients for weights are not supported")
+    window = _Window.of_conv(ctx)
+    weight = _centered(ctx, 1, 3, 0, onnx.TensorProto.FLOAT)
+    dy = b.op("Cast", [ctx.dy()], to=onnx.TensorProto.FLOAT)
+    grad = _conv_transpose_to_input(
+        b, dy, weight, ctx.x(0), ctx.y(0), window, group=ctx.attr("group", 1)
+    )
+    return [grad, None, None, None]
+
+
+@rule("MatMulInteger")
+def _matmul_integer(ctx: RuleContext) -> Gradients:
+    """y = (A - a_zp)(B - b_zp), int32: dA = dy (B - b_zp)^T (b_zp per column where 1-D),
+    batch axes broadcast from B summed back."""
+    b = ctx.b
+    if ctx.needs(1):
+        raise ctx.unsupported("gradients for the second operand are not supported")
+    a_in, rank_b = ctx.x(0), b.rank(ctx.x(1))
+    if b.rank(a_in) < 2 or rank_b < 2:
+        raise ctx.unsupported("1-D operands are not supported")
+    centered = _centered(ctx, 1, 3, -1, onnx.TensorProto.FLOAT)
+    swapped = b.op("Transpose", [centered], perm=[*range(rank_b - 2), rank_b - 1, rank_b - 2])
+    dy = b.op("Cast", [ctx.dy()], to=onnx.TensorProto.FLOAT)
+    grad = b.op("MatMul", [dy, swapped])
+    if rank_b > 2 or b.rank(a_in) > 2:
+        grad = b.sum_to_shape(grad, a_in)
+    return [grad, None, None, None]
+
+
+def _integer_cast(ctx: RuleContext) -> Gradients:
+    """Cast of an integer tensor of the quantized chain (ConvInteger's int32 to float): the
+    values are unchanged, and so is the gradient, which stays float."""
+    return [ctx.dy()]
+
+
+# Rules for nodes whose input 0 is an integer tensor of the quantized chain, in place of RULES.
+INTEGER_RULES: dict[str, Rule] = {"Cast": Rule(_integer_cast, False)}

@@ -231,6 +231,48 @@ def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str
     return best
 
 
+def dequantized_layer(b: GraphBuilder, layer: str) -> str:
+    """The tensor a quantized (QDQ) graph computes with in place of `layer`: where `layer` is
+    read only by one QuantizeLinear whose output only one DequantizeLinear reads, that
+    DequantizeLinear's output; `layer` itself otherwise. onnxruntime's quantizer drops the ReLU
+    in front of such a pair (the integer range clips instead) and gives its name to the tensor
+    before it, so a float model's layer name then names the pre-ReLU values, and the ReLU'd
+    map is the DequantizeLinear output."""
+    consumers: dict[str, list] = {}
+    for node in b.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    readers = consumers.get(layer, [])
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or readers[0].input[0] != layer:
+        return layer
+    dequantizers = consumers.get(readers[0].output[0], [])
+    if len(dequantizers) != 1 or dequantizers[0].op_type != "DequantizeLinear":
+        return layer
+    return dequantizers[0].output[0]
+
+
+def differentiated_score(b: GraphBuilder, score_output: str) -> str:
+    """The tensor the backward pass of `score_output` starts from: where the output is a
+    DequantizeLinear of a QuantizeLinear of a float tensor with the same scale and zero point
+    (a QDQ model's quantized logits), that float tensor, seeded as the output would be
+    (straight through, the pair's derivative is 1). The output's own quantizer is not
+    differentiated: its saturation would zero the gradient, and blank the map, of every class
+    whose score passes the range calibrated for the output."""
+    producers = {t: node for node in b.graph.node for t in node.output}
+    dequantize = producers.get(score_output)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return score_output
+    quantize = producers.get(dequantize.input[0])
+    if (
+        quantize is None or quantize.op_type != "QuantizeLinear"
+        or list(quantize.input[1:]) != list(dequantize.input[1:])
+        or list(quantize.attribute) != list(dequantize.attribute)
+        or b.elem_type(quantize.input[0]) not in _FLOATS
+    ):
+        return score_output
+    return quantize.input[0]
+
+
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
     if layer not in _all_tensors(b.graph):
         raise AugmentError(f"target layer {layer!r} is not a tensor of the graph")
