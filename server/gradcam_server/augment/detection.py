@@ -305,9 +305,10 @@ def detection_seeds(
     iou_threshold: float,
 ) -> DetectionSeeds:
     """The seeds of score = scores[n, a, c] + IoU(boxes[n, a(, c)], reference[n]) for each
-    row's detection (a, c), chosen as the module docstring says."""
-    scores, boxes = heads.scores, heads.boxes
-    dtype = b.elem_type(scores)
+    row's detection (a, c), chosen as the module docstring says. Half-precision heads are
+    read in float32, as the backward pass runs (`GraphBuilder.computed`)."""
+    scores, boxes = b.computed(heads.scores), b.computed(heads.boxes)
+    dtype = b.compute_type(heads.scores)
     cast = (lambda t: t) if dtype == TensorProto.FLOAT else (
         lambda t: b.op("Cast", [t], to=dtype))
     onehot_values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
@@ -362,8 +363,8 @@ def detection_seeds(
     box_seed = b.op("Mul", [box_weights, b.unsqueeze(iou_gradient, [1, 2] if heads.per_class_boxes
                                                      else [1])])
     score_seed = b.op("Mul", [b.unsqueeze(chosen, [2]), b.unsqueeze(class_onehot, [1])])
-    return DetectionSeeds({scores: score_seed, boxes: box_seed}, explained, resolved, score,
-                          box, iou)
+    return DetectionSeeds({heads.scores: score_seed, heads.boxes: box_seed}, explained,
+                          resolved, score, box, iou)
 
 
 def _resolved_class(

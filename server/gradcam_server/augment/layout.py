@@ -51,10 +51,11 @@ MAX_INFERRED_PREFIX = 8  # the most prefix tokens a grid is inferred with from t
 _LAYOUT_PRESERVING = {
     "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu",
     "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Erf", "Softplus", "Mish", "Identity",
-    "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "Abs", "Neg", "Sqrt", "Pow", "Exp",
+    "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Abs", "Neg",
+    "Sqrt", "Pow", "Exp",
 }
 _NCHW_OPS = {
-    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+    "Conv", "ConvInteger", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
     "DepthToSpace", "SpaceToDepth",
 }

@@ -368,7 +368,7 @@ def _augment_detection(
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, seeds, wrt)
     features = {
-        view.tensor: Features(view, view.apply(b, view.tensor, image.name),
+        view.tensor: Features(view, view.apply(b, b.computed(view.tensor), image.name),
                               view.apply(b, gradients[view.tensor], image.name))
         for view in views
     }
@@ -378,11 +378,12 @@ def _augment_detection(
     expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
     image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
     if input_gradients:
-        b.add_output(gradients[image.name], NAMES.input_gradients, b.elem_type(image.name),
+        b.add_output(gradients[image.name], NAMES.input_gradients, b.compute_type(image.name),
                      image_dims)
     if pixel_map is not None:
-        b.add_output(pixel_map, NAMES.pixel_map, b.elem_type(image.name), image_dims)
+        b.add_output(pixel_map, NAMES.pixel_map, b.compute_type(image.name), image_dims)
     expose_detection(b, chosen, heads.scores, batch)
+    b.drop_unused_casts()
     record_target(proto, views)
     anchors, classes = (b.static_shape(heads.scores) or (None, None, None))[1:]
     for key, value in (("anchors", anchors), ("classes", classes)):
@@ -394,8 +395,8 @@ def _augment_detection(
 
 def expose_detection(b: GraphBuilder, chosen: DetectionSeeds, scores: str, batch) -> None:
     """The explained detection of each row: anchor (-1: none qualifies), class, class score,
-    box (x1, y1, x2, y2) and IoU with the reference box."""
-    dtype = b.elem_type(scores)
+    box (x1, y1, x2, y2) and IoU with the reference box (in the scores' compute type)."""
+    dtype = b.compute_type(scores)
     b.add_output(chosen.explained, NAMES.explained_detection, TensorProto.INT64, [batch])
     b.add_output(chosen.resolved_class, NAMES.detection_class, TensorProto.INT64, [batch])
     b.add_output(chosen.score, NAMES.detection_score, dtype, [batch])
