@@ -157,9 +157,12 @@ class ServedModel:
         self.output_shapes, self.layer_shape = self._warm_up()  # shapes at `input_hw`
         self.num_classes = self.output_shapes[self.score_output][0]
         self.num_anchors = -1  # detectors: the pre-NMS boxes, -1 where the graph leaves it free
+        self.background_class: int | None = None  # detectors: the class never explained
         if self.is_detector:
             self.num_classes = int(self.default_target.get("detection_classes", -1))
             self.num_anchors = int(self.default_target.get("detection_anchors", -1))
+            if "detection_background" in self.default_target:
+                self.background_class = int(self.default_target["detection_background"])
         if (self.config.labels is not None and self.num_classes > 0
                 and len(self.config.labels) != self.num_classes):
             raise AugmentError(
@@ -205,6 +208,7 @@ class ServedModel:
             detection = dict(
                 boxes=self.config.boxes_output, detection_format=self.config.detection_format,
                 box_format=self.config.box_format, iou_threshold=key.iou_threshold,
+                background_class=self.config.background_class,
             )
         return augment_model(
             self._proto, layer=key.layer, output=key.output, method=key.method,

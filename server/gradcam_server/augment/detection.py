@@ -1,4 +1,5 @@
-"""The "detection" score: one detection of a single-stage detector's raw head, per batch row.
+"""The "detection" score: one detection of a detector's raw head, per batch row (single-stage
+heads, and a two-stage detector's per-proposal scores and per-class boxes).
 
 A detector is explained before its post-processing (score threshold, top-k, NMS), which is not
 differentiable, on its pre-NMS heads (`find_heads`):
@@ -17,13 +18,15 @@ per row (`detection_seeds`) by the added inputs
     reference_box    FP32 [N, 4] x1, y1, x2, y2 in input pixels; a row of zero area (zeros)
                                 is no reference (with an index: the class score alone)
     target_class     INT64 [N]  the class c, or -r: the r-th highest-scoring class of the
-                                chosen anchor (by box: -1 chooses among all classes)
+                                chosen anchor (by box: -1 chooses among all classes); a
+                                background class (two-stage heads' 0) is never explained
 
-Choosing by box: of the anchors whose box overlaps the reference with IoU >= the threshold,
-the one with the highest score for the class (the detection NMS would keep). Where none
-overlaps enough, the row's seed is zero and ``explained_detection`` is -1, so a caller can
-refuse instead of explaining a wrong anchor. Outputs: ``explained_detection`` (INT64 [N]),
-``detection_class`` (INT64 [N]), ``detection_score`` (the class score, [N]),
+Choosing by box: of the anchors whose box has an area and overlaps the reference with IoU >=
+the threshold, the one with the highest score for the class (the detection NMS would keep);
+rows of zero boxes (a two-stage head's padding) are never chosen, and explain nothing by
+index. Where none overlaps enough, the row's seed is zero and ``explained_detection`` is -1,
+so a caller can refuse instead of explaining a wrong anchor. Outputs: ``explained_detection``
+(INT64 [N]), ``detection_class`` (INT64 [N]), ``detection_score`` (the class score, [N]),
 ``detection_box`` ([N, 4], x1, y1, x2, y2) and ``detection_iou`` ([N], 0 without reference).
 
 d IoU / d box is written in closed form (torchvision's box_iou, whose intersection is clamped
