@@ -113,7 +113,8 @@ def pooled_feature_maps(b: GraphBuilder, heads: Sequence[str], image: str) -> li
     maps = list(dict.fromkeys(n.input[0] for n in pooling))
     pooled_outputs = descendants(nodes, {n.output[0] for n in pooling})
     listed = "; ".join(f"{m} {list(b.static_shape(m) or ['?'])} (read by "
-                       + ", ".join(f"{n.op_type} {n.name!r}" for n in pooling if n.input[0] == m)
+                       + ", ".join(f"{n.op_type} {n.name!r}" if n.name else n.op_type
+                                   for n in pooling if n.input[0] == m)
                        + ")" for m in maps)
     nested = [m for m in maps if m in pooled_outputs]
     if nested:
