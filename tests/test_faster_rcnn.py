@@ -343,3 +343,48 @@ def test_padding_rows_are_never_chosen(exported, images, reference) -> None:
                         [c, c], [-1, int(padded[-1])], [box, box])
     assert out["explained_detection"].tolist() == [expected, -1]
     assert not out["gradients"][1].any()
+
+
+def test_served_in_process(exported, detection_model, images, reference, tmp_path) -> None:
+    """The export served through the service, in process (config.json: score "detection"):
+    its default layers are both pooled levels, its facts 150 proposals, 91 classes and
+    background 0; a detection by box gives the augmented graph's map; another method builds
+    its graph at the same default layers; class 0 is refused by name."""
+    import asyncio
+
+    import servers
+    from gradcam_server.errors import InvalidInput
+    from gradcam_server.model import Explaining
+    from gradcam_server.repository import ModelRepository
+    from gradcam_server.runtime import RuntimeOptions
+    from gradcam_server.service import GradCamService
+
+    (tmp_path / "frcnn").mkdir()
+    (tmp_path / "frcnn" / "model.onnx").symlink_to(exported)
+    servers.write_config(tmp_path / "frcnn", score="detection")
+    repository = ModelRepository(tmp_path, RuntimeOptions("cpu", 1))
+    repository.load_all()
+    model = repository.get("frcnn")
+    layers = tuple(explained_target(detection_model)["layer"].split(","))
+    assert model.default_layer == layers
+    assert (model.num_anchors, model.num_classes, model.background_class) == (150, 91, 0)
+
+    scores = reference.scores.detach().numpy()
+    boxes = reference.boxes.detach().numpy()
+    n, r, c = chosen_detections(scores)[0]
+    wanted = np.stack([np.clip(boxes[n, r, c] + OFFSET, 0, SIZE)] * BATCH)
+    service = GradCamService(repository)
+
+    def served(method: str, classes) -> dict:
+        detection = (np.full(BATCH, -1, np.int64), wanted)
+        return asyncio.run(service.run(model, images, explain=Explaining(method),
+                                       target_class=np.array(classes, np.int64),
+                                       detection=detection)).outputs
+
+    direct = run_detection(detection_model, images, [c, -1], [-1, -1], wanted)
+    out = served("gradcam", [c, -1])
+    np.testing.assert_array_equal(out["explained_detection"], direct["explained_detection"])
+    np.testing.assert_allclose(out["heatmap"], direct["heatmap"], atol=1e-5)
+    assert served("gradcam++", [c, -1])["heatmap"].shape == (BATCH, SIZE, SIZE)
+    with pytest.raises(InvalidInput, match="target_class 0 is the detector's background"):
+        served("gradcam", [0, -1])

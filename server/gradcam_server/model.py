@@ -144,7 +144,7 @@ class ServedModel:
             augmented = self._augment(default)
         except AugmentError as error:
             self.explain_error = str(error)
-            self.default_layer = None
+            self.default_layer: str | tuple[str, ...] | None = None
             self._default = self._default_explainer = None
             log.warning("model %s serves inference only: %s", name, error)
         else:
@@ -490,8 +490,11 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
     )
 
 
-def _exposed_layer(augmented: onnx.ModelProto) -> str:
-    return explained_target(augmented)["layer"]
+def _exposed_layer(augmented: onnx.ModelProto) -> str | tuple[str, ...]:
+    """The layer the graph explains, or its layers where it fuses several (a two-stage
+    detector's pooled FPN levels), as a request names them."""
+    layers = tuple(explained_target(augmented)["layer"].split(","))
+    return layers[0] if len(layers) == 1 else layers
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
