@@ -374,3 +374,67 @@ def test_quantized_detector_gradients_match_the_relaxation(ssdlite_onnx: Path, t
         return float(scores.astype(np.float64)[0, 1234, 7])
 
     assert directional_error(out["gradients"], score, out["activations"]) < TOLERANCE
+
+
+def _two_stage_graph(nested: bool) -> onnx.ModelProto:
+    """A tiny two-stage head: a conv map pooled by RoiAlign over two fixed rois (both from
+    image 0), a linear layer to scores [1, 2, 3] and per-class boxes [1, 2, 3, 4]; `nested`
+    pools the pooled map again (a cascade whose stage a default cannot choose)."""
+    rng = np.random.default_rng(0)
+
+    def constant(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(value, name)
+
+    pooled_channels = 4 * (2 * 2 if nested else 4 * 4)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["features"], pads=[1, 1, 1, 1]),
+        helper.make_node("RoiAlign", ["features", "rois", "batch"], ["pooled"],
+                         output_height=4, output_width=4, sampling_ratio=2),
+    ]
+    if nested:
+        nodes.append(helper.make_node("RoiAlign", ["pooled", "small_rois", "rows"],
+                                      ["pooled_again"], output_height=2, output_width=2,
+                                      sampling_ratio=2))
+    nodes += [
+        helper.make_node("Flatten", ["pooled_again" if nested else "pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w_scores"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        helper.make_node("Reshape", ["probabilities", "score_shape"], ["scores"]),
+        helper.make_node("MatMul", ["flat", "w_boxes"], ["codes"]),
+        helper.make_node("Reshape", ["codes", "box_shape"], ["boxes"]),
+    ]
+    initializers = [
+        constant("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        constant("rois", np.array([[1, 1, 9, 9], [4, 2, 14, 12]], np.float32)),
+        constant("batch", np.zeros(2, np.int64)),
+        constant("small_rois", np.array([[0, 0, 3, 3], [1, 1, 3, 3]], np.float32)),
+        constant("rows", np.array([0, 1], np.int64)),
+        constant("w_scores", rng.standard_normal((pooled_channels, 3)).astype(np.float32)),
+        constant("w_boxes", rng.standard_normal((pooled_channels, 12)).astype(np.float32)),
+        constant("score_shape", np.array([1, 2, 3], np.int64)),
+        constant("box_shape", np.array([1, 2, 3, 4], np.int64)),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_stage", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT,
+                                                           [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 2, 3]),
+         helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [1, 2, 3, 4])],
+        initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_two_stage_default_layer_and_background() -> None:
+    """A head read through RoiAlign: the default layer is the pooled map, class 0 is the
+    background (recorded; -1 and out-of-range classes as documented); nested region pooling is
+    refused with the pooled maps listed (tests/test_faster_rcnn.py checks Faster R-CNN)."""
+    augmented = augment_model(_two_stage_graph(nested=False), score="detection")
+    target = explained_target(augmented)
+    assert target["layer"] == "features" and target["detection_background"] == "0"
+    plain = explained_target(augment_model(_two_stage_graph(nested=False), score="detection",
+                                           background_class=-1))
+    assert "detection_background" not in plain
+    with pytest.raises(AugmentError, match="background_class must be -1"):
+        augment_model(_two_stage_graph(nested=False), score="detection", background_class=3)
+    with pytest.raises(AugmentError, match=r"another region pooling's output \(pooled\).*"
+                                           r"Pooled maps: features .*pooled \["):
+        augment_model(_two_stage_graph(nested=True), score="detection")

@@ -51,7 +51,7 @@ def repository(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     (root / "ssdlite").mkdir()
     (root / "ssdlite" / "model.onnx").symlink_to(model_path)
     servers.write_config(root / "ssdlite", score="detection", size=[SIZE, SIZE],
-                         iou_threshold=0.5)
+                         iou_threshold=0.5, background_class=0)  # SSD's class 0: background
     return root
 
 
@@ -71,7 +71,8 @@ def sdk(server) -> GradCamClient:
 @pytest.fixture(scope="module")
 def direct(model_path: Path):
     """The augmented graph, run on rows (image, class, index, box in model pixels)."""
-    session = zoo.ort_session(augment_model(model_path, score="detection").SerializeToString())
+    session = zoo.ort_session(augment_model(model_path, score="detection",
+                                            background_class=0).SerializeToString())
 
     def run(x, classes, indices, boxes) -> dict[str, np.ndarray]:
         feeds = {"input": np.asarray(x, np.float32),
@@ -178,6 +179,7 @@ def test_kserve_rows_explain_detections(server, direct) -> None:
     (DetectionTarget(), ["give a box index or a box"]),
     (DetectionTarget(box=(150, 150, 152, 152), class_index=3),
      ["no detection of class 3 overlaps box [150, 150, 152, 152] with IoU >= 0.5"]),
+    (DetectionTarget(box=BOX, class_index=0), ["target_class 0 is the detector's background"]),
 ])
 def test_bad_detections_are_invalid_argument(sdk: GradCamClient, detection, fragments) -> None:
     x = zoo.sample_batch(1, SIZE)

@@ -43,6 +43,9 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
                                         "cxcywh" for "yolo")
 ``iou_threshold``                       detectors: the least IoU of a detection chosen by
                                         reference box (default 0.5)
+``background_class``                    detectors: the class that is no object, never
+                                        explained (default: 0 for a two-stage detector,
+                                        none for others; -1: none)
 ``max_batch_size``                      dynamic batching bound (default 8; a graph with a
                                         fixed batch dimension serves with that size)
 ``max_queue_delay_microseconds``        how long a batch waits to fill (default 0: no
@@ -88,6 +91,7 @@ _SERVING_KEYS = {
     "detection_format",
     "box_format",
     "iou_threshold",
+    "background_class",
     "max_batch_size",
     "max_queue_delay_microseconds",
     "max_queue_size",
@@ -118,6 +122,7 @@ class ModelConfig:
     detection_format: str | None = None
     box_format: str | None = None
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    background_class: int | None = None  # None: augment's default (0 for two-stage heads)
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
     max_queue_delay_microseconds: int = 0
     max_queue_size: int = 64
@@ -217,7 +222,9 @@ def _detection_keys(raw: dict) -> dict:
             or not 0 <= threshold <= 1):
         raise ConfigError(f"{CONFIG_FILE}: 'iou_threshold' must be a number in [0, 1]")
     found["iou_threshold"] = float(threshold)
-    detector_keys = [k for k in ("boxes_output", "detection_format", "box_format")
+    found["background_class"] = _optional_int(raw, "background_class", minimum=-1)
+    detector_keys = [k for k in ("boxes_output", "detection_format", "box_format",
+                                 "background_class")
                      if found[k] is not None] + (["iou_threshold"] if "iou_threshold" in raw
                                                  else [])
     if detector_keys and found["score"] != "detection":

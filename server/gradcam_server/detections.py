@@ -280,7 +280,8 @@ def _refuse_group(
         number, position, index, _, category = rows[r]
         if index >= 0:
             raise InvalidInput(f"image {number}, detection {position}: box index {index} is out "
-                               "of range of the model's pre-NMS boxes")
+                               "of range of the model's pre-NMS boxes, or a padding row "
+                               "without a box")
         refuse_missing([-1], [category], [detections[number][position].box], threshold,
                        label=f"image {number}, detection {position}")
 

@@ -170,7 +170,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             input_shape=list(model.input.shape),
             input_size=list(model.input_hw),
             outputs=[o.name for o in model.outputs],
-            layer=model.default_layer or "",
+            layer=",".join(_layers(model.default_layer)),
             layer_shape=[-1, *model.layer_shape] if explainable else [],
             num_classes=model.num_classes,
             has_labels=model.labels is not None,
@@ -220,6 +220,13 @@ def _response(
     response.timings.inference_seconds = explained.inference_seconds
     response.timings.total_seconds = time.perf_counter() - started
     return response.SerializeToString()
+
+
+def _layers(layer: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A layer, several fused layers, or none, as a tuple of names."""
+    if layer is None:
+        return ()
+    return (layer,) if isinstance(layer, str) else tuple(layer)
 
 
 def _prefix_tokens(target: dict[str, str]) -> int | None:

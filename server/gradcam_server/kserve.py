@@ -303,7 +303,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             indices = detection[0] if detection[0] is not None else np.full(len(x), -1)
             for row in np.flatnonzero((explained < 0) & (indices >= 0)):
                 raise InvalidInput(f"row {row}: detection index {indices[row]} is out of range "
-                                   "of the model's pre-NMS boxes")
+                                   "of the model's pre-NMS boxes, or a padding row without a "
+                                   "box")
             refuse_missing(explained, classes, wanted, model.resolve(explain).iou_threshold,
                            label="row {row}")
             if NAMES.detection_box in outputs:

@@ -155,7 +155,7 @@ class ServedModel:
             augmented = self._augment(default)
         except AugmentError as error:
             self.explain_error = str(error)
-            self.default_layer = None
+            self.default_layer: str | tuple[str, ...] | None = None
             self._default = self._default_explainer = None
             log.warning("model %s serves inference only: %s", name, error)
         else:
@@ -168,9 +168,12 @@ class ServedModel:
         self.output_shapes, self.layer_shape = self._warm_up()  # shapes at `input_hw`
         self.num_classes = self.output_shapes[self.score_output][0]
         self.num_anchors = -1  # detectors: the pre-NMS boxes, -1 where the graph leaves it free
+        self.background_class: int | None = None  # detectors: the class never explained
         if self.is_detector:
             self.num_classes = int(self.default_target.get("detection_classes", -1))
             self.num_anchors = int(self.default_target.get("detection_anchors", -1))
+            if "detection_background" in self.default_target:
+                self.background_class = int(self.default_target["detection_background"])
         if (self.config.labels is not None and self.num_classes > 0
                 and len(self.config.labels) != self.num_classes):
             raise AugmentError(
@@ -216,6 +219,7 @@ class ServedModel:
             detection = dict(
                 boxes=self.config.boxes_output, detection_format=self.config.detection_format,
                 box_format=self.config.box_format, iou_threshold=key.iou_threshold,
+                background_class=self.config.background_class,
             )
         return augment_model(
             self._proto, layer=key.layer, output=key.output, method=key.method,
@@ -534,8 +538,11 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
     )
 
 
-def _exposed_layer(augmented: onnx.ModelProto) -> str:
-    return explained_target(augmented)["layer"]
+def _exposed_layer(augmented: onnx.ModelProto) -> str | tuple[str, ...]:
+    """The layer the graph explains, or its layers where it fuses several (a two-stage
+    detector's pooled FPN levels), as a request names them."""
+    layers = tuple(explained_target(augmented)["layer"].split(","))
+    return layers[0] if len(layers) == 1 else layers
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:

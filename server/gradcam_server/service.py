@@ -315,6 +315,12 @@ class GradCamService:
                 f"{classes} classes (0..{classes - 1}, or -r for each image's r-th "
                 "highest-scoring class, -1 the top one)"
             )
+        background = model.background_class if explain.score == "detection" else None
+        if background is not None and (target_class == background).any():
+            raise InvalidInput(
+                f"target_class {background} is the detector's background class, which is not "
+                "explained; give an object class, or -1 for the best one"
+            )
         return target_class
 
     def check_reference(

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="score detection: x1, y1, x2, y2 (xyxy) or centre and size")
     parser.add_argument("--iou-threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
                         help="score detection: least IoU of a detection chosen by box")
+    parser.add_argument("--background-class", type=int, metavar="C",
+                        help="score detection: the class that is no object, never explained "
+                             "(default: 0 for a two-stage detector, none otherwise; -1: none)")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model)
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             detection_format=args.detection_format,
             box_format=args.box_format,
             iou_threshold=args.iou_threshold,
+            background_class=args.background_class,
         )
     except AugmentError as error:
         print(f"gradcam-augment: {error}", file=sys.stderr)

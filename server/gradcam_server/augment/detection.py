@@ -1,4 +1,5 @@
-"""The "detection" score: one detection of a single-stage detector's raw head, per batch row.
+"""The "detection" score: one detection of a detector's raw head, per batch row (single-stage
+heads, and a two-stage detector's per-proposal scores and per-class boxes).
 
 A detector is explained before its post-processing (score threshold, top-k, NMS), which is not
 differentiable, on its pre-NMS heads (`find_heads`):
@@ -17,13 +18,15 @@ per row (`detection_seeds`) by the added inputs
     reference_box    FP32 [N, 4] x1, y1, x2, y2 in input pixels; a row of zero area (zeros)
                                 is no reference (with an index: the class score alone)
     target_class     INT64 [N]  the class c, or -r: the r-th highest-scoring class of the
-                                chosen anchor (by box: -1 chooses among all classes)
+                                chosen anchor (by box: -1 chooses among all classes); a
+                                background class (two-stage heads' 0) is never explained
 
-Choosing by box: of the anchors whose box overlaps the reference with IoU >= the threshold,
-the one with the highest score for the class (the detection NMS would keep). Where none
-overlaps enough, the row's seed is zero and ``explained_detection`` is -1, so a caller can
-refuse instead of explaining a wrong anchor. Outputs: ``explained_detection`` (INT64 [N]),
-``detection_class`` (INT64 [N]), ``detection_score`` (the class score, [N]),
+Choosing by box: of the anchors whose box has an area and overlaps the reference with IoU >=
+the threshold, the one with the highest score for the class (the detection NMS would keep);
+rows of zero boxes (a two-stage head's padding) are never chosen, and explain nothing by
+index. Where none overlaps enough, the row's seed is zero and ``explained_detection`` is -1,
+so a caller can refuse instead of explaining a wrong anchor. Outputs: ``explained_detection``
+(INT64 [N]), ``detection_class`` (INT64 [N]), ``detection_score`` (the class score, [N]),
 ``detection_box`` ([N, 4], x1, y1, x2, y2) and ``detection_iou`` ([N], 0 without reference).
 
 d IoU / d box is written in closed form (torchvision's box_iou, whose intersection is clamped
@@ -36,9 +39,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from onnx import TensorProto
 
-from .backward import ancestors, descendants, path_nodes
+from .backward import ancestors, descendants, detached_tensors, path_nodes
 from .errors import AugmentError
 from .graph import GraphBuilder, infer_shapes
 
@@ -94,11 +98,13 @@ def find_heads(
                            f"{', '.join(BOX_FORMATS)}")
     nodes = list(b.graph.node)
     after_nms = descendants(nodes, {n.output[0] for n in nodes if n.op_type == _NMS})
+    # outputs no gradient reaches (a two-stage detector's proposals) are not heads
+    not_heads = after_nms | (_tensors(b) - _differentiable(nodes, image))
     for name in (scores, boxes):
         if name is not None and name not in _tensors(b):
             raise AugmentError(f"{name!r} is not a tensor of the model")
     if scores is not None and boxes is None and detection_format != "yolo":
-        boxes = _only_box_output(b, scores, after_nms)
+        boxes = _only_box_output(b, scores, not_heads)
         if boxes is None and detection_format is None and _yolo_shaped(
                 b.static_shape(scores) or ()):
             detection_format = "yolo"
@@ -108,7 +114,7 @@ def find_heads(
         raise AugmentError("name both the scores and the boxes of the detection (or the one "
                            "output with detection format 'yolo')")
     else:
-        chosen = _detect_outputs(b, after_nms, detection_format)
+        chosen = _detect_outputs(b, not_heads, detection_format)
         if chosen is None:
             return _cut_before_nms(b, nodes, image, box_format)
     for name in chosen:
@@ -121,12 +127,13 @@ def find_heads(
 
 
 def _detect_outputs(
-    b: GraphBuilder, after_nms: set[str], detection_format: str | None
+    b: GraphBuilder, not_heads: set[str], detection_format: str | None
 ) -> tuple[str, str | None] | None:
-    """(scores, boxes) among the graph outputs no NMS feeds (boxes None: a YOLO output), or
-    None when no output looks like a head; AugmentError when several do."""
+    """(scores, boxes) among the graph outputs not in `not_heads` (those an NMS feeds, and
+    those no gradient reaches) (boxes None: a YOLO output), or None when no output looks like
+    a head; AugmentError when several do."""
     outputs = [o.name for o in b.graph.output
-               if o.name not in after_nms and b.elem_type(o.name) in _FLOATS]
+               if o.name not in not_heads and b.elem_type(o.name) in _FLOATS]
     shapes = {name: b.static_shape(name) or () for name in outputs}
     box_outputs = [n for n in outputs if len(shapes[n]) in (3, 4) and shapes[n][-1] == 4]
     score_outputs = [n for n in outputs if len(shapes[n]) == 3 and n not in box_outputs]
@@ -149,13 +156,25 @@ def _detect_outputs(
     return score_outputs[0], box_outputs[0]
 
 
-def _only_box_output(b: GraphBuilder, scores: str, after_nms: set[str]) -> str | None:
+def _only_box_output(b: GraphBuilder, scores: str, not_heads: set[str]) -> str | None:
     """The boxes beside named scores: the one other output [N, A, 4] or [N, A, C, 4]; None
     where there is none or several (or the scores are a YOLO output and no box output)."""
     shapes = {o.name: b.static_shape(o.name) or () for o in b.graph.output
-              if o.name != scores and o.name not in after_nms}
+              if o.name != scores and o.name not in not_heads}
     found = [n for n, shape in shapes.items() if len(shape) in (3, 4) and shape[-1] == 4]
     return found[0] if len(found) == 1 else None
+
+
+def _differentiable(nodes: Sequence, image: str) -> set[str]:
+    """The tensors a gradient flows into from the image: computed from it, not only through
+    what the walker holds constant (region pooling's rois and what computes them,
+    `backward.detached_tensors`)."""
+    detached = detached_tensors(nodes)
+    reached = {image}
+    for node in nodes:
+        if any(t in reached and t not in detached for t in node.input):
+            reached.update(t for t in node.output if t)
+    return reached
 
 
 def _yolo_shaped(shape: tuple) -> bool:
@@ -303,10 +322,14 @@ def detection_seeds(
     detection_index: str,
     reference_box: str,
     iou_threshold: float,
+    background_class: int | None = None,
 ) -> DetectionSeeds:
     """The seeds of score = scores[n, a, c] + IoU(boxes[n, a(, c)], reference[n]) for each
-    row's detection (a, c), chosen as the module docstring says. Half-precision heads are
-    read in float32, as the backward pass runs (`GraphBuilder.computed`)."""
+    row's detection (a, c), chosen as the module docstring says. `background_class` (a
+    two-stage head's "no object" class) is never explained: ranks (-r) and the choice by box
+    pass over it, and a row asking for it explains nothing (``explained_detection`` -1).
+    Half-precision heads are read in float32, as the backward pass runs
+    (`GraphBuilder.computed`)."""
     scores, boxes = b.computed(heads.scores), b.computed(heads.boxes)
     dtype = b.compute_type(heads.scores)
     cast = (lambda t: t) if dtype == TensorProto.FLOAT else (
@@ -314,10 +337,18 @@ def detection_seeds(
     onehot_values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
     anchors, classes = b.shape_slice(scores, 1, 2), b.shape_slice(scores, 2, 3)
     reference = cast(reference_box)
+    ranking = scores  # what classes are ranked by: the scores, background below every class
+    if background_class is not None:
+        indices = b.op("Range", [b.const(0, np.int64), b.squeeze(classes, [0]),
+                                 b.const(1, np.int64)])  # [C]
+        is_background = b.op("Equal", [indices, b.const(background_class, np.int64)])
+        lowest = b.op("Sub", [b.reduce("ReduceMin", scores, [2], keepdims=True),
+                              b.op("CastLike", [b.const(1.0), scores])])
+        ranking = b.op("Where", [is_background, lowest, scores])
 
     # the class each anchor is judged by: the given one, or the anchor's best (-r in box mode)
     given = b.op("Less", [target_class, b.ints([0])])
-    best = b.op("ArgMax", [scores], axis=2, keepdims=0)  # [N, A]
+    best = b.op("ArgMax", [ranking], axis=2, keepdims=0)  # [N, A]
     anchor_class = b.op("Where", [b.unsqueeze(given, [1]), best,
                                   b.unsqueeze(b.op("Max", [target_class, b.ints([0])]), [1])])
     class_mask = b.op("OneHot", [anchor_class, classes, onehot_values], axis=-1)  # [N, A, C]
@@ -328,7 +359,10 @@ def detection_seeds(
                                 [2], keepdims=False)
     ious = _iou(b, anchor_boxes, b.unsqueeze(reference, [1]))  # [N, A]
     threshold = b.op("CastLike", [b.const(iou_threshold), ious])
-    qualifies = b.op("GreaterOrEqual", [ious, threshold])
+    # a box without area (a two-stage head's padding rows, [0, 0, 0, 0]) never qualifies,
+    # whatever the threshold
+    qualifies = b.op("And", [b.op("GreaterOrEqual", [ious, threshold]),
+                             _has_area(b, anchor_boxes)])
     # the scores of the anchors that qualify as they are (exact ties resolved as ArgMax does),
     # the others below every score
     below = b.op("Sub", [b.reduce("ReduceMin", anchor_scores, [1], keepdims=True),
@@ -340,12 +374,27 @@ def detection_seeds(
     by_index = b.op("GreaterOrEqual", [detection_index, b.ints([0])])
     anchor = b.op("Where", [by_index, detection_index, by_box])
     valid = b.op("And", [b.op("Or", [by_index, any_overlap]), b.op("Less", [anchor, anchors])])
+    # by index: an anchor whose boxes have no area for any class (padding) explains nothing
+    boxed = _has_area(b, boxes)  # [N, A] or [N, A, C]
+    if heads.per_class_boxes:
+        boxed = b.reduce("ReduceMax", b.op("Cast", [boxed], to=dtype), [2], keepdims=False)
+    else:
+        boxed = b.op("Cast", [boxed], to=dtype)
+    anchor_boxed = b.reduce("ReduceSum", b.op("Mul", [
+        b.op("OneHot", [anchor, anchors, onehot_values], axis=-1), boxed]), [1], keepdims=False)
+    valid = b.op("And", [valid, b.op("Greater", [anchor_boxed, b.op("CastLike", [
+        b.const(0.0), anchor_boxed])])])
+    if background_class is not None:
+        valid = b.op("And", [valid, b.op("Not", [b.op("Equal", [
+            target_class, b.ints([background_class])])])])
     explained = b.op("Where", [valid, anchor, b.ints([-1])])
     chosen = b.op("Mul", [b.op("OneHot", [anchor, anchors, onehot_values], axis=-1),
                           b.unsqueeze(b.op("Cast", [valid], to=dtype), [1])])  # [N, A]
     row = b.reduce("ReduceSum", b.op("Mul", [scores, b.unsqueeze(chosen, [2])]), [1],
                    keepdims=False)  # [N, C]
-    resolved = _resolved_class(b, row, target_class, given, by_index)
+    ranked_row = b.reduce("ReduceSum", b.op("Mul", [ranking, b.unsqueeze(chosen, [2])]), [1],
+                          keepdims=False)
+    resolved = _resolved_class(b, ranked_row, target_class, given, by_index)
     class_onehot = b.op("OneHot", [resolved, classes, onehot_values], axis=-1)  # [N, C]
     score = b.reduce("ReduceSum", b.op("Mul", [row, class_onehot]), [1], keepdims=False)
     box_weights = b.unsqueeze(chosen, [2])  # [N, A, 1]
@@ -441,9 +490,9 @@ def _iou_gradient(b: GraphBuilder, box: str, reference: str) -> str:
 
 
 def _has_area(b: GraphBuilder, boxes: str) -> str:
-    """BOOL [N]: whether each box [N, 4] has x2 > x1 and y2 > y1."""
-    x1, y1, x2, y2 = _coordinates(b, boxes, 1)
-    return b.squeeze(b.op("And", [b.op("Greater", [x2, x1]), b.op("Greater", [y2, y1])]), [1])
+    """BOOL [...]: whether each box [..., 4] has x2 > x1 and y2 > y1."""
+    x1, y1, x2, y2 = _coordinates(b, boxes, -1)
+    return b.squeeze(b.op("And", [b.op("Greater", [x2, x1]), b.op("Greater", [y2, y1])]), [-1])
 
 
 def detection_target_layer(b: GraphBuilder, heads: DetectionHeads, image: str) -> str:

@@ -48,6 +48,7 @@ from .cam import (
 )
 from .detection import (
     DEFAULT_IOU_THRESHOLD,
+    DetectionHeads,
     DetectionSeeds,
     detection_seeds,
     detection_target_layer,
@@ -75,6 +76,8 @@ from .targets import (
     detect_target_layer,
     differentiated_score,
     image_input,
+    pooled_feature_maps,
+    region_pooling_nodes,
     region_seed,
     score_output_name,
     score_seed,
@@ -148,6 +151,7 @@ def augment_model(
     detection_format: str | None = None,
     box_format: str | None = None,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    background_class: int | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -205,6 +209,12 @@ def augment_model(
             `detection_format` "nac" (scores [N, A, C]), "nca" ([N, C, A]) or "yolo" (one
             [N, 4 + C, A] output); `box_format` "xyxy" or "cxcywh"; `iou_threshold` bounds
             the reference box's overlap when a detection is chosen by box.
+        background_class: the "detection" score's class that is no object, never explained
+            (ranks and the choice by box pass over it; asking for it explains nothing). By
+            default 0 for a two-stage detector (its heads read region pooling, as
+            torchvision's R-CNNs, whose class 0 is background) and none for a single-stage
+            one; give the index for another convention (Detectron2 and MMDetection put it
+            last), or -1 for none.
 
     Score "detection" (`detection.py`) explains one detection per row: the class score plus
     the IoU of its box with a reference box (pytorch-grad-cam's FasterRCNNBoxScoreTarget).
@@ -212,7 +222,8 @@ def augment_model(
     box) and ``reference_box`` (FP32 [N, 4]) and the outputs ``explained_detection`` (-1
     where no anchor of the class overlaps the box enough), ``detection_class``,
     ``detection_score``, ``detection_box`` and ``detection_iou``. Its default layer is the
-    last feature map every head reads (`detection.detection_target_layer`).
+    last feature map every head reads (`detection.detection_target_layer`); for a two-stage
+    detector, the maps its region pooling reads, fused (`targets.pooled_feature_maps`).
 
     The result keeps every original input and output (the batch dimension as the original has
     it) and adds the input ``target_class`` (INT64 [N]; c >= 0 explains class c, -r the r-th
@@ -257,7 +268,7 @@ def augment_model(
             proto, layer, output, input_gradients, method, counterfactual, eigen_smooth, input,
             dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
             dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
-            iou_threshold,
+            iou_threshold, background_class,
         )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
@@ -340,6 +351,7 @@ def _augment_detection(
     view_options: dict,
     head_options: dict,
     iou_threshold: float,
+    background_class: int | None,
 ) -> onnx.ModelProto:
     """`augment_model` for score "detection": the heads found (or cut before NMS), the
     detection's seeds on them, then the shared backward, heatmap and outputs passes."""
@@ -350,8 +362,11 @@ def _augment_detection(
     scores = None if output is None else score_output_name(proto, output)
     b = GraphBuilder(proto)
     heads = find_heads(b, image.name, scores, **head_options)
+    two_stage = bool(region_pooling_nodes(b, heads.sources, image.name))
     if layer is None:
-        layer = detection_target_layer(b, heads, image.name)
+        layer = (pooled_feature_maps(b, heads.sources, image.name)
+                 or detection_target_layer(b, heads, image.name))
+    background_class = _background_class(b, heads, background_class, two_stage)
     views = _target_views(b, layer, heads.scores, image.name, view_options)
     target_class = add_target_class(proto, image)
     batch = _dim(image.type.tensor_type.shape.dim[0])
@@ -360,7 +375,7 @@ def _augment_detection(
         helper.make_tensor_value_info(NAMES.reference_box, TensorProto.FLOAT, [batch, 4]),
     ])
     chosen = detection_seeds(b, heads, target_class, NAMES.detection_index,
-                             NAMES.reference_box, iou_threshold)
+                             NAMES.reference_box, iou_threshold, background_class)
     seeds = chosen.seeds
     if counterfactual:
         seeds = {tensor: b.op("Neg", [seed]) for tensor, seed in seeds.items()}
@@ -386,11 +401,26 @@ def _augment_detection(
     b.drop_unused_casts()
     record_target(proto, views)
     anchors, classes = (b.static_shape(heads.scores) or (None, None, None))[1:]
-    for key, value in (("anchors", anchors), ("classes", classes)):
+    background = () if background_class is None else (("background", background_class),)
+    for key, value in (("anchors", anchors), ("classes", classes), *background):
         if isinstance(value, int):  # what a server checks requests against
             proto.metadata_props.add(key=f"{METADATA_PREFIX}detection_{key}", value=str(value))
     check(proto)
     return proto
+
+
+def _background_class(
+    b: GraphBuilder, heads: DetectionHeads, background_class: int | None, two_stage: bool
+) -> int | None:
+    """The background class as `augment_model` documents it (None: no background class)."""
+    if background_class is None:
+        return 0 if two_stage else None
+    classes = (b.static_shape(heads.scores) or (None,) * 3)[2]
+    if background_class < -1 or (isinstance(classes, int) and background_class >= classes):
+        raise AugmentError(f"background_class must be -1 (none) or a class of the scores "
+                           f"(0 to {classes - 1 if isinstance(classes, int) else 'C - 1'}); "
+                           f"got {background_class}")
+    return None if background_class == -1 else background_class
 
 
 def expose_detection(b: GraphBuilder, chosen: DetectionSeeds, scores: str, batch) -> None:

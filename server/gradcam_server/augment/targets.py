@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx
 from onnx import TensorProto
 
@@ -32,6 +34,8 @@ _NORMS = {
 }
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 SCORES = ("logit", "probability", "similarity", "region", "detection")  # detection.py: detections
+# Region pooling: a two-stage detector's RoI heads read these ops' input 0 (the feature map)
+_REGION_POOLING = ("RoiAlign", "MaxRoiPool")
 
 
 def detect_target_layer(
@@ -75,6 +79,66 @@ def detect_target_layer(
         return layer
     except AugmentError as error:
         raise transformer_error or error from None
+
+
+def region_pooling_nodes(b: GraphBuilder, heads: Sequence[str], image: str) -> list:
+    """The region pooling nodes (`RoiAlign`, `MaxRoiPool`) that pool a map of the image into
+    what `heads` read: a two-stage detector's RoI heads (empty for any other model)."""
+    nodes = list(b.graph.node)
+    from_image = descendants(nodes, {image})
+    feeding = ancestors(nodes, set(heads))
+    return [n for n in nodes if n.op_type in _REGION_POOLING and n.domain in ("", "ai.onnx")
+            and n.output[0] in feeding and n.input[0] in from_image]
+
+
+def pooled_feature_maps(b: GraphBuilder, heads: Sequence[str], image: str) -> list[str] | None:
+    """A two-stage detector's default target layers: the feature maps its region pooling
+    (`RoiAlign`, `MaxRoiPool`) reads, as pytorch-grad-cam's Faster R-CNN tutorial targets the
+    backbone's FPN outputs. None where no region pooling lies between the image and `heads`
+    (a single-stage detector: `detection.detection_target_layer`).
+
+    Several pooled maps (the FPN levels of torchvision's MultiScaleRoIAlign) are all returned,
+    finest first (largest h x w; ties in graph order, so level "0" first), for the multi-layer
+    fusion (`cam.mean_of_maps`): each proposal is pooled from one level, every other level
+    gets an exactly zero gradient and a zero map, so the fused heatmap is the map of the level
+    the explained proposal was pooled from, whichever it is; ``activations`` and ``gradients``
+    are the finest level's. A single pooled map (one RoiAlign over the backbone's last map) is
+    the target alone. Refused, naming the pooled tensors, where a pooled map is not a 4-D
+    float map of the image, or is computed from another region pooling's output (nested or
+    cascaded heads: which stage to explain is the caller's choice)."""
+    nodes = list(b.graph.node)
+    pooling = region_pooling_nodes(b, heads, image)
+    if not pooling:
+        return None
+    maps = list(dict.fromkeys(n.input[0] for n in pooling))
+    pooled_outputs = descendants(nodes, {n.output[0] for n in pooling})
+    listed = "; ".join(f"{m} {list(b.static_shape(m) or ['?'])} (read by "
+                       + ", ".join(f"{n.op_type} {n.name!r}" if n.name else n.op_type
+                                   for n in pooling if n.input[0] == m)
+                       + ")" for m in maps)
+    nested = [m for m in maps if m in pooled_outputs]
+    if nested:
+        raise AugmentError(
+            "cannot choose a two-stage detector's target layer: the region pooling reads maps "
+            f"computed from another region pooling's output ({', '.join(nested)}); name the "
+            f"layer(s) with the layer option. Pooled maps: {listed}"
+        )
+    shapes = {m: b.static_shape(m) for m in maps}
+    unusable = [m for m in maps if shapes[m] is None or len(shapes[m]) != 4
+                or b.elem_type(m) not in _FLOATS]
+    if unusable:
+        raise AugmentError(
+            "cannot choose a two-stage detector's target layer: the region pooling reads "
+            f"tensors that are not 4-D float feature maps of known rank ({', '.join(unusable)});"
+            f" name the layer(s) with the layer option. Pooled maps: {listed}"
+        )
+
+    def area(tensor: str) -> int:
+        height, width = shapes[tensor][2:]
+        known = isinstance(height, int) and isinstance(width, int)
+        return height * width if known else 0
+
+    return sorted(maps, key=lambda m: -area(m))  # stable: graph order among equal sizes
 
 
 def _transformer_target(b: GraphBuilder, score_output: str, image: str) -> str | None:
