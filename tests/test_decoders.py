@@ -4,7 +4,8 @@ SemanticSegmentationTarget on the same weights, through both exporters; and `gra
 choosing the region score for a segmentation output as the server does.
 
 The ConvTranspose rule itself (strides, pads, output_padding, dilations, groups, auto_pad,
-output_shape) is checked by finite differences in test_rules.py."""
+output_shape) is checked by finite differences in test_rules.py. The U-Net is also served, from
+a folder holding only its model.onnx, and explained through KServe with a target mask."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import tritonclient.grpc as triton
 from torch import nn
 
+import servers
 import zoo
 import zoo_reference
 from gradcam_server.augment import augment_model, cli
@@ -132,3 +135,27 @@ def test_gradcam_augment_picks_the_region_score_for_a_segmentation_output(
 
     assert cli.main([str(exported("torchscript")), "-o", str(target), "--score", "logit"]) == 1
     assert "explain it with the region score" in capsys.readouterr().err
+
+
+def test_served_unet_explains_regions(exported, tmp_path: Path) -> None:
+    """Served from a folder holding only model.onnx: the default score of its [N, classes, h, w]
+    output is the region, and a KServe request with a target mask gets the heatmap the
+    augmented graph computes."""
+    repository = tmp_path / "repository"
+    (repository / "unet").mkdir(parents=True)
+    (repository / "unet" / "model.onnx").symlink_to(exported("torchscript"))
+    x, mask = zoo.sample_batch(2, SIZE), _masks()
+    expected = zoo.ort_session(augment_model(exported("torchscript"), score="region")
+                               .SerializeToString()).run(
+        ["heatmap"], {"input": x, "target_class": np.array([1, -1]), "target_mask": mask})[0]
+    inputs = []
+    for name, value, datatype in (("input", x, "FP32"), ("target_class", np.array([1, -1]),
+                                                          "INT64"),
+                                  ("target_mask", mask, "FP32")):
+        tensor = triton.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with servers.serving(repository, tmp_path / "server.log") as server:
+        result = triton.InferenceServerClient(server.address).infer(
+            "unet", inputs, outputs=[triton.InferRequestedOutput("heatmap")])
+    np.testing.assert_allclose(result.as_numpy("heatmap"), expected, atol=1e-5)
