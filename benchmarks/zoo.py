@@ -37,9 +37,9 @@ REPORT = ROOT / "docs" / "ZOO.md"
 WORK = Path(tempfile.gettempdir()) / "gradcam_zoo"  # exports kept where the outcome is not a match
 EXTRA_OUTCOMES = ("timeout", "crashed")
 GOAL_SHARE = 0.95
-# Sections other checks write (test_half.py's figures, benchmarks/quantized_zoo.py,
-# benchmarks/bench_detection.py), kept on rewrites.
-KEPT_SECTIONS = ("## Half precision", "## Quantized", "## Detection")
+# Sections other checks write (test_decoders.py's and test_half.py's figures,
+# benchmarks/quantized_zoo.py, benchmarks/bench_detection.py), kept on rewrites.
+KEPT_SECTIONS = ("## Decoders", "## Half precision", "## Quantized", "## Detection")
 # Why a run does not match, found by reading its graph: (source, model, exporter) -> one line.
 # Shown with the run's message in docs/ZOO.md; "*" stands for both exporters.
 CAUSES: dict[tuple[str, str, str], str] = {
