@@ -46,6 +46,10 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
 ``background_class``                    detectors: the class that is no object, never
                                         explained (default: 0 for a two-stage detector,
                                         none for others; -1: none)
+``precision``                           "float32" (default: the graph as it is) or "float16":
+                                        a float32 graph converted at load (onnxconverter-
+                                        common, float32 inputs and outputs kept), for GPUs
+                                        with fast float16
 ``max_batch_size``                      dynamic batching bound (default 8; a graph with a
                                         fixed batch dimension serves with that size)
 ``max_queue_delay_microseconds``        how long a batch waits to fill (default 0: no
@@ -92,10 +96,12 @@ _SERVING_KEYS = {
     "box_format",
     "iou_threshold",
     "background_class",
+    "precision",
     "max_batch_size",
     "max_queue_delay_microseconds",
     "max_queue_size",
 }
+PRECISIONS = ("float32", "float16")
 
 
 class ConfigError(ValueError):
@@ -123,6 +129,7 @@ class ModelConfig:
     box_format: str | None = None
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
     background_class: int | None = None  # None: augment's default (0 for two-stage heads)
+    precision: str = "float32"  # "float16": the graph converted at load
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
     max_queue_delay_microseconds: int = 0
     max_queue_size: int = 64
@@ -200,10 +207,18 @@ def _validated(
         grid=grid,
         method=_optional_str(raw, "method") or "gradcam",
         **detection,
+        precision=_choice(raw, "precision", PRECISIONS) or "float32",
         max_batch_size=_optional_int(raw, "max_batch_size", minimum=1),
         max_queue_delay_microseconds=0 if delay is None else delay,
         max_queue_size=_optional_int(raw, "max_queue_size", minimum=1) or 64,
     )
+
+
+def _choice(raw: dict, key: str, choices: tuple[str, ...]) -> str | None:
+    value = _optional_str(raw, key)
+    if value is not None and value not in choices:
+        raise ConfigError(f"{key!r} must be one of {', '.join(choices)}, got {shown(value)}")
+    return value
 
 
 def _detection_keys(raw: dict) -> dict:
@@ -211,16 +226,12 @@ def _detection_keys(raw: dict) -> dict:
     found: dict = {}
     for key, choices in (("score", SCORES), ("detection_format", DETECTION_FORMATS),
                          ("box_format", BOX_FORMATS)):
-        value = _optional_str(raw, key)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{CONFIG_FILE}: {key!r} must be one of {', '.join(choices)}, "
-                              f"got {shown(value)}")
-        found[key] = value
+        found[key] = _choice(raw, key, choices)
     found["boxes_output"] = _optional_str(raw, "boxes_output")
     threshold = raw.get("iou_threshold", DEFAULT_IOU_THRESHOLD)
     if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
             or not 0 <= threshold <= 1):
-        raise ConfigError(f"{CONFIG_FILE}: 'iou_threshold' must be a number in [0, 1]")
+        raise ConfigError("'iou_threshold' must be a number in [0, 1]")
     found["iou_threshold"] = float(threshold)
     found["background_class"] = _optional_int(raw, "background_class", minimum=-1)
     detector_keys = [k for k in ("boxes_output", "detection_format", "box_format",
@@ -228,7 +239,7 @@ def _detection_keys(raw: dict) -> dict:
                      if found[k] is not None] + (["iou_threshold"] if "iou_threshold" in raw
                                                  else [])
     if detector_keys and found["score"] != "detection":
-        raise ConfigError(f"{CONFIG_FILE}: {', '.join(map(repr, detector_keys))} apply to "
+        raise ConfigError(f"{', '.join(map(repr, detector_keys))} apply to "
                           "detectors: set 'score' to \"detection\"")
     return found
 

@@ -39,9 +39,9 @@ from .augment.layout import check_view_options
 from .augment.passes import ALL_METHODS, NAMES
 from .augment.targets import default_score, image_input, score_output_name, spatial_axes
 from .batching import StopSignal
-from .config import CONFIG_FILE, ModelConfig, parse_grid, read_config
+from .config import CONFIG_FILE, ConfigError, ModelConfig, parse_grid, read_config
 from .errors import ExplainUnavailable, InvalidInput, RunStopped, shown
-from .runtime import RuntimeOptions, create_session
+from .runtime import CUDA, RuntimeOptions, create_session, run_bound
 from .triton_repository import CONFIG_FILE as TRITON_CONFIG_FILE
 from .triton_repository import TritonModel
 
@@ -93,6 +93,20 @@ class Explaining:
         return "/".join([self.method or "default", *options])
 
 
+def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """config.json's "precision": "float16": a float32 graph's weights and arithmetic in
+    float16, its inputs and outputs kept float32 (onnxconverter-common's conversion); the
+    augmentation then runs its backward pass and CAM math in float32 as for any float16
+    graph."""
+    from onnxconverter_common import float16  # only models that ask for it need it
+
+    for value in model.graph.input:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            raise ConfigError(f"{CONFIG_FILE}: 'precision' float16 converts a float32 graph; "
+                              "this one is float16 already: leave 'precision' out")
+    return float16.convert_float_to_float16(model, keep_io_types=True)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -118,6 +132,8 @@ class ServedModel:
             settings=triton.settings if triton else None,
             source=f"{TRITON_CONFIG_FILE} parameters" if triton else CONFIG_FILE,
         )
+        if self.config.precision == "float16":
+            self._proto = _to_float16(self._proto)
         image = image_input(self._proto, self.config.input)
         self.input = _info(image)
         self.score_output = score_output_name(self._proto, self.config.score_output)
@@ -421,7 +437,10 @@ class ServedModel:
             if stop is not None and stop.is_set():
                 raise RunStopped("the run was stopped: no request waits for it")
             try:
-                outputs = session.run(names, part, options)
+                if session.get_providers()[0] == CUDA:
+                    outputs = run_bound(session, part, names, options)
+                else:
+                    outputs = session.run(names, part, options)
             except Exception:
                 if stop is not None and stop.is_set():
                     raise RunStopped("the run was stopped: no request waits for it") from None

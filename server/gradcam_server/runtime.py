@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -34,19 +35,64 @@ _WARNINGS = 2
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How sessions are created. `device` is "auto", "cuda" or "cpu"."""
+    """How sessions are created. `device` is "auto", "cpu", "cuda" or "cuda:N" (GPU N; one
+    server process per GPU, each with its own sessions, is how several GPUs are used)."""
 
     device: str = "auto"
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
 
-    def providers(self) -> list[str]:
+    def __post_init__(self) -> None:
+        parse_device(self.device)
+
+    @property
+    def device_id(self) -> int:
+        return parse_device(self.device)[1]
+
+    def providers(self) -> list:
+        """Providers for `InferenceSession`: CUDA (on `device_id`) before CPU where it works."""
         if self.device == "cpu":
             return [CPU]
         if cuda_usable():
-            return [CUDA, CPU]
-        if self.device == "cuda":
-            raise RuntimeError("the CUDA execution provider was asked for but is not usable")
+            return [(CUDA, {"device_id": self.device_id}), CPU]
+        if self.device != "auto":
+            raise RuntimeError(
+                f"the CUDA execution provider was asked for ({self.device}) but is not usable"
+            )
         return [CPU]
+
+
+def parse_device(text: str) -> tuple[str, int]:
+    """"auto", "cpu", "cuda" or "cuda:N" -> (kind, device id); ValueError otherwise."""
+    kind, colon, index = text.partition(":")
+    if kind in ("auto", "cpu", "cuda") and not colon:
+        return kind, 0
+    if kind == "cuda" and index.isdigit() and len(index) <= 4:
+        return kind, int(index)
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def run_bound(
+    session: ort.InferenceSession, feeds: dict, names: list[str], options: ort.RunOptions
+) -> list:
+    """`session.run(names, feeds, options)` through an IOBinding, for a session on the CUDA
+    provider: each input is copied to the device once, every intermediate tensor stays there,
+    and only the outputs `names` are copied back to the host (as numpy arrays). On the CPU
+    provider it computes the same as `run` (what the tests check here)."""
+    on_cuda = session.get_providers()[0] == CUDA
+    device = "cuda" if on_cuda else "cpu"
+    device_id = 0
+    if on_cuda:
+        device_id = int(session.get_provider_options()[CUDA].get("device_id", 0))
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(
+            name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device,
+                                                   device_id)
+        )
+    for name in names:
+        binding.bind_output(name, device, device_id)
+    session.run_with_iobinding(binding, options)
+    return binding.copy_outputs_to_cpu()
 
 
 @functools.cache

@@ -46,7 +46,7 @@ from .kserve import KServeServicer
 from .metrics import Metrics
 from .model import DEFAULT_MAX_VARIANTS
 from .repository import ModelRepository
-from .runtime import RuntimeOptions
+from .runtime import RuntimeOptions, parse_device
 from .service import DEFAULT_MAX_PIXELS, MAX_MESSAGE_BYTES, GradCamService, ServiceLimits
 from .transport import add_servicer
 
@@ -287,6 +287,14 @@ async def serve(options: ServerOptions) -> None:
     log.info("stopped")
 
 
+def _device(text: str) -> str:
+    try:
+        parse_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gradcam-server` command line (the deployment manifests' tests parse with it)."""
     parser = argparse.ArgumentParser(
@@ -311,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     parser.add_argument("--tls-client-ca", type=Path,
                         help="CA (PEM) that client certificates must chain to (mutual TLS)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--device", type=_device, default="auto", metavar="DEVICE",
+                        help="auto (CUDA where it works, else CPU), cpu, cuda or cuda:N "
+                        "(GPU N; run one server per GPU)")
     parser.add_argument("--threads", type=int, default=0,
                         help="onnxruntime intra-op threads per session (0: one per core)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
