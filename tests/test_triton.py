@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc
 from gradcam_server.augment import AugmentError, augment_model, cli
-from servers import TINY_CLASSES, TINY_SIZE, export_torch, serving, tiny_cnn
+from servers import TINY_CLASSES, TINY_SIZE, export_torch, export_two_heads, serving, tiny_cnn
 
 pytestmark = pytest.mark.slow
 
@@ -161,8 +161,9 @@ parameters [
 def test_server_serves_the_newest_version_of_a_triton_layout_folder(tmp_path: Path) -> None:
     """Versions 1 and 2 are different networks, 10 a folder without a model: version 2 is
     served, with the config's batching, method and labels; Triton's other fields are skipped.
-    Beside it, a folder whose config names another backend and one whose parameters our
-    config check refuses are not served, each with the reason."""
+    A model with two declared inputs serves with the image-shaped one as its image. Beside
+    them, a folder whose config names another backend and one whose parameters our config
+    check refuses are not served, each with the reason."""
     text_format.Parse(TRITON_CONFIG, model_config_pb2.ModelConfig())  # Triton would take it
     repository = tmp_path / "repository"
     folder = repository / "tiny"
@@ -174,6 +175,13 @@ def test_server_serves_the_newest_version_of_a_triton_layout_folder(tmp_path: Pa
     other = repository / "tensorrt"
     export_torch(tiny_cnn(), TINY_SIZE, other / "1" / "model.onnx", dynamic_batch=True)
     (other / "config.pbtxt").write_text('name: "tensorrt"\nbackend: "tensorrt"\n')
+    two_inputs = repository / "two_inputs"  # the image input read from the declared inputs
+    export_two_heads(two_inputs / "1" / "model.onnx")
+    (two_inputs / "config.pbtxt").write_text(
+        'max_batch_size: 4\n'
+        'input [{ name: "meta", data_type: TYPE_FP32, dims: [1] },\n'
+        '       { name: "image", data_type: TYPE_FP32, dims: [3, 32, 32] }]\n'
+    )
     misconfigured = repository / "misconfigured"
     export_torch(tiny_cnn(), TINY_SIZE, misconfigured / "1" / "model.onnx", dynamic_batch=True)
     (misconfigured / "config.pbtxt").write_text(
@@ -202,6 +210,7 @@ def test_server_serves_the_newest_version_of_a_triton_layout_folder(tmp_path: Pa
     np.testing.assert_allclose(result.as_numpy("heatmap"), layercam, atol=1e-5)
     assert info.max_batch_size == 3 and info.has_labels and info.num_classes == TINY_CLASSES
     statuses = {m.name: m for m in listed.models}
+    assert statuses["two_inputs"].ready, statuses["two_inputs"].reason
     assert not statuses["tensorrt"].ready and "backend 'tensorrt'" in statuses["tensorrt"].reason
     assert not statuses["misconfigured"].ready
     assert statuses["misconfigured"].reason.startswith("config.pbtxt parameters: ")

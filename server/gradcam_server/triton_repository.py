@@ -16,8 +16,9 @@ the CUDA execution provider), else on the CPU. What the graph explains (method, 
 is recorded in ``parameters``.
 
 Reading (``gradcam-server`` on such a repository): the newest version the version policy allows
-is served (the highest number; ``specific`` picks the highest listed); ``max_batch_size`` and
-``dynamic_batching.max_queue_delay_microseconds`` are read; our own settings, the keys of a
+is served (the highest number; ``specific`` picks the highest listed); ``max_batch_size``,
+``dynamic_batching.max_queue_delay_microseconds`` and, among several declared inputs, the one
+image-shaped input ([C, H, W] past the batch) are read; our own settings, the keys of a
 folder's config.json (`config.py`), come from ``parameters``, each value JSON where it parses
 as JSON (``[224, 224]``, ``8``, ``"NCHW"``) and a plain string otherwise (``gradcamplusplus``).
 Fields of Triton's schema not named here are skipped.
@@ -147,6 +148,10 @@ def read_model(folder: Path) -> TritonModel:
                                 f"{filename} beside {CONFIG_FILE})")
     settings = {key: _setting(value.string_value) for key, value in config.parameters.items()
                 if not key.startswith("gradcam.")}
+    images = [i.name for i in config.input
+              if len(i.dims) == (3 if config.max_batch_size > 0 else 4)]
+    if len(images) == 1 and len(config.input) > 1:  # the one image among several inputs
+        settings.setdefault("input", images[0])
     if config.max_batch_size > 0:
         settings.setdefault("max_batch_size", config.max_batch_size)
     if config.HasField("dynamic_batching"):
