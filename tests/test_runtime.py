@@ -112,8 +112,7 @@ def test_float16_precision_converts_at_load(tmp_path) -> None:
     root = tmp_path / "repository"
     for name, config in (("float32", {}), ("half", {"precision": "float16"}),
                          ("twice", {"precision": "float16"}), ("typo", {"precision": "fp8"})):
-        path = export_torch(tiny_cnn(), TINY_SIZE, root / name / "model.onnx",
-                            dynamic_batch=True)
+        export_torch(tiny_cnn(), TINY_SIZE, root / name / "model.onnx", dynamic_batch=True)
         write_config(root / name, **config)
     onnx.save(float16.convert_float_to_float16(onnx.load(root / "twice" / "model.onnx")),
               root / "twice" / "model.onnx")

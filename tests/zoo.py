@@ -300,8 +300,8 @@ def export_onnx(
 ) -> Path:
     """Export the calibrated model (eval mode) to `path`, input "input", output "logits".
 
-    The example input has batch 2 and `size` x `size` pixels (the export's fixed size). "torchscript" writes opset 17 with every weight inside the
-    file; "dynamo" writes opset 18 and may put the weights in ``<file>.data`` beside it. With
+    The example input has batch 2 and `size` x `size` pixels (the export's fixed size).
+    "torchscript" writes opset 17 with every weight inside the file; "dynamo" writes opset 18 and may put the weights in ``<file>.data`` beside it. With
     `check`, the file is loaded back and run by onnxruntime (batch 1 and 2 when the batch is
     dynamic) and compared with torch's logits.
     """

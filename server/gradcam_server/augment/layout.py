@@ -55,7 +55,8 @@ _LAYOUT_PRESERVING = {
     "Sqrt", "Pow", "Exp",
 }
 _NCHW_OPS = {
-    "Conv", "ConvInteger", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+    "Conv", "ConvInteger", "ConvTranspose", "BatchNormalization", "InstanceNormalization",
+    "GroupNormalization",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
     "DepthToSpace", "SpaceToDepth",
 }
