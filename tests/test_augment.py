@@ -355,3 +355,27 @@ def test_loop_bodies_copy_weights_within_one_budget(
     x = batch(2)
     np.testing.assert_allclose(run(bounded, x, [1, 2])["heatmap"],
                                run(copied, x, [1, 2])["heatmap"], atol=1e-5)
+
+
+def test_an_invalid_input_graph_is_named_as_such() -> None:
+    """A graph that fails onnx's checker before any change (a Cast whose declared output type
+    contradicts its `to`, as a float16 conversion can leave behind) is refused as the model's
+    own fault, not as the augmented graph's."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["features"], pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["features"], ["cast"], to=TensorProto.FLOAT),
+        helper.make_node("GlobalAveragePool", ["cast"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "invalid",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")],
+        value_info=[helper.make_tensor_value_info("cast", TensorProto.FLOAT16, ["N", 4, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(AugmentError, match="the model itself fails onnx's checker.*Cast"):
+        augment_model(model, layer="features")

@@ -335,7 +335,7 @@ def augment_model(
                      [_dim(d) for d in image.type.tensor_type.shape.dim])
     b.drop_unused_casts()
     record_target(proto, views)
-    check(proto)
+    check(proto, model)
     return proto
 
 
@@ -697,14 +697,26 @@ def _view_dims(b: GraphBuilder, view: TargetView) -> list:
     return [shape[2], *(view.grid or (None, None))]
 
 
-def check(model: onnx.ModelProto) -> None:
+def check(model: onnx.ModelProto, source=None) -> None:
     """onnx's full checker (the graph's rules and strict shape inference) on what we wrote;
-    models over protobuf's 2 GiB limit cannot be checked in memory."""
-    if model_bytes(model) < _CHECKER_LIMIT_BYTES:
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-            raise AugmentError(f"the augmented graph fails onnx's checker: {error}") from error
+    models over protobuf's 2 GiB limit cannot be checked in memory. Where it fails and the
+    model augmented (`source`, as `augment_model` took it) fails too, the error says so: the
+    input is invalid (e.g. a float16 conversion that left a Cast's declared type behind)."""
+    if model_bytes(model) >= _CHECKER_LIMIT_BYTES:
+        return
+    errors = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except errors as error:
+        if source is not None:
+            try:
+                onnx.checker.check_model(upgrade_opset(load_model(source)), full_check=True)
+            except errors as original:
+                raise AugmentError(
+                    f"the model itself fails onnx's checker, before any change of ours: "
+                    f"{original}; fix the export (or conversion) that wrote it"
+                ) from original
+        raise AugmentError(f"the augmented graph fails onnx's checker: {error}") from error
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
