@@ -36,6 +36,9 @@ def test_channel_target_of_one_several_and_named_replicas() -> None:
             channel_target(bad)
     with pytest.raises(ValueError, match="no server address"):
         channel_target(" , ")
+    assert channel_target("[::1]:1,[::1]:2")[0] == "ipv6:[::1]:1,[::1]:2"
+    with pytest.raises(ValueError, match="mix IPv4-only and IPv6-only"):
+        channel_target("[::1]:1,127.0.0.1:2")
 
 
 def _requests(server: ServerProcess) -> float:

@@ -26,6 +26,8 @@ import detectors
 import servers
 import zoo
 from gradcam_client import DetectionTarget, GradCamClient, InvalidInputError
+from gradcam_proto import gradcam_pb2 as pb
+from gradcam_proto import gradcam_pb2_grpc
 from gradcam_server.augment import augment_model
 from gradcam_server.config import read_config
 from gradcam_server.preprocess import to_tensor
@@ -189,3 +191,40 @@ def test_bad_detections_are_invalid_argument(sdk: GradCamClient, detection, frag
         assert fragment in str(raised.value)
     info = sdk.model_info("ssdlite")  # still serving
     assert info.default_score == "detection"
+
+
+def test_kserve_takes_triton_style_n_by_1_rows(server, direct) -> None:
+    """target_class and detection_index as [N, 1] (how Triton declares a batched scalar, and
+    its clients send it) explain what [N] does."""
+    x = zoo.sample_batch(2, SIZE)
+    classes, indices = np.array([5, 7]), np.array([-1, 777])
+    boxes = np.array([BOX, (0, 0, 0, 0)], np.float32)
+    with triton.InferenceServerClient(server.address) as client:
+        inputs = [triton.InferInput("input", list(x.shape), "FP32"),
+                  triton.InferInput("target_class", [2, 1], "INT64"),
+                  triton.InferInput("detection_index", [2, 1], "INT64"),
+                  triton.InferInput("reference_box", [2, 4], "FP32")]
+        for tensor, value in zip(inputs, (x, classes[:, None], indices[:, None], boxes)):
+            tensor.set_data_from_numpy(value)
+        result = client.infer("ssdlite", inputs, parameters={"heatmap_size": "model"},
+                              outputs=[triton.InferRequestedOutput("heatmap")])
+    np.testing.assert_allclose(result.as_numpy("heatmap"),
+                               direct(x, classes, indices, boxes)["heatmap"], atol=1e-5)
+
+
+def test_oversized_detection_lists_are_refused_before_use(server) -> None:
+    """More detection lists than images, too many detections, or a box of many numbers: refused
+    before anything is built from them."""
+    image = pb.Image(encoded=(servers.SAMPLE).read_bytes())
+    with grpc.insecure_channel(server.address) as channel:
+        stub = gradcam_pb2_grpc.GradCamStub(channel)
+        for detections, fragment in (
+            ([pb.ImageDetections()] * 3, "3 lists of detections for 1 images"),
+            ([pb.ImageDetections(detections=[pb.DetectionTarget(index=1)] * 21)],
+             "give 1..20 detections"),
+            ([pb.ImageDetections(detections=[pb.DetectionTarget(box=[1.0] * 100000)])],
+             "a box is 4 numbers x1, y1, x2, y2, got 100000"),
+        ):
+            expect_error(lambda: stub.Explain(pb.ExplainRequest(
+                model="ssdlite", images=[image], detections=detections), timeout=30),
+                INVALID, fragment)

@@ -759,6 +759,7 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, tuple[tuple[str, A
     if len(addresses) == 1:
         return addresses[0], ()
     resolved: dict[int, list[str]] = {socket.AF_INET: [], socket.AF_INET6: []}
+    families = []  # per address, the families it resolves to
     for address in addresses:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -767,12 +768,20 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, tuple[tuple[str, A
             infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
         except socket.gaierror as error:
             raise ValueError(f"cannot resolve {host!r}: {error}") from error
+        found = set()
         for family, _, _, _, sockaddr in infos:
             if family in resolved:
+                found.add(family)
                 ip = sockaddr[0] if family == socket.AF_INET else f"[{sockaddr[0]}]"
                 if f"{ip}:{port}" not in resolved[family]:
                     resolved[family].append(f"{ip}:{port}")
-    family = socket.AF_INET if resolved[socket.AF_INET] else socket.AF_INET6
+        families.append(found)
+    # gRPC's address list holds one family: IPv4 where every replica has an IPv4 address.
+    family = next((f for f in (socket.AF_INET, socket.AF_INET6)
+                   if all(f in found for found in families)), None)
+    if family is None:
+        raise ValueError("the replicas mix IPv4-only and IPv6-only addresses, and one channel "
+                         "takes one family: give addresses of one family, or a dns:/// name")
     scheme = "ipv4" if family == socket.AF_INET else "ipv6"
     options = (("grpc.service_config", _REPLICAS_SERVICE_CONFIG),
                ("grpc.default_authority", addresses[0]))  # the name TLS checks

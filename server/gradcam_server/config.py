@@ -145,6 +145,8 @@ def read_config(
     (None: the only one), or None if not static."""
     raw: dict = {} if settings is None else settings
     path = folder / CONFIG_FILE
+    if settings is not None and path.is_file():
+        raise ConfigError(f"{CONFIG_FILE} is not read beside {source}: put its keys there")
     if settings is None and path.is_file():
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

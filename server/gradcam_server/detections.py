@@ -94,7 +94,7 @@ def check_detection(
     """The "detection" score's (detection_index INT64 [N], reference_box FP32 [N, 4], in the
     graph's input pixels), checked: given exactly when the score is "detection"; an index
     below the model's pre-NMS boxes; a row chosen by box (negative index) has a box and a
-    class >= 0 or -1."""
+    class >= 0 or -1. `target_class` is the checked one (`check_target_class`: [N])."""
     if explain is None or explain.score != "detection":
         if detection is not None:
             raise InvalidInput(f"{NAMES.detection_index} and {NAMES.reference_box} are only "
@@ -103,9 +103,12 @@ def check_detection(
     rows = len(x)
     index, boxes = detection if detection is not None else (None, None)
     index = np.full(rows, -1, np.int64) if index is None else np.asarray(index)
+    if index.shape == (rows, 1):  # [N, 1]: a batched scalar as Triton's clients send it
+        index = index.reshape(rows)
     boxes = np.zeros((rows, 4), np.float32) if boxes is None else np.asarray(boxes)
     if index.dtype != np.int64 or index.shape != (rows,):
-        raise InvalidInput(f"{NAMES.detection_index} must be INT64 [{rows}] (one per image), "
+        raise InvalidInput(f"{NAMES.detection_index} must be INT64 [{rows}] or [{rows}, 1] (one "
+                           "per image), "
                            f"got {index.dtype} {list(index.shape)}")
     if boxes.dtype != np.float32 or boxes.shape != (rows, 4):
         raise InvalidInput(f"{NAMES.reference_box} must be FP32 [{rows}, 4] (x1, y1, x2, y2 "
@@ -165,8 +168,11 @@ async def explain_detections(
     """The typed API's detector path: one map per detection of each image (`detections`: one
     list per image, or one list for every image), in request order; images of one shape
     share a batch, each image's row repeated once per detection."""
-    from .service import ClassMap, Explained, ImageExplanation, image_tensor_size, resize_heatmap
+    from .service import (
+        ClassMap, Explained, ImageExplanation, _check_count, image_tensor_size, resize_heatmap,
+    )
 
+    _check_count(len(images))
     request = model.resolve(request)
     if request.score != "detection":
         raise InvalidInput(f"detections are explained with score 'detection', not "
@@ -196,33 +202,38 @@ async def explain_detections(
     tensors, sizes = await service._prepare_mixed(model, images, check_sizes)
     preprocess_seconds = asyncio.get_running_loop().time() - started
     rows = []  # (image, detection number, index, model box, class)
-    for number, (wanted, size) in enumerate(zip(detections, sizes)):
-        graph_size = image_tensor_size(model, tensors[number])
-        for position, detection in enumerate(wanted):
-            what = f"image {number}, detection {position}"
-            if detection.index is None and detection.box is None:
-                raise InvalidInput(f"{what}: give a box index or a box (and a class)")
-            if detection.index is not None and detection.index < 0:
-                raise InvalidInput(f"{what}: box index {detection.index} is negative")
-            box = np.zeros(4, np.float32)
-            if detection.box is not None:
-                check_box(detection.box, size, what)
-                box = to_model_pixels(detection.box, size, graph_size)
-            category = -1 if detection.class_index is None else detection.class_index
-            rows.append((number, position, -1 if detection.index is None else detection.index,
-                         box, category))
     groups: dict[tuple, list[int]] = {}
-    for row, (number, *_) in enumerate(rows):
-        groups.setdefault(tensors[number].shape, []).append(row)
+
+    def batches() -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Each shape group's (images, classes, indices, boxes), each image's row repeated
+        per detection; run in a worker thread (the stacks copy whole images)."""
+        for number, (wanted, size) in enumerate(zip(detections, sizes)):
+            graph_size = image_tensor_size(model, tensors[number])
+            for position, detection in enumerate(wanted):
+                what = f"image {number}, detection {position}"
+                if detection.index is None and detection.box is None:
+                    raise InvalidInput(f"{what}: give a box index or a box (and a class)")
+                if detection.index is not None and detection.index < 0:
+                    raise InvalidInput(f"{what}: box index {detection.index} is negative")
+                box = np.zeros(4, np.float32)
+                if detection.box is not None:
+                    check_box(detection.box, size, what)
+                    box = to_model_pixels(detection.box, size, graph_size)
+                category = -1 if detection.class_index is None else detection.class_index
+                rows.append((number, position,
+                             -1 if detection.index is None else detection.index, box, category))
+        for row, (number, *_) in enumerate(rows):
+            groups.setdefault(tensors[number].shape, []).append(row)
+        return [(np.stack([tensors[rows[r][0]] for r in members]),
+                 np.array([rows[r][4] for r in members], np.int64),
+                 np.array([rows[r][2] for r in members], np.int64),
+                 np.stack([rows[r][3] for r in members]))
+                for members in groups.values()]
+
     calls = [
-        service.run(
-            model, np.stack([tensors[rows[r][0]] for r in members]), explain=request,
-            target_class=np.array([rows[r][4] for r in members], np.int64),
-            detection=(np.array([rows[r][2] for r in members], np.int64),
-                       np.stack([rows[r][3] for r in members])),
-            deadline=deadline,
-        )
-        for members in groups.values()
+        service.run(model, x, explain=request, target_class=classes,
+                    detection=(indices, boxes), deadline=deadline)
+        for x, classes, indices, boxes in await asyncio.to_thread(batches)
     ]
     results = await asyncio.gather(*calls)
 

@@ -15,7 +15,7 @@ from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
 from .datatypes import element_count, from_bytes
-from .detections import DetectionRequest, explain_detections
+from .detections import MAX_DETECTIONS_PER_IMAGE, DetectionRequest, explain_detections
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import METHODS, Explaining, ServedModel, request_grid
@@ -297,7 +297,19 @@ def _heatmap(class_map: ClassMap) -> pb.Heatmap:
 
 
 def _detections(request: pb.ExplainRequest) -> list[list[DetectionRequest]]:
-    """The request's detections per image, as the service takes them."""
+    """The request's detections per image, as the service takes them; bounded before any is
+    converted (a 64 MiB message could otherwise hold millions of them, or one huge box)."""
+    if len(request.detections) > max(len(request.images), 1):
+        raise InvalidInput(f"{len(request.detections)} lists of detections for "
+                           f"{len(request.images)} images (give one per image, or one for all)")
+    for number, image in enumerate(request.detections):
+        if len(image.detections) > MAX_DETECTIONS_PER_IMAGE:
+            raise InvalidInput(f"image {number}: give 1..{MAX_DETECTIONS_PER_IMAGE} detections "
+                               f"to explain, got {len(image.detections)}")
+        for position, target in enumerate(image.detections):
+            if len(target.box) not in (0, 4):
+                raise InvalidInput(f"image {number}, detection {position}: a box is 4 numbers "
+                                   f"x1, y1, x2, y2, got {len(target.box)}")
     return [
         [
             DetectionRequest(

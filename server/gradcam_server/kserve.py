@@ -296,11 +296,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs = {name: result.outputs[name] for name in requested}
         if detection is not None:
             classes = inputs.get(TARGET_CLASS_INPUT)
-            classes = [-1] * len(x) if classes is None else list(classes)
+            classes = ([-1] * len(x) if classes is None
+                       else np.asarray(classes).reshape(len(x)).tolist())
             wanted = [inputs[BOX_INPUT][row] if BOX_INPUT in inputs else None
                       for row in range(len(x))]
             explained = result.outputs[NAMES.explained_detection]
-            indices = detection[0] if detection[0] is not None else np.full(len(x), -1)
+            indices = (np.full(len(x), -1) if detection[0] is None
+                       else np.asarray(detection[0]).reshape(len(x)))
             for row in np.flatnonzero((explained < 0) & (indices >= 0)):
                 raise InvalidInput(f"row {row}: detection index {indices[row]} is out of range "
                                    "of the model's pre-NMS boxes, or a padding row without a "
@@ -375,7 +377,8 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
         versions=["1"],
         platform="onnxruntime_onnx",
         inputs=[
-            TensorMetadata(name=model.input.name, datatype=carried_datatype(model.input.dtype),
+            TensorMetadata(name=model.input.name,  # what ModelInfer takes: FP16 or FP32
+                           datatype="FP16" if model.input.dtype == np.float16 else "FP32",
                            shape=list(model.input.shape)),
             TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
             TensorMetadata(name=TARGET_CLASS_INPUT, datatype="INT64", shape=[-1]),

@@ -102,8 +102,8 @@ def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
     for value in model.graph.input:
         if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
-            raise ConfigError(f"{CONFIG_FILE}: 'precision' float16 converts a float32 graph; "
-                              "this one is float16 already: leave 'precision' out")
+            raise ConfigError("'precision' float16 converts a float32 graph; this one is "
+                              "float16 already: leave 'precision' out")
     return float16.convert_float_to_float16(model, keep_io_types=True)
 
 
@@ -279,10 +279,18 @@ class ServedModel:
         layout, prefix_tokens, grid = self._layout_of(request, layer)
         iou_threshold = None
         if score == "detection":
+            if not self.is_detector:
+                raise InvalidInput(
+                    f"model {self.name!r} is not served as a detector: its config.json sets "
+                    "\"score\": \"detection\" (and the heads, where not detected)"
+                )
             iou_threshold = (self.config.iou_threshold if request.iou_threshold is None
                              else request.iou_threshold)
             if not 0 <= iou_threshold <= 1:
                 raise InvalidInput(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+            # Baked into the graph: in steps of 0.01, so that requests can make at most 101
+            # variants (float32 and float64 senders of one value share theirs).
+            iou_threshold = round(float(iou_threshold), 2)
         return replace(request, method=method, layer=layer, score=score, output=output,
                        layout=layout, prefix_tokens=prefix_tokens, grid=grid,
                        iou_threshold=iou_threshold)

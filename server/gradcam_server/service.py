@@ -438,13 +438,14 @@ class GradCamService:
             checked = self.check_other_inputs(model, others or {}, len(x))
             if explain is None:
                 return _Call(x, None, others=checked)
+            classes = self.check_target_class(model, explain, target_class, len(x))
             return _Call(
                 x,
-                self.check_target_class(model, explain, target_class, len(x)),
+                classes,
                 self.check_reference(model, explain, reference, len(x)),
                 self.check_mask(model, explain, mask, x),
                 checked,
-                check_detection(model, explain, detection, target_class, x),
+                check_detection(model, explain, detection, classes, x),
             )
 
         call = await asyncio.to_thread(validate)

@@ -138,7 +138,7 @@ def read_model(folder: Path) -> TritonModel:
     filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
     versions = sorted(
         int(p.name) for p in folder.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+        if p.is_dir() and p.name.isascii() and p.name.isdigit() and (p / filename).is_file()
     )
     policy = config.version_policy
     if policy.WhichOneof("policy_choice") == "specific":
