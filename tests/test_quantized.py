@@ -379,3 +379,31 @@ def test_guided_backprop_treats_the_pairs_that_replaced_relus_as_relus(model_pat
         for each in (fmt, "float")
     )
     assert correlations(ours, reference).min() >= 0.9
+
+
+def test_the_output_quantizer_is_found_by_its_parameters_values() -> None:
+    """The output's Q/DQ pair is stepped over when its scale and zero point are equal
+    constants under different names (as some quantizers write them), not only shared
+    tensors; different values are a real requantization and are differentiated."""
+    from onnx import TensorProto, helper
+
+    def graph(dequantize_scale: float) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("QuantizeLinear", ["logits_float", "s", "zp"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s2", "zp2"], ["logits"]),
+        ]
+        initializers = [
+            onnx.numpy_helper.from_array(np.float32(0.1), "s"),
+            onnx.numpy_helper.from_array(np.uint8(3), "zp"),
+            onnx.numpy_helper.from_array(np.float32(dequantize_scale), "s2"),
+            onnx.numpy_helper.from_array(np.uint8(3), "zp2"),
+        ]
+        return helper.make_model(helper.make_graph(
+            nodes, "output_pair",
+            [helper.make_tensor_value_info("logits_float", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
+            initializers,
+        ), opset_imports=[helper.make_opsetid("", 17)])
+
+    assert differentiated_score(GraphBuilder(graph(0.1)), "logits") == "logits_float"
+    assert differentiated_score(GraphBuilder(graph(0.2)), "logits") == "logits"

@@ -1,6 +1,8 @@
 """`gradcam-augment MODEL.onnx (-o OUT.onnx | --triton-repository DIR [--name N]
 [--max-batch-size B]) [--layer TENSOR ...] [--method M] [--score S] [--score-output NAME|INDEX]
-[--input NAME|INDEX] [--layout L] [--prefix-tokens K] [--grid HxW]`."""
+[--input NAME|INDEX] [--input-gradients] [--layout L] [--prefix-tokens K] [--grid HxW]
+[--boxes-output NAME] [--detection-format F] [--box-format F] [--iou-threshold T]
+[--background-class C]`."""
 
 from __future__ import annotations
 

@@ -395,6 +395,10 @@ def detection_seeds(
     ranked_row = b.reduce("ReduceSum", b.op("Mul", [ranking, b.unsqueeze(chosen, [2])]), [1],
                           keepdims=False)
     resolved = _resolved_class(b, ranked_row, target_class, given, by_index)
+    if background_class is not None:  # a rank -r past every object class reaches it
+        keep = b.op("Not", [b.op("Equal", [resolved, b.ints([background_class])])])
+        explained = b.op("Where", [keep, explained, b.ints([-1])])
+        chosen = b.op("Mul", [chosen, b.unsqueeze(b.op("Cast", [keep], to=dtype), [1])])
     class_onehot = b.op("OneHot", [resolved, classes, onehot_values], axis=-1)  # [N, C]
     score = b.reduce("ReduceSum", b.op("Mul", [row, class_onehot]), [1], keepdims=False)
     box_weights = b.unsqueeze(chosen, [2])  # [N, A, 1]

@@ -1,9 +1,12 @@
 """The augmentation pipeline: small passes over one ModelProto, each with its pre/post-conditions.
 
-1. `upgrade_opset`     requires an ai.onnx opset; ensures opset >= 17 (the rules' semantics).
-2. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
-3. `_target_views`     ensures each target layer exists, feeds the score and has a layout
-                       (`layout.detect_view`), or refuses with the candidate layers.
+1. `upgrade_opset`     requires an ai.onnx opset; ensures opset >= 17 (the rules' semantics);
+                       a graph already augmented (our metadata) is refused.
+2. `_target_views`     ensures each target layer exists, feeds the score and has a layout
+                       (`layout.detect_view`), or refuses with the candidate layers; a layer
+                       read only by a Q/DQ pair is taken at the pair's output
+                       (`targets.dequantized_layer`).
+3. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
 4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
                        layer (and, when asked, d score / d image) tensors exist, started in
                        front of a QDQ model's output quantizer (`targets.differentiated_score`);
@@ -13,7 +16,13 @@
 6. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
                        ``input_gradients``) are graph outputs after every original output;
                        `record_target` writes the explained layer and view as metadata.
-7. `check`             ensures the result passes onnx's full checker (strict shape inference).
+7. `check`             ensures the result passes onnx's full checker (strict shape inference),
+                       after `drop_unused_casts` (half precision); a model that fails it
+                       before any change of ours is named as the cause.
+
+Score "detection" takes its own branch (`_augment_detection`): the heads found or cut before
+NMS (`detection.find_heads`), the detection's seeds on both heads (`detection_seeds`), the
+same backward, heatmap and output passes, and the detection outputs and metadata.
 """
 
 from __future__ import annotations
@@ -457,7 +466,8 @@ def record_target(model: onnx.ModelProto, views: Sequence[TargetView]) -> None:
 
 def explained_target(model: onnx.ModelProto) -> dict[str, str]:
     """What an augmented model explains: {"layer", "layout", and for tokens "prefix_tokens"
-    and "grid" ("hxw") where static}; "layer" joins several layers with commas."""
+    and "grid" ("hxw") where static; for a detector "detection_anchors", "detection_classes"
+    and "detection_background" where known}; "layer" joins several layers with commas."""
     return {
         p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props
         if p.key.startswith(METADATA_PREFIX)

@@ -1967,7 +1967,8 @@ def _stands_for_relu(ctx: RuleContext, zero_point: str | None, low: int, high: i
         return False
     if np.allclose((high - zero.astype(np.float64)) * scale, _RELU6_TOP, rtol=1e-6):
         return False
-    producer = next((n for n in ctx.b.graph.node if ctx.x(0) in n.output), None)
+    source = ctx.input_name(0)  # the forward tensor, not its float32 cast (half precision)
+    producer = next((n for n in ctx.b.graph.node if source in n.output), None)
     return producer is None or producer.op_type not in _SIGN_PRESERVING
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -329,12 +330,26 @@ def differentiated_score(b: GraphBuilder, score_output: str) -> str:
     quantize = producers.get(dequantize.input[0])
     if (
         quantize is None or quantize.op_type != "QuantizeLinear"
-        or list(quantize.input[1:]) != list(dequantize.input[1:])
+        or not _same_parameters(b, quantize.input[1:], dequantize.input[1:])
         or list(quantize.attribute) != list(dequantize.attribute)
         or b.elem_type(quantize.input[0]) not in _FLOATS
     ):
         return score_output
     return quantize.input[0]
+
+
+def _same_parameters(b: GraphBuilder, first: Sequence[str], second: Sequence[str]) -> bool:
+    """Whether two Q/DQ nodes' scale and zero point are the same: the same tensors, or
+    constants of equal values."""
+    if list(first) == list(second):
+        return True
+    if len(first) != len(second):
+        return False
+    for a, z in zip(first, second):
+        va, vz = b.initializer_value(a), b.initializer_value(z)
+        if va is None or vz is None or va.dtype != vz.dtype or not np.array_equal(va, vz):
+            return False
+    return True
 
 
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
