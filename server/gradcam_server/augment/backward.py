@@ -19,13 +19,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from onnx import TensorProto, helper
+from onnx import helper
 
 from .errors import AugmentError, MissingRuleError
-from .graph import GraphBuilder
+from .graph import FLOAT_TYPES, GraphBuilder
 from .rules import DETACHED_INPUTS, INTEGER_RULES, RULES, RuleContext
 
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 # Ops whose output 0 is an integer tensor with a gradient, and the ops that may read one.
 _QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}
 _INTEGER_RESHAPES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
@@ -73,7 +72,7 @@ def build_backward(
             continue
         needs = [
             bool(t) and t in depends_on_wrt
-            and (b.elem_type(t) in _FLOAT_TYPES or t in quantized)
+            and (b.elem_type(t) in FLOAT_TYPES or t in quantized)
             for t in node.input
         ]
         if not any(needs):
@@ -147,7 +146,7 @@ def quantized_tensors(b: GraphBuilder, nodes: Sequence) -> set[str]:
         if node.domain in ("", "ai.onnx") and node.op_type in _QUANTIZERS:
             found.add(node.output[0])
         elif node.op_type not in ("Shape", "Size") and any(t in found for t in node.input):
-            found.update(t for t in node.output if t and b.elem_type(t) not in _FLOAT_TYPES)
+            found.update(t for t in node.output if t and b.elem_type(t) not in FLOAT_TYPES)
     return found
 
 

@@ -44,7 +44,7 @@ from onnx import TensorProto
 
 from .backward import ancestors, descendants, detached_tensors, path_nodes
 from .errors import AugmentError
-from .graph import GraphBuilder, infer_shapes
+from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors, infer_shapes
 
 DETECTION_FORMATS = ("nac", "nca", "yolo")  # scores [N, A, C] / [N, C, A] / one YOLO output
 BOX_FORMATS = ("xyxy", "cxcywh")
@@ -55,7 +55,6 @@ _SELECTING = {"TopK", "NonZero", "Compress", "Loop", "If", "Scan", _NMS}
 # Ops that only rearrange a head's map into rows of anchors
 _REARRANGING = {"Reshape", "Transpose", "Slice", "Split", "Flatten", "Squeeze", "Unsqueeze",
                 "Gather", "Shape", "Size"}
-_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -99,9 +98,9 @@ def find_heads(
     nodes = list(b.graph.node)
     after_nms = descendants(nodes, {n.output[0] for n in nodes if n.op_type == _NMS})
     # outputs no gradient reaches (a two-stage detector's proposals) are not heads
-    not_heads = after_nms | (_tensors(b) - _differentiable(nodes, image))
+    not_heads = after_nms | (computed_tensors(b.graph) - _differentiable(nodes, image))
     for name in (scores, boxes):
-        if name is not None and name not in _tensors(b):
+        if name is not None and name not in computed_tensors(b.graph):
             raise AugmentError(f"{name!r} is not a tensor of the model")
     if scores is not None and boxes is None and detection_format != "yolo":
         boxes = _only_box_output(b, scores, not_heads)
@@ -133,7 +132,7 @@ def _detect_outputs(
     those no gradient reaches) (boxes None: a YOLO output), or None when no output looks like
     a head; AugmentError when several do."""
     outputs = [o.name for o in b.graph.output
-               if o.name not in not_heads and b.elem_type(o.name) in _FLOATS]
+               if o.name not in not_heads and b.elem_type(o.name) in FLOAT_TYPES]
     shapes = {name: b.static_shape(name) or () for name in outputs}
     box_outputs = [n for n in outputs if len(shapes[n]) in (3, 4) and shapes[n][-1] == 4]
     score_outputs = [n for n in outputs if len(shapes[n]) == 3 and n not in box_outputs]
@@ -543,17 +542,12 @@ def detection_target_layer(b: GraphBuilder, heads: DetectionHeads, image: str) -
 
 def _is_feature_map(b: GraphBuilder, tensor: str) -> bool:
     shape = b.static_shape(tensor)
-    if shape is None or len(shape) != 4 or b.elem_type(tensor) not in _FLOATS:
+    if shape is None or len(shape) != 4 or b.elem_type(tensor) not in FLOAT_TYPES:
         return False
     return not (isinstance(shape[2], int) and isinstance(shape[3], int)
                 and shape[2] * shape[3] <= 1)
 
 
-def _tensors(b: GraphBuilder) -> set[str]:
-    names = {i.name for i in b.graph.input}
-    for node in b.graph.node:
-        names.update(node.output)
-    return names
 
 
 def _listed(b: GraphBuilder, names: Sequence[str]) -> str:

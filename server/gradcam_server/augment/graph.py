@@ -39,6 +39,7 @@ _NOT_CONSTANT = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUni
                  "Multinomial", "Bernoulli"}
 _GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 HALF_TYPES = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, *HALF_TYPES})
 
 
 class GraphBuilder:
@@ -428,6 +429,14 @@ def tensor_names(graph: onnx.GraphProto) -> set[str]:
         names.update(node.input)
         names.update(node.output)
         names.add(node.name)
+    return names
+
+
+def computed_tensors(graph: onnx.GraphProto) -> set[str]:
+    """The tensors a graph's inputs and nodes give (initializers only where also inputs)."""
+    names = {i.name for i in graph.input}
+    for node in graph.node:
+        names.update(node.output)
     return names
 
 

@@ -319,11 +319,7 @@ def augment_model(
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, {network_score: seed}, wrt)
-    features = {
-        view.tensor: Features(view, view.apply(b, b.computed(view.tensor), network_image),
-                              view.apply(b, gradients[view.tensor], network_image))
-        for view in views
-    }
+    features = _features(b, views, gradients, network_image)
     heatmap, pixel_map = append_heatmap(
         b, method, features, image, network_image, network_score, {network_score: seed},
         resolved_class, eigen_smooth,
@@ -336,12 +332,7 @@ def augment_model(
         layer_gradients = identity_rows(b, layer_gradients, image.name, identity)
         activations = identity_rows(b, activations, image.name, identity)
     expose_outputs(b, image, views[0], activations, layer_gradients, heatmap)
-    if input_gradients:
-        b.add_output(gradients[image.name], NAMES.input_gradients, b.compute_type(image.name),
-                     [_dim(d) for d in image.type.tensor_type.shape.dim])
-    if pixel_map is not None:
-        b.add_output(pixel_map, NAMES.pixel_map, b.compute_type(image.name),
-                     [_dim(d) for d in image.type.tensor_type.shape.dim])
+    _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     b.drop_unused_casts()
     record_target(proto, views)
     check(proto, model)
@@ -391,21 +382,12 @@ def _augment_detection(
     layers = [view.tensor for view in views]
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, seeds, wrt)
-    features = {
-        view.tensor: Features(view, view.apply(b, b.computed(view.tensor), image.name),
-                              view.apply(b, gradients[view.tensor], image.name))
-        for view in views
-    }
+    features = _features(b, views, gradients, image.name)
     heatmap, pixel_map = append_heatmap(b, method, features, image, image.name, heads.scores,
                                         seeds, chosen.resolved_class, eigen_smooth)
     first = features[layers[0]]
     expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
-    image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
-    if input_gradients:
-        b.add_output(gradients[image.name], NAMES.input_gradients, b.compute_type(image.name),
-                     image_dims)
-    if pixel_map is not None:
-        b.add_output(pixel_map, NAMES.pixel_map, b.compute_type(image.name), image_dims)
+    _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     expose_detection(b, chosen, heads.scores, batch)
     b.drop_unused_casts()
     record_target(proto, views)
@@ -416,6 +398,31 @@ def _augment_detection(
             proto.metadata_props.add(key=f"{METADATA_PREFIX}detection_{key}", value=str(value))
     check(proto)
     return proto
+
+
+def _features(
+    b: GraphBuilder, views: Sequence[TargetView], gradients: dict[str, str], image: str
+) -> dict[str, Features]:
+    """Each target layer's values (in their compute type) and gradient, seen as [N, C, h, w]."""
+    return {
+        view.tensor: Features(view, view.apply(b, b.computed(view.tensor), image),
+                              view.apply(b, gradients[view.tensor], image))
+        for view in views
+    }
+
+
+def _expose_image_maps(
+    b: GraphBuilder, image: onnx.ValueInfoProto, gradients: dict[str, str] | None,
+    pixel_map: str | None,
+) -> None:
+    """``input_gradients`` (where `gradients` holds the image's) and ``pixel_map`` (where
+    given) as outputs at the image's shape, in its compute type."""
+    dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
+    if gradients is not None:
+        b.add_output(gradients[image.name], NAMES.input_gradients, b.compute_type(image.name),
+                     dims)
+    if pixel_map is not None:
+        b.add_output(pixel_map, NAMES.pixel_map, b.compute_type(image.name), dims)
 
 
 def _background_class(

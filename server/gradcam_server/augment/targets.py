@@ -6,11 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from .backward import ancestors, descendants, path_nodes
 from .errors import AugmentError
-from .graph import GraphBuilder
+from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors
 from .layout import detect_view
 
 # Ops between the last feature map and the flattening in front of the classifier: the target
@@ -33,7 +32,6 @@ _HEAD_PASS_THROUGH = {
 _NORMS = {
     "LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
 }
-_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 SCORES = ("logit", "probability", "similarity", "region", "detection")  # detection.py: detections
 # Region pooling: a two-stage detector's RoI heads read these ops' input 0 (the feature map)
 _REGION_POOLING = ("RoiAlign", "MaxRoiPool")
@@ -126,7 +124,7 @@ def pooled_feature_maps(b: GraphBuilder, heads: Sequence[str], image: str) -> li
         )
     shapes = {m: b.static_shape(m) for m in maps}
     unusable = [m for m in maps if shapes[m] is None or len(shapes[m]) != 4
-                or b.elem_type(m) not in _FLOATS]
+                or b.elem_type(m) not in FLOAT_TYPES]
     if unusable:
         raise AugmentError(
             "cannot choose a two-stage detector's target layer: the region pooling reads "
@@ -208,7 +206,7 @@ def _cnn_target(b: GraphBuilder, score_output: str, image: str) -> str:
         if (
             _rank_or_none(b, node.input[0]) == 4
             and _rank_or_none(b, node.output[0]) in (1, 2, 3)
-            and b.elem_type(node.output[0]) in _FLOATS  # not Shape and other index ops
+            and b.elem_type(node.output[0]) in FLOAT_TYPES  # not Shape and other index ops
         ):
             collapse = node
     if collapse is None:
@@ -244,7 +242,7 @@ def candidate_layers(
     found: list[str] = []
     for node in reversed(nodes):
         tensor = node.output[0] if node.output else ""
-        if (not tensor or tensor not in on_path or b.elem_type(tensor) not in _FLOATS
+        if (not tensor or tensor not in on_path or b.elem_type(tensor) not in FLOAT_TYPES
                 or _rank_or_none(b, tensor) not in (3, 4)):
             continue
         view = None
@@ -279,7 +277,7 @@ def _coarsest_feature_map(b: GraphBuilder, score_output: str, image: str) -> str
             shape = b.static_shape(tensor)
             if (
                 tensor not in on_path or shape is None or len(shape) != 4
-                or b.elem_type(tensor) not in _FLOATS
+                or b.elem_type(tensor) not in FLOAT_TYPES
                 or not all(isinstance(d, int) for d in shape[2:])
                 or shape[1] == classes
             ):
@@ -332,7 +330,7 @@ def differentiated_score(b: GraphBuilder, score_output: str) -> str:
         quantize is None or quantize.op_type != "QuantizeLinear"
         or not _same_parameters(b, quantize.input[1:], dequantize.input[1:])
         or list(quantize.attribute) != list(dequantize.attribute)
-        or b.elem_type(quantize.input[0]) not in _FLOATS
+        or b.elem_type(quantize.input[0]) not in FLOAT_TYPES
     ):
         return score_output
     return quantize.input[0]
@@ -353,9 +351,9 @@ def _same_parameters(b: GraphBuilder, first: Sequence[str], second: Sequence[str
 
 
 def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> None:
-    if layer not in _all_tensors(b.graph):
+    if layer not in computed_tensors(b.graph):
         raise AugmentError(f"target layer {layer!r} is not a tensor of the graph")
-    if b.elem_type(layer) not in _FLOATS:
+    if b.elem_type(layer) not in FLOAT_TYPES:
         raise AugmentError(f"target layer {layer!r} is not a floating-point tensor")
     if layer not in ancestors(list(b.graph.node), {score_output}):
         raise AugmentError(f"output {score_output!r} does not depend on target layer {layer!r}")
@@ -542,8 +540,3 @@ def _rank_or_none(b: GraphBuilder, tensor: str) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _all_tensors(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input}
-    for node in graph.node:
-        names.update(node.output)
-    return names
