@@ -1354,33 +1354,41 @@ def _roi_align(ctx: RuleContext) -> Gradients:
     return [grad, None, None]
 
 
+def _roi_column(b: GraphBuilder, boxes: str, index: int) -> str:
+    """Column `index` of the boxes [R, k], as [R, 1, 1]."""
+    return b.unsqueeze(b.op("Slice", [boxes, b.ints([index]), b.ints([index + 1]),
+                                      b.ints([1])]), [2])
+
+
+def _counting(b: GraphBuilder, counts: str) -> str:
+    """0, 1, ..., K - 1 as FLOAT [1, 1, K], K the largest of the whole-number FLOAT `counts`
+    (one per roi and bin; at least 1, also where there are no rois): the positions a count
+    masks with ``offset < count``."""
+    with_one = b.op("Concat", [b.op("Reshape", [counts, b.ints([-1])]), b.const([1.0])], axis=0)
+    most = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
+                to=onnx.TensorProto.INT64)
+    counting = b.op("Cast", [b.op("Range", [b.const(0, np.int64), most, b.const(1, np.int64)])],
+                    to=onnx.TensorProto.FLOAT)
+    return b.op("Reshape", [counting, b.ints([1, 1, -1])])
+
+
 def _roi_samples(
     ctx: RuleContext, boxes: str, corner: int, bins: int, axis: int, min_size: float | None
 ) -> _RoiSamples:
     """The sample grid of spatial `axis` of X, from box columns `corner` and `corner` + 2."""
     b, x = ctx.b, ctx.x(0)
-
-    def column(index: int) -> str:  # [R, 1, 1]
-        return b.unsqueeze(b.op("Slice", [boxes, b.ints([index]), b.ints([index + 1]),
-                                          b.ints([1])]), [2])
-
-    start = column(corner)
-    size = b.op("Sub", [column(corner + 2), start])
+    start = _roi_column(b, boxes, corner)
+    size = b.op("Sub", [_roi_column(b, boxes, corner + 2), start])
     if min_size is not None:
         size = b.op("Max", [size, b.const(min_size)])
     bin_size = b.op("Div", [size, b.const(float(bins))])
     ratio = ctx.attr("sampling_ratio", 0)
     if ratio > 0:
-        grid, most = b.const(float(ratio)), b.const(ratio, np.int64)
+        grid = b.const(float(ratio))
+        sample = b.const(np.arange(ratio, dtype=np.float32).reshape(1, 1, ratio))
     else:  # adaptive: ceil(roi size / bins) samples per bin, per roi
         grid = b.op("Ceil", [bin_size])
-        with_one = b.op("Concat", [b.op("Reshape", [grid, b.ints([-1])]), b.const([1.0])],
-                        axis=0)
-        most = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
-                    to=onnx.TensorProto.INT64)
-    sample = b.op("Cast", [b.op("Range", [b.const(0, np.int64), most, b.const(1, np.int64)])],
-                  to=onnx.TensorProto.FLOAT)
-    sample = b.op("Reshape", [sample, b.ints([1, 1, -1])])
+        sample = _counting(b, grid)
     in_grid = b.op("Less", [sample, grid])
     grid = b.op("Max", [grid, b.const(1.0)])
     bin_index = b.const(np.arange(bins, dtype=np.float32).reshape(1, bins, 1))
@@ -1569,13 +1577,9 @@ def _roi_pool_window(
 ) -> tuple[str, str]:
     """One axis of MaxRoiPool's bins, [R, bins, K] each (K: the widest bin of any roi): the
     rows (columns) of X each bin reads, clamped into X, and whether each lies in the bin."""
-    def column(index: int) -> str:  # [R, 1, 1]
-        return b.unsqueeze(b.op("Slice", [rounded, b.ints([index]), b.ints([index + 1]),
-                                          b.ints([1])]), [2])
-
-    start = column(corner)
-    size = b.op("Max", [b.op("Add", [b.op("Sub", [column(corner + 2), start]), b.const(1.0)]),
-                        b.const(1.0)])
+    start = _roi_column(b, rounded, corner)
+    size = b.op("Max", [b.op("Add", [b.op("Sub", [_roi_column(b, rounded, corner + 2), start]),
+                                     b.const(1.0)]), b.const(1.0)])
     bin_size = b.op("Div", [size, b.const(float(bins))])
     bin_index = b.const(np.arange(bins, dtype=np.float32).reshape(1, bins, 1))
     extent = b.op("Cast", [b.shape_slice(x, axis, axis + 1)], to=onnx.TensorProto.FLOAT)
@@ -1587,12 +1591,7 @@ def _roi_pool_window(
     high = clipped(b.op("Ceil", [b.op("Mul", [b.op("Add", [bin_index, b.const(1.0)]),
                                               bin_size])]))
     span = b.op("Sub", [high, low])
-    with_one = b.op("Concat", [b.op("Reshape", [span, b.ints([-1])]), b.const([1.0])], axis=0)
-    widest = b.op("Cast", [b.reduce("ReduceMax", with_one, [0], keepdims=False)],
-                  to=onnx.TensorProto.INT64)
-    offset = b.op("Cast", [b.op("Range", [b.const(0, np.int64), widest, b.const(1, np.int64)])],
-                  to=onnx.TensorProto.FLOAT)
-    offset = b.op("Reshape", [offset, b.ints([1, 1, -1])])
+    offset = _counting(b, span)
     inside = b.op("Less", [offset, span])
     last = b.op("Max", [b.op("Sub", [extent, b.const(1.0)]), b.const(0.0)])
     index = b.op("Min", [b.op("Add", [low, offset]), last])
