@@ -3,7 +3,7 @@ RetinaNet (ResNet-50 FPN, 192 x 192) exported with their raw head (tests/detecto
 Faster R-CNN (fasterrcnn_mobilenet_v3_large_320_fpn, tests/faster_rcnn_model.py), one image
 explained by reference box and class at the default layer(s).
 
-    PYTHONPATH=server:client:proto:tests python benchmarks/bench_detection.py [MODEL ...]
+    PYTHONPATH=server:client:proto:common:tests python benchmarks/bench_detection.py [MODEL ...]
 
 Prints per model: the default layer, the anchor chosen against torchvision's box_iou choice,
 the relative L2 error of `gradients` against float64 torch autograd (and float32 torch's own

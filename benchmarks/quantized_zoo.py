@@ -24,7 +24,7 @@ import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "server"), str(ROOT / "client"),
-                str(ROOT / "proto")]
+                str(ROOT / "proto"), str(ROOT / "common")]
 
 import quantized  # noqa: E402  (tests/quantized.py)
 import test_quantized as checks  # noqa: E402

@@ -3,7 +3,7 @@ input pixels, then sigmoid class scores), against torch autograd on the same wei
 
     pip install --target /tmp/ulpkgs --no-deps ultralytics==8.4.190 ultralytics-thop psutil \\
         requests charset-normalizer urllib3 certifi polars polars-runtime-32
-    PYTHONPATH=server:client:proto:tests:/tmp/ulpkgs YOLO_OFFLINE=1 python scripts/yolo_check.py
+    PYTHONPATH=server:client:proto:common:tests:/tmp/ulpkgs YOLO_OFFLINE=1 python scripts/yolo_check.py
 
 yolov8n is built from its YAML (random weights, nothing downloaded), its BatchNorm calibrated
 on the scikit-image photos (tests/zoo.py), and exported through the TorchScript exporter at

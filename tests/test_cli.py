@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from gradcam_client import METHODS, GradCamClient, cli
-from gradcam_client.overlay import PANEL_GAP, caption_band, gradient_image, overlay
+from gradcam_common.overlay import PANEL_GAP, caption_band, gradient_image, overlay
 from servers import (
     BROKEN_MODEL,
     INFERENCE_ONLY_MODEL,

@@ -43,7 +43,7 @@ from gradcam_client import (
     overlay,
 )
 from gradcam_client import client as client_module
-from gradcam_client.overlay import PANEL_GAP, caption_band
+from gradcam_common.overlay import PANEL_GAP, caption_band
 from servers import (
     BROKEN_MODEL,
     INFERENCE_ONLY_MODEL,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_client.overlay import (
+from gradcam_common.overlay import (
     COLORMAPS,
     PANEL_GAP,
     caption_band,

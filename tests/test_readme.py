@@ -29,7 +29,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from gradcam_client.overlay import PANEL_GAP
+from gradcam_common.overlay import PANEL_GAP
 from servers import serving
 
 ROOT = Path(__file__).resolve().parents[1]

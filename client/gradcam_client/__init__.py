@@ -34,7 +34,7 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from .overlay import COLORMAPS, colorize, gradient_image, overlay, panels, side_by_side
+from gradcam_common.overlay import COLORMAPS, colorize, gradient_image, overlay, panels, side_by_side
 
 __all__ = [
     "COLORMAPS",

@@ -66,7 +66,7 @@ from .errors import (
     ModelNotFoundError,
     UnavailableError,
 )
-from .overlay import COLORMAPS
+from gradcam_common.overlay import COLORMAPS
 
 PROG = "gradcam"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -65,7 +65,7 @@ from .errors import (
     UnavailableError,
     error_from_rpc,
 )
-from .overlay import colorize, draw_box, gradient_image, overlay as blend, panels
+from gradcam_common.overlay import colorize, draw_box, gradient_image, overlay as blend, panels
 
 ImageInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """One image: a path, encoded bytes, a PIL image, a uint8 image array or a float tensor."""

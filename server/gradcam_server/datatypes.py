@@ -1,4 +1,5 @@
-"""KServe's tensor datatype names and the numpy dtypes they stand for, for both gRPC APIs."""
+"""Decoding KServe tensors from the wire, bounded: datatypes (`gradcam_common.datatypes`), declared
+shapes and byte counts."""
 
 from __future__ import annotations
 
@@ -6,29 +7,11 @@ import math
 
 import ml_dtypes
 import numpy as np
+from gradcam_common.datatypes import DATATYPES, datatype_of
 
 from .errors import InvalidInput
 
-DATATYPES = {  # little-endian, as the wire carries them
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "FP16": np.dtype("<f2"),
-    "INT64": np.dtype("<i8"),
-    "INT32": np.dtype("<i4"),
-    "INT16": np.dtype("<i2"),
-    "INT8": np.dtype("i1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
-
-
-def datatype_of(dtype: np.dtype) -> str:
-    """The datatype name of a numpy dtype (either byte order)."""
-    for name, known in DATATYPES.items():
-        if np.dtype(dtype).newbyteorder("<") == known:
-            return name
-    raise TypeError(f"no KServe datatype for {dtype}")
+__all__ = ["DATATYPES", "carried_datatype", "datatype_of", "element_count", "from_bytes"]
 
 
 def carried_datatype(dtype: np.dtype) -> str:

@@ -10,7 +10,7 @@ import time
 import grpc
 import numpy as np
 
-from gradcam_client.overlay import COLORMAPS, draw_box, overlay
+from gradcam_common.overlay import COLORMAPS, draw_box, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
