@@ -20,7 +20,15 @@ class ServiceError(Exception):
 
 
 class InvalidInput(ServiceError):
-    """The request is malformed: bad image, tensor, class index, method or layer."""
+    """The request is malformed: bad image, tensor, class index, method or layer.
+
+    `field` names the part of the request that is wrong, as ``google.rpc.BadRequest``'s field
+    violations do ("images[3]", "target_class", "parameters.method"); None where the request
+    as a whole is wrong (too many images, too large a response)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelNotFound(ServiceError):

@@ -770,7 +770,7 @@ def _for_image(index: int, function, data: bytes, max_pixels: int):
     try:
         return function(data, max_pixels)
     except InvalidInput as error:
-        raise InvalidInput(f"image {index}: {error}") from error
+        raise InvalidInput(f"image {index}: {error}", field=f"images[{index}]") from error
 
 
 def pixel_size(model: ServedModel, x: np.ndarray) -> tuple[int, int]:
