@@ -127,7 +127,7 @@ def test_float16_precision_converts_at_load(tmp_path) -> None:
     assert any(w.data_type == onnx.TensorProto.FLOAT16 for w in half._proto.graph.initializer)
     x = np.random.default_rng(1).normal(size=(2, 3, TINY_SIZE, TINY_SIZE)).astype(np.float32)
     classes = np.array([2, -1])
-    ours = half.explain(x, classes, Explaining())["heatmap"]
-    theirs = full.explain(x, classes, Explaining())["heatmap"]
+    ours = half.explain(x, classes, half.resolve(Explaining()))["heatmap"]
+    theirs = full.explain(x, classes, full.resolve(Explaining()))["heatmap"]
     for a, b in zip(ours, theirs):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.999

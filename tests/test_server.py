@@ -17,11 +17,10 @@ The repository holds the shipped EfficientNet-Lite0 and small generated models:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -45,6 +44,7 @@ from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 from gradcam_server.augment import augment_model
 from gradcam_server.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from gradcam_server.server import SERVICE_NAMES, GradCamServer, ServerOptions
 from servers import LEAK, ServerProcess, expect_error, sample, status_of
 
 LITE0 = "efficientnet_lite0"
@@ -817,13 +817,53 @@ def test_sigterm_drains_in_flight_requests(
 # -- 10. health and reflection -------------------------------------------------------------------
 
 
+HEALTH_TIMEOUT_S = 60.0
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+EXPECTED_SERVICES = ("inference.GRPCInferenceService", "gradcam.v1.GradCam")
+
+
 def test_health_follows_loading_and_shutdown(tiny_repository: Path) -> None:
-    """`GradCamServer` in a child interpreter (see health_scenario.py for why): NOT_SERVING
-    right after start() while loading, SERVING once loaded, NOT_SERVING after stop()."""
-    scenario = Path(__file__).with_name("health_scenario.py")
-    done = subprocess.run([sys.executable, str(scenario), str(tiny_repository)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    """`GradCamServer` in this process (beside tritonclient): NOT_SERVING right after start()
+    while loading (held until the first check is answered), SERVING once loaded, NOT_SERVING
+    after stop()."""
+    asyncio.run(_health_scenario(tiny_repository))
+
+
+async def _health_scenario(repository: Path) -> None:
+    assert set(SERVICE_NAMES) == set(EXPECTED_SERVICES), SERVICE_NAMES
+    server = GradCamServer(ServerOptions(repository, port=0, metrics_port=None))
+    release = threading.Event()
+    load_all = server.repository.load_all
+
+    def held_load_all() -> None:
+        release.wait(HEALTH_TIMEOUT_S)
+        load_all()
+
+    server.repository.load_all = held_load_all
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def statuses() -> list[int]:
+                return [
+                    (await health.Check(health_pb2.HealthCheckRequest(service=name),
+                                        timeout=HEALTH_TIMEOUT_S)).status
+                    for name in ("", *EXPECTED_SERVICES)
+                ]
+
+            assert await statuses() == [NOT_SERVING] * 3, "not NOT_SERVING while loading"
+            release.set()
+            await asyncio.wait_for(server.wait_until_loaded(), HEALTH_TIMEOUT_S)
+            assert server.repository.ready()
+            assert await statuses() == [SERVING] * 3, "not SERVING once loaded"
+    finally:
+        release.set()
+        await server.stop(0)
+    for name in ("", *EXPECTED_SERVICES):
+        after = await server.health.Check(health_pb2.HealthCheckRequest(service=name), None)
+        assert after.status == NOT_SERVING, f"{name!r} not NOT_SERVING after stop()"
 
 
 def test_reflection_lists_and_describes_the_services(channel) -> None:

@@ -13,7 +13,6 @@ resized whole to the model's size (no crop), so boxes scale by axis (`to_model_p
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,13 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .errors import InvalidInput
 
-if TYPE_CHECKING:  # the service imports this module
+if TYPE_CHECKING:  # annotations only
     from .model import Explaining, ServedModel
-    from .service import Explained, GradCamService, HeatmapSize
 
 MAX_DETECTIONS_PER_IMAGE = 20
 DETECTION_OUTPUTS = (NAMES.explained_detection, NAMES.detection_class, NAMES.detection_score,
@@ -151,150 +148,6 @@ def refuse_missing(
             f"{_listed(boxes[row])} with IoU >= {threshold:g}; nothing is explained rather "
             "than a wrong box (lower iou_threshold, or give a box index)"
         )
-
-
-async def explain_detections(
-    service: GradCamService,
-    model: ServedModel,
-    images: Sequence[bytes | np.ndarray],
-    detections: Sequence[Sequence[DetectionRequest]],
-    *,
-    request: Explaining,
-    num_channels: int,
-    heatmap_size: HeatmapSize,
-    extra_bytes_per_pixel: int = 0,
-    deadline: float | None = None,
-) -> Explained:
-    """The typed API's detector path: one map per detection of each image (`detections`: one
-    list per image, or one list for every image), in request order; images of one shape
-    share a batch, each image's row repeated once per detection."""
-    from .service import (
-        ClassMap, Explained, ImageExplanation, _check_count, image_tensor_size, resize_heatmap,
-    )
-
-    _check_count(len(images))
-    request = model.resolve(request)
-    if request.score != "detection":
-        raise InvalidInput(f"detections are explained with score 'detection', not "
-                           f"{request.score!r}")
-    if len(detections) == 1 and len(images) > 1:
-        detections = list(detections) * len(images)
-    if len(detections) != len(images):
-        raise InvalidInput(f"{len(detections)} lists of detections for {len(images)} images "
-                           "(give one per image, or one for all)")
-    for number, wanted in enumerate(detections):
-        if not 1 <= len(wanted) <= MAX_DETECTIONS_PER_IMAGE:
-            raise InvalidInput(f"image {number}: give 1..{MAX_DETECTIONS_PER_IMAGE} detections "
-                               f"to explain, got {len(wanted)}")
-    most = max(len(wanted) for wanted in detections)
-
-    tensor_sizes = [image_tensor_size(model, image) for image in images
-                    if not isinstance(image, bytes) and image.ndim == 3]
-
-    def check_sizes(encoded_sizes: list[tuple[int, int]]) -> None:
-        """The response's bound, before any image is decoded (as `GradCamService.explain`)."""
-        service.check_heatmap_response(
-            model, [*encoded_sizes, *tensor_sizes], heatmap_size, most, extra_bytes_per_pixel,
-            pixel_channels=model.channels if request.method in PIXEL_METHODS else 0,
-        )
-
-    started = asyncio.get_running_loop().time()
-    tensors, sizes = await service._prepare_mixed(model, images, check_sizes)
-    preprocess_seconds = asyncio.get_running_loop().time() - started
-    rows = []  # (image, detection number, index, model box, class)
-    groups: dict[tuple, list[int]] = {}
-
-    def batches() -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """Each shape group's (images, classes, indices, boxes), each image's row repeated
-        per detection; run in a worker thread (the stacks copy whole images)."""
-        for number, (wanted, size) in enumerate(zip(detections, sizes)):
-            graph_size = image_tensor_size(model, tensors[number])
-            for position, detection in enumerate(wanted):
-                what = f"image {number}, detection {position}"
-                if detection.index is None and detection.box is None:
-                    raise InvalidInput(f"{what}: give a box index or a box (and a class)")
-                if detection.index is not None and detection.index < 0:
-                    raise InvalidInput(f"{what}: box index {detection.index} is negative")
-                box = np.zeros(4, np.float32)
-                if detection.box is not None:
-                    check_box(detection.box, size, what)
-                    box = to_model_pixels(detection.box, size, graph_size)
-                category = -1 if detection.class_index is None else detection.class_index
-                rows.append((number, position,
-                             -1 if detection.index is None else detection.index, box, category))
-        for row, (number, *_) in enumerate(rows):
-            groups.setdefault(tensors[number].shape, []).append(row)
-        return [(np.stack([tensors[rows[r][0]] for r in members]),
-                 np.array([rows[r][4] for r in members], np.int64),
-                 np.array([rows[r][2] for r in members], np.int64),
-                 np.stack([rows[r][3] for r in members]))
-                for members in groups.values()]
-
-    calls = [
-        service.run(model, x, explain=request, target_class=classes,
-                    detection=(indices, boxes), deadline=deadline)
-        for x, classes, indices, boxes in await asyncio.to_thread(batches)
-    ]
-    results = await asyncio.gather(*calls)
-
-    def explanations() -> tuple[ImageExplanation, ...]:
-        maps: list[list] = [[None] * len(wanted) for wanted in detections]
-        for members, result in zip(groups.values(), results):
-            outputs = result.outputs
-            _refuse_group(outputs, rows, members, detections, request.iou_threshold)
-            weights = outputs[NAMES.gradients].mean(axis=(2, 3))
-            pixel_maps = outputs.get(NAMES.pixel_map)  # the pixel-level methods' [N, C, H, W]
-            if pixel_maps is not None and model.config.preprocessing.layout == "NHWC":
-                pixel_maps = pixel_maps.transpose(0, 3, 1, 2)
-            for k, r in enumerate(members):
-                number, position = rows[r][0], rows[r][1]
-                graph_size = image_tensor_size(model, tensors[number])
-                heatmap = outputs[NAMES.heatmap][k]
-                top = np.argsort(-weights[k], kind="stable")[:num_channels]
-                category = int(outputs[NAMES.detection_class][k])
-                box = to_model_pixels(outputs[NAMES.detection_box][k], graph_size, sizes[number])
-                maps[number][position] = ClassMap(
-                    class_index=category,
-                    label=model.label(category, request.output),
-                    heatmap=resize_heatmap(
-                        heatmap, heatmap_size.of(sizes[number], heatmap.shape[::-1])
-                    ),
-                    channels=tuple((int(c), float(weights[k][c])) for c in top),
-                    pixel_gradients=None if pixel_maps is None else pixel_maps[k],
-                    detection=DetectedBox(
-                        int(outputs[NAMES.explained_detection][k]),
-                        tuple(float(v) for v in box),
-                        float(outputs[NAMES.detection_score][k]),
-                        float(outputs[NAMES.detection_iou][k]),
-                    ),
-                )
-        return tuple(ImageExplanation(tuple(image_maps), ()) for image_maps in maps)
-
-    return Explained(
-        explanations=await asyncio.to_thread(explanations),
-        layer=request.layer,
-        method=request.method,
-        target=model.explained(request),
-        preprocess_seconds=preprocess_seconds,
-        queue_seconds=max(r.queue_seconds for r in results),
-        inference_seconds=sum(r.run_seconds for r in results),
-    )
-
-
-def _refuse_group(
-    outputs: dict, rows: list, members: list[int], detections, threshold: float
-) -> None:
-    """`refuse_missing` for the rows `members` of one run, naming image and detection."""
-    for k, r in enumerate(members):
-        if outputs[NAMES.explained_detection][k] >= 0:
-            continue
-        number, position, index, _, category = rows[r]
-        if index >= 0:
-            raise InvalidInput(f"image {number}, detection {position}: box index {index} is out "
-                               "of range of the model's pre-NMS boxes, or a padding row "
-                               "without a box")
-        refuse_missing([-1], [category], [detections[number][position].box], threshold,
-                       label=f"image {number}, detection {position}")
 
 
 def _listed(box) -> str:

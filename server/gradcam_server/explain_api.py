@@ -1,45 +1,35 @@
-"""The typed explain API servicer (``gradcam.v1.GradCam``): converts messages to service calls
-and back; all logic lives in `GradCamService`."""
+"""The typed explain API servicer (``gradcam.v1.GradCam``), thin: it decodes an
+``ExplainRequest`` message into the core's `request.ExplainRequest`, resolves it once
+(`request.resolve_explain`), lets the service run it, and encodes the ``ExplainResponse`` (overlays
+drawn here) in the service's post-processing thread."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 
 import grpc
 import numpy as np
+from PIL import Image
 
+from gradcam_common.methods import METHOD_NAMES as _NAMES
+from gradcam_common.methods import enum_value, name_of
 from gradcam_common.overlay import COLORMAPS, draw_box, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
 from .datatypes import element_count, from_bytes
-from .detections import MAX_DETECTIONS_PER_IMAGE, DetectionRequest, explain_detections
+from .detections import MAX_DETECTIONS_PER_IMAGE, DetectionRequest
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, Explaining, ServedModel, request_grid
-from .preprocess import decode_image
-from .service import ClassMap, Explained, GradCamService, HeatmapSize
+from .model import Explaining, request_grid
+from .postprocess import ClassMap, Explained
+from .request import ExplainRequest, resolve_explain
+from .service import GradCamService
 from .transport import deadline_of, rpc
 
-METHOD_NAMES = {
-    pb.METHOD_GRADCAM: "gradcam",
-    pb.METHOD_GRADCAM_PLUS_PLUS: "gradcam++",
-    pb.METHOD_XGRADCAM: "xgradcam",
-    pb.METHOD_HIRESCAM: "hirescam",
-    pb.METHOD_GRADCAM_ELEMENTWISE: "gradcam-elementwise",
-    pb.METHOD_LAYERCAM: "layercam",
-    pb.METHOD_GUIDED_BACKPROP: "guided-backprop",
-    pb.METHOD_GUIDED_GRADCAM: "guided-gradcam",
-    pb.METHOD_ABLATIONCAM: "ablationcam",
-    pb.METHOD_EIGENCAM: "eigencam",
-    pb.METHOD_EIGENGRADCAM: "eigengradcam",
-    pb.METHOD_SCORECAM: "scorecam",
-    pb.METHOD_INTEGRATED_GRADCAM: "integrated-gradcam",
-    pb.METHOD_GROUPCAM: "groupcam",
-}
-METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items()}
+METHOD_ENUMS = {name: enum_value(name) for name in _NAMES}  # the typed API's value of a method
+METHOD_NAMES = {value: name for name, value in METHOD_ENUMS.items()}
 DEFAULT_PREDICTIONS = 5
 DEFAULT_CHANNELS = 10
 DEFAULT_OPACITY = 0.5
@@ -62,90 +52,50 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             return await self._explain(model, method, request, context, started)
 
     async def _explain(
-        self, model: ServedModel, method: str | None, request: pb.ExplainRequest,
+        self, model, method: str | None, request: pb.ExplainRequest,
         context: grpc.aio.ServicerContext, started: float,
     ) -> bytes:
         """The serialized response; the request's place is held by the caller."""
         options = request.options
-        texts = {"layer": request.layer, "score": request.score, "output": request.output,
-                 "layout": request.layout, "grid": request.grid,
-                 "colormap": options.colormap, "heatmap_size": options.heatmap_size,
-                 **{f"layers[{i}]": layer for i, layer in enumerate(request.layers)}}
-        for field, text in texts.items():
-            if len(text) > MAX_TEXT_CHARS:
-                raise InvalidInput(
-                    f"{field} is {len(text)} characters long; at most {MAX_TEXT_CHARS}"
-                )
-        if options.num_predictions < 0 or options.num_channels < 0:
-            raise InvalidInput("num_predictions and num_channels must not be negative")
-        if options.colormap and options.colormap not in COLORMAPS:
-            raise InvalidInput(
-                f"unknown colormap {shown(options.colormap)}; available: {', '.join(COLORMAPS)}"
-            )
-        if not 0 <= options.overlay_opacity <= 1:
-            raise InvalidInput(f"overlay_opacity must be in [0, 1], got {options.overlay_opacity}")
-        images = [_image(image, index) for index, image in enumerate(request.images)]
+        _check_options(request)
         target = request.target.WhichOneof("kind")
-        explaining = Explaining(
-            method=method,
-            layer=tuple(request.layers) or request.layer or None,
-            counterfactual=request.counterfactual,
-            eigen_smooth=request.eigen_smooth,
-            aug_smooth=request.aug_smooth,
-            score=request.score or None,
-            output=request.output or None,
-            layout=request.layout or None,
-            prefix_tokens=(
-                request.prefix_tokens if request.HasField("prefix_tokens") else None
+        resolved = resolve_explain(model, ExplainRequest(
+            images=[_image(image, index) for index, image in enumerate(request.images)],
+            graph=Explaining(
+                method=method,
+                layer=tuple(request.layers) or request.layer or None,
+                counterfactual=request.counterfactual,
+                eigen_smooth=request.eigen_smooth,
+                aug_smooth=request.aug_smooth,
+                score=request.score or None,
+                output=request.output or None,
+                layout=request.layout or None,
+                prefix_tokens=(
+                    request.prefix_tokens if request.HasField("prefix_tokens") else None
+                ),
+                grid=request_grid(request.grid or None),
+                iou_threshold=(
+                    request.iou_threshold if request.HasField("iou_threshold") else None
+                ),
             ),
-            grid=request_grid(request.grid or None),
-            iou_threshold=(
-                request.iou_threshold if request.HasField("iou_threshold") else None
-            ),
-        )
-        heatmap_size = HeatmapSize.parse(options.heatmap_size, self.service.max_pixels)
-        overlay_bytes = OVERLAY_BYTES_PER_PIXEL if options.overlay else 0
-        if model.resolve(explaining).score == "detection":
-            if target is not None:
-                raise InvalidInput("a detector's classes are given per detection "
-                                   "(detections[].class_index), not as target")
-            if not request.detections:
-                raise InvalidInput(
-                    "score 'detection' needs the detections to explain: per image a box "
-                    "index, or a box x1, y1, x2, y2 and a class (detections)"
-                )
-            explained = await explain_detections(
-                self.service, model, images, _detections(request), request=explaining,
-                num_channels=options.num_channels or DEFAULT_CHANNELS,
-                heatmap_size=heatmap_size, extra_bytes_per_pixel=overlay_bytes,
-                deadline=deadline_of(context),
-            )
-            return await asyncio.to_thread(_response, model.name, images, explained, options,
-                                           self.service.max_pixels, started)
-        if request.detections:
-            raise InvalidInput("detections are explained with score 'detection' (a detector's "
-                               "score), not "
-                               f"{shown(model.resolve(explaining).score)}")
-        explained = await self.service.explain(
-            model,
-            images,
-            request=explaining,
+            class_index=request.target.class_index if target == "class_index" else None,
+            top_k=request.target.top_k if target == "top_k" else None,
             reference=_tensor(request, "reference_embedding", (1, 2), "[D] or [N, D]"),
             mask=_tensor(request, "target_mask", (2, 3), "[h, w] or [N, h, w]"),
             others={
                 name: from_bytes(t.data, t.datatype, tuple(t.shape), f"input {name!r}")
                 for name, t in request.inputs.items()
             },
-            class_index=request.target.class_index if target == "class_index" else None,
-            top_k=request.target.top_k if target == "top_k" else None,
+            detections=_detections(request),
             num_predictions=options.num_predictions or DEFAULT_PREDICTIONS,
             num_channels=options.num_channels or DEFAULT_CHANNELS,
-            heatmap_size=heatmap_size,
-            extra_bytes_per_pixel=overlay_bytes,
+            heatmap_size=options.heatmap_size,
+            extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if options.overlay else 0,
+            keep_pictures=options.overlay,
+        ), self.service.max_pixels)
+        return await self.service.explain(
+            resolved, lambda explained: _response(model.name, explained, options, started),
             deadline=deadline_of(context),
-        )
-        return await asyncio.to_thread(
-            _response, model.name, images, explained, options, self.service.max_pixels, started
         )
 
     @rpc("explain")
@@ -175,7 +125,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             num_classes=model.num_classes,
             has_labels=model.labels is not None,
             max_batch_size=model.max_batch_size,
-            methods=sorted(METHOD_ENUMS[m] for m in METHODS) if explainable else [],
+            methods=sorted(METHOD_ENUMS.values()) if explainable else [],
             num_boxes=model.num_anchors if model.is_detector else 0,
             mean=list(prep.mean),
             std=list(prep.std),
@@ -188,12 +138,38 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         )
 
 
+def _check_options(request: pb.ExplainRequest) -> None:
+    """The request's texts and display options, bounded and known."""
+    options = request.options
+    texts = {"layer": request.layer, "score": request.score, "output": request.output,
+             "layout": request.layout, "grid": request.grid,
+             "options.colormap": options.colormap, "options.heatmap_size": options.heatmap_size,
+             **{f"layers[{i}]": layer for i, layer in enumerate(request.layers)}}
+    for field, text in texts.items():
+        if len(text) > MAX_TEXT_CHARS:
+            raise InvalidInput(
+                f"{field.removeprefix('options.')} is {len(text)} characters long; at most "
+                f"{MAX_TEXT_CHARS}", field=field,
+            )
+    if options.num_predictions < 0 or options.num_channels < 0:
+        raise InvalidInput("num_predictions and num_channels must not be negative",
+                           field="options")
+    if options.colormap and options.colormap not in COLORMAPS:
+        raise InvalidInput(
+            f"unknown colormap {shown(options.colormap)}; available: {', '.join(COLORMAPS)}",
+            field="options.colormap",
+        )
+    if not 0 <= options.overlay_opacity <= 1:
+        raise InvalidInput(f"overlay_opacity must be in [0, 1], got {options.overlay_opacity}",
+                           field="options.overlay_opacity")
+
+
 def _response(
-    model: str, images: list[bytes | np.ndarray], explained: Explained,
-    options: pb.ExplainOptions, max_pixels: int, started: float,
+    model: str, explained: Explained, options: pb.ExplainOptions, started: float,
 ) -> bytes:
     """The serialized ExplainResponse of `explained`; `started` is when the call began.
-    Blocking (overlays are drawn here): it runs in a worker thread."""
+    Blocking (overlays are drawn here, on the images the service decoded): it runs in the
+    service's post-processing thread."""
     layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
     target = explained.target
     response = pb.ExplainResponse(
@@ -201,7 +177,8 @@ def _response(
         layout=target.get("layout", ""), prefix_tokens=_prefix_tokens(target),
         grid=target.get("grid", ""),
     )
-    for image, explanation in zip(images, explained.explanations):
+    pictures = explained.pictures or (None,) * len(explained.explanations)
+    for picture, explanation in zip(pictures, explained.explanations):
         message = response.explanations.add()
         for class_map in explanation.maps:
             message.heatmaps.append(_heatmap(class_map))
@@ -209,10 +186,10 @@ def _response(
             message.predictions.add(
                 class_index=p.class_index, label=p.label, score=p.score, logit=p.logit
             )
-        if options.overlay and isinstance(image, bytes):
+        if options.overlay and picture is not None:
             first = explanation.maps[0]
             message.overlay_png = _overlay_png(
-                image, first.heatmap, options, max_pixels,
+                picture, first.heatmap, options,
                 None if first.detection is None else first.detection.box,
             )
     response.timings.preprocess_seconds = explained.preprocess_seconds
@@ -236,11 +213,10 @@ def _prefix_tokens(target: dict[str, str]) -> int | None:
 
 
 def _method_name(method: int) -> str | None:
-    if method == pb.METHOD_UNSPECIFIED:
-        return None
-    if method not in METHOD_NAMES:
-        raise InvalidInput(f"unknown method {method}")
-    return METHOD_NAMES[method]
+    try:
+        return name_of(method)
+    except (KeyError, ValueError):
+        raise InvalidInput(f"unknown method {method}", field="method") from None
 
 
 def _image(image: pb.Image, index: int) -> bytes | np.ndarray:
@@ -324,11 +300,10 @@ def _detections(request: pb.ExplainRequest) -> list[list[DetectionRequest]]:
 
 
 def _overlay_png(
-    data: bytes, heatmap: np.ndarray, options: pb.ExplainOptions, max_pixels: int,
+    image: Image.Image, heatmap: np.ndarray, options: pb.ExplainOptions,
     box: tuple[float, ...] | None = None,
 ) -> bytes:
     """The heatmap over the image, a detection's `box` (image pixels) outlined on it."""
-    image = decode_image(data, max_pixels)
     blended = overlay(
         image.convert("RGB"), heatmap, colormap=options.colormap or "jet",
         opacity=options.overlay_opacity or DEFAULT_OPACITY,

@@ -47,30 +47,25 @@ a 4-byte length prefix, as tritonclient sends them); outputs go back as raw_outp
 
 from __future__ import annotations
 
-import asyncio
-import math
 import struct
 
 import numpy as np
 
+from gradcam_common.methods import METHOD_NAMES as METHODS
+from gradcam_common.methods import PIXEL_METHODS
 from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .augment.cam import PIXEL_METHODS
 from .augment.passes import NAMES
 from .datatypes import DATATYPES, carried_datatype, datatype_of, element_count, from_bytes
-from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
+from .detections import DETECTION_OUTPUTS
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
-from .model import METHODS, Explaining, ServedModel, request_grid
-from .service import (
-    MAX_IMAGES_PER_REQUEST,
-    GradCamService,
-    HeatmapSize,
-    image_tensor_size,
-    resize_heatmap,
-)
+from .model import Explaining, ServedModel, request_grid
+from .request import InferRequest, resolve_infer
+from .service import GradCamService
+from .validate import MAX_IMAGES_PER_REQUEST
 from .transport import deadline_of, rpc
 
 IMAGE_INPUT = "image"
@@ -164,7 +159,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> bytes:
         """The serialized response to a request for `model` with `method` (the model's
         default filled in); the request's place is held by the caller."""
-        heatmap_size = HeatmapSize.parse(parameters.get("heatmap_size"), self.service.max_pixels)
         explain = Explaining(
             method=parameters.get("method"),
             layer=parameters.get("target_layer"),
@@ -240,123 +234,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"send exactly one of {model.input.name!r} (FP32 or FP16 tensor) and "
                 f"{IMAGE_INPUT!r} (BYTES, encoded images)"
             )
-        maps = 1 if HEATMAP_OUTPUT in requested else 0
-
-        def check_sizes(sizes: list[tuple[int, int]]) -> None:
-            """Before decoding: one pixel size, and a response within the limit."""
-            if len(set(sizes)) > 1:
-                two = " and ".join(f"{w}x{h}" for w, h in sorted(set(sizes))[:2])
-                raise InvalidInput(
-                    f"images in one request must share one pixel size (got {two}); send them "
-                    "in separate requests or use the typed Explain API, which takes mixed sizes"
-                )
-            other_bytes = sum(
-                4 * len(sizes) * math.prod(max(d, 1) for d in model.output_shapes[name])
-                for name in requested
-                if name not in (HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT, *DETECTION_OUTPUTS)
-            )
-            self.service.check_heatmap_response(
-                model, sizes, heatmap_size, maps, other_bytes=other_bytes,
-                pixel_channels=model.channels if PIXEL_MAP_OUTPUT in requested else 0,
-            )
-
-        sizes = None
-        if encoded is not None:
-            if not encoded:
-                raise InvalidInput(f"input {IMAGE_INPUT!r} must hold at least one image")
-            x, sizes = await self.service.images_to_tensor(model, encoded, check_sizes)
-        else:
-            await asyncio.to_thread(
-                self.service.check_tensor, model, x, f"input {model.input.name!r}"
-            )
-        tensor_size = image_tensor_size(model, x[0])  # (width, height) the graph sees
-        if sizes is None:
-            check_sizes([tensor_size] * len(x))
-        heatmap_sizes = None  # (width, height) of each heatmap returned
-        if HEATMAP_OUTPUT in requested:
-            heatmap_sizes = [
-                heatmap_size.of(size, tensor_size) for size in (sizes or [tensor_size] * len(x))
-            ]
-        explaining = {HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT, *DETECTION_OUTPUTS} & set(requested)
-        if not explaining:
-            explain = None
-        image_sizes = sizes or [tensor_size] * len(x)
-        detection = None
-        if explain is not None and detector:
-            detection = _detection_rows(inputs, image_sizes, tensor_size)
-        elif INDEX_INPUT in inputs or BOX_INPUT in inputs:
-            raise InvalidInput(f"inputs {INDEX_INPUT!r} and {BOX_INPUT!r} are only used with "
-                               "score 'detection', explaining (heatmap output)")
-        result = await self.service.run(
-            model, x, explain=explain, target_class=inputs.get(TARGET_CLASS_INPUT),
+        if encoded is not None and not encoded:
+            raise InvalidInput(f"input {IMAGE_INPUT!r} must hold at least one image")
+        resolved = resolve_infer(model, InferRequest(
+            encoded=encoded, x=x, requested=requested,
+            explaining=bool(set(requested) & {HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT,
+                                              *DETECTION_OUTPUTS}),
+            graph=explain, target_class=inputs.get(TARGET_CLASS_INPUT),
             reference=inputs.get(REFERENCE_INPUT), mask=inputs.get(MASK_INPUT),
             others={name: inputs[name] for name in others if name in inputs},
-            deadline=deadline, detection=detection,
-        )
-        outputs = {name: result.outputs[name] for name in requested}
-        if detection is not None:
-            classes = inputs.get(TARGET_CLASS_INPUT)
-            classes = ([-1] * len(x) if classes is None
-                       else np.asarray(classes).reshape(len(x)).tolist())
-            wanted = [inputs[BOX_INPUT][row] if BOX_INPUT in inputs else None
-                      for row in range(len(x))]
-            explained = result.outputs[NAMES.explained_detection]
-            indices = (np.full(len(x), -1) if detection[0] is None
-                       else np.asarray(detection[0]).reshape(len(x)))
-            for row in np.flatnonzero((explained < 0) & (indices >= 0)):
-                raise InvalidInput(f"row {row}: detection index {indices[row]} is out of range "
-                                   "of the model's pre-NMS boxes, or a padding row without a "
-                                   "box")
-            refuse_missing(explained, classes, wanted, model.resolve(explain).iou_threshold,
-                           label="row {row}")
-            if NAMES.detection_box in outputs:
-                outputs[NAMES.detection_box] = np.stack([
-                    to_model_pixels(box, tensor_size, size)
-                    for box, size in zip(outputs[NAMES.detection_box], image_sizes)
-                ])
-        return await asyncio.to_thread(
-            _response, model.name, request.id, outputs, heatmap_sizes
+            detection_index=inputs.get(INDEX_INPUT), reference_box=inputs.get(BOX_INPUT),
+            heatmap_size=parameters.get("heatmap_size"),
+        ), self.service.max_pixels)
+        return await self.service.infer(
+            resolved, lambda outputs: _response(model.name, request.id, outputs), deadline,
         )
 
 
-def _detection_rows(
-    inputs: dict, sizes: list[tuple[int, int]], graph_size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(detection_index, reference_box in the graph's pixels) of a detector's rows; each given
-    box checked in the pixels of its image (`sizes`, (width, height)); zero rows: no box."""
-    rows = len(sizes)
-    index = inputs.get(INDEX_INPUT)
-    boxes = inputs.get(BOX_INPUT)
-    if boxes is not None:
-        boxes = np.asarray(boxes)
-        if boxes.dtype != np.float32 or boxes.shape != (rows, 4):
-            raise InvalidInput(f"input {BOX_INPUT!r} must be FP32 [{rows}, 4] (x1, y1, x2, y2 "
-                               f"per row), got {boxes.dtype} {list(boxes.shape)}")
-        scaled = np.zeros((rows, 4), np.float32)
-        for row, (box, size) in enumerate(zip(boxes, sizes)):
-            if np.any(box != 0) or not np.isfinite(box).all():
-                check_box(box, size, f"{BOX_INPUT} row {row}")
-                scaled[row] = to_model_pixels(box, size, graph_size)
-        boxes = scaled
-    if index is None and boxes is None:
-        raise InvalidInput(f"score 'detection' explains one detection per row: send "
-                           f"{INDEX_INPUT!r} (INT64 [N]) or {BOX_INPUT!r} (FP32 [N, 4]) and "
-                           f"{TARGET_CLASS_INPUT!r}")
-    return index, boxes
-
-
-def _response(
-    model: str, request_id: str, outputs: dict[str, np.ndarray],
-    heatmap_sizes: list[tuple[int, int]] | None,
-) -> bytes:
-    """The serialized ModelInferResponse holding `outputs` as raw little-endian contents, the
-    heatmaps resized to `heatmap_sizes` ((width, height) per row) first. Blocking: it runs in
-    a worker thread."""
-    if heatmap_sizes is not None:
-        maps = outputs[HEATMAP_OUTPUT]
-        outputs[HEATMAP_OUTPUT] = np.stack(
-            [resize_heatmap(m, size) for m, size in zip(maps, heatmap_sizes)]
-        )
+def _response(model: str, request_id: str, outputs: dict[str, np.ndarray]) -> bytes:
+    """The serialized ModelInferResponse holding `outputs` as raw little-endian contents.
+    Blocking: it runs in the service's post-processing thread."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
     for name, value in outputs.items():
         datatype = datatype_of(value.dtype)

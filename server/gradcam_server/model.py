@@ -26,7 +26,8 @@ import ctypes
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -83,7 +84,7 @@ class Explaining:
     iou_threshold: float | None = None
 
     @property
-    def graph(self) -> str:
+    def metrics_name(self) -> str:
         """A short name of the graph, for metrics: the method and its options."""
         options = [
             o for o in ("counterfactual", "eigen_smooth", "aug_smooth") if getattr(self, o)
@@ -91,6 +92,13 @@ class Explaining:
         if self.score not in (None, "logit", "region"):
             options.append(self.score)
         return "/".join([self.method or "default", *options])
+
+
+@dataclass(frozen=True)
+class Graph(Explaining):
+    """A resolved `Explaining`: every default filled in by `ServedModel.resolve` and checked;
+    the key of one augmented session. Only `resolve` makes one, once per request, at the edge;
+    what runs below (validation, sessions, batchers) takes a Graph and never resolves again."""
 
 
 def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -252,8 +260,8 @@ class ServedModel:
         """Augmented graphs (sessions) held now: the default one and the LRU's."""
         return len(self._explainers) + (self._default_explainer is not None)
 
-    def resolve(self, request: Explaining) -> Explaining:
-        """`request` with the model's defaults filled in; InvalidInput for an unknown method,
+    def resolve(self, request: Explaining) -> Graph:
+        """`request` with the model's defaults filled in, as a `Graph`; InvalidInput for an unknown method,
         score, output or layout, or a negative prefix_tokens; ExplainUnavailable when the
         graph cannot be explained at all."""
         if self.explain_error is not None:
@@ -291,9 +299,10 @@ class ServedModel:
             # Baked into the graph: in steps of 0.01, so that requests can make at most 101
             # variants (float32 and float64 senders of one value share theirs).
             iou_threshold = round(float(iou_threshold), 2)
-        return replace(request, method=method, layer=layer, score=score, output=output,
-                       layout=layout, prefix_tokens=prefix_tokens, grid=grid,
-                       iou_threshold=iou_threshold)
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(Explaining)}
+        fields.update(method=method, layer=layer, score=score, output=output, layout=layout,
+                      prefix_tokens=prefix_tokens, grid=grid, iou_threshold=iou_threshold)
+        return Graph(**fields)
 
     def _layout_of(
         self, request: Explaining, layer: str | tuple[str, ...]
@@ -326,8 +335,8 @@ class ServedModel:
         grid = model_grid if request.grid is None else tuple(request.grid)
         return layout, prefix_tokens, grid
 
-    def explained(self, request: Explaining) -> dict[str, str]:
-        """What the graph of `request` (resolved) explains: {"layer", "layout", and for tokens
+    def explained(self, request: Graph) -> dict[str, str]:
+        """What the graph of `request` explains: {"layer", "layout", and for tokens
         "prefix_tokens" and "grid" ("hxw") where known}, as `explained_target` reads it from
         the augmented graph; from the request itself for a graph no longer remembered."""
         if request == self._default:
@@ -363,7 +372,7 @@ class ServedModel:
         self,
         x: np.ndarray,
         target_class: np.ndarray,
-        request: Explaining,
+        graph: Graph,
         reference: np.ndarray | None = None,
         mask: np.ndarray | None = None,
         others: dict[str, np.ndarray] | None = None,
@@ -383,22 +392,22 @@ class ServedModel:
             feeds[NAMES.reference_embedding] = reference
         if mask is not None:
             feeds[NAMES.target_mask] = mask
-        return self._run(self.explainer(request), feeds, stop)
+        return self._run(self.explainer(graph), feeds, stop)
 
     def _fed(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed float32 images as the image input's type (a float16 or bfloat16
         graph's)."""
         return x.astype(self.input.dtype, copy=False)
 
-    def is_built(self, request: Explaining) -> bool:
-        """Whether the session for `request` exists already (no augmentation needed)."""
-        key = self.resolve(request)
-        return key == self._default or key in self._explainers
+    def is_built(self, graph: Graph) -> bool:
+        """Whether the session for `graph` exists already (no augmentation needed)."""
+        return graph == self._default or graph in self._explainers
 
-    def explainer(self, request: Explaining) -> ort.InferenceSession:
-        """The augmented session for `request`; built on first use, a few kept. Raises
+    def explainer(self, key: Graph) -> ort.InferenceSession:
+        """The augmented session of `key`; built on first use, a few kept. Raises
         InvalidInput when the graph cannot be augmented as asked (layer, options)."""
-        key = self.resolve(request)
+        if not isinstance(key, Graph):
+            raise TypeError("explainer() takes a Graph, made by resolve()")
         if key == self._default:
             return self._default_explainer
         with self._lock:

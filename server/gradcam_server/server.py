@@ -41,13 +41,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from gradcam_proto import gradcam_pb2, grpc_service_pb2
 
 from .auth import BearerTokenInterceptor
+from .engine import ServiceLimits
 from .explain_api import GradCamServicer
 from .kserve import KServeServicer
 from .metrics import Metrics
 from .model import DEFAULT_MAX_VARIANTS
+from .postprocess import MAX_MESSAGE_BYTES
+from .preprocess import DEFAULT_MAX_PIXELS
 from .repository import ModelRepository
 from .runtime import RuntimeOptions, parse_device
-from .service import DEFAULT_MAX_PIXELS, MAX_MESSAGE_BYTES, GradCamService, ServiceLimits
+from .service import GradCamService
 from .transport import add_servicer
 
 log = logging.getLogger("gradcam_server")
