@@ -26,6 +26,7 @@ from .client import (
 )
 from .errors import (
     DeadlineError,
+    FieldViolation,
     GradCamError,
     InvalidInputError,
     ModelNotFoundError,
@@ -46,6 +47,7 @@ __all__ = [
     "DetectionTarget",
     "DeadlineError",
     "Explanation",
+    "FieldViolation",
     "GradCamClient",
     "GradCamError",
     "HeatmapSize",
