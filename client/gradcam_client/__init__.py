@@ -6,24 +6,14 @@ command, and overlays drawn with numpy and Pillow only.
     with GradCamClient("127.0.0.1:8001") as client:
         result = client.explain("samples/chelsea.jpg", model="efficientnet_lite0", top_k=3)
         result.overlay(side_by_side=True).save("out/chelsea-top3.png")
+
+Modules: `client` (the two clients, thin shells doing the I/O), `options` (`ExplainOptions`),
+`images` (inputs made messages), `protocol` (requests built and answers read, no I/O),
+`results` (what comes back), `retry` (deadlines and retries), `connection` (address, TLS,
+channel), `errors` (status codes as exceptions), `cli` (the `gradcam` command).
 """
 
-from .client import (
-    METHODS,
-    PIXEL_METHODS,
-    AsyncGradCamClient,
-    ClassHeatmap,
-    DetectedBox,
-    DetectionTarget,
-    Explanation,
-    GradCamClient,
-    HeatmapSize,
-    ImageInput,
-    ModelInfo,
-    ModelStatus,
-    Prediction,
-    Timings,
-)
+from .client import AsyncGradCamClient, GradCamClient
 from .errors import (
     DeadlineError,
     FieldViolation,
@@ -35,6 +25,19 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .images import ImageInput
+from .options import DetectionTarget, ExplainKwargs, ExplainOptions, HeatmapSize
+from .protocol import METHODS
+from .results import (
+    ClassHeatmap,
+    DetectedBox,
+    Explanation,
+    ModelInfo,
+    ModelStatus,
+    Prediction,
+    Timings,
+)
+from gradcam_common.methods import PIXEL_METHODS
 from gradcam_common.overlay import COLORMAPS, colorize, gradient_image, overlay, panels, side_by_side
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "DetectedBox",
     "DetectionTarget",
     "DeadlineError",
+    "ExplainKwargs",
+    "ExplainOptions",
     "Explanation",
     "FieldViolation",
     "GradCamClient",

@@ -50,14 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .client import (
-    METHODS,
-    DetectionTarget,
-    Explanation,
-    GradCamClient,
-    ModelInfo,
-    heatmap_size_option,
-)
+from .client import GradCamClient
 from .errors import (
     DeadlineError,
     GradCamError,
@@ -65,6 +58,10 @@ from .errors import (
     ModelNotFoundError,
     UnavailableError,
 )
+from .options import DetectionTarget
+from .protocol import heatmap_size_option
+from .results import Explanation, ModelInfo
+from gradcam_common.methods import METHOD_NAMES
 from gradcam_common.overlay import COLORMAPS
 
 PROG = "gradcam"
@@ -709,8 +706,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="an image file, several, or a folder of images")
     explain.add_argument("--model", help="the model's name on the server (default: its only "
                                           "model, when it serves one)")
-    explain.add_argument("--method", choices=METHODS, metavar="METHOD",
-                         help=f"{', '.join(METHODS)} (default: the model's); their cost "
+    explain.add_argument("--method", choices=METHOD_NAMES, metavar="METHOD",
+                         help=f"{', '.join(METHOD_NAMES)} (default: the model's); their cost "
                               "is listed below")
     target = explain.add_mutually_exclusive_group()
     target.add_argument("--target-class", type=int, metavar="C",

@@ -16,7 +16,8 @@ shutting down) is retried by the clients; every other error is raised at its fir
 An `InvalidInputError` from the server names the parts of the request that were wrong where
 the server knows them: ``field_violations``, read from the ``google.rpc.BadRequest`` detail of
 the call's rich status (the ``grpc-status-details-bin`` trailer). A bad image is
-``images[N]``, N its place in the request's images::
+``images[N]``, N its place in the list given to `explain` (a long list is sent as several
+requests; `images_counted_from` renumbers each request's images to the call's)::
 
     except InvalidInputError as error:
         bad = [v.image_index for v in error.field_violations if v.image_index is not None]
@@ -25,7 +26,8 @@ the call's rich status (the ``grpc-status-details-bin`` trailer). A bad image is
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import grpc
@@ -170,3 +172,22 @@ def field_violations(error: grpc.RpcError) -> tuple[FieldViolation, ...]:
             )
     return tuple(violations)
 
+
+@contextmanager
+def images_counted_from(first: int) -> Iterator[None]:
+    """Around the call of a request whose images[0] is image ``first`` of the list given to
+    `explain`: an `InvalidInputError` raised within has its images' field violations
+    renumbered to the list's (its message is the server's, as it was)."""
+    try:
+        yield
+    except InvalidInputError as error:
+        if not first or not any(v.image_index is not None for v in error.field_violations):
+            raise
+        renumbered = [
+            v if v.image_index is None else v._replace(field=f"images[{v.image_index + first}]")
+            for v in error.field_violations
+        ]
+        raise InvalidInputError(
+            error.message, code=error.code, attempts=error.attempts, description=str(error),
+            field_violations=renumbered,
+        ) from None
