@@ -393,6 +393,24 @@ def test_image_violations_are_counted_in_the_whole_call() -> None:
     assert [v.image_index for v in caught.value.field_violations] == [PER_REQUEST + 2]
 
 
+def test_the_asyncio_client_reads_violations_from_its_own_errors() -> None:
+    rich = _bad_request("image 0: bad", "images[0]")
+    refusal = grpc.aio.AioRpcError(  # what grpc.aio raises, its trailer an aio.Metadata
+        rich.code(), grpc.aio.Metadata(), grpc.aio.Metadata(*rich.trailing_metadata()),
+        rich.details(),
+    )
+
+    async def scenario() -> InvalidInputError:
+        async with AsyncGradCamClient(NO_SERVER, retries=0) as client:
+            client._stub = _AsyncStub(refuse={1: refusal})
+            with pytest.raises(InvalidInputError) as caught:
+                await client.explain(_pictures(PER_REQUEST + 1), model="m")
+            return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.field_violations == (FieldViolation(f"images[{PER_REQUEST}]", "image 0: bad"),)
+
+
 def test_the_cli_skips_the_image_a_violation_names(tmp_path: Path) -> None:
     files = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
     named = error_from_rpc(_bad_request("image 1: cannot decode", "images[1]"), target="t",
