@@ -42,7 +42,7 @@ from gradcam_client import (
     gradient_image,
     overlay,
 )
-from gradcam_client import client as client_module
+from gradcam_client import protocol
 from gradcam_common.overlay import PANEL_GAP, caption_band
 from servers import (
     BROKEN_MODEL,
@@ -264,7 +264,7 @@ def test_explain_many_keeps_order(client: GradCamClient) -> None:
 
 
 def test_explain_more_images_than_one_request_holds(client: GradCamClient) -> None:
-    count = client_module.IMAGES_PER_REQUEST + 1
+    count = protocol.IMAGES_PER_REQUEST + 1
     images = [_photo().resize((32 + i, 32)) for i in range(count)]
     results = client.explain(images, model=MODEL, num_predictions=1, num_channels=1)
     assert [r.heatmap.shape for r in results] == [(32, 32 + i) for i in range(count)]
@@ -291,7 +291,7 @@ def test_target_class(client: GradCamClient, by_path: Explanation) -> None:
 def test_method_names_are_the_servers() -> None:
     from gradcam_server.explain_api import METHOD_NAMES  # the server's table, in this process
 
-    assert {value: name for name, value in client_module.METHOD_OF_NAME.items()} == METHOD_NAMES
+    assert {value: name for name, value in protocol.METHOD_OF_NAME.items()} == METHOD_NAMES
     assert METHODS[0] == "gradcam" and "gradcam++" in METHODS
 
 
@@ -524,7 +524,7 @@ def test_heatmap_size(client: GradCamClient, by_path: Explanation) -> None:
      (" 64 X 48 ", "64x48"), ("007x1", "7x1")],
 )
 def test_heatmap_size_as_sent(asked: object, sent: str) -> None:
-    assert client_module.heatmap_size_option(asked) == sent  # type: ignore[arg-type]
+    assert protocol.heatmap_size_option(asked) == sent  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -778,7 +778,7 @@ def test_async_client(server: str, token_server: str) -> None:
                 await client.explain(PHOTO, model=MODEL, heatmap_size=(0, 48))
             assert caught.value.code is None
 
-            count = client_module.IMAGES_PER_REQUEST + 2  # two requests, run concurrently
+            count = protocol.IMAGES_PER_REQUEST + 2  # two requests, run concurrently
             many = await client.explain(
                 [PHOTO.read_bytes(), np.asarray(_photo()), _preprocessed()] * (count // 3 + 1),
                 model=MODEL,

@@ -182,6 +182,7 @@ def test_client_readme_snippets(server: str, workdir: Path) -> None:
     assert "(224, 224)\n(48, 64)\n" in printed  # heatmap_size "model", then (64, 48)
     assert "['Egyptian cat', 'Egyptian cat', 'Egyptian cat']" in printed
     assert "(3, 224, 224) float32" in printed  # pixel_gradients
+    assert "['Egyptian cat', 'tabby']\n3\nimages[1]\n" in printed  # ExplainOptions, violations
     out = workdir / "out"
     assert _size(out / "chelsea-turbo.png") == (WIDTH, HEIGHT)
     assert _size(out / "chelsea-224.png") == (224, 224)

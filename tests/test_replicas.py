@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gradcam_client import GradCamClient
-from gradcam_client.client import channel_target
+from gradcam_client.connection import channel_target
 from servers import TINY_SIZE, ServerProcess, export_torch, sample, serving, tiny_cnn
 
 pytestmark = pytest.mark.slow

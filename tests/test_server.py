@@ -33,7 +33,9 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from google.protobuf.descriptor_pool import DescriptorPool
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -600,6 +602,25 @@ def test_bad_typed_requests_are_refused_with_a_reason(stub, client) -> None:
     expect_error(explain("broken", images=encoded), FAILED_PRECONDITION, "failed to load")
     expect_error(explain("norule", images=encoded), FAILED_PRECONDITION, "Det")
     assert_still_serving(client)
+
+
+def test_a_bad_image_is_named_by_a_field_violation(stub) -> None:
+    """INVALID_ARGUMENT for one image carries a google.rpc.BadRequest detail naming it."""
+    images = [pb.Image(encoded=CHELSEA), pb.Image(encoded=b"\xff\xd8 truncated")]
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Explain(pb.ExplainRequest(model=LITE0, images=images), timeout=CALL_TIMEOUT_S)
+    error = raised.value
+    assert error.code() == INVALID and error.details().startswith("image 1: ")
+    status = rpc_status.from_call(error)  # its code and message are the call's, or ValueError
+    (detail,) = status.details
+    bad_request = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad_request)
+    violations = [(v.field, v.description) for v in bad_request.field_violations]
+    assert violations == [("images[1]", error.details())]
+
+    with pytest.raises(grpc.RpcError) as raised:  # the request as a whole: no field to name
+        stub.Explain(pb.ExplainRequest(model=LITE0), timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == INVALID and rpc_status.from_call(raised.value) is None
 
 
 # -- 5. dynamic batching -------------------------------------------------------------------------

@@ -6,26 +6,17 @@ command, and overlays drawn with numpy and Pillow only.
     with GradCamClient("127.0.0.1:8001") as client:
         result = client.explain("samples/chelsea.jpg", model="efficientnet_lite0", top_k=3)
         result.overlay(side_by_side=True).save("out/chelsea-top3.png")
+
+Modules: `client` (the two clients, thin shells doing the I/O), `options` (`ExplainOptions`),
+`images` (inputs made messages), `protocol` (requests built and answers read, no I/O),
+`results` (what comes back), `retry` (deadlines and retries), `connection` (address, TLS,
+channel), `errors` (status codes as exceptions), `cli` (the `gradcam` command).
 """
 
-from .client import (
-    METHODS,
-    PIXEL_METHODS,
-    AsyncGradCamClient,
-    ClassHeatmap,
-    DetectedBox,
-    DetectionTarget,
-    Explanation,
-    GradCamClient,
-    HeatmapSize,
-    ImageInput,
-    ModelInfo,
-    ModelStatus,
-    Prediction,
-    Timings,
-)
+from .client import AsyncGradCamClient, GradCamClient
 from .errors import (
     DeadlineError,
+    FieldViolation,
     GradCamError,
     InvalidInputError,
     ModelNotFoundError,
@@ -34,6 +25,19 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .images import ImageInput
+from .options import DetectionTarget, ExplainKwargs, ExplainOptions, HeatmapSize
+from .protocol import METHODS
+from .results import (
+    ClassHeatmap,
+    DetectedBox,
+    Explanation,
+    ModelInfo,
+    ModelStatus,
+    Prediction,
+    Timings,
+)
+from gradcam_common.methods import PIXEL_METHODS
 from gradcam_common.overlay import COLORMAPS, colorize, gradient_image, overlay, panels, side_by_side
 
 __all__ = [
@@ -45,7 +49,10 @@ __all__ = [
     "DetectedBox",
     "DetectionTarget",
     "DeadlineError",
+    "ExplainKwargs",
+    "ExplainOptions",
     "Explanation",
+    "FieldViolation",
     "GradCamClient",
     "GradCamError",
     "HeatmapSize",

@@ -39,7 +39,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -51,14 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .client import (
-    METHODS,
-    DetectionTarget,
-    Explanation,
-    GradCamClient,
-    ModelInfo,
-    heatmap_size_option,
-)
+from .client import GradCamClient
 from .errors import (
     DeadlineError,
     GradCamError,
@@ -66,6 +58,10 @@ from .errors import (
     ModelNotFoundError,
     UnavailableError,
 )
+from .options import DetectionTarget
+from .protocol import heatmap_size_option
+from .results import Explanation, ModelInfo
+from gradcam_common.methods import METHOD_NAMES
 from gradcam_common.overlay import COLORMAPS
 
 PROG = "gradcam"
@@ -78,7 +74,6 @@ EXPLAIN_TIMEOUT_SECONDS = 600.0  # Score-CAM on ResNet-50 takes 89 s on 2 CPU th
 SIGN_OF_LIFE_SECONDS = 2.0  # a request running longer shows a spinner (or one line)
 SPINNER_INTERVAL_SECONDS = 0.1
 SPINNER = "|/-\\"
-_IMAGE_PREFIX = re.compile(r"^image \d+: ")
 
 # Per image, ResNet-50, batch 1, 2 CPU threads, as docs/BENCHMARKS.md measured them.
 METHOD_COSTS = """\
@@ -221,8 +216,9 @@ def _explain_one(
             detections=_detections(args),
         )
     except InvalidInputError as error:
-        if _IMAGE_PREFIX.match(error.message):  # about this image, not the whole request
-            raise ImageError(f"{image}: {_IMAGE_PREFIX.sub('', error.message)}") from None
+        refused = _refused_image(error, [image])
+        if refused is not None:  # about this image, not the whole request
+            raise refused from None
         raise
     except ModelNotFoundError as error:
         raise CommandError(f"{error}{_served_models(client)}") from None
@@ -247,6 +243,20 @@ def _explain_one(
             np.save(_gradients_path(heatmap_path),
                     gradients[0] if len(gradients) == 1 else np.stack(gradients))
     return _Outcome(image, result, overlay_path, heatmap_path)
+
+
+def _refused_image(error: InvalidInputError, images: list[Path]) -> ImageError | None:
+    """The `ImageError` naming the file of the first ``images[N]`` field violation of
+    ``error``, ``images`` being the files given to that explain call in order; None when the
+    server named no image (the request as a whole was refused)."""
+    for violation in error.field_violations:
+        index = violation.image_index
+        if index is not None and 0 <= index < len(images):
+            # The description starts by naming the image by its place in the request
+            # ("image 0: "), which the file's name says better.
+            reason = violation.description.removeprefix(f"image {index}: ")
+            return ImageError(f"{images[index]}: {reason}")
+    return None
 
 
 def _gradients_path(heatmap_path: Path) -> Path:
@@ -696,8 +706,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="an image file, several, or a folder of images")
     explain.add_argument("--model", help="the model's name on the server (default: its only "
                                           "model, when it serves one)")
-    explain.add_argument("--method", choices=METHODS, metavar="METHOD",
-                         help=f"{', '.join(METHODS)} (default: the model's); their cost "
+    explain.add_argument("--method", choices=METHOD_NAMES, metavar="METHOD",
+                         help=f"{', '.join(METHOD_NAMES)} (default: the model's); their cost "
                               "is listed below")
     target = explain.add_mutually_exclusive_group()
     target.add_argument("--target-class", type=int, metavar="C",

@@ -12,11 +12,30 @@ Catch the base class to handle everything, or a subclass for one situation::
 
 Only `UnavailableError` (no server at the address, the model still loading, the server
 shutting down) is retried by the clients; every other error is raised at its first attempt.
+
+An `InvalidInputError` from the server names the parts of the request that were wrong where
+the server knows them: ``field_violations``, read from the ``google.rpc.BadRequest`` detail of
+the call's rich status (the ``grpc-status-details-bin`` trailer). A bad image is
+``images[N]``, N its place in the list given to `explain` (a long list is sent as several
+requests; `images_counted_from` renumbers each request's images to the call's)::
+
+    except InvalidInputError as error:
+        bad = [v.image_index for v in error.field_violations if v.image_index is not None]
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+_IMAGE_FIELD = re.compile(r"images\[(\d+)\]")
 
 
 class GradCamError(Exception):
@@ -36,11 +55,39 @@ class GradCamError(Exception):
         self.attempts = attempts
 
 
+class FieldViolation(NamedTuple):
+    """A part of the request the server refused (a ``google.rpc.BadRequest`` field violation):
+    ``field`` names it ("images[3]", "target_class", ...), ``description`` says what is wrong."""
+
+    field: str
+    description: str
+
+    @property
+    def image_index(self) -> int | None:
+        """N of ``images[N]``, the image's place in the list given to `explain`; None for a
+        violation of another field."""
+        match = _IMAGE_FIELD.fullmatch(self.field)
+        return int(match[1]) if match else None
+
+
 class InvalidInputError(GradCamError, ValueError):
     """The request was refused as malformed: a bad image or tensor, class index, method, layer
     or option, or an answer that would be over the server's size limit (the message names the
     limit; ask for a smaller ``heatmap_size``, fewer classes or fewer images) (INVALID_ARGUMENT,
-    or refused by the SDK before sending)."""
+    or refused by the SDK before sending). ``field_violations`` names the parts of the request
+    that were wrong, where the server said (empty otherwise)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        attempts: int = 1,
+        description: str | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message, code=code, attempts=attempts, description=description)
+        self.field_violations = tuple(field_violations)
 
 
 class ModelNotFoundError(GradCamError, LookupError):
@@ -102,4 +149,45 @@ def error_from_rpc(error: grpc.RpcError, *, target: str, attempts: int) -> GradC
         description = f"{name}: {message}"
     else:
         description = message
+    if kind is InvalidInputError:
+        return InvalidInputError(message, code=code, attempts=attempts, description=description,
+                                 field_violations=field_violations(error))
     return kind(message, code=code, attempts=attempts, description=description)
+
+
+def field_violations(error: grpc.RpcError) -> tuple[FieldViolation, ...]:
+    """The ``google.rpc.BadRequest`` field violations of a failed call's rich status; () where
+    the server sent none (or a status that does not match the call's)."""
+    try:
+        status = rpc_status.from_call(error)
+    except (AttributeError, TypeError, ValueError, DecodeError):  # no call, or no rich status
+        return ()
+    violations: list[FieldViolation] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend(
+                FieldViolation(v.field, v.description) for v in bad_request.field_violations
+            )
+    return tuple(violations)
+
+
+@contextmanager
+def images_counted_from(first: int) -> Iterator[None]:
+    """Around the call of a request whose images[0] is image ``first`` of the list given to
+    `explain`: an `InvalidInputError` raised within has its images' field violations
+    renumbered to the list's (its message is the server's, as it was)."""
+    try:
+        yield
+    except InvalidInputError as error:
+        if not first or not any(v.image_index is not None for v in error.field_violations):
+            raise
+        renumbered = [
+            v if v.image_index is None else v._replace(field=f"images[{v.image_index + first}]")
+            for v in error.field_violations
+        ]
+        raise InvalidInputError(
+            error.message, code=error.code, attempts=error.attempts, description=str(error),
+            field_violations=renumbered,
+        ) from None

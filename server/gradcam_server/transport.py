@@ -1,6 +1,11 @@
 """What both gRPC APIs share: domain errors mapped to status codes (the one place), request
 metrics, deadlines, and how their methods are registered and their responses serialized.
 
+An `InvalidInput` that names the request field that is wrong (``field``, e.g. "images[3]")
+aborts with a rich status: the same code and message, and a ``google.rpc.BadRequest`` detail
+holding one field violation (that field, the message as its description), which clients read
+from the ``grpc-status-details-bin`` trailer (``grpc_status.rpc_status.from_call``).
+
 Responses of the methods that can be large (heatmaps, tensors: tens of MiB) are built and
 serialized by the servicers in a worker thread, not on the event loop, where serializing took a
 tenth of a second per 16 MiB heatmap; `add_servicer` registers a servicer whose methods may
@@ -15,8 +20,10 @@ import logging
 import time
 
 import grpc
-from google.protobuf import message_factory
+from google.protobuf import any_pb2, message_factory
 from google.protobuf.descriptor import ServiceDescriptor
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from .errors import (
     MAX_MESSAGE_CHARS,
@@ -89,7 +96,8 @@ def rpc(api: str):
     (self, request, context, labels) and fills ``labels`` (a dict with
     "model" and "method") as soon as it knows them, for the metrics; requests naming no served
     model are counted under the model label "unknown", so clients cannot grow the label set.
-    Service errors become their status with their message; anything else becomes INTERNAL
+    Service errors become their status with their message (an `InvalidInput` naming its
+    field with a `bad_request` detail too); anything else becomes INTERNAL
     with a generic message and a logged traceback. A response serialized already (bytes)
     over ``metrics.max_message_bytes``, which gRPC could not send, becomes INVALID_ARGUMENT
     naming the limit. A message is cut to MAX_MESSAGE_CHARS. A
@@ -105,12 +113,14 @@ def rpc(api: str):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             message = ""
+            field = None
             try:
                 response = await method(self, request, context, labels)
                 _check_size(response, metrics.max_message_bytes)
                 return response
             except ServiceError as error:
                 code, message = status_of(error), _cut(str(error))
+                field = error.field if isinstance(error, InvalidInput) else None
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -123,11 +133,23 @@ def rpc(api: str):
                 metrics.latency.labels(model, api).observe(time.perf_counter() - started)
                 if code != grpc.StatusCode.OK:
                     metrics.errors.labels(model, api, code.name).inc()
+            if field is not None:
+                await context.abort_with_status(bad_request(code, message, field))
             await context.abort(code, message)
 
         return wrapper
 
     return decorate
+
+
+def bad_request(code: grpc.StatusCode, message: str, field: str) -> grpc.Status:
+    """The rich status of a refused request field: ``code`` and ``message`` as a plain abort
+    sends them, and a ``google.rpc.BadRequest`` detail with one field violation."""
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return rpc_status.to_status(status)
 
 
 def _cut(message: str) -> str:
