@@ -619,7 +619,8 @@ def test_a_bad_image_is_named_by_a_field_violation(stub) -> None:
     assert violations == [("images[1]", error.details())]
 
     with pytest.raises(grpc.RpcError) as raised:  # the request as a whole: no field to name
-        stub.Explain(pb.ExplainRequest(model=LITE0), timeout=CALL_TIMEOUT_S)
+        too_many = [pb.Image(encoded=CHELSEA)] * 65
+        stub.Explain(pb.ExplainRequest(model=LITE0, images=too_many), timeout=CALL_TIMEOUT_S)
     assert raised.value.code() == INVALID and rpc_status.from_call(raised.value) is None
 
 
