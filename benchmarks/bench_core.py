@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench_server import start_server
 from gradcam_proto import gradcam_pb2, grpc_service_pb2
 from gradcam_server.augment import augment_model, load_model
 from gradcam_server.config import read_config
@@ -44,21 +42,6 @@ MODEL = "efficientnet_lite0"
 IMAGE = ROOT / "samples" / "chelsea.jpg"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 EXPLAIN = "/gradcam.v1.GradCam/Explain"
-
-
-def start_server(threads: int) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gradcam_server", "--model-repository", str(ROOT / "models"),
-         "--port", "0", "--metrics-port", "-1", "--threads", str(threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    line = server.stdout.readline()
-    address = line.split("listening on ")[1].split()[0]
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status != 1:
-            time.sleep(0.2)
-    return server, address
 
 
 def infer_request(data: bytes, outputs: list[str]) -> bytes:
@@ -148,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads or os.cpu_count()
     data = IMAGE.read_bytes()
-    server, address = start_server(args.threads)
+    server, address = start_server(ROOT / "models", args.threads)
     phases = {
         "explained": (INFER, infer_request(data, ["logits", "heatmap"])),
         "forward": (INFER, infer_request(data, ["logits"])),

@@ -286,3 +286,59 @@ def test_tritonclient_and_the_server_share_one_process(root: Path, session) -> N
     expected = session.run([NAMES.heatmap], {"input": x, NAMES.target_class:
                                              np.array([-1], np.int64)})[0]
     np.testing.assert_allclose(asyncio.run(scenario()), expected, atol=1e-6)
+
+
+# -- responses written from the arrays' memory ---------------------------------------------------
+def test_kserve_responses_parse_back_to_the_arrays_they_were_written_from() -> None:
+    from gradcam_proto import grpc_service_pb2 as kserve_pb
+    from gradcam_server.kserve import _response
+
+    rng = np.random.default_rng(6)
+    outputs = {
+        "heatmap": rng.random((2, 300, 451)).astype(np.float32),
+        "logits": rng.standard_normal((2, 7)).astype(np.float16),
+        "index": np.array([3, -1], np.int64),
+        "flags": np.array([True, False]),
+        "empty": np.zeros((2, 0), np.float32),
+        "strided": rng.random((4, 3)).astype(np.float32)[::2],
+    }
+    parsed = kserve_pb.ModelInferResponse.FromString(_response("m", "id-1", dict(outputs)))
+    assert (parsed.model_name, parsed.id) == ("m", "id-1")
+    assert [o.name for o in parsed.outputs] == list(outputs)
+    for tensor, raw, (name, value) in zip(parsed.outputs, parsed.raw_output_contents,
+                                          outputs.items()):
+        assert list(tensor.shape) == list(value.shape)
+        decoded = np.frombuffer(raw, dtype=value.dtype.newbyteorder("<")).reshape(value.shape)
+        np.testing.assert_array_equal(decoded, value)
+
+
+def test_typed_responses_parse_back_to_their_maps_gradients_and_predictions() -> None:
+    from gradcam_proto import gradcam_pb2 as typed_pb
+    from gradcam_server.explain_api import _response
+    from gradcam_server.postprocess import ClassMap, Explained, ImageExplanation, Prediction
+
+    rng = np.random.default_rng(7)
+    maps = [ClassMap(c, f"class {c}", rng.random((5 + c, 9)).astype(np.float32), ((c, 0.5),),
+                     rng.standard_normal((3, 4, 4)).astype(np.float32) if c else None)
+            for c in range(3)]
+    explained = Explained(
+        (ImageExplanation(tuple(maps[:2]), (Prediction(1, "one", 0.9, 3.0),)),
+         ImageExplanation((maps[2],), ())),
+        "layer", "gradcam", {"layout": "nchw"}, 0.1, 0.2, 0.3)
+    parsed = typed_pb.ExplainResponse.FromString(
+        _response("m", explained, typed_pb.ExplainOptions(), 0.0))
+    assert (parsed.model, parsed.layer, parsed.method) == ("m", "layer", typed_pb.METHOD_GRADCAM)
+    assert parsed.timings.inference_seconds == pytest.approx(0.3)
+    assert [p.label for p in parsed.explanations[0].predictions] == ["one"]
+    sent = [m for e in explained.explanations for m in e.maps]
+    received = [h for e in parsed.explanations for h in e.heatmaps]
+    assert [len(e.heatmaps) for e in parsed.explanations] == [2, 1]
+    for original, heatmap in zip(sent, received):
+        assert (heatmap.class_index, heatmap.label) == (original.class_index, original.label)
+        data = np.frombuffer(heatmap.data, "<f4").reshape(heatmap.height, heatmap.width)
+        np.testing.assert_array_equal(data, original.heatmap)
+        assert heatmap.HasField("pixel_gradients") == (original.pixel_gradients is not None)
+        if original.pixel_gradients is not None:
+            gradients = np.frombuffer(heatmap.pixel_gradients.data, "<f4")
+            np.testing.assert_array_equal(
+                gradients.reshape(tuple(heatmap.pixel_gradients.shape)), original.pixel_gradients)

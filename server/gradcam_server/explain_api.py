@@ -18,6 +18,7 @@ from gradcam_common.overlay import COLORMAPS, draw_box, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
+from . import wire
 from .datatypes import element_count, from_bytes
 from .detections import MAX_DETECTIONS_PER_IMAGE, DetectionRequest
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
@@ -34,6 +35,12 @@ DEFAULT_PREDICTIONS = 5
 DEFAULT_CHANNELS = 10
 DEFAULT_OPACITY = 0.5
 OVERLAY_BYTES_PER_PIXEL = 4  # an RGB PNG at most, with its filter bytes and headers
+# Field numbers of the large fields written by `wire`.
+_EXPLANATIONS = pb.ExplainResponse.EXPLANATIONS_FIELD_NUMBER
+_HEATMAPS = pb.Explanation.HEATMAPS_FIELD_NUMBER
+_HEATMAP_DATA = pb.Heatmap.DATA_FIELD_NUMBER
+_PIXEL_GRADIENTS = pb.Heatmap.PIXEL_GRADIENTS_FIELD_NUMBER
+_TENSOR_DATA = pb.Tensor.DATA_FIELD_NUMBER
 
 
 class GradCamServicer(pb_grpc.GradCamServicer):
@@ -168,20 +175,13 @@ def _response(
     model: str, explained: Explained, options: pb.ExplainOptions, started: float,
 ) -> bytes:
     """The serialized ExplainResponse of `explained`; `started` is when the call began.
-    Blocking (overlays are drawn here, on the images the service decoded): it runs in the
-    service's post-processing thread."""
-    layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
-    target = explained.target
-    response = pb.ExplainResponse(
-        model=model, layer=layers[0], layers=layers, method=METHOD_ENUMS[explained.method],
-        layout=target.get("layout", ""), prefix_tokens=_prefix_tokens(target),
-        grid=target.get("grid", ""),
-    )
+    Heatmaps and gradients are written straight from their arrays' memory (`wire`); overlays
+    are drawn here, on the images the service decoded. Blocking: it runs in the service's
+    post-processing thread."""
     pictures = explained.pictures or (None,) * len(explained.explanations)
+    explanations = []
     for picture, explanation in zip(pictures, explained.explanations):
-        message = response.explanations.add()
-        for class_map in explanation.maps:
-            message.heatmaps.append(_heatmap(class_map))
+        message = pb.Explanation()
         for p in explanation.predictions:
             message.predictions.add(
                 class_index=p.class_index, label=p.label, score=p.score, logit=p.logit
@@ -192,11 +192,21 @@ def _response(
                 picture, first.heatmap, options,
                 None if first.detection is None else first.detection.box,
             )
+        heatmaps = [part for class_map in explanation.maps
+                    for part in wire.field(_HEATMAPS, _heatmap(class_map))]
+        explanations += wire.field(_EXPLANATIONS, [*heatmaps, message.SerializeToString()])
+    layers = (explained.layer,) if isinstance(explained.layer, str) else explained.layer
+    target = explained.target
+    response = pb.ExplainResponse(
+        model=model, layer=layers[0], layers=layers, method=METHOD_ENUMS[explained.method],
+        layout=target.get("layout", ""), prefix_tokens=_prefix_tokens(target),
+        grid=target.get("grid", ""),
+    )
     response.timings.preprocess_seconds = explained.preprocess_seconds
     response.timings.queue_seconds = explained.queue_seconds
     response.timings.inference_seconds = explained.inference_seconds
     response.timings.total_seconds = time.perf_counter() - started
-    return response.SerializeToString()
+    return wire.join([response.SerializeToString(), *explanations])
 
 
 def _layers(layer: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -252,24 +262,29 @@ def _tensor(
     return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
 
 
-def _heatmap(class_map: ClassMap) -> pb.Heatmap:
+def _heatmap(class_map: ClassMap) -> list[wire.Part]:
+    """A serialized Heatmap message, its map and gradients read from their arrays."""
     height, width = class_map.heatmap.shape
-    return pb.Heatmap(
+    message = pb.Heatmap(
         class_index=class_map.class_index,
         label=class_map.label,
         height=height,
         width=width,
-        data=np.ascontiguousarray(class_map.heatmap, dtype="<f4").tobytes(),
         channels=[pb.ChannelImportance(channel=c, weight=w) for c, w in class_map.channels],
-        pixel_gradients=None if class_map.pixel_gradients is None else pb.Tensor(
-            shape=list(class_map.pixel_gradients.shape),
-            data=np.ascontiguousarray(class_map.pixel_gradients, dtype="<f4").tobytes(),
-        ),
         detection=None if class_map.detection is None else pb.Detection(
             index=class_map.detection.index, box=list(class_map.detection.box),
             score=class_map.detection.score, iou=class_map.detection.iou,
         ),
     )
+    parts = [message.SerializeToString(),
+             *wire.field(_HEATMAP_DATA, [wire.array_bytes(class_map.heatmap)])]
+    gradients = class_map.pixel_gradients
+    if gradients is not None:
+        shape = pb.Tensor(shape=list(gradients.shape)).SerializeToString()
+        parts += wire.field(_PIXEL_GRADIENTS, [
+            shape, *wire.field(_TENSOR_DATA, [wire.array_bytes(gradients)])
+        ])
+    return parts
 
 
 def _detections(request: pb.ExplainRequest) -> list[list[DetectionRequest]]:

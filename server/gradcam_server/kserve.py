@@ -56,7 +56,7 @@ from gradcam_common.methods import PIXEL_METHODS
 from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
-from . import __version__
+from . import __version__, wire
 from .augment.passes import NAMES
 from .datatypes import DATATYPES, carried_datatype, datatype_of, element_count, from_bytes
 from .detections import DETECTION_OUTPUTS
@@ -77,6 +77,7 @@ MASK_INPUT = NAMES.target_mask
 INDEX_INPUT = NAMES.detection_index
 BOX_INPUT = NAMES.reference_box
 SERVER_NAME = "gradcam"
+RAW_OUTPUT_CONTENTS = pb.ModelInferResponse.RAW_OUTPUT_CONTENTS_FIELD_NUMBER
 
 _CONTENTS_FIELD = {  # FP16 has none: it comes as raw_input_contents only
     "FP32": "fp32_contents",
@@ -252,9 +253,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _response(model: str, request_id: str, outputs: dict[str, np.ndarray]) -> bytes:
-    """The serialized ModelInferResponse holding `outputs` as raw little-endian contents.
-    Blocking: it runs in the service's post-processing thread."""
+    """The serialized ModelInferResponse holding `outputs` as raw little-endian contents,
+    written straight from the arrays' memory (`wire`). Blocking: it runs in the service's
+    post-processing thread."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    contents = []
     for name, value in outputs.items():
         datatype = datatype_of(value.dtype)
         response.outputs.append(
@@ -262,9 +265,8 @@ def _response(model: str, request_id: str, outputs: dict[str, np.ndarray]) -> by
                 name=name, datatype=datatype, shape=list(value.shape)
             )
         )
-        little_endian = np.ascontiguousarray(value, dtype=DATATYPES[datatype])
-        response.raw_output_contents.append(little_endian.tobytes())
-    return response.SerializeToString()
+        contents += wire.field(RAW_OUTPUT_CONTENTS, [wire.array_bytes(value, DATATYPES[datatype])])
+    return wire.join([response.SerializeToString(), *contents])
 
 
 def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:

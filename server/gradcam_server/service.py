@@ -378,12 +378,13 @@ def _infer_outputs(request: ResolvedInfer, prepared: _PreparedInfer,
     detector's unmatched rows refused and its boxes in the pixels of the images sent."""
     wanted = request.request
     outputs = {name: result.outputs[name] for name in wanted.requested}
-    if NAMES.heatmap in outputs:
-        tensor_size = prepared.tensor_size
-        outputs[NAMES.heatmap] = np.stack([
-            resize_heatmap(m, request.heatmap_size.of(size, tensor_size))
-            for m, size in zip(outputs[NAMES.heatmap], prepared.sizes)
-        ])
+    if NAMES.heatmap in outputs:  # the images of a KServe request share one pixel size
+        width, height = request.heatmap_size.of(prepared.sizes[0], prepared.tensor_size)
+        maps = outputs[NAMES.heatmap]
+        resized = np.empty((len(maps), height, width), np.float32)
+        for row, heatmap in enumerate(maps):
+            resize_heatmap(heatmap, (width, height), out=resized[row])
+        outputs[NAMES.heatmap] = resized
     if request.detecting:
         rows = prepared.feeds.rows
         classes = prepared.feeds.target_class.tolist()

@@ -254,7 +254,7 @@ def resize(values: np.ndarray, size: tuple[int, int], resample: int = Image.BILI
     """Resize of a float [h, w] array to (width, height)."""
     if values.shape[::-1] == tuple(size):
         return values.astype(np.float32, copy=False)
-    resized = Image.fromarray(values.astype(np.float32)).resize(size, resample)
+    resized = Image.fromarray(values.astype(np.float32, copy=False)).resize(size, resample)
     return np.asarray(resized, dtype=np.float32)
 
 
