@@ -59,7 +59,6 @@ from .detection import (
     DEFAULT_IOU_THRESHOLD,
     DetectionHeads,
     DetectionSeeds,
-    detection_seeds,
     detection_target_layer,
     find_heads,
     refuse_unexplainable,
@@ -67,6 +66,7 @@ from .detection import (
 from .errors import AugmentError
 from .graph import GraphBuilder, model_bytes, opset_version
 from .group import group_cam
+from .names import NAMES
 from .score import score_cam
 from .smoothing import (
     IDENTITY_TRANSFORM,
@@ -78,8 +78,8 @@ from .smoothing import (
     tile_transforms,
 )
 from .layout import TargetView, check_view_options, detect_view
+from .scores import SCORE_TARGETS, SCORES, Detection, Logit
 from .targets import (
-    SCORES,
     candidate_layers,
     dequantized_layer,
     detect_target_layer,
@@ -87,10 +87,7 @@ from .targets import (
     image_input,
     pooled_feature_maps,
     region_pooling_nodes,
-    region_seed,
     score_output_name,
-    score_seed,
-    similarity_seed,
     spatial_axes,
     validate_target_layer,
 )
@@ -100,28 +97,6 @@ ALL_METHODS = (*METHODS, *PERTURBATION_METHODS, *PATH_METHODS, *PIXEL_METHODS)
 _CHECKER_LIMIT_BYTES = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class AugmentedOutputs:
-    """Names of the tensors an augmented model adds."""
-
-    target_class: str = "target_class"
-    activations: str = "activations"
-    gradients: str = "gradients"
-    heatmap: str = "heatmap"
-    input_gradients: str = "input_gradients"
-    pixel_map: str = "pixel_map"
-    reference_embedding: str = "reference_embedding"
-    target_mask: str = "target_mask"
-    detection_index: str = "detection_index"  # the "detection" score's inputs and outputs
-    reference_box: str = "reference_box"
-    explained_detection: str = "explained_detection"
-    detection_class: str = "detection_class"
-    detection_score: str = "detection_score"
-    detection_box: str = "detection_box"
-    detection_iou: str = "detection_iou"
-
-
-NAMES = AugmentedOutputs()
 METADATA_PREFIX = "gradcam."  # metadata_props keys: gradcam.layer, .layout, .prefix_tokens, .grid
 
 
@@ -181,7 +156,7 @@ def augment_model(
             ``"region"`` (a segmentation output [N, classes, h, w] summed over the added input
             ``target_mask`` [N, h', w'] (any size, resized to the output's) for the target
             class; an all-negative mask row stands for the class's predicted region,
-            `targets.region_seed`).
+            `scores.Region`).
         output: the graph output explained (name, or index among the outputs); default: the
             first. Class scores [N, classes], an embedding [N, D] for "similarity", or a
             segmentation map [N, classes, h, w] for "region".
@@ -248,15 +223,17 @@ def augment_model(
     """
     if method not in ALL_METHODS:
         raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")
-    if score not in SCORES:
+    if score not in SCORE_TARGETS:
         raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
-    if score == "detection" and (method not in (*METHODS, *PIXEL_METHODS) or aug_smooth):
+    score_target = SCORE_TARGETS[score]
+    detection = isinstance(score_target, Detection)
+    if detection and (method not in (*METHODS, *PIXEL_METHODS) or aug_smooth):
         raise AugmentError(
             f"score 'detection' is explained by gradient methods ({', '.join(METHODS)}, "
             f"{', '.join(PIXEL_METHODS)}), without aug_smooth; not {method}"
             + (" with aug_smooth" if aug_smooth else "")
         )
-    if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
+    if method in PERTURBATION_METHODS and (not isinstance(score_target, Logit) or counterfactual):
         raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
     if (aug_smooth or method in PATH_METHODS) and (method in PIXEL_METHODS or input_gradients):
         raise AugmentError("aug_smooth is not available with pixel-level gradients")
@@ -272,9 +249,10 @@ def augment_model(
             f"{explained_target(proto).get('layer')!r}); augment the original export, or run "
             "this graph as it is with any ONNX runtime"
         )
-    if score == "detection":
+    if detection:
         return _augment_detection(
-            proto, layer, output, input_gradients, method, counterfactual, eigen_smooth, input,
+            proto, score_target, layer, output, input_gradients, method, counterfactual,
+            eigen_smooth, input,
             dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
             dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
             iou_threshold, background_class,
@@ -301,20 +279,11 @@ def augment_model(
     target = layers[0]
 
     target_class = add_target_class(proto, image)
-    if method in PATH_METHODS and score in ("logit", "probability"):  # one class along the path
-        _, target_class = score_seed(b, score_output, target_class, score)
+    if method in PATH_METHODS:
+        target_class = score_target.class_along_path(b, score_output, target_class)
+    score_target.add_inputs(b, _dim(image.type.tensor_type.shape.dim[0]), score_output)
     per_row = (lambda t: tile_rows(b, t, len(transforms))) if transforms else (lambda t: t)
-    resolved_class = None
-    if score == "similarity":
-        reference = add_reference_embedding(b, image, score_output)
-        seed = similarity_seed(b, network_score, per_row(reference))
-    elif score == "region":
-        mask = add_target_mask(b, image, score_output)
-        seed, resolved_class = region_seed(
-            b, network_score, per_row(target_class), per_row(mask)
-        )
-    else:
-        seed, resolved_class = score_seed(b, network_score, per_row(target_class), score)
+    seed, resolved_class = score_target.seed(b, network_score, target_class, per_row)
     if counterfactual:
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
@@ -341,6 +310,7 @@ def augment_model(
 
 def _augment_detection(
     proto: onnx.ModelProto,
+    score_target: Detection,
     layer: str | Sequence[str] | None,
     output: str | int | None,
     input_gradients: bool,
@@ -370,12 +340,8 @@ def _augment_detection(
     views = _target_views(b, layer, heads.scores, image.name, view_options)
     target_class = add_target_class(proto, image)
     batch = _dim(image.type.tensor_type.shape.dim[0])
-    b.graph.input.extend([
-        helper.make_tensor_value_info(NAMES.detection_index, TensorProto.INT64, [batch]),
-        helper.make_tensor_value_info(NAMES.reference_box, TensorProto.FLOAT, [batch, 4]),
-    ])
-    chosen = detection_seeds(b, heads, target_class, NAMES.detection_index,
-                             NAMES.reference_box, iou_threshold, background_class)
+    score_target.add_inputs(b, batch, heads.scores)
+    chosen = score_target.seeds(b, heads, target_class, iou_threshold, background_class)
     seeds = chosen.seeds
     if counterfactual:
         seeds = {tensor: b.op("Neg", [seed]) for tensor, seed in seeds.items()}
@@ -553,33 +519,6 @@ def add_target_class(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> str:
         helper.make_tensor_value_info(NAMES.target_class, TensorProto.INT64, [batch])
     )
     return NAMES.target_class
-
-
-def add_reference_embedding(
-    b: GraphBuilder, image: onnx.ValueInfoProto, embedding: str
-) -> str:
-    """The FP32 [N, D] input ``reference_embedding`` (N as the image's, D as the output's;
-    typed as the output's compute type: FP32 for a half-precision output too)."""
-    width = (b.static_shape(embedding) or (None, None))[-1]
-    b.graph.input.append(
-        helper.make_tensor_value_info(
-            NAMES.reference_embedding, b.compute_type(embedding),
-            [_dim(image.type.tensor_type.shape.dim[0]), width],
-        )
-    )
-    return NAMES.reference_embedding
-
-
-def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) -> str:
-    """The FP32 [N, h', w'] input ``target_mask``, of any size (`targets.region_seed`), in
-    the scores' compute type (FP32 for a half-precision output too)."""
-    b.graph.input.append(
-        helper.make_tensor_value_info(
-            NAMES.target_mask, b.compute_type(scores),
-            [_dim(image.type.tensor_type.shape.dim[0]), "mask_height", "mask_width"],
-        )
-    )
-    return NAMES.target_mask
 
 
 def append_backward(
