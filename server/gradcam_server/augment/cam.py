@@ -1,4 +1,5 @@
-"""The CAM methods and their shared tail, appended as ONNX ops.
+"""The CAM math as ONNX ops: the channel-weight methods' contributions (which methods.py's
+classes build on), the principal projection and the shared tail.
 
 Notation: A^k is channel k of the target layer's feature map [N, C, h, w], G^k = dy^c / dA^k the
 gradient of the explained score. Each method turns (A, G) into per-channel contributions
@@ -12,7 +13,7 @@ is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from gradcam_common.methods import PIXEL_METHODS  # noqa: F401 - the server reads it here
 
 from .graph import GraphBuilder
 
@@ -104,42 +105,6 @@ def principal_projection(b: GraphBuilder, x: str) -> str:
     projection = b.op("Mul", [vector, sign])
     shape = b.op("Concat", [b.shape_slice(x, 0, 1), b.ints([1]), b.shape_slice(x, 2)], axis=0)
     return b.op("Reshape", [projection, shape])
-
-
-# (builder, activations, gradients) -> per-channel contributions [N, C, h, w]
-CamMethod = Callable[[GraphBuilder, str, str], str]
-METHODS: dict[str, CamMethod] = {
-    "gradcam": grad_cam,
-    "gradcam++": grad_cam_plus_plus,
-    "xgradcam": x_grad_cam,
-    "hirescam": hires_cam,
-    "gradcam-elementwise": grad_cam_element_wise,
-    "layercam": layer_cam,
-    "eigencam": eigen_cam,
-    "eigengradcam": eigen_grad_cam,
-}
-ALWAYS_PROJECTED = ("eigencam", "eigengradcam")
-
-
-# Perturbation methods: the score re-measured with parts of the layer removed (ablation.py).
-ABLATION_CAM = "ablationcam"
-SCORE_CAM = "scorecam"
-GROUP_CAM = "groupcam"  # group.py
-PERTURBATION_METHODS = (ABLATION_CAM, SCORE_CAM, GROUP_CAM)
-
-# Path methods: Grad-CAM along a path of scaled copies of the image (smoothing.py tiles them).
-# Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021), as the authors' released code computes
-# it: the ReLU'd Grad-CAM maps of x * i / m, i = 0 .. m - 1 (a black baseline), summed.
-INTEGRATED_GRAD_CAM = "integrated-gradcam"
-INTEGRATION_STEPS = 20
-PATH_METHODS = (INTEGRATED_GRAD_CAM,)
-
-# Pixel-level methods: gradients all the way to the input, through guided ReLUs (Springenberg
-# et al., ICLR 2015 workshop: a ReLU passes a gradient only where both its input and the
-# incoming gradient are positive).
-GUIDED_BACKPROP = "guided-backprop"
-GUIDED_GRAD_CAM = "guided-gradcam"  # guided backprop (x) the Grad-CAM map (Selvaraju et al.)
-PIXEL_METHODS = (GUIDED_BACKPROP, GUIDED_GRAD_CAM)
 
 
 def pixel_heatmap(b: GraphBuilder, pixels: str) -> str:

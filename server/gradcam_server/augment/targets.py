@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from .backward import ancestors, descendants, path_nodes
+from .backward import ancestors, build_backward, descendants, path_nodes
 from .errors import AugmentError
 from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors
 from .layout import detect_view
@@ -336,6 +336,15 @@ def differentiated_score(b: GraphBuilder, score_output: str) -> str:
     ):
         return score_output
     return quantize.input[0]
+
+
+def append_backward(
+    b: GraphBuilder, seeds: dict[str, str], wrt: list[str], guided: bool = False
+) -> dict[str, str]:
+    """d score / d tensor for each of `wrt`, from `seeds` (d score / d output), each output's
+    backward pass started in front of its own quantizer (`differentiated_score`)."""
+    starts = {differentiated_score(b, tensor): seed for tensor, seed in seeds.items()}
+    return build_backward(b, starts, wrt, guided=guided)
 
 
 def _same_parameters(b: GraphBuilder, first: Sequence[str], second: Sequence[str]) -> bool:
