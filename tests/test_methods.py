@@ -1,4 +1,6 @@
-"""Every CAM method against pytorch-grad-cam 1.5.7 on the same weights and input."""
+"""Every CAM method against pytorch-grad-cam 1.5.7 on the same weights and input, or against
+its authors' definition in torch autograd: `REFERENCE_TESTS` names each method's reference test
+(tests/test_registry.py checks that every registered method has one, and that it runs it)."""
 
 from __future__ import annotations
 
@@ -334,3 +336,16 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
     assert not np.allclose(ours, explain(onnx_zoo("resnet18", "torchscript"), x, classes),
                            atol=1e-2)
 
+
+# Each method's reference test: parametrized over the method, or augmenting with it by name.
+REFERENCE_TESTS = {
+    **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
+    "eigencam": test_principal_component_projection,
+    "eigengradcam": test_principal_component_projection,
+    "ablationcam": test_ablation_cam_matches_pytorch_grad_cam,
+    "scorecam": test_score_cam_matches_pytorch_grad_cam,
+    "groupcam": test_group_cam_follows_the_authors_definition,
+    "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
+    "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
+    "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
+}
