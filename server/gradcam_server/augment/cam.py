@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from gradcam_common.methods import PIXEL_METHODS  # noqa: F401 - the server reads it here
 
-from .graph import GraphBuilder
+from .graph import GraphBuilder, LoopBody
 
 NORMALIZE_EPSILON = 1e-7
 POWER_ITERATIONS = 64
@@ -137,9 +137,18 @@ def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
     return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
 
 
-def normalize(b: GraphBuilder, maps: str) -> str:
-    """(m - min) / (max - min + eps) per image, over the spatial axes of [N, 1, H, W]."""
+def normalize(
+    b: GraphBuilder | LoopBody, maps: str, epsilon: float = NORMALIZE_EPSILON
+) -> str:
+    """Min-max normalisation of each map [H, W] of [N, K, H, W], the one every method uses:
+    (m - min) / (max - min + epsilon), each pinned as its reference pins it (heatmaps 1e-7,
+    Score-CAM's masks 1e-8); `epsilon` 0 divides exactly, a flat map becoming all zero
+    (Group-CAM's masks). In a Loop body too (`b` a `LoopBody`)."""
     low = b.reduce("ReduceMin", maps, _SPATIAL, keepdims=True)
     shifted = b.op("Sub", [maps, low])
     high = b.reduce("ReduceMax", shifted, _SPATIAL, keepdims=True)
-    return b.op("Div", [shifted, b.op("Add", [high, b.const(NORMALIZE_EPSILON)])])
+    if epsilon:
+        span = b.op("Add", [high, b.const(epsilon)])
+    else:
+        span = b.op("Where", [b.op("Greater", [high, b.const(0.0)]), high, b.const(1.0)])
+    return b.op("Div", [shifted, span])
