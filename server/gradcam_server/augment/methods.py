@@ -303,36 +303,36 @@ class PixelMethod(CamMethod):
     over the channels (`cam.pixel_heatmap`)."""
 
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
-        b, first, image = inputs.b, inputs.features[0], inputs.image.name
-        grad_cam_map = contributions_heatmap(
-            inputs, grad_cam(b, first.activations, first.gradients)
-        )
-        guided = append_backward(b, inputs.seeds, [image], guided=True)[image]
-        pixel_map = self.pixel_map(inputs, guided, grad_cam_map)
-        return pixel_heatmap(b, pixel_map), pixel_map
+        image = inputs.image.name
+        guided = append_backward(inputs.b, inputs.seeds, [image], guided=True)[image]
+        pixel_map = self.pixel_map(inputs, guided)
+        return pixel_heatmap(inputs.b, pixel_map), pixel_map
 
     @abstractmethod
-    def pixel_map(self, inputs: MapInputs, guided: str, grad_cam_map: str) -> str:
-        """The pixel map [N, C, H, W] from the guided gradients at the image and the first
-        layer's Grad-CAM heatmap [N, H, W]."""
+    def pixel_map(self, inputs: MapInputs, guided: str) -> str:
+        """The pixel map [N, C, H, W] from the guided gradients at the image."""
 
 
 class GuidedBackprop(PixelMethod):
     entry = method("guided-backprop")
 
-    def pixel_map(self, inputs: MapInputs, guided: str, grad_cam_map: str) -> str:
+    def pixel_map(self, inputs: MapInputs, guided: str) -> str:
         return guided
 
 
 class GuidedGradCam(PixelMethod):
-    """Guided backprop (x) the Grad-CAM map (Selvaraju et al.)."""
+    """Guided backprop (x) the first target layer's Grad-CAM map (Selvaraju et al.)."""
 
     entry = method("guided-gradcam")
 
-    def pixel_map(self, inputs: MapInputs, guided: str, grad_cam_map: str) -> str:
+    def pixel_map(self, inputs: MapInputs, guided: str) -> str:
+        b, first = inputs.b, inputs.features[0]
+        grad_cam_map = contributions_heatmap(
+            inputs, grad_cam(b, first.activations, first.gradients)
+        )
         height, width = spatial_axes(inputs.image)
         channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()
-        return inputs.b.op("Mul", [guided, inputs.b.unsqueeze(grad_cam_map, [channel_axis])])
+        return b.op("Mul", [guided, b.unsqueeze(grad_cam_map, [channel_axis])])
 
 
 def contributions_heatmap(inputs: MapInputs, contributions: str, project: bool = False) -> str:
