@@ -251,7 +251,7 @@ class ScoreCam(ChannelMethod):
     entry = method("scorecam")
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
-        refuse_without_nchw_class(self, inputs)
+        _refuse_without_nchw_class(self, inputs)
         return score_cam(inputs.b, feature.activations, inputs.network_image,
                          inputs.score_output, inputs.resolved_class)
 
@@ -263,7 +263,7 @@ class GroupCam(LayerMethod):
     entry = method("groupcam")
 
     def layer_map(self, inputs: MapInputs, feature: Features) -> str:
-        refuse_without_nchw_class(self, inputs)
+        _refuse_without_nchw_class(self, inputs)
         raw = group_cam(inputs.b, feature.activations, feature.gradients, inputs.network_image,
                         inputs.score_output, inputs.resolved_class)
         return cam_heatmap(inputs.b, raw, inputs.image.name, spatial_axes(inputs.image))
@@ -343,7 +343,7 @@ def contributions_heatmap(inputs: MapInputs, contributions: str, project: bool =
     return cam_heatmap(b, raw, inputs.image.name, spatial_axes(inputs.image))
 
 
-def refuse_without_nchw_class(cam_method: CamMethod, inputs: MapInputs) -> None:
+def _refuse_without_nchw_class(cam_method: CamMethod, inputs: MapInputs) -> None:
     """The masked copies of Score-CAM and Group-CAM need an NCHW image and a class score."""
     if spatial_axes(inputs.image) != (2, 3) or inputs.resolved_class is None:
         raise AugmentError(f"{cam_method.name} needs an NCHW image input and a class score")
