@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from bench_augment import export, interleaved, make_session
+from gradcam_common.methods import METHOD_NAMES
 from gradcam_server.augment import augment_model
 from gradcam_server.augment.graph import save_model
-from gradcam_server.augment.cam import METHODS, PIXEL_METHODS
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         plain = make_session(plain_path, args.threads)
         sessions = {}
         timed_alone = ("ablationcam", "scorecam")
-        for method in (*METHODS, *PIXEL_METHODS, "integrated-gradcam", "groupcam", *timed_alone):
+        for method in (*(m for m in METHOD_NAMES if m not in timed_alone), *timed_alone):
             path = Path(tmp, f"{method}.onnx")
             save_model(augment_model(plain_path, method=method), path)
             sessions[method] = make_session(path, args.threads)

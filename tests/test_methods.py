@@ -1,4 +1,6 @@
-"""Every CAM method against pytorch-grad-cam 1.5.7 on the same weights and input."""
+"""Every CAM method against pytorch-grad-cam 1.5.7 on the same weights and input, or against
+its authors' definition in torch autograd: `REFERENCE_TESTS` names each method's reference test
+(tests/test_registry.py checks that every registered method has one, and that it runs it)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
 from gradcam_server.augment import augment_model, explained_target
-from gradcam_server.augment.cam import METHODS
-from gradcam_server.augment.passes import ALL_METHODS
+from gradcam_server.augment.methods import INTEGRATION_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +59,6 @@ def assert_correlated(ours: np.ndarray, theirs: np.ndarray, minimum: float = 0.9
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= minimum
         informative += 1
     assert informative >= 1
-
-
-def test_every_method_has_a_reference() -> None:
-    assert set(METHODS) == set(REFERENCES) | {"eigencam", "eigengradcam"}
-    assert set(ALL_METHODS) == {
-        *METHODS, "ablationcam", "scorecam", "groupcam", "integrated-gradcam",
-        "guided-backprop", "guided-gradcam",
-    }
 
 
 @pytest.mark.parametrize(("name", "exporter", "layer"), SUBJECTS)
@@ -267,8 +260,6 @@ def test_integrated_grad_cam_follows_the_authors_definition(onnx_zoo) -> None:
     """Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021) as the authors' code computes it:
     the ReLU'd Grad-CAM maps of x * i / m (i = 0 .. m - 1, black baseline) for the original
     image's class, summed; here in torch autograd, one scaled copy at a time."""
-    from gradcam_server.augment.cam import INTEGRATION_STEPS
-
     model = zoo.build_torch_model("resnet18")
     x = zoo.sample_batch(2)
     path = onnx_zoo("resnet18", "torchscript")
@@ -344,3 +335,17 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
     assert_correlated(ours, reference, minimum=0.99)
     assert not np.allclose(ours, explain(onnx_zoo("resnet18", "torchscript"), x, classes),
                            atol=1e-2)
+
+
+# Each method's reference test: parametrized over the method, or augmenting with it by name.
+REFERENCE_TESTS = {
+    **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
+    "eigencam": test_principal_component_projection,
+    "eigengradcam": test_principal_component_projection,
+    "ablationcam": test_ablation_cam_matches_pytorch_grad_cam,
+    "scorecam": test_score_cam_matches_pytorch_grad_cam,
+    "groupcam": test_group_cam_follows_the_authors_definition,
+    "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
+    "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
+    "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
+}

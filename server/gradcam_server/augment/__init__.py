@@ -11,7 +11,8 @@ See `augment_model` for the contract.
 
 from .errors import AugmentError, MissingRuleError
 from .layout import LAYOUTS
-from .passes import AugmentedOutputs, augment_model, explained_target, load_model
+from .names import AugmentedOutputs
+from .passes import augment_model, explained_target, load_model
 
 __all__ = [
     "AugmentError", "MissingRuleError", "AugmentedOutputs", "LAYOUTS", "augment_model",

@@ -1,4 +1,5 @@
-"""The CAM methods and their shared tail, appended as ONNX ops.
+"""The CAM math as ONNX ops: the channel-weight methods' contributions (which methods.py's
+classes build on), the principal projection and the shared tail.
 
 Notation: A^k is channel k of the target layer's feature map [N, C, h, w], G^k = dy^c / dA^k the
 gradient of the explained score. Each method turns (A, G) into per-channel contributions
@@ -12,9 +13,9 @@ is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from gradcam_common.methods import PIXEL_METHODS  # noqa: F401 - the server reads it here
 
-from .graph import GraphBuilder
+from .graph import GraphBuilder, LoopBody
 
 NORMALIZE_EPSILON = 1e-7
 POWER_ITERATIONS = 64
@@ -106,42 +107,6 @@ def principal_projection(b: GraphBuilder, x: str) -> str:
     return b.op("Reshape", [projection, shape])
 
 
-# (builder, activations, gradients) -> per-channel contributions [N, C, h, w]
-CamMethod = Callable[[GraphBuilder, str, str], str]
-METHODS: dict[str, CamMethod] = {
-    "gradcam": grad_cam,
-    "gradcam++": grad_cam_plus_plus,
-    "xgradcam": x_grad_cam,
-    "hirescam": hires_cam,
-    "gradcam-elementwise": grad_cam_element_wise,
-    "layercam": layer_cam,
-    "eigencam": eigen_cam,
-    "eigengradcam": eigen_grad_cam,
-}
-ALWAYS_PROJECTED = ("eigencam", "eigengradcam")
-
-
-# Perturbation methods: the score re-measured with parts of the layer removed (ablation.py).
-ABLATION_CAM = "ablationcam"
-SCORE_CAM = "scorecam"
-GROUP_CAM = "groupcam"  # group.py
-PERTURBATION_METHODS = (ABLATION_CAM, SCORE_CAM, GROUP_CAM)
-
-# Path methods: Grad-CAM along a path of scaled copies of the image (smoothing.py tiles them).
-# Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021), as the authors' released code computes
-# it: the ReLU'd Grad-CAM maps of x * i / m, i = 0 .. m - 1 (a black baseline), summed.
-INTEGRATED_GRAD_CAM = "integrated-gradcam"
-INTEGRATION_STEPS = 20
-PATH_METHODS = (INTEGRATED_GRAD_CAM,)
-
-# Pixel-level methods: gradients all the way to the input, through guided ReLUs (Springenberg
-# et al., ICLR 2015 workshop: a ReLU passes a gradient only where both its input and the
-# incoming gradient are positive).
-GUIDED_BACKPROP = "guided-backprop"
-GUIDED_GRAD_CAM = "guided-gradcam"  # guided backprop (x) the Grad-CAM map (Selvaraju et al.)
-PIXEL_METHODS = (GUIDED_BACKPROP, GUIDED_GRAD_CAM)
-
-
 def pixel_heatmap(b: GraphBuilder, pixels: str) -> str:
     """A pixel-level map [N, C, H, W] as a heatmap: max over channels of |value|, min-max
     normalised per image: [N, H, W]."""
@@ -172,9 +137,18 @@ def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
     return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
 
 
-def normalize(b: GraphBuilder, maps: str) -> str:
-    """(m - min) / (max - min + eps) per image, over the spatial axes of [N, 1, H, W]."""
+def normalize(
+    b: GraphBuilder | LoopBody, maps: str, epsilon: float = NORMALIZE_EPSILON
+) -> str:
+    """Min-max normalisation of each map [H, W] of [N, K, H, W], the one every method uses:
+    (m - min) / (max - min + epsilon), each pinned as its reference pins it (heatmaps 1e-7,
+    Score-CAM's masks 1e-8); `epsilon` 0 divides exactly, a flat map becoming all zero
+    (Group-CAM's masks). In a Loop body too (`b` a `LoopBody`)."""
     low = b.reduce("ReduceMin", maps, _SPATIAL, keepdims=True)
     shifted = b.op("Sub", [maps, low])
     high = b.reduce("ReduceMax", shifted, _SPATIAL, keepdims=True)
-    return b.op("Div", [shifted, b.op("Add", [high, b.const(NORMALIZE_EPSILON)])])
+    if epsilon:
+        span = b.op("Add", [high, b.const(epsilon)])
+    else:
+        span = b.op("Where", [b.op("Greater", [high, b.const(0.0)]), high, b.const(1.0)])
+    return b.op("Div", [shifted, span])

@@ -16,8 +16,11 @@ from .detection import BOX_FORMATS, DEFAULT_IOU_THRESHOLD, DETECTION_FORMATS
 from .errors import AugmentError
 from .graph import save_model
 from .layout import LAYOUTS
-from .passes import ALL_METHODS, NAMES, augment_model, explained_target, load_model
-from .targets import SCORES, default_score, score_output_name
+from .methods import CAM_METHODS
+from .names import NAMES
+from .passes import augment_model, explained_target, load_model
+from .scores import SCORES
+from .targets import default_score, score_output_name
 from ..triton_repository import TritonConfigError, write_model
 
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--triton-repository: Triton's max_batch_size (default 8)")
     parser.add_argument("--layer", action="append",
                         help="target layer tensor name (default: detected); repeat to fuse")
-    parser.add_argument("--method", choices=ALL_METHODS, default="gradcam",
+    parser.add_argument("--method", choices=list(CAM_METHODS), default="gradcam",
                         help="the CAM method computing the heatmap")
     parser.add_argument(
         "--score", choices=SCORES,

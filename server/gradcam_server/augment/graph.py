@@ -341,6 +341,10 @@ class LoopBody:
         )
         return output
 
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant of the outer graph, which the body reads (`GraphBuilder.const`)."""
+        return self.b.const(value, dtype)
+
     def reduce(self, op_type: str, tensor: str, axes: Sequence[int], keepdims: bool) -> str:
         """As `GraphBuilder.reduce`, inside the body."""
         if axes_are_input(op_type, self.b.opset):

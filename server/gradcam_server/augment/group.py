@@ -22,6 +22,7 @@ import numpy as np
 from onnx import TensorProto
 
 from .backward import path_nodes
+from .cam import normalize
 from .graph import GraphBuilder, LoopBody
 
 GROUPS = 32
@@ -71,12 +72,7 @@ def group_cam(
     size = b.op("Concat", [b.shape_slice(kept, 0, 2), b.shape_slice(image, 2)], axis=0)
     upsampled = b.op("Resize", [kept, "", "", size], mode="linear",
                      coordinate_transformation_mode="half_pixel")
-    least = b.reduce("ReduceMin", upsampled, [2, 3], keepdims=True)
-    span = b.op("Sub", [b.reduce("ReduceMax", upsampled, [2, 3], keepdims=True), least])
-    varies = b.op("Greater", [span, b.const(0.0)])
-    normalised = b.op("Div", [b.op("Sub", [upsampled, least]),
-                              b.op("Where", [varies, span, b.const(1.0)])])
-    normalised = b.op("Mul", [normalised, b.op("Cast", [varies], to=TensorProto.FLOAT)])
+    normalised = normalize(b, upsampled, epsilon=0.0)  # exact; a flat group all zero
 
     blurred = _gaussian_blur(b, b.computed(image))
     probabilities = _loop(b, image, blurred, normalised, score_output, resolved_class)

@@ -6,13 +6,15 @@
                        (`layout.detect_view`), or refuses with the candidate layers; a layer
                        read only by a Q/DQ pair is taken at the pair's output
                        (`targets.dequantized_layer`).
-3. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's).
+3. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's),
+                       and the score's own inputs and seed (`scores.ScoreTarget`).
 4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
                        layer (and, when asked, d score / d image) tensors exist, started in
-                       front of a QDQ model's output quantizer (`targets.differentiated_score`);
+                       front of a QDQ model's output quantizer (`targets.append_backward`);
                        each layer and its gradient are then seen as [N, C, h, w] (`Features`).
-5. `append_heatmap`    ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
-                       target layer, fused), and ``pixel_map`` for the pixel-level methods.
+5. `CamMethod.heatmap` ensures the method's ``heatmap`` [N, H, W] in [0, 1] exists (one map per
+                       target layer, fused), and ``pixel_map`` for the pixel-level methods
+                       (`methods.py`; the method refused what it cannot combine with first).
 6. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
                        ``input_gradients``) are graph outputs after every original output;
                        `record_target` writes the explained layer and view as metadata.
@@ -21,7 +23,7 @@
                        before any change of ours is named as the cause.
 
 Score "detection" takes its own branch (`_augment_detection`): the heads found or cut before
-NMS (`detection.find_heads`), the detection's seeds on both heads (`detection_seeds`), the
+NMS (`detection.find_heads`), the detection's seeds on both heads (`scores.Detection`), the
 same backward, heatmap and output passes, and the detection outputs and metadata.
 """
 
@@ -29,99 +31,52 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper, version_converter
 
-from .ablation import ablation_weights
-from .backward import ancestors, build_backward
-from .cam import (
-    ABLATION_CAM,
-    ALWAYS_PROJECTED,
-    GROUP_CAM,
-    GUIDED_GRAD_CAM,
-    INTEGRATED_GRAD_CAM,
-    INTEGRATION_STEPS,
-    METHODS,
-    PATH_METHODS,
-    PERTURBATION_METHODS,
-    PIXEL_METHODS,
-    SCORE_CAM,
-    cam_heatmap,
-    channel_sum,
-    mean_of_maps,
-    pixel_heatmap,
-    principal_projection,
-)
+from .backward import ancestors
 from .detection import (
     DEFAULT_IOU_THRESHOLD,
     DetectionHeads,
     DetectionSeeds,
-    detection_seeds,
     detection_target_layer,
     find_heads,
     refuse_unexplainable,
 )
 from .errors import AugmentError
 from .graph import GraphBuilder, model_bytes, opset_version
-from .group import group_cam
-from .score import score_cam
+from .layout import TargetView, check_view_options, detect_view
+from .methods import CAM_METHODS, CamMethod, Features, MapInputs
+from .names import NAMES
+from .scores import SCORE_TARGETS, SCORES, Detection, same_rows
 from .smoothing import (
     IDENTITY_TRANSFORM,
     TRANSFORMS,
     identity_rows,
-    integration_transforms,
     merge_maps,
     tile_rows,
     tile_transforms,
 )
-from .layout import TargetView, check_view_options, detect_view
 from .targets import (
-    SCORES,
+    append_backward,
     candidate_layers,
     dequantized_layer,
     detect_target_layer,
-    differentiated_score,
     image_input,
     pooled_feature_maps,
     region_pooling_nodes,
-    region_seed,
     score_output_name,
-    score_seed,
-    similarity_seed,
     spatial_axes,
     validate_target_layer,
 )
 
 MIN_OPSET = 17
-ALL_METHODS = (*METHODS, *PERTURBATION_METHODS, *PATH_METHODS, *PIXEL_METHODS)
+ALL_METHODS = tuple(CAM_METHODS)  # the served method names (the server reads them here)
 _CHECKER_LIMIT_BYTES = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class AugmentedOutputs:
-    """Names of the tensors an augmented model adds."""
-
-    target_class: str = "target_class"
-    activations: str = "activations"
-    gradients: str = "gradients"
-    heatmap: str = "heatmap"
-    input_gradients: str = "input_gradients"
-    pixel_map: str = "pixel_map"
-    reference_embedding: str = "reference_embedding"
-    target_mask: str = "target_mask"
-    detection_index: str = "detection_index"  # the "detection" score's inputs and outputs
-    reference_box: str = "reference_box"
-    explained_detection: str = "explained_detection"
-    detection_class: str = "detection_class"
-    detection_score: str = "detection_score"
-    detection_box: str = "detection_box"
-    detection_iou: str = "detection_iou"
-
-
-NAMES = AugmentedOutputs()
 METADATA_PREFIX = "gradcam."  # metadata_props keys: gradcam.layer, .layout, .prefix_tokens, .grid
 
 
@@ -181,22 +136,23 @@ def augment_model(
             ``"region"`` (a segmentation output [N, classes, h, w] summed over the added input
             ``target_mask`` [N, h', w'] (any size, resized to the output's) for the target
             class; an all-negative mask row stands for the class's predicted region,
-            `targets.region_seed`).
+            `scores.Region`).
         output: the graph output explained (name, or index among the outputs); default: the
             first. Class scores [N, classes], an embedding [N, D] for "similarity", or a
             segmentation map [N, classes, h, w] for "region".
         input_gradients: also continue the backward pass to the image input and expose
             d score / d image as ``input_gradients`` (what guided backprop builds on).
-        method: the CAM method computing the heatmap (`cam.METHODS`: "gradcam", "gradcam++",
-            "xgradcam", "hirescam", "gradcam-elementwise", "layercam"), or a pixel-level method
-            (`cam.PIXEL_METHODS`: "guided-backprop", "guided-gradcam"), which also outputs
+        method: the method computing the heatmap (`methods.CAM_METHODS`): a CAM method
+            ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam",
+            "eigencam", "eigengradcam"), or a pixel-level method ("guided-backprop",
+            "guided-gradcam"), which also outputs
             ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
             guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
             or a perturbation method: "ablationcam" (`ablation.py`: the layers after the target
             re-run with each channel ablated), "scorecam" (`score.py`: the network re-run on
             the image masked by each channel) or "groupcam" (`group.py`: channel groups as
             masks over a blurred copy), or "integrated-gradcam" (Grad-CAM summed along
-            scaled copies of the image, `cam.INTEGRATED_GRAD_CAM`).
+            scaled copies of the image, `methods.IntegratedGradCam`).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
         eigen_smooth: project the method's per-channel contributions on their first
@@ -246,22 +202,13 @@ def augment_model(
     ``target_mask``) are FP32. The model's metadata records the explained layer and its view
     (`explained_target` reads them).
     """
-    if method not in ALL_METHODS:
+    if method not in CAM_METHODS:
         raise AugmentError(f"unknown method {method!r}; available: {', '.join(ALL_METHODS)}")
-    if score not in SCORES:
+    if score not in SCORE_TARGETS:
         raise AugmentError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
-    if score == "detection" and (method not in (*METHODS, *PIXEL_METHODS) or aug_smooth):
-        raise AugmentError(
-            f"score 'detection' is explained by gradient methods ({', '.join(METHODS)}, "
-            f"{', '.join(PIXEL_METHODS)}), without aug_smooth; not {method}"
-            + (" with aug_smooth" if aug_smooth else "")
-        )
-    if method in PERTURBATION_METHODS and (score != "logit" or counterfactual):
-        raise AugmentError(f"{method} explains the class logit: no score or counterfactual option")
-    if (aug_smooth or method in PATH_METHODS) and (method in PIXEL_METHODS or input_gradients):
-        raise AugmentError("aug_smooth is not available with pixel-level gradients")
-    if aug_smooth and method in PATH_METHODS:
-        raise AugmentError(f"{method} cannot be combined with aug_smooth")
+    cam_method, score_target = CAM_METHODS[method], SCORE_TARGETS[score]
+    cam_method.check(score_target, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                     input_gradients=input_gradients)
     if not 0.0 <= iou_threshold <= 1.0:
         raise AugmentError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     check_view_options(layout, prefix_tokens, grid)
@@ -272,22 +219,19 @@ def augment_model(
             f"{explained_target(proto).get('layer')!r}); augment the original export, or run "
             "this graph as it is with any ONNX runtime"
         )
-    if score == "detection":
+    if isinstance(score_target, Detection):
         return _augment_detection(
-            proto, layer, output, input_gradients, method, counterfactual, eigen_smooth, input,
+            proto, score_target, cam_method, layer, output, input_gradients, counterfactual,
+            eigen_smooth, input,
             dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
             dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
             iou_threshold, background_class,
         )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
-    if aug_smooth or method in (*PERTURBATION_METHODS, *PATH_METHODS):
+    if aug_smooth or cam_method.runs_on_copies:
         _refuse_other_inputs(proto, image.name, score_output, method)
-    transforms = ()
-    if aug_smooth:
-        transforms = TRANSFORMS
-    elif method in PATH_METHODS:
-        transforms = integration_transforms(INTEGRATION_STEPS)
+    transforms = TRANSFORMS if aug_smooth else cam_method.image_transforms()
     network_image, network_score = image.name, score_output
     if transforms:
         network_image, tiled = tile_transforms(
@@ -298,33 +242,23 @@ def augment_model(
     views = _target_views(b, layer, network_score, network_image,
                           dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid))
     layers = [view.tensor for view in views]
-    target = layers[0]
 
     target_class = add_target_class(proto, image)
-    if method in PATH_METHODS and score in ("logit", "probability"):  # one class along the path
-        _, target_class = score_seed(b, score_output, target_class, score)
-    per_row = (lambda t: tile_rows(b, t, len(transforms))) if transforms else (lambda t: t)
-    resolved_class = None
-    if score == "similarity":
-        reference = add_reference_embedding(b, image, score_output)
-        seed = similarity_seed(b, network_score, per_row(reference))
-    elif score == "region":
-        mask = add_target_mask(b, image, score_output)
-        seed, resolved_class = region_seed(
-            b, network_score, per_row(target_class), per_row(mask)
-        )
-    else:
-        seed, resolved_class = score_seed(b, network_score, per_row(target_class), score)
+    if cam_method.path:
+        target_class = score_target.class_along_path(b, score_output, target_class)
+    score_target.add_inputs(b, _dim(image.type.tensor_type.shape.dim[0]), score_output)
+    per_row = (lambda t: tile_rows(b, t, len(transforms))) if transforms else same_rows
+    seed, resolved_class = score_target.seed(b, network_score, target_class, per_row)
     if counterfactual:
         seed = b.op("Neg", [seed])
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, {network_score: seed}, wrt)
     features = _features(b, views, gradients, network_image)
-    heatmap, pixel_map = append_heatmap(
-        b, method, features, image, network_image, network_score, {network_score: seed},
-        resolved_class, eigen_smooth,
-    )
-    activations, layer_gradients = features[target].activations, features[target].gradients
+    heatmap, pixel_map = cam_method.heatmap(MapInputs(
+        b, features, image, network_image, network_score, {network_score: seed}, resolved_class,
+        eigen_smooth,
+    ))
+    activations, layer_gradients = features[0].activations, features[0].gradients
     if transforms:
         if aug_smooth:
             heatmap = merge_maps(b, heatmap, image.name)
@@ -341,10 +275,11 @@ def augment_model(
 
 def _augment_detection(
     proto: onnx.ModelProto,
+    score_target: Detection,
+    cam_method: CamMethod,
     layer: str | Sequence[str] | None,
     output: str | int | None,
     input_gradients: bool,
-    method: str,
     counterfactual: bool,
     eigen_smooth: bool,
     input: str | int | None,
@@ -370,12 +305,8 @@ def _augment_detection(
     views = _target_views(b, layer, heads.scores, image.name, view_options)
     target_class = add_target_class(proto, image)
     batch = _dim(image.type.tensor_type.shape.dim[0])
-    b.graph.input.extend([
-        helper.make_tensor_value_info(NAMES.detection_index, TensorProto.INT64, [batch]),
-        helper.make_tensor_value_info(NAMES.reference_box, TensorProto.FLOAT, [batch, 4]),
-    ])
-    chosen = detection_seeds(b, heads, target_class, NAMES.detection_index,
-                             NAMES.reference_box, iou_threshold, background_class)
+    score_target.add_inputs(b, batch, heads.scores)
+    chosen = score_target.seeds(b, heads, target_class, iou_threshold, background_class)
     seeds = chosen.seeds
     if counterfactual:
         seeds = {tensor: b.op("Neg", [seed]) for tensor, seed in seeds.items()}
@@ -383,9 +314,10 @@ def _augment_detection(
     wrt = layers + ([image.name] if input_gradients and image.name not in layers else [])
     gradients = append_backward(b, seeds, wrt)
     features = _features(b, views, gradients, image.name)
-    heatmap, pixel_map = append_heatmap(b, method, features, image, image.name, heads.scores,
-                                        seeds, chosen.resolved_class, eigen_smooth)
-    first = features[layers[0]]
+    heatmap, pixel_map = cam_method.heatmap(MapInputs(
+        b, features, image, image.name, heads.scores, seeds, chosen.resolved_class, eigen_smooth,
+    ))
+    first = features[0]
     expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
     _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     expose_detection(b, chosen, heads.scores, batch)
@@ -402,13 +334,13 @@ def _augment_detection(
 
 def _features(
     b: GraphBuilder, views: Sequence[TargetView], gradients: dict[str, str], image: str
-) -> dict[str, Features]:
+) -> list[Features]:
     """Each target layer's values (in their compute type) and gradient, seen as [N, C, h, w]."""
-    return {
-        view.tensor: Features(view, view.apply(b, b.computed(view.tensor), image),
-                              view.apply(b, gradients[view.tensor], image))
+    return [
+        Features(view, view.apply(b, b.computed(view.tensor), image),
+                 view.apply(b, gradients[view.tensor], image))
         for view in views
-    }
+    ]
 
 
 def _expose_image_maps(
@@ -448,15 +380,6 @@ def expose_detection(b: GraphBuilder, chosen: DetectionSeeds, scores: str, batch
     b.add_output(chosen.score, NAMES.detection_score, dtype, [batch])
     b.add_output(chosen.box, NAMES.detection_box, dtype, [batch, 4])
     b.add_output(chosen.iou, NAMES.detection_iou, dtype, [batch])
-
-
-@dataclass(frozen=True)
-class Features:
-    """A target layer's view and its values and gradients seen as [N, C, h, w]."""
-
-    view: TargetView
-    activations: str
-    gradients: str
 
 
 def record_target(model: onnx.ModelProto, views: Sequence[TargetView]) -> None:
@@ -553,133 +476,6 @@ def add_target_class(model: onnx.ModelProto, image: onnx.ValueInfoProto) -> str:
         helper.make_tensor_value_info(NAMES.target_class, TensorProto.INT64, [batch])
     )
     return NAMES.target_class
-
-
-def add_reference_embedding(
-    b: GraphBuilder, image: onnx.ValueInfoProto, embedding: str
-) -> str:
-    """The FP32 [N, D] input ``reference_embedding`` (N as the image's, D as the output's;
-    typed as the output's compute type: FP32 for a half-precision output too)."""
-    width = (b.static_shape(embedding) or (None, None))[-1]
-    b.graph.input.append(
-        helper.make_tensor_value_info(
-            NAMES.reference_embedding, b.compute_type(embedding),
-            [_dim(image.type.tensor_type.shape.dim[0]), width],
-        )
-    )
-    return NAMES.reference_embedding
-
-
-def add_target_mask(b: GraphBuilder, image: onnx.ValueInfoProto, scores: str) -> str:
-    """The FP32 [N, h', w'] input ``target_mask``, of any size (`targets.region_seed`), in
-    the scores' compute type (FP32 for a half-precision output too)."""
-    b.graph.input.append(
-        helper.make_tensor_value_info(
-            NAMES.target_mask, b.compute_type(scores),
-            [_dim(image.type.tensor_type.shape.dim[0]), "mask_height", "mask_width"],
-        )
-    )
-    return NAMES.target_mask
-
-
-def append_backward(
-    b: GraphBuilder, seeds: dict[str, str], wrt: list[str], guided: bool = False
-) -> dict[str, str]:
-    """d score / d tensor for each of `wrt`, from `seeds` (d score / d output), each output's
-    backward pass started in front of its own quantizer (`targets.differentiated_score`)."""
-    starts = {differentiated_score(b, tensor): seed for tensor, seed in seeds.items()}
-    return build_backward(b, starts, wrt, guided=guided)
-
-
-def append_heatmap(
-    b: GraphBuilder,
-    method: str,
-    features: dict[str, Features],
-    image: onnx.ValueInfoProto,
-    network_image: str,
-    score_output: str,
-    seeds: dict[str, str],
-    resolved_class: str | None,
-    eigen_smooth: bool,
-) -> tuple[str, str | None]:
-    """The method's heatmap [N, H, W] (the layers' maps fused), and its pixel map [N, C, H, W]
-    for the pixel-level methods (None for the others). Every method reads the layers' views
-    [N, C, h, w]; Ablation-CAM ablates the channels of the raw layer. `seeds` are the
-    backward pass's (d score / d tensor): the score output's, or a detection's heads'."""
-    if method in PIXEL_METHODS:
-        first = next(iter(features.values()))
-        grad_cam = METHODS["gradcam"](b, first.activations, first.gradients)
-        pixel_map, heatmap = append_pixel_map(
-            b, seeds, image, method, append_cam(b, grad_cam, image)
-        )
-        return heatmap, pixel_map
-    maps = []
-    for layer, feature in features.items():
-        view, activations, layer_gradients = feature.view, feature.activations, feature.gradients
-        if method == INTEGRATED_GRAD_CAM:
-            maps.append(append_integrated_map(b, activations, layer_gradients, image))
-            continue
-        if method == GROUP_CAM:
-            if spatial_axes(image) != (2, 3) or resolved_class is None:
-                raise AugmentError("groupcam needs an NCHW image input and a class score")
-            raw = group_cam(b, activations, layer_gradients, network_image, score_output,
-                            resolved_class)
-            maps.append(cam_heatmap(b, raw, image.name, spatial_axes(image)))
-            continue
-        if method == ABLATION_CAM:
-            weights = ablation_weights(b, layer, view.channel_axis, score_output,
-                                       onehot=seeds[score_output])
-            contributions = b.op("Mul", [b.unsqueeze(weights, [2, 3]), activations])
-        elif method == SCORE_CAM:
-            if spatial_axes(image) != (2, 3) or resolved_class is None:
-                raise AugmentError("scorecam needs an NCHW image input and a class score")
-            contributions = score_cam(b, activations, network_image, score_output,
-                                      resolved_class)
-        else:
-            contributions = METHODS[method](b, activations, layer_gradients)
-        project = eigen_smooth or method in ALWAYS_PROJECTED
-        maps.append(append_cam(b, contributions, image, project))
-    return (maps[0] if len(maps) == 1 else mean_of_maps(b, maps)), None
-
-
-def append_integrated_map(
-    b: GraphBuilder, activations: str, gradients: str, image: onnx.ValueInfoProto
-) -> str:
-    """Integrated Grad-CAM from the tiled rows [(1 + m) N, ...] (identity first, then the m
-    scaled copies): the scaled copies' ReLU'd Grad-CAM maps summed, then the shared tail."""
-    per_row = b.op("Relu", [channel_sum(b, METHODS["gradcam"](b, activations, gradients))])
-    steps = len(integration_transforms(INTEGRATION_STEPS))
-    grouped = b.op("Reshape", [per_row, b.op(
-        "Concat", [b.ints([steps]), b.shape_slice(image.name, 0, 1), b.shape_slice(per_row, 1)],
-        axis=0,
-    )])
-    path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
-    summed = b.reduce("ReduceSum", path, [0], keepdims=False)
-    return cam_heatmap(b, summed, image.name, spatial_axes(image))
-
-
-def append_cam(
-    b: GraphBuilder, contributions: str, image: onnx.ValueInfoProto, project: bool = False
-) -> str:
-    """The heatmap from per-channel contributions: summed (or projected) and the shared tail."""
-    raw = principal_projection(b, contributions) if project else channel_sum(b, contributions)
-    return cam_heatmap(b, raw, image.name, spatial_axes(image))
-
-
-def append_pixel_map(
-    b: GraphBuilder,
-    seeds: dict[str, str],
-    image: onnx.ValueInfoProto,
-    method: str,
-    grad_cam_map: str,
-) -> tuple[str, str]:
-    """A second backward pass, guided, to the image: (pixel map, its heatmap)."""
-    guided = append_backward(b, seeds, [image.name], guided=True)[image.name]
-    if method == GUIDED_GRAD_CAM:
-        height, width = spatial_axes(image)
-        channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()
-        guided = b.op("Mul", [guided, b.unsqueeze(grad_cam_map, [channel_axis])])
-    return guided, pixel_heatmap(b, guided)
 
 
 def expose_outputs(

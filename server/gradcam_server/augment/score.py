@@ -18,10 +18,11 @@ the masked images' scores are compared in float32.
 from __future__ import annotations
 
 from .backward import path_nodes
+from .cam import normalize
 from .graph import GraphBuilder, LoopBody
 
 MAX_CHUNK = 32  # masked images per forward pass
-MASK_EPSILON = 1e-8
+MASK_EPSILON = 1e-8  # the masks' min-max normalisation, as pytorch-grad-cam's ScoreCAM
 
 
 def score_cam(
@@ -70,10 +71,7 @@ def _loop(
     size = body.op("Concat", [chunk, b.ints([1]), b.shape_slice(image, 2)], axis=0)
     masks = body.op("Resize", [maps, "", "", size], mode="linear",
                     coordinate_transformation_mode="align_corners")
-    low = body.reduce("ReduceMin", masks, [2, 3], keepdims=True)
-    span = body.op("Sub", [body.reduce("ReduceMax", masks, [2, 3], keepdims=True), low])
-    masks = body.op("Div", [body.op("Sub", [masks, low]),
-                            body.op("Add", [span, b.const(MASK_EPSILON)])])
+    masks = normalize(body, masks, MASK_EPSILON)
     masked = body.op("Mul", [pixels, masks])  # [chunk, C_in, H, W]
 
     renamed = {image: body.cast_like(masked, image)}

@@ -24,12 +24,13 @@ from onnx import helper
 from .cam import mean_of_maps
 from .graph import GraphBuilder
 
+Transform = tuple[bool, float]  # (flip horizontally, intensity factor)
 FACTORS = (0.9, 1.0, 1.1)
-IDENTITY_TRANSFORM = (False, 1.0)  # (flip horizontally, intensity factor)
+IDENTITY_TRANSFORM: Transform = (False, 1.0)
 TRANSFORMS = tuple((flip, factor) for flip in (False, True) for factor in FACTORS)
 
 
-def integration_transforms(steps: int) -> tuple[tuple[bool, float], ...]:
+def integration_transforms(steps: int) -> tuple[Transform, ...]:
     """The identity (for the model's own outputs), then the path x * i / steps, i < steps."""
     return (IDENTITY_TRANSFORM, *((False, i / steps) for i in range(steps)))
 
@@ -38,7 +39,7 @@ def tile_transforms(
     model: onnx.ModelProto,
     image: str,
     width_axis: int,
-    transforms: tuple[tuple[bool, float], ...] = TRANSFORMS,
+    transforms: tuple[Transform, ...] = TRANSFORMS,
 ) -> tuple[str, dict]:
     """Rewire `model` so its network sees the image under every transform, stacked along the
     batch [T*N, ...]; the transforms must include the identity.

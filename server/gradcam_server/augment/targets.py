@@ -1,4 +1,6 @@
-"""What is explained: the target layer, and the score whose gradient seeds the backward pass."""
+"""Where an image model is explained: its image input, its explained output (and where that
+output's backward pass starts), and the target layer, chosen as the field's recipes choose it.
+The score itself and its seed: scores.py."""
 
 from __future__ import annotations
 
@@ -7,10 +9,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from .backward import ancestors, descendants, path_nodes
+from .backward import ancestors, build_backward, descendants, path_nodes
 from .errors import AugmentError
 from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors
 from .layout import detect_view
+from .scores import SCORES  # noqa: F401 - the server's config reads the score names here
 
 # Ops between the last feature map and the flattening in front of the classifier: the target
 # moves back through these.
@@ -32,7 +35,6 @@ _HEAD_PASS_THROUGH = {
 _NORMS = {
     "LayerNormalization", "GroupNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
 }
-SCORES = ("logit", "probability", "similarity", "region", "detection")  # detection.py: detections
 # Region pooling: a two-stage detector's RoI heads read these ops' input 0 (the feature map)
 _REGION_POOLING = ("RoiAlign", "MaxRoiPool")
 
@@ -336,6 +338,15 @@ def differentiated_score(b: GraphBuilder, score_output: str) -> str:
     return quantize.input[0]
 
 
+def append_backward(
+    b: GraphBuilder, seeds: dict[str, str], wrt: list[str], guided: bool = False
+) -> dict[str, str]:
+    """d score / d tensor for each of `wrt`, from `seeds` (d score / d output), each output's
+    backward pass started in front of its own quantizer (`differentiated_score`)."""
+    starts = {differentiated_score(b, tensor): seed for tensor, seed in seeds.items()}
+    return build_backward(b, starts, wrt, guided=guided)
+
+
 def _same_parameters(b: GraphBuilder, first: Sequence[str], second: Sequence[str]) -> bool:
     """Whether two Q/DQ nodes' scale and zero point are the same: the same tensors, or
     constants of equal values."""
@@ -357,125 +368,6 @@ def validate_target_layer(b: GraphBuilder, layer: str, score_output: str) -> Non
         raise AugmentError(f"target layer {layer!r} is not a floating-point tensor")
     if layer not in ancestors(list(b.graph.node), {score_output}):
         raise AugmentError(f"output {score_output!r} does not depend on target layer {layer!r}")
-
-
-def score_seed(
-    b: GraphBuilder, logits: str, target_class: str, score: str
-) -> tuple[str, str]:
-    """d score / d logits for each batch item, and the class index actually explained.
-
-    `target_class` is an INT64 [N] tensor: an entry c >= 0 explains class c; a negative entry
-    -r explains the r-th highest-scoring class of that item (-1: the top-1 class), decided
-    inside the same run. Scores: ``logit`` (score = logits[n, c]) or ``probability``
-    (score = softmax(logits)[n, c], so d/dlogits = p_c (onehot_c - p)); ``similarity`` and
-    ``region`` have seeds of their own (`similarity_seed`, `region_seed`). Every seed is in
-    the score's compute type (float32 for a half-precision output, `GraphBuilder.computed`).
-    """
-    if score not in ("logit", "probability"):
-        raise AugmentError(f"score {score!r} has no class seed; expected logit or probability")
-    if b.rank(logits) != 2:
-        hint = (" (a segmentation map [N, classes, h, w]: explain it with the region score)"
-                if b.rank(logits) == 4 else "")
-        raise AugmentError(f"the {score} score needs an output [N, classes]; {logits!r} has "
-                           f"rank {b.rank(logits)}{hint}")
-    logits = b.computed(logits)
-    onehot, resolved = _class_onehot(b, logits, target_class, b.elem_type(logits))
-    if score == "logit":
-        return onehot, resolved
-    probabilities = b.op("Softmax", [logits], axis=1)
-    chosen = b.reduce("ReduceSum", b.op("Mul", [probabilities, onehot]), [1], keepdims=True)
-    return b.op("Mul", [chosen, b.op("Sub", [onehot, probabilities])]), resolved
-
-
-def region_seed(
-    b: GraphBuilder, scores: str, target_class: str, mask: str
-) -> tuple[str, str]:
-    """d score / d scores for a region of a segmentation output [N, classes, h, w]: score =
-    sum over (i, j) of mask[n, i, j] scores[n, c, i, j] (pytorch-grad-cam's
-    SemanticSegmentationTarget), with `mask` [N, h', w'] of any size, resized to h x w first
-    (nearest pixel, as PIL's: source (i + 0.5) h' / h, floored). A negative class -r ranks the
-    classes by their score summed over the mask. A mask whose values are all negative asks for
-    the class's predicted region instead (the pixels whose arg-max class is c, as that
-    tutorial builds its mask), and -r then ranks the classes by their predicted area. Returns
-    the seed and the class explained."""
-    if b.rank(scores) != 4:
-        raise AugmentError(
-            f"the region score needs a segmentation output [N, classes, h, w]; {scores!r} has "
-            f"rank {b.rank(scores)}"
-        )
-    scores = b.computed(scores)
-    dtype = b.elem_type(scores)
-    size = b.op("Concat", [b.shape_slice(mask, 0, 1), b.ints([1]), b.shape_slice(scores, 2)],
-                axis=0)
-    mask = b.squeeze(b.op("Resize", [b.unsqueeze(mask, [1]), "", "", size], mode="nearest",
-                          coordinate_transformation_mode="tf_half_pixel_for_nn",
-                          nearest_mode="floor"), [1])
-    predicted_class = b.op("ArgMax", [scores], axis=1, keepdims=0)  # [N, h, w]
-    values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
-    classes = b.shape_slice(scores, 1, 2)
-    area = b.reduce("ReduceSum", b.op("OneHot", [predicted_class, classes, values], axis=1),
-                    [2, 3], keepdims=False)  # [N, classes]
-    given = b.unsqueeze(mask, [1])  # [N, 1, h, w]
-    pooled = b.reduce("ReduceSum", b.op("Mul", [scores, given]), [2, 3], keepdims=False)
-    use_predicted = b.unsqueeze(b.op("Less", [  # [N, 1]: an all-negative mask row
-        b.reduce("ReduceMax", mask, [1, 2], keepdims=False), b.op("Cast", [b.const(0.0)], to=dtype)
-    ]), [1])
-    ranking = b.op("Where", [use_predicted, area, pooled])
-    onehot, resolved = _class_onehot(b, ranking, target_class, dtype)
-    region = b.op("Cast", [b.op("Equal", [predicted_class, b.unsqueeze(resolved, [1, 2])])],
-                  to=dtype)
-    weights = b.op("Where", [b.unsqueeze(use_predicted, [2, 3]), b.unsqueeze(region, [1]), given])
-    return b.op("Mul", [b.unsqueeze(onehot, [2, 3]), weights]), resolved
-
-
-def similarity_seed(b: GraphBuilder, embedding: str, reference: str) -> str:
-    """d score / d embedding for score = cos(e, r), the cosine similarity of each item's
-    embedding e [N, D] to its reference r [N, D] (as Gradient Activation Maps explain
-    embedding models): d cos / d e = r / (|e| |r|) - cos e / |e|^2."""
-    if b.rank(embedding) != 2:
-        raise AugmentError(
-            f"the embedding output {embedding!r} must be [N, D]; it has rank {b.rank(embedding)}"
-        )
-
-    embedding = b.computed(embedding)
-
-    def norm(x: str) -> str:
-        squares = b.reduce("ReduceSum", b.op("Mul", [x, x]), [1], keepdims=True)
-        return b.op("Add", [b.op("Sqrt", [squares]), b.const(1e-12)])
-
-    embedding_norm, reference_norm = norm(embedding), norm(reference)
-    scale = b.op("Mul", [embedding_norm, reference_norm])
-    dot = b.reduce("ReduceSum", b.op("Mul", [embedding, reference]), [1], keepdims=True)
-    cosine = b.op("Div", [dot, scale])
-    toward = b.op("Div", [reference, scale])
-    along = b.op("Mul", [cosine, b.op("Div", [embedding,
-                                              b.op("Mul", [embedding_norm, embedding_norm])])])
-    return b.op("Sub", [toward, along])
-
-
-def _class_onehot(
-    b: GraphBuilder, scores: str, target_class: str, dtype: int
-) -> tuple[str, str]:
-    """The one-hot [N, classes] of each item's class (ranks resolved on `scores` [N, classes]),
-    and the classes."""
-    resolved = b.op(
-        "Where",
-        [b.op("Less", [target_class, b.ints([0])]), _ranked_class(b, scores, target_class),
-         target_class],
-    )
-    values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
-    onehot = b.op("OneHot", [resolved, b.shape_slice(scores, 1, 2), values], axis=-1)
-    return onehot, resolved
-
-
-def _ranked_class(b: GraphBuilder, logits: str, target_class: str) -> str:
-    """For each item, the class of rank max(-target_class, 1): TopK down to the deepest rank
-    any item asks for, then a gather of each item's own rank."""
-    rank = b.op("Max", [b.op("Neg", [target_class]), b.ints([1])])
-    deepest = b.op("Reshape", [b.op("ReduceMax", [rank], keepdims=1), b.ints([1])])
-    _, top_indices = b.op_multi("TopK", [logits, deepest], 2, axis=1)
-    position = b.unsqueeze(b.op("Sub", [rank, b.ints([1])]), [1])
-    return b.squeeze(b.op("GatherElements", [top_indices, position], axis=1), [1])
 
 
 def image_input(model: onnx.ModelProto, name: str | int | None = None) -> onnx.ValueInfoProto:

@@ -1,0 +1,366 @@
+"""The explanation methods as classes: one `CamMethod` subclass per entry of
+`gradcam_common.methods.METHODS`, one instance of each registered by name in `CAM_METHODS`.
+
+A class declares its entry, from which its name and traits come (never repeated here), refuses
+what it cannot be combined with (`CamMethod.check`, an AugmentError naming the conflict), and
+builds its map from the target layers' features (`CamMethod.heatmap`), the math delegated to
+cam.py (channel weights, principal projection, the shared tail), ablation.py, score.py and
+group.py (the perturbation methods' Loops) and smoothing.py (a path method's scaled copies).
+The pipeline (passes.py) asks a method object its traits and hooks, never its name.
+
+The families: a `ChannelMethod` weighs the layer's channels (the contributions [N, C, h, w] are
+summed, or projected on their first principal component, then the shared tail); a
+`LayerMethod` makes any other map per target layer; a `PixelMethod` makes an input-gradient
+image. The maps of several target layers are fused (`cam.mean_of_maps`).
+
+Adding a method: its entry in gradcam_common.methods.METHODS and its value in the typed API's
+``Method`` enum (gradcam.proto), one class here, and a reference test listed in
+tests/test_methods.py's ``REFERENCE_TESTS``; tests/test_registry.py checks that they agree.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx
+from gradcam_common.methods import METHODS, Method, method
+
+from .ablation import ablation_weights
+from .cam import (
+    cam_heatmap,
+    channel_sum,
+    eigen_cam,
+    eigen_grad_cam,
+    grad_cam,
+    grad_cam_element_wise,
+    grad_cam_plus_plus,
+    hires_cam,
+    layer_cam,
+    mean_of_maps,
+    pixel_heatmap,
+    principal_projection,
+    x_grad_cam,
+)
+from .errors import AugmentError
+from .graph import GraphBuilder
+from .group import group_cam
+from .layout import TargetView
+from .score import score_cam
+from .scores import Detection, Logit, ScoreTarget
+from .smoothing import Transform, integration_transforms
+from .targets import append_backward, spatial_axes
+
+INTEGRATION_STEPS = 20  # Integrated Grad-CAM's scaled copies of the image
+
+
+@dataclass(frozen=True)
+class Features:
+    """A target layer's view and its values and gradients seen as [N, C, h, w]."""
+
+    view: TargetView
+    activations: str
+    gradients: str
+
+
+@dataclass(frozen=True)
+class MapInputs:
+    """What a method's map is built from: the target layers' `features` (the first is the
+    layer exposed as ``activations``), the `image` input (the heatmap takes its H x W), the
+    image and the explained output as the network computes them (`network_image`,
+    `score_output`: the copies' rows under aug_smooth or a path method), the backward pass's
+    `seeds` (d score / d output, or a detection's heads), each row's `resolved_class` (None
+    for a score without a class) and `eigen_smooth`."""
+
+    b: GraphBuilder
+    features: Sequence[Features]
+    image: onnx.ValueInfoProto
+    network_image: str
+    score_output: str
+    seeds: dict[str, str]
+    resolved_class: str | None
+    eigen_smooth: bool
+
+
+class CamMethod(ABC):
+    """One explanation method: its `gradcam_common` entry, its refusals and its map."""
+
+    entry: ClassVar[Method]
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def reruns_network(self) -> bool:
+        return self.entry.reruns_network
+
+    @property
+    def path(self) -> bool:
+        return self.entry.path
+
+    @property
+    def pixel_level(self) -> bool:
+        return self.entry.pixel_level
+
+    @property
+    def runs_on_copies(self) -> bool:
+        """Whether the network runs again inside the graph, on perturbed or scaled copies (a
+        perturbation or a path method): the model's other inputs cannot follow the copies."""
+        return self.reruns_network or self.path
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        """Refuse, with an AugmentError, a score or option this method cannot be combined
+        with. The traits decide: a detection is explained from one run on the image itself (no
+        copies: no perturbation or path method, no aug_smooth); a method re-running the network
+        explains the class logit, not negated; copies of the image (aug_smooth, a path) carry
+        no pixel-level gradients; a path is not smoothed."""
+        if isinstance(score, Detection) and (self.runs_on_copies or aug_smooth):
+            explaining = ", ".join(m.name for m in CAM_METHODS.values() if not m.runs_on_copies)
+            raise AugmentError(
+                f"score 'detection' is explained by gradient methods ({explaining}), without "
+                f"aug_smooth; not {self.name}" + (" with aug_smooth" if aug_smooth else "")
+            )
+        if self.reruns_network and (not isinstance(score, Logit) or counterfactual):
+            raise AugmentError(
+                f"{self.name} explains the class logit: no score or counterfactual option"
+            )
+        if (aug_smooth or self.path) and (self.pixel_level or input_gradients):
+            raise AugmentError("aug_smooth is not available with pixel-level gradients")
+        if aug_smooth and self.path:
+            raise AugmentError(f"{self.name} cannot be combined with aug_smooth")
+
+    def image_transforms(self) -> tuple[Transform, ...]:
+        """The transformed copies of the image the network runs on, identity included
+        (`smoothing.tile_transforms`); none: the image alone."""
+        return ()
+
+    @abstractmethod
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        """The heatmap [N, H, W] in [0, 1], and the pixel map [N, C, H, W] of a pixel-level
+        method (None for the others)."""
+
+
+class LayerMethod(CamMethod):
+    """A map per target layer, the maps fused."""
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        maps = [self.layer_map(inputs, feature) for feature in inputs.features]
+        return (maps[0] if len(maps) == 1 else mean_of_maps(inputs.b, maps)), None
+
+    @abstractmethod
+    def layer_map(self, inputs: MapInputs, feature: Features) -> str:
+        """One target layer's heatmap [N, H, W]."""
+
+
+class ChannelMethod(LayerMethod):
+    """Per-channel contributions [N, C, h, w], summed over channels (or, with eigen_smooth
+    and always for the Eigen methods, projected on their first principal component), then
+    the shared tail (`contributions_heatmap`)."""
+
+    projected: ClassVar[bool] = False
+
+    def layer_map(self, inputs: MapInputs, feature: Features) -> str:
+        contributions = self.contributions(inputs, feature)
+        return contributions_heatmap(inputs, contributions, inputs.eigen_smooth or self.projected)
+
+    @abstractmethod
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        """The layer's per-channel contributions [N, C, h, w]."""
+
+
+class GradCam(ChannelMethod):
+    entry = method("gradcam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return grad_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class GradCamPlusPlus(ChannelMethod):
+    entry = method("gradcam++")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return grad_cam_plus_plus(inputs.b, feature.activations, feature.gradients)
+
+
+class XGradCam(ChannelMethod):
+    entry = method("xgradcam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return x_grad_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class HiResCam(ChannelMethod):
+    entry = method("hirescam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return hires_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class GradCamElementWise(ChannelMethod):
+    entry = method("gradcam-elementwise")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return grad_cam_element_wise(inputs.b, feature.activations, feature.gradients)
+
+
+class LayerCam(ChannelMethod):
+    entry = method("layercam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return layer_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class EigenCam(ChannelMethod):
+    entry = method("eigencam")
+    projected = True
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return eigen_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class EigenGradCam(ChannelMethod):
+    entry = method("eigengradcam")
+    projected = True
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return eigen_grad_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class AblationCam(ChannelMethod):
+    """The channel weights of the score drop when each channel of the raw layer is ablated
+    (`ablation.py`)."""
+
+    entry = method("ablationcam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        b, view = inputs.b, feature.view
+        weights = ablation_weights(b, view.tensor, view.channel_axis, inputs.score_output,
+                                   onehot=inputs.seeds[inputs.score_output])
+        return b.op("Mul", [b.unsqueeze(weights, [2, 3]), feature.activations])
+
+
+class ScoreCam(ChannelMethod):
+    """The softmax of the class logits of the image masked by each channel (`score.py`)."""
+
+    entry = method("scorecam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        _refuse_without_nchw_class(self, inputs)
+        return score_cam(inputs.b, feature.activations, inputs.network_image,
+                         inputs.score_output, inputs.resolved_class)
+
+
+class GroupCam(LayerMethod):
+    """Channel groups as masks over a blurred copy of the image (`group.py`), its raw map
+    already at the input's size."""
+
+    entry = method("groupcam")
+
+    def layer_map(self, inputs: MapInputs, feature: Features) -> str:
+        _refuse_without_nchw_class(self, inputs)
+        raw = group_cam(inputs.b, feature.activations, feature.gradients, inputs.network_image,
+                        inputs.score_output, inputs.resolved_class)
+        return cam_heatmap(inputs.b, raw, inputs.image.name, spatial_axes(inputs.image))
+
+
+class IntegratedGradCam(LayerMethod):
+    """Integrated Grad-CAM (Sattarzadeh et al., ICASSP 2021), as the authors' released code
+    computes it: the ReLU'd Grad-CAM maps of x * i / m, i = 0 .. m - 1 (a black baseline),
+    summed; the copies are tiled along the batch after the image itself (`smoothing.py`)."""
+
+    entry = method("integrated-gradcam")
+
+    def image_transforms(self) -> tuple[Transform, ...]:
+        return integration_transforms(INTEGRATION_STEPS)
+
+    def layer_map(self, inputs: MapInputs, feature: Features) -> str:
+        """From the tiled rows [(1 + m) N, ...], identity first: the scaled copies' ReLU'd
+        Grad-CAM maps summed, then the shared tail."""
+        b, image = inputs.b, inputs.image
+        per_row = b.op("Relu", [channel_sum(b, grad_cam(b, feature.activations,
+                                                        feature.gradients))])
+        steps = len(self.image_transforms())
+        grouped = b.op("Reshape", [per_row, b.op(
+            "Concat",
+            [b.ints([steps]), b.shape_slice(image.name, 0, 1), b.shape_slice(per_row, 1)],
+            axis=0,
+        )])
+        path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
+        summed = b.reduce("ReduceSum", path, [0], keepdims=False)
+        return cam_heatmap(b, summed, image.name, spatial_axes(image))
+
+
+class PixelMethod(CamMethod):
+    """Gradients all the way to the input through guided ReLUs (Springenberg et al., ICLR 2015
+    workshop: a ReLU passes a gradient only where both its input and the incoming gradient are
+    positive), in a second backward pass. The heatmap is the pixel map's largest magnitude
+    over the channels (`cam.pixel_heatmap`)."""
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        image = inputs.image.name
+        guided = append_backward(inputs.b, inputs.seeds, [image], guided=True)[image]
+        pixel_map = self.pixel_map(inputs, guided)
+        return pixel_heatmap(inputs.b, pixel_map), pixel_map
+
+    @abstractmethod
+    def pixel_map(self, inputs: MapInputs, guided: str) -> str:
+        """The pixel map [N, C, H, W] from the guided gradients at the image."""
+
+
+class GuidedBackprop(PixelMethod):
+    entry = method("guided-backprop")
+
+    def pixel_map(self, inputs: MapInputs, guided: str) -> str:
+        return guided
+
+
+class GuidedGradCam(PixelMethod):
+    """Guided backprop (x) the first target layer's Grad-CAM map (Selvaraju et al.)."""
+
+    entry = method("guided-gradcam")
+
+    def pixel_map(self, inputs: MapInputs, guided: str) -> str:
+        b, first = inputs.b, inputs.features[0]
+        grad_cam_map = contributions_heatmap(
+            inputs, grad_cam(b, first.activations, first.gradients)
+        )
+        height, width = spatial_axes(inputs.image)
+        channel_axis = ({0, 1, 2, 3} - {0, height, width}).pop()
+        return b.op("Mul", [guided, b.unsqueeze(grad_cam_map, [channel_axis])])
+
+
+def contributions_heatmap(inputs: MapInputs, contributions: str, project: bool = False) -> str:
+    """The heatmap from per-channel contributions: summed (or projected) and the shared
+    tail (`cam.cam_heatmap`)."""
+    b = inputs.b
+    raw = principal_projection(b, contributions) if project else channel_sum(b, contributions)
+    return cam_heatmap(b, raw, inputs.image.name, spatial_axes(inputs.image))
+
+
+def _refuse_without_nchw_class(cam_method: CamMethod, inputs: MapInputs) -> None:
+    """The masked copies of Score-CAM and Group-CAM need an NCHW image and a class score."""
+    if spatial_axes(inputs.image) != (2, 3) or inputs.resolved_class is None:
+        raise AugmentError(f"{cam_method.name} needs an NCHW image input and a class score")
+
+
+def _registered() -> dict[str, CamMethod]:
+    """One instance of each class that declares an entry, keyed by name, in the order of
+    gradcam_common's METHODS; an entry without a class is not served (and fails
+    tests/test_registry.py)."""
+    classes: dict[str, type[CamMethod]] = {}
+    pending: list[type[CamMethod]] = [CamMethod]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "entry" in vars(cls):
+            classes[cls.entry.name] = cls
+    return {entry.name: classes[entry.name]() for entry in METHODS if entry.name in classes}
+
+
+CAM_METHODS: dict[str, CamMethod] = _registered()
