@@ -19,7 +19,7 @@ from PIL import Image
 
 import servers
 from gradcam_server.augment import augment_model, load_model
-from gradcam_server.augment.passes import NAMES
+from gradcam_server.augment.names import NAMES
 from gradcam_server.batching import BatchStats
 from gradcam_server.engine import Engine
 from gradcam_server.errors import InvalidInput

@@ -74,7 +74,7 @@ from .augment.detection import (
     DETECTION_FORMATS,
 )
 from .augment.layout import LAYOUTS, MAX_PREFIX_TOKENS
-from .augment.targets import SCORES
+from .augment.scores import SCORES
 from .errors import SHOWN_CHARS, shown
 from .preprocess import Preprocessing
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .augment.passes import NAMES
+from .augment.names import NAMES
 from .errors import InvalidInput
 
 if TYPE_CHECKING:  # annotations only

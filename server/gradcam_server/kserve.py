@@ -57,7 +57,7 @@ from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__, wire
-from .augment.passes import NAMES
+from .augment.names import NAMES
 from .datatypes import DATATYPES, carried_datatype, datatype_of, element_count, from_bytes
 from .detections import DETECTION_OUTPUTS
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown

@@ -37,7 +37,9 @@ import onnxruntime as ort
 
 from .augment import LAYOUTS, AugmentError, augment_model, explained_target, load_model
 from .augment.layout import check_view_options
-from .augment.passes import ALL_METHODS, NAMES
+from .augment.names import NAMES
+from .augment.passes import ALL_METHODS
+from .augment.scores import SCORES
 from .augment.targets import default_score, image_input, score_output_name, spatial_axes
 from .batching import StopSignal
 from .config import CONFIG_FILE, ConfigError, ModelConfig, parse_grid, read_config
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 METHODS = ALL_METHODS
-SERVED_SCORES = ("logit", "probability", "similarity", "region", "detection")
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
 _MAX_TARGETS = 256  # explained targets remembered per model (a few strings each), LRU
@@ -279,9 +280,9 @@ class ServedModel:
         except AugmentError as error:
             raise InvalidInput(str(error)) from error
         score = request.score or self.default_score(output)
-        if score not in SERVED_SCORES:
+        if score not in SCORES:
             raise InvalidInput(
-                f"unknown score {shown(score)}; available: {', '.join(SERVED_SCORES)}"
+                f"unknown score {shown(score)}; available: {', '.join(SCORES)}"
             )
         layer = request.layer or self.default_layer
         layout, prefix_tokens, grid = self._layout_of(request, layer)

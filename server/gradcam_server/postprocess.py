@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .augment.passes import NAMES
+from .augment.names import NAMES
 from .detections import DetectedBox, to_model_pixels
 from .errors import InvalidInput, shown
 from .model import Graph, ServedModel

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .augment.passes import NAMES
+from .augment.names import NAMES
 from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .engine import Engine, RunResult, ServiceLimits
 from .errors import InvalidInput

@@ -13,8 +13,6 @@ is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
 
 from __future__ import annotations
 
-from gradcam_common.methods import PIXEL_METHODS  # noqa: F401 - the server reads it here
-
 from .graph import GraphBuilder, LoopBody
 
 NORMALIZE_EPSILON = 1e-7

@@ -13,7 +13,6 @@ from .backward import ancestors, build_backward, descendants, path_nodes
 from .errors import AugmentError
 from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors
 from .layout import detect_view
-from .scores import SCORES  # noqa: F401 - the server's config reads the score names here
 
 # Ops between the last feature map and the flattening in front of the classifier: the target
 # moves back through these.
