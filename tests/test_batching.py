@@ -355,3 +355,61 @@ def test_a_batch_with_a_request_without_deadline_runs_to_the_end():
 
     timed, untimed = run(scenario())
     assert isinstance(timed, DeadlineExceeded) and untimed == 20
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_bound_the_batches_run_at_once(instances: int) -> None:
+    """With `instances` N, up to N batches of one batcher run at once (each formed as soon as
+    an instance is free), never more; every request gets its own answer."""
+    running = peak = 0
+    lock = threading.Lock()
+
+    def run_batch(items: list[int], stop: StopSignal) -> list[int]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return [item * 10 for item in items]
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(run_batch, max_batch_size=1, max_queue_delay_microseconds=0,
+                                 max_queue_size=64, instances=instances)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(i) for i in range(6))), WAIT_S)
+        await batcher.close()
+        return answers
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()) == [i * 10 for i in range(6)]
+    assert peak == instances
+    assert time.monotonic() - started < 6 * 0.05 / instances + 0.25
+
+
+def test_a_deadline_passing_in_one_of_two_running_batches_stops_only_that_batch() -> None:
+    """Two batches in flight: the one whose only request's deadline passes is told to stop and
+    its request gets DeadlineExceeded at once; the other runs to its answer."""
+    stops: dict[int, StopSignal] = {}
+    gate = threading.Event()
+
+    def run_batch(items: list[int], stop: StopSignal) -> list[int]:
+        stops[items[0]] = stop
+        gate.wait(WAIT_S)
+        return [item * 10 for item in items]
+
+    async def scenario() -> tuple[object, object]:
+        batcher = DynamicBatcher(run_batch, max_batch_size=1, max_queue_delay_microseconds=0,
+                                 max_queue_size=8, instances=2)
+        late = asyncio.ensure_future(batcher.submit(1, deadline=time.monotonic() + 0.2))
+        kept = asyncio.ensure_future(batcher.submit(2))
+        late_result = await asyncio.gather(late, return_exceptions=True)
+        assert stops[1].is_set() and not stops[2].is_set()
+        gate.set()
+        kept_result = await asyncio.wait_for(kept, WAIT_S)
+        await batcher.close()
+        return late_result[0], kept_result
+
+    late, kept = asyncio.run(scenario())
+    assert isinstance(late, DeadlineExceeded) and kept == 20

@@ -103,3 +103,20 @@ def test_bad_detector_keys_are_refused(tmp_path: Path, config: dict, message: st
     with pytest.raises(ConfigError, match="config.json") as raised:
         read_config(tmp_path, lambda image: (224, 224))
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 1), (1, 1), (2, 2), (8, 8)])
+def test_instances_default_to_one(tmp_path: Path, value, expected: int) -> None:
+    write(tmp_path, **({} if value is None else {"instances": value}))
+    assert read_config(tmp_path, lambda image: (224, 224)).instances == expected
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0, "'instances' must be an integer >= 1"), (True, "'instances' must be an integer >= 1"),
+    (9, "'instances' must be an integer in 1..8"), ("2", "'instances' must be an integer >= 1"),
+])
+def test_bad_instances_are_refused(tmp_path: Path, value, message: str) -> None:
+    write(tmp_path, instances=value)
+    with pytest.raises(ConfigError, match="config.json") as raised:
+        read_config(tmp_path, lambda image: (224, 224))
+    assert message in str(raised.value)

@@ -47,6 +47,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     servers.export_torch(servers.tiny_cnn(), SIZE, root / "tiny" / "model.onnx",
                          dynamic_batch=True)
     servers.write_config(root / "tiny", max_batch_size=8, max_queue_delay_microseconds=20000)
+    servers.export_torch(servers.tiny_cnn(), SIZE, root / "twice" / "model.onnx",
+                         dynamic_batch=True)
+    servers.write_config(root / "twice", max_batch_size=2, max_queue_size=3, instances=2)
     return root
 
 
@@ -182,6 +185,37 @@ def test_concurrent_requests_share_one_batch_and_each_gets_its_rows(model, sessi
         expected = session.run([NAMES.heatmap], {"input": x, NAMES.target_class:
                                                  np.full(len(x), -1, np.int64)})[0]
         np.testing.assert_allclose(result.outputs[NAMES.heatmap], expected, atol=1e-6)
+
+
+def test_instances_run_batches_at_once_on_their_share_of_the_cores(root: Path) -> None:
+    """A model with `instances` 2 gets a batcher that runs two batches at once, sessions on
+    half the cores each (where --threads leaves them to the server), and room for its queue
+    plus two running batches."""
+    import os
+
+    from gradcam_server.errors import QueueFull
+
+    repository = ModelRepository(root, RuntimeOptions("cpu"))  # threads: one per core
+    repository.load_all()
+    model = repository.get("twice")
+    assert model.runtime.intra_op_threads == max(1, (os.cpu_count() or 1) // 2)
+    assert repository.get("tiny").runtime.intra_op_threads == 0  # one instance: all cores
+    engine = Engine()
+    graph = model.resolve(Explaining())
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+
+    async def scenario() -> int:
+        await engine.run(model, graph, feeds(model, graph, x, max_pixels=MAX_PIXELS))
+        return engine._batchers[("twice", graph, x.shape[1:])].instances
+
+    assert asyncio.run(scenario()) == 2
+    held = [engine.admit(model) for _ in range(3 + 2 * 2)]  # max_queue_size 3, two batches
+    for place in held:
+        place.__enter__()
+    with pytest.raises(QueueFull):
+        engine.admit(model).__enter__()
+    for place in held:
+        place.__exit__(None, None, None)
 
 
 # -- post-processing ---------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Dynamic batching: requests for one model are coalesced into batches run by one blocking call.
 
 Contract of `DynamicBatcher(run_batch, *, max_batch_size, max_queue_delay_microseconds,
-max_queue_size, executor=None, name="", on_batch=None)`; names follow Triton's dynamic batcher.
+max_queue_size, executor=None, name="", on_batch=None, instances=1)`; names follow Triton's
+dynamic batcher (and ``instances`` its instance_group count).
 
 - Event loop: the batcher lives on the asyncio loop of its first `submit()` (the grpc.aio
   server's). The blocking ``run_batch(items, stop)`` (an onnxruntime call) runs off the loop, in
   ``executor`` (default: a private single-thread ThreadPoolExecutor; a server shares one among
-  all its batchers, so their number does not multiply threads), one batch at a time per
-  batcher.
+  all its batchers, so their number does not multiply threads), at most ``instances``
+  batches at a time per batcher (default one; the executor needs as many threads). A batch is
+  formed whenever an instance is free.
 - Requests: ``await submit(item, size=1, deadline=None)`` queues an opaque ``item`` carrying
   ``size`` batch rows (e.g. 3 images) and returns its own result.
 - Forming a batch: queued requests are taken in FIFO order while the sum of their sizes stays
@@ -111,6 +113,15 @@ class _Request:
         return self.deadline is not None and self.deadline <= now
 
 
+@dataclass(eq=False)
+class _Running:
+    """A dispatched batch: its requests, its stop signal, and the timer of its next deadline."""
+
+    batch: list[_Request]
+    stop: StopSignal
+    expiry: asyncio.TimerHandle | None = None
+
+
 class DynamicBatcher(Generic[T, R]):
     """Coalesces concurrent `submit()` calls into batches for ``run_batch``; see the module."""
 
@@ -124,7 +135,10 @@ class DynamicBatcher(Generic[T, R]):
         executor: concurrent.futures.Executor | None = None,
         name: str = "",
         on_batch: Callable[[BatchStats], None] | None = None,
+        instances: int = 1,
     ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_microseconds < 0:
@@ -140,16 +154,16 @@ class DynamicBatcher(Generic[T, R]):
         self._run_batch = run_batch
         self._on_batch = on_batch
         self._max_delay_seconds = max_queue_delay_microseconds / 1e6
+        self.instances = instances
         self._owns_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"batcher-{name}" if name else "batcher"
+            max_workers=instances, thread_name_prefix=f"batcher-{name}" if name else "batcher"
         )
         self._queue: collections.deque[_Request] = collections.deque()
         self._changed = asyncio.Event()  # set on every submit, withdrawal and close
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
-        self._running: tuple[list[_Request], StopSignal] | None = None
-        self._expiry: asyncio.TimerHandle | None = None  # the running batch's next deadline
+        self._running: list[_Running] = []  # the batches dispatched and not done, oldest first
 
     @property
     def pending(self) -> int:
@@ -199,32 +213,33 @@ class DynamicBatcher(Generic[T, R]):
         return f"model {self.name!r}" if self.name else "model"
 
     def _stop_if_abandoned(self) -> None:
-        """Stop the running batch once none of its requests waits for it."""
-        if self._running is not None:
-            batch, stop = self._running
-            if all(request.future.done() for request in batch):
-                stop.set()
+        """Stop each running batch once none of its requests waits for it."""
+        for running in self._running:
+            if all(request.future.done() for request in running.batch):
+                running.stop.set()
 
-    def _expire_running(self) -> None:
+    def _expire_running(self, running: _Running) -> None:
         """Answer the running batch's requests whose deadline has passed, then wait for the
         next deadline among those still waiting."""
-        self._expiry = None
-        if self._running is None:
+        running.expiry = None
+        if running not in self._running:
             return
         now = time.monotonic()
-        for request in self._running[0]:
+        for request in running.batch:
             if not request.future.done() and request.expired(now):
                 request.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it ran")
                 )
         self._stop_if_abandoned()
-        self._arm_expiry()
+        self._arm_expiry(running)
 
-    def _arm_expiry(self) -> None:
-        waiting = [r.deadline for r in self._running[0] if not r.future.done() and r.deadline]
-        if waiting and self._expiry is None:
+    def _arm_expiry(self, running: _Running) -> None:
+        waiting = [r.deadline for r in running.batch if not r.future.done() and r.deadline]
+        if waiting and running.expiry is None:
             delay = max(min(waiting) - time.monotonic(), 0.0)
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire_running)
+            running.expiry = asyncio.get_running_loop().call_later(
+                delay, self._expire_running, running
+            )
 
     def _withdraw(self, request: _Request) -> None:
         if request in self._queue:
@@ -232,17 +247,20 @@ class DynamicBatcher(Generic[T, R]):
             self._changed.set()
 
     async def _work(self) -> None:
+        dispatched: set[asyncio.Task] = set()
         while True:
-            if not self._queue:
-                if self._closing:
+            dispatched = {task for task in dispatched if not task.done()}
+            if not self._queue or len(dispatched) >= self.instances:
+                if self._closing and not self._queue:
+                    await asyncio.gather(*dispatched)
                     return
                 self._changed.clear()
-                await self._changed.wait()
+                await self._changed.wait()  # a submit, a withdrawal, close(), a batch done
                 continue
             await self._wait_until_full_or_due()
             batch = self._take_batch()
             if batch:
-                await self._dispatch(batch)
+                dispatched.add(asyncio.get_running_loop().create_task(self._dispatch(batch)))
 
     async def _wait_until_full_or_due(self) -> None:
         """Wait for more requests until the batch is full, the oldest one is due, or close()."""
@@ -298,8 +316,9 @@ class DynamicBatcher(Generic[T, R]):
         results: Sequence[Any] = ()
         stop = StopSignal()
         loop = asyncio.get_running_loop()
-        self._running = (batch, stop)
-        self._arm_expiry()
+        running = _Running(batch, stop)
+        self._running.append(running)
+        self._arm_expiry(running)
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, items, stop)
             if len(results) != len(batch):
@@ -309,10 +328,11 @@ class DynamicBatcher(Generic[T, R]):
         except Exception as exc:
             error = exc
         finally:
-            self._running = None
-            if self._expiry is not None:
-                self._expiry.cancel()
-                self._expiry = None
+            self._running.remove(running)
+            if running.expiry is not None:
+                running.expiry.cancel()
+                running.expiry = None
+            self._changed.set()  # an instance is free
         run_seconds = time.monotonic() - dispatched_at
 
         for index, request in enumerate(batch):

@@ -57,6 +57,14 @@ Keys (all optional; unknown keys are an error, so a typo never goes unnoticed):
                                         still form the next batch together)
 ``max_queue_size``                      pending requests before RESOURCE_EXHAUSTED (default
                                         64)
+``instances``                           batches of this model run at once (Triton's
+                                        instance_group count; default 1, at most
+                                        MAX_INSTANCES), each with the cores / instances
+                                        onnxruntime threads (unless ``--threads`` sets
+                                        them): for a small model on a few CPU cores, two
+                                        single-threaded runs at once serve more images per
+                                        second than one run on two threads
+                                        (benchmarks/bench_core.py)
 ======================================  =====================================================
 """
 
@@ -100,7 +108,9 @@ _SERVING_KEYS = {
     "max_batch_size",
     "max_queue_delay_microseconds",
     "max_queue_size",
+    "instances",
 }
+MAX_INSTANCES = 8
 PRECISIONS = ("float32", "float16")
 
 
@@ -133,6 +143,7 @@ class ModelConfig:
     max_batch_size: int | None = None  # None: decided from the graph's batch dimension
     max_queue_delay_microseconds: int = 0
     max_queue_size: int = 64
+    instances: int = 1
 
 
 def read_config(
@@ -213,7 +224,15 @@ def _validated(
         max_batch_size=_optional_int(raw, "max_batch_size", minimum=1),
         max_queue_delay_microseconds=0 if delay is None else delay,
         max_queue_size=_optional_int(raw, "max_queue_size", minimum=1) or 64,
+        instances=_instances(raw),
     )
+
+
+def _instances(raw: dict) -> int:
+    instances = _optional_int(raw, "instances", minimum=1)
+    if instances is not None and instances > MAX_INSTANCES:
+        raise ConfigError(f"'instances' must be an integer in 1..{MAX_INSTANCES}")
+    return instances or 1
 
 
 def _choice(raw: dict, key: str, choices: tuple[str, ...]) -> str | None:

@@ -36,7 +36,7 @@ class ServiceLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS  # per decoded image, per mask, per requested heatmap
     max_response_bytes: int = MAX_RESPONSE_BYTES
     max_batchers: int = 64  # (model, graph variant, input shape) batchers kept, LRU
-    runtime_threads: int = 2  # batches of different batchers that run at once
+    runtime_threads: int = 2  # batches that run at once, over all batchers (and instances)
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,9 @@ class Engine:
     def admit(self, model: ServedModel) -> Iterator[None]:
         """Hold one of the model's request places while the block runs; QueueFull at once,
         before anything is decoded, when all are taken. A model has room for its queue
-        (``max_queue_size``) and one batch running (``max_batch_size``)."""
-        limit = model.config.max_queue_size + model.max_batch_size
+        (``max_queue_size``) and its batches running (``instances`` x ``max_batch_size``)."""
+        running = min(model.config.instances, self.limits.runtime_threads)
+        limit = model.config.max_queue_size + running * model.max_batch_size
         held = self._admitted.get(model.name, 0)
         if held >= limit:
             raise QueueFull(
@@ -148,6 +149,7 @@ class Engine:
             executor=self._runtime,
             name=model.name,
             on_batch=on_batch,
+            instances=min(model.config.instances, self.limits.runtime_threads),
         )
 
     async def close(self) -> None:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
-from collections import OrderedDict
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,10 @@ class ServedModel:
             settings=triton.settings if triton else None,
             source=f"{TRITON_CONFIG_FILE} parameters" if triton else CONFIG_FILE,
         )
+        if self.config.instances > 1 and runtime.intra_op_threads == 0:
+            # Several runs at once share the cores: each gets its part of them.
+            threads = max(1, (os.cpu_count() or 1) // self.config.instances)
+            self.runtime = runtime = dataclasses.replace(runtime, intra_op_threads=threads)
         if self.config.precision == "float16":
             self._proto = _to_float16(self._proto)
         image = image_input(self._proto, self.config.input)
