@@ -4,7 +4,8 @@ how a request was written.
 
 What one client can make it hold is bounded (`ServiceLimits`): requests admitted per model
 (`admit`, checked before anything is decoded) and batchers (one per model, graph and input
-shape; an LRU keeps `max_batchers`, and all share one pool of `runtime_threads`). A graph
+shape; an LRU keeps `max_batchers`, and all share one pool of `runtime_threads`; a batcher runs
+up to its model's ``instances`` batches at once, each session on its share of the cores). A graph
 variant not built yet is augmented by one builder thread, so requests waiting for it never
 hold the threads that run other requests.
 """
