@@ -12,7 +12,7 @@ little as a client can). It prints, per round and as medians:
 * typed: images/s of the typed Explain API (one image per request, default options);
 * in-process: this process decoding and preprocessing 8 images and running the same augmented
   session at batch 8, one batch after the other, on the same cores;
-* the server's CPU use in each phase (cores: CPU seconds over wall seconds);
+* the server's and the clients' CPU use in each phase (cores: CPU seconds over wall seconds);
 
 and the ratios explained/forward and explained/in-process. Phases are interleaved round by
 round so that machine noise hits them alike.
@@ -21,6 +21,7 @@ round so that machine noise hits them alike.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import threading
@@ -66,8 +67,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def served(address: str, pid: int, method: str, request: bytes, clients: int,
-           seconds: float) -> tuple[float, float]:
-    """(images/s, server cores used) with `clients` threads sending `request` to `method`."""
+           seconds: float) -> tuple[float, float, float]:
+    """(images/s, server cores used, client cores used) with `clients` threads sending
+    `request` to `method`."""
     channels = [grpc.insecure_channel(address, options=[
         ("grpc.max_receive_message_length", 64 * 2**20)]) for _ in range(clients)]
     calls = [c.unary_unary(method, request_serializer=None, response_deserializer=None)
@@ -87,17 +89,46 @@ def served(address: str, pid: int, method: str, request: bytes, clients: int,
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
-    cpu = cpu_seconds(pid)
+    cpu, client_cpu = cpu_seconds(pid), cpu_seconds(os.getpid())
     started = time.perf_counter()
     stop[0] = started + seconds
     barrier.wait()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    used = cpu_seconds(pid) - cpu
+    used, client_used = cpu_seconds(pid) - cpu, cpu_seconds(os.getpid()) - client_cpu
     for channel in channels:
         channel.close()
-    return sum(counts) / wall, used / wall
+    return sum(counts) / wall, used / wall, client_used / wall
+
+
+def served_async(address: str, pid: int, method: str, request: bytes, clients: int,
+                 seconds: float) -> tuple[float, float, float]:
+    """`served`, the clients being `clients` asyncio tasks on their own channels, in one
+    thread (a load generator as perf_analyzer's: it costs the cores less than threads do)."""
+
+    async def run() -> tuple[float, float, float]:
+        channels = [grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 * 2**20)]) for _ in range(clients)]
+        calls = [c.unary_unary(method, request_serializer=None, response_deserializer=None)
+                 for c in channels]
+        await asyncio.gather(*(call(request, timeout=60) for call in calls))  # warm up
+        counts = [0] * clients
+        cpu, client_cpu = cpu_seconds(pid), cpu_seconds(os.getpid())
+        started = time.perf_counter()
+
+        async def worker(index: int) -> None:
+            while time.perf_counter() < started + seconds:
+                await calls[index](request, timeout=60)
+                counts[index] += 1
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        wall = time.perf_counter() - started
+        used, client_used = cpu_seconds(pid) - cpu, cpu_seconds(os.getpid()) - client_cpu
+        await asyncio.gather(*(channel.close() for channel in channels))
+        return sum(counts) / wall, used / wall, client_used / wall
+
+    return asyncio.run(run())
 
 
 def in_process(data: bytes, threads: int, seconds: float, batch: int = 8) -> float:
@@ -126,6 +157,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--client", choices=("threads", "asyncio"), default="threads",
+                        help="clients as threads with blocking stubs, or asyncio tasks")
     parser.add_argument("--threads", type=int, default=0,
                         help="onnxruntime threads, server and in-process (0: one per core)")
     args = parser.parse_args()
@@ -139,15 +172,18 @@ def main() -> None:
     }
     rates: dict[str, list[float]] = {name: [] for name in (*phases, "in-process")}
     cores: dict[str, list[float]] = {name: [] for name in phases}
-    print(f"{MODEL}, {IMAGE.name} ({len(data)} bytes), {args.clients} clients, "
-          f"{threads} runtime threads, {os.cpu_count()} cores")
+    client_cores: dict[str, list[float]] = {name: [] for name in phases}
+    print(f"{MODEL}, {IMAGE.name} ({len(data)} bytes), {args.clients} clients "
+          f"({args.client}), {threads} runtime threads, {os.cpu_count()} cores")
     try:
         for round_number in range(args.rounds):
             for name, (method, request) in phases.items():
-                rate, used = served(address, server.pid, method, request, args.clients,
-                                    args.seconds)
+                load = served if args.client == "threads" else served_async
+                rate, used, client_used = load(address, server.pid, method, request,
+                                               args.clients, args.seconds)
                 rates[name].append(rate)
                 cores[name].append(used)
+                client_cores[name].append(client_used)
             rates["in-process"].append(in_process(data, threads, args.seconds))
             print(f"round {round_number + 1}: " + ", ".join(
                 f"{name} {values[-1]:.1f}/s" for name, values in rates.items()))
@@ -157,7 +193,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in rates.items()}
     print("\nmedians (images/s):")
     for name, value in median.items():
-        used = f" (server {statistics.median(cores[name]):.2f} cores)" if name in cores else ""
+        used = (f" (server {statistics.median(cores[name]):.2f} cores, clients "
+                f"{statistics.median(client_cores[name]):.2f})" if name in cores else "")
         print(f"  {name:<11} {value:7.1f}{used}")
     print(f"explained / forward     {median['explained'] / median['forward']:.3f} (>= 0.9)")
     print(f"explained / in-process  {median['explained'] / median['in-process']:.3f} (>= 0.7)")

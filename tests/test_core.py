@@ -218,7 +218,7 @@ def test_instances_run_batches_at_once_on_their_share_of_the_cores(root: Path) -
         place.__exit__(None, None, None)
 
 
-# -- post-processing ---------------------------------------------------------------------------------
+# -- post-processing ---------------------------------------------------------------------------
 def test_class_explanation_ranks_as_softmax_and_argsort_do(model) -> None:
     graph = model.resolve(Explaining())
     rng = np.random.default_rng(3)

@@ -38,7 +38,14 @@ from .results import (
     Timings,
 )
 from gradcam_common.methods import PIXEL_METHODS
-from gradcam_common.overlay import COLORMAPS, colorize, gradient_image, overlay, panels, side_by_side
+from gradcam_common.overlay import (
+    COLORMAPS,
+    colorize,
+    gradient_image,
+    overlay,
+    panels,
+    side_by_side,
+)
 
 __all__ = [
     "COLORMAPS",

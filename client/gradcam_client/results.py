@@ -149,8 +149,8 @@ class Explanation:
         ``grayscale=True``, or when the server sent no gradients (an older one), their
         magnitude, the heatmap, in grayscale. The gradients' channels are in the model's order,
         so a model fed BGR (config ``channel_order``) shows red and blue swapped: the SDK cannot
-        tell, ModelInfo does not say. ``side_by_side`` puts the image first and captions every picture:
-        the image with its file name (when a path was explained), the model and the method
+        tell, ModelInfo does not say. ``side_by_side`` puts the image first and captions every
+        picture: the image with its file name (when a path was explained), the model and the method
         (and "counterfactual"), each map with its class and that class's score.
 
         The image is the one that was sent; for a tensor pass ``image`` (a PIL image or a uint8

@@ -267,9 +267,9 @@ class ServedModel:
         return len(self._explainers) + (self._default_explainer is not None)
 
     def resolve(self, request: Explaining) -> Graph:
-        """`request` with the model's defaults filled in, as a `Graph`; InvalidInput for an unknown method,
-        score, output or layout, or a negative prefix_tokens; ExplainUnavailable when the
-        graph cannot be explained at all."""
+        """`request` with the model's defaults filled in, as a `Graph`; InvalidInput for an
+        unknown method, score, output or layout, or a negative prefix_tokens;
+        ExplainUnavailable when the graph cannot be explained at all."""
         if self.explain_error is not None:
             raise ExplainUnavailable(
                 f"model {self.name!r} serves inference only; it cannot be explained: "

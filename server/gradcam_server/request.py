@@ -78,7 +78,9 @@ class ResolvedExplain:
         return self.model.channels if method_entry(self.graph.method).pixel_level else 0
 
 
-def resolve_explain(model: ServedModel, request: ExplainRequest, max_pixels: int) -> ResolvedExplain:
+def resolve_explain(
+    model: ServedModel, request: ExplainRequest, max_pixels: int
+) -> ResolvedExplain:
     images = request.images
     if not images:
         raise InvalidInput("the request holds no image", field="images")

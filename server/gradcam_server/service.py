@@ -98,7 +98,8 @@ class GradCamService:
         prepared = await asyncio.to_thread(self._prepare_explain, request)
         preprocess_seconds = time.perf_counter() - started
         results = await asyncio.gather(*(
-            self.engine.run(model, request.graph, group.feeds, deadline) for group in prepared.groups
+            self.engine.run(model, request.graph, group.feeds, deadline)
+            for group in prepared.groups
         ))
 
         def finish():
