@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam import (
+    FEM,
     GradCAM,
     GradCAMElementWise,
     GradCAMPlusPlus,
@@ -30,6 +31,7 @@ REFERENCES = {
     "hirescam": HiResCAM,
     "gradcam-elementwise": GradCAMElementWise,
     "layercam": LayerCAM,
+    "fem": FEM,
 }
 SUBJECTS = [("resnet18", "torchscript", "layer4"), ("mobilenet_v2", "dynamo", "features")]
 

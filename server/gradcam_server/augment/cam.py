@@ -13,6 +13,8 @@ is flat (all zero). Definitions follow pytorch-grad-cam 1.5.7.
 
 from __future__ import annotations
 
+from onnx import TensorProto
+
 from .graph import GraphBuilder, LoopBody
 
 NORMALIZE_EPSILON = 1e-7
@@ -73,6 +75,21 @@ def eigen_cam(b: GraphBuilder, a: str, g: str) -> str:
 def eigen_grad_cam(b: GraphBuilder, a: str, g: str) -> str:
     """EigenGradCAM (pytorch-grad-cam): G * A, projected on its first principal component."""
     return b.op("Mul", [g, a])
+
+
+FEM_SIGMAS = 2.0  # k of FEM's k-sigma rule, as pytorch-grad-cam's default
+
+
+def fem(b: GraphBuilder, a: str, g: str) -> str:
+    """FEM (Fuad et al., IPTA 2020; pytorch-grad-cam's `FEM`): w_k is the share of the
+    positions of A^k above mean(A^k) + k std(A^k) (the population deviation, k = 2).
+    Gradient-free."""
+    mean = b.reduce("ReduceMean", a, _SPATIAL, keepdims=True)
+    centred = b.op("Sub", [a, mean])
+    variance = b.reduce("ReduceMean", b.op("Mul", [centred, centred]), _SPATIAL, keepdims=True)
+    threshold = b.op("Add", [mean, b.op("Mul", [b.op("Sqrt", [variance]), b.const(FEM_SIGMAS)])])
+    above = b.op("Cast", [b.op("Greater", [a, threshold])], to=TensorProto.FLOAT)
+    return b.op("Mul", [b.reduce("ReduceMean", above, _SPATIAL, keepdims=True), a])
 
 
 def channel_sum(b: GraphBuilder, contributions: str) -> str:

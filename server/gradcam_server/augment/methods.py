@@ -34,6 +34,7 @@ from .cam import (
     channel_sum,
     eigen_cam,
     eigen_grad_cam,
+    fem,
     grad_cam,
     grad_cam_element_wise,
     grad_cam_plus_plus,
@@ -222,6 +223,13 @@ class EigenCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return eigen_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class Fem(ChannelMethod):
+    entry = method("fem")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return fem(inputs.b, feature.activations, feature.gradients)
 
 
 class EigenGradCam(ChannelMethod):
