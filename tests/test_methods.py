@@ -14,6 +14,7 @@ from pytorch_grad_cam import (
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
+    SegEigenCAM,
     XGradCAM,
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -199,6 +200,29 @@ def test_principal_component_projection(
     assert_correlated(heatmap, sign_fixed_projection_maps(contributions(a, g), x.shape[2:]))
 
 
+def test_seg_eigen_cam_matches_pytorch_grad_cam_where_gradient_signs_vary(onnx_zoo) -> None:
+    """Seg-Eigen-CAM against pytorch-grad-cam's SegEigenCAM on resnet18's layer3, where the
+    gradients vary over positions and in sign (at the last layer they are one value per
+    channel, and |G| * A projects as G * A does); there EigenGradCAM's map (G * A) is
+    measurably another."""
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    captured = {}
+    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    hook.remove()
+    layer3 = zoo.find_matching_tensor(path, x, captured["a"].numpy())
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    ours = explain(path, x, classes, method="seg-eigencam", layer=layer3)
+    with SegEigenCAM(model=model, target_layers=[model.layer3]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(ours, theirs)
+    signed = explain(path, x, classes, method="eigengradcam", layer=layer3)
+    assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(signed, theirs)) < 0.99
+
+
 @pytest.mark.parametrize("method", ["gradcam", "layercam"])
 def test_several_layers_fused_as_pytorch_grad_cam(method, onnx_zoo) -> None:
     model = zoo.build_torch_model("resnet18")
@@ -344,6 +368,7 @@ REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
     "eigencam": test_principal_component_projection,
     "eigengradcam": test_principal_component_projection,
+    "seg-eigencam": test_seg_eigen_cam_matches_pytorch_grad_cam_where_gradient_signs_vary,
     "ablationcam": test_ablation_cam_matches_pytorch_grad_cam,
     "scorecam": test_score_cam_matches_pytorch_grad_cam,
     "groupcam": test_group_cam_follows_the_authors_definition,

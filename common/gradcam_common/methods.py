@@ -54,6 +54,9 @@ METHODS: tuple[Method, ...] = (
            "standard deviations", uses_gradients=False),
     Method("eigengradcam", "METHOD_EIGENGRADCAM", "EigenGradCAM",
            "the first principal component of gradients times activations"),
+    Method("seg-eigencam", "METHOD_SEG_EIGENCAM", "Seg-Eigen-CAM",
+           "the first principal component of |gradients| times activations, its sign set so "
+           "that the largest magnitude is positive"),
     Method("ablationcam", "METHOD_ABLATIONCAM", "Ablation-CAM",
            "the relative score drop when each channel is ablated; the layers after the target "
            "layer re-run per channel", uses_gradients=False, reruns_network=True),

@@ -25,6 +25,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_INTEGRATED_GRADCAM: _ClassVar[Method]
     METHOD_GROUPCAM: _ClassVar[Method]
     METHOD_FEM: _ClassVar[Method]
+    METHOD_SEG_EIGENCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -41,6 +42,7 @@ METHOD_SCORECAM: Method
 METHOD_INTEGRATED_GRADCAM: Method
 METHOD_GROUPCAM: Method
 METHOD_FEM: Method
+METHOD_SEG_EIGENCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -92,6 +92,13 @@ def fem(b: GraphBuilder, a: str, g: str) -> str:
     return b.op("Mul", [b.reduce("ReduceMean", above, _SPATIAL, keepdims=True), a])
 
 
+def seg_eigen_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """Seg-Eigen-CAM (Chung and Ying, Appl. Sci. 2025; pytorch-grad-cam's `SegEigenCAM`):
+    |G| * A, projected on its first principal component (`principal_projection`, whose sign
+    correction is the paper's: the largest magnitude made positive)."""
+    return b.op("Mul", [b.op("Abs", [g]), a])
+
+
 def channel_sum(b: GraphBuilder, contributions: str) -> str:
     """The raw map: sum over channels, [N, 1, h, w]."""
     return b.reduce("ReduceSum", contributions, [1], keepdims=True)

@@ -43,6 +43,7 @@ from .cam import (
     mean_of_maps,
     pixel_heatmap,
     principal_projection,
+    seg_eigen_cam,
     x_grad_cam,
 )
 from .errors import AugmentError
@@ -238,6 +239,14 @@ class EigenGradCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return eigen_grad_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class SegEigenCam(ChannelMethod):
+    entry = method("seg-eigencam")
+    projected = True
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return seg_eigen_cam(inputs.b, feature.activations, feature.gradients)
 
 
 class AblationCam(ChannelMethod):
