@@ -15,6 +15,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -27,6 +28,7 @@ from .model import Explaining, ServedModel
 from .postprocess import (
     ClassMap,
     Explained,
+    HeatmapSize,
     ImageExplanation,
     check_heatmap_response,
     class_explanation,
@@ -79,9 +81,9 @@ class GradCamService:
         return await self.engine.run(model, graph, checked, deadline)
 
     def _check_response(self, model: ServedModel, sizes: Sequence[tuple[int, int]],
-                        resolved_size, maps: int, extra: int = 0, other_bytes: int = 0,
-                        pixel_channels: int = 0) -> None:
-        check_heatmap_response(model, sizes, resolved_size, maps, extra, other_bytes,
+                        heatmap_size: HeatmapSize, maps: int, extra: int = 0,
+                        other_bytes: int = 0, pixel_channels: int = 0) -> None:
+        check_heatmap_response(model, sizes, heatmap_size, maps, extra, other_bytes,
                                pixel_channels, self.limits.max_response_bytes)
 
     # -- the typed explain API ---------------------------------------------------------------
@@ -122,9 +124,9 @@ class GradCamService:
         their headers), group them by shape and build each group's checked feeds."""
         model = request.model
         pictures: list = []
-        tensors, sizes = self._tensors(model, request.images, lambda encoded_sizes: (
+        tensors, sizes = self._tensors(model, request.images, lambda image_sizes: (
             self._check_response(
-                model, encoded_sizes, request.heatmap_size, request.maps_per_image,
+                model, image_sizes, request.heatmap_size, request.maps_per_image,
                 request.extra_bytes_per_pixel, pixel_channels=request.pixel_channels,
             )
         ), pictures if request.keep_pictures else None)
@@ -253,35 +255,40 @@ class GradCamService:
         return _PreparedInfer(checked, sizes, tensor_size)
 
 
+@dataclass
 class _Group:
     """Images of one shape run together: `members` are image indices (their rows repeated
     per rank), or, detecting, `_DetectionRow`s."""
 
-    def __init__(self, members: list, group_feeds: Feeds) -> None:
-        self.members = members
-        self.feeds = group_feeds
+    members: list
+    feeds: Feeds
 
 
+@dataclass
 class _Prepared:
-    def __init__(self, tensors: list[np.ndarray], sizes: list[tuple[int, int]],
-                 groups: list[_Group], pictures: list) -> None:
-        self.tensors, self.sizes, self.groups = tensors, sizes, groups
-        self.pictures = pictures
+    tensors: list[np.ndarray]
+    sizes: list[tuple[int, int]]  # (width, height) of each image as sent
+    groups: list[_Group]
+    pictures: list  # the decoded images, where the request keeps them
 
 
+@dataclass
 class _PreparedInfer:
-    def __init__(self, checked: Feeds, sizes: list[tuple[int, int]],
-                 tensor_size: tuple[int, int]) -> None:
-        self.feeds, self.sizes, self.tensor_size = checked, sizes, tensor_size
+    feeds: Feeds
+    sizes: list[tuple[int, int]]
+    tensor_size: tuple[int, int]  # (width, height) the graph sees
 
 
+@dataclass
 class _DetectionRow:
     """One detection to explain: of image `image`, the `position`-th asked for it."""
 
-    def __init__(self, image: int, position: int, index: int, box: np.ndarray,
-                 class_index: int, asked_box) -> None:
-        self.image, self.position, self.index = image, position, index
-        self.box, self.class_index, self.asked_box = box, class_index, asked_box
+    image: int
+    position: int
+    index: int  # the pre-NMS box, -1: chosen by box
+    box: np.ndarray  # the reference box in the graph's pixels (zeros: none)
+    class_index: int
+    asked_box: tuple[float, ...] | None  # the box as the request gave it, in its pixels
 
 
 def _detection_rows(model: ServedModel, request: ResolvedExplain, tensors: list[np.ndarray],
