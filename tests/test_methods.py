@@ -13,6 +13,7 @@ from pytorch_grad_cam import (
     GradCAMElementWise,
     GradCAMPlusPlus,
     HiResCAM,
+    KPCA_CAM,
     LayerCAM,
     SegEigenCAM,
     XGradCAM,
@@ -33,6 +34,7 @@ REFERENCES = {
     "gradcam-elementwise": GradCAMElementWise,
     "layercam": LayerCAM,
     "fem": FEM,
+    "kpcacam": KPCA_CAM,
 }
 SUBJECTS = [("resnet18", "torchscript", "layer4"), ("mobilenet_v2", "dynamo", "features")]
 

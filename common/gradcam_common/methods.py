@@ -49,6 +49,9 @@ METHODS: tuple[Method, ...] = (
            "ReLU of the gradients times the activations, summed over channels"),
     Method("eigencam", "METHOD_EIGENCAM", "EigenCAM",
            "the activations projected on their first principal component", uses_gradients=False),
+    Method("kpcacam", "METHOD_KPCACAM", "KPCA-CAM",
+           "the activations projected on their first kernel principal component (sigmoid "
+           "kernel)", uses_gradients=False),
     Method("fem", "METHOD_FEM", "FEM",
            "channel weights are the share of each channel's positions above its mean plus two "
            "standard deviations", uses_gradients=False),

@@ -26,6 +26,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_GROUPCAM: _ClassVar[Method]
     METHOD_FEM: _ClassVar[Method]
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
+    METHOD_KPCACAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -43,6 +44,7 @@ METHOD_INTEGRATED_GRADCAM: Method
 METHOD_GROUPCAM: Method
 METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
+METHOD_KPCACAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -112,14 +112,62 @@ def principal_projection(b: GraphBuilder, x: str) -> str:
     by power iteration; the tail's min-max normalisation makes s1 irrelevant. The singular
     vectors' sign is arbitrary (LAPACK picks one): it is fixed so that the projection's largest
     magnitude is positive."""
-    flat = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, 0, -1])])], perm=[0, 2, 1])
-    centred = b.op("Sub", [flat, b.reduce("ReduceMean", flat, [1], keepdims=True)])
+    centred = _centred_positions(b, x)
     gram = b.op("MatMul", [centred, b.op("Transpose", [centred], perm=[0, 2, 1])])
-    vector = b.reduce("ReduceSum", b.op("Mul", [gram, gram]), [2], keepdims=True)  # [N, hw, 1]
+    return _position_map(b, _top_eigenvector(b, gram), x)
+
+
+KPCA_COEF0 = 1.0  # the sigmoid kernel's coef0, scikit-learn's default
+
+
+def kernel_principal_projection(b: GraphBuilder, x: str) -> str:
+    """The raw map as pytorch-grad-cam's KPCA-CAM makes it (scikit-learn's `KernelPCA`, one
+    component, sigmoid kernel, gamma = 1 / C): positions X = x as [N, h*w, C] centred over
+    positions, K = tanh(gamma X X^T + 1) centred in feature space (K - 1K - K1 + 1K1), and K's
+    eigenvector of largest eigenvalue, its sign as scikit-learn's `svd_flip` sets it (the
+    largest magnitude positive): [N, 1, h, w]. The kernel is not positive semi-definite: the
+    power iteration is run again on K - min(lambda, 0) I, lambda its first estimate, so that a
+    negative eigenvalue of larger magnitude cannot win."""
+    centred = _centred_positions(b, x)
+    channels = b.op("Cast", [b.shape_slice(x, 1, 2)], to=TensorProto.FLOAT)
+    inner = b.op("MatMul", [centred, b.op("Transpose", [centred], perm=[0, 2, 1])])
+    kernel = b.op("Tanh", [b.op("Add", [b.op("Div", [inner, channels]), b.const(KPCA_COEF0)])])
+    kernel = b.op("Add", [
+        b.op("Sub", [kernel, b.op("Add", [b.reduce("ReduceMean", kernel, [1], keepdims=True),
+                                          b.reduce("ReduceMean", kernel, [2], keepdims=True)])]),
+        b.reduce("ReduceMean", kernel, [1, 2], keepdims=True),
+    ])
+    first = _top_eigenvector(b, kernel)
+    eigenvalue = b.op("MatMul", [b.op("Transpose", [first], perm=[0, 2, 1]),
+                                 b.op("MatMul", [kernel, first])])  # [N, 1, 1], |first| = 1
+    shift = b.op("Min", [eigenvalue, b.const(0.0)])
+    return _position_map(b, _top_eigenvector(b, kernel, first, shift), x)
+
+
+def _centred_positions(b: GraphBuilder, x: str) -> str:
+    """x [N, C, h, w] as positions [N, h*w, C], centred over positions."""
+    flat = b.op("Transpose", [b.op("Reshape", [x, b.ints([0, 0, -1])])], perm=[0, 2, 1])
+    return b.op("Sub", [flat, b.reduce("ReduceMean", flat, [1], keepdims=True)])
+
+
+def _top_eigenvector(b: GraphBuilder, matrix: str, start: str | None = None,
+                     shift: str | None = None) -> str:
+    """The unit eigenvector [N, n, 1] of the largest-magnitude eigenvalue of `matrix` - `shift`
+    I ([N, n, n]; `shift` [N, 1, 1]) by POWER_ITERATIONS power iterations from `start` (by
+    default the rows' squared norms)."""
+    vector = start or b.reduce("ReduceSum", b.op("Mul", [matrix, matrix]), [2], keepdims=True)
     for _ in range(POWER_ITERATIONS):
-        vector = b.op("MatMul", [gram, vector])
-        norm = b.op("Sqrt", [b.reduce("ReduceSum", b.op("Mul", [vector, vector]), [1], True)])
-        vector = b.op("Div", [vector, b.op("Add", [norm, b.const(1e-30)])])
+        product = b.op("MatMul", [matrix, vector])
+        if shift is not None:
+            product = b.op("Sub", [product, b.op("Mul", [shift, vector])])
+        norm = b.op("Sqrt", [b.reduce("ReduceSum", b.op("Mul", [product, product]), [1], True)])
+        vector = b.op("Div", [product, b.op("Add", [norm, b.const(1e-30)])])
+    return vector
+
+
+def _position_map(b: GraphBuilder, vector: str, x: str) -> str:
+    """A per-position vector [N, h*w, 1] as a map [N, 1, h, w] of x's positions, its sign
+    fixed so that its largest magnitude is positive."""
     high = b.reduce("ReduceMax", vector, [1], keepdims=True)
     low = b.reduce("ReduceMin", vector, [1], keepdims=True)
     sign = b.op("Where", [b.op("Less", [high, b.op("Neg", [low])]), b.const(-1.0),

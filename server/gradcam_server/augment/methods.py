@@ -39,6 +39,7 @@ from .cam import (
     grad_cam_element_wise,
     grad_cam_plus_plus,
     hires_cam,
+    kernel_principal_projection,
     layer_cam,
     mean_of_maps,
     pixel_heatmap,
@@ -224,6 +225,14 @@ class EigenCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return eigen_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class KpcaCam(LayerMethod):
+    entry = method("kpcacam")
+
+    def layer_map(self, inputs: MapInputs, feature: Features) -> str:
+        raw = kernel_principal_projection(inputs.b, feature.activations)
+        return cam_heatmap(inputs.b, raw, inputs.image.name, spatial_axes(inputs.image))
 
 
 class Fem(ChannelMethod):
