@@ -81,7 +81,8 @@ time per image against Grad-CAM's, measured on ResNet-50 (batch 1, 2 CPU threads
 docs/BENCHMARKS.md):
   gradcam                                          40.8 ms        1x
   gradcam++, xgradcam, hirescam, layercam,         41.0-42.1 ms   1.00-1.03x
-    gradcam-elementwise, eigencam, eigengradcam
+    gradcam-elementwise, eigencam, eigengradcam,
+    fem, seg-eigencam, kpcacam
   guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
   ablationcam                                      0.92 s         about 23x
   scorecam                                         89 s           about 2200x
