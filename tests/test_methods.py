@@ -202,6 +202,16 @@ def test_principal_component_projection(
     assert_correlated(heatmap, sign_fixed_projection_maps(contributions(a, g), x.shape[2:]))
 
 
+def resnet18_layer3(model: torch.nn.Module, path, x: np.ndarray) -> str:
+    """The ONNX tensor of `path` that holds resnet18's layer3 output for `x`."""
+    captured = {}
+    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    hook.remove()
+    return zoo.find_matching_tensor(path, x, captured["a"].numpy())
+
+
 def test_seg_eigen_cam_matches_pytorch_grad_cam_where_gradient_signs_vary(onnx_zoo) -> None:
     """Seg-Eigen-CAM against pytorch-grad-cam's SegEigenCAM on resnet18's layer3, where the
     gradients vary over positions and in sign (at the last layer they are one value per
@@ -210,12 +220,7 @@ def test_seg_eigen_cam_matches_pytorch_grad_cam_where_gradient_signs_vary(onnx_z
     model = zoo.build_torch_model("resnet18")
     x = zoo.sample_batch(2)
     path = onnx_zoo("resnet18", "torchscript")
-    captured = {}
-    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
-    with torch.no_grad():
-        model(torch.from_numpy(x))
-    hook.remove()
-    layer3 = zoo.find_matching_tensor(path, x, captured["a"].numpy())
+    layer3 = resnet18_layer3(model, path, x)
     classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
     ours = explain(path, x, classes, method="seg-eigencam", layer=layer3)
     with SegEigenCAM(model=model, target_layers=[model.layer3]) as cam:
@@ -230,12 +235,7 @@ def test_several_layers_fused_as_pytorch_grad_cam(method, onnx_zoo) -> None:
     model = zoo.build_torch_model("resnet18")
     x = zoo.sample_batch(2)
     path = onnx_zoo("resnet18", "torchscript")
-    captured = {}
-    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
-    with torch.no_grad():
-        model(torch.from_numpy(x))
-    hook.remove()
-    layer3 = zoo.find_matching_tensor(path, x, captured["a"].numpy())
+    layer3 = resnet18_layer3(model, path, x)
     layer4 = explained_target(augment_model(path))["layer"]
     classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
     ours = explain(path, x, classes, method=method, layer=[layer3, layer4])
