@@ -75,8 +75,7 @@ class Engine:
         """Hold one of the model's request places while the block runs; QueueFull at once,
         before anything is decoded, when all are taken. A model has room for its queue
         (``max_queue_size``) and its batches running (``instances`` x ``max_batch_size``)."""
-        running = min(model.config.instances, self.limits.runtime_threads)
-        limit = model.config.max_queue_size + running * model.max_batch_size
+        limit = model.config.max_queue_size + self._instances(model) * model.max_batch_size
         held = self._admitted.get(model.name, 0)
         if held >= limit:
             raise QueueFull(
@@ -87,6 +86,10 @@ class Engine:
             yield
         finally:
             self._admitted[model.name] -= 1
+
+    def _instances(self, model: ServedModel) -> int:
+        """Batches of `model` that run at once: its ``instances``, within the runtime threads."""
+        return min(model.config.instances, self.limits.runtime_threads)
 
     async def run(
         self, model: ServedModel, graph: Graph | None, feeds: Feeds,
@@ -150,7 +153,7 @@ class Engine:
             executor=self._runtime,
             name=model.name,
             on_batch=on_batch,
-            instances=min(model.config.instances, self.limits.runtime_threads),
+            instances=self._instances(model),
         )
 
     async def close(self) -> None:
