@@ -1,14 +1,23 @@
-"""Score-CAM inside the graph: the network re-run on the image masked by each channel of the
-target layer, in an ONNX Loop over chunks of channels.
+"""Score-CAM inside the graph: the network re-run on the image masked by each distinct channel
+of the target layer, in an ONNX Loop over chunks of channels.
 
 Score-CAM (Wang et al., CVPR-W 2020), as pytorch-grad-cam 1.5.7 computes it: each channel A^k,
 upsampled bilinearly to the input (corner-aligned) and min-max normalised, masks the input
 (x * M^k); the class logit of every masked input is s_k, and w = softmax_k(s_k); the map is
 ReLU(sum_k w_k A^k).
 
-The Loop runs `chunks` iterations per image, each one forward pass of the cloned network on a
-batch of CHUNK masked copies of one image, so memory holds one chunk of masked images, never all
-C of them.
+Fewer passes, the same result: the masked image depends on the channel only through its
+activation map, so channels whose maps are equal (after a ReLU, above all the channels that are
+zero everywhere, whose mask is zero and whose masked image is black) share one masked pass.
+`Unique` gathers the distinct (image, map) pairs, the Loop scores those alone, and each channel
+reads its pair's score back. ResNet-50's layer4 (2048 channels) with random weights has about
+5% of its channels zero on a random image; a trained network's last layer has more.
+
+The Loop runs over chunks of the distinct maps (of every image of the batch together), each one
+forward pass of the cloned network on a batch of at most MAX_CHUNK masked copies: memory holds
+one chunk of masked images, never all of them. The chunk is the smallest that covers the maps in
+as many iterations as MAX_CHUNK would need, so the last chunk's padding (repeats of the last
+map, scored and dropped) stays under one row per iteration.
 
 Half precision: the masked images are computed in float32 (from the layer's float32 view and
 the image's float32 cast) and cast to the image's type where they enter the cloned network;
@@ -16,6 +25,8 @@ the masked images' scores are compared in float32.
 """
 
 from __future__ import annotations
+
+from onnx import TensorProto
 
 from .backward import path_nodes
 from .cam import normalize
@@ -28,18 +39,26 @@ MASK_EPSILON = 1e-8  # the masks' min-max normalisation, as pytorch-grad-cam's S
 def score_cam(
     b: GraphBuilder, activations: str, image: str, score_output: str, resolved_class: str
 ) -> str:
-    """Score-CAM's per-channel contributions w_k A^k [N, C, h, w]. The channel count is read at
-    run time (a chunk is its largest divisor up to MAX_CHUNK), so it need not be static."""
-    channels = b.shape_slice(activations, 1, 2)  # [1]
-    divisors = b.ints(range(1, MAX_CHUNK + 1))
-    divides = b.op("Equal", [b.op("Mod", [channels, divisors]), b.ints([0])])
-    chunk = b.reduce("ReduceMax", b.op("Where", [divides, divisors, b.ints([0])]), [0],
-                     keepdims=True)  # [1]
-    per_image = b.op("Div", [channels, chunk])
+    """Score-CAM's per-channel contributions w_k A^k [N, C, h, w] (float32 activations). The
+    shapes are read at run time, so they need not be static."""
     batch = b.shape_slice(activations, 0, 1)
-    iterations = b.squeeze(b.op("Mul", [batch, per_image]), [0])
-    scores = _loop(b, iterations, activations, image, score_output, resolved_class, chunk,
-                   per_image)  # [N * per_image, chunk]
+    channels = b.shape_slice(activations, 1, 2)
+    spatial = b.shape_slice(activations, 2)  # [h, w]
+    maps = b.op("Flatten", [b.op("Reshape", [activations, b.op(
+        "Concat", [b.ints([-1]), spatial], axis=0)])], axis=1)  # [N * C, h * w]
+    rows = b.op("Range", [b.const(0, "int64"), b.squeeze(b.op("Mul", [batch, channels]), [0]),
+                          b.const(1, "int64")])
+    item = b.op("Cast", [b.unsqueeze(b.op("Div", [rows, channels]), [1])],
+                to=TensorProto.FLOAT)  # [N * C, 1]
+    keyed = b.op("Concat", [item, maps], axis=1)
+    distinct, _, inverse, _ = b.op_multi("Unique", [keyed], 4, axis=0, sorted=0)
+    count = b.shape_slice(distinct, 0, 1)  # [1], at least 1 when N * C is
+    iterations = b.op("Div", [b.op("Add", [count, b.ints([MAX_CHUNK - 1])]), b.ints([MAX_CHUNK])])
+    chunk = b.op("Div", [b.op("Sub", [b.op("Add", [count, iterations]), b.ints([1])]),
+                         b.op("Max", [iterations, b.ints([1])])])
+    scores = _loop(b, b.squeeze(iterations, [0]), distinct, spatial, image, score_output,
+                   resolved_class, chunk, count)  # [iterations, chunk]
+    scores = b.op("Gather", [b.op("Reshape", [scores, b.ints([-1])]), inverse], axis=0)
     logits = b.op("Reshape", [scores, b.op("Concat", [batch, channels], axis=0)])
     weights = b.unsqueeze(b.op("Softmax", [logits], axis=1), [2, 3])
     return b.op("Mul", [weights, activations])
@@ -48,26 +67,32 @@ def score_cam(
 def _loop(
     b: GraphBuilder,
     iterations: str,
-    activations: str,
+    distinct: str,
+    spatial: str,
     image: str,
     score_output: str,
     resolved_class: str,
     chunk: str,
-    per_image: str,
+    count: str,
 ) -> str:
-    """Iteration i: the class logits of image i // per_image masked by its channels
-    chunk * (i % per_image) ... + chunk (`chunk` and `per_image` INT64 [1])."""
+    """Iteration i: the class logits of the masked images of rows chunk * i ... + chunk of
+    `distinct` ([count, 1 + h * w]: each row its image's index, then the map), the rows past
+    `count` repeating the last one (`chunk`, `count` INT64 [1])."""
     forward = path_nodes(list(b.graph.node), image, score_output)
     body = LoopBody(b, "score")
-    step = body.op("Reshape", [body.step, b.ints([1])])
-    item = body.op("Div", [step, per_image])
-    first = body.op("Mul", [body.op("Mod", [step, per_image]), chunk])
-    starts = body.op("Concat", [item, first], axis=0)
-    ends = body.op("Add", [starts, body.op("Concat", [b.ints([1]), chunk], axis=0)])
-    maps = body.op("Slice", [activations, starts, ends, b.ints([0, 1])])  # [1, chunk, h, w]
-    maps = body.op("Transpose", [maps], perm=[1, 0, 2, 3])  # [chunk, 1, h, w]
-    pixels = body.op("Slice", [b.computed(image), item, body.op("Add", [item, b.ints([1])]),
-                               b.ints([0])])
+    first = body.op("Mul", [body.op("Reshape", [body.step, b.ints([1])]), chunk])
+    rows = body.op("Range", [body.op("Squeeze", [first]),
+                             body.op("Squeeze", [body.op("Add", [first, chunk])]),
+                             b.const(1, "int64")])
+    rows = body.op("Min", [rows, body.op("Sub", [count, b.ints([1])])])
+    picked = body.op("Gather", [distinct, rows], axis=0)  # [chunk, 1 + h * w]
+    item = body.op("Cast", [body.op("Reshape", [
+        body.op("Slice", [picked, b.ints([0]), b.ints([1]), b.ints([1])]), b.ints([-1])])],
+        to=TensorProto.INT64)  # [chunk]
+    maps = body.op("Reshape", [
+        body.op("Slice", [picked, b.ints([1]), b.ints([2**62]), b.ints([1])]),
+        body.op("Concat", [b.ints([-1, 1]), spatial], axis=0)])  # [chunk, 1, h, w]
+    pixels = body.op("Gather", [b.computed(image), item], axis=0)  # [chunk, C_in, H, W]
     size = body.op("Concat", [chunk, b.ints([1]), b.shape_slice(image, 2)], axis=0)
     masks = body.op("Resize", [maps, "", "", size], mode="linear",
                     coordinate_transformation_mode="align_corners")
@@ -76,8 +101,9 @@ def _loop(
 
     renamed = {image: body.cast_like(masked, image)}
     body.clone(forward, renamed)
-    category = body.op("Gather", [resolved_class, item], axis=0)  # [1]
+    category = body.op("Unsqueeze", [body.op("Gather", [resolved_class, item], axis=0),
+                                     b.ints([1])])  # [chunk, 1]
     logits = body.computed(renamed[score_output], score_output)
-    scores = body.op("Gather", [logits, category], axis=1)  # [chunk, 1]
+    scores = body.op("GatherElements", [logits, category], axis=1)  # [chunk, 1]
     scores = body.op("Reshape", [scores, b.ints([-1])])
     return body.loop(iterations, scores, b.compute_type(score_output), [None])
