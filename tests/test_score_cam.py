@@ -11,6 +11,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
 from gradcam_server.augment import augment_model
+from gradcam_server.augment.score import MAX_CHUNK, score_cam_steps
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +69,37 @@ def test_shared_passes_match_pytorch_grad_cam(tmp_path) -> None:
         theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
     assert all(np.ptp(t) > 0.5 for t in theirs)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_steps_give_the_map_of_one_run(tmp_path) -> None:
+    """The server's steps: the scores fed back, a few iterations per run; the run completing
+    the scores gives the map of a single run, and the runs before it name the iterations
+    needed."""
+    model = SparseChannels().eval()
+    x = zoo.sample_batch(4, size=64)
+    path = tmp_path / "sparse.onnx"
+    torch.onnx.export(model, torch.from_numpy(x), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    with torch.no_grad():
+        layer = model.layer(model.stem(torch.from_numpy(x))).numpy()
+    graph = augment_model(path, method="scorecam",
+                          layer=zoo.find_matching_tensor(path, x, layer))
+    (loop,) = score_cam_steps(i.name for i in graph.graph.input)
+    session = zoo.ort_session(graph.SerializeToString())
+    assert {i.name for i in session.get_inputs()} == {"input", "target_class"}
+    feeds = {"input": x, "target_class": np.array([-1, 7, 3, -1])}
+    whole = session.run(["heatmap"], feeds)[0]
+
+    distinct = sum(len(np.unique(m.reshape(len(m), -1), axis=0)) for m in layer)
+    scores, iterations = session.run([loop.scores, loop.iterations],
+                                     {**feeds, loop.steps: np.array([0])})
+    assert scores.shape == (0,)
+    assert iterations[0] == -(-distinct // MAX_CHUNK) >= 2  # of 4 * 24 channels
+    steps = 0
+    while len(scores) < iterations[0] * -(-distinct // iterations[0]):
+        heatmap, scores = session.run(["heatmap", loop.scores],
+                                      {**feeds, loop.known: scores, loop.steps: np.array([1])})
+        steps += 1
+    assert steps == iterations[0]
+    np.testing.assert_allclose(heatmap, whole, atol=1e-6)

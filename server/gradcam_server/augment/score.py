@@ -19,6 +19,14 @@ one chunk of masked images, never all of them. The chunk is the smallest that co
 as many iterations as MAX_CHUNK would need, so the last chunk's padding (repeats of the last
 map, scored and dropped) stays under one row per iteration.
 
+A long request runs in steps (`ScoreCamSteps`): each Loop has two inputs with defaults, the
+scores of the iterations already run (default none) and how many iterations to run now
+(default all), and two outputs, the scores so far and the iterations needed. The server runs the
+graph once per step, feeding back the scores, so between steps it reports progress and can stop;
+the run whose scores are complete gives the map. Each step re-runs the forward pass up to the
+target layer (the maps must be known to choose the masks): a step of a few seconds keeps that
+under a few percent.
+
 Half precision: the masked images are computed in float32 (from the layer's float32 view and
 the image's float32 cast) and cast to the image's type where they enter the cloned network;
 the masked images' scores are compared in float32.
@@ -26,14 +34,60 @@ the masked images' scores are compared in float32.
 
 from __future__ import annotations
 
-from onnx import TensorProto
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 from .backward import path_nodes
 from .cam import normalize
-from .graph import GraphBuilder, LoopBody
+from .errors import AugmentError
+from .graph import GraphBuilder, LoopBody, tensor_names
 
 MAX_CHUNK = 32  # masked images per forward pass
 MASK_EPSILON = 1e-8  # the masks' min-max normalisation, as pytorch-grad-cam's ScoreCAM
+ALL_STEPS = 2**62
+
+
+@dataclass(frozen=True)
+class ScoreCamSteps:
+    """The inputs and outputs of Score-CAM Loop `index` (one per target layer): `known` FLOAT
+    [K] the scores of its first K / chunk iterations, as `scores` gave them (default empty),
+    `steps` INT64 [1] how many iterations to run after those (default all); `scores` FLOAT [*]
+    the scores of every iteration run so far (known ones included), `iterations` INT64 [1] how
+    many iterations the Loop needs in all. The heatmap is Score-CAM's once `scores` holds every
+    iteration's."""
+
+    index: int
+
+    @property
+    def known(self) -> str:
+        return f"{STEPS_PREFIX}{self.index}_known"
+
+    @property
+    def steps(self) -> str:
+        return f"{STEPS_PREFIX}{self.index}_steps"
+
+    @property
+    def scores(self) -> str:
+        return f"{STEPS_PREFIX}{self.index}_scores"
+
+    @property
+    def iterations(self) -> str:
+        return f"{STEPS_PREFIX}{self.index}_iterations"
+
+
+STEPS_PREFIX = "score_cam_"
+
+
+def score_cam_steps(input_names: Iterable[str]) -> list[ScoreCamSteps]:
+    """The Score-CAM Loops of an augmented graph with inputs `input_names`, in order."""
+    names = set(input_names)
+    loops = []
+    while ScoreCamSteps(len(loops)).steps in names:
+        loops.append(ScoreCamSteps(len(loops)))
+    return loops
 
 
 def score_cam(
@@ -56,17 +110,47 @@ def score_cam(
     iterations = b.op("Div", [b.op("Add", [count, b.ints([MAX_CHUNK - 1])]), b.ints([MAX_CHUNK])])
     chunk = b.op("Div", [b.op("Sub", [b.op("Add", [count, iterations]), b.ints([1])]),
                          b.op("Max", [iterations, b.ints([1])])])
-    scores = _loop(b, b.squeeze(iterations, [0]), distinct, spatial, image, score_output,
-                   resolved_class, chunk, count)  # [iterations, chunk]
-    scores = b.op("Gather", [b.op("Reshape", [scores, b.ints([-1])]), inverse], axis=0)
+
+    names = _steps_io(b, len(score_cam_steps(i.name for i in b.graph.input)))
+    known = names.known
+    first = b.op("Div", [b.shape(known), b.op("Max", [chunk, b.ints([1])])])  # [1]
+    run = b.op("Max", [b.op("Min", [names.steps, b.op("Sub", [iterations, first])]),
+                       b.ints([0])])
+    scores = _loop(b, b.squeeze(run, [0]), first, distinct, spatial, image, score_output,
+                   resolved_class, chunk, count)  # [run, chunk]
+    scores = b.op("Concat", [known, b.op("Reshape", [scores, b.ints([-1])])], axis=0)
+    b.add_output(scores, names.scores, TensorProto.FLOAT, [None])
+    b.add_output(iterations, names.iterations, TensorProto.INT64, [1])
+    padded = b.op("Concat", [scores, b.op("ConstantOfShape", [
+        b.op("Mul", [iterations, chunk])], value=helper.make_tensor("zero", TensorProto.FLOAT,
+                                                                    [1], [0.0]))], axis=0)
+    scores = b.op("Gather", [padded, inverse], axis=0)  # the padding read only while incomplete
     logits = b.op("Reshape", [scores, b.op("Concat", [batch, channels], axis=0)])
     weights = b.unsqueeze(b.op("Softmax", [logits], axis=1), [2, 3])
     return b.op("Mul", [weights, activations])
 
 
+def _steps_io(b: GraphBuilder, index: int) -> ScoreCamSteps:
+    """Loop `index`'s step inputs, with their defaults (no scores known, every step)."""
+    names = ScoreCamSteps(index)
+    taken = tensor_names(b.graph)
+    for name in (names.known, names.steps, names.scores, names.iterations):
+        if name in taken:
+            raise AugmentError(f"the model already has a tensor named {name!r}; it is reserved "
+                               "for Score-CAM's steps")
+    b.graph.input.extend([helper.make_tensor_value_info(names.known, TensorProto.FLOAT, [None]),
+                          helper.make_tensor_value_info(names.steps, TensorProto.INT64, [1])])
+    b.graph.initializer.extend([
+        numpy_helper.from_array(np.zeros(0, np.float32), names.known),
+        numpy_helper.from_array(np.array([ALL_STEPS], np.int64), names.steps),
+    ])
+    return names
+
+
 def _loop(
     b: GraphBuilder,
     iterations: str,
+    first_iteration: str,
     distinct: str,
     spatial: str,
     image: str,
@@ -75,12 +159,14 @@ def _loop(
     chunk: str,
     count: str,
 ) -> str:
-    """Iteration i: the class logits of the masked images of rows chunk * i ... + chunk of
-    `distinct` ([count, 1 + h * w]: each row its image's index, then the map), the rows past
-    `count` repeating the last one (`chunk`, `count` INT64 [1])."""
+    """Step s, iteration i = `first_iteration` + s: the class logits of the masked images of
+    rows chunk * i ... + chunk of `distinct` ([count, 1 + h * w]: each row its image's index,
+    then the map), the rows past `count` repeating the last one (`first_iteration`, `chunk`,
+    `count` INT64 [1])."""
     forward = path_nodes(list(b.graph.node), image, score_output)
     body = LoopBody(b, "score")
-    first = body.op("Mul", [body.op("Reshape", [body.step, b.ints([1])]), chunk])
+    step = body.op("Add", [body.op("Reshape", [body.step, b.ints([1])]), first_iteration])
+    first = body.op("Mul", [step, chunk])
     rows = body.op("Range", [body.op("Squeeze", [first]),
                              body.op("Squeeze", [body.op("Add", [first, chunk])]),
                              b.const(1, "int64")])
