@@ -259,6 +259,26 @@ class ExplainResponse(_message.Message):
     grid: str
     def __init__(self, model: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., layer: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ...) -> None: ...
 
+class ExplainProgress(_message.Message):
+    __slots__ = ("passes_done", "passes_total", "elapsed_seconds", "remaining_seconds")
+    PASSES_DONE_FIELD_NUMBER: _ClassVar[int]
+    PASSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    passes_done: int
+    passes_total: int
+    elapsed_seconds: float
+    remaining_seconds: float
+    def __init__(self, passes_done: _Optional[int] = ..., passes_total: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., remaining_seconds: _Optional[float] = ...) -> None: ...
+
+class ExplainUpdate(_message.Message):
+    __slots__ = ("progress", "response")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    progress: ExplainProgress
+    response: ExplainResponse
+    def __init__(self, progress: _Optional[_Union[ExplainProgress, _Mapping]] = ..., response: _Optional[_Union[ExplainResponse, _Mapping]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,6 +39,11 @@ class GradCamStub:
                 request_serializer=gradcam__proto_dot_gradcam__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=gradcam__proto_dot_gradcam__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ExplainStream = channel.unary_stream(
+                '/gradcam.v1.GradCam/ExplainStream',
+                request_serializer=gradcam__proto_dot_gradcam__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=gradcam__proto_dot_gradcam__pb2.ExplainUpdate.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/gradcam.v1.GradCam/ListModels',
                 request_serializer=gradcam__proto_dot_gradcam__pb2.ListModelsRequest.SerializeToString,
@@ -57,6 +62,14 @@ class GradCamServicer:
     def Explain(self, request, context):
         """Explains one or many images with one model and one method. Each image gets
         one heatmap per explained class, at the image's own pixel size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainStream(self, request, context):
+        """Explain, streamed: progress messages while a long request runs (Score-CAM's
+        masked passes), then the response. Cancelling the call stops the work.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +96,11 @@ def add_GradCamServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=gradcam__proto_dot_gradcam__pb2.ExplainRequest.FromString,
                     response_serializer=gradcam__proto_dot_gradcam__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ExplainStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExplainStream,
+                    request_deserializer=gradcam__proto_dot_gradcam__pb2.ExplainRequest.FromString,
+                    response_serializer=gradcam__proto_dot_gradcam__pb2.ExplainUpdate.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -122,6 +140,33 @@ class GradCam:
             '/gradcam.v1.GradCam/Explain',
             gradcam__proto_dot_gradcam__pb2.ExplainRequest.SerializeToString,
             gradcam__proto_dot_gradcam__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradcam.v1.GradCam/ExplainStream',
+            gradcam__proto_dot_gradcam__pb2.ExplainRequest.SerializeToString,
+            gradcam__proto_dot_gradcam__pb2.ExplainUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ import numpy as np
 
 from .batching import BatchStats, DynamicBatcher, StopSignal
 from .errors import QueueFull
-from .model import Graph, ServedModel
+from .model import Graph, Progress, ServedModel
 from .postprocess import MAX_RESPONSE_BYTES
 from .preprocess import DEFAULT_MAX_PIXELS
 from .validate import Feeds
@@ -50,6 +50,7 @@ class RunResult:
 @dataclass
 class _Queued:
     feeds: Feeds
+    progress: Progress | None = None
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -93,17 +94,18 @@ class Engine:
 
     async def run(
         self, model: ServedModel, graph: Graph | None, feeds: Feeds,
-        deadline: float | None = None,
+        deadline: float | None = None, progress: Progress | None = None,
     ) -> RunResult:
         """Run checked `feeds` through the model's batcher: the plain graph (`graph` None) or
         the augmented `graph`, built on first use (InvalidInput where it cannot be built as
-        asked)."""
+        asked). `progress(done, total)` is called, from a runtime thread, between the steps
+        of a graph run in steps (Score-CAM's masked passes of the whole batch)."""
         if graph is not None and not model.is_built(graph):
             await asyncio.get_running_loop().run_in_executor(
                 self._builder, model.explainer, graph
             )
         return await self._batcher(model, graph, feeds.x.shape[1:]).submit(
-            _Queued(feeds), size=feeds.rows, deadline=deadline
+            _Queued(feeds, progress), size=feeds.rows, deadline=deadline
         )
 
     def _batcher(
@@ -129,7 +131,14 @@ class Engine:
 
         def run_batch(queued: list[_Queued], stop: StopSignal) -> list[RunResult]:
             start = time.perf_counter()
-            outputs = _run(model, graph, _concatenated([q.feeds for q in queued]), stop)
+            told = [q.progress for q in queued if q.progress is not None]
+
+            def progress(done: int, total: int) -> None:
+                for tell in told:
+                    tell(done, total)
+
+            outputs = _run(model, graph, _concatenated([q.feeds for q in queued]), stop,
+                           progress if told else None)
             run_seconds = time.perf_counter() - start
             results, row = [], 0
             for item in queued:
@@ -184,8 +193,9 @@ def _concatenated(parts: list[Feeds]) -> Feeds:
     )
 
 
-def _run(model: ServedModel, graph: Graph | None, feeds: Feeds, stop: StopSignal) -> dict:
+def _run(model: ServedModel, graph: Graph | None, feeds: Feeds, stop: StopSignal,
+         progress: Progress | None) -> dict:
     if graph is None:
         return model.forward(feeds.x, feeds.others, stop=stop)
     return model.explain(feeds.x, feeds.target_class, graph, feeds.reference, feeds.mask,
-                         feeds.others, stop=stop, detection=feeds.detection)
+                         feeds.others, stop=stop, detection=feeds.detection, progress=progress)

@@ -5,6 +5,7 @@ drawn here) in the service's post-processing thread."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 
@@ -41,6 +42,7 @@ _HEATMAPS = pb.Explanation.HEATMAPS_FIELD_NUMBER
 _HEATMAP_DATA = pb.Heatmap.DATA_FIELD_NUMBER
 _PIXEL_GRADIENTS = pb.Heatmap.PIXEL_GRADIENTS_FIELD_NUMBER
 _TENSOR_DATA = pb.Tensor.DATA_FIELD_NUMBER
+_UPDATE_RESPONSE = pb.ExplainUpdate.RESPONSE_FIELD_NUMBER
 
 
 class GradCamServicer(pb_grpc.GradCamServicer):
@@ -58,11 +60,47 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         with self.service.admit(model):
             return await self._explain(model, method, request, context, started)
 
+    @rpc("explain", streaming=True)
+    async def ExplainStream(self, request: pb.ExplainRequest, context, labels) -> bytes:
+        """Explain, streamed: an ExplainProgress after each step of a request run in steps
+        (Score-CAM's masked passes), then the response, the last ExplainUpdate (returned, for
+        `rpc` to write). A cancelled call cancels the explanation, which stops its run."""
+        started = time.perf_counter()
+        model = self.service.model(request.model)
+        labels["model"] = model.name
+        method = _method_name(request.method)
+        labels["method"] = method or model.config.method
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+
+        def progress(done: int, total: int) -> None:  # told from a runtime thread
+            loop.call_soon_threadsafe(steps.put_nowait, (done, total, time.perf_counter()))
+
+        with self.service.admit(model):
+            explaining = asyncio.ensure_future(
+                self._explain(model, method, request, context, started, progress))
+            pace = _Pace(started)
+            try:
+                while not explaining.done():
+                    step = asyncio.ensure_future(steps.get())
+                    await asyncio.wait({explaining, step}, return_when=asyncio.FIRST_COMPLETED)
+                    if not step.done():
+                        step.cancel()
+                        continue
+                    await context.write(pace.update(*step.result()))
+                while not steps.empty():
+                    await context.write(pace.update(*steps.get_nowait()))
+                response = explaining.result()
+            finally:
+                explaining.cancel()
+        return wire.join(wire.field(_UPDATE_RESPONSE, [response]))
+
     async def _explain(
         self, model, method: str | None, request: pb.ExplainRequest,
-        context: grpc.aio.ServicerContext, started: float,
+        context: grpc.aio.ServicerContext, started: float, progress=None,
     ) -> bytes:
-        """The serialized response; the request's place is held by the caller."""
+        """The serialized response; the request's place is held by the caller. `progress`
+        (done, total), where given, is told of the steps of a request run in steps."""
         options = request.options
         _check_options(request)
         target = request.target.WhichOneof("kind")
@@ -102,7 +140,7 @@ class GradCamServicer(pb_grpc.GradCamServicer):
         ), self.service.max_pixels)
         return await self.service.explain(
             resolved, lambda explained: _response(model.name, explained, options, started),
-            deadline=deadline_of(context),
+            deadline=deadline_of(context), progress=progress,
         )
 
     @rpc("explain")
@@ -143,6 +181,28 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             prefix_tokens=_prefix_tokens(target),
             grid=target.get("grid", ""),
         )
+
+
+class _Pace:
+    """ExplainStream's progress messages: the remaining time estimated from the pace since
+    the first step was reported (that step also ran the forward pass and waited in the
+    queue), or, at the first, from the time since the request came."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first: tuple[int, float] | None = None
+
+    def update(self, done: int, total: int, now: float) -> pb.ExplainUpdate:
+        elapsed = now - self.started
+        if self.first is None or done <= self.first[0]:
+            per_pass = elapsed / done if done else 0.0
+            self.first = self.first or (done, now)
+        else:
+            per_pass = (now - self.first[1]) / (done - self.first[0])
+        return pb.ExplainUpdate(progress=pb.ExplainProgress(
+            passes_done=done, passes_total=total, elapsed_seconds=elapsed,
+            remaining_seconds=max(total - done, 0) * per_pass,
+        ))
 
 
 def _check_options(request: pb.ExplainRequest) -> None:

@@ -26,8 +26,10 @@ import ctypes
 import logging
 import os
 import threading
+import time
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from .augment import LAYOUTS, AugmentError, augment_model, explained_target, loa
 from .augment.layout import check_view_options
 from .augment.names import NAMES
 from .augment.passes import ALL_METHODS
+from .augment.score import ScoreCamSteps, score_cam_steps
 from .augment.scores import SCORES
 from .augment.targets import default_score, image_input, score_output_name, spatial_axes
 from .batching import StopSignal
@@ -57,6 +60,9 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_VARIANTS = 4  # augmented sessions kept beside the default (method, layer), LRU
 _MAX_TARGETS = 256  # explained targets remembered per model (a few strings each), LRU
 _FATAL_ONLY = 4  # onnxruntime log severity
+STEP_SECONDS = 5.0  # the work of one session run of a Score-CAM request run in steps
+
+Progress = Callable[[int, int], None]  # (masked passes done, masked passes in all)
 
 
 class UnservableModel(Exception):
@@ -384,12 +390,16 @@ class ServedModel:
         others: dict[str, np.ndarray] | None = None,
         stop: StopSignal | None = None,
         detection: tuple[np.ndarray, np.ndarray] | None = None,
+        progress: Progress | None = None,
     ) -> dict:
         """The augmented graph's outputs: the model's own, activations, gradients, heatmap.
         `reference` [N, D] is the reference embedding of the "similarity" score, `mask`
         [N, h, w] (any size) the region of the "region" score (all negative: the predicted
         region), `detection` the "detection" score's (detection_index INT64 [N],
-        reference_box FP32 [N, 4] in the graph's input pixels)."""
+        reference_box FP32 [N, 4] in the graph's input pixels).
+
+        A Score-CAM graph runs in steps (`_run_in_steps`), `progress` told the masked passes
+        done after each; on a graph of fixed batch size it runs whole."""
         feeds = {self.input.name: self._fed(x), NAMES.target_class: target_class,
                  **(others or {})}
         if detection is not None:
@@ -398,7 +408,11 @@ class ServedModel:
             feeds[NAMES.reference_embedding] = reference
         if mask is not None:
             feeds[NAMES.target_mask] = mask
-        return self._run(self.explainer(graph), feeds, stop)
+        session = self.explainer(graph)
+        loops = score_cam_steps(i.name for i in session.get_overridable_initializers())
+        if loops and self.fixed_batch is None:
+            return self._run_in_steps(session, feeds, loops, stop, progress)
+        return self._run(session, feeds, stop)
 
     def _fed(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed float32 images as the image input's type (a float16 or bfloat16
@@ -439,13 +453,8 @@ class ServedModel:
         """Run `feeds` (all [N, ...]); a graph with a fixed batch runs them chunk by chunk,
         the last chunk padded with copies of its first row. RunStopped once `stop` is set."""
         n = len(next(iter(feeds.values())))
-        names = [o.name for o in session.get_outputs()]
-        options = ort.RunOptions()
-        # A failed run raises with onnxruntime's message, which the caller reports; its own
-        # error log line would only repeat it (and a stopped run is no error).
-        options.log_severity_level = _FATAL_ONLY
-        if stop is not None:
-            stop.add_callback(lambda: setattr(options, "terminate", True))
+        names = _row_outputs(session)
+        options = _run_options(stop)
         parts = [feeds]
         if self.fixed_batch is not None and n != self.fixed_batch:
             parts = [
@@ -457,21 +466,51 @@ class ServedModel:
             rows = len(next(iter(part.values())))
             if self.fixed_batch is not None and rows < self.fixed_batch:
                 part = {k: _pad_rows(v, self.fixed_batch) for k, v in part.items()}
-            if stop is not None and stop.is_set():
-                raise RunStopped("the run was stopped: no request waits for it")
-            try:
-                if session.get_providers()[0] == CUDA:
-                    outputs = run_bound(session, part, names, options)
-                else:
-                    outputs = session.run(names, part, options)
-            except Exception:
-                if stop is not None and stop.is_set():
-                    raise RunStopped("the run was stopped: no request waits for it") from None
-                raise
+            outputs = _session_run(session, part, names, options, stop)
             chunks.append([_carried(out[:rows]) for out in outputs])
         if len(chunks) == 1:
             return dict(zip(names, chunks[0]))
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(names)}
+
+    def _run_in_steps(
+        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+        loops: list[ScoreCamSteps], stop: StopSignal | None, progress: Progress | None,
+    ) -> dict:
+        """Run a Score-CAM graph's Loops a few iterations per session run (`ScoreCamSteps`),
+        the scores fed back, each run about STEP_SECONDS of work (timed as it goes; the first
+        runs one iteration): between runs `progress(masked passes done, in all)` is told and
+        the stop is checked, as it is within a run. The run that completes the last Loop's
+        scores gives the outputs."""
+        names = _row_outputs(session)
+        step_names = [name for loop in loops for name in loop.outputs]
+        options = _run_options(stop)
+        known = {loop: np.zeros(0, np.float32) for loop in loops}
+        passes: dict[ScoreCamSteps, int] = {}  # masked passes each Loop needs
+        chunk: dict[ScoreCamSteps, int] = {}  # masked passes per iteration
+        seconds_per_pass = None
+        for current in loops:
+            while current not in passes or len(known[current]) < passes[current]:
+                steps = 1 if seconds_per_pass is None else max(
+                    1, int(STEP_SECONDS / (seconds_per_pass * chunk[current])))
+                run_feeds = dict(feeds)
+                for loop in loops:
+                    run_feeds[loop.known] = known[loop]
+                    run_feeds[loop.steps] = np.array([steps if loop is current else 0])
+                started = time.perf_counter()
+                before = len(known[current])
+                outputs = _session_run(session, run_feeds, names + step_names, options, stop)
+                values = dict(zip(names + step_names, outputs))
+                for loop in loops:
+                    known[loop] = values[loop.scores]
+                    passes[loop] = int(values[loop.passes][0])
+                    chunk[loop] = passes[loop] // max(int(values[loop.iterations][0]), 1)
+                ran = len(known[current]) - before
+                if ran <= 0 and len(known[current]) < passes[current]:
+                    raise RuntimeError("a Score-CAM step ran no masked pass")
+                seconds_per_pass = (time.perf_counter() - started) / max(ran, 1)
+                if progress is not None:
+                    progress(sum(len(known[loop]) for loop in loops), sum(passes.values()))
+        return {name: _carried(values[name]) for name in names}
 
     def _warm_up(self) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
         """One run of each session on blank inputs; returns each output's shape past the batch
@@ -561,6 +600,41 @@ def _has_bfloat16(model: onnx.ModelProto) -> bool:
             or any(i.data_type == onnx.TensorProto.BFLOAT16 for i in graph.initializer)
             or any(a.name == "to" and a.i == onnx.TensorProto.BFLOAT16
                    for node in graph.node for a in node.attribute))
+
+
+def _row_outputs(session: ort.InferenceSession) -> list[str]:
+    """The session's outputs of one row per image: all but Score-CAM's step outputs."""
+    loops = score_cam_steps(i.name for i in session.get_overridable_initializers())
+    steps = {name for loop in loops for name in loop.outputs}
+    return [o.name for o in session.get_outputs() if o.name not in steps]
+
+
+def _run_options(stop: StopSignal | None) -> ort.RunOptions:
+    """RunOptions told to terminate once `stop` is set."""
+    options = ort.RunOptions()
+    # A failed run raises with onnxruntime's message, which the caller reports; its own
+    # error log line would only repeat it (and a stopped run is no error).
+    options.log_severity_level = _FATAL_ONLY
+    if stop is not None:
+        stop.add_callback(lambda: setattr(options, "terminate", True))
+    return options
+
+
+def _session_run(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], names: list[str],
+    options: ort.RunOptions, stop: StopSignal | None,
+) -> list[np.ndarray]:
+    """One session run (bound to the device on CUDA); RunStopped once `stop` is set."""
+    if stop is not None and stop.is_set():
+        raise RunStopped("the run was stopped: no request waits for it")
+    try:
+        if session.get_providers()[0] == CUDA:
+            return run_bound(session, feeds, names, options)
+        return session.run(names, feeds, options)
+    except Exception:
+        if stop is not None and stop.is_set():
+            raise RunStopped("the run was stopped: no request waits for it") from None
+        raise
 
 
 def _carried(value: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .augment.names import NAMES
 from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .engine import Engine, RunResult, ServiceLimits
 from .errors import InvalidInput
-from .model import Explaining, ServedModel
+from .model import Explaining, Progress, ServedModel
 from .postprocess import (
     ClassMap,
     Explained,
@@ -89,19 +90,26 @@ class GradCamService:
     # -- the typed explain API ---------------------------------------------------------------
     async def explain(
         self, request: ResolvedExplain, encode: Callable[[Explained], T] | None = None,
-        deadline: float | None = None,
+        deadline: float | None = None, progress: Progress | None = None,
     ) -> Explained | T:
         """Explain images of any sizes: encoded images are preprocessed to the model's size,
         tensors ([C, H, W]) taken as they are; images of one shape share a batch, each
         image's rows repeated once per rank (or detection). Returns `encode(explained)`,
-        computed in the post-processing thread, or the `Explained` itself."""
+        computed in the post-processing thread, or the `Explained` itself.
+
+        `progress(done, total)` is called from runtime threads between the steps of a graph
+        run in steps (Score-CAM's masked passes), summed over the request's batches: `done`
+        never decreases, `total` grows as batches of other image shapes start."""
         model = request.model
         started = time.perf_counter()
         prepared = await asyncio.to_thread(self._prepare_explain, request)
         preprocess_seconds = time.perf_counter() - started
+        tellers = [None] * len(prepared.groups)
+        if progress is not None:
+            tellers = _SummedProgress(progress).parts(len(prepared.groups))
         results = await asyncio.gather(*(
-            self.engine.run(model, request.graph, group.feeds, deadline)
-            for group in prepared.groups
+            self.engine.run(model, request.graph, group.feeds, deadline, teller)
+            for group, teller in zip(prepared.groups, tellers)
         ))
 
         def finish():
@@ -419,3 +427,22 @@ def _for_image(index: int, function, data: bytes, max_pixels: int):
         return function(data, max_pixels)
     except InvalidInput as error:
         raise InvalidInput(f"image {index}: {error}", field=f"images[{index}]") from error
+
+
+class _SummedProgress:
+    """The progress of several batches of one request as one (done, total), told under a
+    lock (each batch reports from its own runtime thread)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._parts: dict[int, tuple[int, int]] = {}
+
+    def parts(self, count: int) -> list[Progress]:
+        return [lambda done, total, i=i: self._tell(i, done, total) for i in range(count)]
+
+    def _tell(self, part: int, done: int, total: int) -> None:
+        with self._lock:
+            self._parts[part] = (done, total)
+            self._progress(sum(d for d, _ in self._parts.values()),
+                           sum(t for _, t in self._parts.values()))

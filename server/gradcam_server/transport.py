@@ -69,11 +69,12 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def add_servicer(server: grpc.aio.Server, servicer, service: ServiceDescriptor) -> None:
-    """Register `servicer`'s methods for the unary `service`, as the generated
-    ``add_*Servicer_to_server`` would, except that a method may return bytes already
-    serialized (`rpc` does for its large responses)."""
+    """Register `servicer`'s methods for `service` (unary, or streaming the responses), as
+    the generated ``add_*Servicer_to_server`` would, except that a method may return (or
+    write) bytes already serialized (`rpc` does for its large responses)."""
     handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
+        method.name: (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                      else grpc.unary_unary_rpc_method_handler)(
             getattr(servicer, method.name),
             request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
             response_serializer=_serialize,
@@ -89,8 +90,10 @@ def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def rpc(api: str):
-    """Wrap a unary servicer method: count it, time it, and turn errors into statuses.
+def rpc(api: str, streaming: bool = False):
+    """Wrap a servicer method: count it, time it, and turn errors into statuses. A
+    `streaming` one (responses streamed) writes its own messages but the last, which it
+    returns, like a unary one, and the wrapper writes.
 
     The servicer has a ``metrics`` attribute (`Metrics`). The wrapped method takes
     (self, request, context, labels) and fills ``labels`` (a dict with
@@ -117,7 +120,10 @@ def rpc(api: str):
             try:
                 response = await method(self, request, context, labels)
                 _check_size(response, metrics.max_message_bytes)
-                return response
+                if not streaming:
+                    return response
+                await context.write(response)
+                return None
             except ServiceError as error:
                 code, message = status_of(error), _cut(str(error))
                 field = error.field if isinstance(error, InvalidInput) else None

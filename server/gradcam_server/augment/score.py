@@ -56,8 +56,9 @@ class ScoreCamSteps:
     [K] the scores of its first K / chunk iterations, as `scores` gave them (default empty),
     `steps` INT64 [1] how many iterations to run after those (default all); `scores` FLOAT [*]
     the scores of every iteration run so far (known ones included), `iterations` INT64 [1] how
-    many iterations the Loop needs in all. The heatmap is Score-CAM's once `scores` holds every
-    iteration's."""
+    many iterations the Loop needs in all and `passes` INT64 [1] how many masked passes (each
+    iteration's chunk, the padding included). The heatmap is Score-CAM's once `scores` holds
+    all `passes`."""
 
     index: int
 
@@ -76,6 +77,14 @@ class ScoreCamSteps:
     @property
     def iterations(self) -> str:
         return f"{STEPS_PREFIX}{self.index}_iterations"
+
+    @property
+    def passes(self) -> str:
+        return f"{STEPS_PREFIX}{self.index}_passes"
+
+    @property
+    def outputs(self) -> tuple[str, str, str]:
+        return self.scores, self.iterations, self.passes
 
 
 STEPS_PREFIX = "score_cam_"
@@ -121,8 +130,9 @@ def score_cam(
     scores = b.op("Concat", [known, b.op("Reshape", [scores, b.ints([-1])])], axis=0)
     b.add_output(scores, names.scores, TensorProto.FLOAT, [None])
     b.add_output(iterations, names.iterations, TensorProto.INT64, [1])
-    padded = b.op("Concat", [scores, b.op("ConstantOfShape", [
-        b.op("Mul", [iterations, chunk])], value=helper.make_tensor("zero", TensorProto.FLOAT,
+    passes = b.op("Mul", [iterations, chunk])
+    b.add_output(passes, names.passes, TensorProto.INT64, [1])
+    padded = b.op("Concat", [scores, b.op("ConstantOfShape", [passes], value=helper.make_tensor("zero", TensorProto.FLOAT,
                                                                     [1], [0.0]))], axis=0)
     scores = b.op("Gather", [padded, inverse], axis=0)  # the padding read only while incomplete
     logits = b.op("Reshape", [scores, b.op("Concat", [batch, channels], axis=0)])
@@ -134,7 +144,7 @@ def _steps_io(b: GraphBuilder, index: int) -> ScoreCamSteps:
     """Loop `index`'s step inputs, with their defaults (no scores known, every step)."""
     names = ScoreCamSteps(index)
     taken = tensor_names(b.graph)
-    for name in (names.known, names.steps, names.scores, names.iterations):
+    for name in (names.known, names.steps, *names.outputs):
         if name in taken:
             raise AugmentError(f"the model already has a tensor named {name!r}; it is reserved "
                                "for Score-CAM's steps")
