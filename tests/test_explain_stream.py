@@ -60,8 +60,16 @@ class CountedRuns:
         return self._run(*args, **kwargs)
 
 
-def serve(root: Path, scenario):
-    """Run `scenario(stub)` (blocking, in a thread) against an in-process server."""
+class _Target:
+    """What a client scenario gets: the server's address."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+
+def serve(root: Path, scenario, stub_target: bool = False):
+    """Run `scenario(stub)` (blocking, in a thread) against an in-process server; with
+    `stub_target`, `scenario` gets an object whose ``target`` is the server's address."""
 
     async def main():
         server = GradCamServer(ServerOptions(root, port=0, metrics_port=None, threads=1))
@@ -69,6 +77,8 @@ def serve(root: Path, scenario):
         await server.wait_until_loaded()
         try:
             def call():
+                if stub_target:
+                    return scenario(_Target(f"127.0.0.1:{port}"))
                 with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                     return scenario(pb_grpc.GradCamStub(channel))
             return await asyncio.to_thread(call)
@@ -132,3 +142,23 @@ def test_a_cancelled_stream_stops_its_steps(root, monkeypatch) -> None:
     assert first.WhichOneof("kind") == "progress" and first.progress.passes_done > 0
     assert first.progress.passes_done < first.progress.passes_total
     assert final <= cancelled_at + 1  # the step running when it was cancelled, at most
+
+
+def test_the_client_tells_progress_and_returns_the_plain_results(root, monkeypatch) -> None:
+    from gradcam_client import GradCamClient
+
+    monkeypatch.setattr(served_model, "STEP_SECONDS", 1e-9)
+    x = np.random.default_rng(4).standard_normal((IMAGES, 3, SIZE, SIZE)).astype(np.float32)
+
+    def scenario(stub):
+        seen = []
+        with GradCamClient(stub.target) as client:
+            streamed = client.explain(x, model="tiny", method="scorecam", on_progress=seen.append)
+            plain = client.explain(x, model="tiny", method="scorecam")
+        return seen, streamed, plain
+
+    seen, streamed, plain = serve(root, scenario, stub_target=True)
+    assert len(seen) >= 3 and seen[-1].fraction == 1.0
+    assert [p.passes_done for p in seen] == sorted({p.passes_done for p in seen})
+    for ours, theirs in zip(streamed, plain, strict=True):
+        np.testing.assert_array_equal(ours.heatmap, theirs.heatmap)

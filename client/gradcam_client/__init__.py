@@ -35,6 +35,7 @@ from .results import (
     ModelInfo,
     ModelStatus,
     Prediction,
+    Progress,
     Timings,
 )
 from gradcam_common.methods import PIXEL_METHODS
@@ -70,6 +71,7 @@ __all__ = [
     "ModelStatus",
     "ModelUnavailableError",
     "Prediction",
+    "Progress",
     "ServerBusyError",
     "Timings",
     "UnauthenticatedError",

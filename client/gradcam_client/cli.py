@@ -24,7 +24,8 @@ size ([K, 3, H, W] with ``--top-k K`` above 1). A folder or several images: ``-o
 ``<image name>.png`` and ``<image name>.npy``, a progress bar is drawn on stderr, and a count
 closes the run; an image that cannot be read or explained is reported and skipped. A request
 still running after two seconds shows a spinner with the elapsed time on stderr (one "still
-working" line when stderr is not a terminal).
+working" line when stderr is not a terminal); a Score-CAM request also shows the server's
+progress (masked passes done and needed, and the time it estimates is left).
 
 The server defaults to $GRADCAM_SERVER or 127.0.0.1:8001, the token to $GRADCAM_TOKEN, and
 the model to the server's only one. Where nothing answers, the error says how to start a server.
@@ -60,7 +61,7 @@ from .errors import (
 )
 from .options import DetectionTarget
 from .protocol import heatmap_size_option
-from .results import Explanation, ModelInfo
+from .results import Explanation, ModelInfo, Progress
 from gradcam_common.methods import METHOD_NAMES
 from gradcam_common.overlay import COLORMAPS
 
@@ -74,6 +75,7 @@ EXPLAIN_TIMEOUT_SECONDS = 600.0  # Score-CAM on ResNet-50 takes 89 s on 2 CPU th
 SIGN_OF_LIFE_SECONDS = 2.0  # a request running longer shows a spinner (or one line)
 SPINNER_INTERVAL_SECONDS = 0.1
 SPINNER = "|/-\\"
+STEPPED_METHODS = ("scorecam",)  # run in steps by the server, which reports its progress
 
 # Per image, ResNet-50, batch 1, 2 CPU threads, as docs/BENCHMARKS.md measured them.
 METHOD_COSTS = """\
@@ -144,7 +146,8 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
         if args.output is not None:
             _check_picture_path(args.output)
         with sign_of_life.watching(f"{images[0]} ({_method_shown(args)})"):
-            outcome = _explain_one(client, args, images[0], args.output, args.save_npy)
+            outcome = _explain_one(client, args, images[0], args.output, args.save_npy,
+                                   sign_of_life.progress)
         print(_summary_line(outcome))
         if args.summary is not None:
             _write_summary(args.summary, [outcome])
@@ -170,7 +173,8 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
                     ),
                     say=progress.note,
                 ):
-                    outcome = _explain_one(client, args, image, overlay_path, heatmap_path)
+                    outcome = _explain_one(client, args, image, overlay_path, heatmap_path,
+                                           sign_of_life.progress)
             except (ImageError, OSError) as error:  # this image only; the rest go on
                 reason = str(error) if isinstance(error, ImageError) else _os_message(error)
                 progress.note(f"{PROG}: skipped {reason}")
@@ -206,7 +210,10 @@ def _explain_one(
     image: Path,
     overlay_path: Path | None,
     heatmap_path: Path | None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> _Outcome:
+    if args.method not in STEPPED_METHODS:
+        on_progress = None
     try:
         result = client.explain(
             image, model=args.model, method=args.method, target_class=args.target_class,
@@ -214,7 +221,7 @@ def _explain_one(
             eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth,
             target_mask=args.mask, output=args.score_output,
             num_predictions=args.num_predictions, heatmap_size=args.heatmap_size,
-            detections=_detections(args),
+            detections=_detections(args), on_progress=on_progress,
         )
     except InvalidInputError as error:
         refused = _refused_image(error, [image])
@@ -591,6 +598,12 @@ class _SignOfLife:
     def __init__(self, after: float | None = None) -> None:
         self.after = SIGN_OF_LIFE_SECONDS if after is None else after
         self._said = False
+        self.status = ""  # the server's latest progress, shown beside the elapsed seconds
+
+    def progress(self, progress: Progress) -> None:
+        """`on_progress` of a request: the spinner shows it from its next redraw."""
+        self.status = (f"{progress.passes_done}/{progress.passes_total} masked passes, "
+                       f"about {progress.remaining_seconds:.0f} s left")
 
     @contextmanager
     def watching(
@@ -615,6 +628,7 @@ class _SignOfLife:
 
         stop = threading.Event()
         started = time.monotonic()
+        self.status = ""
         thread = threading.Thread(
             target=self._run,
             args=(what, redraw or draw, say or plain, stop, started, own_line),
@@ -645,8 +659,9 @@ class _SignOfLife:
         while not stop.is_set():
             seconds = time.monotonic() - started
             symbol = SPINNER[tick % len(SPINNER)]
-            redraw(f"{symbol} explaining {what}  {seconds:.0f} s" if own_line
-                   else f"{symbol} {seconds:.0f} s")
+            status = f"  {self.status}" if self.status else ""
+            redraw(f"{symbol} explaining {what}  {seconds:.0f} s{status}" if own_line
+                   else f"{symbol} {seconds:.0f} s{status}")
             tick += 1
             stop.wait(SPINNER_INTERVAL_SECONDS)
 

@@ -35,6 +35,7 @@ sleeps or awaits. Nothing here imports onnx, onnxruntime, torch or the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +55,7 @@ from .errors import DeadlineError, GradCamError, ModelNotFoundError, Unavailable
 from .images import ImageInput
 from .options import ExplainOptions, merged_options
 from .protocol import RequestPart
-from .results import Explanation, ModelInfo, ModelStatus
+from .results import Explanation, ModelInfo, ModelStatus, Progress
 from .retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, ReadinessWait
 
 if TYPE_CHECKING:
@@ -151,10 +152,16 @@ class GradCamClient(_Client):
         model: str,
         options: ExplainOptions | None = None,
         timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
         **overrides: Unpack[ExplainKwargs],
     ) -> Explanation | list[Explanation]:
         """Explain one image (gives an `Explanation`) or many (a list or a 4-D tensor batch:
         gives a list, in order) with ``model``.
+
+        ``on_progress``, where given, is called with a `Progress` after each step of a long
+        request (Score-CAM runs in steps of a few seconds), from the calling thread; the
+        request then goes through the streamed ``ExplainStream`` (the plain ``Explain`` on a
+        server without it).
 
         What is explained is ``options`` (`ExplainOptions`; None: the model's defaults, the
         top-1 class with its default method and layer), whose fields may also be given as
@@ -172,7 +179,8 @@ class GradCamClient(_Client):
         """
         merged = merged_options(options, overrides)
         call = protocol.explain_call(images, model=model, options=merged)
-        return call.answer([self._send(part, timeout) for part in call.parts])
+        return call.answer([self._send(part, timeout, on_progress, index)
+                            for index, part in enumerate(call.parts)])
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
         """Every model of the server's repository, with its readiness."""
@@ -207,11 +215,34 @@ class GradCamClient(_Client):
                 return
             time.sleep(waiting.pause)
 
-    def _send(self, part: RequestPart, timeout: float | None) -> list[Explanation]:
+    def _send(
+        self, part: RequestPart, timeout: float | None,
+        on_progress: Callable[[Progress], None] | None = None, index: int = 0,
+    ) -> list[Explanation]:
         started = time.perf_counter()
+        method: Callable[..., Any] = self._stub.Explain
+        if on_progress is not None:
+            method = functools.partial(self._streamed, on_progress=on_progress, index=index)
         with part.images_counted_in_call():
-            response = self._call(self._stub.Explain, part.request, timeout)
+            response = self._call(method, part.request, timeout)
         return part.explanations(response, time.perf_counter() - started)
+
+    def _streamed(
+        self, request: pb.ExplainRequest, *, on_progress: Callable[[Progress], None],
+        index: int, **kwargs: Any,
+    ) -> pb.ExplainResponse:
+        """ExplainStream's response, each progress message told first; the plain Explain
+        where the server has no ExplainStream."""
+        try:
+            for update in self._stub.ExplainStream(request, **kwargs):
+                if update.WhichOneof("kind") == "response":
+                    return update.response
+                on_progress(protocol.progress(update.progress, index))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return self._stub.Explain(request, **kwargs)
+        raise UnavailableError("the server closed the explain stream without a response")
 
     def _call(
         self, method: Callable[..., Response], request: Any, timeout: float | None

@@ -44,6 +44,7 @@ from .results import (
     ModelInfo,
     ModelStatus,
     Prediction,
+    Progress,
     Timings,
 )
 
@@ -322,6 +323,11 @@ def grid_of(text: str) -> tuple[int, int] | None:
     """(rows, columns) of the server's "HxW" grid text; None when empty."""
     match = _GRID_TEXT.fullmatch(text)
     return (int(match[1]), int(match[2])) if match else None
+
+
+def progress(message: pb.ExplainProgress, request: int = 0) -> Progress:
+    return Progress(message.passes_done, message.passes_total, message.elapsed_seconds,
+                    message.remaining_seconds, request)
 
 
 def model_statuses(response: pb.ListModelsResponse) -> list[ModelStatus]:

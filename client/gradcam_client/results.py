@@ -86,6 +86,24 @@ class Timings:
     round_trip_seconds: float  # seen by the client, retries included
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a long request has come (``on_progress`` of `GradCamClient.explain`): the
+    masked forward passes of Score-CAM done and needed over the request's images, the seconds
+    since the server received it, and the seconds it estimates are left. ``request`` is which
+    request of a long list (sent as several) this is about, 0 for most calls."""
+
+    passes_done: int
+    passes_total: int
+    elapsed_seconds: float
+    remaining_seconds: float
+    request: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.passes_done / self.passes_total if self.passes_total else 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class Explanation:
     """Everything the server said about one image.
