@@ -145,20 +145,28 @@ def test_a_cancelled_stream_stops_its_steps(root, monkeypatch) -> None:
 
 
 def test_the_client_tells_progress_and_returns_the_plain_results(root, monkeypatch) -> None:
-    from gradcam_client import GradCamClient
+    from gradcam_client import AsyncGradCamClient, GradCamClient
 
     monkeypatch.setattr(served_model, "STEP_SECONDS", 1e-9)
     x = np.random.default_rng(4).standard_normal((IMAGES, 3, SIZE, SIZE)).astype(np.float32)
 
     def scenario(stub):
-        seen = []
+        seen, seen_async = [], []
         with GradCamClient(stub.target) as client:
             streamed = client.explain(x, model="tiny", method="scorecam", on_progress=seen.append)
             plain = client.explain(x, model="tiny", method="scorecam")
-        return seen, streamed, plain
 
-    seen, streamed, plain = serve(root, scenario, stub_target=True)
-    assert len(seen) >= 3 and seen[-1].fraction == 1.0
-    assert [p.passes_done for p in seen] == sorted({p.passes_done for p in seen})
-    for ours, theirs in zip(streamed, plain, strict=True):
+        async def awaited():
+            async with AsyncGradCamClient(stub.target) as client:
+                return await client.explain(x, model="tiny", method="scorecam",
+                                            on_progress=seen_async.append)
+
+        return seen, streamed, plain, seen_async, asyncio.run(awaited())
+
+    seen, streamed, plain, seen_async, streamed_async = serve(root, scenario, stub_target=True)
+    for told in (seen, seen_async):
+        assert len(told) >= 3 and told[-1].fraction == 1.0
+        assert [p.passes_done for p in told] == sorted({p.passes_done for p in told})
+    for ours, ours_async, theirs in zip(streamed, streamed_async, plain, strict=True):
         np.testing.assert_array_equal(ours.heatmap, theirs.heatmap)
+        np.testing.assert_array_equal(ours_async.heatmap, theirs.heatmap)

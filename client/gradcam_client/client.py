@@ -301,12 +301,16 @@ class AsyncGradCamClient(_Client):
         model: str,
         options: ExplainOptions | None = None,
         timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
         **overrides: Unpack[ExplainKwargs],
     ) -> Explanation | list[Explanation]:
-        """As `GradCamClient.explain`; the requests of a long list run concurrently."""
+        """As `GradCamClient.explain`; the requests of a long list run concurrently
+        (``on_progress`` is called on the event loop, `Progress.request` telling them apart)."""
         merged = merged_options(options, overrides)
         call = await asyncio.to_thread(protocol.explain_call, images, model=model, options=merged)
-        return call.answer(await asyncio.gather(*(self._send(p, timeout) for p in call.parts)))
+        return call.answer(await asyncio.gather(*(
+            self._send(p, timeout, on_progress, index) for index, p in enumerate(call.parts)
+        )))
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
         """As `GradCamClient.list_models`."""
@@ -341,11 +345,33 @@ class AsyncGradCamClient(_Client):
                 return
             await asyncio.sleep(waiting.pause)
 
-    async def _send(self, part: RequestPart, timeout: float | None) -> list[Explanation]:
+    async def _send(
+        self, part: RequestPart, timeout: float | None,
+        on_progress: Callable[[Progress], None] | None = None, index: int = 0,
+    ) -> list[Explanation]:
         started = time.perf_counter()
+        method: Callable[..., Any] = self._stub.Explain
+        if on_progress is not None:
+            method = functools.partial(self._streamed, on_progress=on_progress, index=index)
         with part.images_counted_in_call():
-            response = await self._call(self._stub.Explain, part.request, timeout)
+            response = await self._call(method, part.request, timeout)
         return part.explanations(response, time.perf_counter() - started)
+
+    async def _streamed(
+        self, request: pb.ExplainRequest, *, on_progress: Callable[[Progress], None],
+        index: int, **kwargs: Any,
+    ) -> pb.ExplainResponse:
+        """As `GradCamClient._streamed`, awaited."""
+        try:
+            async for update in self._stub.ExplainStream(request, **kwargs):
+                if update.WhichOneof("kind") == "response":
+                    return update.response
+                on_progress(protocol.progress(update.progress, index))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return await self._stub.Explain(request, **kwargs)
+        raise UnavailableError("the server closed the explain stream without a response")
 
     async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         attempts = self._connection.attempts(timeout)
