@@ -127,7 +127,8 @@ def score_cam(
                        b.ints([0])])
     scores = _loop(b, b.squeeze(run, [0]), first, distinct, spatial, image, score_output,
                    resolved_class, chunk, count)  # [run, chunk]
-    scores = b.op("Concat", [known, b.op("Reshape", [scores, b.ints([-1])])], axis=0)
+    scores = b.op("Cast", [b.op("Reshape", [scores, b.ints([-1])])], to=TensorProto.FLOAT)
+    scores = b.op("Concat", [known, scores], axis=0)
     b.add_output(scores, names.scores, TensorProto.FLOAT, [None])
     b.add_output(iterations, names.iterations, TensorProto.INT64, [1])
     passes = b.op("Mul", [iterations, chunk])
