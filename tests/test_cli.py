@@ -544,6 +544,29 @@ def test_a_slow_request_spins_on_a_terminal(server: str, monkeypatch, capsys) ->
     assert written.endswith("\r" + " " * len(frames[-1].rstrip()) + "\r")  # and is wiped
 
 
+def test_score_cam_spins_with_the_servers_progress(server: str, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "SIGN_OF_LIFE_SECONDS", 0.0)
+    monkeypatch.setattr(cli, "SPINNER_INTERVAL_SECONDS", 0.05)
+    master, slave = os.openpty()
+    terminal = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), write_through=True)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    try:
+        code = cli.main(["explain", str(PHOTO), "--server", server, "--model", MODEL,
+                         "--method", "scorecam"])
+        written = _terminal_output(master)
+    finally:
+        terminal.close()
+        os.close(master)
+    assert code == 0, capsys.readouterr().err
+    told = [re.fullmatch(rf"[|/\\-] explaining {re.escape(str(PHOTO))} \(scorecam\)  \d+ s"
+                         r"  (\d+)/(\d+) masked passes, about \d+ s left *", frame)
+            for frame in written.split("\r") if frame.strip()]
+    passes = [(int(m[1]), int(m[2])) for m in told if m]
+    assert passes, written
+    assert [done for done, _ in passes] == sorted(done for done, _ in passes)
+    assert all(0 < done <= total for done, total in passes)
+
+
 def test_help_states_each_methods_cost_as_measured() -> None:
     done = _gradcam("explain", "--help")
     assert done.returncode == 0
