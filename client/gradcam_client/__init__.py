@@ -27,11 +27,14 @@ from .errors import (
 )
 from .images import ImageInput
 from .options import DetectionTarget, ExplainKwargs, ExplainOptions, HeatmapSize
-from .protocol import METHODS
+from .protocol import METHODS, METRICS
 from .results import (
     ClassHeatmap,
     DetectedBox,
+    Evaluation,
     Explanation,
+    ImageEvaluation,
+    MetricResult,
     ModelInfo,
     ModelStatus,
     Prediction,
@@ -50,12 +53,14 @@ from gradcam_common.overlay import (
 __all__ = [
     "COLORMAPS",
     "METHODS",
+    "METRICS",
     "PIXEL_METHODS",
     "AsyncGradCamClient",
     "ClassHeatmap",
     "DetectedBox",
     "DetectionTarget",
     "DeadlineError",
+    "Evaluation",
     "ExplainKwargs",
     "ExplainOptions",
     "Explanation",
@@ -63,8 +68,10 @@ __all__ = [
     "GradCamClient",
     "GradCamError",
     "HeatmapSize",
+    "ImageEvaluation",
     "ImageInput",
     "InvalidInputError",
+    "MetricResult",
     "ModelInfo",
     "ModelNotFoundError",
     "ModelStatus",

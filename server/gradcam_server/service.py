@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from . import faithfulness
 from .augment.names import NAMES
 from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .engine import Engine, RunResult, ServiceLimits
@@ -37,10 +38,15 @@ from .postprocess import (
 )
 from .preprocess import decode_image, image_size, to_tensor
 from .repository import ModelRepository
-from .request import ResolvedExplain, ResolvedInfer
+from .request import ResolvedEvaluate, ResolvedExplain, ResolvedInfer
 from .validate import Feeds, check_tensor, feeds, image_tensor_size
 
 T = TypeVar("T")
+
+# Evaluate: the rows of one forward run of perturbed copies, at most (and their bytes): the
+# best size is measured per model and input shape among the powers of two up to this.
+MAX_EVALUATION_BATCH = 64
+MAX_EVALUATION_RUN_BYTES = 64 * 1024 * 1024
 
 __all__ = ["GradCamService", "ServiceLimits"]
 
@@ -55,6 +61,8 @@ class GradCamService:
         self.max_pixels = limits.max_pixels
         self.engine = Engine(limits, on_batch)
         self.admit = self.engine.admit
+        self._evaluation_batches: dict[tuple, int] = {}  # (model, input shape) -> rows
+        self._measuring = asyncio.Lock()
 
     def model(self, name: str) -> ServedModel:
         return self.repository.get(name)
@@ -197,6 +205,168 @@ class GradCamService:
             if pictures is not None:
                 pictures.append(decoded)
         return tensors, sizes
+
+    # -- Evaluate: faithfulness metrics ------------------------------------------------------
+    async def evaluate(
+        self, request: ResolvedEvaluate, encode: Callable[[faithfulness.Evaluated], T] | None = None,
+        deadline: float | None = None,
+    ) -> faithfulness.Evaluated | T:
+        """The faithfulness metrics of each method's map of each image (`faithfulness`): per
+        method, the images' maps from one explain run per image shape (the target class of
+        each image fixed by the first run), then every perturbed copy scored in runs of the
+        model's plain forward graph, `batch_size` rows each (measured once per model and
+        shape: `evaluation_batch`); the next run's copies are made in a worker thread while
+        the session runs the current one. Returns `encode(evaluated)`, computed in a worker
+        thread, or the `faithfulness.Evaluated` itself."""
+        model, plan = request.model, request.plan
+        started = time.perf_counter()
+        tensors, sizes = await asyncio.to_thread(self._evaluation_tensors, request)
+        preprocess_seconds = time.perf_counter() - started
+        shapes: dict[tuple, list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            shapes.setdefault(tensor.shape, []).append(index)
+        count = len(tensors)
+        classes, originals = [0] * count, [0.0] * count
+        measured: list[list[tuple[str, dict]]] = [[] for _ in range(count)]
+        inference_seconds, batch_size = 0.0, 0
+        target = -1 if request.class_index is None else request.class_index
+        for number, graph in enumerate(request.graphs):
+            for shape, indices in shapes.items():
+                x = np.stack([tensors[i] for i in indices])
+                checked = await asyncio.to_thread(lambda: feeds(
+                    model, graph, x, target_class=np.full(len(x), target, np.int64),
+                    max_pixels=self.max_pixels,
+                ))
+                result = await self.engine.run(model, graph, checked, deadline)
+                inference_seconds += result.run_seconds
+                if number == 0:
+                    scores = result.outputs[graph.output]
+                    for row, index in enumerate(indices):
+                        classes[index] = _explained_class(scores[row], request.class_index)
+                        originals[index] = float(faithfulness.class_scores(
+                            scores[row:row + 1], np.array([classes[index]]), plan.score)[0])
+                heatmaps = result.outputs[NAMES.heatmap]
+                jobs = [
+                    faithfulness.MapPerturbations(
+                        _channels_first(model, tensors[index]), heatmaps[row], plan, seed=index)
+                    for row, index in enumerate(indices)
+                ]
+                batch_size = await self.evaluation_batch(model, shape)
+                scores_of, seconds = await self._score_copies(
+                    model, graph.output, jobs, [classes[i] for i in indices], batch_size,
+                    deadline,
+                )
+                inference_seconds += seconds
+
+                def read(indices=indices, jobs=jobs, scores_of=scores_of,
+                         heatmaps=heatmaps) -> list[dict]:
+                    values = []
+                    for row, (index, job) in enumerate(zip(indices, jobs)):
+                        metrics = job.metrics(scores_of[row], originals[index])
+                        if faithfulness.POINTING_GAME in plan.metrics:
+                            metrics[faithfulness.POINTING_GAME] = _pointing(
+                                request, index, heatmaps[row], sizes[index])
+                        values.append({name: metrics[name] for name in plan.metrics})
+                    return values
+
+                for index, values in zip(indices, await asyncio.to_thread(read)):
+                    measured[index].append((graph.method, values))
+
+        def finish():
+            evaluated = faithfulness.Evaluated(
+                images=tuple(
+                    faithfulness.ImageEvaluation(
+                        classes[i], model.label(classes[i], request.graphs[0].output),
+                        originals[i], tuple(measured[i]))
+                    for i in range(count)
+                ),
+                plan=plan, copies=request.copies, batch_size=batch_size,
+                preprocess_seconds=preprocess_seconds, inference_seconds=inference_seconds,
+            )
+            return evaluated if encode is None else encode(evaluated)
+
+        return await asyncio.to_thread(finish)
+
+    def _evaluation_tensors(
+        self, request: ResolvedEvaluate
+    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """The images decoded and preprocessed; each pointing mask checked against its
+        image's size (from the headers, before decoding)."""
+
+        def check_sizes(sizes: list[tuple[int, int]]) -> None:
+            for number, (target, (width, height)) in enumerate(zip(request.pointing, sizes)):
+                if target.mask is not None and target.mask.shape != (height, width):
+                    raise InvalidInput(
+                        f"image {number}: the pointing mask is {list(target.mask.shape)}, the "
+                        f"image [{height}, {width}]; give it at the image's size",
+                        field=f"pointing[{number}]")
+
+        return self._tensors(request.model, request.images, check_sizes)
+
+    async def evaluation_batch(self, model: ServedModel, shape: tuple[int, ...]) -> int:
+        """The rows per forward run with the best measured throughput for `model` on inputs
+        of `shape`: powers of two up to MAX_EVALUATION_BATCH (and MAX_EVALUATION_RUN_BYTES),
+        each timed on its second run, stopping after two sizes that gain under 5%; a model
+        with a fixed batch runs its own. Measured once, then kept."""
+        key = (model.name, shape)
+        if key in self._evaluation_batches:
+            return self._evaluation_batches[key]
+        async with self._measuring:
+            if key in self._evaluation_batches:
+                return self._evaluation_batches[key]
+            if model.fixed_batch is not None:
+                best = model.fixed_batch
+            else:
+                row_bytes = 4 * math.prod(shape)
+                cap = max(1, min(MAX_EVALUATION_BATCH, MAX_EVALUATION_RUN_BYTES // row_bytes))
+                best, best_seconds, idle = 1, math.inf, 0
+                size = 1
+                while size <= cap and idle < 2:
+                    x = np.zeros((size, *shape), np.float32)
+                    await self.engine.run(model, None, Feeds(x))
+                    seconds = (await self.engine.run(model, None, Feeds(x))).run_seconds / size
+                    idle = idle + 1 if seconds > 0.95 * best_seconds else 0
+                    if seconds < best_seconds:
+                        best, best_seconds = size, seconds
+                    size *= 2
+            self._evaluation_batches[key] = best
+            return best
+
+    async def _score_copies(
+        self, model: ServedModel, output: str, jobs: list[faithfulness.MapPerturbations],
+        classes: list[int], batch_size: int, deadline: float | None,
+    ) -> tuple[list[np.ndarray], float]:
+        """Each job's copies scored (its class's score, as the plan says), in forward runs of
+        `batch_size` rows; the copies of run k + 1 are made in a worker thread while run k
+        runs. Returns the scores per job and the runs' seconds."""
+        runs = faithfulness.chunks([job.count for job in jobs], batch_size)
+        scores = [np.empty(job.count) for job in jobs]
+        layout = model.config.preprocessing.layout
+
+        def make(run: list[tuple[int, int, int]]) -> np.ndarray:
+            x = np.concatenate([jobs[job].make(start, stop) for job, start, stop in run])
+            return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
+
+        seconds = 0.0
+        upcoming = asyncio.ensure_future(asyncio.to_thread(make, runs[0]))
+        try:
+            for number, run in enumerate(runs):
+                x = await upcoming
+                if number + 1 < len(runs):
+                    upcoming = asyncio.ensure_future(asyncio.to_thread(make, runs[number + 1]))
+                result = await self.engine.run(model, None, Feeds(x), deadline)
+                seconds += result.run_seconds
+                row_classes = np.concatenate(
+                    [np.full(stop - start, classes[job]) for job, start, stop in run])
+                measured = faithfulness.class_scores(
+                    result.outputs[output], row_classes, jobs[0].plan.score)
+                row = 0
+                for job, start, stop in run:
+                    scores[job][start:stop] = measured[row:row + stop - start]
+                    row += stop - start
+        finally:
+            upcoming.cancel()
+        return scores, seconds
 
     # -- KServe v2 ---------------------------------------------------------------------------
     async def infer(
@@ -419,3 +589,29 @@ def _for_image(index: int, function, data: bytes, max_pixels: int):
         return function(data, max_pixels)
     except InvalidInput as error:
         raise InvalidInput(f"image {index}: {error}", field=f"images[{index}]") from error
+
+
+def _explained_class(scores: np.ndarray, class_index: int | None) -> int:
+    """The class a row explains: `class_index`, or for -r (None: -1) the r-th highest-scoring
+    class, as the graph ranks them."""
+    if class_index is not None and class_index >= 0:
+        return class_index
+    rank = 1 if class_index is None else -class_index
+    return int(np.argsort(-scores.astype(np.float64), kind="stable")[rank - 1])
+
+
+def _channels_first(model: ServedModel, tensor: np.ndarray) -> np.ndarray:
+    """A preprocessed image as [C, H, W], whatever the model's input layout."""
+    if model.config.preprocessing.layout == "NHWC":
+        return tensor.transpose(2, 0, 1)
+    return tensor
+
+
+def _pointing(request: ResolvedEvaluate, index: int, heatmap: np.ndarray,
+              size: tuple[int, int]) -> faithfulness.MetricValue:
+    """The pointing game of one map, at its image's pixel size."""
+    target = request.pointing[index]
+    return faithfulness.pointing_game(
+        resize_heatmap(heatmap, size), box=target.box, mask=target.mask,
+        tolerance=request.pointing_tolerance,
+    )
