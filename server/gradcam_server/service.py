@@ -251,7 +251,8 @@ class GradCamService:
                         _channels_first(model, tensors[index]), heatmaps[row], plan, seed=index)
                     for row, index in enumerate(indices)
                 ]
-                batch_size = await self.evaluation_batch(model, shape)
+                if plan.copies:
+                    batch_size = await self.evaluation_batch(model, shape)
                 scores_of, seconds = await self._score_copies(
                     model, graph.output, jobs, [classes[i] for i in indices], batch_size,
                     deadline,
@@ -341,6 +342,8 @@ class GradCamService:
         runs. Returns the scores per job and the runs' seconds."""
         runs = faithfulness.chunks([job.count for job in jobs], batch_size)
         scores = [np.empty(job.count) for job in jobs]
+        if not runs:  # the pointing game alone
+            return scores, 0.0
         layout = model.config.preprocessing.layout
 
         def make(run: list[tuple[int, int, int]]) -> np.ndarray:
