@@ -47,21 +47,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DELETION = "deletion"
-INSERTION = "insertion"
-ROAD_MORF = "road_morf"
-ROAD_LERF = "road_lerf"
-ROAD_COMBINED = "road_combined"
-CONFIDENCE_CHANGE = "confidence_change"
-AVERAGE_DROP = "average_drop"
-INCREASE_IN_CONFIDENCE = "increase_in_confidence"
-POINTING_GAME = "pointing_game"
-METRICS = (DELETION, INSERTION, ROAD_MORF, ROAD_LERF, ROAD_COMBINED, CONFIDENCE_CHANGE,
-           AVERAGE_DROP, INCREASE_IN_CONFIDENCE, POINTING_GAME)
-# Whether a larger value means a more faithful map.
-HIGHER_IS_BETTER = {DELETION: False, INSERTION: True, ROAD_MORF: False, ROAD_LERF: True,
-                    ROAD_COMBINED: True, CONFIDENCE_CHANGE: True, AVERAGE_DROP: False,
-                    INCREASE_IN_CONFIDENCE: True, POINTING_GAME: True}
+from gradcam_common.faithfulness import METRICS
+
+DELETION, INSERTION, ROAD_MORF, ROAD_LERF, ROAD_COMBINED = METRICS[:5]
+CONFIDENCE_CHANGE, AVERAGE_DROP, INCREASE_IN_CONFIDENCE, POINTING_GAME = METRICS[5:]
 _MASKED = (CONFIDENCE_CHANGE, AVERAGE_DROP, INCREASE_IN_CONFIDENCE)
 
 PROBABILITY = "probability"  # the class's softmax probability (RISE's, Grad-CAM++'s)
