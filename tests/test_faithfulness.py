@@ -391,6 +391,51 @@ def test_evaluate_through_grpc_and_the_sdk(root: Path, repository) -> None:
     assert "one class per image" in top_k.details()
 
 
+def test_the_kserve_parameter_evaluate(root: Path, repository) -> None:
+    """KServe's ``evaluate`` parameter (tritonclient, in-process server) gives the metrics and
+    curves Evaluate computes; a target class that differs between rows is refused."""
+    import tritonclient.grpc as triton
+
+    from gradcam_server.server import GradCamServer, ServerOptions
+
+    x = tiny_images(2)
+    expected, _ = evaluate(repository, EvaluateRequest(
+        images=list(x), methods=["xgradcam"], steps=8, metrics=["deletion", "road_combined"]))
+
+    def call(port: int):
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        parameters = {"evaluate": "deletion,road_combined", "steps": 8, "method": "xgradcam"}
+        result = client.infer("tiny", [tensor], parameters=parameters)
+        classes = triton.InferInput("target_class", [2], "INT64")
+        classes.set_data_from_numpy(np.array([1, 2], np.int64))
+        with pytest.raises(triton.InferenceServerException) as refused:
+            client.infer("tiny", [tensor, classes], parameters=parameters)
+        client.close()
+        return result, refused.value
+
+    async def scenario():
+        server = GradCamServer(ServerOptions(root, port=0, metrics_port=None, threads=1))
+        port = await server.start()
+        await server.wait_until_loaded()
+        try:
+            return await asyncio.to_thread(call, port)
+        finally:
+            await server.stop(grace=1)
+
+    result, refused = asyncio.run(scenario())
+    deletion = [image.methods[0][1]["deletion"] for image in expected.images]
+    np.testing.assert_allclose(result.as_numpy("faithfulness_deletion"),
+                               [v.value for v in deletion], atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("faithfulness_deletion_curve"),
+                               [v.curve for v in deletion], atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("faithfulness_road_combined"),
+        [image.methods[0][1]["road_combined"].value for image in expected.images], atol=1e-6)
+    assert "one class for every row" in refused.message()
+
+
 # -- resnet18 and the shipped EfficientNet-Lite0, in the slow suite -------------------------------
 @pytest.fixture(scope="module")
 def zoo_repository(tmp_path_factory, onnx_zoo) -> ModelRepository:
