@@ -9,8 +9,9 @@ command, and overlays drawn with numpy and Pillow only.
 
 Modules: `client` (the two clients, thin shells doing the I/O), `options` (`ExplainOptions`),
 `images` (inputs made messages), `protocol` (requests built and answers read, no I/O),
-`results` (what comes back), `retry` (deadlines and retries), `connection` (address, TLS,
-channel), `errors` (status codes as exceptions), `cli` (the `gradcam` command).
+`results` (what comes back), `report` (an evaluation's table and curves), `retry` (deadlines
+and retries), `connection` (address, TLS, channel), `errors` (status codes as exceptions),
+`cli` (the `gradcam` command).
 """
 
 from .client import AsyncGradCamClient, GradCamClient
