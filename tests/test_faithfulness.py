@@ -460,13 +460,18 @@ def test_every_metric_matches_its_reference_on_resnet18(zoo_repository, score) -
 @pytest.mark.slow
 def test_grad_cam_beats_a_random_map_on_deletion_and_insertion(zoo_repository) -> None:
     """On the shipped EfficientNet-Lite0 (pretrained), for two photos: deleting the pixels
-    Grad-CAM ranks first drops the class probability faster than deleting them in a random
-    order, and inserting them raises it faster (the random map's curves: `rise_reference`)."""
+    Grad-CAM ranks first drops the class probability faster than deleting them in the order
+    of a random map, and inserting them raises it faster (the random map's curves:
+    `rise_reference`). The random map is a CAM's: uniform noise at the target layer's 7 x 7,
+    upsampled bilinearly (pytorch-grad-cam's RandomCAM has random channel weights); noise per
+    pixel would delete a scattered pattern, which destroys any photo faster than a region."""
     x = zoo.sample_batch(2)
     evaluated, _ = evaluate(zoo_repository, EvaluateRequest(
         images=list(x), steps=50, metrics=["deletion", "insertion"]), model=zoo.LITE0)
     torch_model = zoo.build_torch_model(zoo.LITE0)
-    random_map = np.random.default_rng(0).random((224, 224)).astype(np.float32)
+    noise = torch.from_numpy(np.random.default_rng(0).random((1, 1, 7, 7), np.float32))
+    random_map = torch.nn.functional.interpolate(
+        noise, size=(224, 224), mode="bilinear", align_corners=False)[0, 0].numpy()
     for number, image in enumerate(evaluated.images):
         values = image.methods[0][1]
         for mode in ("deletion", "insertion"):
