@@ -481,3 +481,26 @@ def test_grad_cam_beats_a_random_map_on_deletion_and_insertion(zoo_repository) -
                 assert values[mode].value < random_auc, (number, values[mode], random_auc)
             else:
                 assert values[mode].value > random_auc, (number, values[mode], random_auc)
+
+
+def test_the_sdk_builds_the_request_and_refuses_before_sending() -> None:
+    from gradcam_client import InvalidInputError
+    from gradcam_client.protocol import evaluate_request
+    from gradcam_proto import gradcam_pb2 as pb
+
+    x = tiny_images(2)
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    request = evaluate_request(x, model="tiny", methods=["gradcam", "scorecam"],
+                               metrics=["deletion", "pointing_game"], target_class=-2,
+                               steps=20, pointing=[(1, 2, 3, 4), mask], score="logit")
+    assert list(request.methods) == [pb.METHOD_GRADCAM, pb.METHOD_SCORECAM]
+    assert list(request.metrics) == [pb.METRIC_DELETION, pb.METRIC_POINTING_GAME]
+    assert request.target.class_index == -2 and request.steps == 20 and request.score == "logit"
+    assert request.pointing[0].box == pb.BoundingBox(x1=1, y1=2, x2=3, y2=4)
+    assert list(request.pointing[1].mask.shape) == [SIZE, SIZE]
+    with pytest.raises(InvalidInputError, match="unknown metric 'auc'"):
+        evaluate_request(x, model="tiny", metrics=["auc"])
+    with pytest.raises(InvalidInputError, match="a box .* or a mask"):
+        evaluate_request(x, model="tiny", pointing=[(1, 2, 3)])
+    with pytest.raises(InvalidInputError, match="unknown method"):
+        evaluate_request(x, model="tiny", methods=["gradkam"])

@@ -47,6 +47,7 @@ T = TypeVar("T")
 # best size is measured per model and input shape among the powers of two up to this.
 MAX_EVALUATION_BATCH = 64
 MAX_EVALUATION_RUN_BYTES = 64 * 1024 * 1024
+FIXED_BATCH_ROWS = 16
 
 __all__ = ["GradCamService", "ServiceLimits"]
 
@@ -308,15 +309,16 @@ class GradCamService:
         """The rows per forward run with the best measured throughput for `model` on inputs
         of `shape`: powers of two up to MAX_EVALUATION_BATCH (and MAX_EVALUATION_RUN_BYTES),
         each timed on its second run, stopping after two sizes that gain under 5%; a model
-        with a fixed batch runs its own. Measured once, then kept."""
+        with a fixed batch runs its own, FIXED_BATCH_ROWS rows per request (the session runs
+        them batch by batch). Measured once, then kept."""
         key = (model.name, shape)
         if key in self._evaluation_batches:
             return self._evaluation_batches[key]
         async with self._measuring:
             if key in self._evaluation_batches:
                 return self._evaluation_batches[key]
-            if model.fixed_batch is not None:
-                best = model.fixed_batch
+            if model.fixed_batch is not None:  # runs of its batch; a request holds several
+                best = model.fixed_batch * max(1, FIXED_BATCH_ROWS // model.fixed_batch)
             else:
                 row_bytes = 4 * math.prod(shape)
                 cap = max(1, min(MAX_EVALUATION_BATCH, MAX_EVALUATION_RUN_BYTES // row_bytes))
