@@ -48,6 +48,7 @@ T = TypeVar("T")
 MAX_EVALUATION_BATCH = 64
 MAX_EVALUATION_RUN_BYTES = 64 * 1024 * 1024
 FIXED_BATCH_ROWS = 16
+MEASURED_ROWS = 32  # rows timed per candidate size, its fastest run kept (robust to load)
 
 __all__ = ["GradCamService", "ServiceLimits"]
 
@@ -308,7 +309,8 @@ class GradCamService:
     async def evaluation_batch(self, model: ServedModel, shape: tuple[int, ...]) -> int:
         """The rows per forward run with the best measured throughput for `model` on inputs
         of `shape`: powers of two up to MAX_EVALUATION_BATCH (and MAX_EVALUATION_RUN_BYTES),
-        each timed on its second run, stopping after two sizes that gain under 5%; a model
+        each run MEASURED_ROWS rows' worth of times (at least twice) after one untimed run, its
+        fastest run kept, stopping after two sizes that gain under 5%; a model
         with a fixed batch runs its own, FIXED_BATCH_ROWS rows per request (the session runs
         them batch by batch). Measured once, then kept."""
         key = (model.name, shape)
@@ -326,8 +328,10 @@ class GradCamService:
                 size = 1
                 while size <= cap and idle < 2:
                     x = np.zeros((size, *shape), np.float32)
-                    await self.engine.run(model, None, Feeds(x))
-                    seconds = (await self.engine.run(model, None, Feeds(x))).run_seconds / size
+                    await self.engine.run(model, None, Feeds(x))  # allocates for the shape
+                    runs = max(2, MEASURED_ROWS // size)
+                    seconds = min([(await self.engine.run(model, None, Feeds(x))).run_seconds
+                                   for _ in range(runs)]) / size
                     idle = idle + 1 if seconds > 0.95 * best_seconds else 0
                     if seconds < best_seconds:
                         best, best_seconds = size, seconds
