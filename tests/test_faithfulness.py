@@ -327,9 +327,9 @@ def test_a_pointing_mask_must_have_its_images_size(repository) -> None:
 
 # -- through gRPC: the SDK against an in-process server -----------------------------------------
 def test_evaluate_through_grpc_and_the_sdk(root: Path, repository) -> None:
-    """GradCamClient.evaluate against a served model gives what the service computes in
-    process; errors come back as INVALID_ARGUMENT naming the field."""
-    from gradcam_client import GradCamClient, InvalidInputError
+    """GradCamClient.evaluate (and the asyncio client's) against a served model gives what the
+    service computes in process; errors come back as INVALID_ARGUMENT naming the field."""
+    from gradcam_client import AsyncGradCamClient, GradCamClient, InvalidInputError
     from gradcam_proto import gradcam_pb2 as pb
     from gradcam_proto import gradcam_pb2_grpc as pb_grpc
     from gradcam_server.server import GradCamServer, ServerOptions
@@ -348,6 +348,13 @@ def test_evaluate_through_grpc_and_the_sdk(root: Path, repository) -> None:
             with pytest.raises(InvalidInputError, match="steps must be in 1..1000") as caught:
                 client.evaluate(x, model="tiny", steps=5000)
             refused = caught.value
+        async def awaited():
+            async with AsyncGradCamClient(address, timeout=120) as client:
+                return await client.evaluate(x, model="tiny", methods=["layercam"], steps=10,
+                                             metrics=["insertion"], target_class=3)
+
+        assert asyncio.run(awaited()).images[1].methods["layercam"]["insertion"].value == (
+            pytest.approx(result.images[1].methods["layercam"]["insertion"].value, abs=1e-6))
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GradCamStub(channel)
             request = pb.EvaluateRequest(model="tiny", metrics=[42])

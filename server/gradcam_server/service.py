@@ -25,7 +25,7 @@ from .augment.names import NAMES
 from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .engine import Engine, RunResult, ServiceLimits
 from .errors import InvalidInput
-from .model import Explaining, ServedModel
+from .model import Explaining, Graph, ServedModel
 from .postprocess import (
     ClassMap,
     Explained,
@@ -227,27 +227,15 @@ class GradCamService:
         shapes: dict[tuple, list[int]] = {}
         for index, tensor in enumerate(tensors):
             shapes.setdefault(tensor.shape, []).append(index)
-        count = len(tensors)
-        classes, originals = [0] * count, [0.0] * count
-        measured: list[list[tuple[str, dict]]] = [[] for _ in range(count)]
+        explained: dict[int, tuple[int, float]] = {}  # image -> (class, its intact score)
+        measured: list[list[tuple[str, dict]]] = [[] for _ in tensors]
         inference_seconds, batch_size = 0.0, 0
-        target = -1 if request.class_index is None else request.class_index
-        for number, graph in enumerate(request.graphs):
+        for graph in request.graphs:
             for shape, indices in shapes.items():
-                x = np.stack([tensors[i] for i in indices])
-                checked = await asyncio.to_thread(lambda: feeds(
-                    model, graph, x, target_class=np.full(len(x), target, np.int64),
-                    max_pixels=self.max_pixels,
-                ))
-                result = await self.engine.run(model, graph, checked, deadline)
-                inference_seconds += result.run_seconds
-                if number == 0:
-                    scores = result.outputs[graph.output]
-                    for row, index in enumerate(indices):
-                        classes[index] = _explained_class(scores[row], request.class_index)
-                        originals[index] = float(faithfulness.class_scores(
-                            scores[row:row + 1], np.array([classes[index]]), plan.score)[0])
-                heatmaps = result.outputs[NAMES.heatmap]
+                heatmaps, seconds = await self._evaluated_maps(
+                    request, graph, np.stack([tensors[i] for i in indices]), indices, explained,
+                    deadline)
+                inference_seconds += seconds
                 jobs = [
                     faithfulness.MapPerturbations(
                         _channels_first(model, tensors[index]), heatmaps[row], plan, seed=index)
@@ -255,33 +243,24 @@ class GradCamService:
                 ]
                 if plan.copies:
                     batch_size = await self.evaluation_batch(model, shape)
-                scores_of, seconds = await self._score_copies(
-                    model, graph.output, jobs, [classes[i] for i in indices], batch_size,
+                scores, seconds = await self._score_copies(
+                    model, graph.output, jobs, [explained[i][0] for i in indices], batch_size,
                     deadline,
                 )
                 inference_seconds += seconds
-
-                def read(indices=indices, jobs=jobs, scores_of=scores_of,
-                         heatmaps=heatmaps) -> list[dict]:
-                    values = []
-                    for row, (index, job) in enumerate(zip(indices, jobs)):
-                        metrics = job.metrics(scores_of[row], originals[index])
-                        if faithfulness.POINTING_GAME in plan.metrics:
-                            metrics[faithfulness.POINTING_GAME] = _pointing(
-                                request, index, heatmaps[row], sizes[index])
-                        values.append({name: metrics[name] for name in plan.metrics})
-                    return values
-
-                for index, values in zip(indices, await asyncio.to_thread(read)):
-                    measured[index].append((graph.method, values))
+                values = await asyncio.to_thread(
+                    _read_metrics, request, jobs, scores, heatmaps,
+                    [(index, explained[index][1], sizes[index]) for index in indices])
+                for index, image_values in zip(indices, values):
+                    measured[index].append((graph.method, image_values))
 
         def finish():
             evaluated = faithfulness.Evaluated(
                 images=tuple(
                     faithfulness.ImageEvaluation(
-                        classes[i], model.label(classes[i], request.graphs[0].output),
-                        originals[i], tuple(measured[i]))
-                    for i in range(count)
+                        explained[i][0], model.label(explained[i][0], request.graphs[0].output),
+                        explained[i][1], tuple(measured[i]))
+                    for i in range(len(tensors))
                 ),
                 plan=plan, copies=request.copies, batch_size=batch_size,
                 preprocess_seconds=preprocess_seconds, inference_seconds=inference_seconds,
@@ -289,6 +268,29 @@ class GradCamService:
             return evaluated if encode is None else encode(evaluated)
 
         return await asyncio.to_thread(finish)
+
+    async def _evaluated_maps(
+        self, request: ResolvedEvaluate, graph: Graph, x: np.ndarray, indices: list[int],
+        explained: dict[int, tuple[int, float]], deadline: float | None,
+    ) -> tuple[np.ndarray, float]:
+        """The maps [N, H, W] of `graph` for the images `x` (numbers `indices`) from one run of
+        the augmented graph, and its seconds; the first run also fills in `explained`: each
+        image's class (the request's, or its rank's) and its score on the intact image."""
+        model = request.model
+        target = -1 if request.class_index is None else request.class_index
+        checked = await asyncio.to_thread(lambda: feeds(
+            model, graph, x, target_class=np.full(len(x), target, np.int64),
+            max_pixels=self.max_pixels,
+        ))
+        result = await self.engine.run(model, graph, checked, deadline)
+        scores = result.outputs[graph.output]
+        for row, index in enumerate(indices):
+            if index not in explained:
+                category = _explained_class(scores[row], request.class_index)
+                intact = faithfulness.class_scores(
+                    scores[row:row + 1], np.array([category]), request.plan.score)[0]
+                explained[index] = (category, float(intact))
+        return result.outputs[NAMES.heatmap], result.run_seconds
 
     def _evaluation_tensors(
         self, request: ResolvedEvaluate
@@ -614,6 +616,22 @@ def _channels_first(model: ServedModel, tensor: np.ndarray) -> np.ndarray:
     if model.config.preprocessing.layout == "NHWC":
         return tensor.transpose(2, 0, 1)
     return tensor
+
+
+def _read_metrics(
+    request: ResolvedEvaluate, jobs: list[faithfulness.MapPerturbations],
+    scores: list[np.ndarray], heatmaps: np.ndarray,
+    images: list[tuple[int, float, tuple[int, int]]],
+) -> list[dict[str, faithfulness.MetricValue]]:
+    """Each map's metrics, in the plan's order, from its copies' `scores`; `images` holds
+    per map its image's number, intact score and pixel size (the pointing game's)."""
+    plan, values = request.plan, []
+    for job, copies, heatmap, (index, intact, size) in zip(jobs, scores, heatmaps, images):
+        metrics = job.metrics(copies, intact)
+        if faithfulness.POINTING_GAME in plan.metrics:
+            metrics[faithfulness.POINTING_GAME] = _pointing(request, index, heatmap, size)
+        values.append({name: metrics[name] for name in plan.metrics})
+    return values
 
 
 def _pointing(request: ResolvedEvaluate, index: int, heatmap: np.ndarray,
