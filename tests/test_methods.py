@@ -21,7 +21,8 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
-from gradcam_server.augment import augment_model, explained_target
+from gradcam_server.augment import AugmentError, augment_model, explained_target
+from gradcam_server.augment.factorization import CONCEPTS, NMF_ITERATIONS, initial_factors
 from gradcam_server.augment.methods import INTEGRATION_STEPS
 
 pytestmark = pytest.mark.slow
@@ -366,6 +367,67 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
 
 
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
+class SameStartNMF:
+    """scikit-learn's NMF with our factorisation's settings, in place of the one
+    pytorch-grad-cam's DFF builds (``NMF(n_components, init="random", random_state=0)``):
+    multiplicative updates for the Frobenius norm, NMF_ITERATIONS of them (tol 0), from our
+    documented start avg * U (`factorization.initial_factors`) in place of the random one."""
+
+    def __init__(self, n_components: int, **_ignored) -> None:
+        self.n_components = n_components
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        from sklearn.decomposition import NMF
+
+        u_w, u_h = initial_factors(x.shape[0], x.shape[1], self.n_components)
+        average = np.sqrt(x.mean() / self.n_components)
+        nmf = NMF(self.n_components, init="custom", solver="mu", max_iter=NMF_ITERATIONS,
+                  tol=0)
+        w = nmf.fit_transform(x, W=(average * u_w).astype(x.dtype),
+                              H=(average * u_h).astype(x.dtype))
+        self.components_ = nmf.components_
+        return w
+
+
+def test_deep_feature_factorization_matches_pytorch_grad_cam(monkeypatch, onnx_zoo) -> None:
+    """pytorch-grad-cam's DeepFeatureFactorization on resnet18's layer4 with its classifier
+    (model.fc) as the computation on the concepts, one image at a time, scikit-learn's NMF
+    run as ours (`SameStartNMF`): the concepts' softmax scores for the class are
+    ``concept_scores``, and the heatmap is the map of the concept scoring highest."""
+    from pytorch_grad_cam.feature_factorization import deep_feature_factorization as reference
+
+    monkeypatch.setattr(reference, "NMF", SameStartNMF)
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    session = zoo.ort_session(augment_model(onnx_zoo("resnet18", "torchscript"), method="dff")
+                              .SerializeToString())
+    heatmap, scores = session.run(["heatmap", "concept_scores"],
+                                  {"input": x, "target_class": np.array([-1, 7])})
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    expected_maps, expected_scores = [], []
+    for i, category in enumerate(classes):
+        dff = reference.DeepFeatureFactorization(model=model, target_layer=model.layer4,
+                                                 computation_on_concepts=model.fc)
+        _, maps, outputs = dff(torch.from_numpy(x[i:i + 1]), CONCEPTS)
+        probabilities = torch.softmax(torch.from_numpy(outputs), dim=-1).numpy()[:, category]
+        expected_scores.append(probabilities)
+        expected_maps.append(maps[0][probabilities.argmax()])
+    np.testing.assert_allclose(scores, np.stack(expected_scores), rtol=1e-3)
+    assert_correlated(heatmap, np.stack(expected_maps), minimum=0.999)
+
+
+def test_deep_feature_factorization_refuses_a_layer_the_classifier_does_not_pool(
+    onnx_zoo,
+) -> None:
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(1)
+    path = onnx_zoo("resnet18", "torchscript")
+    with pytest.raises(AugmentError, match="global average pooling"):
+        augment_model(path, method="dff", layer=resnet18_layer3(model, path, x))
+    with pytest.raises(AugmentError, match="class logit only"):
+        augment_model(path, method="dff", score="probability")
+
+
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
     "eigencam": test_principal_component_projection,
@@ -375,6 +437,7 @@ REFERENCE_TESTS = {
     "scorecam": test_score_cam_matches_pytorch_grad_cam,
     "groupcam": test_group_cam_follows_the_authors_definition,
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
+    "dff": test_deep_feature_factorization_matches_pytorch_grad_cam,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
 }

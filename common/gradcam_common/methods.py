@@ -71,6 +71,10 @@ METHODS: tuple[Method, ...] = (
            "copy, weighted by the gain in class probability", reruns_network=True),
     Method("integrated-gradcam", "METHOD_INTEGRATED_GRADCAM", "Integrated Grad-CAM",
            "Grad-CAM maps of copies of the image scaled from black to it, summed", path=True),
+    Method("dff", "METHOD_DFF", "Deep Feature Factorization",
+           "the layer factorised into 5 non-negative concepts (NMF), each scored by the "
+           "classifier head; the map of the concept scoring highest for the class",
+           uses_gradients=False),
     Method("guided-backprop", "METHOD_GUIDED_BACKPROP", "Guided Backpropagation",
            "input gradients through guided ReLUs; the heatmap is their largest magnitude over "
            "the colour channels", pixel_level=True),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx
+from onnx import TensorProto
 from gradcam_common.methods import METHODS, Method, method
 
 from .ablation import ablation_weights
@@ -48,9 +49,11 @@ from .cam import (
     x_grad_cam,
 )
 from .errors import AugmentError
+from .factorization import CONCEPTS, deep_feature_factorization
 from .graph import GraphBuilder
 from .group import group_cam
 from .layout import TargetView
+from .names import NAMES
 from .score import score_cam
 from .scores import Detection, Logit, ScoreTarget
 from .smoothing import Transform, integration_transforms
@@ -320,6 +323,44 @@ class IntegratedGradCam(LayerMethod):
         path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
         summed = b.reduce("ReduceSum", path, [0], keepdims=False)
         return cam_heatmap(b, summed, image.name, spatial_axes(image))
+
+
+class DeepFeatureFactorization(CamMethod):
+    """The target layer factorised into non-negative concepts scored by the classifier head;
+    the map of the concept scoring highest for the class (`factorization.py`). One target
+    layer (the feature map the classifier pools); each concept's score for the class is the
+    output ``concept_scores`` [N, k]."""
+
+    entry = method("dff")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+        if not isinstance(score, Logit) or counterfactual or aug_smooth:
+            raise AugmentError(
+                f"{self.name} scores its concepts with the classifier's class scores: the class "
+                f"logit only, no score, counterfactual or aug_smooth option"
+            )
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        b, feature = inputs.b, inputs.features[0]
+        if len(inputs.features) > 1:
+            raise AugmentError(f"{self.name} factorises one target layer, not several")
+        if feature.view.layout != "nchw":
+            raise AugmentError(f"{self.name} needs an NCHW target layer (the feature map the "
+                               f"classifier pools); {feature.view.tensor!r} is "
+                               f"{feature.view.describe()}")
+        raw, scores = deep_feature_factorization(
+            b, feature.activations, feature.view.tensor, inputs.score_output,
+            inputs.seeds[inputs.score_output],
+        )
+        batch = inputs.image.type.tensor_type.shape.dim[0]
+        b.add_output(scores, NAMES.concept_scores, TensorProto.FLOAT,
+                     [batch.dim_value or batch.dim_param or None, CONCEPTS])
+        return cam_heatmap(b, raw, inputs.image.name, spatial_axes(inputs.image)), None
 
 
 class PixelMethod(CamMethod):
