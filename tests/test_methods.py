@@ -24,6 +24,9 @@ import zoo
 from gradcam_server.augment import AugmentError, augment_model, explained_target
 from gradcam_server.augment.factorization import CONCEPTS, NMF_ITERATIONS, initial_factors
 from gradcam_server.augment.methods import INTEGRATION_STEPS
+from gradcam_server.augment.sess import SESS_SCALES
+from gradcam_server.augment.smoothing import IDENTITY_TRANSFORM
+from gradcam_server.augment.sess import patches as sess_patches
 
 pytestmark = pytest.mark.slow
 
@@ -367,6 +370,50 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
 
 
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
+def test_sess_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    """pytorch-grad-cam's SESS with Grad-CAM as its base method and the same scales (its
+    defaults otherwise: window and stride the input's 224, theta 0, mean pooling, the 11 x 11
+    blur): its patches are cut from torchvision's antialiased bilinear resize and pasted back
+    with cv2.resize, ours by ONNX Resize (half-pixel bilinear) in one batch."""
+    from pytorch_grad_cam.sess import SESS
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    session = zoo.ort_session(augment_model(path, method="sess").SerializeToString())
+    feeds = {"input": x, "target_class": np.array([-1, 7])}
+    heatmap, logits = session.run(["heatmap", "logits"], feeds)
+    np.testing.assert_allclose(logits, zoo.torch_logits("resnet18", x), rtol=1e-3, atol=1e-3)
+    classes = [int(logits[0].argmax()), 7]
+    with SESS(model=model, target_layers=[model.layer4], num_scales=SESS_SCALES) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(heatmap, theirs, minimum=0.999)
+    plain = explain(path, x, classes, method="gradcam")
+    assert max(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(plain, theirs)) < 0.9
+
+
+def test_sess_patches_and_refusals(tmp_path) -> None:
+    """The windows of pytorch-grad-cam's SESS for a square input, and a clear refusal where
+    the input's size is not fixed or the score is not the class logit."""
+    from pytorch_grad_cam.sess import window_starts as reference_starts
+
+    found = [((224, 224), (0, 0)) if p == IDENTITY_TRANSFORM else (p.size, p.corner)
+             for p in sess_patches(224, 224, 12)]
+    expected = [((side, side), (y, x)) for side in range(224, 224 + 64 * 12, 64)
+                for y in reference_starts(side, 224, 224) for x in reference_starts(side, 224, 224)]
+    assert found == expected and len(found) == 122
+    assert len(sess_patches(224, 224)) == len(sess_patches(320, 480)) == 13
+    model = zoo.build_torch_model("resnet18")
+    path = tmp_path / "dynamic.onnx"
+    torch.onnx.export(model, torch.from_numpy(zoo.sample_batch(1)), str(path),
+                      input_names=["input"], output_names=["logits"], dynamo=False,
+                      dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}})
+    with pytest.raises(AugmentError, match="needs a fixed height and width"):
+        augment_model(path, method="sess")
+    with pytest.raises(AugmentError, match="class logit only"):
+        augment_model(path, method="sess", score="probability")
+
+
 class SameStartNMF:
     """scikit-learn's NMF with our factorisation's settings, in place of the one
     pytorch-grad-cam's DFF builds (``NMF(n_components, init="random", random_state=0)``):
@@ -437,6 +484,7 @@ REFERENCE_TESTS = {
     "scorecam": test_score_cam_matches_pytorch_grad_cam,
     "groupcam": test_group_cam_follows_the_authors_definition,
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
+    "sess": test_sess_matches_pytorch_grad_cam,
     "dff": test_deep_feature_factorization_matches_pytorch_grad_cam,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,

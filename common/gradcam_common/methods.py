@@ -10,8 +10,8 @@ A method's traits say how it is computed, which decides what a request may combi
 * ``reruns_network``: the network (or its part after the target layer) runs again on
   perturbed copies inside the session (Ablation-CAM, Score-CAM, Group-CAM); it explains the
   class logit only, and its cost grows with the layer's channels.
-* ``path``: the gradients are integrated along scaled copies of the image (Integrated
-  Grad-CAM).
+* ``path``: the network runs on copies of the image tiled along the batch, the class resolved
+  on the image itself: Integrated Grad-CAM's scaled copies, SESS's patches.
 * ``pixel_level``: the map is an input-gradient image at the model's input size (Guided
   Backpropagation, Guided Grad-CAM); the signed gradients come back beside the heatmap.
 * ``uses_gradients``: False for the methods computed from the activations alone.
@@ -71,6 +71,9 @@ METHODS: tuple[Method, ...] = (
            "copy, weighted by the gain in class probability", reruns_network=True),
     Method("integrated-gradcam", "METHOD_INTEGRATED_GRADCAM", "Integrated Grad-CAM",
            "Grad-CAM maps of copies of the image scaled from black to it, summed", path=True),
+    Method("sess", "METHOD_SESS", "SESS",
+           "Grad-CAM maps of patches slid over the image at 4 scales, weighted by their class "
+           "probability, pasted back and averaged", path=True),
     Method("dff", "METHOD_DFF", "Deep Feature Factorization",
            "the layer factorised into 5 non-negative concepts (NMF), each scored by the "
            "classifier head; the map of the concept scoring highest for the class",

@@ -27,6 +27,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_FEM: _ClassVar[Method]
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
     METHOD_KPCACAM: _ClassVar[Method]
+    METHOD_SESS: _ClassVar[Method]
     METHOD_DFF: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
@@ -46,6 +47,7 @@ METHOD_GROUPCAM: Method
 METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
+METHOD_SESS: Method
 METHOD_DFF: Method
 
 class Tensor(_message.Message):

@@ -55,6 +55,8 @@ from .group import group_cam
 from .layout import TargetView
 from .names import NAMES
 from .score import score_cam
+from .sess import input_size, sess_fusion
+from .sess import patches as sess_patches
 from .scores import Detection, Logit, ScoreTarget
 from .smoothing import Transform, integration_transforms
 from .targets import append_backward, spatial_axes
@@ -141,8 +143,8 @@ class CamMethod(ABC):
         if aug_smooth and self.path:
             raise AugmentError(f"{self.name} cannot be combined with aug_smooth")
 
-    def image_transforms(self) -> tuple[Transform, ...]:
-        """The transformed copies of the image the network runs on, identity included
+    def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
+        """The transformed copies of the `image` input the network runs on, identity included
         (`smoothing.tile_transforms`); none: the image alone."""
         return ()
 
@@ -305,7 +307,7 @@ class IntegratedGradCam(LayerMethod):
 
     entry = method("integrated-gradcam")
 
-    def image_transforms(self) -> tuple[Transform, ...]:
+    def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
         return integration_transforms(INTEGRATION_STEPS)
 
     def layer_map(self, inputs: MapInputs, feature: Features) -> str:
@@ -314,7 +316,7 @@ class IntegratedGradCam(LayerMethod):
         b, image = inputs.b, inputs.image
         per_row = b.op("Relu", [channel_sum(b, grad_cam(b, feature.activations,
                                                         feature.gradients))])
-        steps = len(self.image_transforms())
+        steps = len(self.image_transforms(image))
         grouped = b.op("Reshape", [per_row, b.op(
             "Concat",
             [b.ints([steps]), b.shape_slice(image.name, 0, 1), b.shape_slice(per_row, 1)],
@@ -323,6 +325,42 @@ class IntegratedGradCam(LayerMethod):
         path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
         summed = b.reduce("ReduceSum", path, [0], keepdims=False)
         return cam_heatmap(b, summed, image.name, spatial_axes(image))
+
+
+class Sess(CamMethod):
+    """SESS (`sess.py`): the Grad-CAM maps of patches slid over the image at several scales,
+    tiled along the batch after the image itself (`smoothing.py`), weighted by their class
+    probability, pasted back and fused. Several target layers are fused per patch first, as
+    pytorch-grad-cam's base method does."""
+
+    entry = method("sess")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+        if not isinstance(score, Logit) or counterfactual:
+            raise AugmentError(
+                f"{self.name} weighs its patches by the class probability: the class logit "
+                f"only, no score or counterfactual option"
+            )
+
+    def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
+        return sess_patches(*input_size(image))
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        b = inputs.b
+        maps = [contributions_heatmap(inputs, grad_cam(b, f.activations, f.gradients),
+                                      inputs.eigen_smooth) for f in inputs.features]
+        per_patch = maps[0] if len(maps) == 1 else mean_of_maps(b, maps)
+        onehot = inputs.seeds[inputs.score_output]
+        probabilities = b.reduce("ReduceSum", b.op("Mul", [
+            b.op("Softmax", [b.computed(inputs.score_output)], axis=1), onehot]), [1],
+            keepdims=False)
+        return sess_fusion(b, per_patch, probabilities, inputs.image,
+                           self.image_transforms(inputs.image)), None
 
 
 class DeepFeatureFactorization(CamMethod):

@@ -231,7 +231,7 @@ def augment_model(
     score_output = score_output_name(proto, output)
     if aug_smooth or cam_method.runs_on_copies:
         _refuse_other_inputs(proto, image.name, score_output, method)
-    transforms = TRANSFORMS if aug_smooth else cam_method.image_transforms()
+    transforms = TRANSFORMS if aug_smooth else cam_method.image_transforms(image)
     network_image, network_score = image.name, score_output
     if transforms:
         network_image, tiled = tile_transforms(
