@@ -188,7 +188,7 @@ class ChannelImportance(_message.Message):
     def __init__(self, channel: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection")
+    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection", "concept_scores")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class Heatmap(_message.Message):
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     PIXEL_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     DETECTION_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SCORES_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
     height: int
@@ -205,7 +206,8 @@ class Heatmap(_message.Message):
     channels: _containers.RepeatedCompositeFieldContainer[ChannelImportance]
     pixel_gradients: Tensor
     detection: Detection
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ...) -> None: ...
+    concept_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ..., concept_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "label", "score", "logit")
