@@ -87,7 +87,9 @@ docs/BENCHMARKS.md):
   ablationcam                                      0.92 s         about 23x
   scorecam                                         89 s           about 2200x
   integrated-gradcam                               1.29 s         about 21x
-  groupcam                                         2.45 s         about 40x"""
+  groupcam                                         2.45 s         about 40x
+  dff                                              about 59 ms    about 1.4x
+  sess                                             about 0.51 s   about 12.6x"""
 
 
 class CommandError(Exception):

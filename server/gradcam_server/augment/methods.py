@@ -5,7 +5,8 @@ A class declares its entry, from which its name and traits come (never repeated 
 what it cannot be combined with (`CamMethod.check`, an AugmentError naming the conflict), and
 builds its map from the target layers' features (`CamMethod.heatmap`), the math delegated to
 cam.py (channel weights, principal projection, the shared tail), ablation.py, score.py and
-group.py (the perturbation methods' Loops) and smoothing.py (a path method's scaled copies).
+group.py (the perturbation methods' Loops), smoothing.py (a path method's copies of the image),
+sess.py (SESS's patches and fusion) and factorization.py (Deep Feature Factorization).
 The pipeline (passes.py) asks a method object its traits and hooks, never its name.
 
 The families: a `ChannelMethod` weighs the layer's channels (the contributions [N, C, h, w] are

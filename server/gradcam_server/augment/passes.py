@@ -152,7 +152,10 @@ def augment_model(
             re-run with each channel ablated), "scorecam" (`score.py`: the network re-run on
             the image masked by each channel) or "groupcam" (`group.py`: channel groups as
             masks over a blurred copy), or "integrated-gradcam" (Grad-CAM summed along
-            scaled copies of the image, `methods.IntegratedGradCam`).
+            scaled copies of the image, `methods.IntegratedGradCam`), "sess" (`sess.py`:
+            Grad-CAM of patches at several scales, in one batch; a fixed input size) or "dff"
+            (`factorization.py`: NMF concepts scored by the classifier head; it adds the
+            output ``concept_scores`` [N, k], each concept's score for the class).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
         eigen_smooth: project the method's per-channel contributions on their first
