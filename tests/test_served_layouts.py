@@ -52,7 +52,8 @@ VARIANTS = [  # (layer, layout) requested beside the default, one graph each
 # Methods refused on this model, with a fragment of the reason: none, now that Gather (the head
 # reads the class token with it) has a backward rule. A method that starts or stops failing here
 # must be moved in or out of this table.
-REFUSED: dict[str, str] = {}
+# dff runs its concepts through the classifier head, which must pool an NCHW map
+REFUSED: dict[str, str] = {"dff": "dff needs an NCHW target layer"}
 
 
 class Block(torch.nn.Module):
