@@ -2,7 +2,9 @@
 non-negative concepts, each concept scored by the classifier head.
 
 Deep Feature Factorization (Collins, Achanta and Süsstrunk, ECCV 2018), as pytorch-grad-cam
-1.5.7's `dff` prepares it, per image: the activations as V [C, h*w] (NaN as 0), each channel
+1.5.7's `dff` prepares it, per image (pytorch-grad-cam factorises a batch jointly, its positions
+side by side; here each row of a batch is its own request, so each image is factorised alone,
+as pytorch-grad-cam does for a batch of one): the activations as V [C, h*w] (NaN as 0), each channel
 shifted by its minimum over the positions (the offset), V ~ W H with W [C, k] >= 0 the concept
 embeddings and H [k, h*w] >= 0 the concept maps; the concepts are W plus the offsets.
 
