@@ -29,6 +29,12 @@ MODEL = MODEL_DIR / "model.onnx"
 SINGLE_IMAGE_METHODS = ("scorecam",)  # ~20 s per image on 2 cores
 FACE_TO_BACKGROUND = 5.0  # heat on the face over heat on the background strip, at least
 MIRROR_CORRELATION = 0.9  # the photo's map against the mirrored photo's map, mirrored back
+# Methods held to other bounds than (FACE_TO_BACKGROUND, MIRROR_CORRELATION), and why; None
+# skips that check.
+BOUNDS = {
+    "guided-backprop": (1.0, MIRROR_CORRELATION),  # edges everywhere
+    "finercam": (3.0, 0.8),  # the cat against tabby and tiger cat: finer, less even detail
+}
 
 
 @functools.cache
@@ -81,15 +87,16 @@ def test_method_explains_the_cat_on_the_shipped_model(method: str) -> None:
     for row in heatmap:
         assert row.min() == 0.0 and row.max() > 0.99  # normalised, not flat
 
-    ratio = 1.0 if method == "guided-backprop" else FACE_TO_BACKGROUND  # edges everywhere
+    ratio, mirror_correlation = BOUNDS.get(method, (FACE_TO_BACKGROUND, MIRROR_CORRELATION))
     for index, row in enumerate(heatmap):
-        assert_on_the_face(row, mirror=index == 1, ratio=ratio)
+        if ratio is not None:
+            assert_on_the_face(row, mirror=index == 1, ratio=ratio)
     if pixel_level:
         pixels = fetched[2]
         assert pixels.shape == x.shape and np.isfinite(pixels).all() and np.ptp(pixels) > 0
-    elif batch == 2:
+    elif batch == 2 and mirror_correlation is not None:
         back = heatmap[1][:, ::-1]
-        assert np.corrcoef(heatmap[0].ravel(), back.ravel())[0, 1] > MIRROR_CORRELATION
+        assert np.corrcoef(heatmap[0].ravel(), back.ravel())[0, 1] > mirror_correlation
 
 
 def test_command_line_augments_the_shipped_model_for_group_cam(tmp_path, capsys) -> None:

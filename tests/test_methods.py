@@ -21,7 +21,7 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
-from gradcam_server.augment import augment_model, explained_target
+from gradcam_server.augment import AugmentError, augment_model, explained_target
 from gradcam_server.augment.methods import INTEGRATION_STEPS
 
 pytestmark = pytest.mark.slow
@@ -365,6 +365,34 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
                            atol=1e-2)
 
 
+def test_finer_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    """Finer-CAM against pytorch-grad-cam's FinerCAM (Grad-CAM base, comparison ranks 1-3,
+    alpha 1), one image at a time as its target_idx is one class for the batch; a rank (-2)
+    is resolved in the session. The comparison classes matter: the maps are measurably not
+    Grad-CAM's of the class logit."""
+    from pytorch_grad_cam.finer_cam import FinerCAM
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(3)
+    logits = zoo.torch_logits("resnet18", x)
+    path = onnx_zoo("resnet18", "torchscript")
+    ours = explain(path, x, [-1, 7, -2], method="finercam")
+    classes = [int(logits[0].argmax()), 7, int(np.argsort(logits[2])[-2])]
+    with FinerCAM(model=model, target_layers=[model.layer4]) as cam:
+        theirs = np.concatenate([cam(torch.from_numpy(x[i:i + 1]), target_idx=c)
+                                 for i, c in enumerate(classes)])
+    assert_correlated(ours, theirs, minimum=0.999)
+    plain = explain(path, x, classes, method="gradcam")
+    correlations = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, plain)]
+    assert max(correlations) < 0.99 and min(correlations) < 0.9
+
+
+def test_finer_cam_refuses_another_score(onnx_zoo) -> None:
+    with pytest.raises(AugmentError, match="finercam compares the class logit"):
+        augment_model(onnx_zoo("resnet18", "torchscript"), method="finercam",
+                      score="probability")
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
@@ -375,6 +403,7 @@ REFERENCE_TESTS = {
     "scorecam": test_score_cam_matches_pytorch_grad_cam,
     "groupcam": test_group_cam_follows_the_authors_definition,
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
+    "finercam": test_finer_cam_matches_pytorch_grad_cam,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
 }

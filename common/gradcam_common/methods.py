@@ -47,6 +47,9 @@ METHODS: tuple[Method, ...] = (
            "ReLU of gradients times activations, summed over channels"),
     Method("layercam", "METHOD_LAYERCAM", "LayerCAM",
            "ReLU of the gradients times the activations, summed over channels"),
+    Method("finercam", "METHOD_FINERCAM", "Finer-CAM",
+           "Grad-CAM of the class logit minus those of its three most similar classes, "
+           "weighted by their probabilities"),
     Method("eigencam", "METHOD_EIGENCAM", "EigenCAM",
            "the activations projected on their first principal component", uses_gradients=False),
     Method("kpcacam", "METHOD_KPCACAM", "KPCA-CAM",

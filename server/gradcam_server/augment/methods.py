@@ -52,7 +52,7 @@ from .graph import GraphBuilder
 from .group import group_cam
 from .layout import TargetView
 from .score import score_cam
-from .scores import Detection, Logit, ScoreTarget
+from .scores import Detection, FinerDifference, Logit, ScoreTarget
 from .smoothing import Transform, integration_transforms
 from .targets import append_backward, spatial_axes
 
@@ -138,6 +138,11 @@ class CamMethod(ABC):
         if aug_smooth and self.path:
             raise AugmentError(f"{self.name} cannot be combined with aug_smooth")
 
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        """The score whose gradient seeds the backward pass, given the request's (already
+        `check`ed): the request's own, unless the method defines its score (Finer-CAM)."""
+        return score
+
     def image_transforms(self) -> tuple[Transform, ...]:
         """The transformed copies of the image the network runs on, identity included
         (`smoothing.tile_transforms`); none: the image alone."""
@@ -217,6 +222,33 @@ class LayerCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return layer_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class FinerCam(GradCam):
+    """Finer-CAM (Zhang et al., CVPR 2025; pytorch-grad-cam's `FinerCAM` with its default base
+    method, Grad-CAM): Grad-CAM of the class logit's weighted difference with its three most
+    similar classes' logits (`scores.FinerDifference`), which keeps what tells the class from
+    its neighbours. The comparison classes are ranked in the same run, on each row's logits."""
+
+    entry = method("finercam")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        if not isinstance(score, Logit):
+            raise AugmentError(
+                f"{self.name} compares the class logit with its nearest classes' logits: no "
+                f"score option (got {score.name!r})"
+            )
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        return FINER_DIFFERENCE
+
+
+FINER_DIFFERENCE = FinerDifference()
 
 
 class EigenCam(ChannelMethod):
@@ -301,6 +333,11 @@ class IntegratedGradCam(LayerMethod):
     summed; the copies are tiled along the batch after the image itself (`smoothing.py`)."""
 
     entry = method("integrated-gradcam")
+
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        """The score whose gradient seeds the backward pass, given the request's (already
+        `check`ed): the request's own, unless the method defines its score (Finer-CAM)."""
+        return score
 
     def image_transforms(self) -> tuple[Transform, ...]:
         return integration_transforms(INTEGRATION_STEPS)

@@ -7,7 +7,8 @@
                        read only by a Q/DQ pair is taken at the pair's output
                        (`targets.dequantized_layer`).
 3. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's),
-                       and the score's own inputs and seed (`scores.ScoreTarget`).
+                       and the score's own inputs and seed (`scores.ScoreTarget`; the
+                       method's own score where it defines one, `CamMethod.explained_score`).
 4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
                        layer (and, when asked, d score / d image) tensors exist, started in
                        front of a QDQ model's output quantizer (`targets.append_backward`);
@@ -209,6 +210,7 @@ def augment_model(
     cam_method, score_target = CAM_METHODS[method], SCORE_TARGETS[score]
     cam_method.check(score_target, counterfactual=counterfactual, aug_smooth=aug_smooth,
                      input_gradients=input_gradients)
+    score_target = cam_method.explained_score(score_target)
     if not 0.0 <= iou_threshold <= 1.0:
         raise AugmentError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     check_view_options(layout, prefix_tokens, grid)
