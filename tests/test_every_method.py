@@ -4,7 +4,8 @@ Its TF-style "same" padding exports as Shape/Gather/Slice/Concat chains feeding 
 inference loses the spatial sizes of every later feature map: a method that needs them static
 cannot run here. Each method explains the bundled photo and its mirror image in one batch (the
 slow Score-CAM the photo alone); every map must be finite, span [0, 1], lie on the cat's face,
-and, for the CAM methods, mirror the map of the mirrored photo.
+and, for the CAM methods, mirror the map of the mirrored photo (`BOUNDS` loosens the last two
+where a method has a reason to differ: a baseline, a contrast with other classes).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ MIRROR_CORRELATION = 0.9  # the photo's map against the mirrored photo's map, mi
 BOUNDS = {
     "guided-backprop": (1.0, MIRROR_CORRELATION),  # edges everywhere
     "finercam": (3.0, 0.8),  # the cat against tabby and tiger cat: finer, less even detail
+    "randomcam": (None, None),  # random channel weights: a baseline with no reason to be right
 }
+MAY_BE_FLAT = ("randomcam",)  # a random combination of channels may be negative everywhere
 
 
 @functools.cache
@@ -85,7 +88,7 @@ def test_method_explains_the_cat_on_the_shipped_model(method: str) -> None:
     assert np.isfinite(heatmap).all()
     assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 + 1e-6
     for row in heatmap:
-        assert row.min() == 0.0 and row.max() > 0.99  # normalised, not flat
+        assert row.min() == 0.0 and (row.max() > 0.99 or method in MAY_BE_FLAT)  # normalised
 
     ratio, mirror_correlation = BOUNDS.get(method, (FACE_TO_BACKGROUND, MIRROR_CORRELATION))
     for index, row in enumerate(heatmap):

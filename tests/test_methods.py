@@ -393,6 +393,54 @@ def test_finer_cam_refuses_another_score(onnx_zoo) -> None:
                       score="probability")
 
 
+def shared_tail(raw: torch.Tensor, size) -> np.ndarray:
+    """pytorch-grad-cam's tail on raw maps [N, 1, h, w]: ReLU, bilinear resize (half-pixel
+    centres), min-max normalisation with its 1e-7: [N, H, W]."""
+    cam = torch.nn.functional.interpolate(torch.relu(raw), size=size, mode="bilinear",
+                                          align_corners=False)[:, 0]
+    low = cam.amin((1, 2), keepdim=True)
+    return ((cam - low) / ((cam - low).amax((1, 2), keepdim=True) + 1e-7)).numpy()
+
+
+def test_random_cam_is_the_shared_tail_of_uniform_random_weights(onnx_zoo) -> None:
+    """RandomCAM cannot match a reference map: its weights (the RandomUniformLike's output,
+    exposed here) are checked instead: uniform on [-1, 1] (Kolmogorov-Smirnov), drawn anew for
+    every row and run (onnxruntime did not fold the draw), and the heatmap is pytorch-grad-cam's
+    tail of sum_k w_k A^k. Over 8 photos and 5 runs its maps are no closer to Grad-CAM's than
+    chance, where Grad-CAM++'s clearly are."""
+    from onnx import TensorProto, helper
+    from scipy.stats import kstest
+
+    path = onnx_zoo("resnet18", "torchscript")
+    augmented = augment_model(path, method="randomcam")
+    (draw,) = [n for n in augmented.graph.node if n.op_type == "RandomUniformLike"]
+    augmented.graph.output.append(
+        helper.make_tensor_value_info(draw.output[0], TensorProto.FLOAT, None))
+    session = zoo.ort_session(augmented.SerializeToString())
+    x = zoo.sample_batch(8)
+    feeds = {"input": x, "target_class": np.full(len(x), -1)}
+    runs = [session.run(["heatmap", "activations", draw.output[0]], feeds) for _ in range(5)]
+    weights = np.stack([w for _, _, w in runs])  # [runs, N, C, 1, 1]
+    assert weights.shape[1:] == (len(x), 512, 1, 1)
+    assert weights.min() >= -1.0 and weights.max() <= 1.0
+    assert kstest(weights.ravel(), "uniform", args=(-1, 2)).statistic < 0.02
+    assert abs(weights.mean()) < 0.03 and abs(weights.std() - 1 / np.sqrt(3)) < 0.02
+    assert not np.allclose(weights[0, 0], weights[0, 1])  # rows differ
+    assert not np.allclose(weights[0], weights[1])  # runs differ
+    for heatmap, activations, w in runs:
+        raw = torch.from_numpy((w * activations).sum(1, keepdims=True))
+        np.testing.assert_allclose(heatmap, shared_tail(raw, x.shape[2:]), atol=1e-5)
+
+    def mean_correlation(maps, reference) -> float:
+        return float(np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1]
+                              for a, b in zip(maps, reference) if np.ptp(a) > 0]))
+
+    grad_cam = explain(path, x, [-1] * len(x))
+    chance = mean_correlation(np.concatenate([h for h, _, _ in runs]), np.tile(grad_cam, (5, 1, 1)))
+    assert abs(chance) < 0.2
+    assert mean_correlation(explain(path, x, [-1] * len(x), method="gradcam++"), grad_cam) > 0.4
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
@@ -404,6 +452,7 @@ REFERENCE_TESTS = {
     "groupcam": test_group_cam_follows_the_authors_definition,
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
     "finercam": test_finer_cam_matches_pytorch_grad_cam,
+    "randomcam": test_random_cam_is_the_shared_tail_of_uniform_random_weights,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
 }

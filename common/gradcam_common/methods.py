@@ -63,6 +63,9 @@ METHODS: tuple[Method, ...] = (
     Method("seg-eigencam", "METHOD_SEG_EIGENCAM", "Seg-Eigen-CAM",
            "the first principal component of |gradients| times activations, its sign set so "
            "that the largest magnitude is positive"),
+    Method("randomcam", "METHOD_RANDOMCAM", "RandomCAM",
+           "a sanity baseline: channel weights drawn uniformly in [-1, 1] for each image and "
+           "run", uses_gradients=False),
     Method("ablationcam", "METHOD_ABLATIONCAM", "Ablation-CAM",
            "the relative score drop when each channel is ablated; the layers after the target "
            "layer re-run per channel", uses_gradients=False, reruns_network=True),

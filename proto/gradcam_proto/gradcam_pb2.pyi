@@ -28,6 +28,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
     METHOD_KPCACAM: _ClassVar[Method]
     METHOD_FINERCAM: _ClassVar[Method]
+    METHOD_RANDOMCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -47,6 +48,7 @@ METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
 METHOD_FINERCAM: Method
+METHOD_RANDOMCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -99,6 +99,20 @@ def seg_eigen_cam(b: GraphBuilder, a: str, g: str) -> str:
     return b.op("Mul", [b.op("Abs", [g]), a])
 
 
+RANDOM_WEIGHT_RANGE = (-1.0, 1.0)
+
+
+def random_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """RandomCAM (pytorch-grad-cam), a sanity baseline: w_k ~ U(-1, 1), independent for each
+    row and channel, drawn by a RandomUniformLike without a seed, so anew in every run (its
+    input depends on the image: nothing to fold into a constant). onnxruntime seeds its
+    generator from the clock at start; `onnxruntime.set_seed` fixes it. Gradient-free."""
+    shape_of_weights = b.reduce("ReduceMean", a, _SPATIAL, keepdims=True)  # [N, C, 1, 1]
+    low, high = RANDOM_WEIGHT_RANGE
+    weights = b.op("RandomUniformLike", [shape_of_weights], low=low, high=high)
+    return b.op("Mul", [weights, a])
+
+
 def channel_sum(b: GraphBuilder, contributions: str) -> str:
     """The raw map: sum over channels, [N, 1, h, w]."""
     return b.reduce("ReduceSum", contributions, [1], keepdims=True)

@@ -44,6 +44,7 @@ from .cam import (
     mean_of_maps,
     pixel_heatmap,
     principal_projection,
+    random_cam,
     seg_eigen_cam,
     x_grad_cam,
 )
@@ -288,6 +289,13 @@ class SegEigenCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return seg_eigen_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class RandomCam(ChannelMethod):
+    entry = method("randomcam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return random_cam(inputs.b, feature.activations, feature.gradients)
 
 
 class AblationCam(ChannelMethod):
