@@ -36,6 +36,7 @@ BOUNDS = {
     "guided-backprop": (1.0, MIRROR_CORRELATION),  # edges everywhere
     "finercam": (3.0, 0.8),  # the cat against tabby and tiger cat: finer, less even detail
     "randomcam": (None, None),  # random channel weights: a baseline with no reason to be right
+    "sobel": (1.0, MIRROR_CORRELATION),  # the photo's edges, everywhere
 }
 MAY_BE_FLAT = ("randomcam",)  # a random combination of channels may be negative everywhere
 

@@ -21,7 +21,12 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
-from gradcam_server.augment import AugmentError, augment_model, explained_target
+from gradcam_server.augment import (
+    AugmentError,
+    PixelNormalisation,
+    augment_model,
+    explained_target,
+)
 from gradcam_server.augment.methods import INTEGRATION_STEPS
 
 pytestmark = pytest.mark.slow
@@ -441,6 +446,33 @@ def test_random_cam_is_the_shared_tail_of_uniform_random_weights(onnx_zoo) -> No
     assert mean_correlation(explain(path, x, [-1] * len(x), method="gradcam++"), grad_cam) > 0.4
 
 
+@pytest.mark.parametrize("pixels", [
+    PixelNormalisation(),  # ImageNet's, the default
+    PixelNormalisation(mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=1.0,
+                       channel_order="BGR"),  # Caffe's
+])
+def test_sobel_matches_pytorch_grad_cam_on_the_photo(pixels, onnx_zoo) -> None:
+    """The Sobel baseline against pytorch-grad-cam's sobel_cam (cv2) on the 8-bit RGB photos
+    themselves, while the graph is given them normalised as the model's preprocessing says:
+    the pixels are recovered in the graph (their |derivatives| saturate at 255 as cv2's, on up
+    to 6 % of these photos' pixels)."""
+    from PIL import Image
+    from pytorch_grad_cam.sobel_cam import sobel_cam
+
+    photos = [np.asarray(zoo._photo(name).resize((224, 224), Image.BILINEAR))
+              for name in ("astronaut.png", "motorcycle_left.png", "coffee.png", "chelsea.png")]
+    channels = [2, 1, 0] if pixels.channel_order == "BGR" else [0, 1, 2]
+    x = np.stack([((photo[..., channels] * pixels.scale - np.asarray(pixels.mean))
+                   / np.asarray(pixels.std)).transpose(2, 0, 1) for photo in photos])
+    session = zoo.ort_session(augment_model(onnx_zoo("resnet18", "torchscript"), method="sobel",
+                                            pixels=pixels).SerializeToString())
+    (ours,) = session.run(["heatmap"], {"input": x.astype(np.float32),
+                                        "target_class": np.full(len(x), -1)})
+    assert_correlated(ours, np.stack([sobel_cam(photo).astype(np.float32) for photo in photos]),
+                      minimum=0.999)
+    assert all(row.min() == 0.0 and row.max() > 0.99 for row in ours)
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
@@ -453,6 +485,7 @@ REFERENCE_TESTS = {
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
     "finercam": test_finer_cam_matches_pytorch_grad_cam,
     "randomcam": test_random_cam_is_the_shared_tail_of_uniform_random_weights,
+    "sobel": test_sobel_matches_pytorch_grad_cam_on_the_photo,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
 }

@@ -66,6 +66,9 @@ METHODS: tuple[Method, ...] = (
     Method("randomcam", "METHOD_RANDOMCAM", "RandomCAM",
            "a sanity baseline: channel weights drawn uniformly in [-1, 1] for each image and "
            "run", uses_gradients=False),
+    Method("sobel", "METHOD_SOBEL", "Sobel",
+           "a baseline from the image alone: the mean of the photo's absolute Sobel "
+           "derivatives in x and y", uses_gradients=False),
     Method("ablationcam", "METHOD_ABLATIONCAM", "Ablation-CAM",
            "the relative score drop when each channel is ablated; the layers after the target "
            "layer re-run per channel", uses_gradients=False, reruns_network=True),

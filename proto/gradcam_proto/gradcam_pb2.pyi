@@ -29,6 +29,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_KPCACAM: _ClassVar[Method]
     METHOD_FINERCAM: _ClassVar[Method]
     METHOD_RANDOMCAM: _ClassVar[Method]
+    METHOD_SOBEL: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -49,6 +50,7 @@ METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
 METHOD_FINERCAM: Method
 METHOD_RANDOMCAM: Method
+METHOD_SOBEL: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

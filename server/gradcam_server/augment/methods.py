@@ -55,6 +55,7 @@ from .layout import TargetView
 from .score import score_cam
 from .scores import Detection, FinerDifference, Logit, ScoreTarget
 from .smoothing import Transform, integration_transforms
+from .sobel import IMAGENET_PIXELS, PixelNormalisation, sobel_heatmap
 from .targets import append_backward, spatial_axes
 
 INTEGRATION_STEPS = 20  # Integrated Grad-CAM's scaled copies of the image
@@ -76,7 +77,8 @@ class MapInputs:
     image and the explained output as the network computes them (`network_image`,
     `score_output`: the copies' rows under aug_smooth or a path method), the backward pass's
     `seeds` (d score / d output, or a detection's heads), each row's `resolved_class` (None
-    for a score without a class) and `eigen_smooth`."""
+    for a score without a class), `eigen_smooth`, and how the image was made from 8-bit
+    `pixels`."""
 
     b: GraphBuilder
     features: Sequence[Features]
@@ -86,6 +88,7 @@ class MapInputs:
     seeds: dict[str, str]
     resolved_class: str | None
     eigen_smooth: bool
+    pixels: PixelNormalisation = IMAGENET_PIXELS
 
 
 class CamMethod(ABC):
@@ -365,6 +368,28 @@ class IntegratedGradCam(LayerMethod):
         path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
         summed = b.reduce("ReduceSum", path, [0], keepdims=False)
         return cam_heatmap(b, summed, image.name, spatial_axes(image))
+
+
+class Sobel(CamMethod):
+    """The Sobel baseline (pytorch-grad-cam's `sobel_cam`): the edges of the photo, recovered
+    from the normalised input with the model's preprocessing (`sobel.py`). It reads neither the
+    target layer nor a gradient; the layer's ``activations`` and ``gradients`` are still the
+    outputs every method has (a request's channel importances)."""
+
+    entry = method("sobel")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        if aug_smooth:
+            raise AugmentError(f"{self.name} maps the image's own edges: no aug_smooth")
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        return sobel_heatmap(inputs.b, inputs.image, spatial_axes(inputs.image),
+                             inputs.pixels), None
 
 
 class PixelMethod(CamMethod):

@@ -60,6 +60,7 @@ from .smoothing import (
     tile_rows,
     tile_transforms,
 )
+from .sobel import IMAGENET_PIXELS, PixelNormalisation
 from .targets import (
     append_backward,
     candidate_layers,
@@ -117,6 +118,7 @@ def augment_model(
     box_format: str | None = None,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     background_class: int | None = None,
+    pixels: PixelNormalisation | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -181,6 +183,9 @@ def augment_model(
             torchvision's R-CNNs, whose class 0 is background) and none for a single-stage
             one; give the index for another convention (Detectron2 and MMDetection put it
             last), or -1 for none.
+        pixels: how the image input is made from 8-bit pixels (`sobel.PixelNormalisation`:
+            mean, std, scale, channel order; default ImageNet's, as the server's default
+            preprocessing), for the methods that read the photo itself ("sobel").
 
     Score "detection" (`detection.py`) explains one detection per row: the class score plus
     the IoU of its box with a reference box (pytorch-grad-cam's FasterRCNNBoxScoreTarget).
@@ -227,7 +232,7 @@ def augment_model(
             eigen_smooth, input,
             dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
             dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
-            iou_threshold, background_class,
+            iou_threshold, background_class, pixels,
         )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
@@ -258,7 +263,7 @@ def augment_model(
     features = _features(b, views, gradients, network_image)
     heatmap, pixel_map = cam_method.heatmap(MapInputs(
         b, features, image, network_image, network_score, {network_score: seed}, resolved_class,
-        eigen_smooth,
+        eigen_smooth, pixels or IMAGENET_PIXELS,
     ))
     activations, layer_gradients = features[0].activations, features[0].gradients
     if transforms:
@@ -289,6 +294,7 @@ def _augment_detection(
     head_options: dict,
     iou_threshold: float,
     background_class: int | None,
+    pixels: PixelNormalisation | None,
 ) -> onnx.ModelProto:
     """`augment_model` for score "detection": the heads found (or cut before NMS), the
     detection's seeds on them, then the shared backward, heatmap and outputs passes."""
@@ -318,6 +324,7 @@ def _augment_detection(
     features = _features(b, views, gradients, image.name)
     heatmap, pixel_map = cam_method.heatmap(MapInputs(
         b, features, image, image.name, heads.scores, seeds, chosen.resolved_class, eigen_smooth,
+        pixels or IMAGENET_PIXELS,
     ))
     first = features[0]
     expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
