@@ -2,6 +2,7 @@
 
     python benchmarks/bench_methods.py [--model resnet50] [--threads 2] [--seconds 10]
                                        [--without-references] [--methods M,M,...]
+                                       [--layers TENSOR,TENSOR,...]
 
 1. each gradient-weighted, pixel-level and path method and Group-CAM against the plain forward,
    batch 1, interleaved (the same ResNet-50, default last-layer target);
@@ -37,6 +38,10 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda text: text.split(","), default=METHOD_NAMES,
                         help="section 1 for these methods only, beside Grad-CAM and the "
                              "forward (comma-separated; implies --without-references)")
+    parser.add_argument("--layers", type=lambda text: text.split(","),
+                        help="the target layers of every method (comma-separated tensor names, "
+                             "e.g. /layer3/layer3.5/relu_2/Relu_output_0 for ResNet-50's "
+                             "layer3; default: the model's default layer)")
     args = parser.parse_args()
     unknown = set(args.methods) - set(METHOD_NAMES)
     if unknown:
@@ -62,7 +67,7 @@ def main() -> None:
         for method in (*(m for m in args.methods if m not in timed_alone),
                        *(m for m in timed_alone if m in args.methods)):
             path = Path(tmp, f"{method}.onnx")
-            save_model(augment_model(plain_path, method=method), path)
+            save_model(augment_model(plain_path, method=method, layer=args.layers), path)
             sessions[method] = make_session(path, args.threads)
 
         print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")

@@ -209,8 +209,14 @@ def test_principal_component_projection(
 
 def resnet18_layer3(model: torch.nn.Module, path, x: np.ndarray) -> str:
     """The ONNX tensor of `path` that holds resnet18's layer3 output for `x`."""
+    return resnet18_layer(model, path, x, "layer3")
+
+
+def resnet18_layer(model: torch.nn.Module, path, x: np.ndarray, layer: str) -> str:
+    """The ONNX tensor of `path` that holds the output of resnet18's `layer` for `x`."""
     captured = {}
-    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    hook = getattr(model, layer).register_forward_hook(
+        lambda m, i, o: captured.setdefault("a", o))
     with torch.no_grad():
         model(torch.from_numpy(x))
     hook.remove()
@@ -473,6 +479,31 @@ def test_sobel_matches_pytorch_grad_cam_on_the_photo(pixels, onnx_zoo) -> None:
     assert all(row.min() == 0.0 and row.max() > 0.99 for row in ours)
 
 
+@pytest.mark.parametrize("layers", [("layer3", "layer4"), ("layer2", "layer3", "layer4")])
+def test_refine_cam_matches_pytorch_grad_cam(layers, onnx_zoo) -> None:
+    """RefineCAM against pytorch-grad-cam's RefineCAM (Grad-CAM++ base) on two and three of
+    resnet18's layers: the product is measurably not the maps' mean, and with one layer it is
+    that layer's Grad-CAM++ map."""
+    from pytorch_grad_cam.refine_cam import RefineCAM
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    tensors = [resnet18_layer(model, path, x, layer) for layer in layers]
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    ours = explain(path, x, classes, method="refinecam", layer=tensors)
+    cam = RefineCAM(model=model, target_layers=[getattr(model, n) for n in layers])
+    theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    for base in cam.base_cam_per_layer:  # RefineCAM is no context manager: unhook its bases
+        base.activations_and_grads.release()
+    assert_correlated(ours, theirs, minimum=0.999)
+    mean = explain(path, x, classes, method="gradcam++", layer=tensors)
+    assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, mean)) < 0.98
+    np.testing.assert_allclose(explain(path, x, classes, method="refinecam", layer=tensors[-1]),
+                               explain(path, x, classes, method="gradcam++", layer=tensors[-1]),
+                               atol=1e-6)
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
@@ -486,6 +517,7 @@ REFERENCE_TESTS = {
     "finercam": test_finer_cam_matches_pytorch_grad_cam,
     "randomcam": test_random_cam_is_the_shared_tail_of_uniform_random_weights,
     "sobel": test_sobel_matches_pytorch_grad_cam_on_the_photo,
+    "refinecam": test_refine_cam_matches_pytorch_grad_cam,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
 }

@@ -50,6 +50,9 @@ METHODS: tuple[Method, ...] = (
     Method("finercam", "METHOD_FINERCAM", "Finer-CAM",
            "Grad-CAM of the class logit minus those of its three most similar classes, "
            "weighted by their probabilities"),
+    Method("refinecam", "METHOD_REFINECAM", "RefineCAM",
+           "the product of the Grad-CAM++ maps of several target layers (one layer: its "
+           "Grad-CAM++ map)"),
     Method("eigencam", "METHOD_EIGENCAM", "EigenCAM",
            "the activations projected on their first principal component", uses_gradients=False),
     Method("kpcacam", "METHOD_KPCACAM", "KPCA-CAM",

@@ -30,6 +30,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_FINERCAM: _ClassVar[Method]
     METHOD_RANDOMCAM: _ClassVar[Method]
     METHOD_SOBEL: _ClassVar[Method]
+    METHOD_REFINECAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -51,6 +52,7 @@ METHOD_KPCACAM: Method
 METHOD_FINERCAM: Method
 METHOD_RANDOMCAM: Method
 METHOD_SOBEL: Method
+METHOD_REFINECAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -221,6 +221,15 @@ def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
     return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
 
 
+def product_of_maps(b: GraphBuilder, maps: list[str]) -> str:
+    """Heatmaps [N, H, W] multiplied and min-max normalised again (RefineCAM's fusion of
+    several layers: a region stays where every layer's map keeps it)."""
+    product = maps[0]
+    for each in maps[1:]:
+        product = b.op("Mul", [product, each])
+    return b.squeeze(normalize(b, b.unsqueeze(product, [1])), [1])
+
+
 def normalize(
     b: GraphBuilder | LoopBody, maps: str, epsilon: float = NORMALIZE_EPSILON
 ) -> str:

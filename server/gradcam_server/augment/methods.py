@@ -11,7 +11,8 @@ The pipeline (passes.py) asks a method object its traits and hooks, never its na
 The families: a `ChannelMethod` weighs the layer's channels (the contributions [N, C, h, w] are
 summed, or projected on their first principal component, then the shared tail); a
 `LayerMethod` makes any other map per target layer; a `PixelMethod` makes an input-gradient
-image. The maps of several target layers are fused (`cam.mean_of_maps`).
+image. The maps of several target layers are fused (`LayerMethod.fuse`: their mean,
+`cam.mean_of_maps`, or RefineCAM's product).
 
 Adding a method: its entry in gradcam_common.methods.METHODS and its value in the typed API's
 ``Method`` enum (gradcam.proto), one class here, and a reference test listed in
@@ -44,6 +45,7 @@ from .cam import (
     mean_of_maps,
     pixel_heatmap,
     principal_projection,
+    product_of_maps,
     random_cam,
     seg_eigen_cam,
     x_grad_cam,
@@ -159,11 +161,15 @@ class CamMethod(ABC):
 
 
 class LayerMethod(CamMethod):
-    """A map per target layer, the maps fused."""
+    """A map per target layer, the maps of several layers fused (`fuse`)."""
 
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
         maps = [self.layer_map(inputs, feature) for feature in inputs.features]
-        return (maps[0] if len(maps) == 1 else mean_of_maps(inputs.b, maps)), None
+        return (maps[0] if len(maps) == 1 else self.fuse(inputs.b, maps)), None
+
+    def fuse(self, b: GraphBuilder, maps: list[str]) -> str:
+        """Several layers' heatmaps [N, H, W] as one: their mean, normalised again."""
+        return mean_of_maps(b, maps)
 
     @abstractmethod
     def layer_map(self, inputs: MapInputs, feature: Features) -> str:
@@ -198,6 +204,18 @@ class GradCamPlusPlus(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return grad_cam_plus_plus(inputs.b, feature.activations, feature.gradients)
+
+
+class RefineCam(GradCamPlusPlus):
+    """RefineCAM (pytorch-grad-cam's `RefineCAM`, with its default base method, Grad-CAM++):
+    the Grad-CAM++ maps of several target layers multiplied, then normalised, which keeps the
+    fine detail of an early layer only where the later layers agree. With one target layer
+    (the model's default) the product is that layer's map: Grad-CAM++, as the reference gives."""
+
+    entry = method("refinecam")
+
+    def fuse(self, b: GraphBuilder, maps: list[str]) -> str:
+        return product_of_maps(b, maps)
 
 
 class XGradCam(ChannelMethod):

@@ -131,7 +131,8 @@ def augment_model(
             segmentation network's coarsest feature map. In a quantized (QDQ) graph, a layer
             read only by a QuantizeLinear/DequantizeLinear pair is explained at the pair's
             output (`targets.dequantized_layer`: the ReLU'd map). Several names:
-            each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
+            each layer's map is computed and the maps are fused (`cam.mean_of_maps`;
+            "refinecam" multiplies them, `cam.product_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
