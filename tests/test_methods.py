@@ -504,6 +504,28 @@ def test_refine_cam_matches_pytorch_grad_cam(layers, onnx_zoo) -> None:
                                atol=1e-6)
 
 
+def test_sobel_takes_the_preprocessing_on_the_command_line(tmp_path, onnx_zoo) -> None:
+    """gradcam-augment's --mean, --std, --scale and --channel-order give augment_model's
+    pixels: the same map as the API's, another than the default's (ImageNet's)."""
+    from gradcam_server.augment.cli import main as augment_command
+
+    path, target = onnx_zoo("resnet18", "torchscript"), tmp_path / "sobel.onnx"
+    caffe = ["--mean", "104,117,123", "--std", "1,1,1", "--scale", "1", "--channel-order", "BGR"]
+    assert augment_command([str(path), "-o", str(target), "--method", "sobel", *caffe]) == 0
+    x = np.asarray(zoo._photo("astronaut.png").resize((224, 224)), dtype=np.float32)
+    x = (x[None, ..., ::-1] - np.array([104.0, 117.0, 123.0], np.float32)).transpose(0, 3, 1, 2)
+    feeds = {"input": np.ascontiguousarray(x), "target_class": np.array([-1])}
+    (command_line,) = zoo.ort_session(str(target)).run(["heatmap"], feeds)
+    pixels = PixelNormalisation(mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=1.0,
+                                channel_order="BGR")
+    (api,) = zoo.ort_session(augment_model(path, method="sobel", pixels=pixels)
+                             .SerializeToString()).run(["heatmap"], feeds)
+    np.testing.assert_allclose(command_line, api, atol=1e-6)
+    (default,) = zoo.ort_session(augment_model(path, method="sobel").SerializeToString()).run(
+        ["heatmap"], feeds)
+    assert not np.allclose(command_line, default, atol=1e-2)
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
