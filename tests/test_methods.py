@@ -21,7 +21,12 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import zoo
-from gradcam_server.augment import AugmentError, augment_model, explained_target
+from gradcam_server.augment import (
+    AugmentError,
+    PixelNormalisation,
+    augment_model,
+    explained_target,
+)
 from gradcam_server.augment.factorization import CONCEPTS, NMF_ITERATIONS, initial_factors
 from gradcam_server.augment.methods import INTEGRATION_STEPS
 from gradcam_server.augment.sess import SESS_SCALES
@@ -208,8 +213,14 @@ def test_principal_component_projection(
 
 def resnet18_layer3(model: torch.nn.Module, path, x: np.ndarray) -> str:
     """The ONNX tensor of `path` that holds resnet18's layer3 output for `x`."""
+    return resnet18_layer(model, path, x, "layer3")
+
+
+def resnet18_layer(model: torch.nn.Module, path, x: np.ndarray, layer: str) -> str:
+    """The ONNX tensor of `path` that holds the output of resnet18's `layer` for `x`."""
     captured = {}
-    hook = model.layer3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    hook = getattr(model, layer).register_forward_hook(
+        lambda m, i, o: captured.setdefault("a", o))
     with torch.no_grad():
         model(torch.from_numpy(x))
     hook.remove()
@@ -369,6 +380,156 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
                            atol=1e-2)
 
 
+def test_finer_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    """Finer-CAM against pytorch-grad-cam's FinerCAM (Grad-CAM base, comparison ranks 1-3,
+    alpha 1), one image at a time as its target_idx is one class for the batch; a rank (-2)
+    is resolved in the session. The comparison classes matter: the maps are measurably not
+    Grad-CAM's of the class logit."""
+    from pytorch_grad_cam.finer_cam import FinerCAM
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(3)
+    logits = zoo.torch_logits("resnet18", x)
+    path = onnx_zoo("resnet18", "torchscript")
+    ours = explain(path, x, [-1, 7, -2], method="finercam")
+    classes = [int(logits[0].argmax()), 7, int(np.argsort(logits[2])[-2])]
+    with FinerCAM(model=model, target_layers=[model.layer4]) as cam:
+        theirs = np.concatenate([cam(torch.from_numpy(x[i:i + 1]), target_idx=c)
+                                 for i, c in enumerate(classes)])
+    assert_correlated(ours, theirs, minimum=0.999)
+    plain = explain(path, x, classes, method="gradcam")
+    correlations = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, plain)]
+    assert max(correlations) < 0.99 and min(correlations) < 0.9
+
+
+def test_finer_cam_refuses_another_score(onnx_zoo) -> None:
+    with pytest.raises(AugmentError, match="finercam compares the class logit"):
+        augment_model(onnx_zoo("resnet18", "torchscript"), method="finercam",
+                      score="probability")
+
+
+def shared_tail(raw: torch.Tensor, size) -> np.ndarray:
+    """pytorch-grad-cam's tail on raw maps [N, 1, h, w]: ReLU, bilinear resize (half-pixel
+    centres), min-max normalisation with its 1e-7: [N, H, W]."""
+    cam = torch.nn.functional.interpolate(torch.relu(raw), size=size, mode="bilinear",
+                                          align_corners=False)[:, 0]
+    low = cam.amin((1, 2), keepdim=True)
+    return ((cam - low) / ((cam - low).amax((1, 2), keepdim=True) + 1e-7)).numpy()
+
+
+def test_random_cam_is_the_shared_tail_of_uniform_random_weights(onnx_zoo) -> None:
+    """RandomCAM cannot match a reference map: its weights (the RandomUniformLike's output,
+    exposed here) are checked instead: uniform on [-1, 1] (Kolmogorov-Smirnov), drawn anew for
+    every row and run (onnxruntime did not fold the draw), and the heatmap is pytorch-grad-cam's
+    tail of sum_k w_k A^k. Over 8 photos and 5 runs its maps are no closer to Grad-CAM's than
+    chance, where Grad-CAM++'s clearly are."""
+    from onnx import TensorProto, helper
+    from scipy.stats import kstest
+
+    path = onnx_zoo("resnet18", "torchscript")
+    augmented = augment_model(path, method="randomcam")
+    (draw,) = [n for n in augmented.graph.node if n.op_type == "RandomUniformLike"]
+    augmented.graph.output.append(
+        helper.make_tensor_value_info(draw.output[0], TensorProto.FLOAT, None))
+    session = zoo.ort_session(augmented.SerializeToString())
+    x = zoo.sample_batch(8)
+    feeds = {"input": x, "target_class": np.full(len(x), -1)}
+    runs = [session.run(["heatmap", "activations", draw.output[0]], feeds) for _ in range(5)]
+    weights = np.stack([w for _, _, w in runs])  # [runs, N, C, 1, 1]
+    assert weights.shape[1:] == (len(x), 512, 1, 1)
+    assert weights.min() >= -1.0 and weights.max() <= 1.0
+    assert kstest(weights.ravel(), "uniform", args=(-1, 2)).statistic < 0.02
+    assert abs(weights.mean()) < 0.03 and abs(weights.std() - 1 / np.sqrt(3)) < 0.02
+    assert not np.allclose(weights[0, 0], weights[0, 1])  # rows differ
+    assert not np.allclose(weights[0], weights[1])  # runs differ
+    for heatmap, activations, w in runs:
+        raw = torch.from_numpy((w * activations).sum(1, keepdims=True))
+        np.testing.assert_allclose(heatmap, shared_tail(raw, x.shape[2:]), atol=1e-5)
+
+    def mean_correlation(maps, reference) -> float:
+        return float(np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1]
+                              for a, b in zip(maps, reference) if np.ptp(a) > 0]))
+
+    grad_cam = explain(path, x, [-1] * len(x))
+    chance = mean_correlation(np.concatenate([h for h, _, _ in runs]), np.tile(grad_cam, (5, 1, 1)))
+    assert abs(chance) < 0.2
+    assert mean_correlation(explain(path, x, [-1] * len(x), method="gradcam++"), grad_cam) > 0.4
+
+
+@pytest.mark.parametrize("pixels", [
+    PixelNormalisation(),  # ImageNet's, the default
+    PixelNormalisation(mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=1.0,
+                       channel_order="BGR"),  # Caffe's
+])
+def test_sobel_matches_pytorch_grad_cam_on_the_photo(pixels, onnx_zoo) -> None:
+    """The Sobel baseline against pytorch-grad-cam's sobel_cam (cv2) on the 8-bit RGB photos
+    themselves, while the graph is given them normalised as the model's preprocessing says:
+    the pixels are recovered in the graph (their |derivatives| saturate at 255 as cv2's, on up
+    to 6 % of these photos' pixels)."""
+    from PIL import Image
+    from pytorch_grad_cam.sobel_cam import sobel_cam
+
+    photos = [np.asarray(zoo._photo(name).resize((224, 224), Image.BILINEAR))
+              for name in ("astronaut.png", "motorcycle_left.png", "coffee.png", "chelsea.png")]
+    channels = [2, 1, 0] if pixels.channel_order == "BGR" else [0, 1, 2]
+    x = np.stack([((photo[..., channels] * pixels.scale - np.asarray(pixels.mean))
+                   / np.asarray(pixels.std)).transpose(2, 0, 1) for photo in photos])
+    session = zoo.ort_session(augment_model(onnx_zoo("resnet18", "torchscript"), method="sobel",
+                                            pixels=pixels).SerializeToString())
+    (ours,) = session.run(["heatmap"], {"input": x.astype(np.float32),
+                                        "target_class": np.full(len(x), -1)})
+    assert_correlated(ours, np.stack([sobel_cam(photo).astype(np.float32) for photo in photos]),
+                      minimum=0.999)
+    assert all(row.min() == 0.0 and row.max() > 0.99 for row in ours)
+
+
+@pytest.mark.parametrize("layers", [("layer3", "layer4"), ("layer2", "layer3", "layer4")])
+def test_refine_cam_matches_pytorch_grad_cam(layers, onnx_zoo) -> None:
+    """RefineCAM against pytorch-grad-cam's RefineCAM (Grad-CAM++ base) on two and three of
+    resnet18's layers: the product is measurably not the maps' mean, and with one layer it is
+    that layer's Grad-CAM++ map."""
+    from pytorch_grad_cam.refine_cam import RefineCAM
+
+    model = zoo.build_torch_model("resnet18")
+    x = zoo.sample_batch(2)
+    path = onnx_zoo("resnet18", "torchscript")
+    tensors = [resnet18_layer(model, path, x, layer) for layer in layers]
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    ours = explain(path, x, classes, method="refinecam", layer=tensors)
+    cam = RefineCAM(model=model, target_layers=[getattr(model, n) for n in layers])
+    theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    for base in cam.base_cam_per_layer:  # RefineCAM is no context manager: unhook its bases
+        base.activations_and_grads.release()
+    assert_correlated(ours, theirs, minimum=0.999)
+    mean = explain(path, x, classes, method="gradcam++", layer=tensors)
+    assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, mean)) < 0.98
+    np.testing.assert_allclose(explain(path, x, classes, method="refinecam", layer=tensors[-1]),
+                               explain(path, x, classes, method="gradcam++", layer=tensors[-1]),
+                               atol=1e-6)
+
+
+def test_sobel_takes_the_preprocessing_on_the_command_line(tmp_path, onnx_zoo) -> None:
+    """gradcam-augment's --mean, --std, --scale and --channel-order give augment_model's
+    pixels: the same map as the API's, another than the default's (ImageNet's)."""
+    from gradcam_server.augment.cli import main as augment_command
+
+    path, target = onnx_zoo("resnet18", "torchscript"), tmp_path / "sobel.onnx"
+    caffe = ["--mean", "104,117,123", "--std", "1,1,1", "--scale", "1", "--channel-order", "BGR"]
+    assert augment_command([str(path), "-o", str(target), "--method", "sobel", *caffe]) == 0
+    x = np.asarray(zoo._photo("astronaut.png").resize((224, 224)), dtype=np.float32)
+    x = (x[None, ..., ::-1] - np.array([104.0, 117.0, 123.0], np.float32)).transpose(0, 3, 1, 2)
+    feeds = {"input": np.ascontiguousarray(x), "target_class": np.array([-1])}
+    (command_line,) = zoo.ort_session(str(target)).run(["heatmap"], feeds)
+    pixels = PixelNormalisation(mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=1.0,
+                                channel_order="BGR")
+    (api,) = zoo.ort_session(augment_model(path, method="sobel", pixels=pixels)
+                             .SerializeToString()).run(["heatmap"], feeds)
+    np.testing.assert_allclose(command_line, api, atol=1e-6)
+    (default,) = zoo.ort_session(augment_model(path, method="sobel").SerializeToString()).run(
+        ["heatmap"], feeds)
+    assert not np.allclose(command_line, default, atol=1e-2)
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 def test_sess_matches_pytorch_grad_cam(onnx_zoo) -> None:
     """pytorch-grad-cam's SESS with Grad-CAM as its base method and the same scales (its
@@ -486,6 +647,10 @@ REFERENCE_TESTS = {
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
     "sess": test_sess_matches_pytorch_grad_cam,
     "dff": test_deep_feature_factorization_matches_pytorch_grad_cam,
+    "finercam": test_finer_cam_matches_pytorch_grad_cam,
+    "randomcam": test_random_cam_is_the_shared_tail_of_uniform_random_weights,
+    "sobel": test_sobel_matches_pytorch_grad_cam_on_the_photo,
+    "refinecam": test_refine_cam_matches_pytorch_grad_cam,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
 }

@@ -83,6 +83,8 @@ docs/BENCHMARKS.md):
   gradcam++, xgradcam, hirescam, layercam,         41.0-42.1 ms   1.00-1.03x
     gradcam-elementwise, eigencam, eigengradcam,
     fem, seg-eigencam, kpcacam
+  finercam, refinecam (one layer), randomcam,      as Grad-CAM's  0.98-1.02x
+    sobel (measured under load)
   guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
   ablationcam                                      0.92 s         about 23x
   scorecam                                         89 s           about 2200x

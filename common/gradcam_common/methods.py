@@ -47,6 +47,12 @@ METHODS: tuple[Method, ...] = (
            "ReLU of gradients times activations, summed over channels"),
     Method("layercam", "METHOD_LAYERCAM", "LayerCAM",
            "ReLU of the gradients times the activations, summed over channels"),
+    Method("finercam", "METHOD_FINERCAM", "Finer-CAM",
+           "Grad-CAM of the class logit minus those of its three most similar classes, "
+           "weighted by their probabilities"),
+    Method("refinecam", "METHOD_REFINECAM", "RefineCAM",
+           "the product of the Grad-CAM++ maps of several target layers (one layer: its "
+           "Grad-CAM++ map)"),
     Method("eigencam", "METHOD_EIGENCAM", "EigenCAM",
            "the activations projected on their first principal component", uses_gradients=False),
     Method("kpcacam", "METHOD_KPCACAM", "KPCA-CAM",
@@ -60,6 +66,12 @@ METHODS: tuple[Method, ...] = (
     Method("seg-eigencam", "METHOD_SEG_EIGENCAM", "Seg-Eigen-CAM",
            "the first principal component of |gradients| times activations, its sign set so "
            "that the largest magnitude is positive"),
+    Method("randomcam", "METHOD_RANDOMCAM", "RandomCAM",
+           "a sanity baseline: channel weights drawn uniformly in [-1, 1] for each image and "
+           "run", uses_gradients=False),
+    Method("sobel", "METHOD_SOBEL", "Sobel",
+           "a baseline from the image alone: the mean of the photo's absolute Sobel "
+           "derivatives in x and y", uses_gradients=False),
     Method("ablationcam", "METHOD_ABLATIONCAM", "Ablation-CAM",
            "the relative score drop when each channel is ablated; the layers after the target "
            "layer re-run per channel", uses_gradients=False, reruns_network=True),

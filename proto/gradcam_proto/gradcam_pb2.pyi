@@ -27,6 +27,10 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_FEM: _ClassVar[Method]
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
     METHOD_KPCACAM: _ClassVar[Method]
+    METHOD_FINERCAM: _ClassVar[Method]
+    METHOD_RANDOMCAM: _ClassVar[Method]
+    METHOD_SOBEL: _ClassVar[Method]
+    METHOD_REFINECAM: _ClassVar[Method]
     METHOD_SESS: _ClassVar[Method]
     METHOD_DFF: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
@@ -47,6 +51,10 @@ METHOD_GROUPCAM: Method
 METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
+METHOD_FINERCAM: Method
+METHOD_RANDOMCAM: Method
+METHOD_SOBEL: Method
+METHOD_REFINECAM: Method
 METHOD_SESS: Method
 METHOD_DFF: Method
 

@@ -99,6 +99,20 @@ def seg_eigen_cam(b: GraphBuilder, a: str, g: str) -> str:
     return b.op("Mul", [b.op("Abs", [g]), a])
 
 
+RANDOM_WEIGHT_RANGE = (-1.0, 1.0)
+
+
+def random_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """RandomCAM (pytorch-grad-cam), a sanity baseline: w_k ~ U(-1, 1), independent for each
+    row and channel, drawn by a RandomUniformLike without a seed, so anew in every run (its
+    input depends on the image: nothing to fold into a constant). onnxruntime seeds its
+    generator from the clock at start; `onnxruntime.set_seed` fixes it. Gradient-free."""
+    shape_of_weights = b.reduce("ReduceMean", a, _SPATIAL, keepdims=True)  # [N, C, 1, 1]
+    low, high = RANDOM_WEIGHT_RANGE
+    weights = b.op("RandomUniformLike", [shape_of_weights], low=low, high=high)
+    return b.op("Mul", [weights, a])
+
+
 def channel_sum(b: GraphBuilder, contributions: str) -> str:
     """The raw map: sum over channels, [N, 1, h, w]."""
     return b.reduce("ReduceSum", contributions, [1], keepdims=True)
@@ -205,6 +219,15 @@ def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
     several layers, and of augmented copies)."""
     mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
     return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
+
+
+def product_of_maps(b: GraphBuilder, maps: list[str]) -> str:
+    """Heatmaps [N, H, W] multiplied and min-max normalised again (RefineCAM's fusion of
+    several layers: a region stays where every layer's map keeps it)."""
+    product = maps[0]
+    for each in maps[1:]:
+        product = b.op("Mul", [product, each])
+    return b.squeeze(normalize(b, b.unsqueeze(product, [1])), [1])
 
 
 def normalize(

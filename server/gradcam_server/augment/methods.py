@@ -12,7 +12,8 @@ The pipeline (passes.py) asks a method object its traits and hooks, never its na
 The families: a `ChannelMethod` weighs the layer's channels (the contributions [N, C, h, w] are
 summed, or projected on their first principal component, then the shared tail); a
 `LayerMethod` makes any other map per target layer; a `PixelMethod` makes an input-gradient
-image. The maps of several target layers are fused (`cam.mean_of_maps`).
+image. The maps of several target layers are fused (`LayerMethod.fuse`: their mean,
+`cam.mean_of_maps`, or RefineCAM's product).
 
 Adding a method: its entry in gradcam_common.methods.METHODS and its value in the typed API's
 ``Method`` enum (gradcam.proto), one class here, and a reference test listed in
@@ -46,6 +47,8 @@ from .cam import (
     mean_of_maps,
     pixel_heatmap,
     principal_projection,
+    product_of_maps,
+    random_cam,
     seg_eigen_cam,
     x_grad_cam,
 )
@@ -56,10 +59,11 @@ from .group import group_cam
 from .layout import TargetView
 from .names import NAMES
 from .score import score_cam
+from .scores import Detection, FinerDifference, Logit, ScoreTarget
 from .sess import input_size, sess_fusion
 from .sess import patches as sess_patches
-from .scores import Detection, Logit, ScoreTarget
 from .smoothing import Transform, integration_transforms
+from .sobel import IMAGENET_PIXELS, PixelNormalisation, sobel_heatmap
 from .targets import append_backward, spatial_axes
 
 INTEGRATION_STEPS = 20  # Integrated Grad-CAM's scaled copies of the image
@@ -81,7 +85,8 @@ class MapInputs:
     image and the explained output as the network computes them (`network_image`,
     `score_output`: the copies' rows under aug_smooth or a path method), the backward pass's
     `seeds` (d score / d output, or a detection's heads), each row's `resolved_class` (None
-    for a score without a class) and `eigen_smooth`."""
+    for a score without a class), `eigen_smooth`, and how the image was made from 8-bit
+    `pixels`."""
 
     b: GraphBuilder
     features: Sequence[Features]
@@ -91,6 +96,7 @@ class MapInputs:
     seeds: dict[str, str]
     resolved_class: str | None
     eigen_smooth: bool
+    pixels: PixelNormalisation = IMAGENET_PIXELS
 
 
 class CamMethod(ABC):
@@ -144,6 +150,11 @@ class CamMethod(ABC):
         if aug_smooth and self.path:
             raise AugmentError(f"{self.name} cannot be combined with aug_smooth")
 
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        """The score whose gradient seeds the backward pass, given the request's (already
+        `check`ed): the request's own, unless the method defines its score (Finer-CAM)."""
+        return score
+
     def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
         """The transformed copies of the `image` input the network runs on, identity included
         (`smoothing.tile_transforms`); none: the image alone."""
@@ -156,11 +167,15 @@ class CamMethod(ABC):
 
 
 class LayerMethod(CamMethod):
-    """A map per target layer, the maps fused."""
+    """A map per target layer, the maps of several layers fused (`fuse`)."""
 
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
         maps = [self.layer_map(inputs, feature) for feature in inputs.features]
-        return (maps[0] if len(maps) == 1 else mean_of_maps(inputs.b, maps)), None
+        return (maps[0] if len(maps) == 1 else self.fuse(inputs.b, maps)), None
+
+    def fuse(self, b: GraphBuilder, maps: list[str]) -> str:
+        """Several layers' heatmaps [N, H, W] as one: their mean, normalised again."""
+        return mean_of_maps(b, maps)
 
     @abstractmethod
     def layer_map(self, inputs: MapInputs, feature: Features) -> str:
@@ -197,6 +212,18 @@ class GradCamPlusPlus(ChannelMethod):
         return grad_cam_plus_plus(inputs.b, feature.activations, feature.gradients)
 
 
+class RefineCam(GradCamPlusPlus):
+    """RefineCAM (pytorch-grad-cam's `RefineCAM`, with its default base method, Grad-CAM++):
+    the Grad-CAM++ maps of several target layers multiplied, then normalised, which keeps the
+    fine detail of an early layer only where the later layers agree. With one target layer
+    (the model's default) the product is that layer's map: Grad-CAM++, as the reference gives."""
+
+    entry = method("refinecam")
+
+    def fuse(self, b: GraphBuilder, maps: list[str]) -> str:
+        return product_of_maps(b, maps)
+
+
 class XGradCam(ChannelMethod):
     entry = method("xgradcam")
 
@@ -223,6 +250,33 @@ class LayerCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return layer_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class FinerCam(GradCam):
+    """Finer-CAM (Zhang et al., CVPR 2025; pytorch-grad-cam's `FinerCAM` with its default base
+    method, Grad-CAM): Grad-CAM of the class logit's weighted difference with its three most
+    similar classes' logits (`scores.FinerDifference`), which keeps what tells the class from
+    its neighbours. The comparison classes are ranked in the same run, on each row's logits."""
+
+    entry = method("finercam")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        if not isinstance(score, Logit):
+            raise AugmentError(
+                f"{self.name} compares the class logit with its nearest classes' logits: no "
+                f"score option (got {score.name!r})"
+            )
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        return FINER_DIFFERENCE
+
+
+FINER_DIFFERENCE = FinerDifference()
 
 
 class EigenCam(ChannelMethod):
@@ -262,6 +316,13 @@ class SegEigenCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return seg_eigen_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class RandomCam(ChannelMethod):
+    entry = method("randomcam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return random_cam(inputs.b, feature.activations, feature.gradients)
 
 
 class AblationCam(ChannelMethod):
@@ -400,6 +461,28 @@ class DeepFeatureFactorization(CamMethod):
         b.add_output(scores, NAMES.concept_scores, TensorProto.FLOAT,
                      [batch.dim_value or batch.dim_param or None, CONCEPTS])
         return cam_heatmap(b, raw, inputs.image.name, spatial_axes(inputs.image)), None
+
+
+class Sobel(CamMethod):
+    """The Sobel baseline (pytorch-grad-cam's `sobel_cam`): the edges of the photo, recovered
+    from the normalised input with the model's preprocessing (`sobel.py`). It reads neither the
+    target layer nor a gradient; the layer's ``activations`` and ``gradients`` are still the
+    outputs every method has (a request's channel importances)."""
+
+    entry = method("sobel")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        if aug_smooth:
+            raise AugmentError(f"{self.name} maps the image's own edges: no aug_smooth")
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        return sobel_heatmap(inputs.b, inputs.image, spatial_axes(inputs.image),
+                             inputs.pixels), None
 
 
 class PixelMethod(CamMethod):
