@@ -65,6 +65,14 @@ class GraphBuilder:
         for init in self.graph.initializer:
             self.types[init.name] = helper.make_tensor_type_proto(init.data_type, list(init.dims))
 
+    def infer_new_types(self) -> None:
+        """Run shape inference again and learn the types of the tensors appended since (the
+        builder starts knowing the forward graph's only): what a second reverse pass over
+        the nodes of a first one needs (`hessian.py`). Known types are kept."""
+        inferred = infer_shapes(self.model)
+        for value in itertools.chain(inferred.graph.output, inferred.graph.value_info):
+            self.types.setdefault(value.name, value.type)
+
     # -- names -------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
         """A tensor or node name not used anywhere in the graph."""
