@@ -5,6 +5,7 @@ its authors' definition in torch autograd: `REFERENCE_TESTS` names each method's
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from pytorch_grad_cam import (
@@ -20,6 +21,7 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+import small_nets
 import zoo
 from gradcam_server.augment import augment_model, explained_target
 from gradcam_server.augment.methods import INTEGRATION_STEPS
@@ -365,6 +367,102 @@ def test_group_cam_follows_the_authors_definition(onnx_zoo) -> None:
                            atol=1e-2)
 
 
+def small_net(cls, tmp_path):
+    """A `small_nets` network, its export and two photos at its size."""
+    model = small_nets.build(cls)
+    return model, small_nets.export(model, tmp_path / f"{cls.__name__}.onnx"), \
+        zoo.sample_batch(2, small_nets.SIZE)
+
+
+@pytest.mark.parametrize("subject", ["resnet18", "unfolded-norms"])
+def test_full_grad_matches_pytorch_grad_cam(subject, onnx_zoo, tmp_path) -> None:
+    """On resnet18, whose batch norms the exporter folds into its convolutions (the folded
+    bias stands where torch's batch-norm term is), and on a network whose graph keeps
+    BatchNormalization nodes beside convolutions with biases of their own. The target layer
+    takes no part in the map: another layer gives the same heatmap."""
+    from pytorch_grad_cam import FullGrad
+
+    if subject == "resnet18":
+        model, path, x = zoo.build_torch_model("resnet18"), onnx_zoo("resnet18", "torchscript"), \
+            zoo.sample_batch(2)
+    else:
+        model, path, x = small_net(small_nets.UnfoldedNorms, tmp_path)
+        assert "BatchNormalization" in zoo.op_types(path)
+    with torch.no_grad():
+        classes = [int(model(torch.from_numpy(x))[0].argmax()), 7]
+    ours = explain(path, x, classes, method="fullgrad")
+    with FullGrad(model=model, target_layers=[]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(ours, theirs)
+    grad_cam = explain(path, x, classes, method="gradcam")
+    assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(grad_cam, theirs)) < 0.9
+    if subject == "unfolded-norms":
+        with torch.no_grad():
+            early = model.features[:3](torch.from_numpy(x)).numpy()
+        layer = zoo.find_matching_tensor(path, x, early)
+        np.testing.assert_allclose(explain(path, x, classes, method="fullgrad", layer=layer),
+                                   ours, atol=1e-6)
+
+
+def curved_layer(model, path, x: np.ndarray) -> str:
+    """The ONNX tensor holding `small_nets.Curved`'s body output (its GELU) for `x`."""
+    with torch.no_grad():
+        return zoo.find_matching_tensor(path, x, model.body(torch.from_numpy(x)).numpy())
+
+
+@pytest.mark.parametrize("subject", ["resnet18-probability", "curved-logit"])
+def test_shapley_cam_matches_pytorch_grad_cam(subject, onnx_zoo, tmp_path) -> None:
+    """Where the score has curvature after the target layer (a ReLU network's logit has none
+    there, and ShapleyCAM is Grad-CAM): resnet18's softmax probability at layer4, and a network
+    with GELU and Tanh after the layer, explaining its logit."""
+    from pytorch_grad_cam import ShapleyCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    if subject == "resnet18-probability":
+        model, path, x = zoo.build_torch_model("resnet18"), onnx_zoo("resnet18", "torchscript"), \
+            zoo.sample_batch(2)
+        options, target_layer, target = {"score": "probability"}, model.layer4, \
+            ClassifierOutputSoftmaxTarget
+    else:
+        model, path, x = small_net(small_nets.Curved, tmp_path)
+        options, target_layer, target = {"layer": curved_layer(model, path, x)}, model.body, \
+            ClassifierOutputTarget
+    with torch.no_grad():
+        classes = [int(model(torch.from_numpy(x))[0].argmax()), 7]
+    ours = explain(path, x, classes, method="shapleycam", **options)
+    with ShapleyCAM(model=model, target_layers=[target_layer]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[target(c) for c in classes])
+    assert_correlated(ours, theirs)
+
+
+def test_hessian_vector_product_matches_torch_autograd(tmp_path) -> None:
+    """H A, ShapleyCAM's second-order term, by reverse-over-reverse through our rules, against
+    torch's autograd.grad(g, A, grad_outputs=A) with g built with create_graph=True."""
+    from onnx import TensorProto
+
+    from gradcam_server.augment.graph import GraphBuilder
+    from gradcam_server.augment.hessian import hessian_vector_product
+    from gradcam_server.augment.targets import append_backward
+
+    model, path, x = small_net(small_nets.Curved, tmp_path)
+    layer = curved_layer(model, path, x)
+    classes = [2, 7]
+    proto = onnx.load(str(path))
+    b = GraphBuilder(proto)
+    seed = b.const(np.eye(10, dtype=np.float32)[classes])
+    gradient = append_backward(b, {"logits": seed}, [layer])[layer]
+    product = hessian_vector_product(b, layer, gradient, layer)
+    b.add_output(product, "hessian_a", TensorProto.FLOAT, [2, 32, None, None])
+    ours = zoo.ort_session(proto.SerializeToString()).run(["hessian_a"], {"input": x})[0]
+
+    a = model.body(torch.from_numpy(x)).detach().requires_grad_(True)
+    score = model.head(a)[torch.arange(2), classes].sum()
+    (g,) = torch.autograd.grad(score, a, create_graph=True)
+    (theirs,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+    assert zoo.rel_l2(ours, theirs.numpy()) <= 1e-4
+    assert np.abs(theirs.numpy()).mean() >= 0.1 * np.abs(g.detach().numpy()).mean()
+
+
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
 REFERENCE_TESTS = {
     **{method: test_method_matches_pytorch_grad_cam for method in REFERENCES},
@@ -377,4 +475,6 @@ REFERENCE_TESTS = {
     "integrated-gradcam": test_integrated_grad_cam_follows_the_authors_definition,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
+    "fullgrad": test_full_grad_matches_pytorch_grad_cam,
+    "shapleycam": test_shapley_cam_matches_pytorch_grad_cam,
 }

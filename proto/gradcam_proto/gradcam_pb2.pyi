@@ -27,6 +27,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_FEM: _ClassVar[Method]
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
     METHOD_KPCACAM: _ClassVar[Method]
+    METHOD_FULLGRAD: _ClassVar[Method]
+    METHOD_SHAPLEYCAM: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -45,6 +47,8 @@ METHOD_GROUPCAM: Method
 METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
+METHOD_FULLGRAD: Method
+METHOD_SHAPLEYCAM: Method
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -338,7 +338,7 @@ def _features(
     """Each target layer's values (in their compute type) and gradient, seen as [N, C, h, w]."""
     return [
         Features(view, view.apply(b, b.computed(view.tensor), image),
-                 view.apply(b, gradients[view.tensor], image))
+                 view.apply(b, gradients[view.tensor], image), gradients[view.tensor])
         for view in views
     ]
 
