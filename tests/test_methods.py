@@ -265,7 +265,7 @@ def test_score_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
     assert_correlated(ours, theirs)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "fullgrad", "shapleycam"])
 def test_aug_smooth_matches_pytorch_grad_cam(method, onnx_zoo) -> None:
     model = zoo.build_torch_model("resnet18")
     x = zoo.sample_batch(2)
@@ -278,7 +278,11 @@ def test_aug_smooth_matches_pytorch_grad_cam(method, onnx_zoo) -> None:
     expected_logits, expected_activations = plain.run(["logits", "activations"], feeds)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(activations, expected_activations, rtol=1e-4, atol=1e-4)
-    with REFERENCES[method](model=model, target_layers=[model.layer4]) as cam:
+    from pytorch_grad_cam import FullGrad, ShapleyCAM
+
+    reference = {**REFERENCES, "fullgrad": FullGrad, "shapleycam": ShapleyCAM}[method]
+    layers = [] if method == "fullgrad" else [model.layer4]
+    with reference(model=model, target_layers=layers) as cam:
         # top-1 per transform for the first image, as pytorch-grad-cam does without targets
         first = cam(torch.from_numpy(x[:1]), targets=None, aug_smooth=True)
         second = cam(torch.from_numpy(x[1:]), targets=[ClassifierOutputTarget(7)],
@@ -433,6 +437,47 @@ def test_shapley_cam_matches_pytorch_grad_cam(subject, onnx_zoo, tmp_path) -> No
     with ShapleyCAM(model=model, target_layers=[target_layer]) as cam:
         theirs = cam(torch.from_numpy(x), targets=[target(c) for c in classes])
     assert_correlated(ours, theirs)
+
+
+def test_shapley_cam_on_tokens_follows_the_definition_in_torch(tmp_path) -> None:
+    """On a ViT's tokens [N, T, C] (the class token before an 8 x 8 grid; pytorch-grad-cam
+    1.5.7's ShapleyCAM cannot reshape tokens): H A is taken over all tokens, as torch's
+    autograd.grad(g, A, grad_outputs=A) on the raw layer, then both it and g are viewed as the
+    patch grid, as pytorch-grad-cam's reshape_transform views them. Here the Hessian term
+    moves the map measurably away from Grad-CAM's."""
+    import cv2
+
+    import servers
+    from test_served_layouts import GRID, SIZE, TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    path = servers.export_torch(model, SIZE, tmp_path / "vit.onnx", dynamic_batch=True)
+    x = zoo.sample_batch(2, SIZE)
+    classes = [3, 7]
+    ours = explain(path, x, classes, method="shapleycam")  # the default layer: blocks.1.norm1
+
+    captured = {}
+    hook = model.blocks[1].norm1.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    logits = model(torch.from_numpy(x))
+    hook.remove()
+    a = captured["a"]
+    (g,) = torch.autograd.grad(logits[torch.arange(2), classes].sum(), a, create_graph=True)
+    (hessian_a,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+
+    def grid(tokens: torch.Tensor) -> np.ndarray:
+        patches = tokens.detach()[:, 1:].reshape(len(tokens), GRID, GRID, -1)
+        return patches.permute(0, 3, 1, 2).numpy()
+
+    def cam(gradients: torch.Tensor) -> np.ndarray:
+        weights = grid(gradients).mean(axis=(2, 3), keepdims=True)
+        maps = np.maximum((weights * grid(a)).sum(axis=1), 0)
+        maps = maps - maps.min(axis=(1, 2), keepdims=True)
+        maps = maps / (maps.max(axis=(1, 2), keepdims=True) + 1e-7)
+        return np.stack([cv2.resize(m.astype(np.float32), (SIZE, SIZE)) for m in maps])
+
+    assert_correlated(ours, cam(g - 0.5 * hessian_a), minimum=0.999)
+    assert min(np.corrcoef(o.ravel(), r.ravel())[0, 1] for o, r in zip(ours, cam(g))) < 0.995
 
 
 def test_hessian_vector_product_matches_torch_autograd(tmp_path) -> None:
