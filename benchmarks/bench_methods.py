@@ -1,7 +1,8 @@
 """Cost of every CAM method inside the session, as ratios measured in one run.
 
     python benchmarks/bench_methods.py [--model resnet50] [--threads 2] [--seconds 10]
-                                       [--without-references]
+                                       [--without-references] [--methods gradcam,fullgrad]
+                                       [--score probability]
 
 1. each gradient-weighted, pixel-level and path method and Group-CAM against the plain forward,
    batch 1, interleaved (the same ResNet-50, default last-layer target);
@@ -34,7 +35,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--without-references", action="store_true",
                         help="section 1 only (pytorch-grad-cam's Score-CAM alone takes minutes)")
+    parser.add_argument("--methods", help="comma-separated methods (default: all); sections 2 "
+                                          "and 3 run only when ablationcam and scorecam are in")
+    parser.add_argument("--score", default="logit",
+                        help="the score explained in section 1 (default: logit)")
     args = parser.parse_args()
+    chosen = args.methods.split(",") if args.methods else list(METHOD_NAMES)
+    unknown = sorted(set(chosen) - set(METHOD_NAMES))
+    if unknown:
+        parser.error(f"unknown methods {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
 
     import torch
     import torchvision
@@ -50,12 +59,14 @@ def main() -> None:
         plain = make_session(plain_path, args.threads)
         sessions = {}
         timed_alone = ("ablationcam", "scorecam")
-        for method in (*(m for m in METHOD_NAMES if m not in timed_alone), *timed_alone):
+        for method in (*(m for m in chosen if m not in timed_alone),
+                       *(m for m in timed_alone if m in chosen)):
             path = Path(tmp, f"{method}.onnx")
-            save_model(augment_model(plain_path, method=method), path)
+            score = args.score if method not in timed_alone else "logit"
+            save_model(augment_model(plain_path, method=method, score=score), path)
             sessions[method] = make_session(path, args.threads)
 
-        print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")
+        print(f"{args.model}, CPU, {args.threads} threads, batch 1, score {args.score}; medians")
         print("\n1. method / plain forward (interleaved rounds)")
         variants = {"forward": lambda: plain.run(None, {"input": x})}
         variants |= {
@@ -65,7 +76,7 @@ def main() -> None:
         medians = interleaved(variants, args.seconds * len(variants), minimum=5)
         for name, value in medians.items():
             print(f"   {name:20s} {value * 1e3:8.1f} ms  ratio {value / medians['forward']:.3f}")
-        if args.without_references:
+        if args.without_references or not set(timed_alone) <= set(chosen):
             return
 
         torch.manual_seed(0)
