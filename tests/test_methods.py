@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torchvision
 from pytorch_grad_cam import (
     FEM,
     GradCAM,
@@ -445,8 +446,6 @@ def test_shapley_cam_on_tokens_follows_the_definition_in_torch(tmp_path) -> None
     autograd.grad(g, A, grad_outputs=A) on the raw layer, then both it and g are viewed as the
     patch grid, as pytorch-grad-cam's reshape_transform views them. Here the Hessian term
     moves the map measurably away from Grad-CAM's."""
-    import cv2
-
     import servers
     from test_served_layouts import GRID, SIZE, TinyViT
 
@@ -470,14 +469,58 @@ def test_shapley_cam_on_tokens_follows_the_definition_in_torch(tmp_path) -> None
         return patches.permute(0, 3, 1, 2).numpy()
 
     def cam(gradients: torch.Tensor) -> np.ndarray:
-        weights = grid(gradients).mean(axis=(2, 3), keepdims=True)
-        maps = np.maximum((weights * grid(a)).sum(axis=1), 0)
-        maps = maps - maps.min(axis=(1, 2), keepdims=True)
-        maps = maps / (maps.max(axis=(1, 2), keepdims=True) + 1e-7)
-        return np.stack([cv2.resize(m.astype(np.float32), (SIZE, SIZE)) for m in maps])
+        return grad_cam_of(torch.from_numpy(grid(a)), torch.from_numpy(grid(gradients)), SIZE)
 
     assert_correlated(ours, cam(g - 0.5 * hessian_a), minimum=0.999)
     assert min(np.corrcoef(o.ravel(), r.ravel())[0, 1] for o, r in zip(ours, cam(g))) < 0.995
+
+
+def grad_cam_of(a: torch.Tensor, gradients: torch.Tensor, size: int) -> np.ndarray:
+    """Grad-CAM's map of a layer [N, C, h, w] for the given gradients, as pytorch-grad-cam
+    computes it (ReLU, min-max with 1e-7, cv2's bilinear resize): [N, size, size]."""
+    import cv2
+
+    weights = gradients.detach().numpy().mean(axis=(2, 3), keepdims=True)
+    maps = np.maximum((weights * a.detach().numpy()).sum(axis=1), 0)
+    maps = maps - maps.min(axis=(1, 2), keepdims=True)
+    maps = maps / (maps.max(axis=(1, 2), keepdims=True) + 1e-7)
+    return np.stack([cv2.resize(m.astype(np.float32), (size, size)) for m in maps])
+
+
+def test_shapley_cam_of_a_detection_follows_the_definition_in_torch(tmp_path) -> None:
+    """A detection's score (its class's sigmoid probability plus the IoU of its box with a
+    reference box, both curved in the last feature map), against torch autograd: the second
+    reverse pass walks the detection seeds' own nodes too, and onnx's shape inference stops
+    inside the first pass (a Split with computed sizes), where the ranks are propagated."""
+    from test_detection import TinyHeads, run
+
+    model = TinyHeads("per-class").eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["scores", "boxes"],
+                      dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}, "boxes": {0: "N"}})
+    box, chosen = np.array([6.0, 6.0, 18.0, 16.0], np.float32), [(21, 1), (17, 2)]
+    rows = ([c for _, c in chosen], [anchor for anchor, _ in chosen], [box, box])
+    ours = run(augment_model(path, score="detection", method="shapleycam"), x, *rows)["heatmap"]
+
+    captured = {}
+    hook = model.features.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    scores, boxes = model(torch.from_numpy(x))
+    hook.remove()
+    reference = torch.from_numpy(box[None])
+    total = sum(scores[n, i, c] + torchvision.ops.box_iou(boxes[n, i, c][None], reference)[0, 0]
+                for n, (i, c) in enumerate(chosen))
+    a = captured["a"]
+    (g,) = torch.autograd.grad(total, a, create_graph=True)
+    (hessian_a,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+    shapley, grad_cam = grad_cam_of(a, g - 0.5 * hessian_a, 32), grad_cam_of(a, g, 32)
+    assert_correlated(ours, shapley, minimum=0.999)
+    # the Hessian term is small here: what it changes must be what it changes in torch
+    ours_grad_cam = run(augment_model(path, score="detection", method="gradcam"), x,
+                        *rows)["heatmap"]
+    assert np.abs(shapley - grad_cam).max() > 0.01
+    assert_correlated(ours - ours_grad_cam, shapley - grad_cam, minimum=0.99)
 
 
 def test_hessian_vector_product_matches_torch_autograd(tmp_path) -> None:
