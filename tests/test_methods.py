@@ -409,6 +409,27 @@ def test_full_grad_matches_pytorch_grad_cam(subject, onnx_zoo, tmp_path) -> None
                                    ours, atol=1e-6)
 
 
+def test_full_grad_eigen_smooth_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    """eigen_smooth projects the image's channels and the layers' maps on their first
+    principal component. Its sign is LAPACK's choice in pytorch-grad-cam and ours makes the
+    projection's largest magnitude positive; the projection is centred, so that is where the
+    normalised map's mean (the value of 0) is at most 1/2: the reference is turned, m -> 1 - m,
+    where it is not."""
+    from pytorch_grad_cam import FullGrad
+
+    model, path, x = zoo.build_torch_model("resnet18"), onnx_zoo("resnet18", "torchscript"), \
+        zoo.sample_batch(2)
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    ours = explain(path, x, classes, method="fullgrad", eigen_smooth=True)
+    with FullGrad(model=model, target_layers=[]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes],
+                     eigen_smooth=True)
+    signed = np.where(theirs.mean(axis=(1, 2), keepdims=True) <= 0.5, theirs, 1 - theirs)
+    assert_correlated(ours, signed)
+    plain = explain(path, x, classes, method="fullgrad")
+    assert not np.allclose(ours, plain, atol=1e-2)
+
+
 def curved_layer(model, path, x: np.ndarray) -> str:
     """The ONNX tensor holding `small_nets.Curved`'s body output (its GELU) for `x`."""
     with torch.no_grad():

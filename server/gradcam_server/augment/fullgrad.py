@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .backward import ancestors, detached_tensors
-from .cam import normalize
+from .cam import normalize, principal_projection
 from .graph import FLOAT_TYPES, GraphBuilder
 
 # Ops through which no gradient flows: their float outputs are not differentiable in the input.
@@ -104,27 +104,42 @@ def full_grad(
     gradients: dict[str, str],
     size_of: str,
     image_hw: tuple[int, int],
+    eigen_smooth: bool = False,
 ) -> str:
     """The FullGrad heatmap [N, H, W] in [0, 1] (see the module docstring): `image` and its
     gradient as the network reads it (NCHW, or NHWC where `image_hw` is (1, 2)), each biased
-    layer's gradient in `gradients`, and the map at `size_of`'s H x W."""
+    layer's gradient in `gradients`, and the map at `size_of`'s H x W.
+
+    With `eigen_smooth`, as pytorch-grad-cam: the image's normalised channels and each layer's
+    map (at H x W), normalised again, resized to H/8 x W/8, projected on their first principal
+    component (`cam.principal_projection`), and that map normalised and resized back."""
     pixels = b.op("Abs", [b.op("Mul", [image_gradient, b.computed(image)])])
     if image_hw == (1, 2):
         pixels = b.op("Transpose", [pixels], perm=[0, 3, 1, 2])
-    terms = [b.reduce("ReduceSum", normalize(b, pixels), [1], keepdims=True)]
+    pixels = normalize(b, pixels)
+    image_size = b.op("Gather", [b.shape(size_of), b.ints(list(image_hw))], axis=0)
     by_size: dict[object, list[str]] = {}
     for layer in layers:
         bias = b.unsqueeze(layer_bias(b, layer), [0, 2, 3])
         saliency = b.op("Abs", [b.op("Mul", [bias, gradients[layer.output]])])
         summed = b.reduce("ReduceSum", normalize(b, saliency), [1], keepdims=True)
         shape = b.static_shape(layer.output)
-        known = all(isinstance(d, int) for d in shape[2:])
+        known = all(isinstance(d, int) for d in shape[2:]) and not eigen_smooth
         by_size.setdefault(tuple(shape[2:]) if known else layer.output, []).append(summed)
-    image_size = b.op("Gather", [b.shape(size_of), b.ints(list(image_hw))], axis=0)
-    for maps in by_size.values():
-        summed = maps[0] if len(maps) == 1 else b.op("Sum", maps)
-        sizes = b.op("Concat", [b.shape_slice(summed, 0, 2), image_size], axis=0)
-        terms.append(b.op("Resize", [summed, "", "", sizes], mode="linear",
-                          coordinate_transformation_mode="half_pixel"))
-    total = terms[0] if len(terms) == 1 else b.op("Sum", terms)
+    maps = [_resized(b, m[0] if len(m) == 1 else b.op("Sum", m), image_size)
+            for m in by_size.values()]
+    if eigen_smooth:
+        stacked = normalize(b, b.op("Concat", [pixels, *maps], axis=1))
+        small = _resized(b, stacked, b.op("Div", [image_size, b.ints([8, 8])]))
+        total = _resized(b, normalize(b, principal_projection(b, small)), image_size)
+    else:
+        terms = [b.reduce("ReduceSum", pixels, [1], keepdims=True), *maps]
+        total = terms[0] if len(terms) == 1 else b.op("Sum", terms)
     return b.squeeze(normalize(b, total), [1])
+
+
+def _resized(b: GraphBuilder, maps: str, size: str) -> str:
+    """Maps [N, K, h, w] resized bilinearly (half-pixel centres, as cv2) to `size` [2]."""
+    sizes = b.op("Concat", [b.shape_slice(maps, 0, 2), size], axis=0)
+    return b.op("Resize", [maps, "", "", sizes], mode="linear",
+                coordinate_transformation_mode="half_pixel")

@@ -350,19 +350,17 @@ class FullGrad(CamMethod):
 
     The map involves no target layer (pytorch-grad-cam ignores its ``target_layers`` too): the
     layer option, default or named, only chooses what the ``activations`` and ``gradients``
-    outputs hold, as for every method. No eigen_smooth: refused."""
+    outputs hold, as for every method. eigen_smooth projects the per-layer maps on their first
+    principal component instead of summing them, as pytorch-grad-cam does."""
 
     entry = method("fullgrad")
 
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
-        if inputs.eigen_smooth:
-            raise AugmentError("fullgrad has no eigen_smooth: its map sums every biased "
-                               "layer's normalised maps")
         b, image = inputs.b, inputs.network_image
         layers = biased_layers(b, image, list(inputs.seeds))
         gradients = append_backward(b, inputs.seeds, [image, *(l.output for l in layers)])
         return full_grad(b, image, gradients[image], layers, gradients, inputs.image.name,
-                         spatial_axes(inputs.image)), None
+                         spatial_axes(inputs.image), inputs.eigen_smooth), None
 
 
 class PixelMethod(CamMethod):
