@@ -35,8 +35,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .backward import ancestors, detached_tensors
+from .backward import ancestors, detached_tensors, quantized_tensors
 from .cam import normalize, principal_projection
+from .errors import AugmentError
 from .graph import FLOAT_TYPES, GraphBuilder
 
 # Ops through which no gradient flows: their float outputs are not differentiable in the input.
@@ -54,7 +55,9 @@ class BiasedLayer:
 
 def biased_layers(b: GraphBuilder, image: str, scores: Sequence[str]) -> list[BiasedLayer]:
     """The 2-D Conv nodes with a bias and the BatchNormalization nodes on 4-D maps whose output
-    a gradient reaches from `scores` on its way to `image` (graph order)."""
+    a gradient reaches from `scores` on its way to `image` (graph order). A QDQ model's Convs
+    are found through their Q/DQ pairs; a convolution whose bias is added apart
+    (quantize_dynamic's ConvInteger) is refused: its bias term would be lost."""
     nodes = list(b.graph.node)
     feeding = ancestors(nodes, set(scores))
     reached = _differentiable_descendants(b, nodes, image) - detached_tensors(nodes)
@@ -63,6 +66,12 @@ def biased_layers(b: GraphBuilder, image: str, scores: Sequence[str]) -> list[Bi
         if node.domain not in ("", "ai.onnx") or not node.output:
             continue
         output = node.output[0]
+        if node.op_type == "ConvInteger" and output in reached and output in feeding:
+            raise AugmentError(
+                f"fullgrad needs each convolution's bias, and ConvInteger node {node.name!r} "
+                "(quantize_dynamic) adds it apart: quantize in the QDQ format (quantize_static "
+                "with QuantFormat.QDQ), or augment the float model"
+            )
         if output not in reached or output not in feeding or b.elem_type(output) not in FLOAT_TYPES:
             continue
         shape = b.static_shape(output)
@@ -75,12 +84,15 @@ def biased_layers(b: GraphBuilder, image: str, scores: Sequence[str]) -> list[Bi
 
 
 def _differentiable_descendants(b: GraphBuilder, nodes: Sequence, image: str) -> set[str]:
-    """The float tensors computed from `image` through ops that pass a gradient."""
+    """The tensors computed from `image` through ops that pass a gradient: float tensors, and
+    the integer tensors of quantized chains (`backward.quantized_tensors`)."""
+    quantized = quantized_tensors(b, nodes)
     reached = {image}
     for node in nodes:
         if node.op_type in _NOT_DIFFERENTIABLE or not any(t in reached for t in node.input):
             continue
-        reached.update(t for t in node.output if t and b.elem_type(t) in FLOAT_TYPES)
+        reached.update(t for t in node.output
+                       if t and (b.elem_type(t) in FLOAT_TYPES or t in quantized))
     return reached
 
 
