@@ -2,7 +2,7 @@
 
     python benchmarks/bench_methods.py [--model resnet50] [--threads 2] [--seconds 10]
                                        [--without-references] [--methods M,M,...]
-                                       [--layers TENSOR,TENSOR,...]
+                                       [--layers TENSOR,TENSOR,...] [--score probability]
 
 1. each gradient-weighted, pixel-level and path method and Group-CAM against the plain forward,
    batch 1, interleaved (the same ResNet-50, default last-layer target);
@@ -42,6 +42,8 @@ def main() -> None:
                         help="the target layers of every method (comma-separated tensor names, "
                              "e.g. /layer3/layer3.5/relu_2/Relu_output_0 for ResNet-50's "
                              "layer3; default: the model's default layer)")
+    parser.add_argument("--score", default="logit",
+                        help="the score explained in section 1 (default: logit)")
     args = parser.parse_args()
     unknown = set(args.methods) - set(METHOD_NAMES)
     if unknown:
@@ -67,10 +69,12 @@ def main() -> None:
         for method in (*(m for m in args.methods if m not in timed_alone),
                        *(m for m in timed_alone if m in args.methods)):
             path = Path(tmp, f"{method}.onnx")
-            save_model(augment_model(plain_path, method=method, layer=args.layers), path)
+            score = args.score if method not in timed_alone else "logit"
+            save_model(augment_model(plain_path, method=method, layer=args.layers, score=score),
+                       path)
             sessions[method] = make_session(path, args.threads)
 
-        print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")
+        print(f"{args.model}, CPU, {args.threads} threads, batch 1, score {args.score}; medians")
         print("\n1. method / plain forward (interleaved rounds)")
         variants = {"forward": lambda: plain.run(None, {"input": x})}
         variants |= {

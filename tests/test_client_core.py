@@ -221,7 +221,7 @@ def test_method_names_are_the_common_tables() -> None:
 
 @pytest.mark.parametrize("keywords, fragment", [
     ({"target_class": 1, "top_k": 2}, "not both"),
-    ({"method": "fullgrad"}, "unknown method"),
+    ({"method": "nosuchcam"}, "unknown method"),
     ({"heatmap_size": "big"}, "heatmap_size must be"),
     ({"grid": (14,)}, "grid must be"),
     ({"prefix_tokens": 1.5}, "prefix_tokens must be an integer"),

@@ -5,8 +5,10 @@ its authors' definition in torch autograd: `REFERENCE_TESTS` names each method's
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
+import torchvision
 from pytorch_grad_cam import (
     FEM,
     GradCAM,
@@ -20,6 +22,7 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+import small_nets
 import zoo
 from gradcam_server.augment import (
     AugmentError,
@@ -278,7 +281,7 @@ def test_score_cam_matches_pytorch_grad_cam(onnx_zoo) -> None:
     assert_correlated(ours, theirs)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "fullgrad", "shapleycam"])
 def test_aug_smooth_matches_pytorch_grad_cam(method, onnx_zoo) -> None:
     model = zoo.build_torch_model("resnet18")
     x = zoo.sample_batch(2)
@@ -291,7 +294,11 @@ def test_aug_smooth_matches_pytorch_grad_cam(method, onnx_zoo) -> None:
     expected_logits, expected_activations = plain.run(["logits", "activations"], feeds)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(activations, expected_activations, rtol=1e-4, atol=1e-4)
-    with REFERENCES[method](model=model, target_layers=[model.layer4]) as cam:
+    from pytorch_grad_cam import FullGrad, ShapleyCAM
+
+    reference = {**REFERENCES, "fullgrad": FullGrad, "shapleycam": ShapleyCAM}[method]
+    layers = [] if method == "fullgrad" else [model.layer4]
+    with reference(model=model, target_layers=layers) as cam:
         # top-1 per transform for the first image, as pytorch-grad-cam does without targets
         first = cam(torch.from_numpy(x[:1]), targets=None, aug_smooth=True)
         second = cam(torch.from_numpy(x[1:]), targets=[ClassifierOutputTarget(7)],
@@ -528,6 +535,204 @@ def test_sobel_takes_the_preprocessing_on_the_command_line(tmp_path, onnx_zoo) -
     (default,) = zoo.ort_session(augment_model(path, method="sobel").SerializeToString()).run(
         ["heatmap"], feeds)
     assert not np.allclose(command_line, default, atol=1e-2)
+def small_net(cls, tmp_path):
+    """A `small_nets` network, its export and two photos at its size."""
+    model = small_nets.build(cls)
+    return model, small_nets.export(model, tmp_path / f"{cls.__name__}.onnx"), \
+        zoo.sample_batch(2, small_nets.SIZE)
+
+
+@pytest.mark.parametrize("subject", ["resnet18", "unfolded-norms"])
+def test_full_grad_matches_pytorch_grad_cam(subject, onnx_zoo, tmp_path) -> None:
+    """On resnet18, whose batch norms the exporter folds into its convolutions (the folded
+    bias stands where torch's batch-norm term is), and on a network whose graph keeps
+    BatchNormalization nodes beside convolutions with biases of their own. The target layer
+    takes no part in the map: another layer gives the same heatmap."""
+    from pytorch_grad_cam import FullGrad
+
+    if subject == "resnet18":
+        model, path, x = zoo.build_torch_model("resnet18"), onnx_zoo("resnet18", "torchscript"), \
+            zoo.sample_batch(2)
+    else:
+        model, path, x = small_net(small_nets.UnfoldedNorms, tmp_path)
+        assert "BatchNormalization" in zoo.op_types(path)
+    with torch.no_grad():
+        classes = [int(model(torch.from_numpy(x))[0].argmax()), 7]
+    ours = explain(path, x, classes, method="fullgrad")
+    with FullGrad(model=model, target_layers=[]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes])
+    assert_correlated(ours, theirs)
+    grad_cam = explain(path, x, classes, method="gradcam")
+    assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(grad_cam, theirs)) < 0.9
+    if subject == "unfolded-norms":
+        with torch.no_grad():
+            early = model.features[:3](torch.from_numpy(x)).numpy()
+        layer = zoo.find_matching_tensor(path, x, early)
+        np.testing.assert_allclose(explain(path, x, classes, method="fullgrad", layer=layer),
+                                   ours, atol=1e-6)
+
+
+def test_full_grad_eigen_smooth_matches_pytorch_grad_cam(onnx_zoo) -> None:
+    """eigen_smooth projects the image's channels and the layers' maps on their first
+    principal component. Its sign is LAPACK's choice in pytorch-grad-cam and ours makes the
+    projection's largest magnitude positive; the projection is centred, so that is where the
+    normalised map's mean (the value of 0) is at most 1/2: the reference is turned, m -> 1 - m,
+    where it is not."""
+    from pytorch_grad_cam import FullGrad
+
+    model, path, x = zoo.build_torch_model("resnet18"), onnx_zoo("resnet18", "torchscript"), \
+        zoo.sample_batch(2)
+    classes = [int(zoo.torch_logits("resnet18", x)[0].argmax()), 7]
+    ours = explain(path, x, classes, method="fullgrad", eigen_smooth=True)
+    with FullGrad(model=model, target_layers=[]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[ClassifierOutputTarget(c) for c in classes],
+                     eigen_smooth=True)
+    signed = np.where(theirs.mean(axis=(1, 2), keepdims=True) <= 0.5, theirs, 1 - theirs)
+    assert_correlated(ours, signed)
+    plain = explain(path, x, classes, method="fullgrad")
+    assert not np.allclose(ours, plain, atol=1e-2)
+
+
+def curved_layer(model, path, x: np.ndarray) -> str:
+    """The ONNX tensor holding `small_nets.Curved`'s body output (its GELU) for `x`."""
+    with torch.no_grad():
+        return zoo.find_matching_tensor(path, x, model.body(torch.from_numpy(x)).numpy())
+
+
+@pytest.mark.parametrize("subject", ["resnet18-probability", "curved-logit"])
+def test_shapley_cam_matches_pytorch_grad_cam(subject, onnx_zoo, tmp_path) -> None:
+    """Where the score has curvature after the target layer (a ReLU network's logit has none
+    there, and ShapleyCAM is Grad-CAM): resnet18's softmax probability at layer4, and a network
+    with GELU and Tanh after the layer, explaining its logit."""
+    from pytorch_grad_cam import ShapleyCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    if subject == "resnet18-probability":
+        model, path, x = zoo.build_torch_model("resnet18"), onnx_zoo("resnet18", "torchscript"), \
+            zoo.sample_batch(2)
+        options, target_layer, target = {"score": "probability"}, model.layer4, \
+            ClassifierOutputSoftmaxTarget
+    else:
+        model, path, x = small_net(small_nets.Curved, tmp_path)
+        options, target_layer, target = {"layer": curved_layer(model, path, x)}, model.body, \
+            ClassifierOutputTarget
+    with torch.no_grad():
+        classes = [int(model(torch.from_numpy(x))[0].argmax()), 7]
+    ours = explain(path, x, classes, method="shapleycam", **options)
+    with ShapleyCAM(model=model, target_layers=[target_layer]) as cam:
+        theirs = cam(torch.from_numpy(x), targets=[target(c) for c in classes])
+    assert_correlated(ours, theirs)
+
+
+def test_shapley_cam_on_tokens_follows_the_definition_in_torch(tmp_path) -> None:
+    """On a ViT's tokens [N, T, C] (the class token before an 8 x 8 grid; pytorch-grad-cam
+    1.5.7's ShapleyCAM cannot reshape tokens): H A is taken over all tokens, as torch's
+    autograd.grad(g, A, grad_outputs=A) on the raw layer, then both it and g are viewed as the
+    patch grid, as pytorch-grad-cam's reshape_transform views them. Here the Hessian term
+    moves the map measurably away from Grad-CAM's."""
+    import servers
+    from test_served_layouts import GRID, SIZE, TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    path = servers.export_torch(model, SIZE, tmp_path / "vit.onnx", dynamic_batch=True)
+    x = zoo.sample_batch(2, SIZE)
+    classes = [3, 7]
+    ours = explain(path, x, classes, method="shapleycam")  # the default layer: blocks.1.norm1
+
+    captured = {}
+    hook = model.blocks[1].norm1.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    logits = model(torch.from_numpy(x))
+    hook.remove()
+    a = captured["a"]
+    (g,) = torch.autograd.grad(logits[torch.arange(2), classes].sum(), a, create_graph=True)
+    (hessian_a,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+
+    def grid(tokens: torch.Tensor) -> np.ndarray:
+        patches = tokens.detach()[:, 1:].reshape(len(tokens), GRID, GRID, -1)
+        return patches.permute(0, 3, 1, 2).numpy()
+
+    def cam(gradients: torch.Tensor) -> np.ndarray:
+        return grad_cam_of(torch.from_numpy(grid(a)), torch.from_numpy(grid(gradients)), SIZE)
+
+    assert_correlated(ours, cam(g - 0.5 * hessian_a), minimum=0.999)
+    assert min(np.corrcoef(o.ravel(), r.ravel())[0, 1] for o, r in zip(ours, cam(g))) < 0.995
+
+
+def grad_cam_of(a: torch.Tensor, gradients: torch.Tensor, size: int) -> np.ndarray:
+    """Grad-CAM's map of a layer [N, C, h, w] for the given gradients, as pytorch-grad-cam
+    computes it (ReLU, min-max with 1e-7, cv2's bilinear resize): [N, size, size]."""
+    import cv2
+
+    weights = gradients.detach().numpy().mean(axis=(2, 3), keepdims=True)
+    maps = np.maximum((weights * a.detach().numpy()).sum(axis=1), 0)
+    maps = maps - maps.min(axis=(1, 2), keepdims=True)
+    maps = maps / (maps.max(axis=(1, 2), keepdims=True) + 1e-7)
+    return np.stack([cv2.resize(m.astype(np.float32), (size, size)) for m in maps])
+
+
+def test_shapley_cam_of_a_detection_follows_the_definition_in_torch(tmp_path) -> None:
+    """A detection's score (its class's sigmoid probability plus the IoU of its box with a
+    reference box, both curved in the last feature map), against torch autograd: the second
+    reverse pass walks the detection seeds' own nodes too, and onnx's shape inference stops
+    inside the first pass (a Split with computed sizes), where the ranks are propagated."""
+    from test_detection import TinyHeads, run
+
+    model = TinyHeads("per-class").eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["scores", "boxes"],
+                      dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}, "boxes": {0: "N"}})
+    box, chosen = np.array([6.0, 6.0, 18.0, 16.0], np.float32), [(21, 1), (17, 2)]
+    rows = ([c for _, c in chosen], [anchor for anchor, _ in chosen], [box, box])
+    ours = run(augment_model(path, score="detection", method="shapleycam"), x, *rows)["heatmap"]
+
+    captured = {}
+    hook = model.features.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    scores, boxes = model(torch.from_numpy(x))
+    hook.remove()
+    reference = torch.from_numpy(box[None])
+    total = sum(scores[n, i, c] + torchvision.ops.box_iou(boxes[n, i, c][None], reference)[0, 0]
+                for n, (i, c) in enumerate(chosen))
+    a = captured["a"]
+    (g,) = torch.autograd.grad(total, a, create_graph=True)
+    (hessian_a,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+    shapley, grad_cam = grad_cam_of(a, g - 0.5 * hessian_a, 32), grad_cam_of(a, g, 32)
+    assert_correlated(ours, shapley, minimum=0.999)
+    # the Hessian term is small here: what it changes must be what it changes in torch
+    ours_grad_cam = run(augment_model(path, score="detection", method="gradcam"), x,
+                        *rows)["heatmap"]
+    assert np.abs(shapley - grad_cam).max() > 0.01
+    assert_correlated(ours - ours_grad_cam, shapley - grad_cam, minimum=0.99)
+
+
+def test_hessian_vector_product_matches_torch_autograd(tmp_path) -> None:
+    """H A, ShapleyCAM's second-order term, by reverse-over-reverse through our rules, against
+    torch's autograd.grad(g, A, grad_outputs=A) with g built with create_graph=True."""
+    from onnx import TensorProto
+
+    from gradcam_server.augment.graph import GraphBuilder
+    from gradcam_server.augment.hessian import hessian_vector_product
+    from gradcam_server.augment.targets import append_backward
+
+    model, path, x = small_net(small_nets.Curved, tmp_path)
+    layer = curved_layer(model, path, x)
+    classes = [2, 7]
+    proto = onnx.load(str(path))
+    b = GraphBuilder(proto)
+    seed = b.const(np.eye(10, dtype=np.float32)[classes])
+    gradient = append_backward(b, {"logits": seed}, [layer])[layer]
+    product = hessian_vector_product(b, layer, gradient, layer)
+    b.add_output(product, "hessian_a", TensorProto.FLOAT, [2, 32, None, None])
+    ours = zoo.ort_session(proto.SerializeToString()).run(["hessian_a"], {"input": x})[0]
+
+    a = model.body(torch.from_numpy(x)).detach().requires_grad_(True)
+    score = model.head(a)[torch.arange(2), classes].sum()
+    (g,) = torch.autograd.grad(score, a, create_graph=True)
+    (theirs,) = torch.autograd.grad(g, a, grad_outputs=a.detach())
+    assert zoo.rel_l2(ours, theirs.numpy()) <= 1e-4
+    assert np.abs(theirs.numpy()).mean() >= 0.1 * np.abs(g.detach().numpy()).mean()
 
 
 # Each method's reference test: parametrized over the method, or augmenting with it by name.
@@ -653,4 +858,6 @@ REFERENCE_TESTS = {
     "refinecam": test_refine_cam_matches_pytorch_grad_cam,
     "guided-backprop": test_guided_backprop_matches_pytorch_grad_cam_per_image,
     "guided-gradcam": test_guided_grad_cam_is_guided_backprop_times_grad_cam,
+    "fullgrad": test_full_grad_matches_pytorch_grad_cam,
+    "shapleycam": test_shapley_cam_matches_pytorch_grad_cam,
 }

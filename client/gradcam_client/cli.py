@@ -85,7 +85,9 @@ docs/BENCHMARKS.md):
     fem, seg-eigencam, kpcacam
   finercam, refinecam (one layer), randomcam,      as Grad-CAM's  0.98-1.02x
     sobel (measured under load)
+  shapleycam                                       about 41 ms    about 1x
   guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
+  fullgrad                                         about 106 ms   about 2.6x
   ablationcam                                      0.92 s         about 23x
   scorecam                                         89 s           about 2200x
   integrated-gradcam                               1.29 s         about 21x

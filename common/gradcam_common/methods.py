@@ -72,6 +72,12 @@ METHODS: tuple[Method, ...] = (
     Method("sobel", "METHOD_SOBEL", "Sobel",
            "a baseline from the image alone: the mean of the photo's absolute Sobel "
            "derivatives in x and y", uses_gradients=False),
+    Method("shapleycam", "METHOD_SHAPLEYCAM", "ShapleyCAM",
+           "channel weights are the spatial mean of the gradients minus half the "
+           "Hessian-vector product with the activations"),
+    Method("fullgrad", "METHOD_FULLGRAD", "FullGrad",
+           "|input gradients x input| plus |bias x gradients| of every biased convolution and "
+           "batch norm, each map normalised, summed; no target layer"),
     Method("ablationcam", "METHOD_ABLATIONCAM", "Ablation-CAM",
            "the relative score drop when each channel is ablated; the layers after the target "
            "layer re-run per channel", uses_gradients=False, reruns_network=True),

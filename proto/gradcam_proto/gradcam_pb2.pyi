@@ -31,6 +31,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_RANDOMCAM: _ClassVar[Method]
     METHOD_SOBEL: _ClassVar[Method]
     METHOD_REFINECAM: _ClassVar[Method]
+    METHOD_FULLGRAD: _ClassVar[Method]
+    METHOD_SHAPLEYCAM: _ClassVar[Method]
     METHOD_SESS: _ClassVar[Method]
     METHOD_DFF: _ClassVar[Method]
 METHOD_UNSPECIFIED: Method
@@ -55,6 +57,8 @@ METHOD_FINERCAM: Method
 METHOD_RANDOMCAM: Method
 METHOD_SOBEL: Method
 METHOD_REFINECAM: Method
+METHOD_FULLGRAD: Method
+METHOD_SHAPLEYCAM: Method
 METHOD_SESS: Method
 METHOD_DFF: Method
 

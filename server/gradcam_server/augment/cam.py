@@ -27,6 +27,15 @@ def grad_cam(b: GraphBuilder, a: str, g: str) -> str:
     return b.op("Mul", [b.reduce("ReduceMean", g, _SPATIAL, keepdims=True), a])
 
 
+def shapley_cam(b: GraphBuilder, a: str, g: str, hessian_a: str | None) -> str:
+    """ShapleyCAM (Cai et al., 2025; pytorch-grad-cam's `ShapleyCAM`): w_k = mean_ij (G - H A
+    / 2)^k_ij, H A the Hessian of the score at the layer times the activations
+    (`hessian.hessian_vector_product`; None where it is zero, and the map is Grad-CAM's)."""
+    if hessian_a is not None:
+        g = b.op("Sub", [g, b.op("Mul", [hessian_a, b.const(0.5)])])
+    return grad_cam(b, a, g)
+
+
 def grad_cam_plus_plus(b: GraphBuilder, a: str, g: str) -> str:
     """Grad-CAM++ (Chattopadhyay et al., WACV 2018): w_k = sum_ij relu(G_ij) a_ij with
     a_ij = G^2 / (2 G^2 + sum_ij(A^k) G^3 + 1e-6), and a_ij = 0 where G = 0."""

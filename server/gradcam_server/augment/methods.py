@@ -50,12 +50,15 @@ from .cam import (
     product_of_maps,
     random_cam,
     seg_eigen_cam,
+    shapley_cam,
     x_grad_cam,
 )
 from .errors import AugmentError
 from .factorization import CONCEPTS, deep_feature_factorization
+from .fullgrad import biased_layers, full_grad
 from .graph import GraphBuilder
 from .group import group_cam
+from .hessian import hessian_vector_product
 from .layout import TargetView
 from .names import NAMES
 from .score import score_cam
@@ -71,11 +74,13 @@ INTEGRATION_STEPS = 20  # Integrated Grad-CAM's scaled copies of the image
 
 @dataclass(frozen=True)
 class Features:
-    """A target layer's view and its values and gradients seen as [N, C, h, w]."""
+    """A target layer's view and its values and gradients seen as [N, C, h, w], and its
+    gradient as the layer is laid out (`layer_gradient`: d score / d view.tensor)."""
 
     view: TargetView
     activations: str
     gradients: str
+    layer_gradient: str
 
 
 @dataclass(frozen=True)
@@ -323,6 +328,19 @@ class RandomCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return random_cam(inputs.b, feature.activations, feature.gradients)
+class ShapleyCam(ChannelMethod):
+    """ShapleyCAM: the gradient minus half the Hessian-vector product with the activations,
+    spatially averaged, as channel weights. H A by reverse-over-reverse differentiation of the
+    backward pass already built (`hessian.py`), in the layer's own layout, then viewed."""
+
+    entry = method("shapleycam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        b, layer = inputs.b, feature.view.tensor
+        hessian_a = hessian_vector_product(b, layer, feature.layer_gradient, b.computed(layer))
+        if hessian_a is not None:
+            hessian_a = feature.view.apply(b, hessian_a, inputs.network_image)
+        return shapley_cam(b, feature.activations, feature.gradients, hessian_a)
 
 
 class AblationCam(ChannelMethod):
@@ -483,6 +501,25 @@ class Sobel(CamMethod):
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
         return sobel_heatmap(inputs.b, inputs.image, spatial_axes(inputs.image),
                              inputs.pixels), None
+class FullGrad(CamMethod):
+    """FullGrad (Srinivas and Fleuret, NeurIPS 2019), as pytorch-grad-cam's `FullGrad`
+    (`fullgrad.py`): the input gradient times the input, and the bias times the gradient at
+    every biased Conv and BatchNormalization between the image and the score, from one
+    backward pass that reaches the image (no weight gradients).
+
+    The map involves no target layer (pytorch-grad-cam ignores its ``target_layers`` too): the
+    layer option, default or named, only chooses what the ``activations`` and ``gradients``
+    outputs hold, as for every method. eigen_smooth projects the per-layer maps on their first
+    principal component instead of summing them, as pytorch-grad-cam does."""
+
+    entry = method("fullgrad")
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        b, image = inputs.b, inputs.network_image
+        layers = biased_layers(b, image, list(inputs.seeds))
+        gradients = append_backward(b, inputs.seeds, [image, *(l.output for l in layers)])
+        return full_grad(b, image, gradients[image], layers, gradients, inputs.image.name,
+                         spatial_axes(inputs.image), inputs.eigen_smooth), None
 
 
 class PixelMethod(CamMethod):

@@ -148,8 +148,10 @@ def augment_model(
             d score / d image as ``input_gradients`` (what guided backprop builds on).
         method: the method computing the heatmap (`methods.CAM_METHODS`): a CAM method
             ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam",
-            "eigencam", "kpcacam", "fem", "eigengradcam", "seg-eigencam"), or a pixel-level
-            method ("guided-backprop", "guided-gradcam"), which also outputs
+            "eigencam", "kpcacam", "fem", "eigengradcam", "seg-eigencam", "shapleycam"), or
+            "fullgrad" (every biased layer's bias gradients and the input gradient, fused,
+            `fullgrad.py`: `layer` then only chooses ``activations`` and ``gradients``), or a
+            pixel-level method ("guided-backprop", "guided-gradcam"), which also outputs
             ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
             guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
             or a perturbation method: "ablationcam" (`ablation.py`: the layers after the target
@@ -351,7 +353,7 @@ def _features(
     """Each target layer's values (in their compute type) and gradient, seen as [N, C, h, w]."""
     return [
         Features(view, view.apply(b, b.computed(view.tensor), image),
-                 view.apply(b, gradients[view.tensor], image))
+                 view.apply(b, gradients[view.tensor], image), gradients[view.tensor])
         for view in views
     ]
 
