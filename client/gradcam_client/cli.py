@@ -93,11 +93,17 @@ docs/BENCHMARKS.md):
   gradcam++, xgradcam, hirescam, layercam,         41.0-42.1 ms   1.00-1.03x
     gradcam-elementwise, eigencam, eigengradcam,
     fem, seg-eigencam, kpcacam
+  finercam, refinecam (one layer), randomcam,      as Grad-CAM's  0.98-1.02x
+    sobel (measured under load)
+  shapleycam                                       about 41 ms    about 1x
   guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
+  fullgrad                                         about 106 ms   about 2.6x
   ablationcam                                      0.92 s         about 23x
   scorecam                                         89 s           about 2200x
   integrated-gradcam                               1.29 s         about 21x
-  groupcam                                         2.45 s         about 40x"""
+  groupcam                                         2.45 s         about 40x
+  dff                                              about 59 ms    about 1.4x
+  sess                                             about 0.51 s   about 12.6x"""
 
 
 class CommandError(Exception):

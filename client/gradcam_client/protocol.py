@@ -382,6 +382,7 @@ def _class_heatmap(message: pb.Heatmap) -> ClassHeatmap:
         channels=[(c.channel, c.weight) for c in message.channels],
         pixel_gradients=(_float32(message.pixel_gradients.data, message.pixel_gradients.shape)
                          if message.HasField("pixel_gradients") else None),
+        concept_scores=tuple(message.concept_scores),
         detection=None if detection is None else DetectedBox(
             detection.index, tuple(detection.box), detection.score, detection.iou
         ),

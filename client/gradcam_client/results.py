@@ -68,6 +68,9 @@ class ClassHeatmap:
     pixel_gradients: np.ndarray | None = None
     # Detectors only: the detection this map explains (its box is drawn on overlays).
     detection: DetectedBox | None = None
+    # Method dff only: each concept's score for this class (softmax of the classifier head's
+    # output for the concept), in concept order; `heatmap` is the highest's concept map.
+    concept_scores: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:

@@ -27,6 +27,14 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_FEM: _ClassVar[Method]
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
     METHOD_KPCACAM: _ClassVar[Method]
+    METHOD_FINERCAM: _ClassVar[Method]
+    METHOD_RANDOMCAM: _ClassVar[Method]
+    METHOD_SOBEL: _ClassVar[Method]
+    METHOD_REFINECAM: _ClassVar[Method]
+    METHOD_FULLGRAD: _ClassVar[Method]
+    METHOD_SHAPLEYCAM: _ClassVar[Method]
+    METHOD_SESS: _ClassVar[Method]
+    METHOD_DFF: _ClassVar[Method]
 
 class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +66,14 @@ METHOD_GROUPCAM: Method
 METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
+METHOD_FINERCAM: Method
+METHOD_RANDOMCAM: Method
+METHOD_SOBEL: Method
+METHOD_REFINECAM: Method
+METHOD_FULLGRAD: Method
+METHOD_SHAPLEYCAM: Method
+METHOD_SESS: Method
+METHOD_DFF: Method
 METRIC_UNSPECIFIED: Metric
 METRIC_DELETION: Metric
 METRIC_INSERTION: Metric
@@ -207,7 +223,7 @@ class ChannelImportance(_message.Message):
     def __init__(self, channel: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection")
+    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection", "concept_scores")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +232,7 @@ class Heatmap(_message.Message):
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     PIXEL_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     DETECTION_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SCORES_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
     height: int
@@ -224,7 +241,8 @@ class Heatmap(_message.Message):
     channels: _containers.RepeatedCompositeFieldContainer[ChannelImportance]
     pixel_gradients: Tensor
     detection: Detection
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ...) -> None: ...
+    concept_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ..., concept_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "label", "score", "logit")

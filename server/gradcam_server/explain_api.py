@@ -371,6 +371,7 @@ def _heatmap(class_map: ClassMap) -> list[wire.Part]:
         height=height,
         width=width,
         channels=[pb.ChannelImportance(channel=c, weight=w) for c, w in class_map.channels],
+        concept_scores=list(class_map.concept_scores),
         detection=None if class_map.detection is None else pb.Detection(
             index=class_map.detection.index, box=list(class_map.detection.box),
             score=class_map.detection.score, iou=class_map.detection.iou,
