@@ -40,8 +40,11 @@ Contract, for every model:
   ``faithfulness_<metric>_curve`` (FP32 [N, K]); requested outputs choose among them;
 - outputs: the model's own outputs by name (in the graph's datatype, FP16 for a float16 model
   without float32 outputs; bfloat16 ones as FP32) and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the
-  ``heatmap_size``). No requested outputs means all of them (a detector's: with its detection
-  outputs). A request for the model's own outputs only runs the plain forward graph.
+  ``heatmap_size``); when asked for by name, ``pixel_map`` (FP32 [N, C, H, W], the
+  pixel-level methods' signed gradients) and ``concept_scores`` (FP32 [N, k], method "dff":
+  each concept's score for the class, the heatmap being the concept scoring highest). No
+  requested outputs means all of them (a detector's: with its detection outputs). A request
+  for the model's own outputs only runs the plain forward graph.
 
 Bounds, checked before the work they guard: a model's request places (RESOURCE_EXHAUSTED before
 anything is decoded, `GradCamService.admit`), the number of encoded images (before the BYTES
@@ -79,6 +82,7 @@ from .transport import deadline_of, rpc
 IMAGE_INPUT = "image"
 HEATMAP_OUTPUT = NAMES.heatmap
 PIXEL_MAP_OUTPUT = NAMES.pixel_map  # guided-backprop and guided-gradcam only, when asked for
+CONCEPT_SCORES_OUTPUT = NAMES.concept_scores  # dff only, when asked for: [N, concepts]
 TARGET_CLASS_INPUT = NAMES.target_class
 REFERENCE_INPUT = NAMES.reference_embedding
 MASK_INPUT = NAMES.target_mask
@@ -256,6 +260,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"({', '.join(PIXEL_METHODS)}), not {method!r}"
                 )
             available.append(PIXEL_MAP_OUTPUT)
+        if CONCEPT_SCORES_OUTPUT in requested and CONCEPT_SCORES_OUTPUT not in available:
+            if method != "dff":
+                raise InvalidInput(
+                    f"output {CONCEPT_SCORES_OUTPUT!r} comes with the method 'dff' only, not "
+                    f"{method!r}"
+                )
+            available.append(CONCEPT_SCORES_OUTPUT)
         unknown = [name for name in requested if name not in available]
         if unknown:
             raise InvalidInput(
@@ -310,7 +321,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         resolved = resolve_infer(model, InferRequest(
             encoded=encoded, x=x, requested=requested,
             explaining=bool(set(requested) & {HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT,
-                                              *DETECTION_OUTPUTS}),
+                                              CONCEPT_SCORES_OUTPUT, *DETECTION_OUTPUTS}),
             graph=explain, target_class=inputs.get(TARGET_CLASS_INPUT),
             reference=inputs.get(REFERENCE_INPUT), mask=inputs.get(MASK_INPUT),
             others={name: inputs[name] for name in others if name in inputs},

@@ -410,7 +410,8 @@ class GradCamService:
             other_bytes = sum(
                 4 * len(sizes) * math.prod(max(d, 1) for d in model.output_shapes[name])
                 for name in wanted.requested
-                if name not in (NAMES.heatmap, NAMES.pixel_map, *DETECTION_OUTPUTS)
+                if name not in (NAMES.heatmap, NAMES.pixel_map, NAMES.concept_scores,
+                                *DETECTION_OUTPUTS)
             )
             self._check_response(model, sizes, request.heatmap_size, maps,
                                  other_bytes=other_bytes, pixel_channels=pixel_channels)
