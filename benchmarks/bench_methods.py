@@ -1,7 +1,8 @@
 """Cost of every CAM method inside the session, as ratios measured in one run.
 
     python benchmarks/bench_methods.py [--model resnet50] [--threads 2] [--seconds 10]
-                                       [--without-references]
+                                       [--without-references] [--methods M,M,...]
+                                       [--layers TENSOR,TENSOR,...] [--score probability]
 
 1. each gradient-weighted, pixel-level and path method and Group-CAM against the plain forward,
    batch 1, interleaved (the same ResNet-50, default last-layer target);
@@ -34,7 +35,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--without-references", action="store_true",
                         help="section 1 only (pytorch-grad-cam's Score-CAM alone takes minutes)")
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=METHOD_NAMES,
+                        help="section 1 for these methods only, beside Grad-CAM and the "
+                             "forward (comma-separated; implies --without-references)")
+    parser.add_argument("--layers", type=lambda text: text.split(","),
+                        help="the target layers of every method (comma-separated tensor names, "
+                             "e.g. /layer3/layer3.5/relu_2/Relu_output_0 for ResNet-50's "
+                             "layer3; default: the model's default layer)")
+    parser.add_argument("--score", default="logit",
+                        help="the score explained in section 1 (default: logit)")
     args = parser.parse_args()
+    unknown = set(args.methods) - set(METHOD_NAMES)
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    if args.methods != METHOD_NAMES:
+        args.without_references = True
+        args.methods = list(dict.fromkeys(["gradcam", *args.methods]))
 
     import torch
     import torchvision
@@ -50,12 +66,15 @@ def main() -> None:
         plain = make_session(plain_path, args.threads)
         sessions = {}
         timed_alone = ("ablationcam", "scorecam")
-        for method in (*(m for m in METHOD_NAMES if m not in timed_alone), *timed_alone):
+        for method in (*(m for m in args.methods if m not in timed_alone),
+                       *(m for m in timed_alone if m in args.methods)):
             path = Path(tmp, f"{method}.onnx")
-            save_model(augment_model(plain_path, method=method), path)
+            score = args.score if method not in timed_alone else "logit"
+            save_model(augment_model(plain_path, method=method, layer=args.layers, score=score),
+                       path)
             sessions[method] = make_session(path, args.threads)
 
-        print(f"{args.model}, CPU, {args.threads} threads, batch 1; medians")
+        print(f"{args.model}, CPU, {args.threads} threads, batch 1, score {args.score}; medians")
         print("\n1. method / plain forward (interleaved rounds)")
         variants = {"forward": lambda: plain.run(None, {"input": x})}
         variants |= {

@@ -459,6 +459,27 @@ def test_pixel_level_maps_are_drawn_as_gradient_images(client: GradCamClient, me
     )
 
 
+def test_dff_returns_each_concepts_score_for_the_class(client: GradCamClient) -> None:
+    """The concept scores the graph computes (``concept_scores``) reach the client with the
+    map of the concept scoring highest; other methods send none."""
+    from gradcam_server.augment import augment_model
+    from gradcam_server.augment.names import NAMES
+    import zoo
+
+    x = _preprocessed()
+    result = client.explain(x, model=MODEL, method="dff", heatmap_size="model")
+    session = zoo.ort_session(augment_model(MODEL_DIR / "model.onnx", method="dff")
+                              .SerializeToString())
+    heatmap, scores = session.run([NAMES.heatmap, NAMES.concept_scores],
+                                  {"input": x[None], NAMES.target_class: np.array([-1])})
+    (explained,) = result.heatmaps
+    assert result.method == "dff" and len(explained.concept_scores) == 5
+    np.testing.assert_allclose(explained.concept_scores, scores[0], rtol=1e-4)
+    np.testing.assert_allclose(explained.heatmap, heatmap[0], atol=1e-4)
+    plain = client.explain(x, model=MODEL, method="gradcam")
+    assert plain.heatmaps[0].concept_scores == ()
+
+
 def test_pixel_level_gradients_per_class(client: GradCamClient) -> None:
     result = client.explain(PHOTO, model=MODEL, method="guided-backprop", top_k=2)
     first, second = (h.pixel_gradients for h in result.heatmaps)

@@ -221,7 +221,7 @@ def test_method_names_are_the_common_tables() -> None:
 
 @pytest.mark.parametrize("keywords, fragment", [
     ({"target_class": 1, "top_k": 2}, "not both"),
-    ({"method": "fullgrad"}, "unknown method"),
+    ({"method": "nosuchcam"}, "unknown method"),
     ({"heatmap_size": "big"}, "heatmap_size must be"),
     ({"grid": (14,)}, "grid must be"),
     ({"prefix_tokens": 1.5}, "prefix_tokens must be an integer"),
@@ -253,6 +253,7 @@ def test_a_response_is_read_into_explanations() -> None:
                 channels=[pb.ChannelImportance(channel=4, weight=0.25)],
                 pixel_gradients=pb.Tensor(shape=[3, 2, 2], data=gradients.tobytes()),
                 detection=pb.Detection(index=12, box=[1, 2, 3, 4], score=0.8, iou=0.6),
+                concept_scores=[0.5, 0.25],
             )],
             predictions=[pb.Prediction(class_index=7, label="", score=0.75, logit=1.5)],
         )],
@@ -268,6 +269,7 @@ def test_a_response_is_read_into_explanations() -> None:
     (explained,) = result.heatmaps
     assert (explained.class_index, explained.name, explained.channels) == (7, "class 7",
                                                                            [(4, 0.25)])
+    assert explained.concept_scores == (0.5, 0.25)
     assert explained.detection.index == 12 and explained.detection.box == (1, 2, 3, 4)
     assert explained.detection.score == pytest.approx(0.8)
     (top,) = result.predictions

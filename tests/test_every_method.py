@@ -4,7 +4,8 @@ Its TF-style "same" padding exports as Shape/Gather/Slice/Concat chains feeding 
 inference loses the spatial sizes of every later feature map: a method that needs them static
 cannot run here. Each method explains the bundled photo and its mirror image in one batch (the
 slow Score-CAM the photo alone); every map must be finite, span [0, 1], lie on the cat's face,
-and, for the CAM methods, mirror the map of the mirrored photo.
+and, for the CAM methods, mirror the map of the mirrored photo (`BOUNDS` loosens the last two
+where a method has a reason to differ: a baseline, a contrast with other classes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ MODEL = MODEL_DIR / "model.onnx"
 SINGLE_IMAGE_METHODS = ("scorecam",)  # ~20 s per image on 2 cores
 FACE_TO_BACKGROUND = 5.0  # heat on the face over heat on the background strip, at least
 MIRROR_CORRELATION = 0.9  # the photo's map against the mirrored photo's map, mirrored back
+# Methods held to other bounds than (FACE_TO_BACKGROUND, MIRROR_CORRELATION), and why; None
+# skips that check.
+BOUNDS = {
+    "guided-backprop": (1.0, MIRROR_CORRELATION),  # edges everywhere
+    "finercam": (3.0, 0.8),  # the cat against tabby and tiger cat: finer, less even detail
+    "randomcam": (None, None),  # random channel weights: a baseline with no reason to be right
+    "sobel": (1.0, MIRROR_CORRELATION),  # the photo's edges, everywhere
+    # a concept map of Deep Feature Factorization covers the parts the concept holds (here the
+    # cat's head and body, normalised as one map), not only what decides the class: 2.9x here
+    "dff": (2.0, MIRROR_CORRELATION),
+}
+MAY_BE_FLAT = ("randomcam",)  # a random combination of channels may be negative everywhere
 
 
 @functools.cache
@@ -79,17 +92,18 @@ def test_method_explains_the_cat_on_the_shipped_model(method: str) -> None:
     assert np.isfinite(heatmap).all()
     assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 + 1e-6
     for row in heatmap:
-        assert row.min() == 0.0 and row.max() > 0.99  # normalised, not flat
+        assert row.min() == 0.0 and (row.max() > 0.99 or method in MAY_BE_FLAT)  # normalised
 
-    ratio = 1.0 if method == "guided-backprop" else FACE_TO_BACKGROUND  # edges everywhere
+    ratio, mirror_correlation = BOUNDS.get(method, (FACE_TO_BACKGROUND, MIRROR_CORRELATION))
     for index, row in enumerate(heatmap):
-        assert_on_the_face(row, mirror=index == 1, ratio=ratio)
+        if ratio is not None:
+            assert_on_the_face(row, mirror=index == 1, ratio=ratio)
     if pixel_level:
         pixels = fetched[2]
         assert pixels.shape == x.shape and np.isfinite(pixels).all() and np.ptp(pixels) > 0
-    elif batch == 2:
+    elif batch == 2 and mirror_correlation is not None:
         back = heatmap[1][:, ::-1]
-        assert np.corrcoef(heatmap[0].ravel(), back.ravel())[0, 1] > MIRROR_CORRELATION
+        assert np.corrcoef(heatmap[0].ravel(), back.ravel())[0, 1] > mirror_correlation
 
 
 def test_command_line_augments_the_shipped_model_for_group_cam(tmp_path, capsys) -> None:

@@ -41,7 +41,7 @@ import servers
 import zoo
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
-from gradcam_server.augment import augment_model
+from gradcam_server.augment import AugmentError, augment_model
 from gradcam_server.augment.passes import ALL_METHODS
 from gradcam_server.model import ServedModel, UnservableModel
 from gradcam_server.runtime import RuntimeOptions
@@ -50,6 +50,14 @@ SIZE = 64
 LITE0_SIZE = 224
 FLOAT16_R = 0.999
 GROUP_CAM_R = 0.998  # 33 probabilities from float16 logits per image
+# Finer-CAM explains the small difference between a logit and its nearest classes' logits,
+# which the float16 weights' rounding moves (measured 0.973 against the original float32
+# model; against the same network in float32 it holds FLOAT16_R).
+FINER_CAM_R = 0.95
+# RandomCAM's map is a new random draw in every run: nothing to agree with (test_methods checks
+# its weights); here it only has to run.
+RANDOM_METHODS = ("randomcam",)
+COMPARABLE_METHODS = tuple(m for m in ALL_METHODS if m not in RANDOM_METHODS)
 LITE0_GUIDED_R = 0.97  # through every ReLU6 of the float16 network, to the pixels
 LITE0_GUIDED_SAME_NETWORK_R = 0.99
 BFLOAT16_R = 0.99
@@ -175,9 +183,9 @@ def method_options(method: str) -> dict:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", COMPARABLE_METHODS)
 def test_float16_resnet18_every_method(half_models, method: str, variant: str) -> None:
-    minimum = GROUP_CAM_R if method == "groupcam" else FLOAT16_R
+    minimum = {"groupcam": GROUP_CAM_R, "finercam": FINER_CAM_R}.get(method, FLOAT16_R)
     images = 1 if method == "scorecam" else 2  # float16 convs run slowly in its Loop
     check_against_float32(half_models, "resnet18", variant, SIZE, images, minimum,
                           **method_options(method))
@@ -300,14 +308,28 @@ def stored_in_bfloat16(stored: int) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method", RANDOM_METHODS)
+def test_float16_resnet18_random_method_runs(half_models, method: str, variant: str) -> None:
+    (heatmap,) = run(half_models("resnet18", variant), zoo.sample_batch(2, SIZE),
+                     method=method).values()
+    assert heatmap.shape == (2, SIZE, SIZE) and np.isfinite(heatmap).all()
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("method", COMPARABLE_METHODS)
 def test_bfloat16_activations_every_method(method: str) -> None:
     """The transposed bfloat16 layer norm output t1 as the target layer (its float32 twin in
     the float32 model): every method runs on the CPU provider and agrees with float32."""
     x = zoo.sample_batch(2, 32)
     options = dict(method=method, layout="nchw")
-    got = run(stored_in_bfloat16(TensorProto.BFLOAT16), x, layer="t1", **options)["heatmap"]
-    want = run(stored_in_bfloat16(TensorProto.FLOAT), x, layer="t1", **options)["heatmap"]
+    layer = "t1"
+    if method == "dff":  # its concepts go through the classifier head, which pools a2
+        with pytest.raises(AugmentError, match="global average pooling"):
+            run(stored_in_bfloat16(TensorProto.BFLOAT16), x, layer=layer, **options)
+        layer = "a2"  # float32, computed from the bfloat16 t1
+    got = run(stored_in_bfloat16(TensorProto.BFLOAT16), x, layer=layer, **options)["heatmap"]
+    want = run(stored_in_bfloat16(TensorProto.FLOAT), x, layer=layer, **options)["heatmap"]
     assert_maps_agree(got, want, BFLOAT16_R)
 
 

@@ -108,6 +108,20 @@ def test_maps_match_the_float_model(model_path, name: str, fmt: str, method: str
     assert r.mean() >= mean_bound and r.min() >= least_bound, np.round(r, 4)
 
 
+@pytest.mark.parametrize("fmt", ["qdq", "qdq-per-channel"])
+def test_full_grad_of_a_qdq_model_follows_the_float_model(model_path, fmt: str) -> None:
+    """FullGrad finds a QDQ model's convolutions through their Q/DQ pairs (each bias read from
+    its DequantizeLinear) and its maps follow the float model's; without them only the input
+    term would remain (r about 0.4). quantize_dynamic's ConvInteger adds its bias apart: the
+    bias term cannot be found, and FullGrad is refused."""
+    classes = tuple(int(c) for c in float_classes(model_path("resnet18", "float")))
+    reference = maps(model_path("resnet18", "float"), "fullgrad", classes)
+    r = correlations(maps(model_path("resnet18", fmt), "fullgrad", classes), reference)
+    assert r.mean() >= 0.97 and r.min() >= 0.95, np.round(r, 4)
+    with pytest.raises(AugmentError, match="ConvInteger node .* adds it apart"):
+        augment_model(model_path("resnet18", "dynamic"), method="fullgrad")
+
+
 def dequantized_of(model: onnx.ModelProto, tensor: str) -> str | None:
     """The DequantizeLinear output of the Q/DQ pair reading `tensor`, if there is one."""
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"

@@ -249,6 +249,27 @@ POOLS = [
            label="opset18-symbolic"),
     OpSpec("ReduceSum", {"x": X4}, consts={"axes": ints(1)}, attrs={"keepdims": 1}),
     OpSpec("ReduceSum", {"x": X4}, label="all-axes"),
+    OpSpec("ReduceSum", {"x": X4}, consts={"like": np.zeros((2, 1, 5, 1), np.float32)},
+           label="run-time-axes", text="""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3,5,5] x) => (float[2,1,5,1] y) {
+            one = Constant <value = int64[1] {1}> ()
+            flat = Constant <value = int64[1] {-1}> ()
+            kept = Shape(like)
+            ones = Equal(kept, one)
+            sizes = Shape(x)
+            same = Equal(sizes, one)
+            differ = Not(same)
+            both = And(ones, differ)
+            found = NonZero(both)
+            axes = Reshape(found, flat)
+            y = ReduceSum <keepdims = 1, noop_with_empty_axes = 1> (x, axes)
+        }"""),
+    OpSpec("ReduceMean", {"x": X4}, consts={"axes": ints(1, 3)}, label="run-time-axes",
+           text="""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[2,3,5,5] x) => (float[2,1,5,1] y) {
+            a = Identity(axes)
+            y = ReduceMean <keepdims = 1> (x, a)
+        }"""),
     OpSpec("ReduceMax", {"x": DISTINCT}, attrs={"axes": [1], "keepdims": 0}),
     OpSpec("ReduceMin", {"x": DISTINCT}, consts={"axes": ints(3)}, opset=18),
     OpSpec("ReduceSumSquare", {"x": X4}, attrs={"axes": [1, -1], "keepdims": 0}),

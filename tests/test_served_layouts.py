@@ -52,7 +52,8 @@ VARIANTS = [  # (layer, layout) requested beside the default, one graph each
 # Methods refused on this model, with a fragment of the reason: none, now that Gather (the head
 # reads the class token with it) has a backward rule. A method that starts or stops failing here
 # must be moved in or out of this table.
-REFUSED: dict[str, str] = {}
+# dff runs its concepts through the classifier head, which must pool an NCHW map
+REFUSED: dict[str, str] = {"dff": "dff needs an NCHW target layer"}
 
 
 class Block(torch.nn.Module):
@@ -257,6 +258,8 @@ def test_every_method_gives_a_normalised_map_or_a_reason(stub, method: str) -> N
     assert heatmap.shape == (1, SIZE, SIZE)
     assert np.isfinite(heatmap).all()
     assert heatmap.min() >= 0 and heatmap.max() <= 1 + 1e-6
+    if method == "randomcam" and heatmap.max() == 0:
+        return  # a random combination of channels may be negative everywhere
     assert heatmap.max() > 0.99 and heatmap.min() < 0.01  # normalised, not constant
 
 

@@ -477,3 +477,24 @@ def test_pixel_level_methods_return_their_signed_gradients(client, channel) -> N
     expect_error(lambda: client.infer(LITE0, [tensor_input("input", x)],
                                       outputs=outputs("pixel_map"), client_timeout=CALL_TIMEOUT_S),
                  INVALID, "'pixel_map'", "pixel-level methods")
+
+
+def test_dff_returns_its_concept_scores_over_kserve(client, channel) -> None:
+    """KServe's concept_scores output holds what the typed API's Heatmap.concept_scores holds
+    for the same image: each concept's score for the class, the heatmap being the map of the
+    concept scoring highest; any other method refuses it by name."""
+    x = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    result = client.infer(LITE0, [tensor_input("input", x)],
+                          outputs=outputs("heatmap", "concept_scores"),
+                          parameters={"method": "dff"}, client_timeout=CALL_TIMEOUT_S)
+    scores = result.as_numpy("concept_scores")
+    assert scores.shape == (1, 5) and np.isfinite(scores).all() and (scores >= 0).all()
+    stub = pb_grpc.GradCamStub(channel)
+    request = pb.ExplainRequest(model=LITE0, images=[pb.Image(tensor=pb.Tensor(
+        shape=[3, 224, 224], data=x[0].tobytes()))], method=pb.METHOD_DFF)
+    typed = stub.Explain(request, timeout=CALL_TIMEOUT_S).explanations[0].heatmaps[0]
+    np.testing.assert_allclose(typed.concept_scores, scores[0], rtol=1e-5)
+    expect_error(lambda: client.infer(LITE0, [tensor_input("input", x)],
+                                      outputs=outputs("concept_scores"),
+                                      client_timeout=CALL_TIMEOUT_S),
+                 INVALID, "'concept_scores'", "'dff' only")

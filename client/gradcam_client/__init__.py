@@ -9,8 +9,9 @@ command, and overlays drawn with numpy and Pillow only.
 
 Modules: `client` (the two clients, thin shells doing the I/O), `options` (`ExplainOptions`),
 `images` (inputs made messages), `protocol` (requests built and answers read, no I/O),
-`results` (what comes back), `retry` (deadlines and retries), `connection` (address, TLS,
-channel), `errors` (status codes as exceptions), `cli` (the `gradcam` command).
+`results` (what comes back), `report` (an evaluation's table and curves), `retry` (deadlines
+and retries), `connection` (address, TLS, channel), `errors` (status codes as exceptions),
+`cli` (the `gradcam` command).
 """
 
 from .client import AsyncGradCamClient, GradCamClient
@@ -27,11 +28,14 @@ from .errors import (
 )
 from .images import ImageInput
 from .options import DetectionTarget, ExplainKwargs, ExplainOptions, HeatmapSize
-from .protocol import METHODS
+from .protocol import METHODS, METRICS
 from .results import (
     ClassHeatmap,
     DetectedBox,
+    Evaluation,
     Explanation,
+    ImageEvaluation,
+    MetricResult,
     ModelInfo,
     ModelStatus,
     Prediction,
@@ -51,12 +55,14 @@ from gradcam_common.overlay import (
 __all__ = [
     "COLORMAPS",
     "METHODS",
+    "METRICS",
     "PIXEL_METHODS",
     "AsyncGradCamClient",
     "ClassHeatmap",
     "DetectedBox",
     "DetectionTarget",
     "DeadlineError",
+    "Evaluation",
     "ExplainKwargs",
     "ExplainOptions",
     "Explanation",
@@ -64,8 +70,10 @@ __all__ = [
     "GradCamClient",
     "GradCamError",
     "HeatmapSize",
+    "ImageEvaluation",
     "ImageInput",
     "InvalidInputError",
+    "MetricResult",
     "ModelInfo",
     "ModelNotFoundError",
     "ModelStatus",

@@ -5,6 +5,9 @@
                   [--heatmap-size image|model|WxH] [--side-by-side] [--grayscale]
                   [--summary SUMMARY.csv|.json]
     gradcam explain FOLDER_OR_IMAGES... --model NAME [-o OUT_FOLDER] [--save-npy NPY_FOLDER]
+    gradcam eval FOLDER_OR_IMAGES... --model NAME [--methods gradcam,scorecam,...]
+                 [--metrics deletion,insertion,...] [--steps N] [--plot CURVES.png]
+                 [--json RESULTS.json]
     gradcam models [--server HOST:PORT]
     gradcam health [--server HOST:PORT] [--wait SECONDS]
 
@@ -26,6 +29,11 @@ closes the run; an image that cannot be read or explained is reported and skippe
 still running after two seconds shows a spinner with the elapsed time on stderr (one "still
 working" line when stderr is not a terminal); a Score-CAM request also shows the server's
 progress (masked passes done and needed, and the time it estimates is left).
+
+``gradcam eval`` asks the server how faithful each method's map is (docs/FAITHFULNESS.md): it
+prints one row per method, each metric averaged over the images (the best of each column marked
+with "*"), and ``--plot`` draws the deletion and insertion curves, averaged over the images,
+into a PNG; ``--json`` writes every image's values and curves.
 
 The server defaults to $GRADCAM_SERVER or 127.0.0.1:8001, the token to $GRADCAM_TOKEN, and
 the model to the server's only one. Where nothing answers, the error says how to start a server.
@@ -60,8 +68,9 @@ from .errors import (
     UnavailableError,
 )
 from .options import DetectionTarget
-from .protocol import heatmap_size_option
-from .results import Explanation, ModelInfo, Progress
+from .protocol import METRICS, heatmap_size_option
+from .report import curves_picture, metrics_table
+from .results import Explanation, ImageEvaluation, ModelInfo, Progress
 from gradcam_common.methods import METHOD_NAMES
 from gradcam_common.overlay import COLORMAPS
 
@@ -72,6 +81,7 @@ SUMMARY_PREDICTIONS = 5  # predictions per image in a JSON summary
 PROGRESS_WIDTH = 24
 TIMEOUT_SECONDS = 30.0  # the deadline of a call, as the SDK's
 EXPLAIN_TIMEOUT_SECONDS = 600.0  # Score-CAM on ResNet-50 takes 89 s on 2 CPU threads
+EVAL_IMAGES_PER_REQUEST = 4  # gradcam eval sends a folder a few images at a time
 SIGN_OF_LIFE_SECONDS = 2.0  # a request running longer shows a spinner (or one line)
 SPINNER_INTERVAL_SECONDS = 0.1
 SPINNER = "|/-\\"
@@ -85,13 +95,19 @@ docs/BENCHMARKS.md):
   gradcam++, xgradcam, hirescam, layercam,         41.0-42.1 ms   1.00-1.03x
     gradcam-elementwise, eigencam, eigengradcam,
     fem, seg-eigencam, kpcacam
+  finercam, refinecam (one layer), randomcam,      as Grad-CAM's  0.98-1.02x
+    sobel (measured under load)
+  shapleycam                                       about 41 ms    about 1x
   guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
+  fullgrad                                         about 106 ms   about 2.6x
   ablationcam                                      0.92 s         about 23x
   scorecam (one pass per distinct channel map;     89 s at most   about 2200x
     89 s for 2048; the channels zero everywhere
     share one: 58% of the trained Lite0's)
   integrated-gradcam                               1.29 s         about 21x
-  groupcam                                         2.45 s         about 40x"""
+  groupcam                                         2.45 s         about 40x
+  dff                                              about 59 ms    about 1.4x
+  sess                                             about 0.51 s   about 12.6x"""
 
 
 class CommandError(Exception):
@@ -195,6 +211,69 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
     noun = "image" if explained == 1 else "images"
     print(f"{explained} {noun} explained, {failed} failed")
     return 1 if failed else 0
+
+
+def _eval(client: GradCamClient, args: argparse.Namespace) -> int:
+    methods = _names(args.methods, METHOD_NAMES, "--methods")
+    metrics = _names(args.metrics, METRICS, "--metrics")
+    if args.plot is not None:
+        _check_picture_path(args.plot)
+    images, _ = _collect(args.images)
+    if args.model is None:
+        args.model = _only_model(client)
+    evaluated: list[ImageEvaluation] = []
+    score = "probability"
+    sign_of_life = _SignOfLife()
+    for start in range(0, len(images), EVAL_IMAGES_PER_REQUEST):
+        batch = images[start:start + EVAL_IMAGES_PER_REQUEST]
+        with sign_of_life.watching(f"{batch[0].name} ... ({len(batch)} images, "
+                                   f"{len(methods) or 1} methods)"):
+            try:
+                result = client.evaluate(
+                    [str(image) for image in batch], model=args.model, methods=methods,
+                    metrics=metrics, target_class=args.target_class, steps=args.steps,
+                    layer=args.layer, score=args.score,
+                )
+            except ModelNotFoundError as error:
+                raise CommandError(f"{error}{_served_models(client)}") from None
+            except DeadlineError as error:
+                raise CommandError(f"{error} (--timeout {args.timeout:g} s)") from None
+        score = result.score
+        for image, evaluation in zip(batch, result.images):
+            print(f"{image}: {evaluation.name} ({evaluation.score:.2f})", file=sys.stderr)
+        evaluated += result.images
+    print(f"{args.model}, {len(evaluated)} images, score {score}; mean over the images:")
+    print(metrics_table(evaluated))
+    if args.plot is not None:
+        try:
+            picture = curves_picture(evaluated, score,
+                                     f"{args.model}: {len(evaluated)} images")
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        _save_picture(picture, args.plot)
+        print(f"curves -> {args.plot}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([
+            {"image": str(path), "class_index": e.class_index, "label": e.label,
+             "score": e.score,
+             "methods": {method: {name: {"value": value.value, "curve": value.curve.tolist()}
+                                  for name, value in values.items()}
+                         for method, values in e.methods.items()}}
+            for path, e in zip(images, evaluated)
+        ], indent=1))
+    return 0
+
+
+def _names(text: str | None, known: Sequence[str], option: str) -> list[str]:
+    """A comma-separated list of names, each known; [] for none given."""
+    if not text:
+        return []
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in known:
+            raise CommandError(f"{option}: unknown {name!r}; available: {', '.join(known)}")
+    return names
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -673,7 +752,8 @@ class _SignOfLife:
 
 def _client(args: argparse.Namespace) -> GradCamClient:
     if args.timeout is None:
-        args.timeout = EXPLAIN_TIMEOUT_SECONDS if args.run is _explain else TIMEOUT_SECONDS
+        args.timeout = (EXPLAIN_TIMEOUT_SECONDS if args.run in (_explain, _eval)
+                        else TIMEOUT_SECONDS)
     return GradCamClient(
         args.server,
         timeout=args.timeout,
@@ -788,6 +868,38 @@ def _parser() -> argparse.ArgumentParser:
                               "(the image with the model and method, a map with its class "
                               "and score)")
     explain.set_defaults(run=_explain)
+
+    evaluate = commands.add_parser(
+        "eval", parents=[connection],
+        help="measure how faithful each method's map is: deletion, insertion, ROAD, ...",
+        description="Evaluate the maps of several methods on one image, several, or the "
+                    "images of a folder: the server makes each map and scores perturbed "
+                    "copies of the image (docs/FAITHFULNESS.md). Prints one row per method, "
+                    "each metric averaged over the images, the best marked with '*'.",
+    )
+    evaluate.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                          help="an image file, several, or a folder of images")
+    evaluate.add_argument("--model", help="the model's name on the server (default: its only "
+                                           "model, when it serves one)")
+    evaluate.add_argument("--methods", metavar="M1,M2,...",
+                          help=f"the methods compared, of {', '.join(METHOD_NAMES)} (default: "
+                               "the model's)")
+    evaluate.add_argument("--metrics", metavar="M1,M2,...",
+                          help=f"of {', '.join(METRICS[:-1])} (default: all; the pointing "
+                               "game needs boxes, through the SDK)")
+    evaluate.add_argument("--steps", type=int, metavar="N",
+                          help="deletion and insertion steps (default 100)")
+    evaluate.add_argument("--target-class", type=int, metavar="C",
+                          help="evaluate the maps of this class (default: the top-1 class)")
+    evaluate.add_argument("--layer", metavar="TENSOR",
+                          help="target layer, a tensor name of the graph (default: the model's)")
+    evaluate.add_argument("--score", choices=("probability", "logit"),
+                          help="what is measured of the class (default: its probability)")
+    evaluate.add_argument("--plot", type=Path, metavar="PICTURE",
+                          help="draw the deletion and insertion curves into this PNG")
+    evaluate.add_argument("--json", type=Path, metavar="PATH",
+                          help="write every image's values and curves as JSON")
+    evaluate.set_defaults(run=_eval)
 
     models = commands.add_parser("models", parents=[connection], help="list the served models")
     models.set_defaults(run=_models)

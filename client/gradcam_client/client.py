@@ -55,7 +55,7 @@ from .errors import DeadlineError, GradCamError, ModelNotFoundError, Unavailable
 from .images import ImageInput
 from .options import ExplainOptions, merged_options
 from .protocol import RequestPart
-from .results import Explanation, ModelInfo, ModelStatus, Progress
+from .results import Evaluation, Explanation, ModelInfo, ModelStatus, Progress
 from .retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, ReadinessWait
 
 if TYPE_CHECKING:
@@ -181,6 +181,45 @@ class GradCamClient(_Client):
         call = protocol.explain_call(images, model=model, options=merged)
         return call.answer([self._send(part, timeout, on_progress, index)
                             for index, part in enumerate(call.parts)])
+
+    def evaluate(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        model: str,
+        methods: Sequence[str | None] = (),
+        metrics: Sequence[str] = (),
+        target_class: int | None = None,
+        steps: int | None = None,
+        road_percentiles: Sequence[float] = (),
+        pointing: Sequence[Any] | None = None,
+        pointing_tolerance: float | None = None,
+        layer: str | None = None,
+        score: str | None = None,
+        timeout: float | None = None,
+    ) -> Evaluation:
+        """How faithful each method's map of each image is to ``model``
+        (docs/FAITHFULNESS.md): the server makes the maps, scores perturbed copies of each
+        image and returns, per image, method and metric, a value and (deletion, insertion,
+        ROAD) its curve.
+
+        ``methods``: the names compared (empty: the model's default); ``metrics``: names of
+        `protocol.METRICS` (empty: all but the pointing game, which needs ``pointing``: one
+        box (x1, y1, x2, y2) or mask [H, W] per image, in its pixels, hit within
+        ``pointing_tolerance`` pixels, 15 by default). ``target_class``: as `explain`'s (-r:
+        each image's r-th class; None: the top-1). ``steps``: deletion and insertion's (100),
+        ``road_percentiles``: ROAD's (10, ..., 90); ``score``: "probability" (default) or
+        "logit". One request: at most 64 images, and the server bounds images x methods x
+        copies (INVALID_ARGUMENT naming the limit). Long: give ``timeout`` accordingly.
+        """
+        request = protocol.evaluate_request(
+            images, model=model, methods=methods, metrics=metrics, target_class=target_class,
+            steps=steps, road_percentiles=road_percentiles, pointing=pointing,
+            pointing_tolerance=pointing_tolerance, layer=layer, score=score,
+        )
+        started = time.perf_counter()
+        response = self._call(self._stub.Evaluate, request, timeout)
+        return protocol.evaluation(response, time.perf_counter() - started)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
         """Every model of the server's repository, with its readiness."""
@@ -311,6 +350,32 @@ class AsyncGradCamClient(_Client):
         return call.answer(await asyncio.gather(*(
             self._send(p, timeout, on_progress, index) for index, p in enumerate(call.parts)
         )))
+
+    async def evaluate(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        model: str,
+        methods: Sequence[str | None] = (),
+        metrics: Sequence[str] = (),
+        target_class: int | None = None,
+        steps: int | None = None,
+        road_percentiles: Sequence[float] = (),
+        pointing: Sequence[Any] | None = None,
+        pointing_tolerance: float | None = None,
+        layer: str | None = None,
+        score: str | None = None,
+        timeout: float | None = None,
+    ) -> Evaluation:
+        """As `GradCamClient.evaluate`."""
+        request = await asyncio.to_thread(
+            protocol.evaluate_request, images, model=model, methods=methods, metrics=metrics,
+            target_class=target_class, steps=steps, road_percentiles=road_percentiles,
+            pointing=pointing, pointing_tolerance=pointing_tolerance, layer=layer, score=score,
+        )
+        started = time.perf_counter()
+        response = await self._call(self._stub.Evaluate, request, timeout)
+        return protocol.evaluation(response, time.perf_counter() - started)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelStatus]:
         """As `GradCamClient.list_models`."""

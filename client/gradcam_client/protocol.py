@@ -40,7 +40,10 @@ from .options import DetectionTarget, ExplainOptions, HeatmapSize
 from .results import (
     ClassHeatmap,
     DetectedBox,
+    Evaluation,
     Explanation,
+    ImageEvaluation,
+    MetricResult,
     ModelInfo,
     ModelStatus,
     Prediction,
@@ -54,6 +57,11 @@ METHODS: tuple[str, ...] = tuple(sorted(METHOD_NAMES, key=enum_value))
 `ModelInfo.methods` lists them)."""
 METHOD_OF_NAME: dict[str, int] = {name: enum_value(name) for name in METHODS}
 """The method names and their values in the API."""
+METRICS: tuple[str, ...] = tuple(
+    name.removeprefix("METRIC_").lower() for name in pb.Metric.keys()
+    if name != "METRIC_UNSPECIFIED"
+)
+"""The faithfulness metrics `evaluate` takes (docs/FAITHFULNESS.md), in API order."""
 _SIZE_TEXT = re.compile(r"([0-9]+)\s*x\s*([0-9]+)")
 _GRID_TEXT = re.compile(r"(\d+)x(\d+)")
 
@@ -262,6 +270,82 @@ def _typed_rows(value: Any, rows: slice) -> pb.TypedTensor:
     return pb.TypedTensor(datatype=datatype, shape=list(part.shape), data=part.tobytes())
 
 
+def evaluate_request(
+    images: Any, *, model: str, methods: Sequence[str | None] = (), metrics: Sequence[str] = (),
+    target_class: int | None = None, steps: int | None = None,
+    road_percentiles: Sequence[float] = (), pointing: Sequence[Any] | None = None,
+    pointing_tolerance: float | None = None, layer: str | None = None,
+    score: str | None = None,
+) -> pb.EvaluateRequest:
+    """The Evaluate request of `GradCamClient.evaluate`'s arguments; `InvalidInputError`
+    for an unknown method or metric, or a pointing target that is neither a box nor a mask."""
+    for metric in metrics:
+        if metric.lower() not in METRICS:
+            raise InvalidInputError(f"unknown metric {metric!r}; available: {', '.join(METRICS)}")
+    request = pb.EvaluateRequest(
+        model=model,
+        images=[message for message, _ in encode_images(images)],
+        methods=[method_enum(method) for method in methods],
+        metrics=[pb.Metric.Value(f"METRIC_{metric.upper()}") for metric in metrics],
+        steps=steps or 0,
+        road_percentiles=list(road_percentiles),
+        layer=layer or "",
+        score=score or "",
+    )
+    if target_class is not None:
+        request.target.class_index = int(target_class)
+    if pointing_tolerance is not None:
+        request.pointing_tolerance = pointing_tolerance
+    for number, target in enumerate(pointing or ()):
+        message = request.pointing.add()
+        array = np.asarray(target)
+        if array.ndim == 1 and array.size == 4:
+            x1, y1, x2, y2 = (float(v) for v in array)
+            message.box.CopyFrom(pb.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2))
+        elif array.ndim == 2:
+            mask = np.ascontiguousarray(array, dtype="<f4")
+            message.mask.CopyFrom(pb.Tensor(shape=list(mask.shape), data=mask.tobytes()))
+        else:
+            raise InvalidInputError(f"pointing target {number}: a box (x1, y1, x2, y2) or a "
+                                    f"mask [H, W], got shape {list(array.shape)}")
+    return request
+
+
+def evaluation(response: pb.EvaluateResponse, round_trip: float) -> Evaluation:
+    """The `Evaluation` of an EvaluateResponse."""
+    t = response.timings
+    timings = Timings(
+        t.preprocess_seconds, t.queue_seconds, t.inference_seconds, t.total_seconds, round_trip
+    )
+    images = [
+        ImageEvaluation(
+            image.class_index, image.label, image.probability,
+            {
+                method_name(method.method): {
+                    _metric_name(value.metric): MetricResult(
+                        _metric_name(value.metric), value.value,
+                        np.asarray(value.curve, np.float32))
+                    for value in method.metrics
+                }
+                for method in image.methods
+            },
+        )
+        for image in response.images
+    ]
+    return Evaluation(
+        response.model, images, response.score, response.steps,
+        tuple(response.road_percentiles), response.copies, response.batch_size, timings,
+    )
+
+
+def _metric_name(value: int) -> str:
+    """A metric's name; a value newer than these stubs reads as its number."""
+    try:
+        return pb.Metric.Name(value).removeprefix("METRIC_").lower()
+    except ValueError:
+        return str(value)
+
+
 # --- responses ------------------------------------------------------------------------------
 
 
@@ -299,6 +383,7 @@ def _class_heatmap(message: pb.Heatmap) -> ClassHeatmap:
         channels=[(c.channel, c.weight) for c in message.channels],
         pixel_gradients=(_float32(message.pixel_gradients.data, message.pixel_gradients.shape)
                          if message.HasField("pixel_gradients") else None),
+        concept_scores=tuple(message.concept_scores),
         detection=None if detection is None else DetectedBox(
             detection.index, tuple(detection.box), detection.score, detection.iou
         ),

@@ -68,6 +68,9 @@ class ClassHeatmap:
     pixel_gradients: np.ndarray | None = None
     # Detectors only: the detection this map explains (its box is drawn on overlays).
     detection: DetectedBox | None = None
+    # Method dff only: each concept's score for this class (softmax of the classifier head's
+    # output for the concept), in concept order; `heatmap` is the highest's concept map.
+    concept_scores: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
@@ -264,3 +267,64 @@ class ModelInfo:
     prefix_tokens: int | None = None
     grid: tuple[int, int] | None = None
 
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One faithfulness metric of one map: its value and, for deletion, insertion and ROAD,
+    its curve (the class score after each step, or at each ROAD percentile)."""
+
+    name: str
+    value: float
+    curve: np.ndarray  # float32; empty for the metrics without one
+
+
+@dataclass(frozen=True)
+class ImageEvaluation:
+    """One image's explained class, its score on the intact image, and per method (in the
+    order asked) its metrics by name."""
+
+    class_index: int
+    label: str
+    score: float
+    methods: dict[str, dict[str, MetricResult]]
+
+    @property
+    def name(self) -> str:
+        """The label, or "class N" when the model has no labels."""
+        return _class_name(self.class_index, self.label)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `GradCamClient.evaluate` returns: per image, per method, per metric a
+    `MetricResult`; the score measured ("probability" or "logit"), the deletion/insertion
+    steps and ROAD percentiles, the perturbed copies the server scored and the rows of each
+    of its forward runs."""
+
+    model: str
+    images: list[ImageEvaluation]
+    score: str
+    steps: int
+    road_percentiles: tuple[float, ...]
+    copies: int
+    batch_size: int
+    timings: Timings
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.images[0].methods) if self.images else []
+
+    @property
+    def metrics(self) -> list[str]:
+        first = self.images[0].methods if self.images else {}
+        return list(next(iter(first.values()), {}))
+
+    def mean(self, method: str, metric: str) -> float:
+        """The metric's mean over the images (Grad-CAM++'s average drop and increase in
+        confidence are such means)."""
+        return float(np.mean([image.methods[method][metric].value for image in self.images]))
+
+    def mean_curve(self, method: str, metric: str) -> np.ndarray:
+        """The metric's curve averaged over the images."""
+        return np.mean([image.methods[method][metric].curve for image in self.images], axis=0)

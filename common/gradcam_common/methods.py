@@ -10,8 +10,8 @@ A method's traits say how it is computed, which decides what a request may combi
 * ``reruns_network``: the network (or its part after the target layer) runs again on
   perturbed copies inside the session (Ablation-CAM, Score-CAM, Group-CAM); it explains the
   class logit only, and its cost grows with the layer's channels.
-* ``path``: the gradients are integrated along scaled copies of the image (Integrated
-  Grad-CAM).
+* ``path``: the network runs on copies of the image tiled along the batch, the class resolved
+  on the image itself: Integrated Grad-CAM's scaled copies, SESS's patches.
 * ``pixel_level``: the map is an input-gradient image at the model's input size (Guided
   Backpropagation, Guided Grad-CAM); the signed gradients come back beside the heatmap.
 * ``uses_gradients``: False for the methods computed from the activations alone.
@@ -47,6 +47,12 @@ METHODS: tuple[Method, ...] = (
            "ReLU of gradients times activations, summed over channels"),
     Method("layercam", "METHOD_LAYERCAM", "LayerCAM",
            "ReLU of the gradients times the activations, summed over channels"),
+    Method("finercam", "METHOD_FINERCAM", "Finer-CAM",
+           "Grad-CAM of the class logit minus those of its three most similar classes, "
+           "weighted by their probabilities"),
+    Method("refinecam", "METHOD_REFINECAM", "RefineCAM",
+           "the product of the Grad-CAM++ maps of several target layers (one layer: its "
+           "Grad-CAM++ map)"),
     Method("eigencam", "METHOD_EIGENCAM", "EigenCAM",
            "the activations projected on their first principal component", uses_gradients=False),
     Method("kpcacam", "METHOD_KPCACAM", "KPCA-CAM",
@@ -60,6 +66,18 @@ METHODS: tuple[Method, ...] = (
     Method("seg-eigencam", "METHOD_SEG_EIGENCAM", "Seg-Eigen-CAM",
            "the first principal component of |gradients| times activations, its sign set so "
            "that the largest magnitude is positive"),
+    Method("randomcam", "METHOD_RANDOMCAM", "RandomCAM",
+           "a sanity baseline: channel weights drawn uniformly in [-1, 1] for each image and "
+           "run", uses_gradients=False),
+    Method("sobel", "METHOD_SOBEL", "Sobel",
+           "a baseline from the image alone: the mean of the photo's absolute Sobel "
+           "derivatives in x and y", uses_gradients=False),
+    Method("shapleycam", "METHOD_SHAPLEYCAM", "ShapleyCAM",
+           "channel weights are the spatial mean of the gradients minus half the "
+           "Hessian-vector product with the activations"),
+    Method("fullgrad", "METHOD_FULLGRAD", "FullGrad",
+           "|input gradients x input| plus |bias x gradients| of every biased convolution and "
+           "batch norm, each map normalised, summed; no target layer"),
     Method("ablationcam", "METHOD_ABLATIONCAM", "Ablation-CAM",
            "the relative score drop when each channel is ablated; the layers after the target "
            "layer re-run per channel", uses_gradients=False, reruns_network=True),
@@ -71,6 +89,13 @@ METHODS: tuple[Method, ...] = (
            "copy, weighted by the gain in class probability", reruns_network=True),
     Method("integrated-gradcam", "METHOD_INTEGRATED_GRADCAM", "Integrated Grad-CAM",
            "Grad-CAM maps of copies of the image scaled from black to it, summed", path=True),
+    Method("sess", "METHOD_SESS", "SESS",
+           "Grad-CAM maps of patches slid over the image at 4 scales, weighted by their class "
+           "probability, pasted back and averaged", path=True),
+    Method("dff", "METHOD_DFF", "Deep Feature Factorization",
+           "the layer factorised into 5 non-negative concepts (NMF), each scored by the "
+           "classifier head; the map of the concept scoring highest for the class",
+           uses_gradients=False),
     Method("guided-backprop", "METHOD_GUIDED_BACKPROP", "Guided Backpropagation",
            "input gradients through guided ReLUs; the heatmap is their largest magnitude over "
            "the colour channels", pixel_level=True),

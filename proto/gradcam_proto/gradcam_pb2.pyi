@@ -27,6 +27,27 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_FEM: _ClassVar[Method]
     METHOD_SEG_EIGENCAM: _ClassVar[Method]
     METHOD_KPCACAM: _ClassVar[Method]
+    METHOD_FINERCAM: _ClassVar[Method]
+    METHOD_RANDOMCAM: _ClassVar[Method]
+    METHOD_SOBEL: _ClassVar[Method]
+    METHOD_REFINECAM: _ClassVar[Method]
+    METHOD_FULLGRAD: _ClassVar[Method]
+    METHOD_SHAPLEYCAM: _ClassVar[Method]
+    METHOD_SESS: _ClassVar[Method]
+    METHOD_DFF: _ClassVar[Method]
+
+class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METRIC_UNSPECIFIED: _ClassVar[Metric]
+    METRIC_DELETION: _ClassVar[Metric]
+    METRIC_INSERTION: _ClassVar[Metric]
+    METRIC_ROAD_MORF: _ClassVar[Metric]
+    METRIC_ROAD_LERF: _ClassVar[Metric]
+    METRIC_ROAD_COMBINED: _ClassVar[Metric]
+    METRIC_CONFIDENCE_CHANGE: _ClassVar[Metric]
+    METRIC_AVERAGE_DROP: _ClassVar[Metric]
+    METRIC_INCREASE_IN_CONFIDENCE: _ClassVar[Metric]
+    METRIC_POINTING_GAME: _ClassVar[Metric]
 METHOD_UNSPECIFIED: Method
 METHOD_GRADCAM: Method
 METHOD_GRADCAM_PLUS_PLUS: Method
@@ -45,6 +66,24 @@ METHOD_GROUPCAM: Method
 METHOD_FEM: Method
 METHOD_SEG_EIGENCAM: Method
 METHOD_KPCACAM: Method
+METHOD_FINERCAM: Method
+METHOD_RANDOMCAM: Method
+METHOD_SOBEL: Method
+METHOD_REFINECAM: Method
+METHOD_FULLGRAD: Method
+METHOD_SHAPLEYCAM: Method
+METHOD_SESS: Method
+METHOD_DFF: Method
+METRIC_UNSPECIFIED: Metric
+METRIC_DELETION: Metric
+METRIC_INSERTION: Metric
+METRIC_ROAD_MORF: Metric
+METRIC_ROAD_LERF: Metric
+METRIC_ROAD_COMBINED: Metric
+METRIC_CONFIDENCE_CHANGE: Metric
+METRIC_AVERAGE_DROP: Metric
+METRIC_INCREASE_IN_CONFIDENCE: Metric
+METRIC_POINTING_GAME: Metric
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -184,7 +223,7 @@ class ChannelImportance(_message.Message):
     def __init__(self, channel: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection")
+    __slots__ = ("class_index", "label", "height", "width", "data", "channels", "pixel_gradients", "detection", "concept_scores")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +232,7 @@ class Heatmap(_message.Message):
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     PIXEL_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     DETECTION_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SCORES_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
     height: int
@@ -201,7 +241,8 @@ class Heatmap(_message.Message):
     channels: _containers.RepeatedCompositeFieldContainer[ChannelImportance]
     pixel_gradients: Tensor
     detection: Detection
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ...) -> None: ...
+    concept_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., channels: _Optional[_Iterable[_Union[ChannelImportance, _Mapping]]] = ..., pixel_gradients: _Optional[_Union[Tensor, _Mapping]] = ..., detection: _Optional[_Union[Detection, _Mapping]] = ..., concept_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "label", "score", "logit")
@@ -348,3 +389,99 @@ class ModelInfo(_message.Message):
     grid: str
     num_boxes: int
     def __init__(self, name: _Optional[str] = ..., input: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_size: _Optional[_Iterable[int]] = ..., outputs: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., has_labels: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., default_score: _Optional[str] = ..., other_inputs: _Optional[_Iterable[str]] = ..., explain_error: _Optional[str] = ..., layout: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., grid: _Optional[str] = ..., num_boxes: _Optional[int] = ...) -> None: ...
+
+class PointingTarget(_message.Message):
+    __slots__ = ("box", "mask")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    box: BoundingBox
+    mask: Tensor
+    def __init__(self, box: _Optional[_Union[BoundingBox, _Mapping]] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BoundingBox(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("model", "images", "methods", "target", "metrics", "steps", "road_percentiles", "pointing", "pointing_tolerance", "layer", "score")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ROAD_PERCENTILES_FIELD_NUMBER: _ClassVar[int]
+    POINTING_FIELD_NUMBER: _ClassVar[int]
+    POINTING_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    methods: _containers.RepeatedScalarFieldContainer[Method]
+    target: Target
+    metrics: _containers.RepeatedScalarFieldContainer[Metric]
+    steps: int
+    road_percentiles: _containers.RepeatedScalarFieldContainer[float]
+    pointing: _containers.RepeatedCompositeFieldContainer[PointingTarget]
+    pointing_tolerance: float
+    layer: str
+    score: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[Metric, str]]] = ..., steps: _Optional[int] = ..., road_percentiles: _Optional[_Iterable[float]] = ..., pointing: _Optional[_Iterable[_Union[PointingTarget, _Mapping]]] = ..., pointing_tolerance: _Optional[float] = ..., layer: _Optional[str] = ..., score: _Optional[str] = ...) -> None: ...
+
+class MetricValue(_message.Message):
+    __slots__ = ("metric", "value", "curve")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CURVE_FIELD_NUMBER: _ClassVar[int]
+    metric: Metric
+    value: float
+    curve: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, metric: _Optional[_Union[Metric, str]] = ..., value: _Optional[float] = ..., curve: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class MethodEvaluation(_message.Message):
+    __slots__ = ("method", "metrics")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    method: Method
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricValue]
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., metrics: _Optional[_Iterable[_Union[MetricValue, _Mapping]]] = ...) -> None: ...
+
+class ImageEvaluation(_message.Message):
+    __slots__ = ("class_index", "label", "probability", "methods")
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    class_index: int
+    label: str
+    probability: float
+    methods: _containers.RepeatedCompositeFieldContainer[MethodEvaluation]
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodEvaluation, _Mapping]]] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("model", "images", "steps", "road_percentiles", "copies", "batch_size", "timings", "score")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ROAD_PERCENTILES_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[ImageEvaluation]
+    steps: int
+    road_percentiles: _containers.RepeatedScalarFieldContainer[float]
+    copies: int
+    batch_size: int
+    timings: Timings
+    score: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageEvaluation, _Mapping]]] = ..., steps: _Optional[int] = ..., road_percentiles: _Optional[_Iterable[float]] = ..., copies: _Optional[int] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., score: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class GradCamStub:
                 request_serializer=gradcam__proto_dot_gradcam__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=gradcam__proto_dot_gradcam__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/gradcam.v1.GradCam/Evaluate',
+                request_serializer=gradcam__proto_dot_gradcam__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=gradcam__proto_dot_gradcam__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
 
 
 class GradCamServicer:
@@ -89,6 +94,17 @@ class GradCamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request, context):
+        """Measures how faithful each method's map is to the model: the map of each
+        image by each method (as Explain makes it), then perturbed copies of the
+        image scored by the model's plain forward graph, in batches (deletion,
+        insertion, ROAD, confidence change, pointing game). See
+        docs/FAITHFULNESS.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradCamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +127,11 @@ def add_GradCamServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=gradcam__proto_dot_gradcam__pb2.GetModelInfoRequest.FromString,
                     response_serializer=gradcam__proto_dot_gradcam__pb2.ModelInfo.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=gradcam__proto_dot_gradcam__pb2.EvaluateRequest.FromString,
+                    response_serializer=gradcam__proto_dot_gradcam__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +242,33 @@ class GradCam:
             '/gradcam.v1.GradCam/GetModelInfo',
             gradcam__proto_dot_gradcam__pb2.GetModelInfoRequest.SerializeToString,
             gradcam__proto_dot_gradcam__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradcam.v1.GradCam/Evaluate',
+            gradcam__proto_dot_gradcam__pb2.EvaluateRequest.SerializeToString,
+            gradcam__proto_dot_gradcam__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,

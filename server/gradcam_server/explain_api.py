@@ -19,19 +19,28 @@ from gradcam_common.overlay import COLORMAPS, draw_box, overlay
 from gradcam_proto import gradcam_pb2 as pb
 from gradcam_proto import gradcam_pb2_grpc as pb_grpc
 
-from . import wire
+from . import faithfulness, wire
 from .datatypes import element_count, from_bytes
 from .detections import MAX_DETECTIONS_PER_IMAGE, DetectionRequest
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import Explaining, request_grid
 from .postprocess import ClassMap, Explained
-from .request import ExplainRequest, resolve_explain
+from .request import (
+    EvaluateRequest,
+    ExplainRequest,
+    PointingTarget,
+    resolve_evaluate,
+    resolve_explain,
+)
 from .service import GradCamService
 from .transport import deadline_of, rpc
 
 METHOD_ENUMS = {name: enum_value(name) for name in _NAMES}  # the typed API's value of a method
 METHOD_NAMES = {value: name for name, value in METHOD_ENUMS.items()}
+# Evaluate's metrics: METRIC_DELETION is "deletion", and so on.
+METRIC_ENUMS = {name: pb.Metric.Value(f"METRIC_{name.upper()}") for name in faithfulness.METRICS}
+METRIC_NAMES = {value: name for name, value in METRIC_ENUMS.items()}
 DEFAULT_PREDICTIONS = 5
 DEFAULT_CHANNELS = 10
 DEFAULT_OPACITY = 0.5
@@ -142,6 +151,41 @@ class GradCamServicer(pb_grpc.GradCamServicer):
             resolved, lambda explained: _response(model.name, explained, options, started),
             deadline=deadline_of(context), progress=progress,
         )
+
+    @rpc("explain")
+    async def Evaluate(self, request: pb.EvaluateRequest, context, labels) -> pb.EvaluateResponse:
+        started = time.perf_counter()
+        model = self.service.model(request.model)
+        labels["model"] = model.name
+        labels["method"] = "evaluate"
+        for field, text in (("layer", request.layer), ("score", request.score)):
+            if len(text) > MAX_TEXT_CHARS:
+                raise InvalidInput(f"{field} is {len(text)} characters long; at most "
+                                   f"{MAX_TEXT_CHARS}", field=field)
+        target = request.target.WhichOneof("kind")
+        if target == "top_k":
+            raise InvalidInput("Evaluate explains one class per image: give target.class_index "
+                               "or leave target unset (the top-1 class)", field="target.top_k")
+        if len(request.methods) > len(METHOD_ENUMS) or len(request.metrics) > len(METRIC_ENUMS):
+            raise InvalidInput("each method and metric may be asked once")
+        with self.service.admit(model):
+            resolved = resolve_evaluate(model, EvaluateRequest(
+                images=[_image(image, index) for index, image in enumerate(request.images)],
+                methods=[_method_name(m) for m in request.methods] or [None],
+                layer=request.layer or None,
+                class_index=request.target.class_index if target == "class_index" else None,
+                metrics=[_metric_name(m) for m in request.metrics],
+                steps=request.steps,
+                percentiles=list(request.road_percentiles),
+                pointing=_pointing(request),
+                pointing_tolerance=(request.pointing_tolerance
+                                    if request.HasField("pointing_tolerance") else None),
+                score=request.score or None,
+            ))
+            return await self.service.evaluate(
+                resolved, lambda evaluated: _evaluation(model.name, evaluated, started),
+                deadline=deadline_of(context),
+            )
 
     @rpc("explain")
     async def ListModels(self, request, context, labels) -> pb.ListModelsResponse:
@@ -289,6 +333,62 @@ def _method_name(method: int) -> str | None:
         raise InvalidInput(f"unknown method {method}", field="method") from None
 
 
+def _metric_name(metric: int) -> str:
+    if metric not in METRIC_NAMES:
+        raise InvalidInput(f"unknown metric {metric}; available: "
+                           f"{', '.join(pb.Metric.Name(v) for v in METRIC_NAMES)}",
+                           field="metrics")
+    return METRIC_NAMES[metric]
+
+
+def _pointing(request: pb.EvaluateRequest) -> list[PointingTarget]:
+    """The pointing targets, one per image; bounded in number before any mask is read."""
+    if len(request.pointing) > max(len(request.images), 1):
+        raise InvalidInput(f"{len(request.pointing)} pointing targets for "
+                           f"{len(request.images)} images (give one per image)",
+                           field="pointing")
+    targets = []
+    for number, target in enumerate(request.pointing):
+        region = target.WhichOneof("region")
+        if region == "box":
+            box = target.box
+            targets.append(PointingTarget(box=(box.x1, box.y1, box.x2, box.y2)))
+        elif region == "mask":
+            shape = tuple(target.mask.shape)
+            count = element_count(shape, f"pointing[{number}].mask")
+            if len(shape) != 2 or count * 4 != len(target.mask.data):
+                raise InvalidInput(
+                    f"image {number}: a pointing mask is [H, W] float32 with 4 bytes per "
+                    f"value; got shape {list(shape)} and {len(target.mask.data)} bytes",
+                    field=f"pointing[{number}]")
+            targets.append(PointingTarget(
+                mask=np.frombuffer(target.mask.data, dtype="<f4").reshape(shape)))
+        else:
+            targets.append(PointingTarget())
+    return targets
+
+
+def _evaluation(model: str, evaluated: faithfulness.Evaluated, started: float) -> bytes:
+    """The serialized EvaluateResponse; it runs in the service's post-processing thread."""
+    plan = evaluated.plan
+    response = pb.EvaluateResponse(
+        model=model, score=plan.score, steps=plan.steps, road_percentiles=list(plan.percentiles),
+        copies=evaluated.copies, batch_size=evaluated.batch_size,
+    )
+    for image in evaluated.images:
+        message = response.images.add(class_index=image.class_index, label=image.label,
+                                      probability=image.probability)
+        for method, values in image.methods:
+            evaluation = message.methods.add(method=METHOD_ENUMS[method])
+            for value in values.values():
+                evaluation.metrics.add(metric=METRIC_ENUMS[value.name], value=value.value,
+                                       curve=value.curve)
+    response.timings.preprocess_seconds = evaluated.preprocess_seconds
+    response.timings.inference_seconds = evaluated.inference_seconds
+    response.timings.total_seconds = time.perf_counter() - started
+    return response.SerializeToString()
+
+
 def _image(image: pb.Image, index: int) -> bytes | np.ndarray:
     kind = image.WhichOneof("source")
     if kind == "encoded":
@@ -331,6 +431,7 @@ def _heatmap(class_map: ClassMap) -> list[wire.Part]:
         height=height,
         width=width,
         channels=[pb.ChannelImportance(channel=c, weight=w) for c, w in class_map.channels],
+        concept_scores=list(class_map.concept_scores),
         detection=None if class_map.detection is None else pb.Detection(
             index=class_map.detection.index, box=list(class_map.detection.box),
             score=class_map.detection.score, iou=class_map.detection.iou,

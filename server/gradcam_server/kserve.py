@@ -31,10 +31,20 @@ Contract, for every model:
   it once per detection. A row chosen by box that no anchor of its class overlaps enough is
   INVALID_ARGUMENT. Outputs ``explained_detection``, ``detection_class``, ``detection_score``,
   ``detection_box`` (in the image's pixels) and ``detection_iou``;
+- faithfulness (docs/FAITHFULNESS.md): the parameter ``evaluate`` (a comma-separated list of
+  metrics, e.g. "deletion,insertion"; "all": every metric but the pointing game) asks for the
+  method's map of each image to be evaluated as the typed API's Evaluate does, with ``steps``
+  (INT64, deletion and insertion's, default 100) and ``score`` ("probability", the default, or
+  "logit"); ``target_class`` must then be one class for every row (or absent). The outputs are
+  ``faithfulness_<metric>`` (FP32 [N]) and, for deletion, insertion and ROAD,
+  ``faithfulness_<metric>_curve`` (FP32 [N, K]); requested outputs choose among them;
 - outputs: the model's own outputs by name (in the graph's datatype, FP16 for a float16 model
   without float32 outputs; bfloat16 ones as FP32) and ``heatmap`` (FP32 [N, H, W] in [0, 1] at the
-  ``heatmap_size``). No requested outputs means all of them (a detector's: with its detection
-  outputs). A request for the model's own outputs only runs the plain forward graph.
+  ``heatmap_size``); when asked for by name, ``pixel_map`` (FP32 [N, C, H, W], the
+  pixel-level methods' signed gradients) and ``concept_scores`` (FP32 [N, k], method "dff":
+  each concept's score for the class, the heatmap being the concept scoring highest). No
+  requested outputs means all of them (a detector's: with its detection outputs). A request
+  for the model's own outputs only runs the plain forward graph.
 
 Bounds, checked before the work they guard: a model's request places (RESOURCE_EXHAUSTED before
 anything is decoded, `GradCamService.admit`), the number of encoded images (before the BYTES
@@ -51,19 +61,20 @@ import struct
 
 import numpy as np
 
+from gradcam_common.faithfulness import CURVES
 from gradcam_common.methods import METHOD_NAMES as METHODS
 from gradcam_common.methods import PIXEL_METHODS
 from gradcam_proto import grpc_service_pb2 as pb
 from gradcam_proto import grpc_service_pb2_grpc as pb_grpc
 
-from . import __version__, wire
+from . import __version__, faithfulness, wire
 from .augment.names import NAMES
 from .datatypes import DATATYPES, carried_datatype, datatype_of, element_count, from_bytes
 from .detections import DETECTION_OUTPUTS
 from .errors import MAX_TEXT_CHARS, InvalidInput, shown
 from .metrics import Metrics
 from .model import Explaining, ServedModel, request_grid
-from .request import InferRequest, resolve_infer
+from .request import EvaluateRequest, InferRequest, resolve_evaluate, resolve_infer
 from .service import GradCamService
 from .validate import MAX_IMAGES_PER_REQUEST
 from .transport import deadline_of, rpc
@@ -71,6 +82,7 @@ from .transport import deadline_of, rpc
 IMAGE_INPUT = "image"
 HEATMAP_OUTPUT = NAMES.heatmap
 PIXEL_MAP_OUTPUT = NAMES.pixel_map  # guided-backprop and guided-gradcam only, when asked for
+CONCEPT_SCORES_OUTPUT = NAMES.concept_scores  # dff only, when asked for: [N, concepts]
 TARGET_CLASS_INPUT = NAMES.target_class
 REFERENCE_INPUT = NAMES.reference_embedding
 MASK_INPUT = NAMES.target_mask
@@ -104,7 +116,11 @@ _KNOWN_PARAMETERS = {  # the kinds each may come as
     "output": ("string_param", "int64_param"),
     "heatmap_size": ("string_param",),
     "iou_threshold": ("double_param",),
+    "evaluate": ("string_param",),
+    "steps": ("int64_param",),
 }
+EVALUATION_PREFIX = "faithfulness_"  # the outputs of the "evaluate" parameter
+CURVE_SUFFIX = "_curve"
 
 
 _DETECTION_METADATA = (  # a detector's outputs beside the heatmap: (name, datatype, shape)
@@ -152,7 +168,65 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"unknown method {shown(method)}; available: {', '.join(METHODS)}")
         labels["method"] = method
         with self.service.admit(model):
+            if "evaluate" in parameters:
+                return await self._evaluate(model, request, parameters, deadline_of(context))
             return await self._infer(model, request, parameters, method, deadline_of(context))
+
+    async def _evaluate(self, model: ServedModel, request, parameters: dict,
+                        deadline: float | None) -> bytes:
+        """The parameter ``evaluate``: the faithfulness metrics of the method's map of each
+        image, as outputs (the module's contract)."""
+        asked = str(parameters["evaluate"])
+        metrics = [] if asked == "all" else [m.strip() for m in asked.split(",") if m.strip()]
+        for tensor in request.inputs:
+            if tensor.name not in (model.input.name, IMAGE_INPUT, TARGET_CLASS_INPUT):
+                raise InvalidInput(f"input {shown(tensor.name)} is not used by 'evaluate': send "
+                                   f"{model.input.name!r} or {IMAGE_INPUT!r}, and optionally "
+                                   f"{TARGET_CLASS_INPUT!r}")
+        inputs = decode_inputs(request, max_bytes_elements=MAX_IMAGES_PER_REQUEST)
+        images = inputs.get(IMAGE_INPUT, inputs.get(model.input.name))
+        if images is None:
+            raise InvalidInput(f"send {model.input.name!r} (FP32 tensor) or {IMAGE_INPUT!r} "
+                               "(BYTES, encoded images)")
+        if not isinstance(images, list):
+            if images.dtype != np.float32 or images.ndim != 4:
+                raise InvalidInput(f"input {model.input.name!r} must be FP32 [N, C, H, W]")
+            images = list(images)
+        classes = inputs.get(TARGET_CLASS_INPUT)
+        class_index = None
+        if classes is not None:
+            values = np.unique(np.asarray(classes))
+            if isinstance(classes, list) or len(values) != 1:
+                raise InvalidInput("with 'evaluate', target_class is one class for every row "
+                                   "(INT64)", field="target_class")
+            class_index = int(values[0])
+        resolved = resolve_evaluate(model, EvaluateRequest(
+            images=images, methods=[parameters.get("method")], layer=parameters.get("target_layer"),
+            class_index=class_index, metrics=metrics, steps=parameters.get("steps"),
+            score=parameters.get("score"),
+        ))
+        available = [f"{EVALUATION_PREFIX}{m}" for m in resolved.plan.metrics] + [
+            f"{EVALUATION_PREFIX}{m}{CURVE_SUFFIX}" for m in resolved.plan.metrics
+            if m in CURVES]
+        requested = [o.name for o in request.outputs] or available
+        unknown = [name for name in requested if name not in available]
+        if unknown:
+            raise InvalidInput(f"unknown output {shown(unknown[0])}; with 'evaluate' the "
+                               f"outputs are {', '.join(available)}")
+
+        def encode(evaluated: faithfulness.Evaluated) -> bytes:
+            outputs = {}
+            for metric in resolved.plan.metrics:
+                values = [image.methods[0][1][metric] for image in evaluated.images]
+                outputs[f"{EVALUATION_PREFIX}{metric}"] = np.array(
+                    [v.value for v in values], np.float32)
+                if metric in CURVES:
+                    outputs[f"{EVALUATION_PREFIX}{metric}{CURVE_SUFFIX}"] = np.array(
+                        [v.curve for v in values], np.float32)
+            return _response(model.name, request.id,
+                             {name: outputs[name] for name in requested})
+
+        return await self.service.evaluate(resolved, encode, deadline)
 
     async def _infer(
         self, model: ServedModel, request, parameters: dict[str, str], method: str,
@@ -186,6 +260,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"({', '.join(PIXEL_METHODS)}), not {method!r}"
                 )
             available.append(PIXEL_MAP_OUTPUT)
+        if CONCEPT_SCORES_OUTPUT in requested and CONCEPT_SCORES_OUTPUT not in available:
+            if method != "dff":
+                raise InvalidInput(
+                    f"output {CONCEPT_SCORES_OUTPUT!r} comes with the method 'dff' only, not "
+                    f"{method!r}"
+                )
+            available.append(CONCEPT_SCORES_OUTPUT)
         unknown = [name for name in requested if name not in available]
         if unknown:
             raise InvalidInput(
@@ -240,7 +321,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         resolved = resolve_infer(model, InferRequest(
             encoded=encoded, x=x, requested=requested,
             explaining=bool(set(requested) & {HEATMAP_OUTPUT, PIXEL_MAP_OUTPUT,
-                                              *DETECTION_OUTPUTS}),
+                                              CONCEPT_SCORES_OUTPUT, *DETECTION_OUTPUTS}),
             graph=explain, target_class=inputs.get(TARGET_CLASS_INPUT),
             reference=inputs.get(REFERENCE_INPUT), mask=inputs.get(MASK_INPUT),
             others={name: inputs[name] for name in others if name in inputs},

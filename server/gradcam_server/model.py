@@ -38,7 +38,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .augment import LAYOUTS, AugmentError, augment_model, explained_target, load_model
+from .augment import (
+    LAYOUTS,
+    AugmentError,
+    PixelNormalisation,
+    augment_model,
+    explained_target,
+    load_model,
+)
 from .augment.layout import check_view_options
 from .augment.names import NAMES
 from .augment.passes import ALL_METHODS
@@ -261,8 +268,16 @@ class ServedModel:
             self._proto, layer=key.layer, output=key.output, method=key.method,
             counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
             aug_smooth=key.aug_smooth, score=key.score, input=self.input.name,
-            layout=key.layout, prefix_tokens=key.prefix_tokens, grid=key.grid, **detection,
+            layout=key.layout, prefix_tokens=key.prefix_tokens, grid=key.grid,
+            pixels=self._pixels, **detection,
         )
+
+    @property
+    def _pixels(self) -> PixelNormalisation:
+        """How this model's image input is made from 8-bit pixels (what "sobel" undoes)."""
+        pre = self.config.preprocessing
+        return PixelNormalisation(mean=pre.mean, std=pre.std, scale=pre.scale,
+                                  channel_order=pre.channel_order)
 
     def output_info(self, name: str) -> TensorInfo:
         return next(o for o in self.outputs if o.name == name)

@@ -82,6 +82,8 @@ class ClassMap:
     # Pixel-level methods only: the signed input gradients [C, H, W] at the model's input size.
     pixel_gradients: np.ndarray | None = None
     detection: DetectedBox | None = None  # score "detection" only: the detection explained
+    # Method dff only: each concept's score for the class; the map is the highest's concept.
+    concept_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ def class_explanation(
     weights = channel_weights(outputs, rows)
     pixel_maps = pixel_gradients(model, outputs)
     pixel_maps = None if pixel_maps is None else pixel_maps[rows]
+    concept_scores = outputs.get(NAMES.concept_scores)
+    concept_scores = None if concept_scores is None else concept_scores[rows]
     maps = []
     for rank, heatmap in enumerate(outputs[NAMES.heatmap][rows]):
         if class_index is None:
@@ -238,6 +242,8 @@ def class_explanation(
                 heatmap=resize_heatmap(heatmap, heatmap_size.of(size, heatmap.shape[::-1])),
                 channels=top_channels(weights[rank], num_channels),
                 pixel_gradients=None if pixel_maps is None else pixel_maps[rank],
+                concept_scores=() if concept_scores is None else tuple(
+                    float(s) for s in concept_scores[rank]),
             )
         )
     return ImageExplanation(tuple(maps), predictions)

@@ -17,6 +17,7 @@ import numpy as np
 
 from gradcam_common.methods import method as method_entry
 
+from . import faithfulness
 from .detections import MAX_DETECTIONS_PER_IMAGE, DetectionRequest
 from .errors import InvalidInput, shown
 from .model import Explaining, Graph, ServedModel
@@ -24,6 +25,9 @@ from .postprocess import HeatmapSize
 from .validate import check_count, check_target_class
 
 MAX_TOP_K = 20
+# Evaluate: what one request may make the server compute, images x methods x copies per map.
+MAX_EVALUATION_COPIES = 20_000  # perturbed copies scored (forward rows)
+MAX_EVALUATION_IMPUTATIONS = 2_000  # ROAD's sparse solves
 
 
 @dataclass(frozen=True)
@@ -195,3 +199,144 @@ def resolve_infer(model: ServedModel, request: InferRequest, max_pixels: int) ->
                            "'detection_index' (INT64 [N]) or 'reference_box' (FP32 [N, 4]) and "
                            "'target_class'")
     return ResolvedInfer(model, graph, request, heatmap_size)
+
+
+@dataclass(frozen=True)
+class PointingTarget:
+    """The object a map should point at, in the pixels of the image as sent: a box (x1, y1,
+    x2, y2) or a mask [H, W] of the image's size (nonzero inside)."""
+
+    box: tuple[float, ...] | None = None
+    mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What an Evaluate request asks, protocol-neutral; nothing checked yet."""
+
+    images: Sequence[bytes | np.ndarray]
+    methods: Sequence[str | None] = (None,)  # None: the model's default method
+    layer: str | None = None
+    class_index: int | None = None  # one class for every image (-r: each image's r-th)
+    metrics: Sequence[str] = ()  # names of `faithfulness.METRICS`; empty: all that apply
+    steps: int | None = None
+    percentiles: Sequence[float] = ()
+    pointing: Sequence[PointingTarget] = ()  # one per image, or none
+    pointing_tolerance: float | None = None
+    score: str | None = None  # `faithfulness.SCORES`; None: the probability
+
+
+@dataclass(frozen=True)
+class ResolvedEvaluate:
+    """An `EvaluateRequest` resolved against its model (`resolve_evaluate`): one `Graph` per
+    method, the metrics as a `faithfulness.Plan`."""
+
+    model: ServedModel
+    graphs: tuple[Graph, ...]
+    images: Sequence[bytes | np.ndarray]
+    class_index: int | None
+    plan: faithfulness.Plan
+    pointing: Sequence[PointingTarget]
+    pointing_tolerance: float
+
+    @property
+    def copies(self) -> int:
+        return len(self.images) * len(self.graphs) * self.plan.copies
+
+
+def resolve_evaluate(model: ServedModel, request: EvaluateRequest) -> ResolvedEvaluate:
+    """Every limit of an Evaluate request checked before anything is decoded: a classifier
+    with the image as its only input, known and distinct methods and metrics, steps and
+    percentiles in range, one pointing target per image, and the work bounded
+    (`MAX_EVALUATION_COPIES`, `MAX_EVALUATION_IMPUTATIONS`)."""
+    images = request.images
+    if not images:
+        raise InvalidInput("the request holds no image", field="images")
+    check_count(len(images))
+    if model.other_inputs:
+        raise InvalidInput(f"model {model.name!r} takes inputs besides the image; Evaluate "
+                           "perturbs the image alone and takes models without them")
+    if len(set(request.methods)) != len(request.methods):
+        raise InvalidInput("each method may be compared once", field="methods")
+    graphs = tuple(model.resolve(Explaining(method=method, layer=request.layer or None))
+                   for method in request.methods)
+    for graph in graphs:
+        if graph.score != "logit" or len(model.output_shapes[graph.output]) != 1:
+            raise InvalidInput(
+                f"model {model.name!r} is not a classifier (its score is {shown(graph.score)} "
+                "of an output that is not [N, classes]); Evaluate measures class "
+                "probabilities")
+    if request.class_index is not None:
+        check_target_class(model, graphs[0], np.array([request.class_index], np.int64), 1)
+    plan = _plan(request)
+    pointing = request.pointing
+    if pointing and len(pointing) != len(images):
+        raise InvalidInput(f"{len(pointing)} pointing targets for {len(images)} images (give "
+                           "one per image)", field="pointing")
+    if faithfulness.POINTING_GAME in plan.metrics and not pointing:
+        raise InvalidInput("the pointing game needs a box or a mask per image", field="pointing")
+    for number, target in enumerate(pointing):
+        _check_pointing(number, target)
+    tolerance = request.pointing_tolerance
+    tolerance = faithfulness.POINTING_TOLERANCE if tolerance is None else tolerance
+    if not 0 <= tolerance <= 1000:
+        raise InvalidInput(f"pointing_tolerance must be in [0, 1000] pixels, got {tolerance}",
+                           field="pointing_tolerance")
+    maps = len(images) * len(graphs)
+    if maps * plan.copies > MAX_EVALUATION_COPIES:
+        raise InvalidInput(
+            f"{len(images)} images x {len(graphs)} methods x {plan.copies} perturbed copies per "
+            f"map is over the limit of {MAX_EVALUATION_COPIES} copies per request; send fewer "
+            "images or methods, or fewer steps", field="steps")
+    if maps * plan.imputations > MAX_EVALUATION_IMPUTATIONS:
+        raise InvalidInput(
+            f"{len(images)} images x {len(graphs)} methods x {plan.imputations} ROAD "
+            f"imputations per map is over the limit of {MAX_EVALUATION_IMPUTATIONS} per "
+            "request; send fewer images, methods or percentiles", field="road_percentiles")
+    return ResolvedEvaluate(model, graphs, images, request.class_index, plan,
+                            tuple(pointing), float(tolerance))
+
+
+def _plan(request: EvaluateRequest) -> faithfulness.Plan:
+    for name in request.metrics:
+        if name not in faithfulness.METRICS:
+            raise InvalidInput(f"unknown metric {shown(name)}; available: "
+                               f"{', '.join(faithfulness.METRICS)}", field="metrics")
+    if len(set(request.metrics)) != len(request.metrics):
+        raise InvalidInput("each metric may be asked once", field="metrics")
+    metrics = tuple(request.metrics) or tuple(
+        m for m in faithfulness.METRICS
+        if m != faithfulness.POINTING_GAME or request.pointing
+    )
+    steps = request.steps or faithfulness.DEFAULT_STEPS
+    if not 1 <= steps <= faithfulness.MAX_STEPS:
+        raise InvalidInput(f"steps must be in 1..{faithfulness.MAX_STEPS}, got {steps}",
+                           field="steps")
+    percentiles = tuple(float(p) for p in request.percentiles) or (
+        faithfulness.DEFAULT_ROAD_PERCENTILES)
+    if len(percentiles) > faithfulness.MAX_ROAD_PERCENTILES:
+        raise InvalidInput(f"at most {faithfulness.MAX_ROAD_PERCENTILES} ROAD percentiles, got "
+                           f"{len(percentiles)}", field="road_percentiles")
+    for p in percentiles:
+        if not 0 < p < 100:
+            raise InvalidInput(f"ROAD percentiles must be in (0, 100), got {p}",
+                               field="road_percentiles")
+    score = request.score or faithfulness.PROBABILITY
+    if score not in faithfulness.SCORES:
+        raise InvalidInput(f"unknown score {shown(score)}; available: "
+                           f"{', '.join(faithfulness.SCORES)}", field="score")
+    return faithfulness.Plan(metrics, steps, percentiles, score)
+
+
+def _check_pointing(number: int, target: PointingTarget) -> None:
+    field = f"pointing[{number}]"
+    if (target.box is None) == (target.mask is None):
+        raise InvalidInput(f"image {number}: give a pointing box or a mask", field=field)
+    if target.box is not None:
+        box = target.box
+        if len(box) != 4 or not all(np.isfinite(box)) or box[0] > box[2] or box[1] > box[3]:
+            raise InvalidInput(f"image {number}: a pointing box is x1, y1, x2, y2 with x1 <= "
+                               f"x2 and y1 <= y2, got {list(box)}", field=field)
+    elif target.mask.ndim != 2:
+        raise InvalidInput(f"image {number}: a pointing mask is [H, W], got shape "
+                           f"{list(target.mask.shape)}", field=field)

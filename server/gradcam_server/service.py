@@ -21,11 +21,12 @@ from typing import TypeVar
 
 import numpy as np
 
+from . import faithfulness
 from .augment.names import NAMES
 from .detections import DETECTION_OUTPUTS, check_box, refuse_missing, to_model_pixels
 from .engine import Engine, RunResult, ServiceLimits
 from .errors import InvalidInput
-from .model import Explaining, Progress, ServedModel
+from .model import Explaining, Graph, Progress, ServedModel
 from .postprocess import (
     ClassMap,
     Explained,
@@ -38,10 +39,17 @@ from .postprocess import (
 )
 from .preprocess import decode_image, image_size, to_tensor
 from .repository import ModelRepository
-from .request import ResolvedExplain, ResolvedInfer
+from .request import ResolvedEvaluate, ResolvedExplain, ResolvedInfer
 from .validate import Feeds, check_tensor, feeds, image_tensor_size
 
 T = TypeVar("T")
+
+# Evaluate: the rows of one forward run of perturbed copies, at most (and their bytes): the
+# best size is measured per model and input shape among the powers of two up to this.
+MAX_EVALUATION_BATCH = 64
+MAX_EVALUATION_RUN_BYTES = 64 * 1024 * 1024
+FIXED_BATCH_ROWS = 16
+MEASURED_ROWS = 32  # rows timed per candidate size, its fastest run kept (robust to load)
 
 __all__ = ["GradCamService", "ServiceLimits"]
 
@@ -56,6 +64,8 @@ class GradCamService:
         self.max_pixels = limits.max_pixels
         self.engine = Engine(limits, on_batch)
         self.admit = self.engine.admit
+        self._evaluation_batches: dict[tuple, int] = {}  # (model, input shape) -> rows
+        self._measuring = asyncio.Lock()
 
     def model(self, name: str) -> ServedModel:
         return self.repository.get(name)
@@ -206,6 +216,177 @@ class GradCamService:
                 pictures.append(decoded)
         return tensors, sizes
 
+    # -- Evaluate: faithfulness metrics ------------------------------------------------------
+    async def evaluate(
+        self, request: ResolvedEvaluate, encode: Callable[[faithfulness.Evaluated], T] | None = None,
+        deadline: float | None = None,
+    ) -> faithfulness.Evaluated | T:
+        """The faithfulness metrics of each method's map of each image (`faithfulness`): per
+        method, the images' maps from one explain run per image shape (the target class of
+        each image fixed by the first run), then every perturbed copy scored in runs of the
+        model's plain forward graph, `batch_size` rows each (measured once per model and
+        shape: `evaluation_batch`); the next run's copies are made in a worker thread while
+        the session runs the current one. Returns `encode(evaluated)`, computed in a worker
+        thread, or the `faithfulness.Evaluated` itself."""
+        model, plan = request.model, request.plan
+        started = time.perf_counter()
+        tensors, sizes = await asyncio.to_thread(self._evaluation_tensors, request)
+        preprocess_seconds = time.perf_counter() - started
+        shapes: dict[tuple, list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            shapes.setdefault(tensor.shape, []).append(index)
+        explained: dict[int, tuple[int, float]] = {}  # image -> (class, its intact score)
+        measured: list[list[tuple[str, dict]]] = [[] for _ in tensors]
+        inference_seconds, batch_size = 0.0, 0
+        for graph in request.graphs:
+            for shape, indices in shapes.items():
+                heatmaps, seconds = await self._evaluated_maps(
+                    request, graph, np.stack([tensors[i] for i in indices]), indices, explained,
+                    deadline)
+                inference_seconds += seconds
+                jobs = [
+                    faithfulness.MapPerturbations(
+                        _channels_first(model, tensors[index]), heatmaps[row], plan, seed=index)
+                    for row, index in enumerate(indices)
+                ]
+                if plan.copies:
+                    batch_size = await self.evaluation_batch(model, shape)
+                scores, seconds = await self._score_copies(
+                    model, graph.output, jobs, [explained[i][0] for i in indices], batch_size,
+                    deadline,
+                )
+                inference_seconds += seconds
+                values = await asyncio.to_thread(
+                    _read_metrics, request, jobs, scores, heatmaps,
+                    [(index, explained[index][1], sizes[index]) for index in indices])
+                for index, image_values in zip(indices, values):
+                    measured[index].append((graph.method, image_values))
+
+        def finish():
+            evaluated = faithfulness.Evaluated(
+                images=tuple(
+                    faithfulness.ImageEvaluation(
+                        explained[i][0], model.label(explained[i][0], request.graphs[0].output),
+                        explained[i][1], tuple(measured[i]))
+                    for i in range(len(tensors))
+                ),
+                plan=plan, copies=request.copies, batch_size=batch_size,
+                preprocess_seconds=preprocess_seconds, inference_seconds=inference_seconds,
+            )
+            return evaluated if encode is None else encode(evaluated)
+
+        return await asyncio.to_thread(finish)
+
+    async def _evaluated_maps(
+        self, request: ResolvedEvaluate, graph: Graph, x: np.ndarray, indices: list[int],
+        explained: dict[int, tuple[int, float]], deadline: float | None,
+    ) -> tuple[np.ndarray, float]:
+        """The maps [N, H, W] of `graph` for the images `x` (numbers `indices`) from one run of
+        the augmented graph, and its seconds; the first run also fills in `explained`: each
+        image's class (the request's, or its rank's) and its score on the intact image."""
+        model = request.model
+        target = -1 if request.class_index is None else request.class_index
+        checked = await asyncio.to_thread(lambda: feeds(
+            model, graph, x, target_class=np.full(len(x), target, np.int64),
+            max_pixels=self.max_pixels,
+        ))
+        result = await self.engine.run(model, graph, checked, deadline)
+        scores = result.outputs[graph.output]
+        for row, index in enumerate(indices):
+            if index not in explained:
+                category = _explained_class(scores[row], request.class_index)
+                intact = faithfulness.class_scores(
+                    scores[row:row + 1], np.array([category]), request.plan.score)[0]
+                explained[index] = (category, float(intact))
+        return result.outputs[NAMES.heatmap], result.run_seconds
+
+    def _evaluation_tensors(
+        self, request: ResolvedEvaluate
+    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """The images decoded and preprocessed; each pointing mask checked against its
+        image's size (from the headers, before decoding)."""
+
+        def check_sizes(sizes: list[tuple[int, int]]) -> None:
+            for number, (target, (width, height)) in enumerate(zip(request.pointing, sizes)):
+                if target.mask is not None and target.mask.shape != (height, width):
+                    raise InvalidInput(
+                        f"image {number}: the pointing mask is {list(target.mask.shape)}, the "
+                        f"image [{height}, {width}]; give it at the image's size",
+                        field=f"pointing[{number}]")
+
+        return self._tensors(request.model, request.images, check_sizes)
+
+    async def evaluation_batch(self, model: ServedModel, shape: tuple[int, ...]) -> int:
+        """The rows per forward run with the best measured throughput for `model` on inputs
+        of `shape`: powers of two up to MAX_EVALUATION_BATCH (and MAX_EVALUATION_RUN_BYTES),
+        each run MEASURED_ROWS rows' worth of times (at least twice) after one untimed run, its
+        fastest run kept, stopping after two sizes that gain under 5%; a model
+        with a fixed batch runs its own, FIXED_BATCH_ROWS rows per request (the session runs
+        them batch by batch). Measured once, then kept."""
+        key = (model.name, shape)
+        if key in self._evaluation_batches:
+            return self._evaluation_batches[key]
+        async with self._measuring:
+            if key in self._evaluation_batches:
+                return self._evaluation_batches[key]
+            if model.fixed_batch is not None:  # runs of its batch; a request holds several
+                best = model.fixed_batch * max(1, FIXED_BATCH_ROWS // model.fixed_batch)
+            else:
+                row_bytes = 4 * math.prod(shape)
+                cap = max(1, min(MAX_EVALUATION_BATCH, MAX_EVALUATION_RUN_BYTES // row_bytes))
+                best, best_seconds, idle = 1, math.inf, 0
+                size = 1
+                while size <= cap and idle < 2:
+                    x = np.zeros((size, *shape), np.float32)
+                    await self.engine.run(model, None, Feeds(x))  # allocates for the shape
+                    runs = max(2, MEASURED_ROWS // size)
+                    seconds = min([(await self.engine.run(model, None, Feeds(x))).run_seconds
+                                   for _ in range(runs)]) / size
+                    idle = idle + 1 if seconds > 0.95 * best_seconds else 0
+                    if seconds < best_seconds:
+                        best, best_seconds = size, seconds
+                    size *= 2
+            self._evaluation_batches[key] = best
+            return best
+
+    async def _score_copies(
+        self, model: ServedModel, output: str, jobs: list[faithfulness.MapPerturbations],
+        classes: list[int], batch_size: int, deadline: float | None,
+    ) -> tuple[list[np.ndarray], float]:
+        """Each job's copies scored (its class's score, as the plan says), in forward runs of
+        `batch_size` rows; the copies of run k + 1 are made in a worker thread while run k
+        runs. Returns the scores per job and the runs' seconds."""
+        runs = faithfulness.chunks([job.count for job in jobs], batch_size)
+        scores = [np.empty(job.count) for job in jobs]
+        if not runs:  # the pointing game alone
+            return scores, 0.0
+        layout = model.config.preprocessing.layout
+
+        def make(run: list[tuple[int, int, int]]) -> np.ndarray:
+            x = np.concatenate([jobs[job].make(start, stop) for job, start, stop in run])
+            return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
+
+        seconds = 0.0
+        upcoming = asyncio.ensure_future(asyncio.to_thread(make, runs[0]))
+        try:
+            for number, run in enumerate(runs):
+                x = await upcoming
+                if number + 1 < len(runs):
+                    upcoming = asyncio.ensure_future(asyncio.to_thread(make, runs[number + 1]))
+                result = await self.engine.run(model, None, Feeds(x), deadline)
+                seconds += result.run_seconds
+                row_classes = np.concatenate(
+                    [np.full(stop - start, classes[job]) for job, start, stop in run])
+                measured = faithfulness.class_scores(
+                    result.outputs[output], row_classes, jobs[0].plan.score)
+                row = 0
+                for job, start, stop in run:
+                    scores[job][start:stop] = measured[row:row + stop - start]
+                    row += stop - start
+        finally:
+            upcoming.cancel()
+        return scores, seconds
+
     # -- KServe v2 ---------------------------------------------------------------------------
     async def infer(
         self, request: ResolvedInfer, encode: Callable[[dict[str, np.ndarray]], T],
@@ -237,7 +418,8 @@ class GradCamService:
             other_bytes = sum(
                 4 * len(sizes) * math.prod(max(d, 1) for d in model.output_shapes[name])
                 for name in wanted.requested
-                if name not in (NAMES.heatmap, NAMES.pixel_map, *DETECTION_OUTPUTS)
+                if name not in (NAMES.heatmap, NAMES.pixel_map, NAMES.concept_scores,
+                                *DETECTION_OUTPUTS)
             )
             self._check_response(model, sizes, request.heatmap_size, maps,
                                  other_bytes=other_bytes, pixel_channels=pixel_channels)
@@ -446,3 +628,45 @@ class _SummedProgress:
             self._parts[part] = (done, total)
             self._progress(sum(d for d, _ in self._parts.values()),
                            sum(t for _, t in self._parts.values()))
+
+
+def _explained_class(scores: np.ndarray, class_index: int | None) -> int:
+    """The class a row explains: `class_index`, or for -r (None: -1) the r-th highest-scoring
+    class, as the graph ranks them."""
+    if class_index is not None and class_index >= 0:
+        return class_index
+    rank = 1 if class_index is None else -class_index
+    return int(np.argsort(-scores.astype(np.float64), kind="stable")[rank - 1])
+
+
+def _channels_first(model: ServedModel, tensor: np.ndarray) -> np.ndarray:
+    """A preprocessed image as [C, H, W], whatever the model's input layout."""
+    if model.config.preprocessing.layout == "NHWC":
+        return tensor.transpose(2, 0, 1)
+    return tensor
+
+
+def _read_metrics(
+    request: ResolvedEvaluate, jobs: list[faithfulness.MapPerturbations],
+    scores: list[np.ndarray], heatmaps: np.ndarray,
+    images: list[tuple[int, float, tuple[int, int]]],
+) -> list[dict[str, faithfulness.MetricValue]]:
+    """Each map's metrics, in the plan's order, from its copies' `scores`; `images` holds
+    per map its image's number, intact score and pixel size (the pointing game's)."""
+    plan, values = request.plan, []
+    for job, copies, heatmap, (index, intact, size) in zip(jobs, scores, heatmaps, images):
+        metrics = job.metrics(copies, intact)
+        if faithfulness.POINTING_GAME in plan.metrics:
+            metrics[faithfulness.POINTING_GAME] = _pointing(request, index, heatmap, size)
+        values.append({name: metrics[name] for name in plan.metrics})
+    return values
+
+
+def _pointing(request: ResolvedEvaluate, index: int, heatmap: np.ndarray,
+              size: tuple[int, int]) -> faithfulness.MetricValue:
+    """The pointing game of one map, at its image's pixel size."""
+    target = request.pointing[index]
+    return faithfulness.pointing_game(
+        resize_heatmap(heatmap, size), box=target.box, mask=target.mask,
+        tolerance=request.pointing_tolerance,
+    )

@@ -13,8 +13,9 @@ from .errors import AugmentError, MissingRuleError
 from .layout import LAYOUTS
 from .names import AugmentedOutputs
 from .passes import augment_model, explained_target, load_model
+from .sobel import PixelNormalisation
 
 __all__ = [
     "AugmentError", "MissingRuleError", "AugmentedOutputs", "LAYOUTS", "augment_model",
-    "explained_target", "load_model",
+    "explained_target", "load_model", "PixelNormalisation",
 ]

@@ -37,11 +37,13 @@ def build_backward(
     seeds: Mapping[str, str],
     wrt: Sequence[str],
     guided: bool = False,
-) -> dict[str, str]:
+    allow_unused: bool = False,
+) -> dict[str, str | None]:
     """Append the backward graph; return d score / d tensor for each tensor in `wrt`.
 
     `seeds` maps forward tensors to the names of their incoming gradients (d score / d tensor,
-    same shape). Raises `AugmentError` if the score does not depend on a `wrt` tensor, and
+    same shape). Raises `AugmentError` if the score does not depend on a `wrt` tensor (with
+    `allow_unused`, its gradient is None instead: zero, as torch's ``allow_unused``), and
     `MissingRuleError` if a gradient reaches an op without a rule.
 
     Row-restricted gradients: where the score reads a few rows of a tensor (a ViT head's class
@@ -130,6 +132,9 @@ def build_backward(
                 "(a two-stage detector's proposals), which are constants, as torch detaches "
                 "them: choose a layer the pooled features are computed from"
             )
+        if grad is None and allow_unused:
+            result[tensor] = None
+            continue
         if grad is None:
             raise AugmentError(f"the score does not depend on tensor {tensor!r}")
         result[tensor] = rows.dense(tensor, grad)

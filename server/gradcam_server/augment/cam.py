@@ -27,6 +27,15 @@ def grad_cam(b: GraphBuilder, a: str, g: str) -> str:
     return b.op("Mul", [b.reduce("ReduceMean", g, _SPATIAL, keepdims=True), a])
 
 
+def shapley_cam(b: GraphBuilder, a: str, g: str, hessian_a: str | None) -> str:
+    """ShapleyCAM (Cai et al., 2025; pytorch-grad-cam's `ShapleyCAM`): w_k = mean_ij (G - H A
+    / 2)^k_ij, H A the Hessian of the score at the layer times the activations
+    (`hessian.hessian_vector_product`; None where it is zero, and the map is Grad-CAM's)."""
+    if hessian_a is not None:
+        g = b.op("Sub", [g, b.op("Mul", [hessian_a, b.const(0.5)])])
+    return grad_cam(b, a, g)
+
+
 def grad_cam_plus_plus(b: GraphBuilder, a: str, g: str) -> str:
     """Grad-CAM++ (Chattopadhyay et al., WACV 2018): w_k = sum_ij relu(G_ij) a_ij with
     a_ij = G^2 / (2 G^2 + sum_ij(A^k) G^3 + 1e-6), and a_ij = 0 where G = 0."""
@@ -97,6 +106,20 @@ def seg_eigen_cam(b: GraphBuilder, a: str, g: str) -> str:
     |G| * A, projected on its first principal component (`principal_projection`, whose sign
     correction is the paper's: the largest magnitude made positive)."""
     return b.op("Mul", [b.op("Abs", [g]), a])
+
+
+RANDOM_WEIGHT_RANGE = (-1.0, 1.0)
+
+
+def random_cam(b: GraphBuilder, a: str, g: str) -> str:
+    """RandomCAM (pytorch-grad-cam), a sanity baseline: w_k ~ U(-1, 1), independent for each
+    row and channel, drawn by a RandomUniformLike without a seed, so anew in every run (its
+    input depends on the image: nothing to fold into a constant). onnxruntime seeds its
+    generator from the clock at start; `onnxruntime.set_seed` fixes it. Gradient-free."""
+    shape_of_weights = b.reduce("ReduceMean", a, _SPATIAL, keepdims=True)  # [N, C, 1, 1]
+    low, high = RANDOM_WEIGHT_RANGE
+    weights = b.op("RandomUniformLike", [shape_of_weights], low=low, high=high)
+    return b.op("Mul", [weights, a])
 
 
 def channel_sum(b: GraphBuilder, contributions: str) -> str:
@@ -205,6 +228,15 @@ def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
     several layers, and of augmented copies)."""
     mean = b.op("Mul", [b.op("Sum", maps), b.const(1.0 / len(maps))])
     return b.squeeze(normalize(b, b.unsqueeze(mean, [1])), [1])
+
+
+def product_of_maps(b: GraphBuilder, maps: list[str]) -> str:
+    """Heatmaps [N, H, W] multiplied and min-max normalised again (RefineCAM's fusion of
+    several layers: a region stays where every layer's map keeps it)."""
+    product = maps[0]
+    for each in maps[1:]:
+        product = b.op("Mul", [product, each])
+    return b.squeeze(normalize(b, b.unsqueeze(product, [1])), [1])
 
 
 def normalize(

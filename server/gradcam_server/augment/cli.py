@@ -2,7 +2,7 @@
 [--max-batch-size B]) [--layer TENSOR ...] [--method M] [--score S] [--score-output NAME|INDEX]
 [--input NAME|INDEX] [--input-gradients] [--layout L] [--prefix-tokens K] [--grid HxW]
 [--boxes-output NAME] [--detection-format F] [--box-format F] [--iou-threshold T]
-[--background-class C]`."""
+[--background-class C] [--mean R,G,B] [--std R,G,B] [--scale S] [--channel-order O]`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .methods import CAM_METHODS
 from .names import NAMES
 from .passes import augment_model, explained_target, load_model
 from .scores import SCORES
+from .sobel import PixelNormalisation
 from .targets import default_score, score_output_name
 from ..triton_repository import TritonConfigError, write_model
 
@@ -80,8 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background-class", type=int, metavar="C",
                         help="score detection: the class that is no object, never explained "
                              "(default: 0 for a two-stage detector, none otherwise; -1: none)")
+    defaults = PixelNormalisation()
+    parser.add_argument("--mean", type=_triple, default=defaults.mean, metavar="R,G,B",
+                        help="sobel: the image input's per-channel mean, as config.json's "
+                             "(default: ImageNet's)")
+    parser.add_argument("--std", type=_triple, default=defaults.std, metavar="R,G,B",
+                        help="sobel: its per-channel deviation (default: ImageNet's)")
+    parser.add_argument("--scale", type=float, default=defaults.scale, metavar="S",
+                        help="sobel: the pixel scale before normalising (default: 1/255)")
+    parser.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB",
+                        help="sobel: the input's channel order (default: RGB)")
     args = parser.parse_args(argv)
     try:
+        pixels = PixelNormalisation(mean=args.mean, std=args.std, scale=args.scale,
+                                    channel_order=args.channel_order)
         model = load_model(args.model)
         score = args.score or default_score(_output_rank(model, args.score_output))
         augmented = augment_model(
@@ -100,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             box_format=args.box_format,
             iou_threshold=args.iou_threshold,
             background_class=args.background_class,
+            pixels=pixels,
         )
     except AugmentError as error:
         print(f"gradcam-augment: {error}", file=sys.stderr)
@@ -144,6 +158,18 @@ def grid_size(text: str) -> tuple[int, int]:
 def name_or_index(text: str) -> str | int:
     """A tensor's name, or its position when the text is a non-negative integer."""
     return int(text) if text.isdigit() else text
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    """"0.5,0.5,0.5" -> (0.5, 0.5, 0.5)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers such as 0.5,0.5,0.5, got "
+                                         f"{text!r}")
+    return values
 
 
 if __name__ == "__main__":

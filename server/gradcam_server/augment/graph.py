@@ -38,6 +38,11 @@ MAX_COPIED_WEIGHT_BYTES = 256 * 2**20  # weights Loop bodies may copy in all (`L
 _NOT_CONSTANT = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                  "Multinomial", "Bernoulli"}
 _GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+# Ops whose outputs have the rank of input 0, and elementwise ops broadcasting their inputs
+# (`GraphBuilder.infer_new_types`).
+_RANK_OF_FIRST = {"Split", "Pad", "Identity", "Neg", "Abs", "Relu", "Exp", "Log", "Sqrt",
+                  "Reciprocal", "Sigmoid", "Tanh", "Sign", "Cast", "Clip", "Softmax"}
+_BROADCAST_RANK = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean", "Where"}
 HALF_TYPES = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16})
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, *HALF_TYPES})
 
@@ -64,6 +69,40 @@ class GraphBuilder:
             self.types[value.name] = value.type
         for init in self.graph.initializer:
             self.types[init.name] = helper.make_tensor_type_proto(init.data_type, list(init.dims))
+
+    def infer_new_types(self) -> None:
+        """Run shape inference again and learn the types of the tensors appended since (the
+        builder starts knowing the forward graph's only): what a second reverse pass over
+        the nodes of a first one needs (`hessian.py`). Known types are kept."""
+        inferred = infer_shapes(self.model)
+        for value in itertools.chain(inferred.graph.output, inferred.graph.value_info):
+            self.types.setdefault(value.name, value.type)
+        self._propagate_ranks()
+
+    def _propagate_ranks(self) -> None:
+        """Where onnx's inference stops (a Split whose sizes are computed, and everything after
+        it), the ranks and types that elementwise, Split and Pad nodes keep: the tensor typed
+        with its rank and unknown dims."""
+        for node in self.graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            typed = [t for t in node.input if t and self._has_shape(t)]
+            if node.op_type in _RANK_OF_FIRST and node.input and self._has_shape(node.input[0]):
+                rank, source = self.rank(node.input[0]), node.input[0]
+            elif node.op_type in _BROADCAST_RANK and node.input and len(typed) == len(
+                    [t for t in node.input if t]):
+                rank = max(self.rank(t) for t in typed)
+                source = node.input[1] if node.op_type == "Where" else node.input[0]
+            else:
+                continue
+            for output in node.output:
+                if output and not self._has_shape(output):
+                    self.types[output] = helper.make_tensor_type_proto(
+                        self.elem_type(source), [None] * rank)
+
+    def _has_shape(self, tensor: str) -> bool:
+        tensor_type = self.types.get(tensor)
+        return tensor_type is not None and tensor_type.tensor_type.HasField("shape")
 
     # -- names -------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:

@@ -74,7 +74,7 @@ def group_cam(
                      coordinate_transformation_mode="half_pixel")
     normalised = normalize(b, upsampled, epsilon=0.0)  # exact; a flat group all zero
 
-    blurred = _gaussian_blur(b, b.computed(image))
+    blurred = gaussian_blur(b, b.computed(image))
     probabilities = _loop(b, image, blurred, normalised, score_output, resolved_class)
     baseline = b.op("Slice", [probabilities, b.ints([0]), b.ints([1]), b.ints([1])])
     blends = b.op("Slice", [probabilities, b.ints([1]), b.ints([_TO_THE_END]), b.ints([1])])
@@ -99,15 +99,18 @@ def _percentile_position(b: GraphBuilder, count: str) -> tuple[str, str, str]:
     return low, high, b.op("Div", [remainder, b.const(100.0)])
 
 
-def _gaussian_blur(b: GraphBuilder, image: str) -> str:
-    """The separable 51 x 51 Gaussian blur (sigma 50) with reflected borders, per channel:
-    the channels folded into the batch, [N C, 1, H, W], so their count may be dynamic."""
-    offsets = np.arange(BLUR_SIZE) - (BLUR_SIZE - 1) / 2
-    kernel = np.exp(-(offsets**2) / (2 * BLUR_SIGMA**2))
+def gaussian_blur(b: GraphBuilder, image: str, size: int = BLUR_SIZE,
+                  sigma: float = BLUR_SIGMA) -> str:
+    """The separable `size` x `size` Gaussian blur (sigma `sigma`; Group-CAM's 51 x 51,
+    sigma 50 by default) with reflected borders (cv2's default BORDER_REFLECT_101), per
+    channel: the channels folded into the batch, [N C, 1, H, W], so their count may be
+    dynamic."""
+    offsets = np.arange(size) - (size - 1) / 2
+    kernel = np.exp(-(offsets**2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).astype(np.float32)
-    half = BLUR_SIZE // 2
+    half = size // 2
     x = b.op("Reshape", [image, b.ints([-1, 1, 0, 0])])
-    for axis, kernel_shape in ((3, (1, BLUR_SIZE)), (2, (BLUR_SIZE, 1))):
+    for axis, kernel_shape in ((3, (1, size)), (2, (size, 1))):
         pads = [0, 0, 0, 0, 0, 0, 0, 0]
         pads[axis], pads[axis + 4] = half, half
         padded = b.op("Pad", [x, b.ints(pads)], mode="reflect")

@@ -5,13 +5,15 @@ A class declares its entry, from which its name and traits come (never repeated 
 what it cannot be combined with (`CamMethod.check`, an AugmentError naming the conflict), and
 builds its map from the target layers' features (`CamMethod.heatmap`), the math delegated to
 cam.py (channel weights, principal projection, the shared tail), ablation.py, score.py and
-group.py (the perturbation methods' Loops) and smoothing.py (a path method's scaled copies).
+group.py (the perturbation methods' Loops), smoothing.py (a path method's copies of the image),
+sess.py (SESS's patches and fusion) and factorization.py (Deep Feature Factorization).
 The pipeline (passes.py) asks a method object its traits and hooks, never its name.
 
 The families: a `ChannelMethod` weighs the layer's channels (the contributions [N, C, h, w] are
 summed, or projected on their first principal component, then the shared tail); a
 `LayerMethod` makes any other map per target layer; a `PixelMethod` makes an input-gradient
-image. The maps of several target layers are fused (`cam.mean_of_maps`).
+image. The maps of several target layers are fused (`LayerMethod.fuse`: their mean,
+`cam.mean_of_maps`, or RefineCAM's product).
 
 Adding a method: its entry in gradcam_common.methods.METHODS and its value in the typed API's
 ``Method`` enum (gradcam.proto), one class here, and a reference test listed in
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx
+from onnx import TensorProto
 from gradcam_common.methods import METHODS, Method, method
 
 from .ablation import ablation_weights
@@ -44,16 +47,26 @@ from .cam import (
     mean_of_maps,
     pixel_heatmap,
     principal_projection,
+    product_of_maps,
+    random_cam,
     seg_eigen_cam,
+    shapley_cam,
     x_grad_cam,
 )
 from .errors import AugmentError
+from .factorization import CONCEPTS, deep_feature_factorization
+from .fullgrad import biased_layers, full_grad
 from .graph import GraphBuilder
 from .group import group_cam
+from .hessian import hessian_vector_product
 from .layout import TargetView
+from .names import NAMES
 from .score import score_cam
-from .scores import Detection, Logit, ScoreTarget
+from .scores import Detection, FinerDifference, Logit, ScoreTarget
+from .sess import input_size, sess_fusion
+from .sess import patches as sess_patches
 from .smoothing import Transform, integration_transforms
+from .sobel import IMAGENET_PIXELS, PixelNormalisation, sobel_heatmap
 from .targets import append_backward, spatial_axes
 
 INTEGRATION_STEPS = 20  # Integrated Grad-CAM's scaled copies of the image
@@ -61,11 +74,13 @@ INTEGRATION_STEPS = 20  # Integrated Grad-CAM's scaled copies of the image
 
 @dataclass(frozen=True)
 class Features:
-    """A target layer's view and its values and gradients seen as [N, C, h, w]."""
+    """A target layer's view and its values and gradients seen as [N, C, h, w], and its
+    gradient as the layer is laid out (`layer_gradient`: d score / d view.tensor)."""
 
     view: TargetView
     activations: str
     gradients: str
+    layer_gradient: str
 
 
 @dataclass(frozen=True)
@@ -75,7 +90,8 @@ class MapInputs:
     image and the explained output as the network computes them (`network_image`,
     `score_output`: the copies' rows under aug_smooth or a path method), the backward pass's
     `seeds` (d score / d output, or a detection's heads), each row's `resolved_class` (None
-    for a score without a class) and `eigen_smooth`."""
+    for a score without a class), `eigen_smooth`, and how the image was made from 8-bit
+    `pixels`."""
 
     b: GraphBuilder
     features: Sequence[Features]
@@ -85,6 +101,7 @@ class MapInputs:
     seeds: dict[str, str]
     resolved_class: str | None
     eigen_smooth: bool
+    pixels: PixelNormalisation = IMAGENET_PIXELS
 
 
 class CamMethod(ABC):
@@ -138,8 +155,13 @@ class CamMethod(ABC):
         if aug_smooth and self.path:
             raise AugmentError(f"{self.name} cannot be combined with aug_smooth")
 
-    def image_transforms(self) -> tuple[Transform, ...]:
-        """The transformed copies of the image the network runs on, identity included
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        """The score whose gradient seeds the backward pass, given the request's (already
+        `check`ed): the request's own, unless the method defines its score (Finer-CAM)."""
+        return score
+
+    def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
+        """The transformed copies of the `image` input the network runs on, identity included
         (`smoothing.tile_transforms`); none: the image alone."""
         return ()
 
@@ -150,11 +172,15 @@ class CamMethod(ABC):
 
 
 class LayerMethod(CamMethod):
-    """A map per target layer, the maps fused."""
+    """A map per target layer, the maps of several layers fused (`fuse`)."""
 
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
         maps = [self.layer_map(inputs, feature) for feature in inputs.features]
-        return (maps[0] if len(maps) == 1 else mean_of_maps(inputs.b, maps)), None
+        return (maps[0] if len(maps) == 1 else self.fuse(inputs.b, maps)), None
+
+    def fuse(self, b: GraphBuilder, maps: list[str]) -> str:
+        """Several layers' heatmaps [N, H, W] as one: their mean, normalised again."""
+        return mean_of_maps(b, maps)
 
     @abstractmethod
     def layer_map(self, inputs: MapInputs, feature: Features) -> str:
@@ -191,6 +217,18 @@ class GradCamPlusPlus(ChannelMethod):
         return grad_cam_plus_plus(inputs.b, feature.activations, feature.gradients)
 
 
+class RefineCam(GradCamPlusPlus):
+    """RefineCAM (pytorch-grad-cam's `RefineCAM`, with its default base method, Grad-CAM++):
+    the Grad-CAM++ maps of several target layers multiplied, then normalised, which keeps the
+    fine detail of an early layer only where the later layers agree. With one target layer
+    (the model's default) the product is that layer's map: Grad-CAM++, as the reference gives."""
+
+    entry = method("refinecam")
+
+    def fuse(self, b: GraphBuilder, maps: list[str]) -> str:
+        return product_of_maps(b, maps)
+
+
 class XGradCam(ChannelMethod):
     entry = method("xgradcam")
 
@@ -217,6 +255,33 @@ class LayerCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return layer_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class FinerCam(GradCam):
+    """Finer-CAM (Zhang et al., CVPR 2025; pytorch-grad-cam's `FinerCAM` with its default base
+    method, Grad-CAM): Grad-CAM of the class logit's weighted difference with its three most
+    similar classes' logits (`scores.FinerDifference`), which keeps what tells the class from
+    its neighbours. The comparison classes are ranked in the same run, on each row's logits."""
+
+    entry = method("finercam")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        if not isinstance(score, Logit):
+            raise AugmentError(
+                f"{self.name} compares the class logit with its nearest classes' logits: no "
+                f"score option (got {score.name!r})"
+            )
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+
+    def explained_score(self, score: ScoreTarget) -> ScoreTarget:
+        return FINER_DIFFERENCE
+
+
+FINER_DIFFERENCE = FinerDifference()
 
 
 class EigenCam(ChannelMethod):
@@ -256,6 +321,26 @@ class SegEigenCam(ChannelMethod):
 
     def contributions(self, inputs: MapInputs, feature: Features) -> str:
         return seg_eigen_cam(inputs.b, feature.activations, feature.gradients)
+
+
+class RandomCam(ChannelMethod):
+    entry = method("randomcam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        return random_cam(inputs.b, feature.activations, feature.gradients)
+class ShapleyCam(ChannelMethod):
+    """ShapleyCAM: the gradient minus half the Hessian-vector product with the activations,
+    spatially averaged, as channel weights. H A by reverse-over-reverse differentiation of the
+    backward pass already built (`hessian.py`), in the layer's own layout, then viewed."""
+
+    entry = method("shapleycam")
+
+    def contributions(self, inputs: MapInputs, feature: Features) -> str:
+        b, layer = inputs.b, feature.view.tensor
+        hessian_a = hessian_vector_product(b, layer, feature.layer_gradient, b.computed(layer))
+        if hessian_a is not None:
+            hessian_a = feature.view.apply(b, hessian_a, inputs.network_image)
+        return shapley_cam(b, feature.activations, feature.gradients, hessian_a)
 
 
 class AblationCam(ChannelMethod):
@@ -302,7 +387,7 @@ class IntegratedGradCam(LayerMethod):
 
     entry = method("integrated-gradcam")
 
-    def image_transforms(self) -> tuple[Transform, ...]:
+    def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
         return integration_transforms(INTEGRATION_STEPS)
 
     def layer_map(self, inputs: MapInputs, feature: Features) -> str:
@@ -311,7 +396,7 @@ class IntegratedGradCam(LayerMethod):
         b, image = inputs.b, inputs.image
         per_row = b.op("Relu", [channel_sum(b, grad_cam(b, feature.activations,
                                                         feature.gradients))])
-        steps = len(self.image_transforms())
+        steps = len(self.image_transforms(image))
         grouped = b.op("Reshape", [per_row, b.op(
             "Concat",
             [b.ints([steps]), b.shape_slice(image.name, 0, 1), b.shape_slice(per_row, 1)],
@@ -320,6 +405,121 @@ class IntegratedGradCam(LayerMethod):
         path = b.op("Slice", [grouped, b.ints([1]), b.ints([steps]), b.ints([0])])
         summed = b.reduce("ReduceSum", path, [0], keepdims=False)
         return cam_heatmap(b, summed, image.name, spatial_axes(image))
+
+
+class Sess(CamMethod):
+    """SESS (`sess.py`): the Grad-CAM maps of patches slid over the image at several scales,
+    tiled along the batch after the image itself (`smoothing.py`), weighted by their class
+    probability, pasted back and fused. Several target layers are fused per patch first, as
+    pytorch-grad-cam's base method does."""
+
+    entry = method("sess")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+        if not isinstance(score, Logit) or counterfactual:
+            raise AugmentError(
+                f"{self.name} weighs its patches by the class probability: the class logit "
+                f"only, no score or counterfactual option"
+            )
+
+    def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
+        return sess_patches(*input_size(image))
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        b = inputs.b
+        maps = [contributions_heatmap(inputs, grad_cam(b, f.activations, f.gradients),
+                                      inputs.eigen_smooth) for f in inputs.features]
+        per_patch = maps[0] if len(maps) == 1 else mean_of_maps(b, maps)
+        onehot = inputs.seeds[inputs.score_output]
+        probabilities = b.reduce("ReduceSum", b.op("Mul", [
+            b.op("Softmax", [b.computed(inputs.score_output)], axis=1), onehot]), [1],
+            keepdims=False)
+        return sess_fusion(b, per_patch, probabilities, inputs.image,
+                           self.image_transforms(inputs.image)), None
+
+
+class DeepFeatureFactorization(CamMethod):
+    """The target layer factorised into non-negative concepts scored by the classifier head;
+    the map of the concept scoring highest for the class (`factorization.py`). One target
+    layer (the feature map the classifier pools); each concept's score for the class is the
+    output ``concept_scores`` [N, k]."""
+
+    entry = method("dff")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+        if not isinstance(score, Logit) or counterfactual or aug_smooth:
+            raise AugmentError(
+                f"{self.name} scores its concepts with the classifier's class scores: the class "
+                f"logit only, no score, counterfactual or aug_smooth option"
+            )
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        b, feature = inputs.b, inputs.features[0]
+        if len(inputs.features) > 1:
+            raise AugmentError(f"{self.name} factorises one target layer, not several")
+        if feature.view.layout != "nchw":
+            raise AugmentError(f"{self.name} needs an NCHW target layer (the feature map the "
+                               f"classifier pools); {feature.view.tensor!r} is "
+                               f"{feature.view.describe()}")
+        raw, scores = deep_feature_factorization(
+            b, feature.activations, feature.view.tensor, inputs.score_output,
+            inputs.seeds[inputs.score_output],
+        )
+        batch = inputs.image.type.tensor_type.shape.dim[0]
+        b.add_output(scores, NAMES.concept_scores, TensorProto.FLOAT,
+                     [batch.dim_value or batch.dim_param or None, CONCEPTS])
+        return cam_heatmap(b, raw, inputs.image.name, spatial_axes(inputs.image)), None
+
+
+class Sobel(CamMethod):
+    """The Sobel baseline (pytorch-grad-cam's `sobel_cam`): the edges of the photo, recovered
+    from the normalised input with the model's preprocessing (`sobel.py`). It reads neither the
+    target layer nor a gradient; the layer's ``activations`` and ``gradients`` are still the
+    outputs every method has (a request's channel importances)."""
+
+    entry = method("sobel")
+
+    def check(
+        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
+        input_gradients: bool,
+    ) -> None:
+        if aug_smooth:
+            raise AugmentError(f"{self.name} maps the image's own edges: no aug_smooth")
+        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                      input_gradients=input_gradients)
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        return sobel_heatmap(inputs.b, inputs.image, spatial_axes(inputs.image),
+                             inputs.pixels), None
+class FullGrad(CamMethod):
+    """FullGrad (Srinivas and Fleuret, NeurIPS 2019), as pytorch-grad-cam's `FullGrad`
+    (`fullgrad.py`): the input gradient times the input, and the bias times the gradient at
+    every biased Conv and BatchNormalization between the image and the score, from one
+    backward pass that reaches the image (no weight gradients).
+
+    The map involves no target layer (pytorch-grad-cam ignores its ``target_layers`` too): the
+    layer option, default or named, only chooses what the ``activations`` and ``gradients``
+    outputs hold, as for every method. eigen_smooth projects the per-layer maps on their first
+    principal component instead of summing them, as pytorch-grad-cam does."""
+
+    entry = method("fullgrad")
+
+    def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
+        b, image = inputs.b, inputs.network_image
+        layers = biased_layers(b, image, list(inputs.seeds))
+        gradients = append_backward(b, inputs.seeds, [image, *(l.output for l in layers)])
+        return full_grad(b, image, gradients[image], layers, gradients, inputs.image.name,
+                         spatial_axes(inputs.image), inputs.eigen_smooth), None
 
 
 class PixelMethod(CamMethod):

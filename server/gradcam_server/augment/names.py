@@ -15,6 +15,7 @@ class AugmentedOutputs:
     heatmap: str = "heatmap"
     input_gradients: str = "input_gradients"
     pixel_map: str = "pixel_map"
+    concept_scores: str = "concept_scores"  # dff: each concept's score for the class
     reference_embedding: str = "reference_embedding"
     target_mask: str = "target_mask"
     detection_index: str = "detection_index"  # the "detection" score's inputs and outputs

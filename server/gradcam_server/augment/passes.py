@@ -7,7 +7,8 @@
                        read only by a Q/DQ pair is taken at the pair's output
                        (`targets.dequantized_layer`).
 3. `add_target_class`  ensures the INT64 [N] input ``target_class`` exists (N as the image's),
-                       and the score's own inputs and seed (`scores.ScoreTarget`).
+                       and the score's own inputs and seed (`scores.ScoreTarget`; the
+                       method's own score where it defines one, `CamMethod.explained_score`).
 4. `append_backward`   requires the target layer on the path to the score; ensures d score / d
                        layer (and, when asked, d score / d image) tensors exist, started in
                        front of a QDQ model's output quantizer (`targets.append_backward`);
@@ -59,6 +60,7 @@ from .smoothing import (
     tile_rows,
     tile_transforms,
 )
+from .sobel import IMAGENET_PIXELS, PixelNormalisation
 from .targets import (
     append_backward,
     candidate_layers,
@@ -116,6 +118,7 @@ def augment_model(
     box_format: str | None = None,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     background_class: int | None = None,
+    pixels: PixelNormalisation | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -128,7 +131,8 @@ def augment_model(
             segmentation network's coarsest feature map. In a quantized (QDQ) graph, a layer
             read only by a QuantizeLinear/DequantizeLinear pair is explained at the pair's
             output (`targets.dequantized_layer`: the ReLU'd map). Several names:
-            each layer's map is computed and the maps are fused (`cam.mean_of_maps`); the
+            each layer's map is computed and the maps are fused (`cam.mean_of_maps`;
+            "refinecam" multiplies them, `cam.product_of_maps`); the
             ``activations`` and ``gradients`` outputs are the first layer's.
         score: ``"logit"``, ``"probability"`` (softmax of the score output),
             ``"similarity"`` (cosine similarity of the output, an embedding [N, D], to the
@@ -144,15 +148,20 @@ def augment_model(
             d score / d image as ``input_gradients`` (what guided backprop builds on).
         method: the method computing the heatmap (`methods.CAM_METHODS`): a CAM method
             ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam",
-            "eigencam", "kpcacam", "fem", "eigengradcam", "seg-eigencam"), or a pixel-level
-            method ("guided-backprop", "guided-gradcam"), which also outputs
+            "eigencam", "kpcacam", "fem", "eigengradcam", "seg-eigencam", "shapleycam"), or
+            "fullgrad" (every biased layer's bias gradients and the input gradient, fused,
+            `fullgrad.py`: `layer` then only chooses ``activations`` and ``gradients``), or a
+            pixel-level method ("guided-backprop", "guided-gradcam"), which also outputs
             ``pixel_map`` [N, C, H, W] (the guided gradients, times the Grad-CAM map for
             guided Grad-CAM) and whose heatmap is its per-pixel channel maximum of |value|,
             or a perturbation method: "ablationcam" (`ablation.py`: the layers after the target
             re-run with each channel ablated), "scorecam" (`score.py`: the network re-run on
             the image masked by each channel) or "groupcam" (`group.py`: channel groups as
             masks over a blurred copy), or "integrated-gradcam" (Grad-CAM summed along
-            scaled copies of the image, `methods.IntegratedGradCam`).
+            scaled copies of the image, `methods.IntegratedGradCam`), "sess" (`sess.py`:
+            Grad-CAM of patches at several scales, in one batch; a fixed input size) or "dff"
+            (`factorization.py`: NMF concepts scored by the classifier head; it adds the
+            output ``concept_scores`` [N, k], each concept's score for the class).
         counterfactual: explain the negated score (the seed paper's counterfactual
             explanation): the regions whose removal would raise the class score.
         eigen_smooth: project the method's per-channel contributions on their first
@@ -180,6 +189,9 @@ def augment_model(
             torchvision's R-CNNs, whose class 0 is background) and none for a single-stage
             one; give the index for another convention (Detectron2 and MMDetection put it
             last), or -1 for none.
+        pixels: how the image input is made from 8-bit pixels (`sobel.PixelNormalisation`:
+            mean, std, scale, channel order; default ImageNet's, as the server's default
+            preprocessing), for the methods that read the photo itself ("sobel").
 
     Score "detection" (`detection.py`) explains one detection per row: the class score plus
     the IoU of its box with a reference box (pytorch-grad-cam's FasterRCNNBoxScoreTarget).
@@ -209,6 +221,7 @@ def augment_model(
     cam_method, score_target = CAM_METHODS[method], SCORE_TARGETS[score]
     cam_method.check(score_target, counterfactual=counterfactual, aug_smooth=aug_smooth,
                      input_gradients=input_gradients)
+    score_target = cam_method.explained_score(score_target)
     if not 0.0 <= iou_threshold <= 1.0:
         raise AugmentError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     check_view_options(layout, prefix_tokens, grid)
@@ -225,13 +238,13 @@ def augment_model(
             eigen_smooth, input,
             dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
             dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
-            iou_threshold, background_class,
+            iou_threshold, background_class, pixels,
         )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
     if aug_smooth or cam_method.runs_on_copies:
         _refuse_other_inputs(proto, image.name, score_output, method)
-    transforms = TRANSFORMS if aug_smooth else cam_method.image_transforms()
+    transforms = TRANSFORMS if aug_smooth else cam_method.image_transforms(image)
     network_image, network_score = image.name, score_output
     if transforms:
         network_image, tiled = tile_transforms(
@@ -256,7 +269,7 @@ def augment_model(
     features = _features(b, views, gradients, network_image)
     heatmap, pixel_map = cam_method.heatmap(MapInputs(
         b, features, image, network_image, network_score, {network_score: seed}, resolved_class,
-        eigen_smooth,
+        eigen_smooth, pixels or IMAGENET_PIXELS,
     ))
     activations, layer_gradients = features[0].activations, features[0].gradients
     if transforms:
@@ -287,6 +300,7 @@ def _augment_detection(
     head_options: dict,
     iou_threshold: float,
     background_class: int | None,
+    pixels: PixelNormalisation | None,
 ) -> onnx.ModelProto:
     """`augment_model` for score "detection": the heads found (or cut before NMS), the
     detection's seeds on them, then the shared backward, heatmap and outputs passes."""
@@ -316,6 +330,7 @@ def _augment_detection(
     features = _features(b, views, gradients, image.name)
     heatmap, pixel_map = cam_method.heatmap(MapInputs(
         b, features, image, image.name, heads.scores, seeds, chosen.resolved_class, eigen_smooth,
+        pixels or IMAGENET_PIXELS,
     ))
     first = features[0]
     expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
@@ -338,7 +353,7 @@ def _features(
     """Each target layer's values (in their compute type) and gradient, seen as [N, C, h, w]."""
     return [
         Features(view, view.apply(b, b.computed(view.tensor), image),
-                 view.apply(b, gradients[view.tensor], image))
+                 view.apply(b, gradients[view.tensor], image), gradients[view.tensor])
         for view in views
     ]
 

@@ -982,8 +982,16 @@ class _Reduction:
 
 @rule("ReduceSum", "ReduceMean")
 def _reduce_sum_mean(ctx: RuleContext) -> Gradients:
+    """dx = dy broadcast back over the reduced axes (over their size for ReduceMean). Axes
+    read at run time (`GraphBuilder.sum_to_shape`'s, which a second reverse pass meets) are
+    taken only with keepdims: dy then broadcasts against x whichever axes they are."""
     b, x = ctx.b, ctx.x(0)
-    grad = b.op("Expand", [_Reduction.of(ctx).dy, b.shape(x)])
+    if (ctx.attr("keepdims", 1) and axes_are_input(ctx.node.op_type, b.opset)
+            and ctx.x(1) and ctx.const_input(1) is None):
+        dy = ctx.dy()
+    else:
+        dy = _Reduction.of(ctx).dy
+    grad = b.op("Expand", [dy, b.shape(x)])
     if ctx.node.op_type == "ReduceMean":
         grad = b.op("Mul", [grad, _size_ratio(b, ctx.y(0), x)])
     return [grad, None]

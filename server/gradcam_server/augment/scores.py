@@ -106,6 +106,56 @@ class Probability(ClassScore):
         return b.op("Mul", [chosen, b.op("Sub", [onehot, probabilities])])
 
 
+class FinerDifference(ClassScore):
+    """Finer-CAM's score (Zhang et al., CVPR 2025; pytorch-grad-cam's FinerWeightedTarget):
+    the class logit against its most similar classes,
+
+        score = sum_j p_j (z_c - alpha z_j) / (sum_j p_j + 1e-9),
+
+    j over the `COMPARISONS` classes other than c whose logits are nearest z_c (|z_j - z_c|
+    smallest; fewer where the output has fewer classes), p = softmax(z). As the reference
+    differentiates it, the weights p_j are not held constant: with P = sum_j p_j, the mask m of
+    the compared classes, d_j = z_c - alpha z_j and N = sum_j p_j d_j,
+
+        dN/dz = p m d - p N + e_c P - alpha p m,   dP/dz = p m - p P,
+        d score / dz = dN/dz / (P + 1e-9) - N dP/dz / (P + 1e-9)^2.
+
+    Not a score a request names: the method `finercam` explains it (`methods.FinerCam`)."""
+
+    name = "finer"
+    COMPARISONS = 3  # pytorch-grad-cam's default comparison ranks 1, 2, 3
+    ALPHA = 1.0
+    EPSILON = 1e-9
+
+    def class_seed(self, b: GraphBuilder, logits: str, onehot: str) -> str:
+        target = b.reduce("ReduceSum", b.op("Mul", [logits, onehot]), [1], keepdims=True)
+        distance = b.op("Abs", [b.op("Sub", [logits, target])])
+        distance = b.op("Where", [b.op("Greater", [onehot, b.const(0.0)]),
+                                  b.const(float("inf")), distance])  # never c itself
+        classes = b.shape_slice(logits, 1, 2)
+        count = b.op("Min", [b.ints([self.COMPARISONS]), b.op("Sub", [classes, b.ints([1])])])
+        _, nearest = b.op_multi("TopK", [distance, count], 2, axis=1, largest=0)
+        values = b.op("Cast", [b.const([0.0, 1.0])], to=b.elem_type(logits))
+        compared = b.reduce("ReduceSum", b.op("OneHot", [nearest, classes, values], axis=-1),
+                            [1], keepdims=False)  # the mask m [N, classes]
+        p = b.op("Softmax", [logits], axis=1)
+        pm = b.op("Mul", [p, compared])
+        total = b.reduce("ReduceSum", pm, [1], keepdims=True)  # P
+        difference = b.op("Sub", [target, b.op("Mul", [logits, b.const(self.ALPHA)])])  # d
+        numerator = b.reduce("ReduceSum", b.op("Mul", [pm, difference]), [1], keepdims=True)
+        d_numerator = b.op("Add", [
+            b.op("Sub", [b.op("Mul", [pm, difference]), b.op("Mul", [p, numerator])]),
+            b.op("Sub", [b.op("Mul", [onehot, total]), b.op("Mul", [pm, b.const(self.ALPHA)])]),
+        ])
+        d_total = b.op("Sub", [pm, b.op("Mul", [p, total])])
+        denominator = b.op("Add", [total, b.const(self.EPSILON)])
+        return b.op("Sub", [
+            b.op("Div", [d_numerator, denominator]),
+            b.op("Div", [b.op("Mul", [numerator, d_total]),
+                         b.op("Mul", [denominator, denominator])]),
+        ])
+
+
 class Similarity(OutputScore):
     """score = cos(e, r), the cosine similarity of each row's embedding e [N, D] (the output)
     to its reference r [N, D], the added input ``reference_embedding`` (as Gradient Activation

@@ -1,5 +1,5 @@
 """Several transformed copies of each image explained in one run: test-time augmentation
-smoothing (``aug_smooth``) and the scaled copies of Integrated Grad-CAM.
+smoothing (``aug_smooth``), the scaled copies of Integrated Grad-CAM and the patches of SESS.
 
 Test-time augmentation smoothing:
 
@@ -17,6 +17,8 @@ meaning and batch size are the original's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -24,7 +26,18 @@ from onnx import helper
 from .cam import mean_of_maps
 from .graph import GraphBuilder
 
-Transform = tuple[bool, float]  # (flip horizontally, intensity factor)
+
+@dataclass(frozen=True)
+class Patch:
+    """A window of the model's input size cut from the image resized bilinearly to `size`
+    (H', W'; half-pixel centres, as torch's and torchvision's bilinear resize when enlarging),
+    its top-left corner at `corner` (y, x) of the resized image."""
+
+    size: tuple[int, int]
+    corner: tuple[int, int]
+
+
+Transform = tuple[bool, float] | Patch  # (flip horizontally, intensity factor), or a patch
 FACTORS = (0.9, 1.0, 1.1)
 IDENTITY_TRANSFORM: Transform = (False, 1.0)
 TRANSFORMS = tuple((flip, factor) for flip in (False, True) for factor in FACTORS)
@@ -42,7 +55,8 @@ def tile_transforms(
     transforms: tuple[Transform, ...] = TRANSFORMS,
 ) -> tuple[str, dict]:
     """Rewire `model` so its network sees the image under every transform, stacked along the
-    batch [T*N, ...]; the transforms must include the identity.
+    batch [T*N, ...]; the transforms must include the identity. A `Patch` needs the image's
+    static height and width (the axis before `width_axis`).
 
     Returns the tiled image tensor and, for each original graph output, the name of its tiled
     [T*N, ...] tensor; the original output names then hold the identity transform's rows.
@@ -66,7 +80,11 @@ def tile_transforms(
                   b.ints([-1])], [flipped], name=b.fresh("flip"),
     ))
     parts = []
-    for flip, factor in transforms:
+    for transform in transforms:
+        if isinstance(transform, Patch):
+            parts.append(_cut_patch(b, image, pixels, width_axis, transform, prologue))
+            continue
+        flip, factor = transform
         part = b.fresh("transform")
         prologue.append(helper.make_node(
             "Mul", [flipped if flip else pixels, b.const(factor)], [part], name=b.fresh("scale")
@@ -96,6 +114,29 @@ def tile_transforms(
         )
         tiled_outputs[output.name] = full
     return tiled, tiled_outputs
+
+
+def _cut_patch(
+    b: GraphBuilder, image: str, pixels: str, width_axis: int, patch: Patch, prologue: list
+) -> str:
+    """`patch` of `pixels` (`image`, or its float32 cast): Resize to its size, Slice of the
+    image's H x W at its corner. The nodes go to `prologue` (they run before the network)."""
+    height_axis = width_axis - 1
+    dims = b.static_shape(image)
+    height, width = dims[height_axis], dims[width_axis]
+    first = len(b.graph.node)
+    source = pixels
+    if patch.size != (height, width):
+        sizes = b.op("Concat", [b.shape_slice(pixels, 0, height_axis), b.ints(patch.size),
+                                b.shape_slice(pixels, width_axis + 1)], axis=0)
+        source = b.op("Resize", [pixels, "", "", sizes], mode="linear",
+                      coordinate_transformation_mode="half_pixel")
+    (y, x) = patch.corner
+    cut = b.op("Slice", [source, b.ints([y, x]), b.ints([y + height, x + width]),
+                         b.ints([height_axis, width_axis])])
+    prologue.extend(b.graph.node[first:])
+    del b.graph.node[first:]
+    return cut
 
 
 def identity_rows(
