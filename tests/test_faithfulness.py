@@ -240,7 +240,7 @@ def test_copies_are_scored_in_batches_of_the_measured_size(repository) -> None:
     runs = [size] * (68 // size) + ([68 % size] if 68 % size else [])
     assert batches[-2 * len(runs):] == runs * 2
     curve = evaluated.images[0].methods[0][1]["deletion"].curve
-    assert len(curve) == 17 and curve[0] == pytest.approx(evaluated.images[0].probability,
+    assert len(curve) == 17 and curve[0] == pytest.approx(evaluated.images[0].score,
                                                           abs=1e-6)
 
 

@@ -319,7 +319,7 @@ def evaluation(response: pb.EvaluateResponse, round_trip: float) -> Evaluation:
     )
     images = [
         ImageEvaluation(
-            image.class_index, image.label, image.probability,
+            image.class_index, image.label, image.score,
             {
                 method_name(method.method): {
                     _metric_name(value.metric): MetricResult(

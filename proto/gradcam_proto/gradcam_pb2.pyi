@@ -455,16 +455,16 @@ class MethodEvaluation(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., metrics: _Optional[_Iterable[_Union[MetricValue, _Mapping]]] = ...) -> None: ...
 
 class ImageEvaluation(_message.Message):
-    __slots__ = ("class_index", "label", "probability", "methods")
+    __slots__ = ("class_index", "label", "score", "methods")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
-    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
-    probability: float
+    score: float
     methods: _containers.RepeatedCompositeFieldContainer[MethodEvaluation]
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodEvaluation, _Mapping]]] = ...) -> None: ...
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodEvaluation, _Mapping]]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("model", "images", "steps", "road_percentiles", "copies", "batch_size", "timings", "score")

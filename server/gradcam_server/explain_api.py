@@ -377,7 +377,7 @@ def _evaluation(model: str, evaluated: faithfulness.Evaluated, started: float) -
     )
     for image in evaluated.images:
         message = response.images.add(class_index=image.class_index, label=image.label,
-                                      probability=image.probability)
+                                      score=image.score)
         for method, values in image.methods:
             evaluation = message.methods.add(method=METHOD_ENUMS[method])
             for value in values.values():

@@ -360,12 +360,12 @@ def chunks(counts: Sequence[int], size: int) -> list[list[tuple[int, int, int]]]
 # -- what an evaluation returns ---------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageEvaluation:
-    """One image's explained class, its probability on the intact image, and per method (in
-    request order) its metrics by name."""
+    """One image's explained class, its score on the intact image (`Plan.score`: the class's
+    probability or logit), and per method (in request order) its metrics by name."""
 
     class_index: int
     label: str
-    probability: float
+    score: float
     methods: tuple[tuple[str, dict[str, MetricValue]], ...]
 
 

@@ -108,6 +108,9 @@ class CamMethod(ABC):
     """One explanation method: its `gradcam_common` entry, its refusals and its map."""
 
     entry: ClassVar[Method]
+    # Why the method explains the class logit only, not negated (None: any score; a method
+    # re-running the network always does, `check`).
+    logit_only: ClassVar[str | None] = None
 
     @property
     def name(self) -> str:
@@ -138,7 +141,7 @@ class CamMethod(ABC):
         """Refuse, with an AugmentError, a score or option this method cannot be combined
         with. The traits decide: a detection is explained from one run on the image itself (no
         copies: no perturbation or path method, no aug_smooth); a method re-running the network
-        explains the class logit, not negated; copies of the image (aug_smooth, a path) carry
+        (or with a `logit_only` reason) explains the class logit, not negated; copies of the image (aug_smooth, a path) carry
         no pixel-level gradients; a path is not smoothed."""
         if isinstance(score, Detection) and (self.runs_on_copies or aug_smooth):
             explaining = ", ".join(m.name for m in CAM_METHODS.values() if not m.runs_on_copies)
@@ -146,10 +149,11 @@ class CamMethod(ABC):
                 f"score 'detection' is explained by gradient methods ({explaining}), without "
                 f"aug_smooth; not {self.name}" + (" with aug_smooth" if aug_smooth else "")
             )
-        if self.reruns_network and (not isinstance(score, Logit) or counterfactual):
-            raise AugmentError(
-                f"{self.name} explains the class logit: no score or counterfactual option"
-            )
+        if (self.reruns_network or self.logit_only) and (
+            not isinstance(score, Logit) or counterfactual
+        ):
+            why = self.logit_only or "explains the class logit"
+            raise AugmentError(f"{self.name} {why}: no score or counterfactual option")
         if (aug_smooth or self.path) and (self.pixel_level or input_gradients):
             raise AugmentError("aug_smooth is not available with pixel-level gradients")
         if aug_smooth and self.path:
@@ -414,18 +418,7 @@ class Sess(CamMethod):
     pytorch-grad-cam's base method does."""
 
     entry = method("sess")
-
-    def check(
-        self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
-        input_gradients: bool,
-    ) -> None:
-        super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
-                      input_gradients=input_gradients)
-        if not isinstance(score, Logit) or counterfactual:
-            raise AugmentError(
-                f"{self.name} weighs its patches by the class probability: the class logit "
-                f"only, no score or counterfactual option"
-            )
+    logit_only = "weighs its patches by the class probability of the class logit only"
 
     def image_transforms(self, image: onnx.ValueInfoProto) -> tuple[Transform, ...]:
         return sess_patches(*input_size(image))
@@ -450,6 +443,7 @@ class DeepFeatureFactorization(CamMethod):
     output ``concept_scores`` [N, k]."""
 
     entry = method("dff")
+    logit_only = "scores its concepts with the classifier's class logit only"
 
     def check(
         self, score: ScoreTarget, *, counterfactual: bool, aug_smooth: bool,
@@ -457,11 +451,8 @@ class DeepFeatureFactorization(CamMethod):
     ) -> None:
         super().check(score, counterfactual=counterfactual, aug_smooth=aug_smooth,
                       input_gradients=input_gradients)
-        if not isinstance(score, Logit) or counterfactual or aug_smooth:
-            raise AugmentError(
-                f"{self.name} scores its concepts with the classifier's class scores: the class "
-                f"logit only, no score, counterfactual or aug_smooth option"
-            )
+        if aug_smooth:
+            raise AugmentError(f"{self.name} factorises the image's own layer: no aug_smooth")
 
     def heatmap(self, inputs: MapInputs) -> tuple[str, str | None]:
         b, feature = inputs.b, inputs.features[0]
