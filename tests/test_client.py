@@ -616,7 +616,7 @@ def test_bad_input_refused_before_sending(client: GradCamClient) -> None:
     with pytest.raises(InvalidInputError, match="not both"):
         client.explain(PHOTO, model=MODEL, target_class=1, top_k=2)
     with pytest.raises(InvalidInputError, match="unknown method"):
-        client.explain(PHOTO, model=MODEL, method="fullgrad")
+        client.explain(PHOTO, model=MODEL, method="nosuchcam")
     with pytest.raises(InvalidInputError, match="uint8 image or a floating-point"):
         client.explain(np.zeros((8, 8, 3), np.int64), model=MODEL)
     with pytest.raises(InvalidInputError, match=r"\[H, W, 3\]"):
