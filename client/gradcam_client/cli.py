@@ -95,19 +95,18 @@ docs/BENCHMARKS.md):
   gradcam++, xgradcam, hirescam, layercam,         41.0-42.1 ms   1.00-1.03x
     gradcam-elementwise, eigencam, eigengradcam,
     fem, seg-eigencam, kpcacam
-  finercam, refinecam (one layer), randomcam,      as Grad-CAM's  0.98-1.02x
-    sobel (measured under load)
-  shapleycam                                       about 41 ms    about 1x
+  finercam, refinecam (one layer), randomcam,      44.9-45.9 ms   0.99-1.01x
+    sobel, shapleycam (Grad-CAM: 45.5 ms then)
   guided-backprop, guided-gradcam                  143-146 ms     3.5-3.6x
-  fullgrad                                         about 106 ms   about 2.6x
+  fullgrad                                         152 ms         3.3x
   ablationcam                                      0.92 s         about 23x
   scorecam (one pass per distinct channel map;     89 s at most   about 2200x
     89 s for 2048; the channels zero everywhere
     share one: 58% of the trained Lite0's)
   integrated-gradcam                               1.29 s         about 21x
   groupcam                                         2.45 s         about 40x
-  dff                                              about 59 ms    about 1.4x
-  sess                                             about 0.51 s   about 12.6x"""
+  dff                                              74 ms          1.6x
+  sess                                             0.58 s         12.8x"""
 
 
 class CommandError(Exception):
