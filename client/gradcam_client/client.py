@@ -61,7 +61,7 @@ from .retry import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, ReadinessW
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .options import ExplainKwargs
+    from .options import EvaluateKwargs, ExplainKwargs
 
 OneImage = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image]
 """An input that is one image whatever it holds (an array may be a batch)."""
@@ -187,16 +187,8 @@ class GradCamClient(_Client):
         images: ImageInput | Sequence[ImageInput],
         *,
         model: str,
-        methods: Sequence[str | None] = (),
-        metrics: Sequence[str] = (),
-        target_class: int | None = None,
-        steps: int | None = None,
-        road_percentiles: Sequence[float] = (),
-        pointing: Sequence[Any] | None = None,
-        pointing_tolerance: float | None = None,
-        layer: str | None = None,
-        score: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[EvaluateKwargs],
     ) -> Evaluation:
         """How faithful each method's map of each image is to ``model``
         (docs/FAITHFULNESS.md): the server makes the maps, scores perturbed copies of each
@@ -212,11 +204,7 @@ class GradCamClient(_Client):
         "logit". One request: at most 64 images, and the server bounds images x methods x
         copies (INVALID_ARGUMENT naming the limit). Long: give ``timeout`` accordingly.
         """
-        request = protocol.evaluate_request(
-            images, model=model, methods=methods, metrics=metrics, target_class=target_class,
-            steps=steps, road_percentiles=road_percentiles, pointing=pointing,
-            pointing_tolerance=pointing_tolerance, layer=layer, score=score,
-        )
+        request = protocol.evaluate_request(images, model=model, **options)
         started = time.perf_counter()
         response = self._call(self._stub.Evaluate, request, timeout)
         return protocol.evaluation(response, time.perf_counter() - started)
@@ -356,23 +344,12 @@ class AsyncGradCamClient(_Client):
         images: ImageInput | Sequence[ImageInput],
         *,
         model: str,
-        methods: Sequence[str | None] = (),
-        metrics: Sequence[str] = (),
-        target_class: int | None = None,
-        steps: int | None = None,
-        road_percentiles: Sequence[float] = (),
-        pointing: Sequence[Any] | None = None,
-        pointing_tolerance: float | None = None,
-        layer: str | None = None,
-        score: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[EvaluateKwargs],
     ) -> Evaluation:
         """As `GradCamClient.evaluate`."""
         request = await asyncio.to_thread(
-            protocol.evaluate_request, images, model=model, methods=methods, metrics=metrics,
-            target_class=target_class, steps=steps, road_percentiles=road_percentiles,
-            pointing=pointing, pointing_tolerance=pointing_tolerance, layer=layer, score=score,
-        )
+            lambda: protocol.evaluate_request(images, model=model, **options))
         started = time.perf_counter()
         response = await self._call(self._stub.Evaluate, request, timeout)
         return protocol.evaluation(response, time.perf_counter() - started)

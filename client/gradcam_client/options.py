@@ -118,6 +118,21 @@ class ExplainOptions:
     (0.5 unless its config says otherwise)."""
 
 
+class EvaluateKwargs(TypedDict, total=False):
+    """The keywords of `evaluate` past the images and the model (`protocol.evaluate_request`
+    builds the request from them; `GradCamClient.evaluate` says what each means)."""
+
+    methods: Sequence[str | None]
+    metrics: Sequence[str]
+    target_class: int | None
+    steps: int | None
+    road_percentiles: Sequence[float]
+    pointing: Sequence[Any] | None
+    pointing_tolerance: float | None
+    layer: str | None
+    score: str | None
+
+
 class ExplainKwargs(TypedDict, total=False):
     """`ExplainOptions`' fields as keywords of `explain`: the same names, types and meaning."""
 
