@@ -44,15 +44,23 @@ class SparseChannels(torch.nn.Module):
         return self.head(self.layer(self.stem(x)))
 
 
-def test_shared_passes_match_pytorch_grad_cam(tmp_path) -> None:
+def exported(tmp_path, images: int):
+    """`SparseChannels`, exported with a dynamic batch; `images` photos at its 64 x 64; its
+    layer's values for them."""
     model = SparseChannels().eval()
-    x = zoo.sample_batch(3, size=64)
+    x = zoo.sample_batch(images, size=64)
     path = tmp_path / "sparse.onnx"
     torch.onnx.export(model, torch.from_numpy(x), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     with torch.no_grad():
         layer = model.layer(model.stem(torch.from_numpy(x))).numpy()
+    return model, x, path, layer
+
+
+def test_shared_passes_match_pytorch_grad_cam(tmp_path) -> None:
+    model, x, path, layer = exported(tmp_path, 3)
+    with torch.no_grad():
         logits = model(torch.from_numpy(x)).numpy()
     maps = layer.reshape(len(x), layer.shape[1], -1)
     assert (maps[:, :ZERO_CHANNELS] == 0).all()
@@ -75,14 +83,7 @@ def test_steps_give_the_map_of_one_run(tmp_path) -> None:
     """The server's steps: the scores fed back, a few iterations per run; the run completing
     the scores gives the map of a single run, and the runs before it name the iterations
     needed."""
-    model = SparseChannels().eval()
-    x = zoo.sample_batch(4, size=64)
-    path = tmp_path / "sparse.onnx"
-    torch.onnx.export(model, torch.from_numpy(x), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    with torch.no_grad():
-        layer = model.layer(model.stem(torch.from_numpy(x))).numpy()
+    _, x, path, layer = exported(tmp_path, 4)
     graph = augment_model(path, method="scorecam",
                           layer=zoo.find_matching_tensor(path, x, layer))
     (loop,) = score_cam_steps(i.name for i in graph.graph.input)
