@@ -109,6 +109,11 @@ docs/BENCHMARKS.md):
   sess                                             0.58 s         12.8x"""
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 class CommandError(Exception):
     """A failure worth one line to the user."""
 
@@ -207,8 +212,7 @@ def _explain(client: GradCamClient, args: argparse.Namespace) -> int:
         _write_summary(args.summary, outcomes)
     failed = sum(outcome.error is not None for outcome in outcomes)
     explained = len(images) - failed
-    noun = "image" if explained == 1 else "images"
-    print(f"{explained} {noun} explained, {failed} failed")
+    print(f"{_count(explained, 'image')} explained, {failed} failed")
     return 1 if failed else 0
 
 
@@ -225,8 +229,8 @@ def _eval(client: GradCamClient, args: argparse.Namespace) -> int:
     sign_of_life = _SignOfLife()
     for start in range(0, len(images), EVAL_IMAGES_PER_REQUEST):
         batch = images[start:start + EVAL_IMAGES_PER_REQUEST]
-        with sign_of_life.watching(f"{batch[0].name} ... ({len(batch)} images, "
-                                   f"{len(methods) or 1} methods)"):
+        with sign_of_life.watching(f"{batch[0].name} ... ({_count(len(batch), 'image')}, "
+                                   f"{_count(len(methods) or 1, 'method')})"):
             try:
                 result = client.evaluate(
                     [str(image) for image in batch], model=args.model, methods=methods,
@@ -241,12 +245,13 @@ def _eval(client: GradCamClient, args: argparse.Namespace) -> int:
         for image, evaluation in zip(batch, result.images):
             print(f"{image}: {evaluation.name} ({evaluation.score:.2f})", file=sys.stderr)
         evaluated += result.images
-    print(f"{args.model}, {len(evaluated)} images, score {score}; mean over the images:")
+    print(f"{args.model}, {_count(len(evaluated), 'image')}, score {score}; mean over the "
+          "images:")
     print(metrics_table(evaluated))
     if args.plot is not None:
         try:
             picture = curves_picture(evaluated, score,
-                                     f"{args.model}: {len(evaluated)} images")
+                                     f"{args.model}: {_count(len(evaluated), 'image')}")
         except ValueError as error:
             raise CommandError(str(error)) from None
         _save_picture(picture, args.plot)
