@@ -813,6 +813,7 @@ def test_sigterm_drains_in_flight_requests(
     with grpc.insecure_channel(draining.address) as channel:
         draining.wait_serving(channel)
     client = triton.InferenceServerClient(draining.address)
+    assert client.is_server_ready()  # connected: the request below reaches the server at once
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(
             lambda: (client.infer("bounded", slow_input(8), client_timeout=CALL_TIMEOUT_S),
