@@ -1,6 +1,6 @@
 """Reliability of a served `gradcam-server`, probed from outside as users run it; prints figures.
 
-    python benchmarks/reliability.py [--quick] [--only malformed,overload,faults,soak,fuzz]
+    python benchmarks/reliability.py [--quick] [--only malformed,overload,health,faults,soak,fuzz]
                                      [--json figures.json]
 
 Each section starts ``python -m gradcam_server --model-repository DIR --port 0 --metrics-port
@@ -19,6 +19,8 @@ generated here with `onnx.helper` (no torch needed), and folders that can never 
   than the run (the server must stop the work), a queued request past its deadline, a second
   server on a busy port, SIGTERM with requests in flight (all answered), SIGKILL and restart on
   the same port.
+- health: four clients asking for 48 MiB answers (3 maps of a 2000 x 2000 photo) while another
+  process checks health every 20 ms: every check answered within 100 ms.
 - soak: 10,000 mixed requests (good, malformed, cancelled, past their deadline, other
   methods and layers, tensors of many sizes) from 8 clients: RSS and thread count flat.
 - fuzz: ``tests/test_fuzz.py`` (hypothesis, derandomized) with 10x its examples.
@@ -1306,6 +1308,81 @@ def _stop(server: Server, timeout: float = 60.0) -> None:
     server.kill()
 
 
+HEALTH_BOUND_S = 0.100
+HEALTH_EVERY_S = 0.020
+LARGE_ANSWER_CLIENTS = 4
+
+
+def _poll_health(address: str, seconds: float, results) -> None:
+    """In a process of its own: Check every HEALTH_EVERY_S for `seconds`; the answer times."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected before timing
+        times, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            times.append((time.perf_counter() - started,
+                          reply.status == health_pb2.HealthCheckResponse.SERVING))
+            time.sleep(HEALTH_EVERY_S)
+    results.put(times)
+
+
+def section_health(ctx: Context) -> None:
+    """Health while the server builds and sends the largest answers it allows."""
+    import multiprocessing
+
+    print("\n== health", flush=True)
+    section, seconds = "health", 15.0 if ctx.quick else 60.0
+    photo = Image.open(io.BytesIO(CHELSEA)).convert("RGB").resize((2000, 2000))
+    data = io.BytesIO()
+    photo.save(data, "JPEG", quality=90)
+    request = gpb.ExplainRequest(model=LITE0, target=gpb.Target(top_k=3))
+    request.images.add(encoded=data.getvalue())
+    server = ctx.start("health", (LITE0,))
+    stubs = Stubs(server.address)
+    try:
+        size = stubs.typed.Explain(request, timeout=60).ByteSize()
+        results = multiprocessing.get_context("spawn").Queue()
+        poller = multiprocessing.get_context("spawn").Process(
+            target=_poll_health, args=(server.address, seconds, results))
+        poller.start()
+        answered, end = [0], time.monotonic() + seconds
+
+        def client() -> None:
+            while time.monotonic() < end:
+                stubs.typed.Explain(request, timeout=60)
+                answered[0] += 1
+
+        clients = [threading.Thread(target=client) for _ in range(LARGE_ANSWER_CLIENTS)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        checks = results.get(timeout=seconds + 60)
+        poller.join(timeout=10)
+    finally:
+        stubs.close()
+        _stop(server)
+    times = [t for t, _ in checks]
+    late = sum(t > HEALTH_BOUND_S for t in times)
+    print(f"  {answered[0]} answers of {size / 2**20:.1f} MiB by {LARGE_ANSWER_CLIENTS} clients "
+          f"in {seconds:.0f} s; {len(times)} health checks: p50 {percentile(times, 50) * 1e3:.1f}"
+          f" ms, p99 {percentile(times, 99) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms, "
+          f"{late} over {HEALTH_BOUND_S * 1e3:.0f} ms")
+    ctx.report.figures[section] = {
+        "answers": answered[0], "answer_mib": size / 2**20, "checks": len(times),
+        "p50_ms": percentile(times, 50) * 1e3, "p99_ms": percentile(times, 99) * 1e3,
+        "max_ms": max(times) * 1e3, "over_bound": late,
+    }
+    ctx.report.check(section, "every health check SERVING", all(ok for _, ok in checks),
+                     f"{sum(ok for _, ok in checks)} of {len(checks)}")
+    ctx.report.check(section, f"health answered within {HEALTH_BOUND_S * 1e3:.0f} ms while "
+                     "answers of tens of MiB are made", late == 0,
+                     f"max {max(times) * 1e3:.1f} ms, p99 {percentile(times, 99) * 1e3:.1f} ms "
+                     f"over {len(times)} checks")
+
+
 def section_faults(ctx: Context) -> None:
     print("\n== faults", flush=True)
     server = ctx.start("faults", ("slow", "tiny", UNEXPLAINABLE, *FAILED_MODELS))
@@ -1833,6 +1910,7 @@ class Context:
 SECTIONS = {
     "malformed": section_malformed,
     "overload": section_overload,
+    "health": section_health,
     "faults": section_faults,
     "soak": section_soak,
     "fuzz": section_fuzz,

@@ -9,7 +9,8 @@ from the ``grpc-status-details-bin`` trailer (``grpc_status.rpc_status.from_call
 Responses of the methods that can be large (heatmaps, tensors: tens of MiB) are built and
 serialized by the servicers in a worker thread, not on the event loop, where serializing took a
 tenth of a second per 16 MiB heatmap; `add_servicer` registers a servicer whose methods may
-therefore return pre-serialized bytes.
+therefore return pre-serialized bytes. gRPC's own copy of a response does happen on the loop:
+large ones take turns (`_paced`), so that health checks are answered between them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import functools
 import logging
 import time
+import weakref
 
 import grpc
 from google.protobuf import any_pb2, message_factory
@@ -120,6 +122,7 @@ def rpc(api: str, streaming: bool = False):
             try:
                 response = await method(self, request, context, labels)
                 _check_size(response, metrics.max_message_bytes)
+                await _paced(response)
                 if not streaming:
                     return response
                 await context.write(response)
@@ -163,6 +166,34 @@ def _cut(message: str) -> str:
     if len(message) <= MAX_MESSAGE_CHARS:
         return message
     return message[: MAX_MESSAGE_CHARS - 12] + " ... (cut)"
+
+
+LARGE_RESPONSE_BYTES = 4 * 2**20
+"""Responses from this size up are handed to gRPC one at a time (`_paced`)."""
+_large_response_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _paced(response) -> None:
+    """Wait, if `response` is large, for its turn to be handed to gRPC. gRPC copies a response
+    into its own buffer on the event loop, holding the GIL (tens of ms per 48 MiB on small
+    machines): large answers finishing together would block the loop, and the health checks
+    it answers, for the sum of their copies. A large one is handed over only once the previous
+    one was copied and the loop has run as long again, so copies take at most half the loop."""
+    if not isinstance(response, bytes) or len(response) < LARGE_RESPONSE_BYTES:
+        return
+    loop = asyncio.get_running_loop()
+    turn = _large_response_turns.get(loop)
+    if turn is None:
+        turn = _large_response_turns[loop] = asyncio.Lock()
+    await turn.acquire()
+    handed = time.perf_counter()
+
+    def copied() -> None:  # the loop's next pass: gRPC has copied the response by now
+        loop.call_later(time.perf_counter() - handed, turn.release)
+
+    loop.call_soon(copied)
 
 
 def _check_size(response, limit: int | None) -> None:
