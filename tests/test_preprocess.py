@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from gradcam_server.arrow import float_pixels
 from gradcam_server.errors import InvalidInput
 from gradcam_server.preprocess import (
     IMAGENET_MEAN,
@@ -755,3 +756,14 @@ def test_decoded_png_round_trips_to_the_tensor() -> None:
     np.testing.assert_allclose(
         to_tensor(image, Preprocessing(size=None)), expected_tensor(TINY), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("size", [(451, 300), (1, 1), (2100, 2100)])  # the last: several blocks
+def test_float_pixels_read_a_float_image_as_numpy_does(size: tuple[int, int]) -> None:
+    values = np.random.default_rng(0).random((7, 9), dtype=np.float32)
+    image = Image.fromarray(values).resize(size, Image.BILINEAR)
+    expected = np.asarray(image)
+    np.testing.assert_array_equal(float_pixels(image), expected)
+    out = np.full((size[1], size[0]), np.nan, np.float32)
+    assert float_pixels(image, out) is out
+    np.testing.assert_array_equal(out, expected)

@@ -156,12 +156,11 @@ def model_map_size(model: ServedModel, image: tuple[int, int]) -> tuple[int, int
 def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int],
                    out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear resize of a [h, w] map to (width, height), clipped back into [0, 1]; into
-    `out` where given (a photo-sized map is half a MiB: clipped into its place in the
+    `out` where given (a photo-sized map is half a MiB: written into its place in the
     response's array rather than copied there after)."""
-    resized = resize(heatmap, size)
-    if out is None and resized is not heatmap and resized.flags.writeable:
-        out = resized
-    return np.clip(resized, 0.0, 1.0, out=out)
+    if out is None:
+        out = np.empty((size[1], size[0]), np.float32)
+    return np.clip(resize(heatmap, size, out=out), 0.0, 1.0, out=out)
 
 
 def channel_weights(outputs: dict[str, np.ndarray], rows: slice | list[int]) -> np.ndarray:

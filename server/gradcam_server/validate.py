@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .arrow import float_pixels
 from .detections import check_detection
 from .errors import InvalidInput
 from .model import Graph, ServedModel
@@ -250,12 +251,18 @@ def image_tensor_size(model: ServedModel, image: np.ndarray) -> tuple[int, int]:
     return width, height
 
 
-def resize(values: np.ndarray, size: tuple[int, int], resample: int = Image.BILINEAR) -> np.ndarray:
-    """Resize of a float [h, w] array to (width, height)."""
+def resize(values: np.ndarray, size: tuple[int, int], resample: int = Image.BILINEAR,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Resize of a float [h, w] array to (width, height) (Pillow's filters), into `out` where
+    given."""
     if values.shape[::-1] == tuple(size):
-        return values.astype(np.float32, copy=False)
+        values = values.astype(np.float32, copy=False)
+        if out is None:
+            return values
+        np.copyto(out, values)
+        return out
     resized = Image.fromarray(values.astype(np.float32, copy=False)).resize(size, resample)
-    return np.asarray(resized, dtype=np.float32)
+    return float_pixels(resized, out)
 
 
 def shape_text(shape: Sequence[int]) -> str:
