@@ -1,6 +1,6 @@
 """A small model served at the speed of its session: figures side by side, in one run.
 
-    python benchmarks/bench_core.py [--seconds 10] [--rounds 3] [--clients 8]
+    python benchmarks/bench_core.py [--seconds 10] [--rounds 5] [--clients 8]
 
 The shipped EfficientNet-Lite0 (models/), the bundled 451x300 JPEG, `--clients` concurrent
 clients each sending one image per request through KServe v2 (BYTES image; the request bytes
@@ -14,8 +14,8 @@ little as a client can). It prints, per round and as medians:
   session at batch 8, one batch after the other, on the same cores;
 * the server's and the clients' CPU use in each phase (cores: CPU seconds over wall seconds);
 
-and the ratios explained/forward and explained/in-process. Phases are interleaved round by
-round so that machine noise hits them alike.
+and the ratios explained/forward and explained/in-process, of the medians, and explained/forward
+round by round. Phases are interleaved round by round so that machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def in_process(data: bytes, threads: int, seconds: float, batch: int = 8) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--client", choices=("threads", "asyncio"), default="threads",
                         help="clients as threads with blocking stubs, or asyncio tasks")
@@ -199,6 +199,9 @@ def main() -> None:
     print(f"explained / forward     {median['explained'] / median['forward']:.3f} (>= 0.9)")
     print(f"explained / in-process  {median['explained'] / median['in-process']:.3f} (>= 0.7)")
     print(f"typed / in-process      {median['typed'] / median['in-process']:.3f}")
+    paired = [e / f for e, f in zip(rates["explained"], rates["forward"])]
+    print("explained / forward per round (phases side by side): "
+          + ", ".join(f"{r:.3f}" for r in paired) + f"; median {statistics.median(paired):.3f}")
 
 
 if __name__ == "__main__":
