@@ -277,7 +277,10 @@ def test_a_full_model_refuses_before_decoding(server, client) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         busy = [pool.submit(client.infer, "full", slow_rows(1), client_timeout=CALL_TIMEOUT_S)
                 for _ in range(2)]
-        time.sleep(0.1)
+        waited = time.monotonic() + CALL_TIMEOUT_S  # until both hold the model's two places
+        while sample(server.metrics(), "gradcam_requests_in_progress", model="full") < 2:
+            assert time.monotonic() < waited and not any(f.done() for f in busy)
+            time.sleep(0.01)
         started = time.monotonic()
         # Undecodable bytes: refused for the full queue, never looked at.
         expect_error(
@@ -285,9 +288,10 @@ def test_a_full_model_refuses_before_decoding(server, client) -> None:
                                  client_timeout=CALL_TIMEOUT_S),
             grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full",
         )
-        assert time.monotonic() - started < 0.2
+        assert time.monotonic() - started < 0.5
         for future in busy:
             assert future.result().as_numpy("heatmap").shape == (1, 256, 256)
+    assert sample(server.metrics(), "gradcam_requests_in_progress", model="full") == 0
 
 
 def kserve_request(*tensors, raw: list[bytes]) -> kserve_pb.ModelInferRequest:

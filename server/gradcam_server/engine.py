@@ -71,6 +71,10 @@ class Engine:
         """Batchers held now (bounded by `ServiceLimits.max_batchers`)."""
         return len(self._batchers)
 
+    def in_progress(self) -> list[tuple[str, int]]:
+        """(model name, requests admitted and not yet answered), for the metrics."""
+        return list(self._admitted.items())
+
     @contextlib.contextmanager
     def admit(self, model: ServedModel) -> Iterator[None]:
         """Hold one of the model's request places while the block runs; QueueFull at once,

@@ -52,9 +52,10 @@ class Metrics:
             registry=self.registry,
         )
 
-    def track_held(self, held: Callable[[], list[tuple[str, int]]]) -> None:
-        """Report ``held()``, (model, augmented graph variants held), at every scrape."""
-        self.registry.register(_HeldVariants(held))
+    def track(self, name: str, documentation: str,
+              read: Callable[[], list[tuple[str, int]]]) -> None:
+        """Report ``read()``, (model, value) pairs, as the gauge `name` at every scrape."""
+        self.registry.register(_ReadAtScrape(name, documentation, read))
 
     def observe_batch(self, model: str, graph: str, stats: BatchStats) -> None:
         self.batch_size.labels(model, graph).observe(stats.rows)
@@ -76,17 +77,15 @@ class Metrics:
             http.server_close()
 
 
-class _HeldVariants:
-    """A collector read at scrape time: augmented graph variants (sessions) held per model."""
+class _ReadAtScrape:
+    """A gauge by model whose values are read when it is scraped."""
 
-    def __init__(self, held: Callable[[], list[tuple[str, int]]]) -> None:
-        self._held = held
+    def __init__(self, name: str, documentation: str,
+                 read: Callable[[], list[tuple[str, int]]]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
 
     def collect(self):
-        family = GaugeMetricFamily(
-            "gradcam_explain_graphs", "Augmented graph variants (sessions) held in memory, by "
-            "model; bounded by --max-variants plus the default.", labels=["model"],
-        )
-        for model, count in self._held():
-            family.add_metric([model], count)
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["model"])
+        for model, value in self._read():
+            family.add_metric([model], value)
         yield family

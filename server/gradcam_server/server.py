@@ -100,7 +100,13 @@ class GradCamServer:
             self.repository, ServiceLimits(max_pixels=options.max_pixels),
             on_batch=self.metrics.observe_batch,
         )
-        self.metrics.track_held(self._held)
+        self.metrics.track(
+            "gradcam_explain_graphs", "Augmented graph variants (sessions) held in memory, by "
+            "model; bounded by --max-variants plus the default.", self._held)
+        self.metrics.track(
+            "gradcam_requests_in_progress", "Requests admitted and not yet answered, by model; "
+            "bounded by its max_queue_size plus the batches it runs at once, past which "
+            "requests are refused with RESOURCE_EXHAUSTED.", self.service.engine.in_progress)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
