@@ -36,6 +36,7 @@ from servers import (
     serving,
     unservable_repository,
 )
+from test_shipped_model import CAT_FACE
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet_lite0"
@@ -579,6 +580,41 @@ def test_help_states_each_methods_cost_as_measured() -> None:
                             ("| guided-gradcam | 143.2 ms |", "143-146 ms"),
                             ("| 0.923 s |", "0.92 s"), ("| 89.0 s |", "89 s")]:
         assert measured in benchmarks and shown in costs, (measured, shown)
+
+
+def test_eval_prints_a_table_and_writes_curves_and_values(server: str, tmp_path: Path) -> None:
+    face = ",".join(str(v) for v in CAT_FACE)
+    done = _gradcam("eval", PHOTO, "--server", server, "--model", MODEL,
+                    "--methods", "gradcam,layercam", "--steps", "10",
+                    "--metrics", "deletion,insertion,pointing_game", "--box", face,
+                    "--json", tmp_path / "values.json", "--plot", tmp_path / "curves.png")
+    assert done.returncode == 0, done.stderr
+    header, rule, *rows = done.stdout.splitlines()[1:5]
+    assert header.split() == ["method", "deletion", "(-)", "insertion", "(+)",
+                              "pointing_game", "(+)"]
+    assert [row.split()[0] for row in rows] == ["gradcam", "layercam"]
+    (image,) = json.loads((tmp_path / "values.json").read_text())
+    assert image["class_index"] == EGYPTIAN_CAT
+    for method in ("gradcam", "layercam"):
+        values = image["methods"][method]
+        assert values["pointing_game"]["value"] == 1.0  # the map's peak lies on the cat's face
+        assert len(values["deletion"]["curve"]) == len(values["insertion"]["curve"]) == 11
+        # taking the map's pixels away first loses the class sooner than adding them gains it
+        assert values["deletion"]["value"] < values["insertion"]["value"]
+        shown = [row.split()[1:] for row in rows if row.split()[0] == method][0]
+        assert [float(v.rstrip("*")) for v in shown] == pytest.approx(
+            [values[m]["value"] for m in ("deletion", "insertion", "pointing_game")], abs=1e-4)
+    with Image.open(tmp_path / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.width > 200
+
+
+def test_eval_takes_one_box_per_image(server: str) -> None:
+    done = _gradcam("eval", PHOTO, PHOTO, "--server", server, "--model", MODEL,
+                    "--box", "0,0,10,10")
+    _assert_one_line_failure(done, "--box", "one box per image", "1 box for 2 images")
+    done = _gradcam("eval", PHOTO, "--server", server, "--model", MODEL,
+                    "--metrics", "pointing_game")
+    _assert_one_line_failure(done, "pointing_game", "--box")
 
 
 def test_a_deadline_names_the_timeout(server: str) -> None:

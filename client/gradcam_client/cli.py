@@ -110,8 +110,10 @@ docs/BENCHMARKS.md):
 
 
 def _count(number: int, noun: str) -> str:
-    """'1 image', '3 images'."""
-    return f"{number} {noun}" + ("" if number == 1 else "s")
+    """'1 image', '3 images', '2 boxes'."""
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}" + ("es" if noun.endswith(("s", "x")) else "s")
 
 
 class CommandError(Exception):
@@ -222,6 +224,12 @@ def _eval(client: GradCamClient, args: argparse.Namespace) -> int:
     if args.plot is not None:
         _check_picture_path(args.plot)
     images, _ = _collect(args.images)
+    boxes = args.box or []
+    if boxes and len(boxes) != len(images):
+        raise CommandError(f"--box: one box per image, in image order; got "
+                         f"{_count(len(boxes), 'box')} for {_count(len(images), 'image')}")
+    if "pointing_game" in metrics and not boxes:
+        raise CommandError("--metrics pointing_game needs the object's --box in each image")
     if args.model is None:
         args.model = _only_model(client)
     evaluated: list[ImageEvaluation] = []
@@ -236,6 +244,8 @@ def _eval(client: GradCamClient, args: argparse.Namespace) -> int:
                     [str(image) for image in batch], model=args.model, methods=methods,
                     metrics=metrics, target_class=args.target_class, steps=args.steps,
                     layer=args.layer, score=args.score,
+                    pointing=boxes[start:start + EVAL_IMAGES_PER_REQUEST] or None,
+                    pointing_tolerance=args.pointing_tolerance,
                 )
             except ModelNotFoundError as error:
                 raise CommandError(f"{error}{_served_models(client)}") from None
@@ -889,8 +899,8 @@ def _parser() -> argparse.ArgumentParser:
                           help=f"the methods compared, of {', '.join(METHOD_NAMES)} (default: "
                                "the model's)")
     evaluate.add_argument("--metrics", metavar="M1,M2,...",
-                          help=f"of {', '.join(METRICS[:-1])} (default: all; the pointing "
-                               "game needs boxes, through the SDK)")
+                          help=f"of {', '.join(METRICS)} (default: all; pointing_game "
+                               "needs --box)")
     evaluate.add_argument("--steps", type=int, metavar="N",
                           help="deletion and insertion steps (default 100)")
     evaluate.add_argument("--target-class", type=int, metavar="C",
@@ -899,6 +909,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="target layer, a tensor name of the graph (default: the model's)")
     evaluate.add_argument("--score", choices=("probability", "logit"),
                           help="what is measured of the class (default: its probability)")
+    evaluate.add_argument("--box", type=_box, action="append", metavar="X1,Y1,X2,Y2",
+                          help="the pointing game: the object's box in the image's pixels, "
+                               "repeated once per image in image order (folders sorted by "
+                               "name); with it, pointing_game is among the default metrics")
+    evaluate.add_argument("--pointing-tolerance", type=float, metavar="PIXELS",
+                          help="the pointing game's tolerance around the box (default 15)")
     evaluate.add_argument("--plot", type=Path, metavar="PICTURE",
                           help="draw the deletion and insertion curves into this PNG")
     evaluate.add_argument("--json", type=Path, metavar="PATH",
