@@ -227,7 +227,7 @@ def _eval(client: GradCamClient, args: argparse.Namespace) -> int:
     boxes = args.box or []
     if boxes and len(boxes) != len(images):
         raise CommandError(f"--box: one box per image, in image order; got "
-                         f"{_count(len(boxes), 'box')} for {_count(len(images), 'image')}")
+                           f"{_count(len(boxes), 'box')} for {_count(len(images), 'image')}")
     if "pointing_game" in metrics and not boxes:
         raise CommandError("--metrics pointing_game needs the object's --box in each image")
     if args.model is None:
