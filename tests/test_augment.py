@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,62 @@ def test_explicit_and_ranked_target_classes(small_cnn: SmallCNN, small_onnx: Pat
     for i in range(3):
         assert rel(out["gradients"][i], gradients[i]) < 1e-5
     assert not np.allclose(out["gradients"][0], out["gradients"][1])
+
+
+class AddmmHead(nn.Module):
+    """SmallCNN's features under a last layer written as torch.addmm, which exports as a Gemm
+    with transB 0 (nn.Linear's has transB 1), scaled by `alpha`."""
+
+    def __init__(self, small_cnn: SmallCNN, alpha: float) -> None:
+        super().__init__()
+        self.features, self.pool, self.alpha = small_cnn.features, small_cnn.pool, alpha
+        self.weight = nn.Parameter(small_cnn.fc.weight.detach().T.contiguous())
+        self.bias = nn.Parameter(small_cnn.fc.bias.detach().clone())
+
+    def head(self, activations: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(self.pool(activations), 1)
+        return torch.addmm(self.bias, pooled, self.weight, alpha=self.alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("head", ["linear", "addmm", "addmm-alpha"])
+def test_a_class_score_through_the_last_gemm_matches_torch(
+    small_cnn: SmallCNN, tmp_path: Path, head: str
+) -> None:
+    """The logit score's one-hot seed through the classifier's Gemm: its rows gathered from
+    the weights (transB 1 or 0) where alpha is 1, the product otherwise; torch autograd on the
+    same weights is the reference for all three."""
+    model = (small_cnn if head == "linear" else
+             AddmmHead(copy.deepcopy(small_cnn), 0.5 if "alpha" in head else 1).eval())
+    path = export(model, tmp_path / "head.onnx")
+    gemm, = [n for n in onnx.load(path).graph.node if n.op_type == "Gemm"]
+    augmented = augment_model(path)
+    backward = [n.op_type for n in augmented.graph.node if n.name.startswith("gradcam/")]
+    assert ("Gemm" in backward) == (head == "addmm-alpha"), (head, gemm.attribute)
+    x = np.repeat(batch(2), 2, axis=0)
+    out = run(augmented, x, [-1, 3, 9, -2])
+    activations = model.features(torch.from_numpy(x))
+    activations.retain_grad()
+    logits = (model.head(activations) if head != "linear"
+              else model.fc(torch.flatten(model.pool(activations), 1)))
+    order = np.argsort(-logits.detach().numpy(), axis=1)
+    classes = [order[0, 0], 3, 9, order[3, 1]]
+    logits[torch.arange(4), torch.as_tensor(classes)].sum().backward()
+    assert rel(out["gradients"], activations.grad.numpy()) < 1e-5
+
+
+def test_added_outputs_are_written_by_the_nodes_that_compute_them(small_onnx: Path) -> None:
+    """No Identity copies a tensor the augmentation computed into gradients or heatmap (a
+    runtime runs it, fetched or not); activations, the forward graph's own layer here, keeps
+    its name in the forward graph and is copied. The values are checked against torch above."""
+    augmented = augment_model(small_onnx)
+    producers = {out: node for node in augmented.graph.node for out in node.output}
+    for name in ("gradients", "heatmap"):
+        assert producers[name].op_type != "Identity", name
+    layer = producers["activations"]
+    assert layer.op_type == "Identity" and not layer.input[0].startswith("gradcam/")
 
 
 def test_probability_score(small_cnn: SmallCNN, small_onnx: Path) -> None:

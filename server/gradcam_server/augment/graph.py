@@ -62,6 +62,9 @@ class GraphBuilder:
         self._computed: dict[str, str] = {}  # half-precision tensor -> its float32 cast
         self._cast_sources: dict[str, str] = {}  # and back
         self.types: dict[str, onnx.TypeProto] = {}
+        # a one-hot tensor [N, K] (1 at each row's index on the last axis, 0 elsewhere) -> its
+        # indices [N]: a rule may gather the rows it would otherwise multiply by (Gemm)
+        self.one_hot_rows: dict[str, str] = {}
         inferred = infer_shapes(model)
         for value in itertools.chain(
             inferred.graph.input, inferred.graph.output, inferred.graph.value_info
@@ -173,6 +176,34 @@ class GraphBuilder:
                     if not (node.op_type == "Cast" and node.output[0] in unused)]
             del self.graph.node[:]
             self.graph.node.extend(kept)
+
+    def write_outputs_directly(self) -> None:
+        """Let the node that computes an added output write it under the output's name, and
+        drop the Identity `add_output` put in between: a runtime runs every node whether its
+        output is fetched or not, and copies at an Identity (1 MB a batch of 4 for a CNN's
+        last layer, twice: activations and gradients). Only a tensor this builder computed in
+        the main graph is renamed, wherever it is read (subgraphs too)."""
+        outputs = {output.name for output in self.graph.output}
+        producers = {name: node for node in self.graph.node for name in node.output}
+        renamed: dict[str, str] = {}
+        folded = set()
+        for node in self.graph.node:
+            source = node.input[0] if node.op_type == "Identity" else ""
+            if (node.output[0] in outputs and source.startswith(f"{self.prefix}/")
+                    and source in producers and source not in outputs
+                    and source not in renamed):
+                renamed[source] = node.output[0]
+                folded.add(id(node))
+        if not renamed:
+            return
+        kept = [node for node in self.graph.node if id(node) not in folded]
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+        _rename_reads(self.graph, renamed)
+        for node in self.graph.node:
+            node.output[:] = [renamed.get(name, name) for name in node.output]
+        for value in self.graph.value_info:
+            value.name = renamed.get(value.name, value.name)
 
     def initializer_value(self, tensor: str) -> np.ndarray | None:
         """The value of `tensor` if it is an initializer or a Constant node's output."""
@@ -481,6 +512,16 @@ def computed_tensors(graph: onnx.GraphProto) -> set[str]:
     for node in graph.node:
         names.update(node.output)
     return names
+
+
+def _rename_reads(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    """Rename the tensors `graph`'s nodes, and its subgraphs' nodes, read."""
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        for attribute in node.attribute:
+            for body in (*([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []),
+                         *attribute.graphs):
+                _rename_reads(body, renamed)
 
 
 def read_names(graph: onnx.GraphProto) -> set[str]:

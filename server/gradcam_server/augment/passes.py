@@ -281,6 +281,7 @@ def augment_model(
     expose_outputs(b, image, views[0], activations, layer_gradients, heatmap)
     _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     b.drop_unused_casts()
+    b.write_outputs_directly()
     record_target(proto, views)
     check(proto, model)
     return proto
@@ -337,6 +338,7 @@ def _augment_detection(
     _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     expose_detection(b, chosen, heads.scores, batch)
     b.drop_unused_casts()
+    b.write_outputs_directly()
     record_target(proto, views)
     anchors, classes = (b.static_shape(heads.scores) or (None, None, None))[1:]
     background = () if background_class is None else (("background", background_class),)

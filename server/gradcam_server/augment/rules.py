@@ -1849,7 +1849,13 @@ def _gemm(ctx: RuleContext) -> Gradients:
     alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
     trans_a, trans_b = ctx.attr("transA", 0), ctx.attr("transB", 0)
     grad_a = grad_b = grad_c = None
-    if ctx.needs(0):
+    rows = b.one_hot_rows.get(dy)
+    if ctx.needs(0) and rows is not None and not trans_a and alpha == 1.0:
+        # a one-hot seed (a class score on a classifier's last layer): dy op(B)^T is the
+        # chosen rows of op(B)^T, gathered instead of multiplied ([N, K] from K x classes)
+        grad_a = (b.op("Gather", [b_in, rows], axis=0) if trans_b else
+                  b.op("Transpose", [b.op("Gather", [b_in, rows], axis=1)], perm=[1, 0]))
+    elif ctx.needs(0):
         if trans_a:
             grad_a = b.op("Gemm", [b_in, dy], alpha=alpha, transA=trans_b, transB=1)
         else:

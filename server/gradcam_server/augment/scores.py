@@ -296,6 +296,7 @@ def _class_onehot(
     )
     values = b.op("Cast", [b.const([0.0, 1.0])], to=dtype)
     onehot = b.op("OneHot", [resolved, b.shape_slice(scores, 1, 2), values], axis=-1)
+    b.one_hot_rows[onehot] = resolved
     return onehot, resolved
 
 
