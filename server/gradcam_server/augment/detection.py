@@ -44,7 +44,7 @@ from onnx import TensorProto
 
 from .backward import ancestors, descendants, detached_tensors, path_nodes
 from .errors import AugmentError
-from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors, infer_shapes
+from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors, infer_shapes, subgraphs
 
 DETECTION_FORMATS = ("nac", "nca", "yolo")  # scores [N, A, C] / [N, C, A] / one YOLO output
 BOX_FORMATS = ("xyxy", "cxcywh")
@@ -237,9 +237,8 @@ def suppression_nodes(graph) -> list:
     for node in graph.node:
         if node.op_type == _NMS:
             found.append(node)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                found.extend(suppression_nodes(subgraph))
+        for subgraph in subgraphs(node):
+            found.extend(suppression_nodes(subgraph))
     return found
 
 

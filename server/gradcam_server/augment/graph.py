@@ -172,10 +172,8 @@ class GraphBuilder:
         its outputs)."""
         unused = set(self._cast_sources) - read_names(self.graph)
         if unused:
-            kept = [node for node in self.graph.node
-                    if not (node.op_type == "Cast" and node.output[0] in unused)]
-            del self.graph.node[:]
-            self.graph.node.extend(kept)
+            self._remove_nodes(node for node in self.graph.node
+                               if node.op_type == "Cast" and node.output[0] in unused)
 
     def write_outputs_directly(self) -> None:
         """Let the node that computes an added output write it under the output's name, and
@@ -186,24 +184,30 @@ class GraphBuilder:
         outputs = {output.name for output in self.graph.output}
         producers = {name: node for node in self.graph.node for name in node.output}
         renamed: dict[str, str] = {}
-        folded = set()
+        folded = []
         for node in self.graph.node:
             source = node.input[0] if node.op_type == "Identity" else ""
             if (node.output[0] in outputs and source.startswith(f"{self.prefix}/")
                     and source in producers and source not in outputs
                     and source not in renamed):
                 renamed[source] = node.output[0]
-                folded.add(id(node))
+                folded.append(node)
         if not renamed:
             return
-        kept = [node for node in self.graph.node if id(node) not in folded]
-        del self.graph.node[:]
-        self.graph.node.extend(kept)
+        self._remove_nodes(folded)
         _rename_reads(self.graph, renamed)
         for node in self.graph.node:
             node.output[:] = [renamed.get(name, name) for name in node.output]
         for value in self.graph.value_info:
             value.name = renamed.get(value.name, value.name)
+
+    def _remove_nodes(self, nodes) -> None:
+        """Remove `nodes` (of this graph) and keep the others' order."""
+        nodes = list(nodes)  # held, so that no other node's wrapper can take one's id
+        removed = {id(node) for node in nodes}
+        kept = [node for node in self.graph.node if id(node) not in removed]
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
 
     def initializer_value(self, tensor: str) -> np.ndarray | None:
         """The value of `tensor` if it is an initializer or a Constant node's output."""
@@ -514,14 +518,19 @@ def computed_tensors(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs `node` holds as attributes (a Loop's or Scan's body, an If's branches)."""
+    return [body for attribute in node.attribute
+            for body in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH
+                         else attribute.graphs)]
+
+
 def _rename_reads(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
     """Rename the tensors `graph`'s nodes, and its subgraphs' nodes, read."""
     for node in graph.node:
         node.input[:] = [renamed.get(name, name) for name in node.input]
-        for attribute in node.attribute:
-            for body in (*([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []),
-                         *attribute.graphs):
-                _rename_reads(body, renamed)
+        for body in subgraphs(node):
+            _rename_reads(body, renamed)
 
 
 def read_names(graph: onnx.GraphProto) -> set[str]:
@@ -529,10 +538,8 @@ def read_names(graph: onnx.GraphProto) -> set[str]:
     names = {output.name for output in graph.output}
     for node in graph.node:
         names.update(node.input)
-        for attribute in node.attribute:
-            for body in (*([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []),
-                         *attribute.graphs):
-                names.update(read_names(body))
+        for body in subgraphs(node):
+            names.update(read_names(body))
     return names
 
 
