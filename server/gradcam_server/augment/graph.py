@@ -182,13 +182,13 @@ class GraphBuilder:
         last layer, twice: activations and gradients). Only a tensor this builder computed in
         the main graph is renamed, wherever it is read (subgraphs too)."""
         outputs = {output.name for output in self.graph.output}
-        producers = {name: node for node in self.graph.node for name in node.output}
+        computed = computed_tensors(self.graph)
         renamed: dict[str, str] = {}
         folded = []
         for node in self.graph.node:
             source = node.input[0] if node.op_type == "Identity" else ""
             if (node.output[0] in outputs and source.startswith(f"{self.prefix}/")
-                    and source in producers and source not in outputs
+                    and source in computed and source not in outputs
                     and source not in renamed):
                 renamed[source] = node.output[0]
                 folded.append(node)
