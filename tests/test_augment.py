@@ -436,3 +436,31 @@ def test_an_invalid_input_graph_is_named_as_such() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(AugmentError, match="the model itself fails onnx's checker.*Cast"):
         augment_model(model, layer="features")
+
+
+# -- the coarse heatmap: the map the heatmap is resized from ------------------------------------
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "eigencam", "kpcacam", "scorecam"])
+def test_the_coarse_heatmap_resized_as_torch_resizes_is_the_heatmap(
+    small_onnx: Path, method: str,
+) -> None:
+    """Where the heatmap is one layer's map resized, ``coarse_heatmap`` is that map at the
+    layer's 8x8, normalised as the heatmap is: torch's bilinear upsampling of it (half-pixel
+    centres, as ONNX's linear Resize) is the heatmap."""
+    out = run(augment_model(small_onnx, method=method, coarse_heatmap=True), batch(3), [-1, 2, 5])
+    coarse = out["coarse_heatmap"]
+    assert coarse.shape == (3, 8, 8)
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse)[:, None], size=(32, 32), mode="bilinear", align_corners=False,
+    )[:, 0].numpy()
+    np.testing.assert_allclose(upsampled, out["heatmap"], atol=1e-6)
+    assert out["heatmap"].max() > 0.99  # normalised maps, not a blank one matching a blank one
+
+
+def test_no_coarse_heatmap_where_the_heatmap_is_not_one_resized_map(small_onnx: Path) -> None:
+    """Fused layers, averaged copies and pixel-level maps have no one map before a resize:
+    asked for, the coarse heatmap is left out rather than approximated."""
+    relus = [n.output[0] for n in onnx.load(small_onnx).graph.node if n.op_type == "Relu"]
+    for options in (dict(layer=relus), dict(aug_smooth=True), dict(method="guided-gradcam"),
+                    dict(method="fullgrad")):
+        augmented = augment_model(small_onnx, coarse_heatmap=True, **options)
+        assert "coarse_heatmap" not in [o.name for o in augmented.graph.output], options

@@ -210,7 +210,9 @@ def pixel_heatmap(b: GraphBuilder, pixels: str) -> str:
 def cam_heatmap(
     b: GraphBuilder, raw: str, image: str, image_hw: tuple[int, int]
 ) -> str:
-    """ReLU(raw map [N, 1, h, w]), resized to `image`'s H x W and normalised: [N, H, W]."""
+    """ReLU(raw map [N, 1, h, w]), resized to `image`'s H x W and normalised: [N, H, W].
+    The builder keeps how (`GraphBuilder.upsampled_heatmaps`), so that the map before the
+    resize can be output too (`coarse_heatmap`)."""
     cam = b.op("Relu", [raw])
     image_size = b.op("Gather", [b.shape(image), b.ints(list(image_hw))], axis=0)
     sizes = b.op("Concat", [b.shape_slice(cam, 0, 2), image_size], axis=0)
@@ -220,7 +222,21 @@ def cam_heatmap(
         mode="linear",
         coordinate_transformation_mode="half_pixel",
     )
-    return b.squeeze(normalize(b, resized), [1])
+    normalized, low, span = _min_max(b, resized, NORMALIZE_EPSILON)
+    heatmap = b.squeeze(normalized, [1])
+    b.upsampled_heatmaps[heatmap] = (cam, low, span)
+    return heatmap
+
+
+def coarse_heatmap(b: GraphBuilder, heatmap: str) -> str | None:
+    """The map [N, h, w] `heatmap` was resized from, normalised by the heatmap's own min and
+    span: resized as the graph resizes it (linear, half-pixel), it is the heatmap. None for
+    a heatmap `cam_heatmap` did not make by one resize of one map (fused layers, pixel maps,
+    averaged copies)."""
+    if heatmap not in b.upsampled_heatmaps:
+        return None
+    cam, low, span = b.upsampled_heatmaps[heatmap]
+    return b.squeeze(b.op("Div", [b.op("Sub", [cam, low]), span]), [1])
 
 
 def mean_of_maps(b: GraphBuilder, maps: list[str]) -> str:
@@ -246,6 +262,13 @@ def normalize(
     (m - min) / (max - min + epsilon), each pinned as its reference pins it (heatmaps 1e-7,
     Score-CAM's masks 1e-8); `epsilon` 0 divides exactly, a flat map becoming all zero
     (Group-CAM's masks). In a Loop body too (`b` a `LoopBody`)."""
+    return _min_max(b, maps, epsilon)[0]
+
+
+def _min_max(
+    b: GraphBuilder | LoopBody, maps: str, epsilon: float
+) -> tuple[str, str, str]:
+    """`normalize`'s maps, and the min and span [N, K, 1, 1] they were normalised with."""
     low = b.reduce("ReduceMin", maps, _SPATIAL, keepdims=True)
     shifted = b.op("Sub", [maps, low])
     high = b.reduce("ReduceMax", shifted, _SPATIAL, keepdims=True)
@@ -253,4 +276,4 @@ def normalize(
         span = b.op("Add", [high, b.const(epsilon)])
     else:
         span = b.op("Where", [b.op("Greater", [high, b.const(0.0)]), high, b.const(1.0)])
-    return b.op("Div", [shifted, span])
+    return b.op("Div", [shifted, span]), low, span

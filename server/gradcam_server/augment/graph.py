@@ -65,6 +65,9 @@ class GraphBuilder:
         # a one-hot tensor [N, K] (1 at each row's index on the last axis, 0 elsewhere) -> its
         # indices [N]: a rule may gather the rows it would otherwise multiply by (Gemm)
         self.one_hot_rows: dict[str, str] = {}
+        # a heatmap [N, H, W] of `cam.cam_heatmap` -> the map it resized [N, 1, h, w] and the
+        # min and span [N, 1, 1, 1] that normalised it (`cam.coarse_heatmap`)
+        self.upsampled_heatmaps: dict[str, tuple[str, str, str]] = {}
         inferred = infer_shapes(model)
         for value in itertools.chain(
             inferred.graph.input, inferred.graph.output, inferred.graph.value_info

@@ -13,6 +13,7 @@ class AugmentedOutputs:
     activations: str = "activations"
     gradients: str = "gradients"
     heatmap: str = "heatmap"
+    coarse_heatmap: str = "coarse_heatmap"  # the heatmap before its resize (`cam.coarse_heatmap`)
     input_gradients: str = "input_gradients"
     pixel_map: str = "pixel_map"
     concept_scores: str = "concept_scores"  # dff: each concept's score for the class

@@ -38,6 +38,7 @@ import onnx
 from onnx import TensorProto, helper, version_converter
 
 from .backward import ancestors
+from .cam import coarse_heatmap
 from .detection import (
     DEFAULT_IOU_THRESHOLD,
     DetectionHeads,
@@ -119,6 +120,7 @@ def augment_model(
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     background_class: int | None = None,
     pixels: PixelNormalisation | None = None,
+    coarse_heatmap: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of `model` that also computes Grad-CAM in the same run.
 
@@ -192,6 +194,11 @@ def augment_model(
         pixels: how the image input is made from 8-bit pixels (`sobel.PixelNormalisation`:
             mean, std, scale, channel order; default ImageNet's, as the server's default
             preprocessing), for the methods that read the photo itself ("sobel").
+        coarse_heatmap: also output ``coarse_heatmap`` [N, h, w] where the heatmap is one
+            map resized to the input's size (one target layer, no fusion of maps or copies):
+            that map, normalised with the heatmap's min and span, so that its linear
+            half-pixel resize is the heatmap (`cam.coarse_heatmap`). The server resizes it
+            straight to an image's size (`upsample.py`), a far smaller resize.
 
     Score "detection" (`detection.py`) explains one detection per row: the class score plus
     the IoU of its box with a reference box (pytorch-grad-cam's FasterRCNNBoxScoreTarget).
@@ -238,7 +245,7 @@ def augment_model(
             eigen_smooth, input,
             dict(layout=layout, prefix_tokens=prefix_tokens, grid=grid),
             dict(boxes=boxes, detection_format=detection_format, box_format=box_format),
-            iou_threshold, background_class, pixels,
+            iou_threshold, background_class, pixels, coarse_heatmap,
         )
     image = image_input(proto, input)
     score_output = score_output_name(proto, output)
@@ -278,7 +285,7 @@ def augment_model(
         identity = transforms.index(IDENTITY_TRANSFORM)
         layer_gradients = identity_rows(b, layer_gradients, image.name, identity)
         activations = identity_rows(b, activations, image.name, identity)
-    expose_outputs(b, image, views[0], activations, layer_gradients, heatmap)
+    expose_outputs(b, image, views[0], activations, layer_gradients, heatmap, coarse_heatmap)
     _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     b.drop_unused_casts()
     b.write_outputs_directly()
@@ -302,6 +309,7 @@ def _augment_detection(
     iou_threshold: float,
     background_class: int | None,
     pixels: PixelNormalisation | None,
+    coarse: bool,
 ) -> onnx.ModelProto:
     """`augment_model` for score "detection": the heads found (or cut before NMS), the
     detection's seeds on them, then the shared backward, heatmap and outputs passes."""
@@ -334,7 +342,7 @@ def _augment_detection(
         pixels or IMAGENET_PIXELS,
     ))
     first = features[0]
-    expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap)
+    expose_outputs(b, image, views[0], first.activations, first.gradients, heatmap, coarse)
     _expose_image_maps(b, image, gradients if input_gradients else None, pixel_map)
     expose_detection(b, chosen, heads.scores, batch)
     b.drop_unused_casts()
@@ -502,9 +510,11 @@ def expose_outputs(
     activations: str,
     gradients: str,
     heatmap: str,
+    coarse: bool = False,
 ) -> None:
     """Expose `activations` and `gradients` (the target layer's view and its gradient, one row
-    per image, [N, C, h, w]) and the heatmap."""
+    per image, [N, C, h, w]) and the heatmap; with `coarse`, the map the heatmap was resized
+    from too, where it was one (`cam.coarse_heatmap`)."""
     image_dims = [_dim(d) for d in image.type.tensor_type.shape.dim]
     batch = image_dims[0]
     layer_dims = [batch, *_view_dims(b, view)]
@@ -515,6 +525,9 @@ def expose_outputs(
     b.add_output(
         heatmap, NAMES.heatmap, TensorProto.FLOAT, [batch, image_dims[height], image_dims[width]]
     )
+    resized_from = coarse_heatmap(b, heatmap) if coarse else None
+    if resized_from is not None:
+        b.add_output(resized_from, NAMES.coarse_heatmap, TensorProto.FLOAT, [batch, None, None])
 
 
 def _view_dims(b: GraphBuilder, view: TargetView) -> list:
