@@ -64,6 +64,21 @@ class TinyCnn(torch.nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class StridedCnn(torch.nn.Module):
+    """TinyCnn with a stride-4 second conv: its target layer is 8 x 8 on 3 x 32 x 32 images, a
+    map the server resizes to an image's size from the graph's coarse heatmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 5, stride=4, padding=2)
+        self.fc = torch.nn.Linear(16, TINY_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 class SlowCnn(torch.nn.Module):
     """Many 3x3 convolutions at 256 x 256: slow enough on a CPU to keep a request in flight."""
 
@@ -161,6 +176,11 @@ def export_torch(
 def tiny_cnn(seed: int = 0) -> TinyCnn:
     torch.manual_seed(seed)
     return TinyCnn()
+
+
+def strided_cnn(seed: int = 0) -> StridedCnn:
+    torch.manual_seed(seed)
+    return StridedCnn()
 
 
 def slow_cnn(seed: int = 0, depth: int = 24, width: int = 32) -> SlowCnn:

@@ -50,6 +50,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     servers.export_torch(servers.tiny_cnn(), SIZE, root / "twice" / "model.onnx",
                          dynamic_batch=True)
     servers.write_config(root / "twice", max_batch_size=2, max_queue_size=3, instances=2)
+    servers.export_torch(servers.strided_cnn(), SIZE, root / "strided" / "model.onnx",
+                         dynamic_batch=True)
     return root
 
 
@@ -289,6 +291,49 @@ def test_the_kserve_path_runs_the_forward_graph_unless_a_map_is_asked_for(
                                   {"input": x, NAMES.target_class: np.full(2, -1, np.int64)})
     np.testing.assert_allclose(outputs[1][1]["logits"], logits, atol=1e-5)
     np.testing.assert_allclose(outputs[2][1][NAMES.heatmap], heatmap, atol=1e-6)
+
+
+def test_both_paths_resize_a_coarse_layers_map_as_pillow_resizes_the_graphs_heatmap(
+    root: Path, repository,
+) -> None:
+    """A target layer a quarter of the input's size: the server resizes the graph's coarse map
+    straight to the size asked for (`upsample.py`); the answer is the reference graph's
+    heatmap resized by Pillow, on the typed path (each image's size) and on KServe's (a fixed
+    size, smaller than the model's on one side)."""
+    model = repository.get("strided")
+    reference = ort.InferenceSession(
+        augment_model(load_model(root / "strided" / "model.onnx")).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    images = [png(45, 30, 7), png(20, 50, 8)]
+    x = np.random.default_rng(9).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+
+    async def scenario():
+        service = GradCamService(repository)
+        typed = await service.explain(resolve_explain(model, ExplainRequest(images, top_k=1),
+                                                      MAX_PIXELS))
+        kserve = await service.infer(resolve_infer(model, InferRequest(
+            encoded=None, x=x, requested=[NAMES.heatmap], explaining=True,
+            heatmap_size="50x20",
+        ), MAX_PIXELS), dict)
+        await service.close()
+        return typed, kserve
+
+    def pillow(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return np.clip(np.asarray(Image.fromarray(heatmap).resize(size, Image.BILINEAR)), 0, 1)
+
+    typed, kserve = asyncio.run(scenario())
+    for data, explanation in zip(images, typed.explanations):
+        expected = reference.run([NAMES.heatmap], {
+            "input": preprocessed(model, data)[None], NAMES.target_class: np.array([-1])})[0]
+        size = Image.open(io.BytesIO(data)).size
+        np.testing.assert_allclose(explanation.maps[0].heatmap, pillow(expected[0], size),
+                                   atol=2e-3)
+    expected = reference.run([NAMES.heatmap], {"input": x, NAMES.target_class:
+                                               np.full(2, -1, np.int64)})[0]
+    for row in range(2):
+        np.testing.assert_allclose(kserve[NAMES.heatmap][row], pillow(expected[row], (50, 20)),
+                                   atol=1e-6)
 
 
 def test_tritonclient_and_the_server_share_one_process(root: Path, session) -> None:

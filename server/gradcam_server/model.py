@@ -269,7 +269,7 @@ class ServedModel:
             counterfactual=key.counterfactual, eigen_smooth=key.eigen_smooth,
             aug_smooth=key.aug_smooth, score=key.score, input=self.input.name,
             layout=key.layout, prefix_tokens=key.prefix_tokens, grid=key.grid,
-            pixels=self._pixels, **detection,
+            pixels=self._pixels, coarse_heatmap=True, **detection,
         )
 
     @property

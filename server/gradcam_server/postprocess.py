@@ -16,6 +16,7 @@ from .augment.names import NAMES
 from .detections import DetectedBox, to_model_pixels
 from .errors import InvalidInput, shown
 from .model import Graph, ServedModel
+from .upsample import upsample, upsamples
 from .validate import image_tensor_size, resize
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's receive and send limit
@@ -163,6 +164,21 @@ def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int],
     return np.clip(resize(heatmap, size, out=out), 0.0, 1.0, out=out)
 
 
+def heatmap_at(outputs: dict[str, np.ndarray], row: int, heatmap_size: HeatmapSize,
+               image: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Row `row`'s heatmap at the size `heatmap_size` gives an image of pixel size `image`,
+    as `resize_heatmap` of the graph's heatmap computes it: from the graph's coarse map
+    where it outputs one and that is cheaper (`upsample.py`)."""
+    heatmap = outputs[NAMES.heatmap][row]
+    size = heatmap_size.of(image, heatmap.shape[::-1])
+    coarse = outputs.get(NAMES.coarse_heatmap)
+    if coarse is None or not upsamples(coarse[row], heatmap.shape, size):
+        return resize_heatmap(heatmap, size, out)
+    if out is None:
+        out = np.empty((size[1], size[0]), np.float32)
+    return np.clip(upsample(coarse[row], heatmap.shape, size, out), 0.0, 1.0, out=out)
+
+
 def channel_weights(outputs: dict[str, np.ndarray], rows: slice | list[int]) -> np.ndarray:
     """Each row's channel importances: the spatial mean of the target layer's gradients."""
     return outputs[NAMES.gradients][rows].mean(axis=(2, 3))
@@ -229,7 +245,7 @@ def class_explanation(
     concept_scores = outputs.get(NAMES.concept_scores)
     concept_scores = None if concept_scores is None else concept_scores[rows]
     maps = []
-    for rank, heatmap in enumerate(outputs[NAMES.heatmap][rows]):
+    for rank, row in enumerate(range(len(outputs[NAMES.heatmap]))[rows]):
         if class_index is None:
             explained = int(order[rank])
         else:  # -r asks for the r-th highest-scoring class, as the graph resolves it
@@ -238,7 +254,7 @@ def class_explanation(
             ClassMap(
                 class_index=explained,
                 label=model.label(explained, graph.output),
-                heatmap=resize_heatmap(heatmap, heatmap_size.of(size, heatmap.shape[::-1])),
+                heatmap=heatmap_at(outputs, row, heatmap_size, size),
                 channels=top_channels(weights[rank], num_channels),
                 pixel_gradients=None if pixel_maps is None else pixel_maps[rank],
                 concept_scores=() if concept_scores is None else tuple(
@@ -255,14 +271,13 @@ def detection_map(
     """The map of the detection explained by row `row` of a detector's run, for an image of
     pixel size `size` fed as `tensor`."""
     graph_size = image_tensor_size(model, tensor)
-    heatmap = outputs[NAMES.heatmap][row]
     category = int(outputs[NAMES.detection_class][row])
     box = to_model_pixels(outputs[NAMES.detection_box][row], graph_size, size)
     pixel_maps = pixel_gradients(model, outputs)
     return ClassMap(
         class_index=category,
         label=model.label(category, graph.output),
-        heatmap=resize_heatmap(heatmap, heatmap_size.of(size, heatmap.shape[::-1])),
+        heatmap=heatmap_at(outputs, row, heatmap_size, size),
         channels=top_channels(channel_weights(outputs, [row])[0], num_channels),
         pixel_gradients=None if pixel_maps is None else pixel_maps[row],
         detection=DetectedBox(

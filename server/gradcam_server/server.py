@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from threadpoolctl import threadpool_limits
 
 from gradcam_proto import gradcam_pb2, grpc_service_pb2
 
@@ -279,6 +280,9 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 
 async def serve(options: ServerOptions) -> None:
+    # numpy's own products (`upsample.py`) run on one thread: the cores are the runtime's,
+    # and a BLAS pool spinning between products would take them from its runs
+    threadpool_limits(1, user_api="blas")
     server = GradCamServer(options)
     port = await server.start()
     scheme = "tls" if options.tls_cert else "plaintext"

@@ -35,6 +35,7 @@ from .postprocess import (
     check_heatmap_response,
     class_explanation,
     detection_map,
+    heatmap_at,
     resize_heatmap,
 )
 from .preprocess import decode_image, image_size, to_tensor
@@ -578,10 +579,10 @@ def _infer_outputs(request: ResolvedInfer, prepared: _PreparedInfer,
     outputs = {name: result.outputs[name] for name in wanted.requested}
     if NAMES.heatmap in outputs:  # the images of a KServe request share one pixel size
         width, height = request.heatmap_size.of(prepared.sizes[0], prepared.tensor_size)
-        maps = outputs[NAMES.heatmap]
-        resized = np.empty((len(maps), height, width), np.float32)
-        for row, heatmap in enumerate(maps):
-            resize_heatmap(heatmap, (width, height), out=resized[row])
+        resized = np.empty((len(outputs[NAMES.heatmap]), height, width), np.float32)
+        for row in range(len(resized)):
+            heatmap_at(result.outputs, row, request.heatmap_size, prepared.sizes[0],
+                       out=resized[row])
         outputs[NAMES.heatmap] = resized
     if request.detecting:
         rows = prepared.feeds.rows
