@@ -42,3 +42,16 @@ def test_upsample_only_where_it_is_the_cheaper_way() -> None:
     assert not upsamples(np.zeros((7, 7)), (224, 224), (224, 224))  # the heatmap as it is
     assert not upsamples(np.zeros((57, 56)), (224, 224), (451, 300))  # stride under 4
     assert not upsamples(np.zeros((65, 65)), (1024, 1024), (451, 300))  # a side over 64
+
+
+def test_a_long_sides_matrix_is_built_for_its_call_and_not_kept() -> None:
+    """Matrices are cached per size, and a request chooses the size: sides past CACHED_SIDE
+    are not kept, so that the cache stays within 32 matrices of at most 1 MiB."""
+    from gradcam_server import upsample as module
+
+    module._cached_axis.cache_clear()
+    coarse = np.random.default_rng(1).random((7, 7)).astype(np.float32)
+    long = (module.CACHED_SIDE + 1, 3)
+    out = upsample(coarse, (224, 224), long, np.empty(long[::-1], np.float32))
+    np.testing.assert_allclose(out, two_resizes(coarse, (224, 224), long), atol=1e-6)
+    assert module._cached_axis.cache_info().currsize == 1  # the short side's only
