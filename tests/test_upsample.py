@@ -42,6 +42,7 @@ def test_upsample_only_where_it_is_the_cheaper_way() -> None:
     assert not upsamples(np.zeros((7, 7)), (224, 224), (224, 224))  # the heatmap as it is
     assert not upsamples(np.zeros((57, 56)), (224, 224), (451, 300))  # stride under 4
     assert not upsamples(np.zeros((65, 65)), (1024, 1024), (451, 300))  # a side over 64
+    assert not upsamples(np.zeros((32, 32)), (1025, 1024), (451, 300))  # an input over 1024
 
 
 def test_a_long_sides_matrix_is_built_for_its_call_and_not_kept() -> None:
