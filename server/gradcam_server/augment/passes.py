@@ -17,7 +17,8 @@
                        target layer, fused), and ``pixel_map`` for the pixel-level methods
                        (`methods.py`; the method refused what it cannot combine with first).
 6. `expose_outputs`    ensures ``activations``, ``gradients``, ``heatmap`` (and
-                       ``input_gradients``) are graph outputs after every original output;
+                       ``input_gradients``; ``coarse_heatmap`` where asked and the heatmap
+                       is one map resized) are graph outputs after every original output;
                        `record_target` writes the explained layer and view as metadata.
 7. `check`             ensures the result passes onnx's full checker (strict shape inference),
                        after `drop_unused_casts` (half precision); a model that fails it
