@@ -164,13 +164,12 @@ def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int],
     return np.clip(resize(heatmap, size, out=out), 0.0, 1.0, out=out)
 
 
-def heatmap_at(outputs: dict[str, np.ndarray], row: int, heatmap_size: HeatmapSize,
-               image: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
-    """Row `row`'s heatmap at the size `heatmap_size` gives an image of pixel size `image`,
-    as `resize_heatmap` of the graph's heatmap computes it: from the graph's coarse map
-    where it outputs one and that is cheaper (`upsample.py`)."""
+def heatmap_at(outputs: dict[str, np.ndarray], row: int, size: tuple[int, int],
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Row `row`'s heatmap at `size` (width, height), as `resize_heatmap` of the graph's
+    heatmap computes it: from the graph's coarse map where it outputs one and that is
+    cheaper (`upsample.py`)."""
     heatmap = outputs[NAMES.heatmap][row]
-    size = heatmap_size.of(image, heatmap.shape[::-1])
     coarse = outputs.get(NAMES.coarse_heatmap)
     if coarse is None or not upsamples(coarse[row], heatmap.shape, size):
         return resize_heatmap(heatmap, size, out)
@@ -245,6 +244,7 @@ def class_explanation(
     concept_scores = outputs.get(NAMES.concept_scores)
     concept_scores = None if concept_scores is None else concept_scores[rows]
     maps = []
+    map_size = heatmap_size.of(size, outputs[NAMES.heatmap].shape[:0:-1])
     for rank, row in enumerate(range(len(outputs[NAMES.heatmap]))[rows]):
         if class_index is None:
             explained = int(order[rank])
@@ -254,7 +254,7 @@ def class_explanation(
             ClassMap(
                 class_index=explained,
                 label=model.label(explained, graph.output),
-                heatmap=heatmap_at(outputs, row, heatmap_size, size),
+                heatmap=heatmap_at(outputs, row, map_size),
                 channels=top_channels(weights[rank], num_channels),
                 pixel_gradients=None if pixel_maps is None else pixel_maps[rank],
                 concept_scores=() if concept_scores is None else tuple(
@@ -277,7 +277,8 @@ def detection_map(
     return ClassMap(
         class_index=category,
         label=model.label(category, graph.output),
-        heatmap=heatmap_at(outputs, row, heatmap_size, size),
+        heatmap=heatmap_at(outputs, row,
+                           heatmap_size.of(size, outputs[NAMES.heatmap].shape[:0:-1])),
         channels=top_channels(channel_weights(outputs, [row])[0], num_channels),
         pixel_gradients=None if pixel_maps is None else pixel_maps[row],
         detection=DetectedBox(

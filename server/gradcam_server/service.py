@@ -581,8 +581,7 @@ def _infer_outputs(request: ResolvedInfer, prepared: _PreparedInfer,
         width, height = request.heatmap_size.of(prepared.sizes[0], prepared.tensor_size)
         resized = np.empty((len(outputs[NAMES.heatmap]), height, width), np.float32)
         for row in range(len(resized)):
-            heatmap_at(result.outputs, row, request.heatmap_size, prepared.sizes[0],
-                       out=resized[row])
+            heatmap_at(result.outputs, row, (width, height), out=resized[row])
         outputs[NAMES.heatmap] = resized
     if request.detecting:
         rows = prepared.feeds.rows
