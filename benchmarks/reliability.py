@@ -1357,10 +1357,11 @@ def section_health(ctx: Context) -> None:
                 answered[0] += 1
 
         clients = [threading.Thread(target=client) for _ in range(LARGE_ANSWER_CLIENTS)]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join()
+        with Sampler(server) as sampler:
+            for thread in clients:
+                thread.start()
+            for thread in clients:
+                thread.join()
         checks = results.get(timeout=seconds + 60)
         poller.join(timeout=10)
     finally:
@@ -1372,8 +1373,11 @@ def section_health(ctx: Context) -> None:
           f"in {seconds:.0f} s; {len(times)} health checks: p50 {percentile(times, 50) * 1e3:.1f}"
           f" ms, p99 {percentile(times, 99) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms, "
           f"{late} over {HEALTH_BOUND_S * 1e3:.0f} ms")
+    rss = [r for _, r, _ in sampler.samples]
+    print(f"  server RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB (max {max(rss):.0f})")
     ctx.report.figures[section] = {
         "answers": answered[0], "answer_mib": size / 2**20, "checks": len(times),
+        "rss_mib": [round(r, 1) for r in rss],
         "p50_ms": percentile(times, 50) * 1e3, "p99_ms": percentile(times, 99) * 1e3,
         "max_ms": max(times) * 1e3, "over_bound": late,
     }

@@ -41,6 +41,7 @@ from threadpoolctl import threadpool_limits
 
 from gradcam_proto import gradcam_pb2, grpc_service_pb2
 
+from .allocator import reuse_freed_memory
 from .auth import BearerTokenInterceptor
 from .engine import ServiceLimits
 from .explain_api import GradCamServicer
@@ -87,6 +88,7 @@ class ServerOptions:
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     cpu_threads: int = DEFAULT_CPU_THREADS
     grace_seconds: float = 30.0
+    return_freed_memory: bool = False  # True: glibc's default allocator behaviour (`allocator`)
 
 
 class GradCamServer:
@@ -283,6 +285,8 @@ async def serve(options: ServerOptions) -> None:
     # numpy's own products (`upsample.py`) run on one thread: the cores are the runtime's,
     # and a BLAS pool spinning between products would take them from its runs
     threadpool_limits(1, user_api="blas")
+    if not options.return_freed_memory:
+        reuse_freed_memory()
     server = GradCamServer(options)
     port = await server.start()
     scheme = "tls" if options.tls_cert else "plaintext"
@@ -351,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: one per core, {DEFAULT_CPU_THREADS} here)")
     parser.add_argument("--grace-seconds", type=float, default=30.0,
                         help="how long shutdown waits for in-flight requests")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="give freed memory back to the system at once (glibc's default); "
+                             "without it, large blocks are kept and reused, so large answers "
+                             "cost no page faults but the resident set stays near its peak")
     return parser
 
 
@@ -377,6 +385,7 @@ def parse_args(argv: list[str] | None) -> ServerOptions:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         cpu_threads=args.cpu_threads,
         grace_seconds=args.grace_seconds,
+        return_freed_memory=args.return_freed_memory,
     )
 
 
