@@ -1,4 +1,5 @@
-"""The execution-provider probe: one log line with the provider chosen, nothing else on stderr."""
+"""The execution-provider probe (one log line with the provider chosen, nothing else on stderr),
+and how sessions are created and run: options, precision, the runs' threads' priority."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from gradcam_server import runtime
+from gradcam_server.engine import Engine
+from gradcam_server.server import DEFAULT_COMPUTE_NICE, parse_args
 
 
 def test_probe_logs_one_line_and_prints_nothing_else() -> None:
@@ -131,3 +137,45 @@ def test_float16_precision_converts_at_load(tmp_path) -> None:
     theirs = full.explain(x, classes, full.resolve(Explaining()))["heatmap"]
     for a, b in zip(ours, theirs):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.999
+
+
+def _niceness(thread_id: str) -> int:
+    """A thread's niceness, from /proc (field 19 of its stat line)."""
+    stat = (Path("/proc/self/task") / thread_id / "stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness per thread: Linux")
+def test_a_sessions_threads_run_nicer_and_its_caller_does_not() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    before = set(os.listdir("/proc/self/task"))
+    session = runtime.create_session(
+        runtime._probe_model(), runtime.RuntimeOptions("cpu", intra_op_threads=2, nice=3))
+    spawned = set(os.listdir("/proc/self/task")) - before
+    assert spawned, "onnxruntime spawned no intra-op thread"
+    assert {_niceness(thread) for thread in spawned} == {min(base + 3, 19)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    x = np.array([-1.0], np.float32)
+    assert session.run(None, {"x": x})[0].tolist() == [0.0]
+    # without a niceness, nothing is spawned nicer
+    before = set(os.listdir("/proc/self/task"))
+    plain = runtime.create_session(
+        runtime._probe_model(), runtime.RuntimeOptions("cpu", intra_op_threads=2))
+    assert {_niceness(t) for t in set(os.listdir("/proc/self/task")) - before} == {base}
+    del session, plain
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness per thread: Linux")
+def test_the_engines_runtime_threads_run_nicer() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    engine = Engine(nice=3)
+    niceness = engine._runtime.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+    assert niceness == min(base + 3, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_the_runs_niceness_is_a_server_option() -> None:
+    assert parse_args(["--model-repository", "m"]).compute_nice == DEFAULT_COMPUTE_NICE > 0
+    assert parse_args(["--model-repository", "m", "--compute-nice", "0"]).compute_nice == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--model-repository", "m", "--compute-nice", "20"])

@@ -7,7 +7,8 @@ What one client can make it hold is bounded (`ServiceLimits`): requests admitted
 shape; an LRU keeps `max_batchers`, and all share one pool of `runtime_threads`; a batcher runs
 up to its model's ``instances`` batches at once, each session on its share of the cores). A graph
 variant not built yet is augmented by one builder thread, so requests waiting for it never
-hold the threads that run other requests.
+hold the threads that run other requests. The runtime threads run at the sessions' lower CPU
+priority (`RuntimeOptions.nice`), below the event loop's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .errors import QueueFull
 from .model import Graph, Progress, ServedModel
 from .postprocess import MAX_RESPONSE_BYTES
 from .preprocess import DEFAULT_MAX_PIXELS
+from .runtime import lower_priority
 from .validate import Feeds
 
 
@@ -55,13 +57,15 @@ class _Queued:
 
 
 class Engine:
-    def __init__(self, limits: ServiceLimits = ServiceLimits(), on_batch=None) -> None:
+    def __init__(self, limits: ServiceLimits = ServiceLimits(), on_batch=None,
+                 nice: int = 0) -> None:
         self.limits = limits
         self._on_batch = on_batch  # (model name, graph name, BatchStats) -> None
         self._batchers: OrderedDict[tuple, DynamicBatcher] = OrderedDict()
         self._retired: set[asyncio.Task] = set()  # evicted batchers finishing their queue
         self._runtime = concurrent.futures.ThreadPoolExecutor(
-            limits.runtime_threads, thread_name_prefix="runtime"
+            limits.runtime_threads, thread_name_prefix="runtime",
+            initializer=lower_priority, initargs=(nice,),
         )
         self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="augment")
         self._admitted: dict[str, int] = {}

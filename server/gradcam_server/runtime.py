@@ -6,6 +6,13 @@ once per process with onnxruntime's logger silenced and the process's standard e
 descriptor 2) captured, since the dynamic loader and the CUDA provider print library-loading
 errors there directly: a CPU-only machine sees one info line with the provider chosen, and the
 captured text goes to the debug log.
+
+The threads that run sessions can be given a lower CPU priority (`RuntimeOptions.nice`): on a
+machine whose cores the runs keep busy, the event loop then still gets a core at once to admit,
+refuse and answer health checks (docs/RELIABILITY.md, "Overload"). On Linux niceness is per
+thread: a session is built on a thread made nicer, so that onnxruntime's intra-op threads,
+which it spawns, are as nice (`create_session`), and the engine's threads that call ``run``
+are made nicer as they start (`lower_priority`). Elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class RuntimeOptions:
 
     device: str = "auto"
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    nice: int = 0  # niceness added to the threads that run sessions (0: as the process)
 
     def __post_init__(self) -> None:
         parse_device(self.device)
@@ -171,7 +179,31 @@ def create_session(
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session_options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, session_options, providers=options.providers())
+    providers = options.providers()
+    if not options.nice or not sys.platform.startswith("linux"):
+        return ort.InferenceSession(source, session_options, providers=providers)
+    built: list[ort.InferenceSession] = []
+    failed: list[BaseException] = []
+
+    def build() -> None:  # its intra-op threads inherit this thread's niceness
+        lower_priority(options.nice)
+        try:
+            built.append(ort.InferenceSession(source, session_options, providers=providers))
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller
+            failed.append(error)
+
+    builder = threading.Thread(target=build, name="session-build")
+    builder.start()
+    builder.join()
+    if failed:
+        raise failed[0]
+    return built[0]
+
+
+def lower_priority(nice: int) -> None:
+    """Make the calling thread `nice` steps nicer (Linux: per thread; elsewhere nothing)."""
+    if nice > 0 and sys.platform.startswith("linux"):
+        os.nice(nice)
 
 
 def _probe_model() -> onnx.ModelProto:

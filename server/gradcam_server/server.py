@@ -64,6 +64,7 @@ SERVICE_NAMES = (
 TOKEN_VARIABLE = "GRADCAM_TOKEN"
 DEFAULT_MAX_CONCURRENT_RPCS = 1024  # beyond it gRPC answers RESOURCE_EXHAUSTED itself
 DEFAULT_CPU_THREADS = os.cpu_count() or 1
+DEFAULT_COMPUTE_NICE = 3  # the runs yield to the event loop (docs/RELIABILITY.md, "Overload")
 
 
 class StartupError(Exception):
@@ -89,6 +90,7 @@ class ServerOptions:
     cpu_threads: int = DEFAULT_CPU_THREADS
     grace_seconds: float = 30.0
     return_freed_memory: bool = False  # True: glibc's default allocator behaviour (`allocator`)
+    compute_nice: int = DEFAULT_COMPUTE_NICE  # the model runs' threads, below the event loop
 
 
 class GradCamServer:
@@ -96,7 +98,8 @@ class GradCamServer:
         self.options = options
         self.metrics = Metrics(MAX_MESSAGE_BYTES)
         self.repository = ModelRepository(
-            options.model_repository, RuntimeOptions(options.device, options.threads),
+            options.model_repository,
+            RuntimeOptions(options.device, options.threads, nice=options.compute_nice),
             max_variants=options.max_variants,
         )
         self.service = GradCamService(
@@ -355,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: one per core, {DEFAULT_CPU_THREADS} here)")
     parser.add_argument("--grace-seconds", type=float, default=30.0,
                         help="how long shutdown waits for in-flight requests")
+    parser.add_argument("--compute-nice", type=int, default=DEFAULT_COMPUTE_NICE,
+                        help="niceness added to the threads that run the models (Linux), so "
+                             "that admission, refusals and health checks get a core at once "
+                             f"when the runs keep every core busy (default "
+                             f"{DEFAULT_COMPUTE_NICE}; 0: the same priority)")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="give freed memory back to the system at once (glibc's default); "
                              "without it, large blocks are kept and reused, so large answers "
@@ -368,6 +376,8 @@ def parse_args(argv: list[str] | None) -> ServerOptions:
     for name in ("max_variants", "max_concurrent_rpcs", "max_pixels", "cpu_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.compute_nice <= 19:
+        parser.error("--compute-nice must be between 0 and 19")
     return ServerOptions(
         model_repository=args.model_repository,
         host=args.host,
@@ -386,6 +396,7 @@ def parse_args(argv: list[str] | None) -> ServerOptions:
         cpu_threads=args.cpu_threads,
         grace_seconds=args.grace_seconds,
         return_freed_memory=args.return_freed_memory,
+        compute_nice=args.compute_nice,
     )
 
 

@@ -63,7 +63,7 @@ class GradCamService:
         self.repository = repository
         self.limits = limits
         self.max_pixels = limits.max_pixels
-        self.engine = Engine(limits, on_batch)
+        self.engine = Engine(limits, on_batch, nice=repository.runtime.nice)
         self.admit = self.engine.admit
         self._evaluation_batches: dict[tuple, int] = {}  # (model, input shape) -> rows
         self._measuring = asyncio.Lock()
