@@ -10,7 +10,8 @@ stay off the command line. The repository:
 ``lite0``      the shipped EfficientNet-Lite0 (symbolic links to its files)
 ``tiny``       a small CNN with a dynamic batch
 ``slow``       a slow CNN (about a quarter of a second per image), max_batch_size 16
-``full``       the slow CNN with max_batch_size 1 and max_queue_size 1: two requests fill it
+``full``       a slower CNN (about a second per image), max_batch_size 1 and max_queue_size 1:
+               two requests fill it
 ``norule``     a graph whose gradient path goes through Det, which has no backward rule
 =============  ===================================================================================
 """
@@ -54,9 +55,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     servers.link_lite0(root / LITE0)
     servers.export_torch(servers.tiny_cnn(), servers.TINY_SIZE, root / "tiny" / "model.onnx",
                          dynamic_batch=True)
-    for name in ("slow", "full"):
-        servers.export_torch(servers.slow_cnn(), servers.SLOW_SIZE, root / name / "model.onnx",
-                             dynamic_batch=True)
+    servers.export_torch(servers.slow_cnn(), servers.SLOW_SIZE, root / "slow" / "model.onnx",
+                         dynamic_batch=True)
+    # About a second per image: the two requests that fill it must be seen in flight together
+    servers.export_torch(servers.slow_cnn(depth=96), servers.SLOW_SIZE,
+                         root / "full" / "model.onnx", dynamic_batch=True)
     servers.write_config(root / "slow", max_batch_size=16)
     servers.write_config(root / "full", max_batch_size=1, max_queue_size=1)
     servers.norule_model(root / "norule" / "model.onnx")
