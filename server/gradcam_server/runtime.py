@@ -17,6 +17,7 @@ are made nicer as they start (`lower_priority`). Elsewhere nothing changes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -180,24 +181,17 @@ def create_session(
     session_options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     providers = options.providers()
-    if not options.nice or not sys.platform.startswith("linux"):
+
+    def build() -> ort.InferenceSession:
         return ort.InferenceSession(source, session_options, providers=providers)
-    built: list[ort.InferenceSession] = []
-    failed: list[BaseException] = []
 
-    def build() -> None:  # its intra-op threads inherit this thread's niceness
-        lower_priority(options.nice)
-        try:
-            built.append(ort.InferenceSession(source, session_options, providers=providers))
-        except BaseException as error:  # noqa: BLE001 - raised again in the caller
-            failed.append(error)
-
-    builder = threading.Thread(target=build, name="session-build")
-    builder.start()
-    builder.join()
-    if failed:
-        raise failed[0]
-    return built[0]
+    if not options.nice or not sys.platform.startswith("linux"):
+        return build()
+    # built on a nicer thread, whose niceness onnxruntime's intra-op threads inherit
+    with concurrent.futures.ThreadPoolExecutor(
+        1, "session-build", initializer=lower_priority, initargs=(options.nice,)
+    ) as builder:
+        return builder.submit(build).result()
 
 
 def lower_priority(nice: int) -> None:
