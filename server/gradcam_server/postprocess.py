@@ -164,6 +164,14 @@ def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int],
     return np.clip(resize(heatmap, size, out=out), 0.0, 1.0, out=out)
 
 
+def map_size(outputs: dict[str, np.ndarray], heatmap_size: HeatmapSize,
+             image: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) `heatmap_size` gives the maps of an image of pixel size `image`,
+    the graph's heatmaps being its "model" size."""
+    height, width = outputs[NAMES.heatmap].shape[1:]
+    return heatmap_size.of(image, (width, height))
+
+
 def heatmap_at(outputs: dict[str, np.ndarray], row: int, size: tuple[int, int],
                out: np.ndarray | None = None) -> np.ndarray:
     """Row `row`'s heatmap at `size` (width, height), as `resize_heatmap` of the graph's
@@ -244,7 +252,7 @@ def class_explanation(
     concept_scores = outputs.get(NAMES.concept_scores)
     concept_scores = None if concept_scores is None else concept_scores[rows]
     maps = []
-    map_size = heatmap_size.of(size, outputs[NAMES.heatmap].shape[:0:-1])
+    maps_size = map_size(outputs, heatmap_size, size)
     for rank, row in enumerate(range(len(outputs[NAMES.heatmap]))[rows]):
         if class_index is None:
             explained = int(order[rank])
@@ -254,7 +262,7 @@ def class_explanation(
             ClassMap(
                 class_index=explained,
                 label=model.label(explained, graph.output),
-                heatmap=heatmap_at(outputs, row, map_size),
+                heatmap=heatmap_at(outputs, row, maps_size),
                 channels=top_channels(weights[rank], num_channels),
                 pixel_gradients=None if pixel_maps is None else pixel_maps[rank],
                 concept_scores=() if concept_scores is None else tuple(
@@ -277,8 +285,7 @@ def detection_map(
     return ClassMap(
         class_index=category,
         label=model.label(category, graph.output),
-        heatmap=heatmap_at(outputs, row,
-                           heatmap_size.of(size, outputs[NAMES.heatmap].shape[:0:-1])),
+        heatmap=heatmap_at(outputs, row, map_size(outputs, heatmap_size, size)),
         channels=top_channels(channel_weights(outputs, [row])[0], num_channels),
         pixel_gradients=None if pixel_maps is None else pixel_maps[row],
         detection=DetectedBox(
