@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
