@@ -14,10 +14,10 @@ import io
 import json
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -506,33 +506,55 @@ def test_a_slow_request_says_it_is_still_working(server: str, monkeypatch, capsy
     )
 
 
-def _terminal_output(master: int) -> str:
-    chunks = []
-    while select.select([master], [], [], 0.2)[0]:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks).decode()
+class _Terminal:
+    """A pseudo-terminal standing in for stderr, drained while the CLI writes to it.
+
+    The kernel buffers only about 15 KB between a pty's two ends; a spinner on a long request
+    writes more than that, and would block on a full buffer if nobody read it as it went.
+    """
+
+    def __init__(self) -> None:
+        self._master, slave = os.openpty()
+        self.stream = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), write_through=True)
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._master, 65536)
+            except OSError:  # EIO: the other end is closed and everything was read
+                return
+            if not chunk:
+                return
+            self._chunks.append(chunk)
+
+    def close(self) -> str:
+        """Closes the terminal and returns everything written to it."""
+        self.stream.close()
+        self._reader.join(timeout=10)
+        os.close(self._master)
+        return b"".join(self._chunks).decode()
 
 
-def test_a_slow_request_spins_on_a_terminal(server: str, monkeypatch, capsys) -> None:
+@pytest.fixture
+def terminal() -> Iterator[_Terminal]:
+    """A drained pseudo-terminal; the test puts it in as stderr (capture would undo a fixture's)."""
+    term = _Terminal()
+    yield term
+    if not term.stream.closed:
+        term.close()
+
+
+def test_a_slow_request_spins_on_a_terminal(server: str, monkeypatch, capsys, terminal) -> None:
     monkeypatch.setattr(cli, "SIGN_OF_LIFE_SECONDS", 0.0)
     monkeypatch.setattr(cli, "SPINNER_INTERVAL_SECONDS", 0.005)
-    master, slave = os.openpty()
-    terminal = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), write_through=True)
-    monkeypatch.setattr(sys, "stderr", terminal)
-    try:
-        assert sys.stderr.isatty()
-        code = cli.main(["explain", str(PHOTO), "--server", server, "--model", MODEL,
-                         "--method", SLOW_METHOD])
-        written = _terminal_output(master)
-    finally:
-        terminal.close()
-        os.close(master)
+    monkeypatch.setattr(sys, "stderr", terminal.stream)
+    assert sys.stderr.isatty()
+    code = cli.main(["explain", str(PHOTO), "--server", server, "--model", MODEL,
+                     "--method", SLOW_METHOD])
+    written = terminal.close()
     assert code == 0
     assert capsys.readouterr().out == f"{PHOTO}: Egyptian cat (0.81)\n"
     frames = [frame for frame in written.split("\r") if frame.strip()]
@@ -545,19 +567,14 @@ def test_a_slow_request_spins_on_a_terminal(server: str, monkeypatch, capsys) ->
     assert written.endswith("\r" + " " * len(frames[-1].rstrip()) + "\r")  # and is wiped
 
 
-def test_score_cam_spins_with_the_servers_progress(server: str, monkeypatch, capsys) -> None:
+def test_score_cam_spins_with_the_servers_progress(server: str, monkeypatch, capsys,
+                                                  terminal) -> None:
     monkeypatch.setattr(cli, "SIGN_OF_LIFE_SECONDS", 0.0)
     monkeypatch.setattr(cli, "SPINNER_INTERVAL_SECONDS", 0.05)
-    master, slave = os.openpty()
-    terminal = io.TextIOWrapper(os.fdopen(slave, "wb", buffering=0), write_through=True)
-    monkeypatch.setattr(sys, "stderr", terminal)
-    try:
-        code = cli.main(["explain", str(PHOTO), "--server", server, "--model", MODEL,
-                         "--method", "scorecam"])
-        written = _terminal_output(master)
-    finally:
-        terminal.close()
-        os.close(master)
+    monkeypatch.setattr(sys, "stderr", terminal.stream)
+    code = cli.main(["explain", str(PHOTO), "--server", server, "--model", MODEL,
+                     "--method", "scorecam"])
+    written = terminal.close()
     assert code == 0, capsys.readouterr().err
     told = [re.fullmatch(rf"[|/\\-] explaining {re.escape(str(PHOTO))} \(scorecam\)  \d+ s"
                          r"  (\d+)/(\d+) masked passes, about \d+ s left *", frame)
