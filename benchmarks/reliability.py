@@ -1194,9 +1194,11 @@ def section_overload(ctx: Context) -> None:
         asyncio.run(drive(server.address, method, payload, seconds=warm_up_s,
                           clients=CAPACITY_CLIENTS, deadline=CAPACITY_DEADLINE_S))
         ctx.check_time()
-        cpu = server.cpu_seconds()
+        cpu, own_cpu = server.cpu_seconds(), time.process_time()
         measured = asyncio.run(drive(server.address, method, payload, seconds=capacity_s,
                                      clients=CAPACITY_CLIENTS, deadline=CAPACITY_DEADLINE_S))
+        cores_capacity = ((server.cpu_seconds() - cpu) / capacity_s,
+                          (time.process_time() - own_cpu) / capacity_s)
         ok = [a for a in measured if a.code == OK]
         capacity = len(ok) / capacity_s
         cpu_per_ok_capacity = (server.cpu_seconds() - cpu) / max(len(ok), 1)
@@ -1206,11 +1208,12 @@ def section_overload(ctx: Context) -> None:
               f"{_codes(measured)})", flush=True)
         ctx.check_time()
         rate = OVERLOAD_FACTOR * capacity
-        cpu = server.cpu_seconds()
+        cpu, own_cpu = server.cpu_seconds(), time.process_time()
         with Sampler(server) as sampler:
             answers = asyncio.run(drive(server.address, method, payload, seconds=overload_s,
                                         clients=OVERLOAD_CLIENTS, rate=rate))
         cpu_overload = server.cpu_seconds() - cpu
+        cores_overload = (cpu_overload / overload_s, (time.process_time() - own_cpu) / overload_s)
         with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
             after, after_message, after_s = outcome(
                 lambda: send_serialized(channel, method, payload, timeout=30))
@@ -1245,6 +1248,11 @@ def section_overload(ctx: Context) -> None:
           f"sent {offered:.1f}/s (p99 {percentile([a.late for a in answers], 99) * 1e3:.0f} ms "
           "behind schedule)")
     table(("answer", "count", "per s", "p50 ms", "p99 ms"), rows)
+    # The load generator (this process) shares the machine's cores with the server: what it
+    # takes under overload, the server cannot spend on answers.
+    print(f"  cores used (of {os.cpu_count()}), server / load generator: at capacity "
+          f"{cores_capacity[0]:.2f} / {cores_capacity[1]:.2f}, under overload "
+          f"{cores_overload[0]:.2f} / {cores_overload[1]:.2f}")
     for answer in other[:5]:
         print(f"  - unexpected {answer.code.name}: {answer.message!r}")
 
@@ -1260,6 +1268,8 @@ def section_overload(ctx: Context) -> None:
         "capacity_per_s": capacity, "capacity_after_per_s": capacity_after,
         "cpu_ms_per_ok_capacity": cpu_per_ok_capacity * 1e3,
         "cpu_ms_per_ok_overload": cpu_overload / max(len(ok), 1) * 1e3,
+        "cores_server_generator_capacity": cores_capacity,
+        "cores_server_generator_overload": cores_overload,
         "rate_due_per_s": rate, "sent_per_s": offered,
         "seconds": overload_s, "codes": codes, "goodput_per_s": goodput,
         "ok_p50_ms": percentile([a.seconds for a in ok], 50) * 1e3,
