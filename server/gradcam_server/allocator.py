@@ -1,5 +1,5 @@
-"""How the server process takes memory from the system: large blocks are reused, not mapped
-afresh for every answer.
+"""How the server process manages its memory: large blocks are reused, not mapped afresh for
+every answer, and the cyclic collector leaves what start-up made alone.
 
 glibc's malloc maps every block above its mmap threshold (at most 32 MiB) on its own, and unmaps
 it when freed; the next such block is new memory, whose every 4 KiB page faults on first touch.
@@ -13,12 +13,22 @@ The price is that the resident set stays near its high-water mark: what was free
 for reuse, not returned. The peak itself is what the server's bounds make it (requests in
 flight, message size, augmented variants held); ``gradcam-server --return-freed-memory``
 keeps glibc's defaults. Elsewhere than glibc (musl, macOS) nothing changes.
+
+Python's cyclic collector stops every Python thread while it runs, and a full collection walks
+every object that can hold a reference: each time, the about 50,000 that the imports, the
+models and their sessions leave, though they live as long as the process. Under overload, full
+collections came three times a minute and stopped the event loop for 25-73 ms each.
+`freeze_startup_objects` moves those objects out of the collector's view once the models are
+loaded; such a collection then took 2-12 ms (docs/RELIABILITY.md, "Overload"). Reference
+counting still frees them; only a cycle among them would outlive its use, and nothing loaded at
+start is unloaded.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import platform
 
@@ -46,3 +56,13 @@ def reuse_freed_memory() -> bool:
     if not applied:
         log.warning("glibc refused the allocator settings; large answers map new memory")
     return applied
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then move every object still alive out of the cyclic collector's view
+    (`gc.freeze`), so that later collections walk only what serving makes; returns how many
+    objects were moved. Process-wide: call it from the server's entry point, once the models
+    are loaded."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
