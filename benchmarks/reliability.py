@@ -1197,11 +1197,11 @@ def section_overload(ctx: Context) -> None:
         cpu, own_cpu = server.cpu_seconds(), time.process_time()
         measured = asyncio.run(drive(server.address, method, payload, seconds=capacity_s,
                                      clients=CAPACITY_CLIENTS, deadline=CAPACITY_DEADLINE_S))
-        cores_capacity = ((server.cpu_seconds() - cpu) / capacity_s,
-                          (time.process_time() - own_cpu) / capacity_s)
+        cpu_capacity = server.cpu_seconds() - cpu
+        cores_capacity = (cpu_capacity / capacity_s, (time.process_time() - own_cpu) / capacity_s)
         ok = [a for a in measured if a.code == OK]
         capacity = len(ok) / capacity_s
-        cpu_per_ok_capacity = (server.cpu_seconds() - cpu) / max(len(ok), 1)
+        cpu_per_ok_capacity = cpu_capacity / max(len(ok), 1)
         print(f"  capacity: {capacity:.1f} requests/s answered OK by {CAPACITY_CLIENTS} "
               f"closed-loop clients in {capacity_s:.0f} s (latency p50 "
               f"{percentile([a.seconds for a in ok], 50) * 1e3:.0f} ms; answers "
