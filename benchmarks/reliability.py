@@ -23,7 +23,8 @@ generated here with `onnx.helper` (no torch needed), and folders that can never 
   process checks health every 20 ms: every check answered within 100 ms.
 - soak: 10,000 mixed requests (good, malformed, cancelled, past their deadline, other
   methods and layers, tensors of many sizes) from 8 clients: RSS and thread count flat.
-- fuzz: ``tests/test_fuzz.py`` (hypothesis, derandomized) with 10x its examples.
+- fuzz: ``tests/test_fuzz.py`` and ``tests/test_random_requests.py`` (hypothesis,
+  derandomized) with 10x their examples.
 
 ``--quick`` shortens every duration and count, to try the script out. It prints a table per
 section and one PASS/FAIL line per criterion with the measured figure, and exits 1 if any
@@ -1858,11 +1859,13 @@ def section_soak(ctx: Context) -> None:
 
 
 def section_fuzz(ctx: Context) -> None:
-    """tests/test_fuzz.py with more examples: the image decoders and KServe tensor parsing."""
+    """tests/test_fuzz.py and tests/test_random_requests.py with more examples: the image
+    decoders, KServe tensor parsing, and random requests against a live server."""
     print("\n== fuzz", flush=True)
     examples = 200 if ctx.quick else 2000
     limit_s = 600.0
-    command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_fuzz.py"), "-q",
+    command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_fuzz.py"),
+               str(ROOT / "tests" / "test_random_requests.py"), "-q",
                "-rf", "-p", "no:cacheprovider", "--hypothesis-show-statistics"]
     started = time.perf_counter()
     try:
