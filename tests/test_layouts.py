@@ -137,6 +137,24 @@ class LinearEmbeddingViT(TinyViT):
         return self.head(tokens[:, 0])
 
 
+class MergedTokensViT(nn.Module):
+    """LeViT's kind of token merging: patch tokens on a 4 x 4 grid, a block, then every other
+    row and column of the grid kept (2 x 2 tokens), another block, a head on their mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, WIDTH, PATCH, PATCH)
+        self.block = Block(WIDTH)
+        self.merged = Block(WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.block(self.embed(x).flatten(2).transpose(1, 2))
+        n, _, c = tokens.shape
+        tokens = tokens.reshape(n, GRID, GRID, c)[:, ::2, ::2].reshape(n, -1, c)
+        return self.head(self.merged(tokens).mean(1))
+
+
 class ChannelsLast(nn.Module):
     """A conv stem, then a stage in [N, h, w, C] (LayerNorm and MLP on the last axis), mean
     pooled over (h, w) as Swin's head does."""
@@ -394,6 +412,33 @@ def test_grid_override_rescues_a_grid_the_graph_cannot_tell():
         augment_model(exported, layout="tokens")
     assert_matches(model, model.blocks[-1].norm1, exported, images(), tokens_to_map(1),
                    grid=(GRID, GRID), expected={"layout": "tokens", "prefix_tokens": "1"})
+
+
+def test_tokens_merged_after_the_patch_embedding_are_refused_with_the_grid_that_fits():
+    """With a dynamic batch the merged tokens' count is symbolic in the exported graph, so
+    the patch embedding's 4 x 4 grid was taken and the run failed in a Reshape. Counted by
+    shape inference at batch one (T = 4), the grid is refused naming the 2 x 2 that tiles the
+    input, the candidates carry that grid, and with it the map matches pytorch-grad-cam."""
+    model = build(MergedTokensViT)
+    exported = onnx.load_from_string(export(model))
+    layer = next(n.output[0] for n in exported.graph.node
+                 if n.op_type == "LayerNormalization" and n.name.startswith("/merged/norm1"))
+    inferred = onnx.shape_inference.infer_shapes(exported).graph.value_info
+    tokens = next(v.type.tensor_type.shape.dim[1] for v in inferred if v.name == layer)
+    assert not tokens.HasField("dim_value")  # T is symbolic
+    fits = r"T = 4\) do not fit a 4x4 patch grid .*tile the input as 2x2 after 0 prefix tokens"
+    with pytest.raises(AugmentError, match=fits + r".*Candidate layers \(last first\): "
+                                                  r"/merged/Add_1_output_0 \[.*\] tokens "
+                                                  r"\(prefix 0, grid 2x2\)"):
+        augment_model(exported)
+    with pytest.raises(AugmentError, match=fits):
+        augment_model(exported, layer=layer, layout="tokens")
+
+    def to_map(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], 2, 2, t.shape[2]).permute(0, 3, 1, 2)
+
+    assert_matches(model, model.merged.norm1, exported, images(), to_map, layer=layer,
+                   grid=(2, 2), expected={"layout": "tokens", "grid": "2x2"})
 
 
 def test_an_input_size_two_grids_tile_is_refused():

@@ -68,6 +68,7 @@ class GraphBuilder:
         # a heatmap [N, H, W] of `cam.cam_heatmap` -> the map it resized [N, 1, h, w] and the
         # min and span [N, 1, 1, 1] that normalised it (`cam.coarse_heatmap`)
         self.upsampled_heatmaps: dict[str, tuple[str, str, str]] = {}
+        self._types_at_batch_one: dict[str, onnx.TypeProto] | None = None
         inferred = infer_shapes(model)
         for value in itertools.chain(
             inferred.graph.input, inferred.graph.output, inferred.graph.value_info
@@ -130,16 +131,20 @@ class GraphBuilder:
     def static_shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
         """Static dims of `tensor`: an int where known, the symbol's name for a named symbolic
         dim, None for an unknown one; None altogether if the rank is unknown."""
-        tensor_type = self.types.get(tensor)
-        if tensor_type is None or not tensor_type.tensor_type.HasField("shape"):
-            return None
-        dims: list[int | str | None] = []
-        for d in tensor_type.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            else:
-                dims.append(d.dim_param or None)
-        return tuple(dims)
+        return _static_dims(self.types.get(tensor))
+
+    def static_shape_at_batch_one(self, tensor: str) -> tuple[int | str | None, ...] | None:
+        """`static_shape` as shape inference finds it with the batch of every graph input fixed
+        to 1: a dim computed from the input's shape (a token count after Shape, Gather and
+        Reshape) is then known wherever the input's other dims are static, where the batch's
+        symbol kept it unknown. Inferred once, on first use."""
+        if self._types_at_batch_one is None:
+            inferred = infer_shapes(self.model, batch_one=True)
+            self._types_at_batch_one = {
+                value.name: value.type
+                for value in itertools.chain(inferred.graph.output, inferred.graph.value_info)
+            }
+        return _static_dims(self._types_at_batch_one.get(tensor))
 
     def elem_type(self, tensor: str) -> int:
         tensor_type = self.types.get(tensor)
@@ -568,15 +573,27 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
+
+def _static_dims(tensor_type: onnx.TypeProto | None) -> tuple[int | str | None, ...] | None:
+    if tensor_type is None or not tensor_type.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in tensor_type.tensor_type.shape.dim
+    )
+
 _WEIGHT_ELEMENTS = 4096  # initializers larger than this are weights, never shapes or indices
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, batch_one: bool = False) -> onnx.ModelProto:
     """Shape inference that tolerates models whose shapes cannot all be inferred.
 
     It runs on a skeleton of the model whose large initializers (weights) are typed graph
     inputs: their values never decide a shape, and without them a model over protobuf's 2 GiB
-    limit (ViT-H/14) can be inferred at all, and any model faster."""
+    limit (ViT-H/14) can be inferred at all, and any model faster. With `batch_one`, the
+    skeleton's graph inputs have a symbolic dim 0 fixed to 1, and the model's own value_info
+    (symbolic shapes an exporter wrote) is left out, so that dims computed from the input's
+    shape can be propagated."""
     skeleton = onnx.ModelProto(ir_version=model.ir_version)
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
@@ -585,7 +602,13 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     skeleton.graph.node.extend(graph.node)
     skeleton.graph.input.extend(graph.input)
     skeleton.graph.output.extend(graph.output)
-    skeleton.graph.value_info.extend(graph.value_info)
+    if batch_one:
+        for value in [*skeleton.graph.input, *skeleton.graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_value = 1
+    else:
+        skeleton.graph.value_info.extend(graph.value_info)
     declared = {value.name for value in graph.input}
     for init in graph.initializer:
         if math.prod(init.dims) <= _WEIGHT_ELEMENTS:

@@ -161,6 +161,8 @@ def detect_view(
     else:
         view = TargetView(tensor, layout)
     spatial = _static_grid(b, view)
+    if spatial is None:  # dims the batch's symbol hides are known at batch one
+        spatial = _static_grid(b, view, at_batch_one=True)
     if spatial is not None and spatial[0] * spatial[1] <= 1:
         raise AugmentError(
             f"target layer {tensor!r} has a 1 x 1 spatial grid ({view.describe()}, shape "
@@ -304,12 +306,16 @@ def _token_view(
     grid: tuple[int, int] | None,
 ) -> TargetView:
     """Tokens [N, T, C]: the grid from `grid`, the patch embedding, or else the input size; the
-    prefix from `prefix_tokens` or T - h * w (static where T and the grid are)."""
+    prefix from `prefix_tokens` or T - h * w (static where T and the grid are). Where T is
+    symbolic but the input's size fixes it (`static_shape_at_batch_one`), the grid is checked
+    against it all the same: tokens merged after the patch embedding (LeViT's later stages)
+    are refused with the grids that fit, rather than failing at run time."""
     shape = b.static_shape(tensor)
     tokens = shape[1] if shape and isinstance(shape[1], int) else None
+    counted = tokens if tokens is not None else _tokens_at_batch_one(b, tensor)
     source = None
-    if grid is not None and tokens is not None:
-        _check_grid_against_embedding(b, tensor, image, grid, tokens)
+    if grid is not None and counted is not None:
+        _check_grid_against_embedding(b, tensor, image, grid, counted)
     if grid is None:
         source = _patch_embedding(b, tensor, image)
         if source is None:
@@ -328,17 +334,42 @@ def _token_view(
             known = b.static_shape(source)
             if known and all(isinstance(d, int) for d in known[2:]):
                 grid = (known[2], known[3])
-    if grid is not None and tokens is not None:
+    if grid is not None and counted is not None:
         cells = grid[0] * grid[1]
-        if prefix_tokens is None:
-            prefix_tokens = tokens - cells
-        if prefix_tokens != tokens - cells or not 0 <= prefix_tokens <= MAX_PREFIX_TOKENS:
+        prefix = prefix_tokens if prefix_tokens is not None else counted - cells
+        if prefix != counted - cells or not 0 <= prefix <= MAX_PREFIX_TOKENS:
+            fits = _grids_tiling_the_input(b, image, counted, prefix_tokens)
+            tiling = ("; they tile the input as " + ", ".join(
+                f"{h}x{w} after {p} prefix tokens" for p, h, w in fits) if fits else "")
             raise AugmentError(
-                f"tokens {tensor!r} (T = {tokens}) do not fit a {grid[0]}x{grid[1]} patch grid "
-                f"after {prefix_tokens} prefix tokens (T - h*w = {tokens - cells}); give the "
+                f"tokens {tensor!r} (T = {counted}) do not fit a {grid[0]}x{grid[1]} patch grid "
+                f"after {prefix} prefix tokens (T - h*w = {counted - cells}){tiling}; give the "
                 "grid and prefix_tokens"
             )
+        if tokens is not None:
+            prefix_tokens = prefix
     return TargetView(tensor, "tokens", prefix_tokens, grid, source if grid is None else None)
+
+
+def tiling_view_options(b: GraphBuilder, tensor: str, image: str) -> dict | None:
+    """For tokens [N, T, C] whose T (static, or at batch one) tiles the static input in one
+    way only: the view options that say so (layout, prefix_tokens, grid). What a candidate
+    layer needs where its tokens were merged after the patch embedding."""
+    shape = b.static_shape(tensor)
+    if shape is None or len(shape) != 3:
+        return None
+    tokens = shape[1] if isinstance(shape[1], int) else _tokens_at_batch_one(b, tensor)
+    fits = _grids_tiling_the_input(b, image, tokens, None)
+    if len(fits) != 1:
+        return None
+    prefix, height, width = fits[0]
+    return {"layout": "tokens", "prefix_tokens": prefix, "grid": (height, width)}
+
+
+def _tokens_at_batch_one(b: GraphBuilder, tensor: str) -> int | None:
+    """T of tokens [N, T, C] as shape inference finds it with the batch fixed to 1."""
+    shape = b.static_shape_at_batch_one(tensor)
+    return shape[1] if shape and len(shape) == 3 and isinstance(shape[1], int) else None
 
 
 def _grids_tiling_the_input(
@@ -417,10 +448,11 @@ def _with_batch_of(b: GraphBuilder, view: str, image: str) -> str:
     return b.op("Reshape", [view, shape])
 
 
-def _static_grid(b: GraphBuilder, view: TargetView) -> tuple[int, int] | None:
+def _static_grid(b: GraphBuilder, view: TargetView,
+                 at_batch_one: bool = False) -> tuple[int, int] | None:
     if view.layout == "tokens":
         return view.grid
-    shape = b.static_shape(view.tensor)
+    shape = (b.static_shape_at_batch_one if at_batch_one else b.static_shape)(view.tensor)
     if shape is None:
         return None
     dims = shape[2:] if view.layout == "nchw" else shape[1:3]

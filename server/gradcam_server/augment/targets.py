@@ -12,7 +12,7 @@ import onnx
 from .backward import ancestors, build_backward, descendants, path_nodes
 from .errors import AugmentError
 from .graph import FLOAT_TYPES, GraphBuilder, computed_tensors
-from .layout import detect_view
+from .layout import detect_view, tiling_view_options
 
 # Ops between the last feature map and the flattening in front of the classifier: the target
 # moves back through these.
@@ -247,9 +247,9 @@ def candidate_layers(
                 or _rank_or_none(b, tensor) not in (3, 4)):
             continue
         view = None
-        for options in (view_options, {}):
+        for options in (view_options, {}, tiling_view_options(b, tensor, image)):
             try:
-                view = detect_view(b, tensor, image, **options)
+                view = detect_view(b, tensor, image, **options) if options is not None else None
                 break
             except AugmentError:
                 continue
