@@ -47,13 +47,15 @@ CAUSES: dict[tuple[str, str, str], str] = {
         "LeViT normalises with BatchNorm, no LayerNorm, so no transformer recipe applies; the CNN "
         "rule then takes the last 4-D tensor flattened on the way to the score, attention's "
         "per-head [N, heads, T, d] transpose in the last block, whose layout is refused. The "
-        "candidates listed mislead: they give stage-3 tokens (T = 16) the stem's 14x14 grid "
-        "(LeViT shrinks its grid by subsampling tokens in attention, not by a Conv; it is 4x4)."
+        "candidates listed are the last stage's tokens with their own 4x4 grid (LeViT shrinks "
+        "its grid by subsampling tokens in attention, not by a Conv): their count, symbolic in "
+        "the graph, is counted with the batch fixed to 1, and the stem's 14x14 grid does not "
+        "fit it."
     ),
     ("timm", "levit_128s", "dynamo"): (
         "as with TorchScript: no LayerNorm, so the CNN rule lands on attention's per-head "
-        "[N, heads, T, d] transpose, refused; the candidates listed mislead too, starting with "
-        "attention's per-head tensors read as nhwc and nchw, then stage-1 tokens."
+        "[N, heads, T, d] transpose, refused; the candidates listed are the last stage's "
+        "tokens with the 4x4 grid their count (16) tiles the input with."
     ),
 }
 
@@ -410,6 +412,8 @@ def _kept_sections(path: Path) -> list[str]:
             start = old.index(heading)
             end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")),
                        len(old))
+            while end > start + 1 and not old[end - 1].strip():
+                end -= 1  # its trailing blank lines: one is added back
             kept += [*old[start:end], ""]
     return kept
 
