@@ -573,7 +573,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
-
 def _static_dims(tensor_type: onnx.TypeProto | None) -> tuple[int | str | None, ...] | None:
     if tensor_type is None or not tensor_type.tensor_type.HasField("shape"):
         return None
@@ -581,6 +580,7 @@ def _static_dims(tensor_type: onnx.TypeProto | None) -> tuple[int | str | None, 
         d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
         for d in tensor_type.tensor_type.shape.dim
     )
+
 
 _WEIGHT_ELEMENTS = 4096  # initializers larger than this are weights, never shapes or indices
 

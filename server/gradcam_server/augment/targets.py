@@ -236,8 +236,9 @@ def candidate_layers(
     **view_options,
 ) -> list[str]:
     """The last `limit` tensors (graph order) on the way from the image to the score that
-    would make valid targets (with `view_options` where they fit, detected otherwise), each as
-    "name [shape] layout", or its name alone."""
+    would make valid targets (with `view_options` where they fit, detected otherwise; listed,
+    tokens with the one grid their count tiles the input with), each as "name [shape] layout",
+    or its name alone."""
     nodes = list(b.graph.node)
     on_path = descendants(nodes, {image}) & ancestors(nodes, {score_output})
     found: list[str] = []
@@ -247,9 +248,15 @@ def candidate_layers(
                 or _rank_or_none(b, tensor) not in (3, 4)):
             continue
         view = None
-        for options in (view_options, {}, tiling_view_options(b, tensor, image)):
+        # a listed candidate shows the options it needs: tokens merged after the patch
+        # embedding, their own grid; a name picked for use as it is must need none
+        for options in (view_options, {}) if names_only else (view_options, {}, None):
+            if options is None:
+                options = tiling_view_options(b, tensor, image)
+                if options is None:
+                    break
             try:
-                view = detect_view(b, tensor, image, **options) if options is not None else None
+                view = detect_view(b, tensor, image, **options)
                 break
             except AugmentError:
                 continue
