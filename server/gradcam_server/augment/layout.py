@@ -161,8 +161,8 @@ def detect_view(
     else:
         view = TargetView(tensor, layout)
     spatial = _static_grid(b, view)
-    if spatial is None:  # dims the batch's symbol hides are known at batch one
-        spatial = _static_grid(b, view, at_batch_one=True)
+    if spatial is None and _image_size(b, image) is not None:
+        spatial = _static_grid(b, view, at_batch_one=True)  # dims the batch's symbol hid
     if spatial is not None and spatial[0] * spatial[1] <= 1:
         raise AugmentError(
             f"target layer {tensor!r} has a 1 x 1 spatial grid ({view.describe()}, shape "
@@ -312,7 +312,7 @@ def _token_view(
     are refused with the grids that fit, rather than failing at run time."""
     shape = b.static_shape(tensor)
     tokens = shape[1] if shape and isinstance(shape[1], int) else None
-    counted = tokens if tokens is not None else _tokens_at_batch_one(b, tensor)
+    counted = tokens if tokens is not None else _tokens_at_batch_one(b, tensor, image)
     source = None
     if grid is not None and counted is not None:
         _check_grid_against_embedding(b, tensor, image, grid, counted)
@@ -358,7 +358,7 @@ def tiling_view_options(b: GraphBuilder, tensor: str, image: str) -> dict | None
     shape = b.static_shape(tensor)
     if shape is None or len(shape) != 3:
         return None
-    tokens = shape[1] if isinstance(shape[1], int) else _tokens_at_batch_one(b, tensor)
+    tokens = shape[1] if isinstance(shape[1], int) else _tokens_at_batch_one(b, tensor, image)
     fits = _grids_tiling_the_input(b, image, tokens, None)
     if len(fits) != 1:
         return None
@@ -366,8 +366,11 @@ def tiling_view_options(b: GraphBuilder, tensor: str, image: str) -> dict | None
     return {"layout": "tokens", "prefix_tokens": prefix, "grid": (height, width)}
 
 
-def _tokens_at_batch_one(b: GraphBuilder, tensor: str) -> int | None:
-    """T of tokens [N, T, C] as shape inference finds it with the batch fixed to 1."""
+def _tokens_at_batch_one(b: GraphBuilder, tensor: str, image: str) -> int | None:
+    """T of tokens [N, T, C] as shape inference finds it with the batch fixed to 1; not
+    looked for where the image's size is dynamic (T is then too)."""
+    if _image_size(b, image) is None:
+        return None
     shape = b.static_shape_at_batch_one(tensor)
     return shape[1] if shape and len(shape) == 3 and isinstance(shape[1], int) else None
 
