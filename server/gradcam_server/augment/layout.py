@@ -312,7 +312,7 @@ def _token_view(
     are refused with the grids that fit, rather than failing at run time."""
     shape = b.static_shape(tensor)
     tokens = shape[1] if shape and isinstance(shape[1], int) else None
-    counted = tokens if tokens is not None else _tokens_at_batch_one(b, tensor, image)
+    counted = _token_count(b, tensor, image)
     source = None
     if grid is not None and counted is not None:
         _check_grid_against_embedding(b, tensor, image, grid, counted)
@@ -355,20 +355,21 @@ def tiling_view_options(b: GraphBuilder, tensor: str, image: str) -> dict | None
     """For tokens [N, T, C] whose T (static, or at batch one) tiles the static input in one
     way only: the view options that say so (layout, prefix_tokens, grid). What a candidate
     layer needs where its tokens were merged after the patch embedding."""
-    shape = b.static_shape(tensor)
-    if shape is None or len(shape) != 3:
-        return None
-    tokens = shape[1] if isinstance(shape[1], int) else _tokens_at_batch_one(b, tensor, image)
-    fits = _grids_tiling_the_input(b, image, tokens, None)
+    fits = _grids_tiling_the_input(b, image, _token_count(b, tensor, image), None)
     if len(fits) != 1:
         return None
     prefix, height, width = fits[0]
     return {"layout": "tokens", "prefix_tokens": prefix, "grid": (height, width)}
 
 
-def _tokens_at_batch_one(b: GraphBuilder, tensor: str, image: str) -> int | None:
-    """T of tokens [N, T, C] as shape inference finds it with the batch fixed to 1; not
-    looked for where the image's size is dynamic (T is then too)."""
+def _token_count(b: GraphBuilder, tensor: str, image: str) -> int | None:
+    """T of tokens [N, T, C]: static, or as shape inference finds it with the batch fixed to
+    1; not looked for there where the image's size is dynamic (T is then too)."""
+    shape = b.static_shape(tensor)
+    if shape is None or len(shape) != 3:
+        return None
+    if isinstance(shape[1], int):
+        return shape[1]
     if _image_size(b, image) is None:
         return None
     shape = b.static_shape_at_batch_one(tensor)
